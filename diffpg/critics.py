@@ -1,0 +1,153 @@
+"""Learned value and action-value functions, and their TD training, as pure functions.
+
+Both critics take ``steps_left`` (steps remaining in the objective's horizon) so that an exact,
+time-dependent critic (the LQR's closed-form values) fits the same interface as a learned one; the
+learned MLP critics ignore it, as SHAC's and SAC's do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffpg.networks import MLP, check_activation
+
+Params = Any
+
+
+class ValueFunction(NamedTuple):
+    """``V(obs [..., obs], steps_left [...]) -> [...]``."""
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array, jax.Array], jax.Array]
+
+
+class QFunction(NamedTuple):
+    """``Q(obs [..., obs], action [..., act], steps_left [...]) -> [...]``."""
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def make_mlp_value_function(
+    observation_size: int,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "elu",
+    layer_norm: bool = True,
+) -> ValueFunction:
+    """MLP ``V(obs)`` (SHAC's critic: ELU + LayerNorm); ignores ``steps_left``."""
+    check_activation(activation)
+    network = MLP(tuple(hidden_sizes), 1, activation, layer_norm)
+
+    def init(key):
+        return network.init(key, jnp.zeros((observation_size,)))
+
+    def apply(params, obs, steps_left):
+        del steps_left
+        return network.apply(params, obs)[..., 0]
+
+    return ValueFunction(init, apply)
+
+
+def make_mlp_q_function(
+    observation_size: int,
+    action_size: int,
+    hidden_sizes: Sequence[int] = (64, 64),
+    activation: str = "elu",
+    layer_norm: bool = True,
+    time_scale: float | None = None,
+) -> QFunction:
+    """MLP ``Q(obs, action)`` on the concatenated input.
+
+    ``time_scale=None`` ignores ``steps_left`` (SAC's critic); a number adds the input
+    ``steps_left / time_scale``, so the critic can represent a finite horizon's time-dependent Q
+    (Pardo et al. 2018, "Time limits in reinforcement learning").
+    """
+    check_activation(activation)
+    network = MLP(tuple(hidden_sizes), 1, activation, layer_norm)
+    time_inputs = 0 if time_scale is None else 1
+
+    def init(key):
+        return network.init(key, jnp.zeros((observation_size + action_size + time_inputs,)))
+
+    def apply(params, obs, action, steps_left):
+        inputs = [obs, action]
+        if time_scale is not None:
+            inputs.append(jnp.asarray(steps_left, obs.dtype)[..., None] / time_scale)
+        return network.apply(params, jnp.concatenate(inputs, axis=-1))[..., 0]
+
+    return QFunction(init, apply)
+
+
+class CriticState(NamedTuple):
+    """A critic's parameters, its target copy and its optimiser state."""
+
+    params: Params
+    target_params: Params
+    opt_state: optax.OptState
+
+
+def make_critic_optimizer(learning_rate: float, betas: tuple[float, float]) -> optax.GradientTransformation:
+    """Adam with SHAC's betas and a global-norm clip of 1, skipping non-finite updates."""
+    return optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adam(learning_rate, b1=betas[0], b2=betas[1]),
+        ),
+        max_consecutive_errors=1_000_000,
+    )
+
+
+def init_critic_state(
+    params: Params, optimizer: optax.GradientTransformation
+) -> CriticState:
+    return CriticState(params, params, optimizer.init(params))
+
+
+def fit_regression(
+    critic_state: CriticState,
+    loss_fn: Callable[[Params, Any], jax.Array],
+    data: Any,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    iterations: int,
+    minibatches: int,
+) -> tuple[CriticState, jax.Array]:
+    """``iterations`` passes of ``minibatches`` shuffled minibatches of ``loss_fn(params, batch)``.
+
+    ``data`` is a pytree of arrays sharing a leading axis ``[M]`` (M divisible by ``minibatches``).
+    Returns the new state and the mean loss of the last pass. SHAC: 16 iterations x 4 minibatches.
+    """
+    size = jax.tree.leaves(data)[0].shape[0]
+    batch_size = size // minibatches
+
+    def one_minibatch(carry, batch):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    def one_pass(carry, pass_key):
+        order = jax.random.permutation(pass_key, size)[: batch_size * minibatches]
+        shuffled = jax.tree.map(
+            lambda x: x[order].reshape((minibatches, batch_size) + x.shape[1:]), data
+        )
+        carry, losses = jax.lax.scan(one_minibatch, carry, shuffled)
+        return carry, jnp.mean(losses)
+
+    keys = jax.random.split(key, iterations)
+    carry = (critic_state.params, critic_state.opt_state)
+    (params, opt_state), losses = jax.lax.scan(one_pass, carry, keys)
+    return critic_state._replace(params=params, opt_state=opt_state), losses[-1]
+
+
+def polyak_update(critic_state: CriticState, keep: float) -> CriticState:
+    """``target <- keep * target + (1 - keep) * params`` (SHAC's alpha is ``keep``)."""
+    target = jax.tree.map(
+        lambda t, p: keep * t + (1.0 - keep) * p, critic_state.target_params, critic_state.params
+    )
+    return critic_state._replace(target_params=target)

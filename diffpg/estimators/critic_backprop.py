@@ -1,0 +1,154 @@
+"""Critic backprop: the pathwise gradient through a learned action-value function (SAC/DDPG style).
+
+With the reparameterised action ``a_t = f_theta(s_t, eps_t)`` (``tanh(mean + std * eps)`` for a
+squashed policy) the policy gradient theorem reads (Heess et al. 2015, SVG(0))::
+
+    grad J = E[ sum_t w_t  d/dtheta Q_t(s_t, f_theta(s_t, eps_t)) ]
+
+with the gradient taken through the action only (states and ``eps`` held fixed), ``Q_t`` the value
+of taking ``a`` at ``s_t`` with the rest of the horizon to go, and ``w`` the episode-wise discounts.
+The states and noise are those of a fresh rollout of the current policy; no gradient flows through
+the dynamics. With the true ``Q`` this is exact; with a learned one it is biased by the critic's
+error in ``dQ/da``. ``deterministic=True`` differentiates through the mean action instead (DDPG).
+
+The critic is trained after the gradient is taken, by TD on the rollout's transitions with a target
+network: ``y_t = r_t + gamma (1 - term_t) Q_target(s'_t, f_theta(s'_t, eps'))`` with fresh noise
+``eps'`` (a semi-gradient, not a gradient of any loss, seeds/000), then Polyak averaging. The
+learned critic ignores the time left, as SAC's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from diffpg import returns
+from diffpg.critics import (
+    QFunction,
+    fit_regression,
+    init_critic_state,
+    make_critic_optimizer,
+    make_mlp_q_function,
+    polyak_update,
+)
+from diffpg.estimators.base import (
+    Estimate,
+    Estimator,
+    EstimatorState,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+    maybe_update_statistics,
+)
+from diffpg.normalization import init_statistics, normalize
+from diffpg.policy import Params, Policy
+from diffpg.rollout import rollout
+from envs.core import Environment, State
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticBackpropSettings:
+    horizon: int = 32
+    """Steps simulated per estimate."""
+    discount: float = 0.99
+    deterministic: bool = False
+    """Differentiate through the mean action (DDPG) instead of the sampled one (SAC)."""
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)
+    critic_learning_rate: float = 1e-3
+    critic_betas: tuple[float, float] = (0.9, 0.999)
+    critic_iterations: int = 8
+    critic_minibatches: int = 4
+    target_critic_keep: float = 0.9
+    """``target <- keep * target + (1 - keep) * critic`` after each estimate's critic fit."""
+    finite_horizon: bool = False
+    """Learn the finite-horizon Q of the objective: the critic sees the steps left and TD targets
+    stop bootstrapping at the horizon (for comparisons). False: SAC's time-independent critic."""
+    normalize_observations: bool = False
+
+    def __post_init__(self):
+        check_positive_int("horizon", self.horizon)
+        check_unit_interval("discount", self.discount)
+        check_positive("critic_learning_rate", self.critic_learning_rate)
+        check_positive_int("critic_iterations", self.critic_iterations)
+        check_positive_int("critic_minibatches", self.critic_minibatches)
+        check_unit_interval("target_critic_keep", self.target_critic_keep)
+
+
+def make_critic_backprop(
+    env: Environment,
+    policy: Policy,
+    settings: CriticBackpropSettings = CriticBackpropSettings(),
+    q_function: QFunction | None = None,
+) -> Estimator:
+    """Build the critic-backprop estimator; ``q_function`` replaces the learned MLP Q."""
+    if q_function is None:
+        q_function = make_mlp_q_function(
+            policy.observation_size, policy.action_size, settings.critic_hidden_sizes,
+            time_scale=settings.horizon if settings.finite_horizon else None,
+        )
+    optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
+
+    def action_from(p, obs, noise):
+        if settings.deterministic:
+            return policy.mode(p, obs)
+        return policy.to_action(policy.raw_from_noise(p, obs, noise))
+
+    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+        del policy_params
+        critic = init_critic_state(q_function.init(key), optimizer)
+        return EstimatorState(init_statistics(policy.observation_size), critic)
+
+    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
+        key_rollout, key_next, key_fit = jax.random.split(key, 3)
+        stats = state.obs_stats
+        end_state, tr = rollout(
+            env, policy, jax.lax.stop_gradient(params), stats, env_state, key_rollout,
+            settings.horizon,
+        )
+        obs = normalize(stats, tr.obs)
+        weights = returns.segment_discounts(tr.done, settings.discount)
+        steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]
+        steps_left = jnp.broadcast_to(steps_left, tr.reward.shape)
+        critic_params = jax.lax.stop_gradient(state.critic.params)
+        num_envs = tr.reward.shape[1]
+
+        def surrogate(p):
+            q = q_function.apply(critic_params, obs, action_from(p, obs, tr.noise), steps_left)
+            return jnp.sum(weights * q) / num_envs
+
+        grad = jax.grad(surrogate)(params)
+
+        # TD targets with the target critic and a fresh action at the next state.
+        next_obs = normalize(stats, tr.next_obs)
+        next_noise = jax.random.normal(key_next, tr.noise.shape, tr.noise.dtype)
+        next_action = action_from(params, next_obs, next_noise)
+        next_q = q_function.apply(state.critic.target_params, next_obs, next_action, steps_left - 1)
+        continues = 1.0 - tr.termination
+        if settings.finite_horizon:
+            continues = continues * (steps_left > 1)
+        targets = tr.reward + settings.discount * continues * next_q
+        data = (obs, policy.to_action(tr.raw_action), steps_left, targets)
+        data = jax.lax.stop_gradient(
+            jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
+        )
+
+        def loss_fn(q_params, batch):
+            batch_obs, batch_action, batch_steps_left, batch_targets = batch
+            prediction = q_function.apply(q_params, batch_obs, batch_action, batch_steps_left)
+            return jnp.mean(jnp.square(prediction - batch_targets))
+
+        critic, loss = fit_regression(
+            state.critic, loss_fn, data, optimizer, key_fit,
+            settings.critic_iterations, settings.critic_minibatches,
+        )
+        new_state = state._replace(critic=polyak_update(critic, settings.target_critic_keep))
+        new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)
+        metrics = {
+            "objective": jnp.mean(jnp.sum(weights * tr.reward, axis=0)),
+            "critic_loss": loss,
+        }
+        return Estimate(grad, new_state, end_state, metrics)
+
+    return Estimator(init, estimate, settings)

@@ -1,0 +1,265 @@
+"""Backpropagation through the simulator: SHAC (Xu et al., ICLR 2022) and, as its special case,
+plain BPTT / APG.
+
+One estimate simulates ``horizon`` steps as ``horizon / window`` consecutive windows. Gradients flow
+through the dynamics inside a window and stop at its start. The estimated objective per environment
+is, with ``w`` the episode-wise discounts of ``returns.segment_discounts``::
+
+    sum_t w_t r_t  +  sum_t w_t gamma trunc_t V(s'_t)  +  w_end gamma (1 - done_end) V(s_end)
+
+summed over windows: value 0 at true termination, the (target) critic's value at time-limit
+truncation on the observation *before* auto-reset, and at each window's end. Its gradient is averaged
+over the ``B`` environments. ``critic=False`` drops every V term (value 0): with ``window =
+horizon`` this is plain BPTT through the whole horizon. ``bootstrap_final=False`` also drops the
+bootstrap at the last step of the horizon, so that the estimate is of the same finite-horizon
+objective as REINFORCE's (the comparison's setting); SHAC's training bootstraps there.
+
+The critic is fitted after the policy gradient is taken, on TD(lambda) targets computed with the
+target critic (``critic_iterations`` passes of ``critic_minibatches`` minibatches), and the target
+is then moved: ``target <- keep * target + (1 - keep) * critic`` (SHAC's alpha is ``keep``).
+SHAC divides its actor loss by ``horizon * B``; this estimate is of ``grad J`` itself, and the trainer
+applies that scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from diffpg import returns
+from diffpg.critics import (
+    ValueFunction,
+    fit_regression,
+    init_critic_state,
+    make_critic_optimizer,
+    make_mlp_value_function,
+    polyak_update,
+)
+from diffpg.estimators.base import (
+    Estimate,
+    Estimator,
+    EstimatorState,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+    maybe_update_statistics,
+)
+from diffpg.normalization import init_statistics, normalize
+from diffpg.policy import Params, Policy
+from diffpg.rollout import rollout
+from envs.core import Environment, State
+
+
+@dataclasses.dataclass(frozen=True)
+class ShacSettings:
+    horizon: int = 32
+    """Steps simulated per estimate."""
+    window: int | None = None
+    """Steps a gradient flows through before it is cut (SHAC's h); None means the whole horizon."""
+    discount: float = 0.99
+    td_lambda: float = 0.95
+    """lambda of the critic's TD(lambda) targets."""
+    critic: bool = True
+    """Bootstrap with a learned value critic; False is plain BPTT (value 0 beyond the window)."""
+    bootstrap_final: bool = True
+    """Bootstrap at the last step of the horizon (training); False ends the objective there."""
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)
+    critic_learning_rate: float = 2e-3
+    critic_betas: tuple[float, float] = (0.7, 0.95)
+    critic_iterations: int = 16
+    critic_minibatches: int = 4
+    target_critic_keep: float = 0.2
+    """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
+    normalize_observations: bool = False
+    """Update running observation statistics after each estimate (frozen within it)."""
+
+    def __post_init__(self):
+        check_positive_int("horizon", self.horizon)
+        if self.window is not None:
+            check_positive_int("window", self.window)
+            if self.horizon % self.window:
+                raise ValueError(
+                    f"window={self.window} must divide horizon={self.horizon} "
+                    f"(allowed windows: divisors of {self.horizon})"
+                )
+        check_unit_interval("discount", self.discount)
+        check_unit_interval("td_lambda", self.td_lambda)
+        check_positive("critic_learning_rate", self.critic_learning_rate)
+        check_positive_int("critic_iterations", self.critic_iterations)
+        check_positive_int("critic_minibatches", self.critic_minibatches)
+        check_unit_interval("target_critic_keep", self.target_critic_keep)
+
+    @property
+    def window_length(self) -> int:
+        return self.horizon if self.window is None else self.window
+
+    @property
+    def num_windows(self) -> int:
+        return self.horizon // self.window_length
+
+
+@dataclasses.dataclass(frozen=True)
+class BpttSettings:
+    horizon: int = 32
+    """Steps differentiated through, with no critic: the full-horizon pathwise gradient (APG)."""
+    discount: float = 0.99
+    normalize_observations: bool = False
+
+    def __post_init__(self):
+        check_positive_int("horizon", self.horizon)
+        check_unit_interval("discount", self.discount)
+
+    def as_shac(self) -> ShacSettings:
+        return ShacSettings(
+            horizon=self.horizon, discount=self.discount, critic=False, bootstrap_final=False,
+            normalize_observations=self.normalize_observations,
+        )
+
+
+def make_shac(
+    env: Environment,
+    policy: Policy,
+    settings: ShacSettings = ShacSettings(),
+    value_function: ValueFunction | None = None,
+) -> Estimator:
+    """Build the SHAC estimator (see the module docstring for the objective it differentiates).
+
+    ``value_function`` replaces the learned MLP critic (e.g. an exact one in tests).
+    """
+    if value_function is None:
+        value_function = make_mlp_value_function(
+            policy.observation_size, settings.critic_hidden_sizes
+        )
+    optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
+    window = settings.window_length
+
+    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+        del policy_params
+        critic = init_critic_state(value_function.init(key), optimizer) if settings.critic else None
+        return EstimatorState(init_statistics(policy.observation_size), critic)
+
+    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
+        key_windows, key_fit = jax.random.split(key)
+        stats = state.obs_stats
+
+        def value(obs, steps_left):
+            if not settings.critic:
+                return jnp.zeros(obs.shape[:-1])
+            target = jax.lax.stop_gradient(state.critic.target_params)
+            return value_function.apply(target, normalize(stats, obs), steps_left)
+
+        def window_objective(p, start_state, start_weight, window_index, window_key):
+            start_state = jax.lax.stop_gradient(start_state)
+            end_state, tr = rollout(env, policy, p, stats, start_state, window_key, window)
+            # steps of the horizon left after each transition (an exact critic's time argument)
+            steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
+            steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
+            is_last_window = window_index == settings.num_windows - 1
+            final_bootstrap = jnp.logical_or(settings.bootstrap_final, ~is_last_window)
+            totals, rewards_only, next_weight = window_return(
+                tr.reward, tr.done, tr.truncation,
+                value(tr.next_obs, steps_left), value(end_state.obs, steps_left[-1]),
+                start_weight, settings.discount, final_bootstrap.astype(tr.reward.dtype),
+            )
+            aux = (end_state, next_weight, tr, jnp.mean(rewards_only))
+            return jnp.mean(totals), aux
+
+        grad_fn = jax.grad(window_objective, has_aux=True)
+
+        def one_window(carry, inputs):
+            grad_sum, start_state, start_weight = carry
+            window_index, window_key = inputs
+            grad, (end_state, next_weight, tr, reward_sum) = grad_fn(
+                params, start_state, start_weight, window_index, window_key
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
+            return (grad_sum, end_state, next_weight), (tr, reward_sum)
+
+        batch_size = jax.tree.leaves(env_state)[0].shape[0]
+        carry = (jax.tree.map(jnp.zeros_like, params), env_state, jnp.ones(batch_size))
+        inputs = (jnp.arange(settings.num_windows),
+                  jax.random.split(key_windows, settings.num_windows))
+        (grad, end_state, _), (tr, reward_sums) = jax.lax.scan(one_window, carry, inputs)
+        tr = jax.tree.map(lambda x: x.reshape((settings.horizon,) + x.shape[2:]), tr)
+        metrics = {"objective": jnp.sum(reward_sums)}
+        new_state = state
+        if settings.critic:
+            new_state, metrics["critic_loss"] = _fit_value_critic(
+                value_function, optimizer, settings, state, tr, key_fit
+            )
+        new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)
+        return Estimate(grad, new_state, jax.lax.stop_gradient(end_state), metrics)
+
+    return Estimator(init, estimate, settings)
+
+
+def window_return(
+    reward: jax.Array,
+    done: jax.Array,
+    truncation: jax.Array,
+    next_value: jax.Array,
+    end_value: jax.Array,
+    start_weight: jax.Array,
+    discount: float,
+    final_bootstrap: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SHAC's bootstrapped return of one window, per environment.
+
+    Inputs ``[T, B]``: ``reward``, ``done``, ``truncation`` and ``next_value = V(s'_t)`` (value of
+    the state reached, before auto-reset); ``end_value [B] = V(s_T)``; ``start_weight [B]``: the
+    discount reached by each episode when the window starts; ``final_bootstrap`` (0 or 1): whether
+    the last step may bootstrap (window end, or truncation on it). Returns ``[B]`` arrays::
+
+        total   = sum_t w_t r_t + sum_t w_t gamma trunc_t V(s'_t) + w_T gamma (1 - done_T) V(s_T)
+        rewards = sum_t w_t r_t
+
+    and the discount weight the next window starts with. Termination contributes value 0.
+    """
+    weights = returns.segment_discounts(done, discount, start_weight)
+    is_last_step = (jnp.arange(reward.shape[0]) == reward.shape[0] - 1)[:, None]
+    bootstrap_allowed = jnp.where(is_last_step, final_bootstrap, 1.0)
+    rewards = jnp.sum(weights * reward, axis=0)
+    truncation_values = jnp.sum(
+        weights * discount * truncation * bootstrap_allowed * next_value, axis=0
+    )
+    end_values = weights[-1] * discount * (1.0 - done[-1]) * final_bootstrap * end_value
+    next_weight = jnp.where(done[-1] > 0, 1.0, discount * weights[-1])
+    return rewards + truncation_values + end_values, rewards, next_weight
+
+
+def make_bptt(
+    env: Environment, policy: Policy, settings: BpttSettings = BpttSettings()
+) -> Estimator:
+    """Plain backpropagation through time over the whole horizon, no critic (Brax's APG gradient)."""
+    shac = make_shac(env, policy, settings.as_shac())
+    return Estimator(shac.init, shac.estimate, settings)
+
+
+def _fit_value_critic(value_function, optimizer, settings, state, tr, key):
+    """TD(lambda) targets from the target critic, then regression, then the target update."""
+    stats = state.obs_stats
+    critic = state.critic
+    steps_left = settings.horizon - jnp.arange(1, settings.horizon + 1)[:, None]
+    steps_left = jnp.broadcast_to(steps_left, tr.reward.shape)
+    next_value = value_function.apply(
+        critic.target_params, normalize(stats, tr.next_obs), steps_left
+    )
+    targets = returns.td_lambda_targets(
+        tr.reward, next_value, tr.termination, tr.done, settings.discount, settings.td_lambda
+    )
+    data = (normalize(stats, tr.obs), steps_left + 1, jax.lax.stop_gradient(targets))
+    data = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
+
+    def loss_fn(p, batch):
+        obs, batch_steps_left, batch_targets = batch
+        prediction = value_function.apply(p, obs, batch_steps_left)
+        return jnp.mean(jnp.square(prediction - batch_targets))
+
+    critic, loss = fit_regression(
+        critic, loss_fn, data, optimizer, key,
+        settings.critic_iterations, settings.critic_minibatches,
+    )
+    critic = polyak_update(critic, settings.target_critic_keep)
+    return state._replace(critic=critic), loss
