@@ -4,7 +4,11 @@ and one environment interface, so their gradients can be compared on the same st
 Importing ``diffpg`` turns on JAX's persistent compilation cache (``diffpg.compilation_cache``).
 """
 
-from diffpg.compilation_cache import enable_compilation_cache
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA C++ warnings (cache loads) are noise
+
+from diffpg.compilation_cache import enable_compilation_cache  # noqa: E402
 
 __version__ = "0.1.0"
 

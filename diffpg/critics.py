@@ -38,17 +38,22 @@ def make_mlp_value_function(
     hidden_sizes: Sequence[int] = (64, 64),
     activation: str = "elu",
     layer_norm: bool = True,
+    time_scale: float | None = None,
 ) -> ValueFunction:
-    """MLP ``V(obs)`` (SHAC's critic: ELU + LayerNorm); ignores ``steps_left``."""
+    """MLP ``V(obs)`` (SHAC's critic: ELU + LayerNorm).
+
+    ``time_scale=None`` ignores ``steps_left``; a number adds the input ``steps_left / time_scale``
+    (a finite horizon's time-dependent value, as in ``make_mlp_q_function``).
+    """
     check_activation(activation)
     network = MLP(tuple(hidden_sizes), 1, activation, layer_norm)
+    time_inputs = 0 if time_scale is None else 1
 
     def init(key):
-        return network.init(key, jnp.zeros((observation_size,)))
+        return network.init(key, jnp.zeros((observation_size + time_inputs,)))
 
     def apply(params, obs, steps_left):
-        del steps_left
-        return network.apply(params, obs)[..., 0]
+        return network.apply(params, _with_time(obs, steps_left, time_scale))[..., 0]
 
     return ValueFunction(init, apply)
 
@@ -75,12 +80,18 @@ def make_mlp_q_function(
         return network.init(key, jnp.zeros((observation_size + action_size + time_inputs,)))
 
     def apply(params, obs, action, steps_left):
-        inputs = [obs, action]
-        if time_scale is not None:
-            inputs.append(jnp.asarray(steps_left, obs.dtype)[..., None] / time_scale)
-        return network.apply(params, jnp.concatenate(inputs, axis=-1))[..., 0]
+        inputs = _with_time(jnp.concatenate([obs, action], axis=-1), steps_left, time_scale)
+        return network.apply(params, inputs)[..., 0]
 
     return QFunction(init, apply)
+
+
+def _with_time(inputs: jax.Array, steps_left: jax.Array, time_scale: float | None) -> jax.Array:
+    """Append ``steps_left / time_scale`` as a last input feature (unless ``time_scale`` is None)."""
+    if time_scale is None:
+        return inputs
+    steps = jnp.broadcast_to(jnp.asarray(steps_left, inputs.dtype), inputs.shape[:-1])
+    return jnp.concatenate([inputs, steps[..., None] / time_scale], axis=-1)
 
 
 class CriticState(NamedTuple):

@@ -10,9 +10,10 @@ is, with ``w`` the episode-wise discounts of ``returns.segment_discounts``::
 summed over windows: value 0 at true termination, the (target) critic's value at time-limit
 truncation on the observation *before* auto-reset, and at each window's end. Its gradient is averaged
 over the ``B`` environments. ``critic=False`` drops every V term (value 0): with ``window =
-horizon`` this is plain BPTT through the whole horizon. ``bootstrap_final=False`` also drops the
+horizon`` this is plain BPTT through the whole horizon. ``finite_horizon=True`` also drops the
 bootstrap at the last step of the horizon, so that the estimate is of the same finite-horizon
-objective as REINFORCE's (the comparison's setting); SHAC's training bootstraps there.
+objective as REINFORCE's (the comparison's setting), and gives the critic the steps left as an
+input; SHAC's training bootstraps there.
 
 The critic is fitted after the policy gradient is taken, on TD(lambda) targets computed with the
 target critic (``critic_iterations`` passes of ``critic_minibatches`` minibatches), and the target
@@ -63,8 +64,9 @@ class ShacSettings:
     """lambda of the critic's TD(lambda) targets."""
     critic: bool = True
     """Bootstrap with a learned value critic; False is plain BPTT (value 0 beyond the window)."""
-    bootstrap_final: bool = True
-    """Bootstrap at the last step of the horizon (training); False ends the objective there."""
+    finite_horizon: bool = False
+    """The objective ends at the horizon (comparisons): no bootstrap at its last step, the critic
+    sees the steps left and its targets end there too. False: SHAC's training (bootstrap there)."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64)
     critic_learning_rate: float = 2e-3
     critic_betas: tuple[float, float] = (0.7, 0.95)
@@ -113,7 +115,7 @@ class BpttSettings:
 
     def as_shac(self) -> ShacSettings:
         return ShacSettings(
-            horizon=self.horizon, discount=self.discount, critic=False, bootstrap_final=False,
+            horizon=self.horizon, discount=self.discount, critic=False, finite_horizon=True,
             normalize_observations=self.normalize_observations,
         )
 
@@ -130,7 +132,8 @@ def make_shac(
     """
     if value_function is None:
         value_function = make_mlp_value_function(
-            policy.observation_size, settings.critic_hidden_sizes
+            policy.observation_size, settings.critic_hidden_sizes,
+            time_scale=settings.horizon if settings.finite_horizon else None,
         )
     optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
     window = settings.window_length
@@ -157,7 +160,7 @@ def make_shac(
             steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
             steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
             is_last_window = window_index == settings.num_windows - 1
-            final_bootstrap = jnp.logical_or(settings.bootstrap_final, ~is_last_window)
+            final_bootstrap = jnp.logical_or(not settings.finite_horizon, ~is_last_window)
             totals, rewards_only, next_weight = window_return(
                 tr.reward, tr.done, tr.truncation,
                 value(tr.next_obs, steps_left), value(end_state.obs, steps_left[-1]),
@@ -246,6 +249,8 @@ def _fit_value_critic(value_function, optimizer, settings, state, tr, key):
     next_value = value_function.apply(
         critic.target_params, normalize(stats, tr.next_obs), steps_left
     )
+    if settings.finite_horizon:  # nothing is left to bootstrap after the objective's last step
+        next_value = next_value.at[-1].set(0.0)
     targets = returns.td_lambda_targets(
         tr.reward, next_value, tr.termination, tr.done, settings.discount, settings.td_lambda
     )

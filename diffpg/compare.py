@@ -1,0 +1,281 @@
+"""``diffpg compare``: every estimator's gradient on the same policy and the same start states.
+
+For each horizon ``T`` the run draws ``num_envs`` start states once, builds each estimator for the
+objective ``J_T = E[sum_{t<T} gamma^t r_t]`` (SHAC with windows of ``window`` steps bootstrapped by
+its critic, critics warmed up on the fixed policy first), takes ``num_estimates`` independent
+estimates (vmapped), and compares them with a reference gradient: exact on the LQR (``jax.grad``
+of the closed-form return), otherwise the mean of ``reference_estimates`` estimates of an unbiased
+estimator with its standard error. Statistics are defined in ``diffpg.stats``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+import envs
+from diffpg import estimators
+from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
+from diffpg.stats import (
+    bootstrap_interval,
+    gradient_statistics,
+    reference_from_samples,
+    variance_trace,
+)
+
+SWEEPS = ("none", "horizon")
+REFERENCES = ("auto", "exact", "reinforce", "bptt")
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSpec:
+    """An estimator name with setting overrides, written ``name`` or ``name:key=value,key=value``."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.overrides)
+
+    @classmethod
+    def parse(cls, text: str) -> EstimatorSpec:
+        name, _, rest = text.strip().partition(":")
+        overrides = []
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"estimator setting {item!r} in {text!r} must be key=value")
+            overrides.append((key.strip(), _parse_value(value.strip())))
+        if name not in estimators.names():
+            raise ValueError(
+                f"estimator={name!r} is not known; allowed values: {estimators.names()}"
+            )
+        return cls(name, tuple(overrides))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    env: str = "lqr"
+    """Environment name (``envs.names()``)."""
+    backend: str | None = None
+    """Brax physics backend; None: the env's measured default."""
+    episode_length: int | None = None
+    """Time limit; None: the env's default (at least the largest horizon)."""
+    estimators: tuple[str, ...] = ("reinforce", "critic_backprop", "bptt", "shac")
+    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none``)."""
+    num_estimates: int = 64
+    """K independent estimates per estimator (vmapped)."""
+    num_envs: int = 16
+    """Start states per estimate (each estimate averages over them)."""
+    horizon: int = 16
+    """Horizon of the main table (and the largest of the horizon sweep)."""
+    window: int = 4
+    """SHAC's backprop window (capped at the horizon)."""
+    discount: float = 0.99
+    sweep: str = "horizon"
+    """none, or horizon: 1, 2, 4, ... up to ``horizon``."""
+    reference: str = "auto"
+    """auto (exact on the LQR, else reinforce), exact, reinforce or bptt."""
+    reference_estimates: int = 1024
+    critic_warmup: int = 200
+    """Estimates run before measuring, to fit the critics to the fixed policy."""
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    """Hidden layers of the MLP policy (non-LQR envs)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.env not in envs.names():
+            raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
+        for spec in self.estimators:
+            EstimatorSpec.parse(spec)
+        if not self.estimators:
+            raise ValueError("estimators is empty; give at least one of " f"{estimators.names()}")
+        for name in ("num_estimates", "num_envs", "horizon", "window", "reference_estimates"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.num_estimates < 2:
+            raise ValueError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
+        if self.critic_warmup < 0:
+            raise ValueError(f"critic_warmup={self.critic_warmup} must be >= 0")
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
+        if self.reference not in REFERENCES:
+            raise ValueError(
+                f"reference={self.reference!r} is not allowed; allowed values: {list(REFERENCES)}"
+            )
+        if self.reference == "exact" and self.env != "lqr":
+            raise ValueError("reference='exact' exists only for env='lqr'; use auto or reinforce")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError(f"discount={self.discount} must be in [0, 1]")
+
+    @property
+    def horizons(self) -> tuple[int, ...]:
+        if self.sweep == "none":
+            return (self.horizon,)
+        values, h = [], 1
+        while h < self.horizon:
+            values.append(h)
+            h *= 2
+        return tuple(values) + (self.horizon,)
+
+    @property
+    def specs(self) -> tuple[EstimatorSpec, ...]:
+        return tuple(EstimatorSpec.parse(s) for s in self.estimators)
+
+
+def make_env_and_policy(settings: CompareSettings) -> tuple[Any, Policy, bool]:
+    """The environment, the policy (linear on the LQR) and whether an exact reference exists."""
+    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend)
+    if settings.horizon > env.episode_length:
+        raise ValueError(
+            f"horizon={settings.horizon} is longer than the episode "
+            f"(episode_length={env.episode_length}); allowed: 1..{env.episode_length}"
+        )
+    if settings.env == "lqr":
+        policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
+                                             init_gain_scale=0.5)
+        return env, policy, True
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                      hidden_sizes=settings.hidden_sizes)
+    return env, policy, False
+
+
+def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: int) -> dict:
+    """Settings that make every estimator target the same finite-horizon objective ``J_T``."""
+    values: dict[str, Any] = {"horizon": horizon, "discount": settings.discount}
+    if spec.name == "shac":
+        window = min(settings.window, horizon)
+        while horizon % window:
+            window -= 1
+        values |= {"window": window, "finite_horizon": True}
+    if spec.name == "critic_backprop":
+        values |= {"finite_horizon": True}
+    values |= dict(spec.overrides)
+    return values
+
+
+def exact_lqr_gradient(env, params, start_states, horizon, discount):
+    """``jax.grad`` of the closed-form ``J_T`` averaged over the given start states."""
+    from envs.analytic import lqr_expected_return
+
+    zero_cov = jnp.zeros((env.observation_size,) * 2)
+
+    def objective(p):
+        def from_state(x):
+            return lqr_expected_return(env.unwrapped, p["gain"], p["bias"], jnp.exp(p["log_std"]),
+                                       horizon, discount, x, zero_cov)
+
+        return jnp.mean(jax.vmap(from_state)(start_states.pipeline_state))
+
+    return jax.grad(objective)(params)
+
+
+def sample_gradients(estimator, params, start_states, key, num_estimates, warmup):
+    """Warm the critics up on the fixed policy, then ``num_estimates`` independent estimates.
+
+    Returns flat samples ``[K, P]`` and timings: compile seconds of the vmapped estimate and
+    seconds per estimate (vmapped wall time / K).
+    """
+    key_init, key_warm, key_samples = jax.random.split(key, 3)
+    state = estimator.init(key_init, params)
+    if warmup:
+        def warm_step(state, step_key):
+            return estimator.estimate(params, state, start_states, step_key).state, None
+
+        state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
+            state, key_warm)
+
+    def flat_estimates(state, keys):
+        grads = jax.vmap(estimator.estimate, (None, None, None, 0))(params, state, start_states,
+                                                                      keys).grad
+        return jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
+
+    keys = jax.random.split(key_samples, num_estimates)
+    started = time.perf_counter()
+    compiled = jax.jit(flat_estimates).lower(state, keys).compile()
+    compile_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    samples = np.asarray(jax.block_until_ready(compiled(state, keys)))
+    run_seconds = time.perf_counter() - started
+    return samples, {"compile_seconds": compile_seconds,
+                     "seconds_per_estimate": run_seconds / num_estimates}
+
+
+def run_comparison(settings: CompareSettings,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Run the comparison; returns a JSON-ready dict (settings, per-horizon statistics)."""
+    env, policy, has_exact = make_env_and_policy(settings)
+    specs = settings.specs
+    for spec in specs:  # validate every estimator's settings before compiling anything
+        for horizon in settings.horizons:
+            estimators.make_settings(spec.name, **estimator_settings(spec, settings, horizon))
+    key = jax.random.PRNGKey(settings.seed)
+    key_params, key_states, key_run = jax.random.split(key, 3)
+    params = policy.init(key_params)
+    start_states = jax.vmap(env.reset)(jax.random.split(key_states, settings.num_envs))
+    reference_kind = settings.reference
+    if reference_kind == "auto":
+        reference_kind = "exact" if has_exact else "reinforce"
+
+    results = []
+    for horizon in settings.horizons:
+        key_horizon = jax.random.fold_in(key_run, horizon)
+        if progress:
+            progress(f"T={horizon}: reference ({reference_kind})")
+        if reference_kind == "exact":
+            reference = np.asarray(ravel_pytree(exact_lqr_gradient(
+                env, params, start_states, horizon, settings.discount))[0], np.float64)
+            reference_se = np.zeros_like(reference)
+        else:
+            spec = EstimatorSpec(reference_kind)
+            estimator = estimators.make(reference_kind, env, policy,
+                                        **estimator_settings(spec, settings, horizon))
+            ref_samples, _ = sample_gradients(estimator, params, start_states,
+                                              jax.random.fold_in(key_horizon, 999),
+                                              settings.reference_estimates, 0)
+            reference, reference_se = reference_from_samples(ref_samples)
+        per_estimator = {}
+        for index, spec in enumerate(specs):
+            if progress:
+                progress(f"T={horizon}: {spec.label}")
+            estimator = estimators.make(spec.name, env, policy,
+                                        **estimator_settings(spec, settings, horizon))
+            has_critic = getattr(estimator.settings, "critic", None) is not False and spec.name in (
+                "shac", "critic_backprop") or getattr(estimator.settings, "baseline", "") == "value"
+            samples, timing = sample_gradients(
+                estimator, params, start_states, jax.random.fold_in(key_horizon, index),
+                settings.num_estimates, settings.critic_warmup if has_critic else 0)
+            stats = gradient_statistics(samples, reference, reference_se)
+            stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
+            per_estimator[spec.label] = stats | timing
+        results.append({
+            "horizon": horizon,
+            "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
+                          "standard_error_norm": float(np.linalg.norm(reference_se))},
+            "estimators": per_estimator,
+        })
+    return {
+        "settings": dataclasses.asdict(settings),
+        "reference_kind": reference_kind,
+        "num_parameters": int(ravel_pytree(params)[0].shape[0]),
+        "results": results,
+    }

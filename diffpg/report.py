@@ -1,0 +1,221 @@
+"""Writing a comparison's folder: results.json, CSV tables, PNG plots and report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from pathlib import Path
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TABLE_COLUMNS = (
+    "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
+    "bias", "bias_noise", "bias_resolved", "relative_bias", "cosine_to_reference",
+    "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
+    "compile_seconds", "seconds_per_estimate",
+)
+
+
+def environment_description() -> dict:
+    """Versions and device, recorded with every result."""
+    import brax
+    import flax
+    import optax
+
+    import diffpg
+
+    return {
+        "diffpg": diffpg.__version__, "jax": jax.__version__, "brax": brax.__version__,
+        "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version(),
+        "device": str(jax.devices()[0]), "platform": jax.default_backend(),
+    }
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per (horizon, estimator)."""
+    table = []
+    for entry in results["results"]:
+        for label, stats in entry["estimators"].items():
+            table.append({"horizon": entry["horizon"], "estimator": label}
+                         | {k: stats.get(k) for k in TABLE_COLUMNS[2:]})
+    return table
+
+
+def write_outputs(results: dict, out_dir: Path) -> list[Path]:
+    """Write every output file of a comparison into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = results | {"environment": environment_description()}
+    written = [out_dir / "results.json", out_dir / "table.csv"]
+    written[0].write_text(json.dumps(results, indent=2))
+    with written[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows(results))
+    plots = []
+    if len(results["results"]) > 1:
+        plots.append(_plot_against_horizon(results, out_dir / "variance_vs_horizon.png"))
+    plots.append(_plot_bias_and_cosine(results, out_dir / "bias_and_cosine.png"))
+    written += plots
+    report = out_dir / "report.md"
+    report.write_text(_markdown(results, [p.name for p in plots]))
+    written.append(report)
+    return written
+
+
+def _labels(results):
+    return list(results["results"][0]["estimators"])
+
+
+def _plot_against_horizon(results, path: Path) -> Path:
+    horizons = [entry["horizon"] for entry in results["results"]]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label in _labels(results):
+        def series(key, label=label):
+            return [entry["estimators"][label].get(key) for entry in results["results"]]
+
+        variance = series("variance_trace")
+        low = [i[0] for i in series("variance_trace_interval")]
+        high = [i[1] for i in series("variance_trace_interval")]
+        line, = axes[0].plot(horizons, variance, marker="o", label=label)
+        axes[0].fill_between(horizons, low, high, color=line.get_color(), alpha=0.2)
+        axes[1].plot(horizons, series("relative_bias"), marker="o", label=label)
+        axes[2].plot(horizons, series("mean_norm"), marker="o", label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
+                ylabel="trace of covariance of one estimate",
+                title="Variance (90% bootstrap band)")
+    axes[1].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
+                ylabel="|mean - reference| / |reference|", title="Relative bias")
+    axes[2].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
+                ylabel="mean |g|", title="Gradient norm")
+    for axis in axes:
+        axis.grid(True, which="both", alpha=0.3)
+        axis.set_xticks(horizons, [str(h) for h in horizons])
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{results['settings']['env']}: {results['settings']['num_estimates']} "
+                    f"estimates x {results['settings']['num_envs']} start states each")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _plot_bias_and_cosine(results, path: Path) -> Path:
+    final = results["results"][-1]
+    labels = _labels(results)
+    stats = [final["estimators"][label] for label in labels]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    positions = range(len(labels))
+    biases = [s.get("relative_bias") or 0.0 for s in stats]
+    noise = [2 * (s.get("bias_noise") or 0.0) / max(final["reference"]["norm"], 1e-30)
+             for s in stats]
+    bars = axes[0].bar(positions, biases, color="tab:blue")
+    axes[0].scatter(positions, noise, color="black", marker="_", s=600, zorder=3,
+                    label="resolution (2 x noise)")
+    for bar, s in zip(bars, stats, strict=True):
+        if not s.get("bias_resolved"):
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
+    axes[0].set(ylabel="|mean - reference| / |reference|",
+                title=f"Relative bias at T={final['horizon']} (hatched: not resolved)")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(positions, [s.get("cosine_to_reference") or 0.0 for s in stats],
+                color="tab:green", label="mean estimate")
+    axes[1].scatter(positions, [s.get("mean_cosine_to_reference") or 0.0 for s in stats],
+                    color="black", zorder=3, label="single estimate (mean)")
+    axes[1].set(ylim=(-1.05, 1.05), ylabel="cosine to reference",
+                title="Direction agreement with the reference")
+    axes[1].legend(fontsize=8)
+    for axis in axes:
+        axis.set_xticks(list(positions), labels, rotation=20, ha="right")
+        axis.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "not resolved"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _markdown(results: dict, plots: list[str]) -> str:
+    settings = results["settings"]
+    final = results["results"][-1]
+    lines = [
+        f"# Gradient estimator comparison: {settings['env']}",
+        "",
+        f"{settings['num_estimates']} independent estimates per estimator, each averaging "
+        f"{settings['num_envs']} rollouts from the same start states; discount "
+        f"{settings['discount']}; seed {settings['seed']}; {results['num_parameters']} policy "
+        f"parameters; reference: **{results['reference_kind']}**"
+        + (" (closed-form gradient)" if results["reference_kind"] == "exact" else
+           f" ({settings['reference_estimates']} estimates, standard error included in the "
+           "bias resolution)") + ".",
+        "",
+        "Definitions: variance = trace of the covariance of one estimate; bias = |mean - "
+        "reference|, \"not resolved\" when below 2x the sampling noise of that difference; "
+        "SNR = |mean| / sqrt(variance); cosines against the reference (see `diffpg.stats`).",
+        "",
+        f"## At horizon T = {final['horizon']}",
+        "",
+        "| estimator | mean norm | variance | relative bias | bias resolved | cosine (mean) | "
+        "pairwise cosine | SNR | non-finite | compile s | s / estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, s in final["estimators"].items():
+        cells = [label] + [_format(s.get(k)) for k in (
+            "mean_norm", "variance_trace", "relative_bias", "bias_resolved",
+            "cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
+            "compile_seconds", "seconds_per_estimate")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Reading", ""] + [f"- {s}" for s in _reading(results)] + [""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    environment = results["environment"]
+    lines += ["## Run", "", "```", json.dumps(settings), json.dumps(environment), "```", ""]
+    return "\n".join(lines)
+
+
+def _reading(results: dict) -> list[str]:
+    """Short factual sentences drawn from the numbers (no interpretation beyond them)."""
+    final = results["results"][-1]["estimators"]
+    finite = {k: v for k, v in final.items() if v.get("variance_trace") is not None}
+    sentences = []
+    if finite:
+        lowest = min(finite, key=lambda k: finite[k]["variance_trace"])
+        highest = max(finite, key=lambda k: finite[k]["variance_trace"])
+        ratio = finite[highest]["variance_trace"] / max(finite[lowest]["variance_trace"], 1e-300)
+        sentences.append(f"Lowest variance: {lowest}; highest: {highest} ({ratio:.3g}x).")
+    biased = [k for k, v in final.items() if v.get("bias_resolved")]
+    unresolved = [k for k, v in final.items() if v.get("bias_resolved") is False]
+    if biased:
+        sentences.append("Bias resolved (larger than sampling noise) for: " + ", ".join(
+            f"{k} ({final[k]['relative_bias']:.2g} relative)" for k in biased) + ".")
+    if unresolved:
+        sentences.append("No bias resolved for: " + ", ".join(unresolved)
+                         + " (consistent with unbiased at this sample size).")
+    if len(results["results"]) > 1:
+        first, last = results["results"][0], results["results"][-1]
+        for label in final:
+            a = first["estimators"][label].get("variance_trace")
+            b = last["estimators"][label].get("variance_trace")
+            if a and b:
+                growth = (b / a) ** (1 / max(last["horizon"] - first["horizon"], 1))
+                sentences.append(
+                    f"{label}: variance x{b / a:.3g} from T={first['horizon']} to "
+                    f"T={last['horizon']} (x{growth:.3g} per step on average).")
+    nonfinite = [k for k, v in final.items() if v.get("nonfinite_fraction")]
+    if nonfinite:
+        sentences.append("Non-finite estimates from: " + ", ".join(nonfinite) + ".")
+    return sentences

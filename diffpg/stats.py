@@ -1,0 +1,103 @@
+"""Statistics of a set of independent gradient estimates, against a reference gradient.
+
+Definitions (every report states them): for ``K`` finite estimates ``g_k`` of dimension ``P``,
+``mean = (1/K) sum_k g_k``, ``Var_p`` the unbiased per-coordinate variance.
+
+* ``variance_trace = sum_p Var_p`` (trace of the covariance of one estimate);
+  ``variance_max = max_p Var_p``;
+* ``mean_norm = (1/K) sum_k |g_k|``; ``norm_of_mean = |mean|``;
+* ``bias = |mean - reference|`` with ``bias_noise = sqrt(sum_p Var_p / K + se_ref_p^2)``, the norm
+  that pure sampling noise (of the mean and of the reference) would give. A bias below
+  ``2 * bias_noise`` is "not resolved": the data cannot tell it from zero;
+* ``cosine_to_reference = cos(mean, reference)``; ``mean_cosine_to_reference``: the mean over
+  estimates of ``cos(g_k, reference)``; ``mean_pairwise_cosine``: mean of ``cos(g_j, g_k)`` over
+  pairs ``j != k`` (how consistently single estimates point the same way);
+* ``snr = |mean| / sqrt(variance_trace)`` (signal-to-noise ratio of a single estimate);
+* ``nonfinite_fraction``: share of estimates with any NaN or inf coordinate (excluded from the
+  statistics above).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RESOLUTION_SIGMAS = 2.0
+
+
+def gradient_statistics(
+    samples: np.ndarray, reference: np.ndarray | None = None,
+    reference_standard_error: np.ndarray | None = None,
+) -> dict[str, float | bool | None]:
+    """Statistics of ``samples [K, P]`` (see the module docstring); ``reference [P]`` optional,
+    ``reference_standard_error [P]`` its per-coordinate standard error (0 for an exact one)."""
+    samples = np.asarray(samples, np.float64)
+    finite = np.all(np.isfinite(samples), axis=1)
+    result: dict[str, float | bool | None] = {
+        "num_estimates": int(samples.shape[0]),
+        "nonfinite_fraction": float(1.0 - finite.mean()),
+    }
+    good = samples[finite]
+    if good.shape[0] < 2:
+        return result | dict.fromkeys(
+            ["variance_trace", "variance_max", "mean_norm", "norm_of_mean", "snr",
+             "mean_pairwise_cosine"])
+    num = good.shape[0]
+    mean = good.mean(axis=0)
+    variance = good.var(axis=0, ddof=1)
+    norms = np.linalg.norm(good, axis=1)
+    unit = good / np.maximum(norms, 1e-30)[:, None]
+    summed = unit.sum(axis=0)
+    pairwise = (summed @ summed - np.sum(unit * unit)) / (num * (num - 1))
+    result |= {
+        "variance_trace": float(variance.sum()),
+        "variance_max": float(variance.max()),
+        "mean_norm": float(norms.mean()),
+        "norm_of_mean": float(np.linalg.norm(mean)),
+        "snr": float(np.linalg.norm(mean) / np.sqrt(max(variance.sum(), 1e-300))),
+        "mean_pairwise_cosine": float(pairwise),
+    }
+    if reference is not None:
+        reference = np.asarray(reference, np.float64)
+        ref_se = (np.zeros_like(reference) if reference_standard_error is None
+                  else np.asarray(reference_standard_error, np.float64))
+        bias = float(np.linalg.norm(mean - reference))
+        noise = float(np.sqrt(np.sum(variance / num + ref_se**2)))
+        ref_norm = float(np.linalg.norm(reference))
+        result |= {
+            "bias": bias,
+            "bias_noise": noise,
+            "bias_resolved": bool(bias > RESOLUTION_SIGMAS * noise),
+            "relative_bias": bias / max(ref_norm, 1e-30),
+            "cosine_to_reference": _cosine(mean, reference),
+            "mean_cosine_to_reference": float(np.mean(unit @ reference) / max(ref_norm, 1e-30)),
+        }
+    return result
+
+
+def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and per-coordinate standard error of ``samples [K, P]`` (finite rows only)."""
+    samples = np.asarray(samples, np.float64)
+    good = samples[np.all(np.isfinite(samples), axis=1)]
+    if good.shape[0] < 2:
+        raise ValueError("the reference estimator gave fewer than 2 finite estimates")
+    return good.mean(axis=0), good.std(axis=0, ddof=1) / np.sqrt(good.shape[0])
+
+
+def bootstrap_interval(samples: np.ndarray, statistic, num_resamples: int = 200,
+                       level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(samples)`` over resampled rows."""
+    samples = np.asarray(samples)
+    rng = np.random.default_rng(seed)
+    values = [statistic(samples[rng.integers(0, len(samples), len(samples))])
+              for _ in range(num_resamples)]
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def variance_trace(samples: np.ndarray) -> float:
+    good = samples[np.all(np.isfinite(samples), axis=1)]
+    return float(good.var(axis=0, ddof=1).sum()) if len(good) > 1 else float("nan")
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))

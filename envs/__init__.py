@@ -1,0 +1,97 @@
+"""Environment registry: ``envs.make(name)`` builds any environment of this package.
+
+* Analytic environments (``envs.analytic``, pure JAX, differentiable in closed form):
+  ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``.
+* Brax environments (``envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
+  each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``).
+
+Every environment comes back wrapped in ``TimeLimitAutoReset`` (single instance; ``vmap`` to
+batch). All arguments are checked before anything is built or compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES, BraxEnvironment, check_brax_name_and_backend
+from envs.core import Environment, State
+from envs.wrappers import TimeLimitAutoReset, check_episode_length
+
+__all__ = [
+    "ANALYTIC_ENV_CLASSES",
+    "BACKENDS",
+    "BRAX_ENV_NAMES",
+    "Environment",
+    "State",
+    "TimeLimitAutoReset",
+    "make",
+    "make_raw",
+    "names",
+]
+
+#: Analytic env name -> class name in ``envs.analytic`` (imported when first made).
+ANALYTIC_ENV_CLASSES: dict[str, str] = {
+    "lqr": "LinearQuadratic",
+    "pendulum": "PendulumSwingUp",
+    "cartpole_swingup": "CartPoleSwingUp",
+    "contact": "WallContact",
+}
+
+
+def names() -> tuple[str, ...]:
+    """Every environment name ``make`` accepts: the analytic ones, then Brax's."""
+    return tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in names():
+        raise ValueError(f"Unknown environment name={name!r}; allowed: {names()}")
+
+
+def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environment:
+    """The raw environment ``name`` (termination only, no time limit, no auto-reset).
+
+    ``backend`` applies to Brax envs only; ``settings`` go to the env's constructor.
+    """
+    _check_name(name)
+    if name in ANALYTIC_ENV_CLASSES:
+        if backend is not None:
+            raise ValueError(
+                f"backend={backend!r} given for analytic environment {name!r}; backend is only "
+                f"for Brax environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})"
+            )
+        from envs import analytic  # lazy: the analytic module is optional at import time
+
+        return getattr(analytic, ANALYTIC_ENV_CLASSES[name])(**settings)
+    return BraxEnvironment(name, backend=check_brax_name_and_backend(name, backend), **settings)
+
+
+def make(
+    name: str, episode_length: int | None = None, backend: str | None = None, **settings: Any
+) -> TimeLimitAutoReset:
+    """Build environment ``name`` with a time limit and auto-reset.
+
+    Args:
+        name: one of ``names()``.
+        episode_length: time limit in steps (>= 1); ``None``: the env's
+            ``default_episode_length``.
+        backend: Brax physics backend (one of ``BACKENDS``), Brax envs only; ``None``: the
+            measured default for that env.
+        **settings: keyword arguments of the env's constructor.
+
+    Returns:
+        ``TimeLimitAutoReset`` around the raw env: ``reset(key)``, ``step(state, action)``.
+
+    Raises:
+        ValueError: unknown ``name``, ``backend`` for an analytic env or not a Brax backend,
+            or ``episode_length`` <= 0; all raised before anything compiles.
+    """
+    _check_name(name)
+    if episode_length is not None:
+        check_episode_length(episode_length)
+    if name in BRAX_ENV_NAMES:
+        check_brax_name_and_backend(name, backend)
+    raw_env = make_raw(name, backend=backend, **settings)
+    if episode_length is None:
+        episode_length = int(raw_env.default_episode_length)
+    return TimeLimitAutoReset(raw_env, episode_length)

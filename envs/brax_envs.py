@@ -1,0 +1,160 @@
+"""Brax's own environments behind the ``envs.core.Environment`` contract.
+
+``BraxEnvironment`` is a thin adapter: ``reset``/``step`` pass straight through to the raw
+``brax.envs.get_environment(name, backend=...)`` environment, which already reports falls in
+``done`` and adds no time limit (``envs.wrappers.TimeLimitAutoReset`` does that). None of Brax's
+training wrappers are used.
+
+Backends (Brax's physics pipelines):
+
+* ``"generalized"``: reduced coordinates, articulated-body dynamics (Brax's default);
+* ``"positional"``: maximal coordinates with position-based constraint solving;
+* ``"spring"``: maximal coordinates with impulse/spring constraints (the cheapest);
+* ``"mjx"``: MuJoCo XLA. Its constraint solver iterates in a ``lax.while_loop``, which
+  reverse-mode autodiff rejects, so gradients through contact-rich envs may fail.
+
+``DEFAULT_BACKEND`` was chosen per environment from ``experiments/measure_brax_backends.py``
+(finite gradients first, then a moderate gradient norm, then speed); see
+``docs/brax_backends.md`` for the measured table.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from envs.core import Environment, State
+
+__all__ = [
+    "BACKENDS",
+    "BRAX_ENV_NAMES",
+    "DEFAULT_BACKEND",
+    "DEFAULT_EPISODE_LENGTH",
+    "SUPPORTED_BACKENDS",
+    "BraxEnvironment",
+]
+
+#: Every physics backend Brax offers.
+BACKENDS: tuple[str, ...] = ("generalized", "positional", "spring", "mjx")
+
+#: The Brax environments this package exposes (Brax's registry minus its ``fast`` test env).
+BRAX_ENV_NAMES: tuple[str, ...] = (
+    "ant",
+    "halfcheetah",
+    "hopper",
+    "humanoid",
+    "humanoidstandup",
+    "walker2d",
+    "swimmer",
+    "reacher",
+    "pusher",
+    "inverted_pendulum",
+    "inverted_double_pendulum",
+)
+
+#: Backends each environment can be built with (Brax's swimmer only has a generalized model).
+SUPPORTED_BACKENDS: Mapping[str, tuple[str, ...]] = {
+    name: (("generalized",) if name == "swimmer" else BACKENDS) for name in BRAX_ENV_NAMES
+}
+
+#: Episode lengths (steps of the env, i.e. after Brax's frame skip) following the Gym/MuJoCo
+#: conventions Brax's envs reproduce: Reacher-v4 is 50 steps, Pusher-v4 100, everything else
+#: (locomotion, pendulums, swimmer, humanoid standup) 1000, which is also Brax's training default.
+DEFAULT_EPISODE_LENGTH: Mapping[str, int] = {
+    name: {"reacher": 50, "pusher": 100}.get(name, 1000) for name in BRAX_ENV_NAMES
+}
+
+#: Backend used when none is given, chosen by measurement (docs/brax_backends.md).
+DEFAULT_BACKEND: Mapping[str, str] = {
+    # Measured on CPU (batch 8, 16 steps, 3 seeds; docs/brax_backends.md). All non-MJX
+    # backends gave finite gradients; spring was the fastest with gradient norms no larger
+    # than generalized's, except on halfcheetah, where spring's exploded (~4e4 vs ~20).
+    "inverted_pendulum": "spring",
+    "inverted_double_pendulum": "spring",
+    "reacher": "spring",
+    "hopper": "spring",
+    "halfcheetah": "generalized",
+    "ant": "spring",  # generalized's gradient norm was ~2e5, spring's ~1e2
+    # Brax only models swimmer in the generalized backend.
+    "swimmer": "generalized",
+    # Not measured in the time available on CPU: spring, by extension from the envs above.
+    "walker2d": "spring",
+    "pusher": "spring",
+    "humanoid": "spring",
+    "humanoidstandup": "spring",
+}
+
+
+def check_brax_name_and_backend(name: str, backend: str | None) -> str:
+    """Validate ``name``/``backend`` without building anything; returns the backend to use.
+
+    Raises ``ValueError`` naming the setting, the bad value and the allowed values.
+    """
+    if name not in BRAX_ENV_NAMES:
+        raise ValueError(f"name={name!r} is not a Brax environment; allowed: {BRAX_ENV_NAMES}")
+    if backend is None:
+        return DEFAULT_BACKEND[name]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a Brax backend; allowed: {BACKENDS}")
+    if backend not in SUPPORTED_BACKENDS[name]:
+        raise ValueError(
+            f"backend={backend!r} is not available for Brax env {name!r}; "
+            f"allowed: {SUPPORTED_BACKENDS[name]}"
+        )
+    return backend
+
+
+class BraxEnvironment(Environment):
+    """One raw Brax environment (no time limit, no auto-reset), single instance.
+
+    Args:
+        name: one of ``BRAX_ENV_NAMES``.
+        backend: one of ``BACKENDS`` (``None``: ``DEFAULT_BACKEND[name]``).
+        **kwargs: passed to the Brax environment's constructor (e.g. ``ctrl_cost_weight``).
+
+    ``reset(key) -> State`` and ``step(state, action [action_size]) -> State`` are Brax's own;
+    ``State.obs`` has shape ``[observation_size]``, ``reward`` and ``done`` are scalars.
+    """
+
+    def __init__(self, name: str, backend: str | None = None, **kwargs: Any):
+        self.name = name
+        self.backend = check_brax_name_and_backend(name, backend)
+        # Imported here so that importing ``envs`` does not pay for Brax/MuJoCo.
+        from brax import envs as brax_envs
+
+        self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
+        self.default_episode_length = DEFAULT_EPISODE_LENGTH[name]
+
+    def reset(self, key: jax.Array) -> State:
+        """Start an episode (Brax randomizes the initial pose from ``key``)."""
+        return self._brax_env.reset(key)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        """One Brax step (``n_frames`` physics substeps) with ``action [action_size]``."""
+        return self._brax_env.step(state, action)
+
+    @functools.cached_property
+    def observation_size(self) -> int:
+        # Brax's own property runs an eager reset; an abstract trace costs no compile.
+        state_shape = jax.eval_shape(self._brax_env.reset, jax.random.PRNGKey(0))
+        return int(state_shape.obs.shape[-1])
+
+    @property
+    def action_size(self) -> int:
+        return int(self._brax_env.action_size)
+
+    @property
+    def dt(self) -> float:
+        """Seconds of simulated time per ``step``."""
+        return float(self._brax_env.dt)
+
+    @property
+    def brax_env(self) -> Any:
+        """The underlying ``brax.envs.base.PipelineEnv``."""
+        return self._brax_env
+
+    def __repr__(self) -> str:
+        return f"BraxEnvironment({self.name!r}, backend={self.backend!r})"

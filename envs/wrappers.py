@@ -1,0 +1,170 @@
+"""Time limit and auto-reset for single-instance environments (see ``envs.core``).
+
+``TimeLimitAutoReset`` turns a raw environment, which only reports *termination*, into one with
+episodes of at most ``episode_length`` steps that restart by themselves, so a trainer can
+``lax.scan`` a (``vmap``-ed) rollout of any length without branching on ``done``.
+
+After every ``step`` the returned ``State`` has:
+
+* ``done``: 1.0 if this step ended the episode, by termination or by the time limit;
+* ``reward``: the reward of this step (of the episode that just ended, if ``done``);
+* ``obs``/``pipeline_state``: those reached by this step or, if ``done``, those of the
+  *stored initial state* of this env instance (see below);
+* ``info['termination']``: 1.0 if the raw env reported ``done`` (the task ended the episode);
+* ``info['truncation']``: 1.0 if ``steps`` reached ``episode_length`` and the env did not
+  terminate (bootstrap from ``info['terminal_obs']``);
+* ``info['terminal_obs'] [observation_size]``: the observation reached by this step, *before*
+  any auto-reset (equal to ``obs`` when not ``done``);
+* ``info['steps']`` (int32): steps taken in the current episode, counting this one; set back to
+  0 when the episode ends and the env resets;
+* ``info['episode_return']``: the sum of rewards in the current episode so far; likewise set
+  back to 0 on an auto-reset;
+* ``info['last_episode_return']``, ``info['last_episode_length']`` (int32): return and length
+  of the most recently completed episode of this instance (0 until one completes);
+* ``info['first_pipeline_state']``, ``info['first_obs']``: the stored initial state.
+
+**Resets go to the stored initial state.** As in Brax's ``AutoResetWrapper``, an auto-reset does
+not draw a new initial state: it restores the one this instance got from its ``reset(key)``,
+stored in ``info``. Every episode of one instance thus starts from the same state; diversity
+comes from the batch (different keys per instance) and from calling ``reset`` again.
+
+Gradients: the reset is a ``jnp.where`` (no ``lax.cond``), so ``step`` is differentiable through
+the raw env whenever ``done`` is 0; across an auto-reset the next observation is the stored
+initial state, whose gradient w.r.t. earlier actions is exactly 0.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import jax
+import jax.numpy as jnp
+
+from envs.core import Environment, State
+
+__all__ = ["TimeLimitAutoReset"]
+
+#: Keys this wrapper adds to ``State.info``.
+WRAPPER_INFO_KEYS = (
+    "steps",
+    "termination",
+    "truncation",
+    "terminal_obs",
+    "episode_return",
+    "last_episode_return",
+    "last_episode_length",
+    "first_pipeline_state",
+    "first_obs",
+)
+
+
+def check_episode_length(episode_length: int) -> int:
+    """Return ``episode_length`` as an int, or raise ``ValueError`` if it is not >= 1."""
+    if isinstance(episode_length, bool) or not isinstance(episode_length, int):
+        raise ValueError(f"episode_length must be a positive int, got {episode_length!r}")
+    if episode_length <= 0:
+        raise ValueError(f"episode_length must be >= 1, got episode_length={episode_length}")
+    return episode_length
+
+
+@final
+class TimeLimitAutoReset(Environment):
+    """Episodes of at most ``episode_length`` steps, auto-reset to the stored initial state.
+
+    Single instance (``obs [observation_size]``, scalar ``reward``/``done``); batch with
+    ``jax.vmap``. See the module docstring for everything ``step`` records in ``info``.
+
+    Args:
+        env: a raw environment (reports termination only).
+        episode_length: the time limit, in steps (>= 1).
+    """
+
+    def __init__(self, env: Environment, episode_length: int):
+        self._env = env
+        self._episode_length = check_episode_length(episode_length)
+
+    @property
+    def env(self) -> Environment:
+        """The environment this wrapper wraps."""
+        return self._env
+
+    @property
+    def episode_length(self) -> int:
+        return self._episode_length
+
+    @property
+    def default_episode_length(self) -> int:  # type: ignore[override]
+        return self._episode_length
+
+    @property
+    def observation_size(self) -> int:
+        return self._env.observation_size
+
+    @property
+    def action_size(self) -> int:
+        return self._env.action_size
+
+    @property
+    def unwrapped(self) -> Environment:
+        return self._env.unwrapped
+
+    def reset(self, key: jax.Array) -> State:
+        """Start an episode with ``key`` and store its state as this instance's reset target."""
+        state = self._env.reset(key)
+        flag_zero = jnp.zeros((), jnp.float32)
+        count_zero = jnp.zeros((), jnp.int32)
+        return_zero = jnp.zeros_like(state.reward)
+        info = {
+            **state.info,
+            "steps": count_zero,
+            "termination": flag_zero,
+            "truncation": flag_zero,
+            "terminal_obs": state.obs,
+            "episode_return": return_zero,
+            "last_episode_return": return_zero,
+            "last_episode_length": count_zero,
+            "first_pipeline_state": state.pipeline_state,
+            "first_obs": state.obs,
+        }
+        return state.replace(done=flag_zero, info=info)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        """Step the raw env with ``action [action_size]``, apply the time limit, auto-reset."""
+        # The raw env sees a live state: a previous auto-reset has already restored its start.
+        raw_next = self._env.step(state.replace(done=jnp.zeros_like(state.done)), action)
+        info = state.info
+
+        steps = info["steps"] + 1
+        termination = jnp.where(raw_next.done > 0, 1.0, 0.0).astype(jnp.float32)
+        time_up = steps >= self._episode_length
+        truncation = jnp.where(time_up & (termination == 0), 1.0, 0.0).astype(jnp.float32)
+        done = jnp.maximum(termination, truncation)
+        ended = done > 0
+        episode_return = info["episode_return"] + raw_next.reward
+
+        def restart_if_ended(first: jax.Array, reached: jax.Array) -> jax.Array:
+            return jnp.where(ended, first, reached)
+
+        pipeline_state = jax.tree_util.tree_map(
+            restart_if_ended, info["first_pipeline_state"], raw_next.pipeline_state
+        )
+        obs = restart_if_ended(info["first_obs"], raw_next.obs)
+
+        new_info = {
+            **raw_next.info,
+            "steps": jnp.where(ended, 0, steps).astype(jnp.int32),
+            "termination": termination,
+            "truncation": truncation,
+            "terminal_obs": raw_next.obs,
+            "episode_return": jnp.where(ended, jnp.zeros_like(episode_return), episode_return),
+            "last_episode_return": jnp.where(ended, episode_return, info["last_episode_return"]),
+            "last_episode_length": jnp.where(ended, steps, info["last_episode_length"]).astype(
+                jnp.int32
+            ),
+            "first_pipeline_state": info["first_pipeline_state"],
+            "first_obs": info["first_obs"],
+        }
+        return raw_next.replace(pipeline_state=pipeline_state, obs=obs, done=done, info=new_info)
+
+    def __repr__(self) -> str:
+        return f"TimeLimitAutoReset({self._env!r}, episode_length={self._episode_length})"

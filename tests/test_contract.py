@@ -1,0 +1,165 @@
+"""The estimator contract (``diffpg.estimators`` docstring), checked for every registered estimator,
+plus the policy interface and the errors a bad setting gives."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+from diffpg import estimators
+from diffpg.normalization import init_statistics, normalize, update_statistics
+from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy
+
+NUM_ENVS = 4
+HORIZON = 6
+
+
+@pytest.fixture(scope="module")
+def pendulum_setup():
+    env = envs.make("pendulum")
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size, hidden_sizes=(16,))
+    params = policy.init(jax.random.PRNGKey(0))
+    starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), NUM_ENVS))
+    return env, policy, params, starts
+
+
+@pytest.mark.parametrize("name", estimators.names())
+def test_estimator_contract(pendulum_setup, name):
+    env, policy, params, starts = pendulum_setup
+    extra = {"window": HORIZON // 2} if name == "shac" else {}
+    estimator = estimators.make(name, env, policy, horizon=HORIZON, **extra)
+    state = estimator.init(jax.random.PRNGKey(2), params)
+
+    out = jax.jit(estimator.estimate)(params, state, starts, jax.random.PRNGKey(3))
+    assert jax.tree.structure(out.grad) == jax.tree.structure(params)
+    for grad_leaf, param_leaf in zip(jax.tree.leaves(out.grad), jax.tree.leaves(params),
+                                     strict=True):
+        assert grad_leaf.shape == param_leaf.shape
+        assert grad_leaf.dtype == param_leaf.dtype
+        assert np.all(np.isfinite(grad_leaf))
+    assert jax.tree.structure(out.state) == jax.tree.structure(state)
+    assert jax.tree.structure(out.env_state) == jax.tree.structure(starts)
+    assert out.env_state.obs.shape == starts.obs.shape
+    assert "objective" in out.metrics
+    assert all(np.ndim(v) == 0 and np.isfinite(v) for v in out.metrics.values())
+    assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(out.grad)[0])) > 0
+
+    keys = jax.random.split(jax.random.PRNGKey(4), 3)
+    batched = jax.jit(jax.vmap(estimator.estimate, in_axes=(None, None, None, 0)))(
+        params, state, starts, keys
+    )
+    leaves = jax.tree.leaves(batched.grad)
+    assert all(leaf.shape[0] == 3 for leaf in leaves)
+    # Independent keys give different estimates; the same key gives the same one.
+    assert not np.allclose(leaves[0][0], leaves[0][1])
+    again = jax.jit(estimator.estimate)(params, state, starts, keys[0])
+    np.testing.assert_allclose(jax.tree.leaves(again.grad)[0], leaves[0][0], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_score_is_not_the_zero_pathwise_derivative():
+    """d/dtheta log pi(sample(theta)) through the sample is identically 0 for a location family;
+    the policy's log_prob must return the score (u - mean) / std^2 instead."""
+    policy = make_linear_gaussian_policy(2, 1, init_log_std=0.0)
+    params = policy.init(jax.random.PRNGKey(0))
+    obs = jnp.array([0.3, -0.7])
+    key = jax.random.PRNGKey(1)
+
+    def log_prob_of_own_sample(p):
+        return policy.log_prob(p, obs, policy.sample(p, obs, key))
+
+    score = jax.grad(log_prob_of_own_sample)(params)
+    raw = policy.sample(params, obs, key)
+    mean, std = policy.distribution(params, obs)
+    expected_bias_score = (raw - mean) / std**2
+    np.testing.assert_allclose(score["bias"], expected_bias_score, rtol=1e-5)
+    assert np.all(np.abs(score["bias"]) > 0)
+
+
+def test_squashed_policy_actions_are_bounded_and_mode_is_deterministic():
+    policy = make_gaussian_mlp_policy(3, 2, hidden_sizes=(8,), init_log_std=1.0)
+    params = policy.init(jax.random.PRNGKey(0))
+    obs = jnp.ones((5, 3))
+    raw = policy.sample(params, obs, jax.random.PRNGKey(1))
+    action = policy.to_action(raw)
+    assert action.shape == (5, 2) and np.all(np.abs(action) <= 1)
+    np.testing.assert_array_equal(policy.mode(params, obs), policy.mode(params, obs))
+    assert policy.log_prob(params, obs, raw).shape == (5,)
+
+
+def test_running_statistics_match_numpy_and_start_as_identity():
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(3, 50, 4)).astype(np.float32)
+    stats = init_statistics(4)
+    np.testing.assert_array_equal(normalize(stats, data[0, 0]), data[0, 0])
+    for chunk in data:
+        stats = update_statistics(stats, chunk)
+    flat = data.reshape(-1, 4)
+    np.testing.assert_allclose(stats.mean, flat.mean(0), rtol=1e-5)
+    expected = np.clip((flat[0] - flat.mean(0)) / flat.std(0), -10, 10)
+    np.testing.assert_allclose(normalize(stats, flat[0]), expected, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- bad settings
+
+
+def _lqr_and_policy():
+    env = envs.make("lqr")
+    return env, make_linear_gaussian_policy(env.observation_size, env.action_size)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: envs.make("no_such_env"), "lqr"),
+        (lambda: envs.make("ant", backend="warp_drive"), "generalized"),
+        (lambda: envs.make("lqr", backend="spring"), "backend"),
+        (lambda: envs.make("lqr", episode_length=0), "episode_length"),
+        (lambda: estimators.make("no_such", *_lqr_and_policy()), "reinforce"),
+        (lambda: estimators.make("reinforce", *_lqr_and_policy(), horizon=0), "horizon"),
+        (lambda: estimators.make("bptt", *_lqr_and_policy(), horizon=-3), "horizon"),
+        (lambda: estimators.make("shac", *_lqr_and_policy(), horizon=10, window=3), "window"),
+        (lambda: estimators.make("reinforce", *_lqr_and_policy(), horizon=21), "episode_length"),
+        (lambda: estimators.make("reinforce", *_lqr_and_policy(), baseline="median"),
+         "leave_one_out"),
+        (lambda: estimators.make("reinforce", *_lqr_and_policy(), discount=1.5), "discount"),
+        (lambda: estimators.make("shac", *_lqr_and_policy(), horizon_typo=3), "horizon"),
+        (lambda: estimators.make("reinforce", envs.make("lqr"),
+                                 make_linear_gaussian_policy(2, 3)), "action_size"),
+        (lambda: make_gaussian_mlp_policy(3, 1, activation="swish"), "elu"),
+    ],
+)
+def test_bad_settings_raise_clear_errors_before_compiling(call, message):
+    with pytest.raises(ValueError, match=message) as error:
+        call()
+    assert "=" in str(error.value) or "allowed" in str(error.value)
+
+
+def test_bad_settings_do_not_compile(monkeypatch):
+    """Validation happens in plain Python: no XLA compilation happens before the error."""
+    env, policy = _lqr_and_policy()
+    compiled = []
+    import jax._src.interpreters.pxla as pxla
+
+    original = pxla.MeshComputation.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pxla.MeshComputation, "compile", spy)
+    with pytest.raises(ValueError):
+        estimators.make("shac", env, policy, horizon=10, window=4)
+    assert compiled == []
+
+
+def test_leave_one_out_needs_two_rollouts():
+    env, policy = _lqr_and_policy()
+    estimator = estimators.make("reinforce", env, policy, horizon=3)
+    params = policy.init(jax.random.PRNGKey(0))
+    one_state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), 1))
+    with pytest.raises(ValueError, match="rollouts_per_state"):
+        estimator.estimate(params, estimator.init(jax.random.PRNGKey(2), params), one_state,
+                           jax.random.PRNGKey(3))

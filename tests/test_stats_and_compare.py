@@ -1,0 +1,131 @@
+"""Comparison statistics on cases with known answers, and the ``diffpg compare`` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffpg import cli
+from diffpg.compare import CompareSettings, run_comparison
+from diffpg.stats import gradient_statistics
+
+
+def _gaussian_samples(mean, scales, num, seed=0):
+    rng = np.random.default_rng(seed)
+    return mean + rng.normal(size=(num, len(mean))) * scales
+
+
+def test_statistics_recover_known_mean_and_covariance():
+    mean = np.array([3.0, -4.0, 0.0, 1.0])
+    scales = np.array([1.0, 2.0, 0.5, 0.1])
+    num = 20000
+    stats = gradient_statistics(_gaussian_samples(mean, scales, num), reference=mean)
+    true_trace = float(np.sum(scales**2))
+    # The sample variance of a Gaussian has standard error sigma^2 sqrt(2 / (K - 1)).
+    trace_se = float(np.sqrt(np.sum(2 * scales**4 / (num - 1))))
+    assert abs(stats["variance_trace"] - true_trace) < 4 * trace_se
+    assert abs(stats["variance_max"] - 4.0) < 4 * 4.0 * np.sqrt(2 / (num - 1))
+    true_norm = float(np.linalg.norm(mean))
+    assert abs(stats["norm_of_mean"] - true_norm) < 4 * np.sqrt(true_trace / num)
+    assert stats["bias_resolved"] is False  # unbiased: the bias is within its noise
+    assert stats["relative_bias"] < 4 * np.sqrt(true_trace / num) / true_norm
+    assert stats["cosine_to_reference"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["snr"] == pytest.approx(true_norm / np.sqrt(true_trace), rel=0.02)
+    assert stats["nonfinite_fraction"] == 0.0
+
+
+def test_a_biased_estimator_is_flagged_and_its_bias_measured():
+    reference = np.array([1.0, 0.0])
+    samples = _gaussian_samples(np.array([1.0, 0.3]), np.array([0.5, 0.5]), 4000)
+    stats = gradient_statistics(samples, reference=reference)
+    assert stats["bias_resolved"] is True
+    assert stats["bias"] == pytest.approx(0.3, abs=4 * 0.5 * np.sqrt(2 / 4000))
+
+
+def test_reference_error_keeps_a_small_bias_unresolved():
+    """A bias below the reference's own standard error is reported as not resolved."""
+    samples = _gaussian_samples(np.array([1.0, 0.05]), np.array([0.1, 0.1]), 4000)
+    reference = np.array([1.0, 0.0])
+    resolved = gradient_statistics(samples, reference, np.zeros(2))
+    blurred = gradient_statistics(samples, reference, np.array([0.1, 0.1]))
+    assert resolved["bias_resolved"] is True
+    assert blurred["bias_resolved"] is False
+
+
+def test_pairwise_cosine_and_nonfinite_fraction():
+    samples = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [np.nan, 0.0]])
+    stats = gradient_statistics(samples)
+    # finite rows: e1, e2, e1 -> pairs (e1,e2)=0, (e1,e1)=1, (e2,e1)=0 -> mean 1/3
+    assert stats["mean_pairwise_cosine"] == pytest.approx(1 / 3)
+    assert stats["nonfinite_fraction"] == pytest.approx(0.25)
+
+
+def test_unbiased_estimators_show_no_resolved_bias_on_the_lqr():
+    settings = CompareSettings(estimators=("reinforce", "bptt"), num_estimates=256, num_envs=8,
+                               horizon=8, sweep="none")
+    results = run_comparison(settings)
+    final = results["results"][-1]["estimators"]
+    assert results["reference_kind"] == "exact"
+    for label in ("reinforce", "bptt"):
+        assert final[label]["bias_resolved"] is False, final[label]
+        assert final[label]["nonfinite_fraction"] == 0.0
+    assert final["bptt"]["variance_trace"] < final["reinforce"]["variance_trace"]
+
+
+def test_compare_command_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = cli.main(["compare", "--estimators", "reinforce:baseline=none", "bptt",
+                       "--num-estimates", "8", "--num-envs", "4", "--horizon", "4",
+                       "--critic-warmup", "0", "--out", str(out)])
+    assert status == 0
+    for name in ("results.json", "table.csv", "report.md", "variance_vs_horizon.png",
+                 "bias_and_cosine.png"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["horizon"] for r in results["results"]] == [1, 2, 4]
+    assert set(results["results"][0]["estimators"]) == {"reinforce:baseline=none", "bptt"}
+    assert "jax" in results["environment"]
+    # The same seed gives the same numbers.
+    again = tmp_path / "again"
+    cli.main(["compare", "--estimators", "reinforce:baseline=none", "bptt",
+              "--num-estimates", "8", "--num-envs", "4", "--horizon", "4",
+              "--critic-warmup", "0", "--out", str(again)])
+    first = json.loads((out / "results.json").read_text())["results"]
+    second = json.loads((again / "results.json").read_text())["results"]
+    for a, b in zip(first, second, strict=True):
+        for label in a["estimators"]:
+            assert a["estimators"][label]["variance_trace"] == b["estimators"][label][
+                "variance_trace"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--estimators", "reinforce", "nope"], "estimator='nope'"),
+        (["--num-estimates", "1"], "num_estimates"),
+        (["--horizon", "500"], "horizon=500"),
+        (["--sweep", "stiffness_typo"], "sweep"),
+        (["--env", "nowhere"], "env='nowhere'"),
+        (["--reference", "exact", "--env", "pendulum"], "exact"),
+        (["--estimators", "shac:window=3", "--horizon", "8"], "window"),
+    ],
+)
+def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):
+    out = tmp_path / "never"
+    status = cli.main(["compare", "--out", str(out), *arguments])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert message in error and "Traceback" not in error
+    assert not out.exists()
+
+
+def test_compare_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    status = cli.main(["compare", "--out", str(out), "--num-estimates", "2"])
+    assert status == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "{}"
