@@ -79,8 +79,9 @@ class CompareSettings:
     """Brax physics backend; None: the env's measured default."""
     episode_length: int | None = None
     """Time limit; None: the env's default (at least the largest horizon)."""
-    estimators: tuple[str, ...] = ("reinforce", "critic_backprop", "bptt", "shac")
-    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none``)."""
+    estimators: tuple[str, ...] = ("reinforce", "critic_backprop", "bptt", "shac", "alpha_order")
+    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none``);
+    the default is every registered estimator."""
     num_estimates: int = 64
     """K independent estimates per estimator (vmapped)."""
     num_envs: int = 16

@@ -78,10 +78,10 @@ DEFAULT_BACKEND: Mapping[str, str] = {
     "hopper": "spring",
     "halfcheetah": "generalized",
     "ant": "spring",  # generalized's gradient norm was ~2e5, spring's ~1e2
+    "walker2d": "spring",
     # Brax only models swimmer in the generalized backend.
     "swimmer": "generalized",
     # Not measured in the time available on CPU: spring, by extension from the envs above.
-    "walker2d": "spring",
     "pusher": "spring",
     "humanoid": "spring",
     "humanoidstandup": "spring",

@@ -167,3 +167,53 @@ def test_critic_backprop_bias_with_a_learned_q_shrinks_with_training(lqr):
     after = relative_bias(state)
     print(f"critic backprop relative bias: untrained {before:.3f}, after 300 TD fits {after:.3f}")
     assert after < 0.5 * before
+
+
+def test_alpha_order_weights_by_inverse_variance_and_falls_back_when_biased():
+    from diffpg.estimators.alpha_order import combine
+
+    rng = np.random.default_rng(0)
+    truth = np.array([1.0, -2.0, 0.5])
+    first = truth + 0.1 * rng.normal(size=(64, 3))
+    zeroth = truth + 1.0 * rng.normal(size=(64, 3))
+    grad, alpha, var_first, var_zeroth, fell_back = combine(jnp.asarray(first),
+                                                            jnp.asarray(zeroth), 3.0)
+    assert not fell_back
+    np.testing.assert_allclose(alpha, var_zeroth / (var_first + var_zeroth), rtol=1e-6)
+    assert 0.95 < alpha < 1.0  # 100x smaller variance: the first-order estimate dominates
+    np.testing.assert_allclose(grad, alpha * first.mean(0) + (1 - alpha) * zeroth.mean(0),
+                               rtol=1e-5)
+    # A first-order mean far outside the zeroth-order noise is treated as biased.
+    _, alpha, _, _, fell_back = combine(jnp.asarray(first + 5.0), jnp.asarray(zeroth), 3.0)
+    assert fell_back and alpha == 0.0
+    # Non-finite first-order samples never reach the result.
+    first[3, 1] = np.nan
+    grad, alpha, _, _, fell_back = combine(jnp.asarray(first), jnp.asarray(zeroth), 3.0)
+    assert fell_back and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, zeroth.mean(0), rtol=1e-5)
+
+
+def test_alpha_order_on_the_smooth_lqr_leans_first_order_and_is_accurate(lqr):
+    estimator = estimators.make("alpha_order", lqr.env, lqr.policy, horizon=lqr.horizon,
+                                discount=lqr.discount)
+    state = estimator.init(jax.random.PRNGKey(0), lqr.params)
+    keys = jax.random.split(jax.random.PRNGKey(6), 200)
+    out = jax.jit(jax.vmap(estimator.estimate, (None, None, None, 0)))(
+        lqr.params, state, lqr.start_states, keys)
+    assert float(np.mean(out.metrics["alpha"])) > 0.9
+    assert float(np.mean(out.metrics["fell_back"])) < 0.05
+    assert_unbiased(out.grad, lqr.exact_gradient(), resolvable_error=0.05)
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "optimal"])
+def test_per_rollout_terms_average_to_the_estimate(lqr, baseline):
+    settings = ReinforceSettings(horizon=lqr.horizon, discount=lqr.discount, baseline=baseline)
+    stats = init_statistics(lqr.env.observation_size)
+    _, data = rollout(lqr.env, lqr.policy, lqr.params, stats, lqr.start_states,
+                      jax.random.PRNGKey(8), lqr.horizon)
+    batch, _ = estimators.score_function_gradient(lqr.policy, lqr.params, stats, data, settings)
+    terms, _ = estimators.score_function_gradient(lqr.policy, lqr.params, stats, data, settings,
+                                                  per_rollout=True)
+    for whole, parts in zip(jax.tree.leaves(batch), jax.tree.leaves(terms), strict=True):
+        assert parts.shape == (lqr.start_states.obs.shape[0],) + whole.shape
+        np.testing.assert_allclose(parts.mean(0), whole, rtol=1e-4, atol=1e-5)

@@ -38,6 +38,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from diffpg.estimators.alpha_order import AlphaOrderSettings, make_alpha_order
 from diffpg.estimators.base import Estimate, Estimator, EstimatorState
 from diffpg.estimators.critic_backprop import CriticBackpropSettings, make_critic_backprop
 from diffpg.estimators.reinforce import (
@@ -53,10 +54,12 @@ ESTIMATORS: dict[str, tuple[type, Callable[..., Estimator]]] = {
     "critic_backprop": (CriticBackpropSettings, make_critic_backprop),
     "bptt": (BpttSettings, make_bptt),
     "shac": (ShacSettings, make_shac),
+    "alpha_order": (AlphaOrderSettings, make_alpha_order),
 }
 
 __all__ = [
     "BASELINES",
+    "AlphaOrderSettings",
     "ESTIMATORS",
     "BpttSettings",
     "CriticBackpropSettings",

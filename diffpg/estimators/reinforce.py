@@ -95,6 +95,7 @@ def score_function_gradient(
     settings: ReinforceSettings,
     value_baseline: jax.Array | None = None,
     behaviour_log_prob: jax.Array | None = None,
+    per_rollout: bool = False,
 ) -> tuple[Params, jax.Array]:
     """The REINFORCE estimate of ``grad J`` from a batch of ``n`` rollouts ``[T, n]``.
 
@@ -102,6 +103,8 @@ def score_function_gradient(
     ``log pi_behaviour(u_t | s_t)`` of the policy that collected the data, to reweight stale data
     (requires ``reward_to_go``); ``None`` means the data is from ``params`` itself.
     Returns the gradient (tree of ``params``) and the per-rollout objective ``sum_t w_t r_t [n]``.
+    With ``per_rollout=True`` the gradient has a leading axis ``[n]``: each rollout's term, whose
+    mean is the estimate (terms share their baselines, so they are not independent).
     """
     num_rollouts = transitions.reward.shape[1]
     pool = _pool_size(settings, num_rollouts)
@@ -126,11 +129,19 @@ def score_function_gradient(
         return policy.log_prob(p, obs, transitions.raw_action)  # [T, n]
 
     if settings.baseline == "optimal":
-        grad = _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool)
+        grad = _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool,
+                                          per_rollout)
     else:
         baseline = _baseline(settings.baseline, psi, weights, value_baseline, pool)
         coefficient = jax.lax.stop_gradient(psi - step_ratio * baseline)
-        grad = jax.grad(lambda p: jnp.sum(coefficient * log_prob_fn(p)) / num_rollouts)(params)
+        if per_rollout:
+            def rollout_term(p, obs_i, raw_i, coefficient_i):
+                return jnp.sum(coefficient_i * policy.log_prob(p, obs_i, raw_i))
+
+            grad = jax.vmap(jax.grad(rollout_term), (None, 1, 1, 1))(
+                params, obs, transitions.raw_action, coefficient)
+        else:
+            grad = jax.grad(lambda p: jnp.sum(coefficient * log_prob_fn(p)) / num_rollouts)(params)
     return grad, jnp.sum(weighted_reward, axis=0)
 
 
@@ -166,7 +177,8 @@ def _baseline(kind, psi, weights, value_baseline, pool) -> jax.Array:
     raise ValueError(f"baseline={kind!r} is not allowed; allowed values: {list(BASELINES)}")
 
 
-def _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool) -> Params:
+def _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool,
+                               per_rollout) -> Params:
     """Per-coordinate, leave-one-out ``b*_t[p] = sum' g[p]^2 psi / sum' g[p]^2`` (appendix C)."""
     steps, num = psi.shape
 
@@ -185,7 +197,8 @@ def _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio
         denominator = _leave_one_out_sum(square, pool)
         safe = denominator > 0
         baseline = jnp.where(safe, numerator / jnp.where(safe, denominator, 1.0), 0.0)
-        return jnp.sum(score * (psi_b - ratio_b * baseline), axis=(0, 1)) / num
+        terms = jnp.sum(score * (psi_b - ratio_b * baseline), axis=0)  # [n, *p]
+        return terms if per_rollout else jnp.sum(terms, axis=0) / num
 
     return jax.tree.map(coordinate_gradient, scores)
 

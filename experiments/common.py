@@ -1,0 +1,66 @@
+"""Shared plumbing for the experiment scripts: output folder, JSON, tables, independent estimates.
+
+Each script is one finding, run through diffpg's public API; it prints a table, writes
+``results.json``, ``report.md`` and its plots into ``--out`` (default ``runs/<script name>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import diffpg  # noqa: F401  (turns on the persistent compilation cache)
+from diffpg.compare import sample_gradients
+from diffpg.report import environment_description
+
+__all__ = ["environment_description", "format_table", "parser", "prepare_output", "sample_gradients",
+           "write_json"]
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--out``, ``--overwrite`` and ``--seed``."""
+    result = argparse.ArgumentParser(prog=name, description=description)
+    result.add_argument("--out", type=Path, default=Path("runs") / name,
+                        help=f"output folder (default: runs/{name})")
+    result.add_argument("--overwrite", action="store_true", help="write into an existing --out")
+    result.add_argument("--seed", type=int, default=0)
+    return result
+
+
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        sys.exit(f"error: out={str(out)!r} exists and is not empty; pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(_plain(data | {"environment": environment_description()}), indent=2))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of ``rows`` (numbers to 3 significant digits)."""
+    def cell(value):
+        if isinstance(value, float | np.floating):
+            return f"{value:.3g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.floating | np.integer):
+        return value.item()
+    return value
