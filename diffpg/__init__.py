@@ -6,7 +6,9 @@ Importing ``diffpg`` turns on JAX's persistent compilation cache (``diffpg.compi
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA C++ warnings (cache loads) are noise
+# XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
+# set TF_CPP_MIN_LOG_LEVEL yourself to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from diffpg.compilation_cache import enable_compilation_cache  # noqa: E402
 

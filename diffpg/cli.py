@@ -123,7 +123,7 @@ def run_compare(arguments: argparse.Namespace) -> Path:
 
     settings = settings_from_arguments(arguments, CompareSettings)
     out = _prepare_output(arguments.out, arguments.overwrite, f"compare-{settings.env}")
-    total = len(settings.horizons) * (len(settings.estimators) + 1)
+    total = len(settings.points) * (len(settings.estimators) + 1)
     with tqdm(total=total, desc="compare", unit="task", file=sys.stderr) as bar:
         def progress(message: str) -> None:
             bar.set_description(message)

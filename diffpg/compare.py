@@ -14,7 +14,7 @@ import ast
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from diffpg.stats import (
     variance_trace,
 )
 
-SWEEPS = ("none", "horizon")
+SWEEPS = ("none", "horizon", "stiffness")
 REFERENCES = ("auto", "exact", "reinforce", "bptt")
 
 
@@ -51,17 +51,23 @@ class EstimatorSpec:
     @classmethod
     def parse(cls, text: str) -> EstimatorSpec:
         name, _, rest = text.strip().partition(":")
-        overrides = []
-        for item in filter(None, rest.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"estimator setting {item!r} in {text!r} must be key=value")
-            overrides.append((key.strip(), _parse_value(value.strip())))
+        overrides = cls.parse_options(filter(None, rest.split(",")))
         if name not in estimators.names():
             raise ValueError(
                 f"estimator={name!r} is not known; allowed values: {estimators.names()}"
             )
-        return cls(name, tuple(overrides))
+        return cls(name, overrides)
+
+    @staticmethod
+    def parse_options(items) -> tuple[tuple[str, Any], ...]:
+        """``["key=value", ...]`` -> ``(("key", value), ...)`` with Python literals evaluated."""
+        options = []
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"setting {item!r} must be written key=value")
+            options.append((key.strip(), _parse_value(value.strip())))
+        return tuple(options)
 
 
 def _parse_value(text: str) -> Any:
@@ -71,12 +77,20 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+class SweepPoint(NamedTuple):
+    value: float
+    horizon: int
+    env_settings: tuple[tuple[str, Any], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
     env: str = "lqr"
     """Environment name (``envs.names()``)."""
     backend: str | None = None
     """Brax physics backend; None: the env's measured default."""
+    env_options: tuple[str, ...] = ()
+    """Environment settings as key=value (e.g. start=0.8 for the contact env)."""
     episode_length: int | None = None
     """Time limit; None: the env's default (at least the largest horizon)."""
     estimators: tuple[str, ...] = ("reinforce", "critic_backprop", "bptt", "shac", "alpha_order")
@@ -92,7 +106,10 @@ class CompareSettings:
     """SHAC's backprop window (capped at the horizon)."""
     discount: float = 0.99
     sweep: str = "horizon"
-    """none, or horizon: 1, 2, 4, ... up to ``horizon``."""
+    """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact env's wall stiffness
+    over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's empirical bias)."""
+    stiffnesses: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
+    """Wall stiffnesses of the stiffness sweep (env contact)."""
     reference: str = "auto"
     """auto (exact on the LQR, else reinforce), exact, reinforce or bptt."""
     reference_estimates: int = 1024
@@ -123,6 +140,9 @@ class CompareSettings:
             raise ValueError(
                 f"reference={self.reference!r} is not allowed; allowed values: {list(REFERENCES)}"
             )
+        if self.sweep == "stiffness" and self.env != "contact":
+            raise ValueError(f"sweep='stiffness' needs env='contact' (the env with a stiffness "
+                             f"setting), not env={self.env!r}")
         if self.reference == "exact" and self.env != "lqr":
             raise ValueError("reference='exact' exists only for env='lqr'; use auto or reinforce")
         if not 0.0 <= self.discount <= 1.0:
@@ -130,7 +150,7 @@ class CompareSettings:
 
     @property
     def horizons(self) -> tuple[int, ...]:
-        if self.sweep == "none":
+        if self.sweep != "horizon":
             return (self.horizon,)
         values, h = [], 1
         while h < self.horizon:
@@ -139,13 +159,23 @@ class CompareSettings:
         return tuple(values) + (self.horizon,)
 
     @property
+    def points(self) -> tuple[SweepPoint, ...]:
+        """The sweep's points: the value swept, the horizon and environment settings at each."""
+        if self.sweep == "stiffness":
+            return tuple(SweepPoint(s, self.horizon, (("stiffness", s),)) for s in self.stiffnesses)
+        return tuple(SweepPoint(h, h, ()) for h in self.horizons)
+
+    @property
     def specs(self) -> tuple[EstimatorSpec, ...]:
         return tuple(EstimatorSpec.parse(s) for s in self.estimators)
 
 
-def make_env_and_policy(settings: CompareSettings) -> tuple[Any, Policy, bool]:
+def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = None
+                        ) -> tuple[Any, Policy, bool]:
     """The environment, the policy (linear on the LQR) and whether an exact reference exists."""
-    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend)
+    options = dict(EstimatorSpec.parse_options(settings.env_options)) | (env_settings or {})
+    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend,
+                    **options)
     if settings.horizon > env.episode_length:
         raise ValueError(
             f"horizon={settings.horizon} is longer than the episode "
@@ -223,25 +253,31 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
 
 def run_comparison(settings: CompareSettings,
                    progress: Callable[[str], None] | None = None) -> dict:
-    """Run the comparison; returns a JSON-ready dict (settings, per-horizon statistics)."""
-    env, policy, has_exact = make_env_and_policy(settings)
+    """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point)."""
+    points = settings.points
+    env, policy, has_exact = make_env_and_policy(settings, dict(points[0].env_settings))
+    for point in points[1:]:  # every env of the sweep is built (and validated) before compiling
+        make_env_and_policy(settings, dict(point.env_settings))
     specs = settings.specs
-    for spec in specs:  # validate every estimator's settings before compiling anything
-        for horizon in settings.horizons:
-            estimators.make_settings(spec.name, **estimator_settings(spec, settings, horizon))
+    for spec in specs:
+        for point in points:
+            estimators.make_settings(spec.name, **estimator_settings(spec, settings, point.horizon))
     key = jax.random.PRNGKey(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
     params = policy.init(key_params)
-    start_states = jax.vmap(env.reset)(jax.random.split(key_states, settings.num_envs))
     reference_kind = settings.reference
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else "reinforce"
 
     results = []
-    for horizon in settings.horizons:
-        key_horizon = jax.random.fold_in(key_run, horizon)
+    for point_index, point in enumerate(points):
+        env, _, _ = make_env_and_policy(settings, dict(point.env_settings))
+        horizon = point.horizon
+        start_states = jax.vmap(env.reset)(jax.random.split(key_states, settings.num_envs))
+        key_point = jax.random.fold_in(key_run, point_index)
+        where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:
-            progress(f"T={horizon}: reference ({reference_kind})")
+            progress(f"{where}: reference ({reference_kind})")
         if reference_kind == "exact":
             reference = np.asarray(ravel_pytree(exact_lqr_gradient(
                 env, params, start_states, horizon, settings.discount))[0], np.float64)
@@ -251,25 +287,25 @@ def run_comparison(settings: CompareSettings,
             estimator = estimators.make(reference_kind, env, policy,
                                         **estimator_settings(spec, settings, horizon))
             ref_samples, _ = sample_gradients(estimator, params, start_states,
-                                              jax.random.fold_in(key_horizon, 999),
+                                              jax.random.fold_in(key_point, 999),
                                               settings.reference_estimates, 0)
             reference, reference_se = reference_from_samples(ref_samples)
         per_estimator = {}
         for index, spec in enumerate(specs):
             if progress:
-                progress(f"T={horizon}: {spec.label}")
+                progress(f"{where}: {spec.label}")
             estimator = estimators.make(spec.name, env, policy,
                                         **estimator_settings(spec, settings, horizon))
-            has_critic = getattr(estimator.settings, "critic", None) is not False and spec.name in (
-                "shac", "critic_backprop") or getattr(estimator.settings, "baseline", "") == "value"
             samples, timing = sample_gradients(
-                estimator, params, start_states, jax.random.fold_in(key_horizon, index),
-                settings.num_estimates, settings.critic_warmup if has_critic else 0)
+                estimator, params, start_states, jax.random.fold_in(key_point, index),
+                settings.num_estimates, settings.critic_warmup if _learns_critic(estimator) else 0)
             stats = gradient_statistics(samples, reference, reference_se)
             stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
             per_estimator[spec.label] = stats | timing
         results.append({
+            "sweep_value": point.value,
             "horizon": horizon,
+            "env_settings": dict(point.env_settings),
             "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
                           "standard_error_norm": float(np.linalg.norm(reference_se))},
             "estimators": per_estimator,
@@ -280,3 +316,10 @@ def run_comparison(settings: CompareSettings,
         "num_parameters": int(ravel_pytree(params)[0].shape[0]),
         "results": results,
     }
+
+
+def _learns_critic(estimator) -> bool:
+    """Whether the estimator carries a learned critic that needs warming up."""
+    settings = estimator.settings
+    return (getattr(settings, "critic", True) and hasattr(settings, "critic_learning_rate")) or (
+        getattr(settings, "baseline", None) == "value")

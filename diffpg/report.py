@@ -37,12 +37,12 @@ def environment_description() -> dict:
 
 
 def rows(results: dict) -> list[dict]:
-    """One row per (horizon, estimator)."""
+    """One row per (sweep point, estimator)."""
     table = []
     for entry in results["results"]:
         for label, stats in entry["estimators"].items():
-            table.append({"horizon": entry["horizon"], "estimator": label}
-                         | {k: stats.get(k) for k in TABLE_COLUMNS[2:]})
+            table.append({"sweep_value": entry["sweep_value"], "horizon": entry["horizon"],
+                          "estimator": label} | {k: stats.get(k) for k in TABLE_COLUMNS[2:]})
     return table
 
 
@@ -53,12 +53,13 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     written = [out_dir / "results.json", out_dir / "table.csv"]
     written[0].write_text(json.dumps(results, indent=2))
     with written[1].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=("sweep_value",) + TABLE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows(results))
     plots = []
     if len(results["results"]) > 1:
-        plots.append(_plot_against_horizon(results, out_dir / "variance_vs_horizon.png"))
+        name = results["settings"]["sweep"]
+        plots.append(_plot_against_sweep(results, out_dir / f"variance_vs_{name}.png"))
     plots.append(_plot_bias_and_cosine(results, out_dir / "bias_and_cosine.png"))
     written += plots
     report = out_dir / "report.md"
@@ -71,8 +72,12 @@ def _labels(results):
     return list(results["results"][0]["estimators"])
 
 
-def _plot_against_horizon(results, path: Path) -> Path:
-    horizons = [entry["horizon"] for entry in results["results"]]
+SWEEP_AXIS = {"horizon": "horizon T (steps)", "stiffness": "wall stiffness (N/m)"}
+
+
+def _plot_against_sweep(results, path: Path) -> Path:
+    horizons = [entry["sweep_value"] for entry in results["results"]]
+    x_label = SWEEP_AXIS[results["settings"]["sweep"]]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for label in _labels(results):
         def series(key, label=label):
@@ -83,18 +88,23 @@ def _plot_against_horizon(results, path: Path) -> Path:
         high = [i[1] for i in series("variance_trace_interval")]
         line, = axes[0].plot(horizons, variance, marker="o", label=label)
         axes[0].fill_between(horizons, low, high, color=line.get_color(), alpha=0.2)
-        axes[1].plot(horizons, series("relative_bias"), marker="o", label=label)
+        bias_line, = axes[1].plot(horizons, series("relative_bias"), label=label)
+        resolved = series("bias_resolved")
+        axes[1].scatter(horizons, series("relative_bias"), color=bias_line.get_color(),
+                        facecolors=[bias_line.get_color() if r else "none" for r in resolved],
+                        zorder=3)
         axes[2].plot(horizons, series("mean_norm"), marker="o", label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
+    axes[0].set(xscale="log", yscale="log", xlabel=x_label,
                 ylabel="trace of covariance of one estimate",
                 title="Variance (90% bootstrap band)")
-    axes[1].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
-                ylabel="|mean - reference| / |reference|", title="Relative bias")
-    axes[2].set(xscale="log", yscale="log", xlabel="horizon T (steps)",
+    axes[1].set(xscale="log", yscale="log", xlabel=x_label,
+                ylabel="|mean - reference| / |reference|",
+                title="Relative bias (hollow: not resolved)")
+    axes[2].set(xscale="log", yscale="log", xlabel=x_label,
                 ylabel="mean |g|", title="Gradient norm")
     for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
-        axis.set_xticks(horizons, [str(h) for h in horizons])
+        axis.set_xticks(horizons, [f"{h:g}" for h in horizons])
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{results['settings']['env']}: {results['settings']['num_estimates']} "
                     f"estimates x {results['settings']['num_envs']} start states each")
@@ -167,7 +177,9 @@ def _markdown(results: dict, plots: list[str]) -> str:
         "reference|, \"not resolved\" when below 2x the sampling noise of that difference; "
         "SNR = |mean| / sqrt(variance); cosines against the reference (see `diffpg.stats`).",
         "",
-        f"## At horizon T = {final['horizon']}",
+        f"## At horizon T = {final['horizon']}" + (
+            f", {settings['sweep']} = {final['sweep_value']:g}"
+            if settings["sweep"] not in ("none", "horizon") else ""),
         "",
         "| estimator | mean norm | variance | relative bias | bias resolved | cosine (mean) | "
         "pairwise cosine | SNR | non-finite | compile s | s / estimate |",
@@ -207,14 +219,18 @@ def _reading(results: dict) -> list[str]:
                          + " (consistent with unbiased at this sample size).")
     if len(results["results"]) > 1:
         first, last = results["results"][0], results["results"][-1]
+        sweep = results["settings"]["sweep"]
         for label in final:
             a = first["estimators"][label].get("variance_trace")
             b = last["estimators"][label].get("variance_trace")
-            if a and b:
+            if not (a and b):
+                continue
+            sentence = (f"{label}: variance x{b / a:.3g} from {sweep} {first['sweep_value']:g} "
+                        f"to {last['sweep_value']:g}")
+            if sweep == "horizon":
                 growth = (b / a) ** (1 / max(last["horizon"] - first["horizon"], 1))
-                sentences.append(
-                    f"{label}: variance x{b / a:.3g} from T={first['horizon']} to "
-                    f"T={last['horizon']} (x{growth:.3g} per step on average).")
+                sentence += f" (x{growth:.3g} per step on average)"
+            sentences.append(sentence + ".")
     nonfinite = [k for k, v in final.items() if v.get("nonfinite_fraction")]
     if nonfinite:
         sentences.append("Non-finite estimates from: " + ", ".join(nonfinite) + ".")

@@ -11,7 +11,13 @@ batch). All arguments are checked before anything is built or compiled.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+
+# XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
+# set TF_CPP_MIN_LOG_LEVEL yourself to see them. Must precede the first jax import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from typing import Any  # noqa: E402
 
 from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES, BraxEnvironment, check_brax_name_and_backend
 from envs.core import Environment, State

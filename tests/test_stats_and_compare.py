@@ -110,6 +110,8 @@ def test_compare_command_writes_a_report(tmp_path, capsys):
         (["--env", "nowhere"], "env='nowhere'"),
         (["--reference", "exact", "--env", "pendulum"], "exact"),
         (["--estimators", "shac:window=3", "--horizon", "8"], "window"),
+        (["--sweep", "stiffness"], "sweep='stiffness' needs env='contact'"),
+        (["--env", "contact", "--sweep", "stiffness", "--stiffnesses", "10,1e9"], "stiffness"),
     ],
 )
 def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):
@@ -129,3 +131,17 @@ def test_compare_refuses_to_overwrite(tmp_path, capsys):
     assert status == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "{}"
+
+
+def test_stiffness_sweep_rebuilds_the_contact_env_at_each_point(tmp_path):
+    out = tmp_path / "stiff"
+    status = cli.main(["compare", "--env", "contact", "--env-options", "start=0.8",
+                       "--sweep", "stiffness", "--stiffnesses", "10,1000", "--horizon", "4",
+                       "--estimators", "bptt", "--num-estimates", "4", "--num-envs", "2",
+                       "--reference-estimates", "8", "--out", str(out)])
+    assert status == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["env_settings"] for r in results["results"]] == [{"stiffness": 10},
+                                                                {"stiffness": 1000}]
+    assert results["reference_kind"] == "reinforce"
+    assert (out / "variance_vs_stiffness.png").stat().st_size > 0
