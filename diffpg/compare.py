@@ -220,11 +220,13 @@ def exact_lqr_gradient(env, params, start_states, horizon, discount):
     return jax.grad(objective)(params)
 
 
-def sample_gradients(estimator, params, start_states, key, num_estimates, warmup):
+def sample_gradients(estimator, params, start_states, key, num_estimates, warmup,
+                     chunk_size: int | None = None):
     """Warm the critics up on the fixed policy, then ``num_estimates`` independent estimates.
 
-    Returns flat samples ``[K, P]`` and timings: compile seconds of the vmapped estimate and
-    seconds per estimate (vmapped wall time / K).
+    Estimates run vmapped, ``chunk_size`` at a time (all at once by default; a chunk bounds the
+    memory, which for per-sample estimators such as the optimal baseline grows with K). Returns flat
+    samples ``[K, P]`` and timings: compile seconds and seconds per estimate (wall time / K).
     """
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
@@ -235,10 +237,13 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
         state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
             state, key_warm)
 
+    def flat_estimate(state, estimate_key):
+        grad = estimator.estimate(params, state, start_states, estimate_key).grad
+        return ravel_pytree(grad)[0]
+
     def flat_estimates(state, keys):
-        grads = jax.vmap(estimator.estimate, (None, None, None, 0))(params, state, start_states,
-                                                                      keys).grad
-        return jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
+        return jax.lax.map(lambda k: flat_estimate(state, k), keys,
+                           batch_size=chunk_size or num_estimates)
 
     keys = jax.random.split(key_samples, num_estimates)
     started = time.perf_counter()

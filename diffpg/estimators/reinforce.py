@@ -10,14 +10,19 @@ For the objective ``J = E[sum_t w_t r_t]`` (``w`` from ``returns.segment_discoun
 * ``b_t``: a baseline that must not depend on ``u_t`` (seeds/001, appendix B):
   ``none``; ``batch_mean`` (mean of ``psi_t`` over the batch: it contains the sample's own return,
   so the estimate is scaled by exactly ``1 - 1/n``, a bias kept for study); ``leave_one_out``
-  (mean over the *other* rollouts of the pool: unbiased, RLOO); ``value`` (``w_t V(s_t)`` from a
-  learned critic fitted after the gradient is taken: unbiased); ``optimal`` (per parameter
-  coordinate ``p``, ``b*_t[p] = E[g_t[p]^2 psi_t] / E[g_t[p]^2]`` with ``g = grad log pi``,
-  seeds/001 appendix C, estimated leave-one-out so it stays unbiased; costs per-sample scores,
-  memory ``O(T * n * num_params)``);
+  (mean over the *other* rollouts of the pool: unbiased, RLOO); ``value`` (``w_t V(s_t, steps
+  left)`` from a learned critic fitted after the gradient is taken: unbiased); ``optimal`` (per
+  parameter coordinate ``p``, ``b*_t[p] = E[g_t[p]^2 psi_t] / E[g_t[p]^2]`` with
+  ``g = grad log pi``, seeds/001 appendix C, estimated leave-one-out so it stays unbiased; costs
+  per-sample scores, memory ``O(T * n * num_params)``; it is optimal only under that appendix's
+  simplification, one step at a time ignoring correlations between steps, and can lose to
+  ``leave_one_out``);
 * ``rho_{0:t} = prod_{t' <= t} pi_theta(u_t') / pi_behaviour(u_t')``: per-decision importance
   weights for data collected by an older policy (seeds/002), with
-  ``psi_t = sum_{t' >= t} rho_{0:t'} w_t' r_t'``; all ``rho = 1`` for fresh data.
+  ``psi_t = sum_{t' >= t} rho_{0:t'} w_t' r_t'``; all ``rho = 1`` for fresh data. They correct the
+  estimate at parameters chosen independently of the batch; parameters reached by optimising on
+  that same batch keep a bias, and the weights' variance grows fast as the policy moves away
+  (``experiments/s5_stale_batch.py`` measures both).
 
 The pool of a leave-one-out baseline is the group of ``rollouts_per_state`` rollouts that start from
 the same state (RLOO/GRPO groups) when that is above 1, else the whole batch.
@@ -214,8 +219,10 @@ def make_reinforce(
     ``value_function`` replaces the learned MLP value baseline (e.g. an exact one in tests).
     """
     if value_function is None:
+        # The baseline's target is the return to the end of the horizon (no bootstrap), which
+        # depends on the steps left: the critic sees them.
         value_function = make_mlp_value_function(
-            policy.observation_size, settings.value_hidden_sizes
+            policy.observation_size, settings.value_hidden_sizes, time_scale=settings.horizon
         )
     optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
     uses_value = settings.baseline == "value"
