@@ -45,6 +45,5 @@ def normalize(stats: RunningStatistics, obs: jax.Array, clip: float = 10.0) -> j
     """
     stats = jax.lax.stop_gradient(stats)
     std = jnp.sqrt(stats.sum_sq_dev / jnp.maximum(stats.count, 1.0) + 1e-6)
-    seen = stats.count > 0
-    normalized = jnp.where(seen, (obs - stats.mean) / std, obs)
-    return jnp.clip(normalized, -clip, clip)
+    normalized = jnp.clip((obs - stats.mean) / std, -clip, clip)
+    return jnp.where(stats.count > 0, normalized, obs)

@@ -94,6 +94,8 @@ def test_running_statistics_match_numpy_and_start_as_identity():
     data = np.random.default_rng(0).normal(3.0, 2.0, size=(3, 50, 4)).astype(np.float32)
     stats = init_statistics(4)
     np.testing.assert_array_equal(normalize(stats, data[0, 0]), data[0, 0])
+    large = np.array([50.0, -300.0, 0.5, 12.0], np.float32)  # never clipped before any data
+    np.testing.assert_array_equal(normalize(stats, large), large)
     for chunk in data:
         stats = update_statistics(stats, chunk)
     flat = data.reshape(-1, 4)
