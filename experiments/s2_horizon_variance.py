@@ -24,7 +24,7 @@ against ``log T`` (power-law model), each with its R^2. A diagnostic of the dyna
 the median over starts of ``log ||d x_t / d x_0||`` (closed loop, policy noise fixed), the
 finite-time growth of perturbations that BPTT multiplies through.
 
-Run: ``PYTHONPATH=. python experiments/s2_horizon_variance.py [--out DIR] [--overwrite]``.
+Run: ``python experiments/s2_horizon_variance.py [--out DIR] [--overwrite]``.
 """
 
 from __future__ import annotations

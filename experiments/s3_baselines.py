@@ -14,16 +14,14 @@ Design (one policy, fixed start states, only the action noise random):
 * For each baseline, ``K`` independent estimates of ``B`` rollouts (``common.sample_gradients``; the
   learned value baselines are first fitted for ``--value-warmup`` estimates on the fixed policy and
   then held at that fit while sampling), then ``diffpg.stats.gradient_statistics``.
-* Two learned value baselines: ``value``, the library's (an MLP ``V(obs)`` that ignores the steps
-  left in the finite horizon), and ``value_t``, the same MLP given ``steps_left / T`` as an input
-  (built here through ``make_reinforce(..., value_function=...)``), because the fitted target, the
-  return to the end of the window, depends on time.
+* The learned value baseline ``value`` is the library's MLP ``V(obs, steps_left / T)``: its
+  target, the return to the end of the window, depends on the time left.
 * ``scale = <mean, ref> / |ref|^2`` (with its standard error) tests the ``1 - 1/n`` factor directly;
   a sweep over ``n`` on the LQR checks it for batch_mean and leave_one_out.
 
 Usage::
 
-    PYTHONPATH=. python experiments/s3_baselines.py [--out runs/s3_baselines] [--quick]
+    python experiments/s3_baselines.py [--out runs/s3_baselines] [--quick]
 """
 
 from __future__ import annotations
@@ -39,8 +37,6 @@ from jax.flatten_util import ravel_pytree
 import envs
 from diffpg import estimators
 from diffpg.compare import exact_lqr_gradient
-from diffpg.critics import make_mlp_value_function
-from diffpg.estimators.reinforce import ReinforceSettings, make_reinforce
 from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
@@ -48,19 +44,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAME = "s3_baselines"
-BASELINE_ROWS = ("none", "batch_mean", "leave_one_out", "value", "value_t", "optimal")
+BASELINE_ROWS = ("none", "batch_mean", "leave_one_out", "value", "optimal")
 COLUMNS = ["env", "baseline", "variance_trace", "var_vs_none", "var_ci_low", "var_ci_high",
            "snr", "relative_bias", "bias_noise_rel", "bias_resolved", "scale", "scale_se",
            "expected_scale", "cosine_to_reference"]
 
 
 def build_estimator(env, policy, baseline: str, horizon: int, discount: float):
-    """REINFORCE with ``baseline``; ``value_t`` is the value baseline with a time input."""
-    if baseline == "value_t":
-        settings = ReinforceSettings(horizon=horizon, discount=discount, baseline="value")
-        value_function = make_mlp_value_function(policy.observation_size,
-                                                 settings.value_hidden_sizes, time_scale=horizon)
-        return make_reinforce(env, policy, settings, value_function)
+    """REINFORCE with reward-to-go and ``baseline``."""
     return estimators.make("reinforce", env, policy, horizon=horizon, discount=discount,
                            baseline=baseline)
 
@@ -70,38 +61,6 @@ def scale_factor(samples: np.ndarray, reference: np.ndarray) -> tuple[float, flo
     samples = np.asarray(samples, np.float64)
     projections = samples @ reference / float(reference @ reference)
     return float(projections.mean()), float(projections.std(ddof=1) / np.sqrt(len(projections)))
-
-
-def sample_gradients_chunked(estimator, params, start_states, key, num_estimates, warmup, chunk):
-    """``common.sample_gradients`` (same keys, same critic warm-up) with the ``K`` estimates
-    evaluated ``chunk`` at a time (``jax.lax.map``) instead of in one ``vmap``: the per-sample scores
-    of the optimal baseline and the vmapped value fits need ``O(K)`` memory otherwise."""
-    if num_estimates <= chunk:
-        return sample_gradients(estimator, params, start_states, key, num_estimates, warmup)
-    key_init, key_warm, key_samples = jax.random.split(key, 3)
-    state = estimator.init(key_init, params)
-    if warmup:
-        def warm_step(state, step_key):
-            return estimator.estimate(params, state, start_states, step_key).state, None
-
-        state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
-            state, key_warm)
-
-    def flat_estimates(state, keys):
-        def one(k):
-            return ravel_pytree(estimator.estimate(params, state, start_states, k).grad)[0]
-
-        return jax.lax.map(one, keys, batch_size=chunk)
-
-    keys = jax.random.split(key_samples, num_estimates)
-    started = time.perf_counter()
-    compiled = jax.jit(flat_estimates).lower(state, keys).compile()
-    compile_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    samples = np.asarray(jax.block_until_ready(compiled(state, keys)))
-    run_seconds = time.perf_counter() - started
-    return samples, {"compile_seconds": compile_seconds,
-                     "seconds_per_estimate": run_seconds / num_estimates}
 
 
 def chunk_size(baseline: str, horizon: int, num_states: int, num_params: int) -> int:
@@ -171,7 +130,7 @@ def run_env(env_name: str, args, key) -> tuple[list[dict], dict]:
         warmup = args.value_warmup if baseline.startswith("value") else 0
         key_b = jax.random.fold_in(key_run, index)
         chunk = chunk_size(baseline, horizon, num_states, reference.size)
-        samples, timing = sample_gradients_chunked(estimator, params, start_states, key_b,
+        samples, timing = sample_gradients(estimator, params, start_states, key_b,
                                                    num_estimates, warmup, chunk)
         stats = gradient_statistics(samples, reference, reference_se)
         low, high = bootstrap_interval(samples, variance_trace)
@@ -229,8 +188,7 @@ def ordering_checks(rows: list[dict]) -> list[dict]:
     """Pairwise variance comparisons of the claimed ordering, with 90% bootstrap intervals."""
     by_name = {row["baseline"]: row for row in rows}
     claims = [("none", ">", "batch_mean"), ("batch_mean", ">", "value"),
-              ("batch_mean", ">", "value_t"), ("value", ">=", "optimal"),
-              ("value_t", ">=", "optimal"), ("none", ">", "leave_one_out")]
+              ("value", ">=", "optimal"), ("none", ">", "leave_one_out")]
     checks = []
     for left, relation, right in claims:
         a, b = by_name[left], by_name[right]
@@ -356,8 +314,8 @@ Setups (fixed policy and start states; only the action noise is random between e
 {meta_table}
 
 Every estimate is REINFORCE with reward-to-go over n = {args.num_states} rollouts. `value` is the
-library's learned value baseline (MLP of the observation only); `value_t` the same MLP with the
-steps left as an extra input; both fitted for {args.value_warmup} estimates on the fixed policy
+library's learned value baseline (MLP of the observation and the steps left), fitted for
+{args.value_warmup} estimates on the fixed policy
 first and frozen while sampling. `optimal` is the library's per-coordinate, per-time-step constant
 baseline (leave-one-out estimate). Columns: `variance_trace` (trace of the covariance of one
 estimate) with a 90% bootstrap interval, `var_vs_none` (ratio to no baseline), `snr`

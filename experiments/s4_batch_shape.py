@@ -31,7 +31,7 @@ leave-one-out baseline: "reinforce all the actions that led to the win", the cas
 describes), and BPTT (pathwise). Statistics: ``diffpg.stats.gradient_statistics`` of ``--num-estimates``
 independent estimates against the exact gradient.
 
-Run: ``PYTHONPATH=. python experiments/s4_batch_shape.py [--out DIR] [--overwrite]``.
+Run: ``python experiments/s4_batch_shape.py [--out DIR] [--overwrite]``.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ Design (LQR, linear-Gaussian policy, fixed start states, exact gradient as the r
 
 Usage::
 
-    PYTHONPATH=. python experiments/s5_stale_batch.py [--out runs/s5_stale_batch] [--quick]
+    python experiments/s5_stale_batch.py [--out runs/s5_stale_batch] [--quick]
 """
 
 from __future__ import annotations
