@@ -31,7 +31,7 @@ from diffpg.stats import (
     variance_trace,
 )
 
-SWEEPS = ("none", "horizon", "stiffness")
+SWEEPS = ("none", "horizon", "stiffness", "batch")
 REFERENCES = ("auto", "exact", "reinforce", "bptt")
 
 
@@ -81,6 +81,7 @@ class SweepPoint(NamedTuple):
     value: float
     horizon: int
     env_settings: tuple[tuple[str, Any], ...]
+    num_envs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,9 @@ class CompareSettings:
     over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's empirical bias)."""
     stiffnesses: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
     """Wall stiffnesses of the stiffness sweep (env contact)."""
+    batch_budget: int | None = None
+    """Env steps per estimate of the batch sweep (n trajectories x k steps at fixed n k);
+    None: num_envs * horizon. Points: n = 2, 4, 8, ... with k = budget / n <= episode length."""
     reference: str = "auto"
     """auto (exact on the LQR, else reinforce), exact, reinforce or bptt."""
     reference_estimates: int = 1024
@@ -162,8 +166,17 @@ class CompareSettings:
     def points(self) -> tuple[SweepPoint, ...]:
         """The sweep's points: the value swept, the horizon and environment settings at each."""
         if self.sweep == "stiffness":
-            return tuple(SweepPoint(s, self.horizon, (("stiffness", s),)) for s in self.stiffnesses)
-        return tuple(SweepPoint(h, h, ()) for h in self.horizons)
+            return tuple(SweepPoint(s, self.horizon, (("stiffness", s),), self.num_envs)
+                         for s in self.stiffnesses)
+        if self.sweep == "batch":
+            budget = self.batch_budget or self.num_envs * self.horizon
+            points, n = [], 2  # leave-one-out baselines need two trajectories
+            while n <= budget:
+                if budget % n == 0:
+                    points.append(SweepPoint(n, budget // n, (), n))
+                n *= 2
+            return tuple(points)
+        return tuple(SweepPoint(h, h, (), self.num_envs) for h in self.horizons)
 
     @property
     def specs(self) -> tuple[EstimatorSpec, ...]:
@@ -176,10 +189,14 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
     options = dict(EstimatorSpec.parse_options(settings.env_options)) | (env_settings or {})
     env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend,
                     **options)
-    if settings.horizon > env.episode_length:
+    longest = max(point.horizon for point in settings.points)
+    if longest > env.episode_length:
+        what = (f"the batch sweep's longest trajectory ({longest} steps = batch_budget with n = 1)"
+                if settings.sweep == "batch" else f"horizon={longest}")
         raise ValueError(
-            f"horizon={settings.horizon} is longer than the episode "
-            f"(episode_length={env.episode_length}); allowed: 1..{env.episode_length}"
+            f"{what} is longer than the episode (episode_length={env.episode_length}); "
+            f"allowed: 1..{env.episode_length}"
+            + ("; lower batch_budget or raise episode_length" if settings.sweep == "batch" else "")
         )
     if settings.env == "lqr":
         policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
@@ -278,7 +295,7 @@ def run_comparison(settings: CompareSettings,
     for point_index, point in enumerate(points):
         env, _, _ = make_env_and_policy(settings, dict(point.env_settings))
         horizon = point.horizon
-        start_states = jax.vmap(env.reset)(jax.random.split(key_states, settings.num_envs))
+        start_states = jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs))
         key_point = jax.random.fold_in(key_run, point_index)
         where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:
@@ -306,11 +323,15 @@ def run_comparison(settings: CompareSettings,
                 settings.num_estimates, settings.critic_warmup if _learns_critic(estimator) else 0)
             stats = gradient_statistics(samples, reference, reference_se)
             stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
+            # Variance relative to the squared gradient: comparable across objectives (batch sweep).
+            stats["relative_variance"] = (stats.get("variance_trace") or float("nan")) / max(
+                float(reference @ reference), 1e-300)
             per_estimator[spec.label] = stats | timing
         results.append({
             "sweep_value": point.value,
             "horizon": horizon,
             "env_settings": dict(point.env_settings),
+            "num_envs": point.num_envs,
             "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
                           "standard_error_norm": float(np.linalg.norm(reference_se))},
             "estimators": per_estimator,

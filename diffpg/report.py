@@ -9,13 +9,14 @@ from pathlib import Path
 
 import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TABLE_COLUMNS = (
     "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
-    "bias", "bias_noise", "bias_resolved", "relative_bias", "cosine_to_reference",
+    "relative_variance", "bias", "bias_noise", "bias_resolved", "relative_bias", "cosine_to_reference",
     "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
     "compile_seconds", "seconds_per_estimate",
 )
@@ -72,7 +73,8 @@ def _labels(results):
     return list(results["results"][0]["estimators"])
 
 
-SWEEP_AXIS = {"horizon": "horizon T (steps)", "stiffness": "wall stiffness (N/m)"}
+SWEEP_AXIS = {"horizon": "horizon T (steps)", "stiffness": "wall stiffness (N/m)",
+              "batch": "trajectories n per estimate (k = budget / n steps each)"}
 
 
 def _plot_against_sweep(results, path: Path) -> Path:
@@ -86,6 +88,13 @@ def _plot_against_sweep(results, path: Path) -> Path:
         variance = series("variance_trace")
         low = [i[0] for i in series("variance_trace_interval")]
         high = [i[1] for i in series("variance_trace_interval")]
+        if results["settings"]["sweep"] == "batch":  # objectives differ with k: normalise
+            scale = [v["relative_variance"] / v["variance_trace"] if v.get("variance_trace")
+                     else float("nan") for v in
+                     (entry["estimators"][label] for entry in results["results"])]
+            variance = [a * b for a, b in zip(variance, scale, strict=True)]
+            low = [a * b for a, b in zip(low, scale, strict=True)]
+            high = [a * b for a, b in zip(high, scale, strict=True)]
         line, = axes[0].plot(horizons, variance, marker="o", label=label)
         axes[0].fill_between(horizons, low, high, color=line.get_color(), alpha=0.2)
         bias_line, = axes[1].plot(horizons, series("relative_bias"), label=label)
@@ -94,8 +103,10 @@ def _plot_against_sweep(results, path: Path) -> Path:
                         facecolors=[bias_line.get_color() if r else "none" for r in resolved],
                         zorder=3)
         axes[2].plot(horizons, series("mean_norm"), marker="o", label=label)
+    batch = results["settings"]["sweep"] == "batch"
     axes[0].set(xscale="log", yscale="log", xlabel=x_label,
-                ylabel="trace of covariance of one estimate",
+                ylabel=("variance / |reference|^2" if batch
+                        else "trace of covariance of one estimate"),
                 title="Variance (90% bootstrap band)")
     axes[1].set(xscale="log", yscale="log", xlabel=x_label,
                 ylabel="|mean - reference| / |reference|",
@@ -224,6 +235,16 @@ def _reading(results: dict) -> list[str]:
             a = first["estimators"][label].get("variance_trace")
             b = last["estimators"][label].get("variance_trace")
             if not (a and b):
+                continue
+            if sweep == "batch":
+                a = first["estimators"][label].get("relative_variance")
+                b = last["estimators"][label].get("relative_variance")
+                slope = np.log(b / a) / np.log(last["sweep_value"] / first["sweep_value"])
+                sentences.append(
+                    f"{label}: variance / |reference|^2 x{b / a:.3g} from n = "
+                    f"{first['sweep_value']:g} to {last['sweep_value']:g} at a fixed budget "
+                    f"(log-log slope {slope:.2f}: -1 if only trajectories count, 0 if every "
+                    "step does).")
                 continue
             sentence = (f"{label}: variance x{b / a:.3g} from {sweep} {first['sweep_value']:g} "
                         f"to {last['sweep_value']:g}")

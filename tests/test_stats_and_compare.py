@@ -145,3 +145,17 @@ def test_stiffness_sweep_rebuilds_the_contact_env_at_each_point(tmp_path):
                                                                 {"stiffness": 1000}]
     assert results["reference_kind"] == "reinforce"
     assert (out / "variance_vs_stiffness.png").stat().st_size > 0
+
+
+def test_batch_sweep_keeps_the_budget_of_env_steps_fixed():
+    settings = CompareSettings(sweep="batch", num_envs=4, horizon=8, episode_length=16)
+    points = settings.points
+    assert [(p.num_envs, p.horizon) for p in points] == [(2, 16), (4, 8), (8, 4), (16, 2), (32, 1)]
+    assert all(p.num_envs * p.horizon == 32 for p in points)
+
+
+def test_batch_sweep_longer_than_the_episode_is_refused(tmp_path, capsys):
+    status = cli.main(["compare", "--sweep", "batch", "--batch-budget", "512",
+                       "--out", str(tmp_path / "x")])
+    assert status == 2
+    assert "batch_budget" in capsys.readouterr().err
