@@ -15,7 +15,7 @@ and the gradient norms of both at ``a = 0``. Jaggedness is measured by the rough
 ``mean |second difference| / (max - min)`` of each curve on the same grid (0 for a straight line,
 large for a curve that is not smooth at the grid's scale).
 
-    python experiments/s7_loss_smoothing.py                   # hopper, CPU, ~10 minutes
+    python experiments/s7_loss_smoothing.py                   # hopper, CPU, ~4 minutes
     python experiments/s7_loss_smoothing.py --env ant --num-envs 64   # on a GPU
 """
 
