@@ -6,9 +6,13 @@ Definitions (every report states them): for ``K`` finite estimates ``g_k`` of di
 * ``variance_trace = sum_p Var_p`` (trace of the covariance of one estimate);
   ``variance_max = max_p Var_p``;
 * ``mean_norm = (1/K) sum_k |g_k|``; ``norm_of_mean = |mean|``;
-* ``bias = |mean - reference|`` with ``bias_noise = sqrt(sum_p Var_p / K + se_ref_p^2)``, the norm
-  that pure sampling noise (of the mean and of the reference) would give. A bias below
-  ``2 * bias_noise`` is "not resolved": the data cannot tell it from zero;
+* ``bias = |mean - reference|`` with ``bias_noise = sqrt(sum_p Var_p / K + se_ref_p^2)``, the
+  root-mean-square norm that pure sampling noise (of the mean and of the reference) would give.
+  The bias is "resolved" when some coordinate's ``t_p = (mean_p - ref_p) / sqrt(Var_p / K +
+  se_ref_p^2)`` exceeds the two-sided Student-t quantile (``K - 1`` degrees of freedom) at a
+  family-wise level of ``RESOLUTION_LEVEL`` over the ``P`` coordinates (Bonferroni: it stays valid
+  however the coordinates are correlated); otherwise it is "not resolved": the data cannot tell it
+  from zero, and it is never reported as zero;
 * ``cosine_to_reference = cos(mean, reference)``; ``mean_cosine_to_reference``: the mean over
   estimates of ``cos(g_k, reference)``; ``mean_pairwise_cosine``: mean of ``cos(g_j, g_k)`` over
   pairs ``j != k`` (how consistently single estimates point the same way);
@@ -20,8 +24,10 @@ Definitions (every report states them): for ``K`` finite estimates ``g_k`` of di
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats as scipy_stats
 
-RESOLUTION_SIGMAS = 2.0
+RESOLUTION_LEVEL = 0.001
+"""Family-wise false-positive rate of "bias resolved" for an unbiased estimator."""
 
 
 def gradient_statistics(
@@ -61,17 +67,27 @@ def gradient_statistics(
         ref_se = (np.zeros_like(reference) if reference_standard_error is None
                   else np.asarray(reference_standard_error, np.float64))
         bias = float(np.linalg.norm(mean - reference))
-        noise = float(np.sqrt(np.sum(variance / num + ref_se**2)))
+        coordinate_noise = np.sqrt(variance / num + ref_se**2)
+        noise = float(np.linalg.norm(coordinate_noise))
         ref_norm = float(np.linalg.norm(reference))
+        t_scores = np.abs(mean - reference) / np.maximum(coordinate_noise, 1e-300)
+        threshold = resolution_threshold(num, mean.shape[0])
         result |= {
             "bias": bias,
             "bias_noise": noise,
-            "bias_resolved": bool(bias > RESOLUTION_SIGMAS * noise),
+            "bias_max_t": float(np.max(t_scores)),
+            "bias_resolved": bool(np.max(t_scores) > threshold),
             "relative_bias": bias / max(ref_norm, 1e-30),
             "cosine_to_reference": _cosine(mean, reference),
             "mean_cosine_to_reference": float(np.mean(unit @ reference) / max(ref_norm, 1e-30)),
         }
     return result
+
+
+def resolution_threshold(num_estimates: int, num_coordinates: int,
+                         level: float = RESOLUTION_LEVEL) -> float:
+    """The |t| above which one of ``num_coordinates`` coordinates shows a bias (Bonferroni)."""
+    return float(scipy_stats.t.ppf(1.0 - level / (2.0 * num_coordinates), num_estimates - 1))
 
 
 def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

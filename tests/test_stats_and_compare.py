@@ -159,3 +159,18 @@ def test_batch_sweep_longer_than_the_episode_is_refused(tmp_path, capsys):
                        "--out", str(tmp_path / "x")])
     assert status == 2
     assert "batch_budget" in capsys.readouterr().err
+
+
+def test_bias_resolution_keeps_its_false_positive_rate_when_one_coordinate_dominates():
+    """Unbiased estimates whose noise sits mostly in one coordinate: the norm-based rule
+    "bias > 2 x RMS noise" fires ~5% of the time there; the Bonferroni t rule at level 0.001
+    must not (expected 0.2 false positives in 200 trials; 3 or more has probability ~1e-3)."""
+    rng = np.random.default_rng(1)
+    scales = np.array([10.0, 0.1, 0.1, 0.1])
+    false_positives = sum(
+        gradient_statistics(rng.normal(size=(64, 4)) * scales, reference=np.zeros(4))[
+            "bias_resolved"] for _ in range(200))
+    assert false_positives <= 2
+    # ... and still detects a bias of 8 standard errors in the quiet coordinates.
+    shifted = rng.normal(size=(64, 4)) * scales + np.array([0, 0.1, 0, 0])  # 0.1 = 8 SE
+    assert gradient_statistics(shifted, reference=np.zeros(4))["bias_resolved"]
