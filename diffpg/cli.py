@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 from diffpg.compare import CompareSettings
+from diffpg.train import TrainSettings
 
 
 def field_docs(settings_class: type) -> dict[str, str]:
@@ -103,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output folder (default: runs/compare-ENV-TIMESTAMP)")
     compare.add_argument("--overwrite", action="store_true",
                          help="write into --out even if it exists")
+
+    train = commands.add_parser(
+        "train", help="train a policy with any estimator (one loop for all)",
+        description="Train a policy; writes settings.json, metrics.csv and checkpoints into --out.",
+    )
+    add_settings_arguments(train, TrainSettings)
+    train.add_argument("--out", type=Path, default=None,
+                       help="run folder (default: runs/train-ENV-ESTIMATOR-TIMESTAMP)")
+    train.add_argument("--overwrite", action="store_true", help="write into an existing --out")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue RUN_DIR from its latest checkpoint, with its settings")
+
+    evaluate = commands.add_parser("eval", help="evaluate the latest checkpoint of a training run")
+    evaluate.add_argument("run_dir", type=Path)
     return parser
 
 
@@ -138,12 +153,43 @@ def run_compare(arguments: argparse.Namespace) -> Path:
     return out
 
 
+def run_train(arguments: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
+    from diffpg.train import load_settings, train
+
+    if arguments.resume is not None:
+        settings, out, resume = load_settings(arguments.resume), arguments.resume, True
+    else:
+        settings = settings_from_arguments(arguments, TrainSettings)
+        out = _prepare_output(arguments.out, arguments.overwrite,
+                              f"train-{settings.env}-{settings.estimator}")
+        resume = False
+    with tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr) as bar:
+        def on_log(row: dict) -> None:
+            bar.n = row["update"]
+            bar.set_postfix(reward=f"{row['eval/episode_reward']:.4g}",
+                            sps=f"{row['training/sps']:.3g}")
+            bar.refresh()
+
+        state = train(settings, out, resume=resume, on_log=on_log)
+    print(f"{int(state.update)} updates, {int(state.env_steps)} env steps; run folder: {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "compare":
             run_compare(arguments)
+        elif arguments.command == "train":
+            run_train(arguments)
+        elif arguments.command == "eval":
+            from diffpg.train import evaluate_run
+
+            for name, value in evaluate_run(arguments.run_dir).items():
+                print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
     except ValueError as error:
         print(f"diffpg {arguments.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,330 @@
+"""One training loop for every estimator: ``theta <- theta + Adam(clip(grad J / horizon))``.
+
+Each update asks the estimator for ``grad J`` on the batch of environments it carries (SHAC: one
+window of ``horizon`` steps continuing from where the last one stopped, bootstrapped by its critic)
+and applies SHAC's optimiser (REFERENCES: Adam with betas (0.7, 0.95), learning rate decaying
+linearly to ``final_learning_rate``, global-norm clip 1.0 on the gradient of the per-step objective
+``J / horizon``, the scale of SHAC's actor loss). A non-finite gradient never reaches the
+parameters: the update is skipped and counted (``training/nonfinite_updates``).
+
+``updates_per_call`` updates run as one compiled ``lax.scan``; Python only runs between those
+calls (evaluation, logging). Everything is explicit state (``TrainState``) and keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from jax.flatten_util import ravel_pytree
+
+import envs
+from diffpg import estimators
+from diffpg.estimators.base import EstimatorState, check_positive, check_positive_int
+from diffpg.normalization import normalize
+from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
+from envs.core import State
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    env: str = "cartpole_swingup"
+    """Environment name (envs.names())."""
+    estimator: str = "shac"
+    """Estimator name (diffpg.estimators.names())."""
+    estimator_options: tuple[str, ...] = ()
+    """Estimator settings as key=value (e.g. baseline=value for reinforce)."""
+    backend: str | None = None
+    """Brax physics backend; None: the env's measured default."""
+    episode_length: int | None = None
+    """Time limit; None: the env's default."""
+    num_envs: int = 64
+    """Environments simulated in parallel."""
+    horizon: int = 32
+    """Steps per update (SHAC's window)."""
+    updates: int = 500
+    """Policy updates in the whole run."""
+    updates_per_call: int = 25
+    """Updates compiled into one scanned call; evaluation and logging happen between calls."""
+    learning_rate: float = 2e-3
+    final_learning_rate: float = 1e-5
+    """Linear decay target of the actor's learning rate."""
+    betas: tuple[float, float] = (0.7, 0.95)
+    grad_clip: float = 1.0
+    """Global-norm clip on the gradient of J / horizon."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layers of the policy MLP (ELU + LayerNorm)."""
+    discount: float = 0.99
+    eval_envs: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.env not in envs.names():
+            raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
+        if self.estimator not in estimators.names():
+            raise ValueError(f"estimator={self.estimator!r} is not known; allowed values: "
+                             f"{estimators.names()}")
+        for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "grad_clip"):
+            check_positive(name, getattr(self, name))
+        if self.final_learning_rate < 0 or self.final_learning_rate > self.learning_rate:
+            raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
+                             f"[0, learning_rate={self.learning_rate}]")
+
+    @property
+    def estimator_settings(self) -> dict[str, Any]:
+        from diffpg.compare import EstimatorSpec
+
+        values = {"horizon": self.horizon, "discount": self.discount}
+        if self.estimator in ("shac", "bptt", "reinforce", "critic_backprop", "alpha_order"):
+            values["normalize_observations"] = True
+        return values | dict(EstimatorSpec.parse_options(self.estimator_options))
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue."""
+
+    params: Params
+    opt_state: optax.OptState
+    estimator_state: EstimatorState
+    env_state: State
+    key: jax.Array
+    update: jax.Array  # [] updates done
+    env_steps: jax.Array  # [] environment steps simulated
+    nonfinite_updates: jax.Array  # [] updates skipped for a non-finite gradient
+
+
+class Trainer(NamedTuple):
+    """The pieces of a run, built once from the settings."""
+
+    settings: TrainSettings
+    env: Any
+    policy: Policy
+    estimator: estimators.Estimator
+    optimizer: optax.GradientTransformation
+    init: Callable[[jax.Array], TrainState]
+    run_updates: Callable[[TrainState], tuple[TrainState, dict]]
+    evaluate: Callable[[TrainState, jax.Array], dict]
+
+
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    """SHAC's actor optimiser; ``apply_if_finite`` skips an update whose gradient is not finite."""
+    schedule = optax.linear_schedule(settings.learning_rate, settings.final_learning_rate,
+                                     settings.updates)
+    return optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(settings.grad_clip),
+                    optax.adam(schedule, b1=settings.betas[0], b2=settings.betas[1])),
+        max_consecutive_errors=settings.updates,
+    )
+
+
+def make_trainer(settings: TrainSettings) -> Trainer:
+    """Build env, policy, estimator and the compiled update and evaluation functions."""
+    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend)
+    eval_env = env
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                      hidden_sizes=settings.hidden_sizes)
+    estimator = estimators.make(settings.estimator, env, policy, **settings.estimator_settings)
+    optimizer = make_optimizer(settings)
+
+    def init(key: jax.Array) -> TrainState:
+        key_policy, key_estimator, key_env, key_run = jax.random.split(key, 4)
+        params = policy.init(key_policy)
+        env_state = jax.vmap(env.reset)(jax.random.split(key_env, settings.num_envs))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(params, optimizer.init(params),
+                          estimator.init(key_estimator, params), env_state, key_run, zero,
+                          zero, zero)
+
+    def one_update(state: TrainState, _) -> tuple[TrainState, dict]:
+        key, key_estimate = jax.random.split(state.key)
+        estimate = estimator.estimate(state.params, state.estimator_state, state.env_state,
+                                      key_estimate)
+        # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
+        loss_grad = jax.tree.map(lambda g: -g / settings.horizon, estimate.grad)
+        grad_norm = jnp.linalg.norm(ravel_pytree(loss_grad)[0])
+        finite = jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(loss_grad, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(
+            params, opt_state, estimate.state, estimate.env_state, key, state.update + 1,
+            state.env_steps + settings.num_envs * settings.horizon,
+            state.nonfinite_updates + (~finite).astype(jnp.int32),
+        )
+        metrics = {"training/grad_norm": grad_norm,
+                   "training/objective_per_step": estimate.metrics["objective"] / settings.horizon}
+        metrics |= {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
+        return new_state, metrics
+
+    @jax.jit
+    def run_updates(state: TrainState) -> tuple[TrainState, dict]:
+        state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["training/nonfinite_updates"] = state.nonfinite_updates
+        return state, metrics
+
+    @jax.jit
+    def evaluate(state: TrainState, key: jax.Array) -> dict:
+        """Undiscounted return of one episode per eval env, deterministic and stochastic."""
+        starts = jax.vmap(eval_env.reset)(jax.random.split(key, settings.eval_envs))
+        stats = state.estimator_state.obs_stats
+
+        def episode_return(deterministic: bool, noise_key):
+            def step(carry, step_key):
+                env_state, total, alive = carry
+                obs = normalize(stats, env_state.obs)
+                if deterministic:
+                    action = policy.mode(state.params, obs)
+                else:
+                    action = policy.to_action(policy.sample(state.params, obs, step_key))
+                next_state = jax.vmap(eval_env.step)(env_state, action)
+                total = total + alive * next_state.reward
+                alive = alive * (1.0 - next_state.done)
+                return (next_state, total, alive), None
+
+            zeros = jnp.zeros(settings.eval_envs)
+            keys = jax.random.split(noise_key, eval_env.episode_length)
+            (_, total, _), _ = jax.lax.scan(step, (starts, zeros, jnp.ones_like(zeros)), keys)
+            return total
+
+        deterministic = episode_return(True, key)
+        stochastic = episode_return(False, jax.random.fold_in(key, 1))
+        return {"eval/episode_reward": jnp.mean(deterministic),
+                "eval/episode_reward_std": jnp.std(deterministic),
+                "eval/stochastic_episode_reward": jnp.mean(stochastic)}
+
+    return Trainer(settings, env, policy, estimator, optimizer, init, run_updates, evaluate)
+
+
+# --------------------------------------------------------------------------- runs on disk
+#
+# A run folder holds settings.json (resolved settings), metrics.csv (one row per call of
+# run_updates, Brax's metric names) and checkpoints/<update>/ (orbax; the last two are kept).
+# Orbax writes each checkpoint to a temporary folder and renames it when complete, so a crash
+# mid-save leaves the previous checkpoint intact.
+
+
+KEPT_CHECKPOINTS = 2
+
+
+def save_settings(settings: TrainSettings, out: Path) -> None:
+    (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+
+
+def load_settings(run_dir: Path) -> TrainSettings:
+    path = run_dir / "settings.json"
+    if not path.exists():
+        raise ValueError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
+    values = json.loads(path.read_text())
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = tuple(value)
+    return TrainSettings(**values)
+
+
+def checkpoint_updates(run_dir: Path) -> list[int]:
+    """Updates at which complete checkpoints exist, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def save_checkpoint(run_dir: Path, state: TrainState) -> None:
+    folder = (run_dir / "checkpoints").absolute()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(folder / str(int(state.update)), state, force=True)
+    checkpointer.wait_until_finished()
+    for old in checkpoint_updates(run_dir)[:-KEPT_CHECKPOINTS]:
+        shutil.rmtree(folder / str(old), ignore_errors=True)
+
+
+def restore_checkpoint(run_dir: Path, template: TrainState) -> TrainState:
+    """The latest checkpoint, restored into the structure of ``template``."""
+    updates = checkpoint_updates(run_dir)
+    if not updates:
+        raise ValueError(f"run={str(run_dir)!r} has no checkpoint to resume from")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    path = (run_dir / "checkpoints" / str(updates[-1])).absolute()
+    try:
+        return ocp.StandardCheckpointer().restore(path, abstract)
+    except Exception as error:  # orbax raises many types for corrupt or mismatched files
+        raise ValueError(f"checkpoint {str(path)!r} cannot be restored ({type(error).__name__}: "
+                         f"{error}); it is corrupt or from other settings") from error
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
+          on_log: Callable[[dict], None] | None = None,
+          stop_at_update: int | None = None) -> TrainState:
+    """Train, logging and checkpointing into ``run_dir`` after every ``updates_per_call`` updates.
+
+    ``resume=True`` continues from the latest checkpoint of ``run_dir`` (its metrics continue too).
+    ``stop_at_update`` stops early (as an interruption would), leaving a resumable run.
+    """
+    trainer = make_trainer(settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = trainer.init(jax.random.PRNGKey(settings.seed))
+    rows: list[dict] = []
+    if resume:
+        state = restore_checkpoint(run_dir, state)
+        rows = [r for r in _read_metrics(run_dir) if int(r["update"]) <= int(state.update)]
+    else:
+        save_settings(settings, run_dir)
+    walltime = float(rows[-1]["training/walltime"]) if rows else 0.0
+    eval_key = jax.random.PRNGKey(settings.seed + 1)
+    last_update = settings.updates if stop_at_update is None else stop_at_update
+    while int(state.update) < last_update:
+        started = time.perf_counter()
+        state, metrics = trainer.run_updates(state)
+        evaluation = trainer.evaluate(state, eval_key)
+        elapsed = time.perf_counter() - started
+        walltime += elapsed
+        row = {"update": int(state.update), "env_steps": int(state.env_steps),
+               "training/walltime": walltime,
+               "training/sps": settings.updates_per_call * settings.num_envs * settings.horizon
+               / elapsed}
+        row |= {k: float(v) for k, v in (metrics | evaluation).items()}
+        rows.append(row)
+        _write_metrics(run_dir, rows)
+        save_checkpoint(run_dir, state)
+        if on_log:
+            on_log(row)
+    return state
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    temporary = run_dir / "metrics.csv.tmp"
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(run_dir / "metrics.csv")
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    """Reload a run's latest checkpoint and evaluate it with the run's own evaluation key."""
+    settings = load_settings(run_dir)
+    trainer = make_trainer(settings)
+    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(settings.seed)))
+    evaluation = trainer.evaluate(state, jax.random.PRNGKey(settings.seed + 1))
+    return {"update": int(state.update)} | {k: float(v) for k, v in evaluation.items()}
