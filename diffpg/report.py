@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 TABLE_COLUMNS = (
     "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
-    "relative_variance", "bias", "bias_noise", "bias_max_t", "bias_resolved", "relative_bias", "cosine_to_reference",
-    "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
+    "relative_variance", "bias", "bias_noise", "bias_max_t", "bias_resolved", "relative_bias",
+    "cosine_to_reference", "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
     "compile_seconds", "seconds_per_estimate",
 )
 
