@@ -224,7 +224,7 @@ def _reading(results: dict) -> list[str]:
     biased = [k for k, v in final.items() if v.get("bias_resolved")]
     unresolved = [k for k, v in final.items() if v.get("bias_resolved") is False]
     if biased:
-        sentences.append("Bias resolved (larger than sampling noise) for: " + ", ".join(
+        sentences.append("Bias resolved (beyond sampling noise, family-wise level 0.001) for: " + ", ".join(
             f"{k} ({final[k]['relative_bias']:.2g} relative)" for k in biased) + ".")
     if unresolved:
         sentences.append("No bias resolved for: " + ", ".join(unresolved)
