@@ -294,14 +294,14 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     last_update = settings.updates if stop_at_update is None else stop_at_update
     while int(state.update) < last_update:
         started = time.perf_counter()
-        state, metrics = trainer.run_updates(state)
-        evaluation = trainer.evaluate(state, eval_key)
-        elapsed = time.perf_counter() - started
-        walltime += elapsed
+        state, metrics = jax.block_until_ready(trainer.run_updates(state))
+        training_seconds = time.perf_counter() - started
+        evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
+        walltime += time.perf_counter() - started
         row = {"update": int(state.update), "env_steps": int(state.env_steps),
                "training/walltime": walltime,
                "training/sps": settings.updates_per_call * settings.num_envs * settings.horizon
-               / elapsed}
+               / training_seconds}
         row |= {k: float(v) for k, v in (metrics | evaluation).items()}
         rows.append(row)
         _write_metrics(run_dir, rows)
