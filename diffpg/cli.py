@@ -172,7 +172,12 @@ def run_train(arguments: argparse.Namespace) -> Path:
                             sps=f"{row['training/sps']:.3g}")
             bar.refresh()
 
-        state = train(settings, out, resume=resume, on_log=on_log)
+        try:
+            state = train(settings, out, resume=resume, on_log=on_log)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the last checkpoint is kept: continue with "
+                  f"diffpg train --resume {out}", file=sys.stderr)
+            raise SystemExit(130) from None
     print(f"{int(state.update)} updates, {int(state.env_steps)} env steps; run folder: {out}")
     return out
 

@@ -304,8 +304,9 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
                / training_seconds}
         row |= {k: float(v) for k, v in (metrics | evaluation).items()}
         rows.append(row)
-        _write_metrics(run_dir, rows)
         save_checkpoint(run_dir, state)
+        _write_metrics(run_dir, rows)
+        plot_learning_curve(rows, run_dir / "learning_curve.png")
         if on_log:
             on_log(row)
     return state
@@ -319,6 +320,29 @@ def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     temporary.replace(run_dir / "metrics.csv")
+
+
+def plot_learning_curve(rows: list[dict], path: Path) -> None:
+    """Evaluation return against env steps and against wall-clock time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [float(r["env_steps"]) for r in rows]
+    seconds = [float(r["training/walltime"]) for r in rows]
+    reward = [float(r["eval/episode_reward"]) for r in rows]
+    stochastic = [float(r["eval/stochastic_episode_reward"]) for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, x, label in ((axes[0], steps, "env steps"), (axes[1], seconds, "wall-clock (s)")):
+        axis.plot(x, reward, marker="o", label="deterministic policy")
+        axis.plot(x, stochastic, marker=".", alpha=0.7, label="stochastic policy")
+        axis.set(xlabel=label, ylabel="eval episode return")
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def evaluate_run(run_dir: Path) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffpg import cli
-from diffpg.train import TrainSettings, evaluate_run, make_trainer, train
+from diffpg.train import TrainSettings, evaluate_run, make_optimizer, make_trainer, train
 
 
 def _params(state):
@@ -74,3 +74,36 @@ def test_resume_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsy
     assert cli.main(["train", "--resume", str(tmp_path)]) == 2
     assert "settings.json" in capsys.readouterr().err
 
+
+
+def test_a_non_finite_gradient_never_reaches_the_parameters():
+    settings = TrainSettings(env="pendulum", updates=10)
+    optimizer = make_optimizer(settings)
+    params = {"w": jax.numpy.ones(3)}
+    opt_state = optimizer.init(params)
+    bad = {"w": jax.numpy.array([1.0, float("nan"), 0.0])}
+    updates, opt_state = optimizer.update(bad, opt_state, params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    np.testing.assert_array_equal(new["w"], params["w"])
+    good = {"w": jax.numpy.array([1.0, 2.0, 0.0])}
+    updates, _ = optimizer.update(good, opt_state, params)
+    assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, capsys):
+    settings = TrainSettings(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    out = tmp_path / "run"
+    train(settings, out)
+    for path in (out / "checkpoints").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"garbage")
+    before = sorted((p.name, p.read_bytes()) for p in (out / "checkpoints").rglob("*")
+                    if p.is_file())
+    metrics_before = (out / "metrics.csv").read_text()
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    assert "cannot be restored" in capsys.readouterr().err
+    after = sorted((p.name, p.read_bytes()) for p in (out / "checkpoints").rglob("*")
+                   if p.is_file())
+    assert before == after and (out / "metrics.csv").read_text() == metrics_before
+    assert (out / "learning_curve.png").stat().st_size > 0
