@@ -156,6 +156,32 @@ def fit_regression(
     return critic_state._replace(params=params, opt_state=opt_state), losses[-1]
 
 
+def fit_mean_squared_error(
+    critic_state: CriticState,
+    predict: Callable[..., jax.Array],
+    inputs: tuple[jax.Array, ...],
+    targets: jax.Array,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    iterations: int,
+    minibatches: int,
+) -> tuple[CriticState, jax.Array]:
+    """Regress ``predict(params, *inputs)`` on constant ``targets`` by mean squared error.
+
+    ``inputs`` and ``targets`` have leading axes ``[T, B]``, flattened into one batch of examples
+    (``fit_regression`` then shuffles them into minibatches). Returns the new state and the loss.
+    """
+    data = jax.lax.stop_gradient(
+        jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (inputs, targets))
+    )
+
+    def loss_fn(params, batch):
+        batch_inputs, batch_targets = batch
+        return jnp.mean(jnp.square(predict(params, *batch_inputs) - batch_targets))
+
+    return fit_regression(critic_state, loss_fn, data, optimizer, key, iterations, minibatches)
+
+
 def polyak_update(critic_state: CriticState, keep: float) -> CriticState:
     """``target <- keep * target + (1 - keep) * params`` (SHAC's alpha is ``keep``)."""
     target = jax.tree.map(

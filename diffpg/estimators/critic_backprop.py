@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from diffpg import returns
 from diffpg.critics import (
     QFunction,
-    fit_regression,
+    fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_q_function,
@@ -129,19 +129,9 @@ def make_critic_backprop(
         if settings.finite_horizon:
             continues = continues * (steps_left > 1)
         targets = tr.reward + settings.discount * continues * next_q
-        data = (obs, policy.to_action(tr.raw_action), steps_left, targets)
-        data = jax.lax.stop_gradient(
-            jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
-        )
-
-        def loss_fn(q_params, batch):
-            batch_obs, batch_action, batch_steps_left, batch_targets = batch
-            prediction = q_function.apply(q_params, batch_obs, batch_action, batch_steps_left)
-            return jnp.mean(jnp.square(prediction - batch_targets))
-
-        critic, loss = fit_regression(
-            state.critic, loss_fn, data, optimizer, key_fit,
-            settings.critic_iterations, settings.critic_minibatches,
+        critic, loss = fit_mean_squared_error(
+            state.critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
+            targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
         )
         new_state = state._replace(critic=polyak_update(critic, settings.target_critic_keep))
         new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)

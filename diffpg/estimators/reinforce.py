@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from diffpg import returns
 from diffpg.critics import (
     ValueFunction,
-    fit_regression,
+    fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_value_function,
@@ -253,18 +253,9 @@ def make_reinforce(
         if uses_value:
             targets = _discounted_return_from_each_step(transitions, settings.discount)
             steps_left_b = jnp.broadcast_to(steps_left, targets.shape)
-            data = jax.tree.map(
-                lambda x: x.reshape((-1,) + x.shape[2:]), (obs, steps_left_b, targets)
-            )
-
-            def loss_fn(p, batch):
-                batch_obs, batch_steps_left, batch_targets = batch
-                prediction = value_function.apply(p, batch_obs, batch_steps_left)
-                return jnp.mean(jnp.square(prediction - batch_targets))
-
-            critic, loss = fit_regression(
-                state.critic, loss_fn, data, optimizer, key_fit,
-                settings.value_iterations, settings.value_minibatches,
+            critic, loss = fit_mean_squared_error(
+                state.critic, value_function.apply, (obs, steps_left_b), targets, optimizer,
+                key_fit, settings.value_iterations, settings.value_minibatches,
             )
             new_state = new_state._replace(critic=critic)
             metrics["value_loss"] = loss

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from diffpg import returns
 from diffpg.critics import (
     ValueFunction,
-    fit_regression,
+    fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_value_function,
@@ -254,17 +254,9 @@ def _fit_value_critic(value_function, optimizer, settings, state, tr, key):
     targets = returns.td_lambda_targets(
         tr.reward, next_value, tr.termination, tr.done, settings.discount, settings.td_lambda
     )
-    data = (normalize(stats, tr.obs), steps_left + 1, jax.lax.stop_gradient(targets))
-    data = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
-
-    def loss_fn(p, batch):
-        obs, batch_steps_left, batch_targets = batch
-        prediction = value_function.apply(p, obs, batch_steps_left)
-        return jnp.mean(jnp.square(prediction - batch_targets))
-
-    critic, loss = fit_regression(
-        critic, loss_fn, data, optimizer, key,
-        settings.critic_iterations, settings.critic_minibatches,
+    critic, loss = fit_mean_squared_error(
+        critic, value_function.apply, (normalize(stats, tr.obs), steps_left + 1), targets,
+        optimizer, key, settings.critic_iterations, settings.critic_minibatches,
     )
     critic = polyak_update(critic, settings.target_critic_keep)
     return state._replace(critic=critic), loss
