@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -121,6 +122,9 @@ class CompareSettings:
     """Estimates run before measuring, to fit the critics to the fixed policy."""
     hidden_sizes: tuple[int, ...] = (32, 32)
     """Hidden layers of the MLP policy (non-LQR envs)."""
+    policy_checkpoint: str | None = None
+    """A training run folder (diffpg train --out): compare the gradients at its latest policy
+    (with its observation statistics) instead of a fresh one; the env must be the run's."""
     seed: int = 0
 
     def __post_init__(self):
@@ -151,6 +155,13 @@ class CompareSettings:
             raise ValueError("reference='exact' exists only for env='lqr'; use auto or reinforce")
         if not 0.0 <= self.discount <= 1.0:
             raise ValueError(f"discount={self.discount} must be in [0, 1]")
+        if self.policy_checkpoint is not None:
+            from diffpg.train import load_settings
+
+            run = load_settings(Path(self.policy_checkpoint))
+            if run.env != self.env:
+                raise ValueError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
+                                 f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
 
     @property
     def horizons(self) -> tuple[int, ...]:
@@ -191,13 +202,19 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
                     **options)
     longest = max(point.horizon for point in settings.points)
     if longest > env.episode_length:
-        what = (f"the batch sweep's longest trajectory ({longest} steps = batch_budget with n = 1)"
+        what = (f"the batch sweep's longest trajectory ({longest} steps = batch_budget / 2)"
                 if settings.sweep == "batch" else f"horizon={longest}")
         raise ValueError(
             f"{what} is longer than the episode (episode_length={env.episode_length}); "
             f"allowed: 1..{env.episode_length}"
             + ("; lower batch_budget or raise episode_length" if settings.sweep == "batch" else "")
         )
+    if settings.policy_checkpoint is not None:
+        from diffpg.train import load_settings
+
+        hidden_sizes = load_settings(Path(settings.policy_checkpoint)).hidden_sizes
+        return env, make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                             hidden_sizes=hidden_sizes), False
     if settings.env == "lqr":
         policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
                                              init_gain_scale=0.5)
@@ -238,15 +255,18 @@ def exact_lqr_gradient(env, params, start_states, horizon, discount):
 
 
 def sample_gradients(estimator, params, start_states, key, num_estimates, warmup,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, obs_stats=None):
     """Warm the critics up on the fixed policy, then ``num_estimates`` independent estimates.
 
     Estimates run vmapped, ``chunk_size`` at a time (all at once by default; a chunk bounds the
-    memory, which for per-sample estimators such as the optimal baseline grows with K). Returns flat
+    memory, which for per-sample estimators such as the optimal baseline grows with K);
+    ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's). Returns flat
     samples ``[K, P]`` and timings: compile seconds and seconds per estimate (wall time / K).
     """
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
+    if obs_stats is not None:
+        state = state._replace(obs_stats=obs_stats)
     if warmup:
         def warm_step(state, step_key):
             return estimator.estimate(params, state, start_states, step_key).state, None
@@ -286,7 +306,9 @@ def run_comparison(settings: CompareSettings,
             estimators.make_settings(spec.name, **estimator_settings(spec, settings, point.horizon))
     key = jax.random.PRNGKey(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
-    params = policy.init(key_params)
+    params, obs_stats = policy.init(key_params), None
+    if settings.policy_checkpoint is not None:
+        params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint))
     reference_kind = settings.reference
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else "reinforce"
@@ -310,7 +332,8 @@ def run_comparison(settings: CompareSettings,
                                         **estimator_settings(spec, settings, horizon))
             ref_samples, _ = sample_gradients(estimator, params, start_states,
                                               jax.random.fold_in(key_point, 999),
-                                              settings.reference_estimates, 0)
+                                              settings.reference_estimates, 0,
+                                              obs_stats=obs_stats)
             reference, reference_se = reference_from_samples(ref_samples)
         per_estimator = {}
         for index, spec in enumerate(specs):
@@ -320,7 +343,8 @@ def run_comparison(settings: CompareSettings,
                                         **estimator_settings(spec, settings, horizon))
             samples, timing = sample_gradients(
                 estimator, params, start_states, jax.random.fold_in(key_point, index),
-                settings.num_estimates, settings.critic_warmup if _learns_critic(estimator) else 0)
+                settings.num_estimates, settings.critic_warmup if _learns_critic(estimator) else 0,
+                obs_stats=obs_stats)
             stats = gradient_statistics(samples, reference, reference_se)
             stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
             # Variance relative to the squared gradient: comparable across objectives (batch sweep).
@@ -342,6 +366,15 @@ def run_comparison(settings: CompareSettings,
         "num_parameters": int(ravel_pytree(params)[0].shape[0]),
         "results": results,
     }
+
+
+def load_trained_policy(run_dir: Path):
+    """The latest policy parameters and observation statistics of a training run."""
+    from diffpg.train import load_settings, make_trainer, restore_checkpoint
+
+    trainer = make_trainer(load_settings(run_dir))
+    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(0)))
+    return state.params, state.estimator_state.obs_stats
 
 
 def _learns_critic(estimator) -> bool:

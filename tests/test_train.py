@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import jax
 import numpy as np
@@ -107,3 +108,21 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, cap
                    if p.is_file())
     assert before == after and (out / "metrics.csv").read_text() == metrics_before
     assert (out / "learning_curve.png").stat().st_size > 0
+
+
+def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
+    settings = TrainSettings(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    run = tmp_path / "run"
+    trained = train(settings, run)
+    out = tmp_path / "compare"
+    status = cli.main(["compare", "--env", "pendulum", "--policy-checkpoint", str(run),
+                       "--estimators", "bptt", "--sweep", "none", "--horizon", "4",
+                       "--num-estimates", "4", "--num-envs", "2", "--reference-estimates", "8",
+                       "--out", str(out)])
+    assert status == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_parameters"] == sum(x.size for x in _params(trained))
+    assert cli.main(["compare", "--env", "lqr", "--policy-checkpoint", str(run),
+                     "--out", str(tmp_path / "never")]) == 2
+    assert "trained on env='pendulum'" in capsys.readouterr().err
