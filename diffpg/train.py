@@ -87,8 +87,9 @@ class TrainSettings:
         from diffpg.compare import EstimatorSpec
 
         values = {"horizon": self.horizon, "discount": self.discount}
-        if self.estimator in ("shac", "bptt", "reinforce", "critic_backprop", "alpha_order"):
-            values["normalize_observations"] = True
+        settings_class, _ = estimators.ESTIMATORS[self.estimator]
+        if "normalize_observations" in {f.name for f in dataclasses.fields(settings_class)}:
+            values["normalize_observations"] = True  # SHAC's running statistics
         return values | dict(EstimatorSpec.parse_options(self.estimator_options))
 
 
