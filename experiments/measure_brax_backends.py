@@ -58,11 +58,10 @@ BACKEND_ORDER = ("spring", "positional", "generalized", "mjx")
 
 
 def _configure_jax(use_cache: bool) -> None:
-    import jax
+    from diffpg.compilation_cache import enable_compilation_cache
 
     if use_cache:
-        jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1)
+        enable_compilation_cache()  # diffpg's persistent cache directory
 
 
 def measure_pair(
