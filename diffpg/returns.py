@@ -30,16 +30,18 @@ def segment_discounts(
     return weights
 
 
-def reward_to_go(values: jax.Array, done: jax.Array) -> jax.Array:
-    """``psi_t = sum_{t' >= t, same episode} values_{t'}``, ``[T, B]`` (causality, seeds/002).
+def reward_to_go(values: jax.Array, done: jax.Array, discount: float = 1.0) -> jax.Array:
+    """``psi_t = sum_{t' >= t, same episode} discount^(t' - t) values_{t'}``, ``[T, B]``.
 
-    With ``values = w * reward`` this is the (start-discounted) reward-to-go that multiplies the score
-    at step ``t`` in REINFORCE: actions cannot change rewards of the past, nor of a later episode.
+    With ``values = w * reward`` (already discounted from the episode start) and ``discount = 1``
+    this is the reward-to-go that multiplies the score at step ``t`` in REINFORCE (causality,
+    seeds/002): actions cannot change rewards of the past, nor of a later episode. With the raw
+    rewards and ``discount = gamma`` it is the Monte-Carlo return from each step (value targets).
     """
 
     def step(future, inputs):
         value_t, done_t = inputs
-        psi = value_t + (1.0 - done_t) * future
+        psi = value_t + discount * (1.0 - done_t) * future
         return psi, psi
 
     _, psi = jax.lax.scan(step, jnp.zeros_like(values[0]), (values, done), reverse=True)

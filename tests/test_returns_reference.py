@@ -34,7 +34,7 @@ RTOL = ATOL = 1e-5
 
 # jit-compiled once per shape and static argument, so that the many calls below stay fast
 segment_discounts = jax.jit(returns.segment_discounts, static_argnums=1)
-reward_to_go = jax.jit(returns.reward_to_go)
+reward_to_go = jax.jit(returns.reward_to_go, static_argnums=2)
 episode_total = jax.jit(returns.episode_total)
 episode_cumsum = jax.jit(returns.episode_cumsum)
 td_lambda_targets = jax.jit(returns.td_lambda_targets, static_argnums=(4, 5))
@@ -112,15 +112,15 @@ def episode_bounds(done, t, b):
     return start, end
 
 
-def ref_reward_to_go(values, done):
-    """``psi_t = sum_{t' >= t, same episode} values_{t'}``."""
+def ref_reward_to_go(values, done, discount=1.0):
+    """``psi_t = sum_{t' >= t, same episode} discount^(t' - t) values_{t'}``."""
     values, done = as64(values), as64(done)
     psi = np.zeros((T, B))
     for t in range(T):
         for b in range(B):
             _, end = episode_bounds(done, t, b)
             for k in range(t, end + 1):
-                psi[t, b] += values[k, b]
+                psi[t, b] += discount ** (k - t) * values[k, b]
     return psi
 
 
@@ -249,6 +249,10 @@ def test_episode_sums_match_loops(seed):
     done = jnp.asarray(x["done"])
     assert_close(
         reward_to_go(jnp.asarray(values), done), ref_reward_to_go(values, x["done"])
+    )
+    assert_close(  # Monte-Carlo returns from each step (the value baseline's targets)
+        reward_to_go(jnp.asarray(x["reward"]), done, DISCOUNT),
+        ref_reward_to_go(x["reward"], x["done"], DISCOUNT),
     )
     assert_close(
         episode_total(jnp.asarray(values), done), ref_episode_total(values, x["done"])

@@ -251,7 +251,8 @@ def make_reinforce(
         metrics = {"objective": jnp.mean(objective)}
         new_state = state
         if uses_value:
-            targets = _discounted_return_from_each_step(transitions, settings.discount)
+            # Monte-Carlo return from each step to the end of the horizon.
+            targets = returns.reward_to_go(transitions.reward, transitions.done, settings.discount)
             steps_left_b = jnp.broadcast_to(steps_left, targets.shape)
             critic, loss = fit_mean_squared_error(
                 state.critic, value_function.apply, (obs, steps_left_b), targets, optimizer,
@@ -269,15 +270,3 @@ def make_reinforce(
 
     return Estimator(init, estimate, settings)
 
-
-def _discounted_return_from_each_step(transitions: Transitions, discount: float) -> jax.Array:
-    """``sum_{t' >= t, same episode} gamma^{t' - t} r_t'`` ``[T, n]``: the value baseline's target."""
-
-    def step(future, inputs):
-        reward_t, done_t = inputs
-        value = reward_t + discount * (1.0 - done_t) * future
-        return value, value
-
-    inputs = (transitions.reward, transitions.done)
-    _, targets = jax.lax.scan(step, jnp.zeros_like(transitions.reward[0]), inputs, reverse=True)
-    return targets
