@@ -297,9 +297,10 @@ def run_comparison(settings: CompareSettings,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point)."""
     points = settings.points
-    env, policy, has_exact = make_env_and_policy(settings, dict(points[0].env_settings))
-    for point in points[1:]:  # every env of the sweep is built (and validated) before compiling
-        make_env_and_policy(settings, dict(point.env_settings))
+    # Every env of the sweep is built (and so validated) once, before anything compiles.
+    built = [make_env_and_policy(settings, dict(p.env_settings)) for p in points]
+    point_envs = [env for env, _, _ in built]
+    _, policy, has_exact = built[0]
     specs = settings.specs
     for spec in specs:
         for point in points:
@@ -314,8 +315,7 @@ def run_comparison(settings: CompareSettings,
         reference_kind = "exact" if has_exact else "reinforce"
 
     results = []
-    for point_index, point in enumerate(points):
-        env, _, _ = make_env_and_policy(settings, dict(point.env_settings))
+    for point_index, (point, env) in enumerate(zip(points, point_envs, strict=True)):
         horizon = point.horizon
         start_states = jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs))
         key_point = jax.random.fold_in(key_run, point_index)
