@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
-from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators
@@ -133,7 +132,6 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
 def make_trainer(settings: TrainSettings) -> Trainer:
     """Build env, policy, estimator and the compiled update and evaluation functions."""
     env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend)
-    eval_env = env
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes)
     estimator = estimators.make(settings.estimator, env, policy, **settings.estimator_settings)
@@ -154,7 +152,7 @@ def make_trainer(settings: TrainSettings) -> Trainer:
                                       key_estimate)
         # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
         loss_grad = jax.tree.map(lambda g: -g / settings.horizon, estimate.grad)
-        grad_norm = jnp.linalg.norm(ravel_pytree(loss_grad)[0])
+        grad_norm = optax.global_norm(loss_grad)
         finite = jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(loss_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -178,7 +176,7 @@ def make_trainer(settings: TrainSettings) -> Trainer:
     @jax.jit
     def evaluate(state: TrainState, key: jax.Array) -> dict:
         """Undiscounted return of one episode per eval env, deterministic and stochastic."""
-        starts = jax.vmap(eval_env.reset)(jax.random.split(key, settings.eval_envs))
+        starts = jax.vmap(env.reset)(jax.random.split(key, settings.eval_envs))
         stats = state.estimator_state.obs_stats
 
         def episode_return(deterministic: bool, noise_key):
@@ -189,13 +187,13 @@ def make_trainer(settings: TrainSettings) -> Trainer:
                     action = policy.mode(state.params, obs)
                 else:
                     action = policy.to_action(policy.sample(state.params, obs, step_key))
-                next_state = jax.vmap(eval_env.step)(env_state, action)
+                next_state = jax.vmap(env.step)(env_state, action)
                 total = total + alive * next_state.reward
                 alive = alive * (1.0 - next_state.done)
                 return (next_state, total, alive), None
 
             zeros = jnp.zeros(settings.eval_envs)
-            keys = jax.random.split(noise_key, eval_env.episode_length)
+            keys = jax.random.split(noise_key, env.episode_length)
             (_, total, _), _ = jax.lax.scan(step, (starts, zeros, jnp.ones_like(zeros)), keys)
             return total
 
