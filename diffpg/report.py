@@ -89,12 +89,9 @@ def _plot_against_sweep(results, path: Path) -> Path:
         low = [i[0] for i in series("variance_trace_interval")]
         high = [i[1] for i in series("variance_trace_interval")]
         if results["settings"]["sweep"] == "batch":  # objectives differ with k: normalise
-            scale = [v["relative_variance"] / v["variance_trace"] if v.get("variance_trace")
-                     else float("nan") for v in
-                     (entry["estimators"][label] for entry in results["results"])]
-            variance = [a * b for a, b in zip(variance, scale, strict=True)]
-            low = [a * b for a, b in zip(low, scale, strict=True)]
-            high = [a * b for a, b in zip(high, scale, strict=True)]
+            squared_norms = [entry["reference"]["norm"] ** 2 for entry in results["results"]]
+            variance, low, high = ([v / n2 for v, n2 in zip(values, squared_norms, strict=True)]
+                                   for values in (variance, low, high))
         line, = axes[0].plot(horizons, variance, marker="o", label=label)
         axes[0].fill_between(horizons, low, high, color=line.get_color(), alpha=0.2)
         bias_line, = axes[1].plot(horizons, series("relative_bias"), label=label)
