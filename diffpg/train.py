@@ -39,6 +39,8 @@ from envs.core import State
 class TrainSettings:
     env: str = "cartpole_swingup"
     """Environment name (envs.names())."""
+    env_options: tuple[str, ...] = ()
+    """Environment constructor settings as key=value (e.g. velocity_cost=0.01 for pendulum)."""
     estimator: str = "shac"
     """Estimator name (diffpg.estimators.names())."""
     estimator_options: tuple[str, ...] = ()
@@ -82,14 +84,33 @@ class TrainSettings:
                              f"[0, learning_rate={self.learning_rate}]")
 
     @property
+    def env_settings(self) -> dict[str, Any]:
+        from diffpg.compare import EstimatorSpec
+
+        return dict(EstimatorSpec.parse_options(self.env_options))
+
+    @property
     def estimator_settings(self) -> dict[str, Any]:
+        """The estimator's settings: horizon and discount from here, then ``TRAINING_DEFAULTS``,
+        then ``estimator_options`` (which win)."""
         from diffpg.compare import EstimatorSpec
 
         values = {"horizon": self.horizon, "discount": self.discount}
         settings_class, _ = estimators.ESTIMATORS[self.estimator]
         if "normalize_observations" in {f.name for f in dataclasses.fields(settings_class)}:
             values["normalize_observations"] = True  # SHAC's running statistics
+        values |= TRAINING_DEFAULTS.get(self.estimator, {})
         return values | dict(EstimatorSpec.parse_options(self.estimator_options))
+
+
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    # On-policy actor with a learned value baseline on reward-to-go (A2C-like).
+    "reinforce": {"baseline": "value", "reward_to_go": True},
+    # Off-policy critic fitted on a replay buffer, as SAC and DDPG train it.
+    "critic_backprop": {"replay_capacity": 1 << 17, "replay_batch_size": 256, "critic_iterations": 16},
+}
+"""Training's estimator settings where they differ from the estimators' own defaults (which
+are chosen for gradient comparisons on fixed states)."""
 
 
 class TrainState(NamedTuple):
@@ -131,7 +152,8 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
 
 def make_trainer(settings: TrainSettings) -> Trainer:
     """Build env, policy, estimator and the compiled update and evaluation functions."""
-    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend)
+    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend,
+                    **settings.env_settings)
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes)
     estimator = estimators.make(settings.estimator, env, policy, **settings.estimator_settings)

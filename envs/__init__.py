@@ -11,6 +11,7 @@ batch). All arguments are checked before anything is built or compiled.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 # XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
@@ -68,7 +69,13 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
             )
         from envs import analytic  # lazy: the analytic module is optional at import time
 
-        return getattr(analytic, ANALYTIC_ENV_CLASSES[name])(**settings)
+        env_class = getattr(analytic, ANALYTIC_ENV_CLASSES[name])
+        allowed = [p for p in inspect.signature(env_class).parameters if p != "self"]
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
+                             f"{allowed}")
+        return env_class(**settings)
     return BraxEnvironment(name, backend=check_brax_name_and_backend(name, backend), **settings)
 
 

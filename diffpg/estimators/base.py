@@ -10,6 +10,7 @@ import jax
 from diffpg.critics import CriticState
 from diffpg.normalization import RunningStatistics, update_statistics
 from diffpg.policy import Params
+from diffpg.replay import ReplayBuffer
 from envs.core import State
 
 
@@ -19,10 +20,13 @@ class EstimatorState(NamedTuple):
     ``obs_stats``: running observation statistics, frozen inside one estimate and updated after it
     when the estimator normalises observations. ``critic``: the learned critic (value function for
     SHAC and REINFORCE's value baseline, Q for critic backprop), or ``None`` when there is none.
+    ``replay``: past transitions for an off-policy critic (critic backprop with a replay buffer),
+    or ``None``.
     """
 
     obs_stats: RunningStatistics
     critic: CriticState | None
+    replay: ReplayBuffer | None = None
 
 
 class Estimate(NamedTuple):

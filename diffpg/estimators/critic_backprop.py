@@ -11,10 +11,14 @@ The states and noise are those of a fresh rollout of the current policy; no grad
 the dynamics. With the true ``Q`` this is exact; with a learned one it is biased by the critic's
 error in ``dQ/da``. ``deterministic=True`` differentiates through the mean action instead (DDPG).
 
-The critic is trained after the gradient is taken, by TD on the rollout's transitions with a target
-network: ``y_t = r_t + gamma (1 - term_t) Q_target(s'_t, f_theta(s'_t, eps'))`` with fresh noise
-``eps'`` (a semi-gradient, not a gradient of any loss, seeds/000), then Polyak averaging. The
-learned critic ignores the time left, as SAC's does.
+The critic is trained after the gradient is taken, by TD with a target network:
+``y = r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` with fresh noise ``eps'`` (a
+semi-gradient, not a gradient of any loss, seeds/000), then Polyak averaging. The learned critic
+ignores the time left, as SAC's does. Its data is either the estimate's own rollout
+(``replay_capacity=0``: on-policy, what a comparison on fixed states wants) or, as in SAC and DDPG,
+minibatches drawn from a replay buffer of the last ``replay_capacity`` transitions (off-policy:
+the training default, ``diffpg.train``). The policy gradient itself is always taken on the fresh
+rollout's states, so it estimates ``grad J`` of the current policy in both cases.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from diffpg import returns
 from diffpg.critics import (
@@ -44,7 +49,8 @@ from diffpg.estimators.base import (
 )
 from diffpg.normalization import init_statistics, normalize
 from diffpg.policy import Params, Policy
-from diffpg.rollout import rollout
+from diffpg.replay import ReplayData, add, init_replay, sample
+from diffpg.rollout import Transitions, rollout
 from envs.core import Environment, State
 
 
@@ -66,9 +72,21 @@ class CriticBackpropSettings:
     """Learn the finite-horizon Q of the objective: the critic sees the steps left and TD targets
     stop bootstrapping at the horizon (for comparisons). False: SAC's time-independent critic."""
     normalize_observations: bool = False
+    replay_capacity: int = 0
+    """Transitions kept for the critic; 0: fit on each estimate's own rollout (on-policy)."""
+    replay_batch_size: int = 256
+    """Transitions per critic step drawn from the buffer (with replay, each fit takes
+    critic_iterations x critic_minibatches steps)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
+        if not isinstance(self.replay_capacity, int) or self.replay_capacity < 0:
+            raise ValueError(f"replay_capacity={self.replay_capacity!r} must be an integer >= 0 "
+                             "(0: no replay buffer)")
+        check_positive_int("replay_batch_size", self.replay_batch_size)
+        if self.replay_capacity and self.finite_horizon:
+            raise ValueError("finite_horizon=True needs each transition's steps left, which the "
+                             "replay buffer does not keep; allowed: replay_capacity=0 with it")
         check_unit_interval("discount", self.discount)
         check_positive("critic_learning_rate", self.critic_learning_rate)
         check_positive_int("critic_iterations", self.critic_iterations)
@@ -98,10 +116,62 @@ def make_critic_backprop(
     def init(key: jax.Array, policy_params: Params) -> EstimatorState:
         del policy_params
         critic = init_critic_state(q_function.init(key), optimizer)
-        return EstimatorState(init_statistics(policy.observation_size), critic)
+        replay = None
+        if settings.replay_capacity:
+            replay = init_replay(settings.replay_capacity, policy.observation_size,
+                                 policy.action_size)
+        return EstimatorState(init_statistics(policy.observation_size), critic, replay)
+
+    def td_targets(params, state, next_obs, reward, termination, steps_left, key):
+        """``r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` on normalised ``next_obs``."""
+        next_noise = jax.random.normal(key, next_obs.shape[:-1] + (policy.action_size,))
+        next_action = action_from(params, next_obs, next_noise)
+        next_q = q_function.apply(state.critic.target_params, next_obs, next_action, steps_left - 1)
+        continues = 1.0 - termination
+        if settings.finite_horizon:
+            continues = continues * (steps_left > 1)
+        return reward + settings.discount * continues * next_q
+
+    def fit_on_rollout(params, state, tr: Transitions, steps_left, key):
+        key_next, key_fit = jax.random.split(key)
+        stats = state.obs_stats
+        obs, next_obs = normalize(stats, tr.obs), normalize(stats, tr.next_obs)
+        targets = td_targets(params, state, next_obs, tr.reward, tr.termination, steps_left,
+                             key_next)
+        return fit_mean_squared_error(
+            state.critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
+            targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
+        )
+
+    def fit_on_replay(params, state, key):
+        """Critic steps on minibatches drawn from the buffer, targets from the target critic."""
+        stats = state.obs_stats
+        steps = settings.critic_iterations * settings.critic_minibatches
+
+        def one_step(carry, step_key):
+            critic_params, opt_state = carry
+            key_sample, key_next = jax.random.split(step_key)
+            batch = sample(state.replay, key_sample, settings.replay_batch_size)
+            obs, next_obs = normalize(stats, batch.obs), normalize(stats, batch.next_obs)
+            no_time = jnp.zeros_like(batch.reward)
+            targets = jax.lax.stop_gradient(td_targets(
+                params, state, next_obs, batch.reward, batch.termination, no_time, key_next))
+
+            def loss_fn(p):
+                prediction = q_function.apply(p, obs, batch.action, no_time)
+                return jnp.mean(jnp.square(prediction - targets))
+
+            loss, grads = jax.value_and_grad(loss_fn)(critic_params)
+            updates, opt_state = optimizer.update(grads, opt_state, critic_params)
+            return (optax.apply_updates(critic_params, updates), opt_state), loss
+
+        carry = (state.critic.params, state.critic.opt_state)
+        (critic_params, opt_state), losses = jax.lax.scan(one_step, carry,
+                                                          jax.random.split(key, steps))
+        return state.critic._replace(params=critic_params, opt_state=opt_state), jnp.mean(losses)
 
     def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
-        key_rollout, key_next, key_fit = jax.random.split(key, 3)
+        key_rollout, key_fit = jax.random.split(key)
         stats = state.obs_stats
         end_state, tr = rollout(
             env, policy, jax.lax.stop_gradient(params), stats, env_state, key_rollout,
@@ -120,19 +190,15 @@ def make_critic_backprop(
 
         grad = jax.grad(surrogate)(params)
 
-        # TD targets with the target critic and a fresh action at the next state.
-        next_obs = normalize(stats, tr.next_obs)
-        next_noise = jax.random.normal(key_next, tr.noise.shape, tr.noise.dtype)
-        next_action = action_from(params, next_obs, next_noise)
-        next_q = q_function.apply(state.critic.target_params, next_obs, next_action, steps_left - 1)
-        continues = 1.0 - tr.termination
-        if settings.finite_horizon:
-            continues = continues * (steps_left > 1)
-        targets = tr.reward + settings.discount * continues * next_q
-        critic, loss = fit_mean_squared_error(
-            state.critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
-            targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
-        )
+        params = jax.lax.stop_gradient(params)
+        if state.replay is None:
+            critic, loss = fit_on_rollout(params, state, tr, steps_left, key_fit)
+        else:
+            flat = ReplayData(tr.obs, policy.to_action(tr.raw_action), tr.reward,
+                              tr.termination, tr.next_obs)
+            state = state._replace(replay=add(state.replay, jax.tree.map(
+                lambda x: x.reshape((-1,) + x.shape[2:]), flat)))
+            critic, loss = fit_on_replay(params, state, key_fit)
         new_state = state._replace(critic=polyak_update(critic, settings.target_critic_keep))
         new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)
         metrics = {
