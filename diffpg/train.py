@@ -237,6 +237,8 @@ def make_trainer(settings: TrainSettings) -> Trainer:
 
 
 KEPT_CHECKPOINTS = 2
+PLOT_EVERY_SECONDS = 30.0
+"""The learning-curve PNG is redrawn at most this often (and at the end); metrics.csv every call."""
 
 
 def save_settings(settings: TrainSettings, out: Path) -> None:
@@ -313,6 +315,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     walltime = float(rows[-1]["training/walltime"]) if rows else 0.0
     eval_key = jax.random.PRNGKey(settings.seed + 1)
     last_update = settings.updates if stop_at_update is None else stop_at_update
+    last_plot = time.perf_counter()
     while int(state.update) < last_update:
         started = time.perf_counter()
         state, metrics = jax.block_until_ready(trainer.run_updates(state))
@@ -327,7 +330,10 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
         rows.append(row)
         save_checkpoint(run_dir, state)
         _write_metrics(run_dir, rows)
-        plot_learning_curve(rows, run_dir / "learning_curve.png")
+        finished = int(state.update) >= last_update
+        if finished or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
+            plot_learning_curve(rows, run_dir / "learning_curve.png")
+            last_plot = time.perf_counter()
         if on_log:
             on_log(row)
     return state
