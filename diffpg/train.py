@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
 
 import envs
 from diffpg import estimators
@@ -231,7 +232,8 @@ def make_trainer(settings: TrainSettings) -> Trainer:
 # --------------------------------------------------------------------------- runs on disk
 #
 # A run folder holds settings.json (resolved settings), metrics.csv (one row per call of
-# run_updates, Brax's metric names) and checkpoints/<update>/ (orbax; the last two are kept).
+# run_updates, Brax's metric names), the same scalars for TensorBoard in tensorboard/ (x axis: env
+# steps), learning_curve.png and checkpoints/<update>/ (orbax; the last two are kept).
 # Orbax writes each checkpoint to a temporary folder and renames it when complete, so a crash
 # mid-save leaves the previous checkpoint intact.
 
@@ -316,6 +318,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     eval_key = jax.random.PRNGKey(settings.seed + 1)
     last_update = settings.updates if stop_at_update is None else stop_at_update
     last_plot = time.perf_counter()
+    tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
     while int(state.update) < last_update:
         started = time.perf_counter()
         state, metrics = jax.block_until_ready(trainer.run_updates(state))
@@ -330,12 +333,17 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
         rows.append(row)
         save_checkpoint(run_dir, state)
         _write_metrics(run_dir, rows)
+        for name, value in row.items():
+            if name not in ("update", "env_steps"):
+                tensorboard.add_scalar(name, value, row["env_steps"])
+        tensorboard.flush()
         finished = int(state.update) >= last_update
         if finished or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
             plot_learning_curve(rows, run_dir / "learning_curve.png")
             last_plot = time.perf_counter()
         if on_log:
             on_log(row)
+    tensorboard.close()
     return state
 
 

@@ -104,6 +104,9 @@ def test_eval_of_a_saved_run_returns_the_logged_reward(tmp_path, capsys):
     with (out / "metrics.csv").open() as handle:
         logged = float(list(csv.DictReader(handle))[-1]["eval/episode_reward"])
     assert evaluate_run(out)["eval/episode_reward"] == pytest.approx(logged, rel=1e-6)
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars["eval/episode_reward"] == [(64, pytest.approx(logged, rel=1e-6))]  # 2 x 4 x 8 steps
+    assert {"training/sps", "training/walltime", "training/grad_norm"} <= set(scalars)
     assert cli.main(["eval", str(out)]) == 0
     assert "eval/episode_reward" in capsys.readouterr().out
 
@@ -210,3 +213,22 @@ def test_a_killed_run_resumes_bit_exactly_from_its_last_checkpoint(tmp_path):
         assert [int(r["update"]) for r in csv.DictReader(handle)] == list(range(2, 21, 2))
 
 
+
+
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` from the TFRecord event files in ``folder``."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4  # length, its CRC, the record, its CRC
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
