@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate the latest checkpoint of a training run")
     evaluate.add_argument("run_dir", type=Path)
+
+    video = commands.add_parser(
+        "video", help="an animated GIF of a training run's latest policy (offline, matplotlib)")
+    video.add_argument("run_dir", type=Path)
+    video.add_argument("--out", type=Path, default=None, help="GIF path (default: RUN_DIR/policy.gif)")
+    video.add_argument("--every", type=int, default=1, help="draw every N-th step (long episodes)")
     return parser
 
 
@@ -195,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, value in evaluate_run(arguments.run_dir).items():
                 print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+        elif arguments.command == "video":
+            from diffpg.video import video_of_run
+
+            if arguments.every < 1:
+                raise ValueError(f"every={arguments.every} must be a positive integer")
+            print(f"wrote {video_of_run(arguments.run_dir, arguments.out, arguments.every)}")
     except ValueError as error:
         print(f"diffpg {arguments.command}: error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffpg import cli
 from diffpg.train import (
@@ -24,14 +25,16 @@ from diffpg.train import (
     restore_checkpoint,
     train,
 )
+from diffpg.video import episode_states, save_gif
 
 
 def _params(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def _learn(settings: TrainSettings) -> tuple[float, float, dict]:
-    """Deterministic eval return of the fresh and of the trained policy, and the last metrics."""
+def _learn(settings: TrainSettings, gif=None) -> tuple[float, float, dict]:
+    """Deterministic eval return of the fresh and of the trained policy, and the last metrics;
+    with ``gif`` (a path) also a video of the trained policy."""
     trainer = make_trainer(settings)
     state = trainer.init(jax.random.PRNGKey(settings.seed))
     before = float(trainer.evaluate(state, jax.random.PRNGKey(1))["eval/episode_reward"])
@@ -40,14 +43,23 @@ def _learn(settings: TrainSettings) -> tuple[float, float, dict]:
     after = float(trainer.evaluate(state, jax.random.PRNGKey(1))["eval/episode_reward"])
     print(f"{settings.env} {settings.estimator}: {before:.0f} -> {after:.0f}")
     assert int(metrics["training/nonfinite_updates"]) == 0
+    if gif is not None:
+        positions, rewards = episode_states(trainer.env, trainer.policy, state.params,
+                                            state.estimator_state.obs_stats,
+                                            jax.random.PRNGKey(1), trainer.env.episode_length)
+        save_gif(trainer.env, positions, rewards, gif, every=10)
+        frames = Image.open(gif).n_frames
+        assert frames == len(range(0, len(positions), 10)) and len(positions) > 1
+        # The video's episode is one of the evaluation's starts: its return is in range.
+        assert float(np.sum(rewards)) > before
     return before, after, metrics
 
 
-def test_shac_learns_cartpole_swing_up():
+def test_shac_learns_cartpole_swing_up(tmp_path):
     """SHAC lifts the deterministic return of a fresh policy (about -5,600) well above the
     -2,000 that just stopping the swing gives, within 150 updates of 32 envs on a CPU."""
     before, after, _ = _learn(TrainSettings(updates=150, updates_per_call=50, num_envs=32,
-                                            eval_envs=8))
+                                            eval_envs=8), gif=tmp_path / "policy.gif")
     assert after > -2000 > before
 
 
@@ -74,12 +86,14 @@ def test_shac_learns_pendulum_swing_up():
     assert after > -340 and before < -390
 
 
-def test_shac_learns_brax_inverted_pendulum():
+def test_shac_learns_brax_inverted_pendulum(tmp_path):
     """Brax physics (spring backend): a fresh policy keeps the pole up for about 24 of 100 steps;
-    after 20 SHAC updates of 16 envs it holds it for 90 or more (reward 1 per step alive)."""
+    after 20 SHAC updates of 16 envs it holds it for 90 or more (reward 1 per step alive).
+    The trained policy's video draws the Brax bodies."""
     before, after, _ = _learn(TrainSettings(env="inverted_pendulum", episode_length=100,
                                             num_envs=16, horizon=16, updates=20,
-                                            updates_per_call=20, eval_envs=8))
+                                            updates_per_call=20, eval_envs=8),
+                              gif=tmp_path / "policy.gif")
     assert after >= 90 and before < 50
 
 
@@ -109,6 +123,8 @@ def test_eval_of_a_saved_run_returns_the_logged_reward(tmp_path, capsys):
     assert {"training/sps", "training/walltime", "training/grad_norm"} <= set(scalars)
     assert cli.main(["eval", str(out)]) == 0
     assert "eval/episode_reward" in capsys.readouterr().out
+    assert cli.main(["video", str(out), "--every", "50"]) == 0
+    assert Image.open(out / "policy.gif").n_frames == 5  # 201 states of a 200-step episode
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

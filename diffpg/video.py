@@ -1,0 +1,173 @@
+"""Videos of a policy, drawn with matplotlib and written as an animated GIF (offline, no CDN).
+
+Analytic envs are drawn from their raw state (pendulum, cart-pole, contact, LQR phase plane);
+Brax envs as a side view (x, z) of their bodies, each a rod from its frame origin through its
+centre of mass, following the root body. One environment is simulated for one episode with the
+deterministic policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffpg.normalization import RunningStatistics, normalize
+from diffpg.policy import Params, Policy
+
+
+def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatistics,
+                   key: jax.Array, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate one env for ``steps`` steps with the mean action; stops at the first ``done``.
+
+    Returns ``(positions [T+1, ...], rewards [T])``: what ``draw_frame`` needs per step (the raw
+    state for analytic envs, body positions ``[links, 3]`` for Brax envs).
+    """
+
+    brax_env = getattr(env.unwrapped, "brax_env", None)
+
+    def positions_of(state):
+        pipeline = state.pipeline_state
+        if brax_env is None:
+            return pipeline
+        # Each link's frame origin and the far end of a uniform rod through its centre of mass:
+        # origin + 2 R (centre-of-mass offset): [links, 2, 3].
+        from brax import math
+
+        offset = brax_env.sys.link.inertia.transform.pos
+        far_end = pipeline.x.pos + 2.0 * jax.vmap(math.rotate)(offset, pipeline.x.rot)
+        return jnp.stack([pipeline.x.pos, far_end], axis=1)
+
+    def step(state, _):
+        action = policy.mode(params, normalize(obs_stats, state.obs))
+        next_state = env.step(state, action)
+        # Before an auto-reset the wrapper has already replaced the state: draw the last one.
+        return next_state, (positions_of(next_state), next_state.reward, next_state.done)
+
+    start = env.reset(key)
+    _, (positions, rewards, done) = jax.jit(
+        lambda s: jax.lax.scan(step, s, None, steps))(start)
+    positions = np.concatenate([np.asarray(positions_of(start))[None], np.asarray(positions)])
+    done = np.asarray(done)
+    # The step that ends the episode returns the next episode's first state: drop that frame.
+    last = int(np.argmax(done)) if done.any() else steps
+    return positions[:last + 1], np.asarray(rewards)[:last + 1]
+
+
+def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: int = 30,
+             every: int = 1) -> Path:
+    """Draw every ``every``-th state and write ``path`` (GIF, Pillow writer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    figure, axis = plt.subplots(figsize=(4.8, 3.6))
+    drawer = _drawer(env, positions)
+    returns = np.concatenate([[0.0], np.cumsum(rewards)])
+    frames = range(0, len(positions), every)
+
+    def draw(index):
+        axis.clear()
+        drawer(axis, positions[index])
+        axis.set_title(f"step {index}  return {returns[index]:.1f}", fontsize=9)
+
+    animation = FuncAnimation(figure, draw, frames=frames)
+    animation.save(str(path), writer=PillowWriter(fps=fps))
+    plt.close(figure)
+    return path
+
+
+def _drawer(env, positions: np.ndarray):
+    """A function ``(axis, positions_t)`` drawing one frame of ``env``."""
+    raw = getattr(env, "unwrapped", env)  # the env inside TimeLimitAutoReset
+    kind = type(raw).__name__
+    if kind == "PendulumSwingUp":
+        length = raw.length
+
+        def draw(axis, x):
+            tip = (length * np.sin(x[0]), length * np.cos(x[0]))
+            axis.plot([0, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
+            axis.plot(*tip, "o", color="tab:red", ms=12)
+            _square(axis, 1.3 * length, (0.0, 0.0))
+        return draw
+    if kind == "CartPoleSwingUp":
+        pole = 2.0 * raw.pole_com
+
+        def draw(axis, x):
+            cart, theta = x[0], x[2]
+            tip = (cart + pole * np.sin(theta), pole * np.cos(theta))
+            axis.add_patch(_rectangle(cart, 0.4, 0.2))
+            axis.plot([cart, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
+            axis.axhline(-0.1, color="grey", lw=1)
+            _square(axis, 1.4 * pole, (cart, 0.0))
+        return draw
+    if kind == "WallContact":
+        low = min(float(positions[:, 0].min()), raw.start) - 0.2
+        high = raw.wall + 0.3
+
+        def draw(axis, x):
+            axis.axvline(raw.wall, color="black", lw=4)
+            axis.plot([raw.target], [0], "x", color="tab:green", ms=10)
+            axis.plot([x[0]], [0], "o", color="tab:red", ms=14)
+            axis.set(xlim=(low, high), ylim=(-0.5, 0.5), yticks=[])
+        return draw
+    if positions.ndim == 4:  # Brax: [T, links, (origin, far end), 3]
+        brax_env = getattr(raw, "brax_env", None)
+        parents = np.asarray(brax_env.sys.link_parents) if brax_env is not None else None
+        extent = 1.2 * max(float(np.ptp(positions[..., 2])), 1.0)
+
+        def draw(axis, pos):
+            x, z = pos[..., 0], pos[..., 2]  # [links, 2]: side view
+            for link in range(pos.shape[0]):
+                axis.plot(x[link], z[link], "-", color="tab:blue", lw=4, solid_capstyle="round")
+                if parents is not None and parents[link] >= 0:
+                    parent = parents[link]
+                    axis.plot([x[parent, 0], x[link, 0]], [z[parent, 0], z[link, 0]], ":",
+                              color="grey", lw=1)
+            axis.plot(x[:, 0], z[:, 0], "o", color="tab:red", ms=4)
+            axis.axhline(0.0, color="grey", lw=1)
+            centre = x[0, 0]
+            axis.set(xlim=(centre - extent, centre + extent), ylim=(-0.2 * extent, 1.4 * extent),
+                     aspect="equal", xlabel="x", ylabel="z")
+        return draw
+
+    def draw_phase_plane(axis, x):  # any other state vector: its first two coordinates
+        plane = np.c_[positions, np.zeros(len(positions))][:, :2]  # a 1-D state gets y = 0
+        axis.plot(plane[:, 0], plane[:, 1], "-", color="lightgrey")
+        axis.plot([plane[0, 0]], [plane[0, 1]], ".", color="grey")
+        point = np.r_[x, 0.0][:2]
+        axis.plot([point[0]], [point[1]], "o", color="tab:red", ms=10)
+        axis.plot([0], [0], "+", color="black", ms=12)
+        axis.set(xlabel="x[0]", ylabel="x[1]")
+    return draw_phase_plane
+
+
+def _square(axis, half_width: float, centre: tuple[float, float]) -> None:
+    axis.set(xlim=(centre[0] - half_width, centre[0] + half_width),
+             ylim=(centre[1] - half_width, centre[1] + half_width), aspect="equal")
+
+
+def _rectangle(centre_x: float, width: float, height: float):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((centre_x - width / 2, -height / 2), width, height, color="tab:grey")
+
+
+def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed: int = 0) -> Path:
+    """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy)."""
+    from diffpg.train import load_settings, make_trainer, restore_checkpoint
+
+    settings = load_settings(run_dir)
+    trainer = make_trainer(settings)
+    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(settings.seed)))
+    positions, rewards = episode_states(
+        trainer.env, trainer.policy, state.params, state.estimator_state.obs_stats,
+        jax.random.PRNGKey(seed), trainer.env.episode_length)
+    out = out or run_dir / "policy.gif"
+    return save_gif(trainer.env, positions, rewards, out, every=every)
+
+
