@@ -61,7 +61,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
-    docs = field_docs(settings_class)
+    # argparse %-formats help strings: a literal % must be doubled.
+    docs = {name: doc.replace("%", "%%") for name, doc in field_docs(settings_class).items()}
     hints = typing.get_type_hints(settings_class)
     for field in dataclasses.fields(settings_class):
         default = field.default

@@ -369,11 +369,13 @@ def run_comparison(settings: CompareSettings,
 
 
 def load_trained_policy(run_dir: Path):
-    """The latest policy parameters and observation statistics of a training run."""
-    from diffpg.train import load_settings, make_trainer, restore_checkpoint
+    """The latest policy parameters and observation statistics of a training run (its first
+    seed if it trained several)."""
+    from diffpg.train import load_run, select_seed
 
-    trainer = make_trainer(load_settings(run_dir))
-    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(0)))
+    trainer, state = load_run(run_dir)
+    if trainer.settings.seeds > 1:
+        state = select_seed(state, 0)
     return state.params, state.estimator_state.obs_stats
 
 

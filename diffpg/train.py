@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
@@ -69,6 +70,9 @@ class TrainSettings:
     discount: float = 0.99
     eval_envs: int = 16
     seed: int = 0
+    seeds: int = 1
+    """Independent runs trained at once with jax.vmap, seeds seed .. seed + seeds - 1; metrics
+    report their mean, a 95% confidence interval and each seed's value."""
 
     def __post_init__(self):
         if self.env not in envs.names():
@@ -76,7 +80,7 @@ class TrainSettings:
         if self.estimator not in estimators.names():
             raise ValueError(f"estimator={self.estimator!r} is not known; allowed values: "
                              f"{estimators.names()}")
-        for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs"):
+        for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs", "seeds"):
             check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "grad_clip"):
             check_positive(name, getattr(self, name))
@@ -138,6 +142,10 @@ class Trainer(NamedTuple):
     init: Callable[[jax.Array], TrainState]
     run_updates: Callable[[TrainState], tuple[TrainState, dict]]
     evaluate: Callable[[TrainState, jax.Array], dict]
+    init_run: Callable[[], TrainState]
+    """The run's initial state: ``init(PRNGKey(seed))``, or with ``seeds > 1`` the states of
+    seeds ``seed + i`` stacked on a leading axis ``[seeds]`` (then ``run_updates`` and
+    ``evaluate`` are vmapped over it and return per-seed metrics ``[seeds]``)."""
 
 
 def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
@@ -189,14 +197,12 @@ def make_trainer(settings: TrainSettings) -> Trainer:
         metrics |= {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
         return new_state, metrics
 
-    @jax.jit
     def run_updates(state: TrainState) -> tuple[TrainState, dict]:
         state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["training/nonfinite_updates"] = state.nonfinite_updates
         return state, metrics
 
-    @jax.jit
     def evaluate(state: TrainState, key: jax.Array) -> dict:
         """Undiscounted return of one episode per eval env, deterministic and stochastic."""
         starts = jax.vmap(env.reset)(jax.random.split(key, settings.eval_envs))
@@ -226,7 +232,48 @@ def make_trainer(settings: TrainSettings) -> Trainer:
                 "eval/episode_reward_std": jnp.std(deterministic),
                 "eval/stochastic_episode_reward": jnp.mean(stochastic)}
 
-    return Trainer(settings, env, policy, estimator, optimizer, init, run_updates, evaluate)
+    if settings.seeds == 1:
+        def init_run() -> TrainState:
+            return init(jax.random.PRNGKey(settings.seed))
+
+        return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run_updates),
+                       jax.jit(evaluate), init_run)
+
+    def init_seeds() -> TrainState:
+        seeds = settings.seed + jnp.arange(settings.seeds)
+        return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
+
+    # Every seed is evaluated on the same starts and noise (common random numbers).
+    return Trainer(settings, env, policy, estimator, optimizer, init,
+                   jax.jit(jax.vmap(run_updates)), jax.jit(jax.vmap(evaluate, (0, None))),
+                   init_seeds)
+
+
+def select_seed(state: TrainState, index: int) -> TrainState:
+    """Seed ``index`` of a multi-seed run's state (leaves ``[seeds, ...] -> [...]``)."""
+    return jax.tree.map(lambda x: x[index], state)
+
+
+def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float]:
+    """Per-seed metrics ``[seeds]`` -> their mean; for ``eval/`` metrics also the half-width of
+    a 95% Student-t confidence interval of the mean (``NAME_ci95``) and each seed's value
+    (``NAME/seed_i``). ``training/nonfinite_updates`` is summed over seeds. One seed: as is."""
+    if seeds == 1:
+        return {k: float(v) for k, v in values.items()}
+    from scipy import stats
+
+    quantile = float(stats.t.ppf(0.975, seeds - 1))
+    row = {}
+    for name, value in values.items():
+        value = np.asarray(value, dtype=np.float64)
+        if name == "training/nonfinite_updates":
+            row[name] = float(value.sum())
+            continue
+        row[name] = float(value.mean())
+        if name.startswith("eval/") and not name.endswith("_std"):
+            row[f"{name}_ci95"] = quantile * float(value.std(ddof=1)) / np.sqrt(seeds)
+            row |= {f"{name}/seed_{i}": float(v) for i, v in enumerate(value)}
+    return row
 
 
 # --------------------------------------------------------------------------- runs on disk
@@ -269,7 +316,7 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
 def save_checkpoint(run_dir: Path, state: TrainState) -> None:
     folder = (run_dir / "checkpoints").absolute()
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(folder / str(int(state.update)), state, force=True)
+    checkpointer.save(folder / str(_count(state.update)), state, force=True)
     checkpointer.wait_until_finished()
     for old in checkpoint_updates(run_dir)[:-KEPT_CHECKPOINTS]:
         shutil.rmtree(folder / str(old), ignore_errors=True)
@@ -307,11 +354,11 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     """
     trainer = make_trainer(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = trainer.init(jax.random.PRNGKey(settings.seed))
+    state = trainer.init_run()
     rows: list[dict] = []
     if resume:
         state = restore_checkpoint(run_dir, state)
-        rows = [r for r in _read_metrics(run_dir) if int(r["update"]) <= int(state.update)]
+        rows = [r for r in _read_metrics(run_dir) if int(r["update"]) <= _count(state.update)]
     else:
         save_settings(settings, run_dir)
     walltime = float(rows[-1]["training/walltime"]) if rows else 0.0
@@ -319,17 +366,17 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     last_update = settings.updates if stop_at_update is None else stop_at_update
     last_plot = time.perf_counter()
     tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-    while int(state.update) < last_update:
+    while _count(state.update) < last_update:
         started = time.perf_counter()
         state, metrics = jax.block_until_ready(trainer.run_updates(state))
         training_seconds = time.perf_counter() - started
         evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
         walltime += time.perf_counter() - started
-        row = {"update": int(state.update), "env_steps": int(state.env_steps),
+        row = {"update": _count(state.update), "env_steps": _count(state.env_steps),
                "training/walltime": walltime,
                "training/sps": settings.updates_per_call * settings.num_envs * settings.horizon
-               / training_seconds}
-        row |= {k: float(v) for k, v in (metrics | evaluation).items()}
+               * settings.seeds / training_seconds}
+        row |= summarize_seeds(metrics | evaluation, settings.seeds)
         rows.append(row)
         save_checkpoint(run_dir, state)
         _write_metrics(run_dir, rows)
@@ -337,7 +384,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             if name not in ("update", "env_steps"):
                 tensorboard.add_scalar(name, value, row["env_steps"])
         tensorboard.flush()
-        finished = int(state.update) >= last_update
+        finished = _count(state.update) >= last_update
         if finished or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
             plot_learning_curve(rows, run_dir / "learning_curve.png")
             last_plot = time.perf_counter()
@@ -345,6 +392,11 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             on_log(row)
     tensorboard.close()
     return state
+
+
+def _count(counter: jax.Array) -> int:
+    """A step counter as an int (every seed of a multi-seed run has the same count)."""
+    return int(np.ravel(counter)[0])
 
 
 def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
@@ -358,7 +410,8 @@ def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 
 def plot_learning_curve(rows: list[dict], path: Path) -> None:
-    """Evaluation return against env steps and against wall-clock time."""
+    """Evaluation return against env steps and against wall-clock time (mean over seeds with
+    its 95% confidence interval when a run trains several)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,7 +422,12 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     reward = [float(r["eval/episode_reward"]) for r in rows]
     stochastic = [float(r["eval/stochastic_episode_reward"]) for r in rows]
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    band = [float(r.get("eval/episode_reward_ci95") or 0.0) for r in rows]
+    low = [m - b for m, b in zip(reward, band, strict=True)]
+    high = [m + b for m, b in zip(reward, band, strict=True)]
     for axis, x, label in ((axes[0], steps, "env steps"), (axes[1], seconds, "wall-clock (s)")):
+        if any(band):
+            axis.fill_between(x, low, high, alpha=0.25, label="95% CI over seeds")
         axis.plot(x, reward, marker="o", label="deterministic policy")
         axis.plot(x, stochastic, marker=".", alpha=0.7, label="stochastic policy")
         axis.set(xlabel=label, ylabel="eval episode return")
@@ -380,10 +438,15 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def load_run(run_dir: Path) -> tuple[Trainer, TrainState]:
+    """The trainer of a saved run and its latest checkpoint."""
+    trainer = make_trainer(load_settings(run_dir))
+    return trainer, restore_checkpoint(run_dir, trainer.init_run())
+
+
 def evaluate_run(run_dir: Path) -> dict:
     """Reload a run's latest checkpoint and evaluate it with the run's own evaluation key."""
-    settings = load_settings(run_dir)
-    trainer = make_trainer(settings)
-    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(settings.seed)))
+    trainer, state = load_run(run_dir)
+    settings = trainer.settings
     evaluation = trainer.evaluate(state, jax.random.PRNGKey(settings.seed + 1))
-    return {"update": int(state.update)} | {k: float(v) for k, v in evaluation.items()}
+    return {"update": _count(state.update)} | summarize_seeds(evaluation, settings.seeds)

@@ -157,17 +157,18 @@ def _rectangle(centre_x: float, width: float, height: float):
     return Rectangle((centre_x - width / 2, -height / 2), width, height, color="tab:grey")
 
 
-def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed: int = 0) -> Path:
-    """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy)."""
-    from diffpg.train import load_settings, make_trainer, restore_checkpoint
+def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_index: int = 0,
+                 episode_seed: int = 0) -> Path:
+    """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy; the
+    seed ``seed_index`` of a multi-seed run)."""
+    from diffpg.train import load_run, select_seed
 
-    settings = load_settings(run_dir)
-    trainer = make_trainer(settings)
-    state = restore_checkpoint(run_dir, trainer.init(jax.random.PRNGKey(settings.seed)))
+    trainer, state = load_run(run_dir)
+    if trainer.settings.seeds > 1:
+        if not 0 <= seed_index < trainer.settings.seeds:
+            raise ValueError(f"seed_index={seed_index} must be in 0..{trainer.settings.seeds - 1}")
+        state = select_seed(state, seed_index)
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.estimator_state.obs_stats,
-        jax.random.PRNGKey(seed), trainer.env.episode_length)
-    out = out or run_dir / "policy.gif"
-    return save_gif(trainer.env, positions, rewards, out, every=every)
-
-
+        jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
+    return save_gif(trainer.env, positions, rewards, out or run_dir / "policy.gif", every=every)

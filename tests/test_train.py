@@ -23,6 +23,7 @@ from diffpg.train import (
     make_optimizer,
     make_trainer,
     restore_checkpoint,
+    select_seed,
     train,
 )
 from diffpg.video import episode_states, save_gif
@@ -249,3 +250,32 @@ def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
             for value in event.summary.value:
                 scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
     return scalars
+
+
+def test_seeds_train_as_independent_vmapped_runs(tmp_path):
+    """``seeds=2`` trains seeds 3 and 4 at once: the second matches its single-seed run (to float
+    tolerance: batching may reorder sums), and the log holds their mean, 95% CI and values."""
+    common = dict(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
+                  eval_envs=2, hidden_sizes=(16,))
+    both = train(TrainSettings(seed=3, seeds=2, **common), tmp_path / "both")
+    alone = train(TrainSettings(seed=4, **common), tmp_path / "seed4")
+    for a, b in zip(_params(select_seed(both, 1)), _params(alone), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    with (tmp_path / "both" / "metrics.csv").open() as handle:
+        row = list(csv.DictReader(handle))[-1]
+    values = [float(row[f"eval/episode_reward/seed_{i}"]) for i in range(2)]
+    assert float(row["eval/episode_reward"]) == pytest.approx(np.mean(values))
+    half_width = 12.706 * np.std(values, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof) = 12.706
+    assert float(row["eval/episode_reward_ci95"]) == pytest.approx(half_width, rel=1e-3)
+    assert evaluate_run(tmp_path / "both")["eval/episode_reward"] == pytest.approx(
+        float(row["eval/episode_reward"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("command", ["compare", "train", "eval", "video"])
+def test_help_lists_every_setting(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    if command == "train":
+        assert "--seeds" in text and "95% confidence" in text and "(default: 1)" in text
