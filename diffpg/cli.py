@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"diffpg {arguments.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from diffpg.train import TrainingStopped
+
+        if not isinstance(error, TrainingStopped):
+            raise
+        print(f"diffpg {arguments.command}: stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -26,15 +26,23 @@ def init_statistics(size: int) -> RunningStatistics:
 
 
 def update_statistics(stats: RunningStatistics, batch: jax.Array) -> RunningStatistics:
-    """Merge a batch ``[..., size]`` into ``stats`` (Chan et al. 1979 pairwise update)."""
+    """Merge a batch ``[..., size]`` into ``stats`` (Chan et al. 1979 pairwise update).
+
+    Rows with a non-finite entry (a physics blow-up) are left out, so they cannot poison the
+    statistics; a batch with no finite row leaves ``stats`` unchanged.
+    """
     batch = jnp.reshape(batch, (-1, stats.mean.shape[-1]))
-    batch_count = jnp.asarray(batch.shape[0], stats.count.dtype)
-    batch_mean = jnp.mean(batch, axis=0)
-    batch_sq_dev = jnp.sum(jnp.square(batch - batch_mean), axis=0)
+    finite = jnp.all(jnp.isfinite(batch), axis=1, keepdims=True)
+    batch = jnp.where(finite, batch, 0.0)
+    batch_count = jnp.sum(finite).astype(stats.count.dtype)
+    safe_count = jnp.maximum(batch_count, 1.0)
+    batch_mean = jnp.sum(batch, axis=0) / safe_count
+    batch_sq_dev = jnp.sum(jnp.where(finite, jnp.square(batch - batch_mean), 0.0), axis=0)
     count = stats.count + batch_count
     delta = batch_mean - stats.mean
-    mean = stats.mean + delta * batch_count / count
-    sum_sq_dev = stats.sum_sq_dev + batch_sq_dev + jnp.square(delta) * stats.count * batch_count / count
+    mean = stats.mean + delta * batch_count / jnp.maximum(count, 1.0)
+    sum_sq_dev = (stats.sum_sq_dev + batch_sq_dev
+                  + jnp.square(delta) * stats.count * batch_count / jnp.maximum(count, 1.0))
     return RunningStatistics(count, mean, sum_sq_dev)
 
 

@@ -70,6 +70,9 @@ class TrainSettings:
     discount: float = 0.99
     eval_envs: int = 16
     seed: int = 0
+    max_consecutive_nonfinite: int = 100
+    """Non-finite updates in a row after which the run stops (its last checkpoint, with finite
+    parameters, is kept)."""
     seeds: int = 1
     """Independent runs trained at once with jax.vmap, seeds seed .. seed + seeds - 1; metrics
     report their mean, a 95% confidence interval and each seed's value."""
@@ -80,7 +83,8 @@ class TrainSettings:
         if self.estimator not in estimators.names():
             raise ValueError(f"estimator={self.estimator!r} is not known; allowed values: "
                              f"{estimators.names()}")
-        for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs", "seeds"):
+        for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs", "seeds",
+                     "max_consecutive_nonfinite"):
             check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "grad_clip"):
             check_positive(name, getattr(self, name))
@@ -155,14 +159,21 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     return optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(settings.grad_clip),
                     optax.adam(schedule, b1=settings.betas[0], b2=settings.betas[1])),
-        max_consecutive_errors=settings.updates,
+        # Never apply a non-finite update: the count cannot exceed the number of updates.
+        # Stopping after max_consecutive_nonfinite is train()'s job.
+        max_consecutive_errors=settings.updates + 1,
     )
 
 
-def make_trainer(settings: TrainSettings) -> Trainer:
-    """Build env, policy, estimator and the compiled update and evaluation functions."""
-    env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend,
-                    **settings.env_settings)
+def make_trainer(settings: TrainSettings, env=None) -> Trainer:
+    """Build env, policy, estimator and the compiled update and evaluation functions.
+
+    ``env`` replaces the environment named by the settings (same sizes; for custom or
+    instrumented environments).
+    """
+    if env is None:
+        env = envs.make(settings.env, episode_length=settings.episode_length,
+                        backend=settings.backend, **settings.env_settings)
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes)
     estimator = estimators.make(settings.estimator, env, policy, **settings.estimator_settings)
@@ -178,9 +189,10 @@ def make_trainer(settings: TrainSettings) -> Trainer:
                           zero, zero)
 
     def one_update(state: TrainState, _) -> tuple[TrainState, dict]:
-        key, key_estimate = jax.random.split(state.key)
+        key, key_estimate, key_reset = jax.random.split(state.key, 3)
         estimate = estimator.estimate(state.params, state.estimator_state, state.env_state,
                                       key_estimate)
+        env_state, env_resets = reset_nonfinite_envs(env, estimate.env_state, key_reset)
         # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
         loss_grad = jax.tree.map(lambda g: -g / settings.horizon, estimate.grad)
         grad_norm = optax.global_norm(loss_grad)
@@ -188,12 +200,13 @@ def make_trainer(settings: TrainSettings) -> Trainer:
         updates, opt_state = optimizer.update(loss_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
-            params, opt_state, estimate.state, estimate.env_state, key, state.update + 1,
+            params, opt_state, estimate.state, env_state, key, state.update + 1,
             state.env_steps + settings.num_envs * settings.horizon,
             state.nonfinite_updates + (~finite).astype(jnp.int32),
         )
         metrics = {"training/grad_norm": grad_norm,
-                   "training/objective_per_step": estimate.metrics["objective"] / settings.horizon}
+                   "training/objective_per_step": estimate.metrics["objective"] / settings.horizon,
+                   "training/nonfinite_env_resets": env_resets}
         metrics |= {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
         return new_state, metrics
 
@@ -247,6 +260,23 @@ def make_trainer(settings: TrainSettings) -> Trainer:
     return Trainer(settings, env, policy, estimator, optimizer, init,
                    jax.jit(jax.vmap(run_updates)), jax.jit(jax.vmap(evaluate, (0, None))),
                    init_seeds)
+
+
+def reset_nonfinite_envs(env, env_state: State, key: jax.Array) -> tuple[State, jax.Array]:
+    """Replace every environment of the batch ``[B]`` whose observation or reward is not finite
+    by a fresh episode, so one physics blow-up does not poison every later update.
+
+    Returns the batch and the number of environments reset (a float scalar, for the metrics).
+    """
+    flat_obs = env_state.obs.reshape(env_state.obs.shape[0], -1)
+    finite = jnp.all(jnp.isfinite(flat_obs), axis=1) & jnp.isfinite(env_state.reward)
+    fresh = jax.vmap(env.reset)(jax.random.split(key, finite.shape[0]))
+
+    def pick(kept, new):
+        mask = finite.reshape(finite.shape + (1,) * (kept.ndim - 1))
+        return jnp.where(mask, kept, new)
+
+    return jax.tree.map(pick, env_state, fresh), jnp.sum(~finite).astype(jnp.float32)
 
 
 def select_seed(state: TrainState, index: int) -> TrainState:
@@ -346,13 +376,15 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
           on_log: Callable[[dict], None] | None = None,
-          stop_at_update: int | None = None) -> TrainState:
+          stop_at_update: int | None = None, env=None) -> TrainState:
     """Train, logging and checkpointing into ``run_dir`` after every ``updates_per_call`` updates.
 
     ``resume=True`` continues from the latest checkpoint of ``run_dir`` (its metrics continue too).
-    ``stop_at_update`` stops early (as an interruption would), leaving a resumable run.
+    ``stop_at_update`` stops early (as an interruption would), leaving a resumable run. ``env``
+    replaces the settings' environment (``make_trainer``). Raises ``TrainingStopped`` after
+    ``max_consecutive_nonfinite`` non-finite updates in a row, with the checkpoint saved.
     """
-    trainer = make_trainer(settings)
+    trainer = make_trainer(settings, env)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = trainer.init_run()
     rows: list[dict] = []
@@ -390,8 +422,22 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             last_plot = time.perf_counter()
         if on_log:
             on_log(row)
+        in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
+        if in_a_row >= settings.max_consecutive_nonfinite:
+            plot_learning_curve(rows, run_dir / "learning_curve.png")
+            tensorboard.close()
+            raise TrainingStopped(
+                f"the last {in_a_row} updates had non-finite gradients "
+                f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped at "
+                f"update {_count(state.update)}. The checkpoint there holds the last finite "
+                "parameters; lower learning_rate or horizon, or check the environment, then "
+                "resume it or start again")
     tensorboard.close()
     return state
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped itself (too many non-finite updates in a row); its checkpoint is kept."""
 
 
 def _count(counter: jax.Array) -> int:

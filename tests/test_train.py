@@ -17,6 +17,7 @@ from PIL import Image
 
 from diffpg import cli
 from diffpg.train import (
+    TrainingStopped,
     TrainSettings,
     checkpoint_updates,
     evaluate_run,
@@ -279,3 +280,64 @@ def test_help_lists_every_setting(command, capsys):
     text = capsys.readouterr().out
     if command == "train":
         assert "--seeds" in text and "95% confidence" in text and "(default: 1)" in text
+
+
+class _InjectNaN:
+    """Pendulum whose step returns a NaN observation and reward where ``sin(1e4 theta) >
+    threshold`` (a deterministic, pseudo-random subset of states, as a physics blow-up)."""
+
+    def __init__(self, threshold: float):
+        import envs
+
+        self.env = envs.make("pendulum")
+        self.threshold = threshold
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def reset(self, key):
+        return self.env.reset(key)
+
+    def step(self, state, action):
+        next_state = self.env.step(state, action)
+        theta = next_state.pipeline_state[0]
+        nan = jax.numpy.where(jax.numpy.sin(1e4 * theta) > self.threshold, jax.numpy.nan, 0.0)
+        return next_state.replace(obs=next_state.obs + nan, reward=next_state.reward + nan)
+
+
+def test_nan_from_the_physics_is_skipped_and_training_continues(tmp_path):
+    """About 0.45% of steps blow up (13% of updates see one): those updates are skipped and
+    counted, the blown-up environments restart, and the parameters stay finite and keep
+    learning."""
+    settings = TrainSettings(env="pendulum", updates=30, updates_per_call=10, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    env = _InjectNaN(threshold=0.9999)
+    trainer = make_trainer(settings, env)
+    start = trainer.init_run()
+    state, metrics = trainer.run_updates(start)
+    skipped, resets = 0.0, 0.0
+    for _ in range(2):
+        state, metrics = trainer.run_updates(state)
+        skipped = float(metrics["training/nonfinite_updates"])
+        resets += float(metrics["training/nonfinite_env_resets"]) * settings.updates_per_call
+    params = _params(state)
+    assert all(np.all(np.isfinite(p)) for p in params)
+    assert 0 < skipped < 20, skipped  # some updates skipped, most applied
+    assert resets > 0
+    assert any(np.any(a != b) for a, b in zip(params, _params(start), strict=True))
+    stats = state.estimator_state.obs_stats
+    assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.sum_sq_dev))
+
+
+def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(tmp_path, capsys):
+    settings = TrainSettings(env="pendulum", updates=20, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,),
+                             max_consecutive_nonfinite=3)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="max_consecutive_nonfinite=3"):
+        train(settings, out, env=_InjectNaN(threshold=-2.0))  # every step blows up
+    assert checkpoint_updates(out)[-1] == 4  # stopped after the call that passed 3 in a row
+    trainer = make_trainer(settings)
+    restored = restore_checkpoint(out, trainer.init_run())
+    for a, b in zip(_params(restored), _params(trainer.init_run()), strict=True):
+        np.testing.assert_array_equal(a, b)  # no non-finite update ever applied
