@@ -212,7 +212,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
 
     def run_updates(state: TrainState) -> tuple[TrainState, dict]:
         state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = jax.tree.map(jnp.nanmean, metrics)  # skipped updates are counted apart
         metrics["training/nonfinite_updates"] = state.nonfinite_updates
         return state, metrics
 

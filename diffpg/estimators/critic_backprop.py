@@ -152,6 +152,13 @@ def make_critic_backprop(
             critic_params, opt_state = carry
             key_sample, key_next = jax.random.split(step_key)
             batch = sample(state.replay, key_sample, settings.replay_batch_size)
+            # A stored blow-up (non-finite transition) would stay in the buffer for a long
+            # time: such rows are zeroed and left out of the loss instead of skipping steps.
+            valid = jnp.ones_like(batch.reward, dtype=bool)
+            for leaf in batch:
+                valid &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+            batch = jax.tree.map(
+                lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), batch)
             obs, next_obs = normalize(stats, batch.obs), normalize(stats, batch.next_obs)
             no_time = jnp.zeros_like(batch.reward)
             targets = jax.lax.stop_gradient(td_targets(
@@ -159,7 +166,8 @@ def make_critic_backprop(
 
             def loss_fn(p):
                 prediction = q_function.apply(p, obs, batch.action, no_time)
-                return jnp.mean(jnp.square(prediction - targets))
+                squared = jnp.where(valid, jnp.square(prediction - targets), 0.0)
+                return jnp.sum(squared) / jnp.maximum(jnp.sum(valid), 1)
 
             loss, grads = jax.value_and_grad(loss_fn)(critic_params)
             updates, opt_state = optimizer.update(grads, opt_state, critic_params)
