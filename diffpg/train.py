@@ -31,7 +31,12 @@ from tensorboardX import SummaryWriter
 
 import envs
 from diffpg import estimators
-from diffpg.estimators.base import EstimatorState, check_positive, check_positive_int
+from diffpg.estimators.base import (
+    EstimatorState,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+)
 from diffpg.normalization import normalize
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
 from envs.core import State
@@ -88,7 +93,17 @@ class TrainSettings:
             check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "grad_clip"):
             check_positive(name, getattr(self, name))
-        if self.final_learning_rate < 0 or self.final_learning_rate > self.learning_rate:
+        check_unit_interval("discount", self.discount)
+        if (len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1
+                                            for b in self.betas)):
+            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        if not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes={self.hidden_sizes!r} must be positive integers")
+        if self.episode_length is not None:
+            check_positive_int("episode_length", self.episode_length)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+        if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
                              f"[0, learning_rate={self.learning_rate}]")
 
