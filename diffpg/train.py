@@ -351,11 +351,16 @@ def load_settings(run_dir: Path) -> TrainSettings:
 
 
 def checkpoint_updates(run_dir: Path) -> list[int]:
-    """Updates at which complete checkpoints exist, oldest first."""
+    """Updates at which complete checkpoints exist, oldest first.
+
+    Complete: renamed to its final name (a save in progress has a temporary name) and holding the
+    metadata orbax writes when it finalises a save.
+    """
     folder = run_dir / "checkpoints"
     if not folder.exists():
         return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    return sorted(int(p.name) for p in folder.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
 
 
 def save_checkpoint(run_dir: Path, state: TrainState) -> None:

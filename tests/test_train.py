@@ -343,3 +343,26 @@ def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(t
     restored = restore_checkpoint(out, trainer.init_run())
     for a, b in zip(_params(restored), _params(trainer.init_run()), strict=True):
         np.testing.assert_array_equal(a, b)  # no non-finite update ever applied
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path):
+    """A crash mid-save leaves a temporary folder, or a folder without orbax's final metadata:
+    neither is taken for a checkpoint; resuming continues from the last complete one and ends
+    where an uninterrupted run does."""
+    settings = TrainSettings(env="pendulum", updates=6, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    whole = train(settings, tmp_path / "whole")
+    out = tmp_path / "cut"
+    train(settings, out, stop_at_update=4)
+    folder = out / "checkpoints"
+    complete = folder / "4"
+    for partial_name in ("6.orbax-checkpoint-tmp-1700000000", "6"):
+        partial = folder / partial_name
+        partial.mkdir()
+        for path in complete.iterdir():  # the files of a save, truncated, without the marker
+            if path.is_file() and path.name != "_CHECKPOINT_METADATA":
+                (partial / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert checkpoint_updates(out) == [2, 4]
+    resumed = train(settings, out, resume=True)
+    for a, b in zip(_params(whole), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
