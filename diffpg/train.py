@@ -75,6 +75,9 @@ class TrainSettings:
     discount: float = 0.99
     eval_envs: int = 16
     seed: int = 0
+    devices: int = 1
+    """Devices the environment batch is split over (data parallel; num_envs must divide evenly).
+    On one CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices."""
     max_consecutive_nonfinite: int = 100
     """Non-finite updates in a row after which the run stops (its last checkpoint, with finite
     parameters, is kept)."""
@@ -89,7 +92,7 @@ class TrainSettings:
             raise ValueError(f"estimator={self.estimator!r} is not known; allowed values: "
                              f"{estimators.names()}")
         for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs", "seeds",
-                     "max_consecutive_nonfinite"):
+                     "max_consecutive_nonfinite", "devices"):
             check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "grad_clip"):
             check_positive(name, getattr(self, name))
@@ -103,6 +106,14 @@ class TrainSettings:
             check_positive_int("episode_length", self.episode_length)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r} must be an integer")
+        if self.devices > 1:
+            available = jax.device_count()
+            if self.devices > available:
+                raise ValueError(f"devices={self.devices} but only {available} are available; "
+                                 f"allowed: 1..{available}")
+            if self.num_envs % self.devices:
+                raise ValueError(f"num_envs={self.num_envs} does not split over "
+                                 f"devices={self.devices}; allowed: a multiple of {self.devices}")
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
                              f"[0, learning_rate={self.learning_rate}]")
@@ -264,17 +275,45 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
         def init_run() -> TrainState:
             return init(jax.random.PRNGKey(settings.seed))
 
-        return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run_updates),
-                       jax.jit(evaluate), init_run)
+        run, evaluate_all = run_updates, evaluate
+    else:
+        def init_run() -> TrainState:
+            seeds = settings.seed + jnp.arange(settings.seeds)
+            return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
 
-    def init_seeds() -> TrainState:
-        seeds = settings.seed + jnp.arange(settings.seeds)
-        return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
+        # Every seed is evaluated on the same starts and noise (common random numbers).
+        run, evaluate_all = jax.vmap(run_updates), jax.vmap(evaluate, (0, None))
+    if settings.devices == 1:
+        return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run),
+                       jax.jit(evaluate_all), init_run)
 
-    # Every seed is evaluated on the same starts and noise (common random numbers).
-    return Trainer(settings, env, policy, estimator, optimizer, init,
-                   jax.jit(jax.vmap(run_updates)), jax.jit(jax.vmap(evaluate, (0, None))),
-                   init_seeds)
+    state_sharding, replicated = shard_over_batch(jax.eval_shape(init_run), settings)
+    return Trainer(
+        settings, env, policy, estimator, optimizer, init,
+        jax.jit(run, in_shardings=(state_sharding,), out_shardings=(state_sharding, replicated)),
+        jax.jit(evaluate_all, in_shardings=(state_sharding, replicated),
+                out_shardings=replicated),
+        jax.jit(init_run, out_shardings=state_sharding),
+    )
+
+
+def shard_over_batch(abstract_state: TrainState, settings: TrainSettings):
+    """Shardings for data parallelism over ``settings.devices`` devices: the environment batch
+    is split along its batch axis (axis 1 with several seeds), everything else (parameters,
+    optimiser and critic states, replay buffer, key) is replicated. XLA then averages the
+    gradient over devices where the estimators take their batch mean (an all-reduce).
+
+    Returns ``(state shardings, the replicated sharding)``.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[: settings.devices]), ("batch",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    seed_axes = (None,) if settings.seeds > 1 else ()
+    batched = NamedSharding(mesh, PartitionSpec(*seed_axes, "batch"))
+    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)._replace(
+        env_state=jax.tree.map(lambda _: batched, abstract_state.env_state))
+    return state_sharding, replicated
 
 
 def reset_nonfinite_envs(env, env_state: State, key: jax.Array) -> tuple[State, jax.Array]:
