@@ -1,0 +1,141 @@
+"""Throughput against the limit: simulation alone, a BPTT gradient, diffpg SHAC, Brax APG.
+
+For one Brax env, backend, batch ``B`` and horizon ``T``, measured in one process and reported as
+env steps per second (``B * T`` per call or update) and as ratios:
+
+* ``simulate``: ``T`` steps of ``B`` envs with the policy's sampled actions, no gradient (the
+  ceiling for anything that must simulate and act);
+* ``bptt_gradient``: one full-horizon BPTT gradient (``diffpg.estimators`` ``bptt``);
+* ``shac_training``: diffpg's training loop with SHAC (critic fitting and optimiser included);
+* ``brax_apg_training``: Brax's own APG trainer at the same horizon, batch and backend (its
+  ``training/sps`` of the last epoch, compilation excluded).
+
+Each diffpg row is timed over ``--repeats`` calls after one compiling call. Targets (issue 5):
+SHAC training >= 1/4 of ``simulate`` and >= 1.0x Brax APG.
+
+    python experiments/bench_throughput.py                       # CPU: inverted_pendulum, 64 x 32
+    python experiments/bench_throughput.py --gpu                 # GPU: ant, 2048 x 32
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import envs  # noqa: E402
+from diffpg import estimators  # noqa: E402
+from diffpg.normalization import init_statistics  # noqa: E402
+from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402
+from diffpg.rollout import rollout  # noqa: E402
+from diffpg.train import TrainSettings, make_trainer  # noqa: E402
+
+
+def seconds_per_call(function, *args, repeats: int) -> tuple[float, float]:
+    """(compile + first call, mean of ``repeats`` later calls) in seconds."""
+    started = time.perf_counter()
+    jax.block_until_ready(function(*args))
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(function(*args))
+    return first, (time.perf_counter() - started) / repeats
+
+
+def brax_apg_sps(env, num_envs: int, horizon: int, updates: int) -> tuple[float, float]:
+    """Brax APG's ``training/sps`` of its last epoch, and its whole wall-clock."""
+    from brax.training.agents.apg import train as apg
+
+    reported = []
+    started = time.perf_counter()
+    apg.train(environment=env.unwrapped.brax_env, episode_length=env.episode_length,
+              policy_updates=updates, horizon_length=horizon, num_envs=num_envs, num_evals=3,
+              num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
+              progress_fn=lambda step, metrics: reported.append(dict(metrics)))
+    sps = [m["training/sps"] for m in reported if "training/sps" in m]
+    return float(sps[-1]), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = common.parser("bench_throughput", __doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
+    parser.add_argument("--env", default=None, help="Brax env (default: inverted_pendulum; ant with --gpu)")
+    parser.add_argument("--num-envs", type=int, default=None)
+    parser.add_argument("--horizon", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-apg", action="store_true", help="leave Brax APG out")
+    arguments = parser.parse_args()
+    env_name = arguments.env or ("ant" if arguments.gpu else "inverted_pendulum")
+    num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
+    horizon, repeats = arguments.horizon, arguments.repeats
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+
+    env = envs.make(env_name)
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size)
+    key = jax.random.PRNGKey(arguments.seed)
+    params = policy.init(key)
+    starts = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+    stats = init_statistics(env.observation_size)
+    steps = num_envs * horizon
+    rows = []
+
+    simulate = jax.jit(lambda s, k: rollout(env, policy, params, stats, s, k, horizon)[1].reward)
+    first, per_call = seconds_per_call(simulate, starts, key, repeats=repeats)
+    rows.append({"what": "simulate", "compile_s": first, "env_steps_per_s": steps / per_call})
+
+    bptt = estimators.make("bptt", env, policy, horizon=horizon)
+    bptt_state = bptt.init(key, params)
+    gradient = jax.jit(lambda s, k: bptt.estimate(params, bptt_state, s, k).grad)
+    first, per_call = seconds_per_call(gradient, starts, key, repeats=repeats)
+    rows.append({"what": "bptt_gradient", "compile_s": first, "env_steps_per_s": steps / per_call})
+
+    settings = TrainSettings(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
+                             updates=1000, updates_per_call=repeats, eval_envs=1)
+    trainer = make_trainer(settings)
+    state = trainer.init_run()
+    started = time.perf_counter()
+    state, _ = jax.block_until_ready(trainer.run_updates(state))
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    state, _ = jax.block_until_ready(trainer.run_updates(state))
+    per_update = (time.perf_counter() - started) / repeats
+    rows.append({"what": "shac_training", "compile_s": first,
+                 "env_steps_per_s": steps / per_update})
+
+    if not arguments.skip_apg:
+        sps, wall = brax_apg_sps(env, num_envs, horizon, updates=3 * repeats)
+        rows.append({"what": "brax_apg_training", "compile_s": wall, "env_steps_per_s": sps})
+
+    rate = {row["what"]: row["env_steps_per_s"] for row in rows}
+    for row in rows:
+        row["vs_simulate"] = row["env_steps_per_s"] / rate["simulate"]
+        if "brax_apg_training" in rate:
+            row["vs_brax_apg"] = row["env_steps_per_s"] / rate["brax_apg_training"]
+    table = common.format_table(rows, ["what", "env_steps_per_s", "vs_simulate", "vs_brax_apg",
+                                       "compile_s"])
+    header = (f"{env_name} ({env.unwrapped.backend}), {num_envs} envs x {horizon} steps, "
+              f"{jax.devices()[0].platform}; compile_s for brax_apg is its whole run")
+    print(header)
+    print(table)
+    targets = {"shac_vs_simulate (target >= 0.25)": rate["shac_training"] / rate["simulate"]}
+    if "brax_apg_training" in rate:
+        targets["shac_vs_brax_apg (target >= 1.0)"] = (rate["shac_training"]
+                                                       / rate["brax_apg_training"])
+    for name, value in targets.items():
+        print(f"{name}: {value:.3f}")
+    common.write_json(out / "results.json", {
+        "env": env_name, "backend": env.unwrapped.backend, "num_envs": num_envs,
+        "horizon": horizon, "repeats": repeats, "rows": rows, "targets": targets,
+        "device": str(jax.devices()[0]),
+    })
+    (out / "report.md").write_text(f"# Throughput\n\n{header}\n\n{table}\n\n" + "\n".join(
+        f"- {k}: {v:.3f}" for k, v in targets.items()) + "\n")
+
+
+if __name__ == "__main__":
+    main()
