@@ -102,7 +102,7 @@ def make_gaussian_mlp_policy(
 
     def init(key: jax.Array) -> Params:
         mean_params = network.init(key, jnp.zeros((observation_size,)))
-        return {"mean": mean_params, "log_std": jnp.full((action_size,), init_log_std)}
+        return {"mean": mean_params, "log_std": jnp.full((action_size,), init_log_std, dtype=jnp.float32)}
 
     def distribution(params: Params, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         mean = network.apply(params["mean"], obs)
@@ -131,7 +131,7 @@ def make_linear_gaussian_policy(
         return {
             "gain": gain / math.sqrt(observation_size),
             "bias": jnp.zeros(action_size),
-            "log_std": jnp.full((action_size,), init_log_std),
+            "log_std": jnp.full((action_size,), init_log_std, dtype=jnp.float32),
         }
 
     def distribution(params: Params, obs: jax.Array) -> tuple[jax.Array, jax.Array]:

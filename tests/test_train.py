@@ -366,3 +366,15 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path):
     resumed = train(settings, out, resume=True)
     for a, b in zip(_params(whole), _params(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("estimator", ["shac", "reinforce", "critic_backprop"])
+def test_the_training_call_compiles_once(estimator):
+    """The state a call returns has the types of the state it took (a weak-typed initial
+    parameter once made the second call compile the whole loop again)."""
+    settings = TrainSettings(env="pendulum", estimator=estimator, updates=4, updates_per_call=2,
+                             num_envs=4, horizon=8, eval_envs=2, hidden_sizes=(16,))
+    trainer = make_trainer(settings)
+    state, _ = trainer.run_updates(trainer.init_run())
+    trainer.run_updates(state)
+    assert trainer.run_updates._cache_size() == 1
