@@ -1,0 +1,91 @@
+"""Compile time of one SHAC training update, cold and with the persistent compilation cache warm.
+
+Two fresh processes share one empty cache folder: the first compiles from nothing (cold), the
+second finds the executable in the cache (warm). Each reports the seconds of its first training
+call (tracing + compiling or loading + one run) and of a second call (the run alone), so the
+compile cost is first - second. Targets (issue 5): cold <= 60 s, warm <= 10 s, on CPU for Ant.
+
+    python experiments/bench_compile.py                 # ant, 64 envs, horizon 32
+    python experiments/bench_compile.py --gpu           # ant, 2048 envs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CHILD = r"""
+import json, sys, time
+started = time.perf_counter()
+import jax
+from diffpg.train import TrainSettings, make_trainer
+imported = time.perf_counter() - started
+env, num_envs, horizon = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+settings = TrainSettings(env=env, estimator="shac", num_envs=num_envs, horizon=horizon,
+                         updates=10, updates_per_call=1, eval_envs=1)
+started = time.perf_counter()
+trainer = make_trainer(settings)
+state = jax.block_until_ready(trainer.init_run())
+built = time.perf_counter() - started
+started = time.perf_counter()
+state, _ = jax.block_until_ready(trainer.run_updates(state))
+first = time.perf_counter() - started
+started = time.perf_counter()
+jax.block_until_ready(trainer.run_updates(state))
+second = time.perf_counter() - started
+print("RESULT" + json.dumps({"import_s": imported, "build_and_init_s": built,
+                             "first_call_s": first, "second_call_s": second,
+                             "platform": jax.devices()[0].platform}))
+"""
+
+
+def child(env: str, num_envs: int, horizon: int, cache: str) -> dict:
+    environment = os.environ | {"DIFFPG_CACHE_DIR": cache, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", CHILD, env, str(num_envs), str(horizon)],
+                          env=environment, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.split("RESULT")[-1])
+
+
+def main() -> None:
+    parser = common.parser("bench_compile", __doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="GPU size: 2048 envs")
+    parser.add_argument("--env", default="ant")
+    parser.add_argument("--num-envs", type=int, default=None)
+    parser.add_argument("--horizon", type=int, default=32)
+    arguments = parser.parse_args()
+    num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for kind in ("cold", "warm"):
+            result = child(arguments.env, num_envs, arguments.horizon, cache)
+            result["compile_s"] = result["first_call_s"] - result["second_call_s"]
+            rows.append({"cache": kind} | result)
+    columns = ["cache", "compile_s", "first_call_s", "second_call_s", "build_and_init_s",
+               "import_s"]
+    header = (f"one SHAC update, {arguments.env}, {num_envs} envs x {arguments.horizon} steps, "
+              f"{rows[0]['platform']}")
+    table = common.format_table(rows, columns)
+    targets = {"cold_compile_s (target <= 60)": rows[0]["compile_s"],
+               "warm_compile_s (target <= 10)": rows[1]["compile_s"]}
+    print(header)
+    print(table)
+    for name, value in targets.items():
+        print(f"{name}: {value:.1f}")
+    common.write_json(out / "results.json", {"env": arguments.env, "num_envs": num_envs,
+                                             "horizon": arguments.horizon, "rows": rows,
+                                             "targets": targets})
+    (out / "report.md").write_text(f"# Compile time\n\n{header}\n\n{table}\n\n" + "\n".join(
+        f"- {k}: {v:.1f}" for k, v in targets.items()) + "\n")
+
+
+if __name__ == "__main__":
+    main()
