@@ -37,12 +37,19 @@ def rollout(
     env_state: State,
     key: jax.Array,
     horizon: int,
+    remat_segment: int = 0,
 ) -> tuple[State, Transitions]:
     """Run ``horizon`` steps of a batch of ``B`` environments (``env_state`` has leading axis B).
 
     Actions are ``policy.to_action(mean + std * noise)`` on normalised observations, with the
     statistics ``obs_stats`` frozen for the whole window. Differentiable in ``params`` and
     ``env_state`` through the environment's dynamics. Returns the final state and the transitions.
+
+    ``remat_segment = S > 0`` (``S`` divides ``horizon``) rematerialises: the scan runs as
+    ``horizon / S`` segments of ``S`` steps under ``jax.checkpoint``, so reverse mode keeps only
+    the states at segment boundaries plus one segment's intermediates (memory about
+    ``O(horizon / S + S)`` steps instead of ``O(horizon)``) and recomputes each segment's forward
+    pass once. The values and gradients are those of the plain scan.
     """
     step_batch = jax.vmap(env.step)
 
@@ -66,7 +73,18 @@ def rollout(
         return next_state, transition
 
     keys = jax.random.split(key, horizon)
-    return jax.lax.scan(step, env_state, keys)
+    if not remat_segment:
+        return jax.lax.scan(step, env_state, keys)
+    if horizon % remat_segment:
+        raise ValueError(f"remat_segment={remat_segment} must divide horizon={horizon}")
+
+    @jax.checkpoint
+    def segment(state, segment_keys):
+        return jax.lax.scan(step, state, segment_keys)
+
+    segments = keys.reshape((horizon // remat_segment, remat_segment) + keys.shape[1:])
+    end_state, transitions = jax.lax.scan(segment, env_state, segments)
+    return end_state, jax.tree.map(lambda x: x.reshape((horizon,) + x.shape[2:]), transitions)
 
 
 def repeat_states(env_state: State, repeats: int) -> State:

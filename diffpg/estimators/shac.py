@@ -76,6 +76,9 @@ class ShacSettings:
     """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
     normalize_observations: bool = False
     """Update running observation statistics after each estimate (frozen within it)."""
+    remat_segment: int = 0
+    """Rematerialise each differentiated window in segments of this many steps (0: off); trades
+    one extra forward pass for memory (diffpg.rollout.rollout)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
@@ -92,6 +95,7 @@ class ShacSettings:
         check_positive_int("critic_iterations", self.critic_iterations)
         check_positive_int("critic_minibatches", self.critic_minibatches)
         check_unit_interval("target_critic_keep", self.target_critic_keep)
+        check_remat_segment(self.remat_segment, self.window_length)
 
     @property
     def window_length(self) -> int:
@@ -108,16 +112,26 @@ class BpttSettings:
     """Steps differentiated through, with no critic: the full-horizon pathwise gradient (APG)."""
     discount: float = 0.99
     normalize_observations: bool = False
+    remat_segment: int = 0
+    """Rematerialise the differentiated scan in segments of this many steps (0: off); trades
+    one extra forward pass for memory (diffpg.rollout.rollout)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
         check_unit_interval("discount", self.discount)
+        check_remat_segment(self.remat_segment, self.horizon)
 
     def as_shac(self) -> ShacSettings:
         return ShacSettings(
             horizon=self.horizon, discount=self.discount, critic=False, finite_horizon=True,
-            normalize_observations=self.normalize_observations,
+            normalize_observations=self.normalize_observations, remat_segment=self.remat_segment,
         )
+
+
+def check_remat_segment(segment: int, window: int) -> None:
+    if not isinstance(segment, int) or segment < 0 or (segment and window % segment):
+        raise ValueError(f"remat_segment={segment!r} must be 0 (off) or a divisor of the "
+                         f"differentiated window of {window} steps")
 
 
 def make_shac(
@@ -155,7 +169,8 @@ def make_shac(
 
         def window_objective(p, start_state, start_weight, window_index, window_key):
             start_state = jax.lax.stop_gradient(start_state)
-            end_state, tr = rollout(env, policy, p, stats, start_state, window_key, window)
+            end_state, tr = rollout(env, policy, p, stats, start_state, window_key, window,
+                                    settings.remat_segment)
             # steps of the horizon left after each transition (an exact critic's time argument)
             steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
             steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
