@@ -1,0 +1,153 @@
+"""Learning against Brax's own trainers: return against env steps and wall-clock, one Brax env.
+
+diffpg SHAC, REINFORCE and critic backprop (``diffpg.train`` with its defaults) and Brax's APG and
+PPO run on the same env, backend and machine for about the same number of env steps. Each logs
+``(env steps, wall-clock, deterministic eval return)`` at its evaluations; wall-clock includes
+compilation, as a user waits for it. Targets (issue 5): SHAC above APG at equal env steps; SHAC
+reaches PPO's final return with at most 1/10 of PPO's env steps and less wall-clock.
+
+    python experiments/bench_learning.py                 # CPU: inverted_pendulum, ~200k steps
+    python experiments/bench_learning.py --gpu           # GPU: ant, 2048 envs, ~50M steps
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import envs  # noqa: E402
+from diffpg.train import TrainSettings, train  # noqa: E402
+
+
+def run_diffpg(estimator: str, env_name: str, num_envs: int, horizon: int, steps: int,
+               evals: int) -> list[dict]:
+    updates = max(steps // (num_envs * horizon), evals)
+    per_call = max(updates // evals, 1)
+    settings = TrainSettings(env=env_name, estimator=estimator, num_envs=num_envs,
+                             horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
+                             eval_envs=16)
+    curve = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        train(settings, Path(folder), on_log=lambda row: curve.append({
+            "env_steps": row["env_steps"], "seconds": time.perf_counter() - started,
+            "reward": row["eval/episode_reward"]}))
+    return curve
+
+
+def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
+             evals: int) -> list[dict]:
+    env = envs.make(env_name).unwrapped.brax_env
+    curve = []
+    started = time.perf_counter()
+
+    def progress(step, metrics):
+        curve.append({"env_steps": int(step), "seconds": time.perf_counter() - started,
+                      "reward": float(metrics["eval/episode_reward"])})
+
+    if algorithm == "brax_apg":
+        from brax.training.agents.apg import train as apg
+
+        apg.train(environment=env, episode_length=1000,
+                  policy_updates=max(steps // (num_envs * horizon), evals),
+                  horizon_length=horizon, num_envs=num_envs, num_evals=evals + 1,
+                  num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
+                  progress_fn=progress)
+    else:
+        from brax.training.agents.ppo import train as ppo
+
+        # Brax's published inverted_pendulum settings, with the batch scaled to num_envs.
+        ppo.train(environment=env, num_timesteps=steps, episode_length=1000,
+                  num_envs=num_envs, batch_size=num_envs, num_minibatches=8, unroll_length=5,
+                  num_updates_per_batch=4, discounting=0.97, learning_rate=3e-4,
+                  entropy_cost=1e-2, reward_scaling=10.0, normalize_observations=True,
+                  num_evals=evals + 1, num_eval_envs=16, progress_fn=progress)
+    return curve
+
+
+def main() -> None:
+    parser = common.parser("bench_learning", __doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
+    parser.add_argument("--env", default=None)
+    parser.add_argument("--num-envs", type=int, default=None)
+    parser.add_argument("--horizon", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="env steps per learner")
+    parser.add_argument("--evals", type=int, default=5)
+    parser.add_argument("--learners", nargs="+", default=[
+        "shac", "reinforce", "critic_backprop", "brax_apg", "brax_ppo"])
+    arguments = parser.parse_args()
+    env_name = arguments.env or ("ant" if arguments.gpu else "inverted_pendulum")
+    num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
+    steps = arguments.steps or (50_000_000 if arguments.gpu else 200_000)
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+
+    curves = {}
+    for learner in arguments.learners:
+        runner = run_brax if learner.startswith("brax_") else run_diffpg
+        curves[learner] = runner(learner, env_name, num_envs, arguments.horizon, steps,
+                                 arguments.evals)
+        print(learner, [(c["env_steps"], round(c["seconds"]), round(c["reward"], 1))
+                        for c in curves[learner]], flush=True)
+
+    rows = []
+    for learner, curve in curves.items():
+        final = curve[-1]
+        rows.append({"learner": learner, "final_reward": final["reward"],
+                     "best_reward": max(c["reward"] for c in curve),
+                     "env_steps": final["env_steps"], "seconds": final["seconds"]})
+    targets = {}
+    if "shac" in curves and "brax_ppo" in curves:
+        ppo_final = curves["brax_ppo"][-1]
+        reached = [c for c in curves["shac"] if c["reward"] >= ppo_final["reward"]]
+        if reached:
+            targets["shac_steps_to_ppo_final / ppo_steps (target <= 0.1)"] = (
+                reached[0]["env_steps"] / ppo_final["env_steps"])
+            targets["shac_seconds_to_ppo_final / ppo_seconds (target < 1)"] = (
+                reached[0]["seconds"] / ppo_final["seconds"])
+        else:
+            targets["shac reaches PPO's final reward"] = 0.0
+    if "shac" in curves and "brax_apg" in curves:
+        targets["shac_final - apg_final (target > 0)"] = (curves["shac"][-1]["reward"]
+                                                          - curves["brax_apg"][-1]["reward"])
+    header = f"{env_name}, {num_envs} envs, horizon {arguments.horizon}, ~{steps} env steps each"
+    table = common.format_table(rows, ["learner", "final_reward", "best_reward", "env_steps",
+                                       "seconds"])
+    print(header)
+    print(table)
+    for name, value in targets.items():
+        print(f"{name}: {value:.3g}")
+    common.write_json(out / "results.json", {"env": env_name, "num_envs": num_envs,
+                                             "curves": curves, "rows": rows,
+                                             "targets": targets})
+    plot(curves, out / "learning.png", header)
+    (out / "report.md").write_text(f"# Learning\n\n{header}\n\n{table}\n\n" + "\n".join(
+        f"- {k}: {v:.3g}" for k, v in targets.items()) + "\n\n![](learning.png)\n")
+
+
+def plot(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for learner, curve in curves.items():
+        for axis, x in ((axes[0], "env_steps"), (axes[1], "seconds")):
+            axis.plot([c[x] for c in curve], [c["reward"] for c in curve], marker="o",
+                      label=learner)
+    axes[0].set(xlabel="env steps", ylabel="eval episode return")
+    axes[1].set(xlabel="wall-clock incl. compilation (s)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
