@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
+        from diffpg.devices import initialize_distributed_from_environment
+
+        initialize_distributed_from_environment()
         if arguments.command == "compare":
             run_compare(arguments)
         elif arguments.command == "train":

@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators
+from diffpg.devices import check_devices, shard_batch
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import (
     bootstrap_interval,
@@ -125,6 +126,8 @@ class CompareSettings:
     policy_checkpoint: str | None = None
     """A training run folder (diffpg train --out): compare the gradients at its latest policy
     (with its observation statistics) instead of a fresh one; the env must be the run's."""
+    devices: int = 1
+    """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -138,6 +141,9 @@ class CompareSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        check_devices(self.devices, self.num_envs)
+        if self.devices > 1 and self.sweep == "batch":
+            raise ValueError("sweep='batch' changes num_envs per point; allowed with devices=1")
         if self.num_estimates < 2:
             raise ValueError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
         if self.critic_warmup < 0:
@@ -274,20 +280,22 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
         state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
             state, key_warm)
 
-    def flat_estimate(state, estimate_key):
-        grad = estimator.estimate(params, state, start_states, estimate_key).grad
+    def flat_estimate(state, starts, estimate_key):
+        grad = estimator.estimate(params, state, starts, estimate_key).grad
         return ravel_pytree(grad)[0]
 
-    def flat_estimates(state, keys):
-        return jax.lax.map(lambda k: flat_estimate(state, k), keys,
+    def flat_estimates(state, starts, keys):
+        return jax.lax.map(lambda k: flat_estimate(state, starts, k), keys,
                            batch_size=chunk_size or num_estimates)
 
+    # The start states are an argument, not a constant, so that their sharding (the batch
+    # split over devices, diffpg.devices.shard_batch) carries into the computation.
     keys = jax.random.split(key_samples, num_estimates)
     started = time.perf_counter()
-    compiled = jax.jit(flat_estimates).lower(state, keys).compile()
+    compiled = jax.jit(flat_estimates).lower(state, start_states, keys).compile()
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    samples = np.asarray(jax.block_until_ready(compiled(state, keys)))
+    samples = np.asarray(jax.block_until_ready(compiled(state, start_states, keys)))
     run_seconds = time.perf_counter() - started
     return samples, {"compile_seconds": compile_seconds,
                      "seconds_per_estimate": run_seconds / num_estimates}
@@ -317,7 +325,8 @@ def run_comparison(settings: CompareSettings,
     results = []
     for point_index, (point, env) in enumerate(zip(points, point_envs, strict=True)):
         horizon = point.horizon
-        start_states = jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs))
+        start_states = shard_batch(
+            jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs)), settings.devices)
         key_point = jax.random.fold_in(key_run, point_index)
         where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:

@@ -31,6 +31,7 @@ from tensorboardX import SummaryWriter
 
 import envs
 from diffpg import estimators
+from diffpg.devices import batch_sharding, check_devices, replicated
 from diffpg.estimators.base import (
     EstimatorState,
     check_positive,
@@ -92,7 +93,7 @@ class TrainSettings:
             raise ValueError(f"estimator={self.estimator!r} is not known; allowed values: "
                              f"{estimators.names()}")
         for name in ("num_envs", "horizon", "updates", "updates_per_call", "eval_envs", "seeds",
-                     "max_consecutive_nonfinite", "devices"):
+                     "max_consecutive_nonfinite"):
             check_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "grad_clip"):
             check_positive(name, getattr(self, name))
@@ -106,14 +107,7 @@ class TrainSettings:
             check_positive_int("episode_length", self.episode_length)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r} must be an integer")
-        if self.devices > 1:
-            available = jax.device_count()
-            if self.devices > available:
-                raise ValueError(f"devices={self.devices} but only {available} are available; "
-                                 f"allowed: 1..{available}")
-            if self.num_envs % self.devices:
-                raise ValueError(f"num_envs={self.num_envs} does not split over "
-                                 f"devices={self.devices}; allowed: a multiple of {self.devices}")
+        check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
                              f"[0, learning_rate={self.learning_rate}]")
@@ -299,22 +293,17 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
 
 
 def shard_over_batch(abstract_state: TrainState, settings: TrainSettings):
-    """Shardings for data parallelism over ``settings.devices`` devices: the environment batch
-    is split along its batch axis (axis 1 with several seeds), everything else (parameters,
-    optimiser and critic states, replay buffer, key) is replicated. XLA then averages the
-    gradient over devices where the estimators take their batch mean (an all-reduce).
+    """Shardings for data parallelism over ``settings.devices`` devices (``diffpg.devices``):
+    the environment batch is split along its batch axis (axis 1 with several seeds), everything
+    else (parameters, optimiser and critic states, replay buffer, key) is replicated.
 
     Returns ``(state shardings, the replicated sharding)``.
     """
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()[: settings.devices]), ("batch",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    seed_axes = (None,) if settings.seeds > 1 else ()
-    batched = NamedSharding(mesh, PartitionSpec(*seed_axes, "batch"))
-    state_sharding = jax.tree.map(lambda _: replicated, abstract_state)._replace(
-        env_state=jax.tree.map(lambda _: batched, abstract_state.env_state))
-    return state_sharding, replicated
+    everywhere = replicated(settings.devices)
+    split = batch_sharding(settings.devices, leading_axes=1 if settings.seeds > 1 else 0)
+    state_sharding = jax.tree.map(lambda _: everywhere, abstract_state)._replace(
+        env_state=jax.tree.map(lambda _: split, abstract_state.env_state))
+    return state_sharding, everywhere
 
 
 def reset_nonfinite_envs(env, env_state: State, key: jax.Array) -> tuple[State, jax.Array]:

@@ -45,16 +45,20 @@ def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: 
     env = envs.make(env_name).unwrapped.brax_env
     curve = []
     started = time.perf_counter()
+    policy_updates = max(steps // (num_envs * horizon), evals)
+    # Brax's PPO reports env steps; its APG reports epochs of round(updates / evals) updates.
+    steps_per_report = (round(policy_updates / evals) * num_envs * horizon
+                        if algorithm == "brax_apg" else 1)
 
     def progress(step, metrics):
-        curve.append({"env_steps": int(step), "seconds": time.perf_counter() - started,
+        curve.append({"env_steps": int(step) * steps_per_report,
+                      "seconds": time.perf_counter() - started,
                       "reward": float(metrics["eval/episode_reward"])})
 
     if algorithm == "brax_apg":
         from brax.training.agents.apg import train as apg
 
-        apg.train(environment=env, episode_length=1000,
-                  policy_updates=max(steps // (num_envs * horizon), evals),
+        apg.train(environment=env, episode_length=1000, policy_updates=policy_updates,
                   horizon_length=horizon, num_envs=num_envs, num_evals=evals + 1,
                   num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
                   progress_fn=progress)

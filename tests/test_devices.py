@@ -1,4 +1,5 @@
-"""Data parallelism: 1, 2 and 4 (forced host) devices train to the same parameters."""
+"""Data parallelism: 1, 2 and 4 (forced host) devices train to the same parameters and give
+the same comparison gradients."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ for estimator in ("shac",):
         diff = np.abs(params[devices] - params[1]).max()
         results[f"{estimator}/{devices}/max_abs_diff"] = float(diff)
     results[f"{estimator}/update_size"] = float(np.abs(params[1]).max())
+import envs
+from diffpg import estimators
+from diffpg.compare import sample_gradients
+from diffpg.devices import shard_batch
+from diffpg.policy import make_gaussian_mlp_policy
+
+env = envs.make("pendulum")
+policy = make_gaussian_mlp_policy(env.observation_size, env.action_size, hidden_sizes=(16,))
+params = policy.init(jax.random.PRNGKey(0))
+starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), 8))
+estimator = estimators.make("bptt", env, policy, horizon=8)
+samples = {}
+for devices in (1, 2, 4):
+    samples[devices], _ = sample_gradients(estimator, params, shard_batch(starts, devices),
+                                           jax.random.PRNGKey(2), 4, 0)
+for devices in (2, 4):
+    results[f"compare/{devices}/max_abs_diff"] = float(np.abs(samples[devices]
+                                                              - samples[1]).max())
+results["compare/gradient_size"] = float(np.abs(samples[1]).max())
 print("RESULTS" + json.dumps(results))
 """
 
@@ -53,3 +73,6 @@ def test_one_two_and_four_devices_give_the_same_parameters():
             assert results[f"{estimator}/{devices}/max_abs_diff"] < 1e-5, results
             assert abs(results[f"{estimator}/{devices}/reward"]
                        - results[f"{estimator}/1/reward"]) < 1e-3, results
+    for devices in (2, 4):  # diffpg compare's gradient samples, start states split too
+        assert results[f"compare/{devices}/max_abs_diff"] < 1e-5 * max(
+            1.0, results["compare/gradient_size"]), results

@@ -1,0 +1,73 @@
+"""Data parallelism over devices: the environment batch is split along its batch axis.
+
+One mesh axis, ``"batch"``, over the first ``devices`` devices. Arrays of environment states are
+placed with their batch axis split over it; everything else is replicated. Under ``jax.jit`` XLA
+then runs each device's share of the environments and inserts the all-reduce where the
+estimators take their batch mean, so the gradient is averaged over devices.
+
+Several hosts: start every process with ``jax.distributed.initialize(coordinator_address,
+num_processes, process_id)`` before anything else touches JAX (``diffpg`` does so when the
+``DIFFPG_COORDINATOR_ADDRESS``, ``DIFFPG_NUM_PROCESSES`` and ``DIFFPG_PROCESS_ID`` environment
+variables are set); ``jax.devices()`` then lists every host's devices and ``devices`` may count
+them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def check_devices(devices: Any, num_envs: int) -> None:
+    """``devices`` must be a positive integer, available, and split ``num_envs`` evenly."""
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ValueError(f"devices={devices!r} must be a positive integer")
+    if devices == 1:
+        return
+    available = jax.device_count()
+    if devices > available:
+        raise ValueError(f"devices={devices} but only {available} are available; allowed: "
+                         f"1..{available}")
+    if num_envs % devices:
+        raise ValueError(f"num_envs={num_envs} does not split over devices={devices}; allowed: "
+                         f"a multiple of {devices}")
+
+
+def batch_mesh(devices: int) -> Mesh:
+    return Mesh(np.array(jax.devices()[:devices]), ("batch",))
+
+
+def batch_sharding(devices: int, leading_axes: int = 0) -> NamedSharding:
+    """Split axis ``leading_axes`` (the batch axis) over ``devices``; earlier axes replicated."""
+    return NamedSharding(batch_mesh(devices), PartitionSpec(*(None,) * leading_axes, "batch"))
+
+
+def replicated(devices: int) -> NamedSharding:
+    return NamedSharding(batch_mesh(devices), PartitionSpec())
+
+
+def shard_batch(tree: Any, devices: int) -> Any:
+    """Place every leaf of ``tree`` (leading axis: the batch) split over ``devices``."""
+    if devices == 1:
+        return tree
+    return jax.device_put(tree, batch_sharding(devices))
+
+
+def initialize_distributed_from_environment() -> None:
+    """``jax.distributed.initialize`` from ``DIFFPG_COORDINATOR_ADDRESS`` (host:port),
+    ``DIFFPG_NUM_PROCESSES`` and ``DIFFPG_PROCESS_ID``, when the first is set."""
+    import os
+
+    address = os.environ.get("DIFFPG_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    try:
+        processes = int(os.environ["DIFFPG_NUM_PROCESSES"])
+        process_id = int(os.environ["DIFFPG_PROCESS_ID"])
+    except (KeyError, ValueError) as error:
+        raise ValueError("DIFFPG_COORDINATOR_ADDRESS is set: DIFFPG_NUM_PROCESSES and "
+                         "DIFFPG_PROCESS_ID must be integers too") from error
+    jax.distributed.initialize(address, num_processes=processes, process_id=process_id)
