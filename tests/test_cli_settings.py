@@ -36,6 +36,7 @@ INVALID = st.one_of(
     st.tuples(st.just("--estimator-options"), st.sampled_from(
         ["nonsense=1", "baseline=bogus", "window", "discount=2"])),
     st.tuples(st.just("--env-options"), st.sampled_from(["bogus=1", "max_torque=-1", "dt"])),
+    st.tuples(st.just("--devices"), st.sampled_from(["0", "-1", "4096", "x"])),
 )
 
 
