@@ -5,10 +5,13 @@ window of ``horizon`` steps continuing from where the last one stopped, bootstra
 and applies SHAC's optimiser (REFERENCES: Adam with betas (0.7, 0.95), learning rate decaying
 linearly to ``final_learning_rate``, global-norm clip 1.0 on the gradient of the per-step objective
 ``J / horizon``, the scale of SHAC's actor loss). A non-finite gradient never reaches the
-parameters: the update is skipped and counted (``training/nonfinite_updates``).
+parameters: the update is skipped and counted (``training/nonfinite_updates``), environments whose
+state blew up restart, and ``max_consecutive_nonfinite`` skipped updates in a row stop the run.
 
 ``updates_per_call`` updates run as one compiled ``lax.scan``; Python only runs between those
-calls (evaluation, logging). Everything is explicit state (``TrainState``) and keys.
+calls (evaluation, logging, checkpoints). Everything is explicit state (``TrainState``) and keys.
+``seeds > 1`` vmaps whole runs over a leading seed axis; ``devices > 1`` splits the environment
+batch over devices (``diffpg.devices``).
 """
 
 from __future__ import annotations
