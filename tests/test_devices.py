@@ -1,5 +1,5 @@
 """Data parallelism: 1, 2 and 4 (forced host) devices train to the same parameters and give
-the same comparison gradients."""
+the same comparison gradients; a multi-seed, multi-device run resumes bit-exactly."""
 
 from __future__ import annotations
 
@@ -53,6 +53,20 @@ for devices in (2, 4):
     results[f"compare/{devices}/max_abs_diff"] = float(np.abs(samples[devices]
                                                               - samples[1]).max())
 results["compare/gradient_size"] = float(np.abs(samples[1]).max())
+# Two seeds over two devices, stopped and resumed: bit-exact, and still split.
+import pathlib, tempfile
+from diffpg.train import train
+
+folder = pathlib.Path(tempfile.mkdtemp())
+settings = TrainSettings(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
+                         eval_envs=2, hidden_sizes=(16,), seeds=2, devices=2)
+whole = train(settings, folder / "whole")
+train(settings, folder / "split", stop_at_update=2)
+resumed = train(settings, folder / "split", resume=True)
+results["resume/bit_exact"] = all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole.params),
+                                         jax.tree.leaves(resumed.params)))
+results["resume/shards"] = len(resumed.env_state.obs.sharding.device_set)
 print("RESULTS" + json.dumps(results))
 """
 
@@ -73,6 +87,7 @@ def test_one_two_and_four_devices_give_the_same_parameters():
             assert results[f"{estimator}/{devices}/max_abs_diff"] < 1e-5, results
             assert abs(results[f"{estimator}/{devices}/reward"]
                        - results[f"{estimator}/1/reward"]) < 1e-3, results
+    assert results["resume/bit_exact"] and results["resume/shards"] == 2
     for devices in (2, 4):  # diffpg compare's gradient samples, start states split too
         assert results[f"compare/{devices}/max_abs_diff"] < 1e-5 * max(
             1.0, results["compare/gradient_size"]), results
