@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -25,23 +27,42 @@ from diffpg.train import TrainSettings, train  # noqa: E402
 
 
 def run_diffpg(estimator: str, env_name: str, num_envs: int, horizon: int, steps: int,
-               evals: int) -> list[dict]:
+               evals: int, seeds: int) -> list[dict]:
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
     settings = TrainSettings(env=env_name, estimator=estimator, num_envs=num_envs,
                              horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
-                             eval_envs=16)
+                             eval_envs=16, seeds=seeds)
     curve = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         train(settings, Path(folder), on_log=lambda row: curve.append({
             "env_steps": row["env_steps"], "seconds": time.perf_counter() - started,
-            "reward": row["eval/episode_reward"]}))
+            "reward": row["eval/episode_reward"],
+            "ci95": row.get("eval/episode_reward_ci95", 0.0)}))
     return curve
 
 
 def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
-             evals: int) -> list[dict]:
+             evals: int, seeds: int) -> list[dict]:
+    """Brax's trainer once per seed; the curve is the mean over seeds (seconds: summed)."""
+    runs = [run_brax_seed(algorithm, env_name, num_envs, horizon, steps, evals, seed)
+            for seed in range(seeds)]
+    return [mean_point([run[i] for run in runs]) for i in range(min(map(len, runs)))]
+
+
+def mean_point(points: list[dict]) -> dict:
+    from scipy import stats
+
+    rewards = np.array([p["reward"] for p in points])
+    half_width = (float(stats.t.ppf(0.975, len(points) - 1) * rewards.std(ddof=1)
+                        / np.sqrt(len(points))) if len(points) > 1 else 0.0)
+    return {"env_steps": points[0]["env_steps"], "seconds": sum(p["seconds"] for p in points),
+            "reward": float(rewards.mean()), "ci95": half_width}
+
+
+def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
+                  evals: int, seed: int) -> list[dict]:
     env = envs.make(env_name).unwrapped.brax_env
     curve = []
     started = time.perf_counter()
@@ -61,7 +82,7 @@ def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: 
         apg.train(environment=env, episode_length=1000, policy_updates=policy_updates,
                   horizon_length=horizon, num_envs=num_envs, num_evals=evals + 1,
                   num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
-                  progress_fn=progress)
+                  progress_fn=progress, seed=seed)
     else:
         from brax.training.agents.ppo import train as ppo
 
@@ -70,7 +91,7 @@ def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: 
                   num_envs=num_envs, batch_size=num_envs, num_minibatches=8, unroll_length=5,
                   num_updates_per_batch=4, discounting=0.97, learning_rate=3e-4,
                   entropy_cost=1e-2, reward_scaling=10.0, normalize_observations=True,
-                  num_evals=evals + 1, num_eval_envs=16, progress_fn=progress)
+                  num_evals=evals + 1, num_eval_envs=16, progress_fn=progress, seed=seed)
     return curve
 
 
@@ -82,6 +103,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="env steps per learner")
     parser.add_argument("--evals", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per learner (diffpg: vmapped; Brax: one run each)")
     parser.add_argument("--learners", nargs="+", default=[
         "shac", "reinforce", "critic_backprop", "brax_apg", "brax_ppo"])
     arguments = parser.parse_args()
@@ -94,7 +117,7 @@ def main() -> None:
     for learner in arguments.learners:
         runner = run_brax if learner.startswith("brax_") else run_diffpg
         curves[learner] = runner(learner, env_name, num_envs, arguments.horizon, steps,
-                                 arguments.evals)
+                                 arguments.evals, arguments.seeds)
         print(learner, [(c["env_steps"], round(c["seconds"]), round(c["reward"], 1))
                         for c in curves[learner]], flush=True)
 
@@ -102,6 +125,7 @@ def main() -> None:
     for learner, curve in curves.items():
         final = curve[-1]
         rows.append({"learner": learner, "final_reward": final["reward"],
+                     "final_ci95": final.get("ci95", 0.0),
                      "best_reward": max(c["reward"] for c in curve),
                      "env_steps": final["env_steps"], "seconds": final["seconds"]})
     targets = {}
@@ -118,9 +142,10 @@ def main() -> None:
     if "shac" in curves and "brax_apg" in curves:
         targets["shac_final - apg_final (target > 0)"] = (curves["shac"][-1]["reward"]
                                                           - curves["brax_apg"][-1]["reward"])
-    header = f"{env_name}, {num_envs} envs, horizon {arguments.horizon}, ~{steps} env steps each"
-    table = common.format_table(rows, ["learner", "final_reward", "best_reward", "env_steps",
-                                       "seconds"])
+    header = (f"{env_name}, {num_envs} envs, horizon {arguments.horizon}, ~{steps} env steps each, "
+              f"{arguments.seeds} seed(s); rewards are means over seeds")
+    table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "best_reward",
+                                       "env_steps", "seconds"])
     print(header)
     print(table)
     for name, value in targets.items():
