@@ -155,7 +155,6 @@ class TrainState(NamedTuple):
     key: jax.Array
     update: jax.Array  # [] updates done
     env_steps: jax.Array  # [] environment steps simulated
-    nonfinite_updates: jax.Array  # [] updates skipped for a non-finite gradient
 
 
 class Trainer(NamedTuple):
@@ -208,8 +207,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
         env_state = jax.vmap(env.reset)(jax.random.split(key_env, settings.num_envs))
         zero = jnp.zeros((), jnp.int32)
         return TrainState(params, optimizer.init(params),
-                          estimator.init(key_estimator, params), env_state, key_run, zero,
-                          zero, zero)
+                          estimator.init(key_estimator, params), env_state, key_run, zero, zero)
 
     def one_update(state: TrainState, _) -> tuple[TrainState, dict]:
         key, key_estimate, key_reset = jax.random.split(state.key, 3)
@@ -219,13 +217,11 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
         # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
         loss_grad = jax.tree.map(lambda g: -g / settings.horizon, estimate.grad)
         grad_norm = optax.global_norm(loss_grad)
-        finite = jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(loss_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
             params, opt_state, estimate.state, env_state, key, state.update + 1,
             state.env_steps + settings.num_envs * settings.horizon,
-            state.nonfinite_updates + (~finite).astype(jnp.int32),
         )
         metrics = {"training/grad_norm": grad_norm,
                    "training/objective_per_step": estimate.metrics["objective"] / settings.horizon,
@@ -236,7 +232,8 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     def run_updates(state: TrainState) -> tuple[TrainState, dict]:
         state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
         metrics = jax.tree.map(jnp.nanmean, metrics)  # skipped updates are counted apart
-        metrics["training/nonfinite_updates"] = state.nonfinite_updates
+        # apply_if_finite counts the updates it skipped (and the ones in a row, for train()).
+        metrics["training/nonfinite_updates"] = state.opt_state.total_notfinite
         return state, metrics
 
     def evaluate(state: TrainState, key: jax.Array) -> dict:
