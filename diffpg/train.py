@@ -311,16 +311,22 @@ def reset_nonfinite_envs(env, env_state: State, key: jax.Array) -> tuple[State, 
     by a fresh episode, so one physics blow-up does not poison every later update.
 
     Returns the batch and the number of environments reset (a float scalar, for the metrics).
+    The fresh episodes are only simulated when some environment needs one (``lax.cond``).
     """
     flat_obs = env_state.obs.reshape(env_state.obs.shape[0], -1)
     finite = jnp.all(jnp.isfinite(flat_obs), axis=1) & jnp.isfinite(env_state.reward)
-    fresh = jax.vmap(env.reset)(jax.random.split(key, finite.shape[0]))
 
-    def pick(kept, new):
-        mask = finite.reshape(finite.shape + (1,) * (kept.ndim - 1))
-        return jnp.where(mask, kept, new)
+    def replace_blown_up(batch):
+        fresh = jax.vmap(env.reset)(jax.random.split(key, finite.shape[0]))
 
-    return jax.tree.map(pick, env_state, fresh), jnp.sum(~finite).astype(jnp.float32)
+        def pick(kept, new):
+            mask = finite.reshape(finite.shape + (1,) * (kept.ndim - 1))
+            return jnp.where(mask, kept, new)
+
+        return jax.tree.map(pick, batch, fresh)
+
+    env_state = jax.lax.cond(jnp.all(finite), lambda batch: batch, replace_blown_up, env_state)
+    return env_state, jnp.sum(~finite).astype(jnp.float32)
 
 
 def select_seed(state: TrainState, index: int) -> TrainState:
