@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from diffpg.compare import CompareSettings
-from diffpg.train import TrainSettings
+from diffpg.train import TrainingStopped, TrainSettings
 
 
 def field_docs(settings_class: type) -> dict[str, str]:
@@ -214,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"diffpg {arguments.command}: error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:
-        from diffpg.train import TrainingStopped
-
-        if not isinstance(error, TrainingStopped):
-            raise
+    except TrainingStopped as error:
         print(f"diffpg {arguments.command}: stopped: {error}", file=sys.stderr)
         return 3
     return 0

@@ -380,11 +380,9 @@ def run_comparison(settings: CompareSettings,
 def load_trained_policy(run_dir: Path):
     """The latest policy parameters and observation statistics of a training run (its first
     seed if it trained several)."""
-    from diffpg.train import load_run, select_seed
+    from diffpg.train import load_run
 
-    trainer, state = load_run(run_dir)
-    if trainer.settings.seeds > 1:
-        state = select_seed(state, 0)
+    _, state = load_run(run_dir, seed_index=0)
     return state.params, state.estimator_state.obs_stats
 
 

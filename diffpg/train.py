@@ -453,41 +453,42 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     last_update = settings.updates if stop_at_update is None else stop_at_update
     last_plot = time.perf_counter()
     tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-    while _count(state.update) < last_update:
-        started = time.perf_counter()
-        state, metrics = jax.block_until_ready(trainer.run_updates(state))
-        training_seconds = time.perf_counter() - started
-        evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
-        walltime += time.perf_counter() - started
-        row = {"update": _count(state.update), "env_steps": _count(state.env_steps),
-               "training/walltime": walltime,
-               "training/sps": settings.updates_per_call * settings.num_envs * settings.horizon
-               * settings.seeds / training_seconds}
-        row |= summarize_seeds(metrics | evaluation, settings.seeds)
-        rows.append(row)
-        save_checkpoint(run_dir, state)
-        _write_metrics(run_dir, rows)
-        for name, value in row.items():
-            if name not in ("update", "env_steps"):
-                tensorboard.add_scalar(name, value, row["env_steps"])
-        tensorboard.flush()
-        finished = _count(state.update) >= last_update
-        if finished or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
-            plot_learning_curve(rows, run_dir / "learning_curve.png")
-            last_plot = time.perf_counter()
-        if on_log:
-            on_log(row)
-        in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
-        if in_a_row >= settings.max_consecutive_nonfinite:
-            plot_learning_curve(rows, run_dir / "learning_curve.png")
-            tensorboard.close()
-            raise TrainingStopped(
-                f"the last {in_a_row} updates had non-finite gradients "
-                f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped at "
-                f"update {_count(state.update)}. The checkpoint there holds the last finite "
-                "parameters; lower learning_rate or horizon, or check the environment, then "
-                "resume it or start again")
-    tensorboard.close()
+    try:
+        while _count(state.update) < last_update:
+            started = time.perf_counter()
+            state, metrics = jax.block_until_ready(trainer.run_updates(state))
+            training_seconds = time.perf_counter() - started
+            evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
+            walltime += time.perf_counter() - started
+            row = {"update": _count(state.update), "env_steps": _count(state.env_steps),
+                   "training/walltime": walltime,
+                   "training/sps": settings.updates_per_call * settings.num_envs
+                   * settings.horizon * settings.seeds / training_seconds}
+            row |= summarize_seeds(metrics | evaluation, settings.seeds)
+            rows.append(row)
+            save_checkpoint(run_dir, state)
+            _write_metrics(run_dir, rows)
+            for name, value in row.items():
+                if name not in ("update", "env_steps"):
+                    tensorboard.add_scalar(name, value, row["env_steps"])
+            tensorboard.flush()
+            in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
+            stopping = in_a_row >= settings.max_consecutive_nonfinite
+            finished = _count(state.update) >= last_update
+            if finished or stopping or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
+                plot_learning_curve(rows, run_dir / "learning_curve.png")
+                last_plot = time.perf_counter()
+            if on_log:
+                on_log(row)
+            if stopping:
+                raise TrainingStopped(
+                    f"the last {in_a_row} updates had non-finite gradients "
+                    f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped "
+                    f"at update {_count(state.update)}. The checkpoint there holds the last "
+                    "finite parameters; lower learning_rate or horizon, or check the "
+                    "environment, then resume it or start again")
+    finally:
+        tensorboard.close()
     return state
 
 
@@ -539,10 +540,17 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def load_run(run_dir: Path) -> tuple[Trainer, TrainState]:
-    """The trainer of a saved run and its latest checkpoint."""
+def load_run(run_dir: Path, seed_index: int | None = None) -> tuple[Trainer, TrainState]:
+    """The trainer of a saved run and its latest checkpoint; with ``seed_index``, the state of
+    that seed alone (leading seed axis removed) when the run trained several."""
     trainer = make_trainer(load_settings(run_dir))
-    return trainer, restore_checkpoint(run_dir, trainer.init_run())
+    state = restore_checkpoint(run_dir, trainer.init_run())
+    seeds = trainer.settings.seeds
+    if seed_index is None or seeds == 1:
+        return trainer, state
+    if not 0 <= seed_index < seeds:
+        raise ValueError(f"seed_index={seed_index} must be in 0..{seeds - 1}")
+    return trainer, select_seed(state, seed_index)
 
 
 def evaluate_run(run_dir: Path) -> dict:

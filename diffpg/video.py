@@ -161,13 +161,9 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
                  episode_seed: int = 0) -> Path:
     """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy; the
     seed ``seed_index`` of a multi-seed run)."""
-    from diffpg.train import load_run, select_seed
+    from diffpg.train import load_run
 
-    trainer, state = load_run(run_dir)
-    if trainer.settings.seeds > 1:
-        if not 0 <= seed_index < trainer.settings.seeds:
-            raise ValueError(f"seed_index={seed_index} must be in 0..{trainer.settings.seeds - 1}")
-        state = select_seed(state, seed_index)
+    trainer, state = load_run(run_dir, seed_index)
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.estimator_state.obs_stats,
         jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
