@@ -99,6 +99,16 @@ def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return good.mean(axis=0), good.std(axis=0, ddof=1) / np.sqrt(good.shape[0])
 
 
+def mean_confidence_half_width(values, level: float = 0.95) -> float:
+    """Half-width of the Student-t confidence interval of the mean of ``values [N]`` (independent
+    runs): ``t_{(1+level)/2, N-1} * std(values, ddof=1) / sqrt(N)``; 0 for a single value."""
+    values = np.asarray(values, np.float64)
+    if values.size < 2:
+        return 0.0
+    quantile = float(scipy_stats.t.ppf((1.0 + level) / 2.0, values.size - 1))
+    return quantile * float(values.std(ddof=1)) / float(np.sqrt(values.size))
+
+
 def bootstrap_interval(samples: np.ndarray, statistic, num_resamples: int = 200,
                        level: float = 0.9, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(samples)`` over resampled rows."""

@@ -43,6 +43,7 @@ from diffpg.estimators.base import (
 )
 from diffpg.normalization import normalize
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
+from diffpg.stats import mean_confidence_half_width
 from envs.core import State
 
 
@@ -340,9 +341,6 @@ def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float
     (``NAME/seed_i``). ``training/nonfinite_updates`` is summed over seeds. One seed: as is."""
     if seeds == 1:
         return {k: float(v) for k, v in values.items()}
-    from scipy import stats
-
-    quantile = float(stats.t.ppf(0.975, seeds - 1))
     row = {}
     for name, value in values.items():
         value = np.asarray(value, dtype=np.float64)
@@ -351,7 +349,7 @@ def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float
             continue
         row[name] = float(value.mean())
         if name.startswith("eval/") and not name.endswith("_std"):
-            row[f"{name}_ci95"] = quantile * float(value.std(ddof=1)) / np.sqrt(seeds)
+            row[f"{name}_ci95"] = mean_confidence_half_width(value)
             row |= {f"{name}/seed_{i}": float(v) for i, v in enumerate(value)}
     return row
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
+from diffpg.stats import mean_confidence_half_width  # noqa: E402
 from diffpg.train import TrainSettings, train  # noqa: E402
 
 
@@ -52,13 +53,9 @@ def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: 
 
 
 def mean_point(points: list[dict]) -> dict:
-    from scipy import stats
-
-    rewards = np.array([p["reward"] for p in points])
-    half_width = (float(stats.t.ppf(0.975, len(points) - 1) * rewards.std(ddof=1)
-                        / np.sqrt(len(points))) if len(points) > 1 else 0.0)
+    rewards = [p["reward"] for p in points]
     return {"env_steps": points[0]["env_steps"], "seconds": sum(p["seconds"] for p in points),
-            "reward": float(rewards.mean()), "ci95": half_width}
+            "reward": float(np.mean(rewards)), "ci95": mean_confidence_half_width(rewards)}
 
 
 def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
