@@ -119,6 +119,19 @@ def init_critic_state(
     return CriticState(params, params, optimizer.init(params))
 
 
+def regression_step(
+    loss_fn: Callable[[Params, Any], jax.Array],
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    opt_state: optax.OptState,
+    batch: Any,
+) -> tuple[Params, optax.OptState, jax.Array]:
+    """One optimiser step on ``loss_fn(params, batch)``; returns new params, state and the loss."""
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
 def fit_regression(
     critic_state: CriticState,
     loss_fn: Callable[[Params, Any], jax.Array],
@@ -137,10 +150,8 @@ def fit_regression(
     batch_size = size // minibatches
 
     def one_minibatch(carry, batch):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+        params, opt_state, loss = regression_step(loss_fn, optimizer, *carry, batch)
+        return (params, opt_state), loss
 
     def one_pass(carry, pass_key):
         order = jax.random.permutation(pass_key, size)[: batch_size * minibatches]

@@ -27,7 +27,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from diffpg import returns
 from diffpg.critics import (
@@ -37,6 +36,7 @@ from diffpg.critics import (
     make_critic_optimizer,
     make_mlp_q_function,
     polyak_update,
+    regression_step,
 )
 from diffpg.estimators.base import (
     Estimate,
@@ -164,14 +164,15 @@ def make_critic_backprop(
             targets = jax.lax.stop_gradient(td_targets(
                 params, state, next_obs, batch.reward, batch.termination, no_time, key_next))
 
-            def loss_fn(p):
-                prediction = q_function.apply(p, obs, batch.action, no_time)
+            def loss_fn(p, data):
+                obs, action, targets, valid = data
+                prediction = q_function.apply(p, obs, action, jnp.zeros_like(targets))
                 squared = jnp.where(valid, jnp.square(prediction - targets), 0.0)
                 return jnp.sum(squared) / jnp.maximum(jnp.sum(valid), 1)
 
-            loss, grads = jax.value_and_grad(loss_fn)(critic_params)
-            updates, opt_state = optimizer.update(grads, opt_state, critic_params)
-            return (optax.apply_updates(critic_params, updates), opt_state), loss
+            critic_params, opt_state, loss = regression_step(
+                loss_fn, optimizer, critic_params, opt_state, (obs, batch.action, targets, valid))
+            return (critic_params, opt_state), loss
 
         carry = (state.critic.params, state.critic.opt_state)
         (critic_params, opt_state), losses = jax.lax.scan(one_step, carry,
