@@ -1,8 +1,9 @@
 """``diffpg compare``: every estimator's gradient on the same policy and the same start states.
 
 For each horizon ``T`` the run draws ``num_envs`` start states once, builds each estimator for the
-objective ``J_T = E[sum_{t<T} gamma^t r_t]`` (SHAC with windows of ``window`` steps bootstrapped by
-its critic, critics warmed up on the fixed policy first), takes ``num_estimates`` independent
+objective ``J_T = E[sum_{t<T} gamma^t r_t]`` (with the settings the estimator declares for it,
+``diffpg.estimators.comparison_settings``: e.g. SHAC ends its last window at ``T``), warms up
+whatever it learns (its ``update``) on the fixed policy, takes ``num_estimates`` independent
 estimates (vmapped), and compares them with a reference gradient: exact on the LQR (``jax.grad``
 of the closed-form return), otherwise the mean of ``reference_estimates`` estimates of an unbiased
 estimator with its standard error. Statistics are defined in ``diffpg.stats``.
@@ -10,9 +11,9 @@ estimator with its standard error. Statistics are defined in ``diffpg.stats``.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +26,8 @@ from jax.flatten_util import ravel_pytree
 import envs
 from diffpg import estimators
 from diffpg.devices import check_devices, shard_batch
+from diffpg.normalization import RunningStatistics, init_statistics
+from diffpg.options import parse_options, parse_spec
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import (
     bootstrap_interval,
@@ -34,12 +37,11 @@ from diffpg.stats import (
 )
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
-REFERENCES = ("auto", "exact", "reinforce", "bptt")
 
 
-@dataclasses.dataclass(frozen=True)
-class EstimatorSpec:
-    """An estimator name with setting overrides, written ``name`` or ``name:key=value,key=value``."""
+class EstimatorSpec(NamedTuple):
+    """An estimator name with setting overrides, written ``name`` or ``name:key=value,key=value``
+    (values are Python literals)."""
 
     name: str
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -52,31 +54,9 @@ class EstimatorSpec:
 
     @classmethod
     def parse(cls, text: str) -> EstimatorSpec:
-        name, _, rest = text.strip().partition(":")
-        overrides = cls.parse_options(filter(None, rest.split(",")))
-        if name not in estimators.names():
-            raise ValueError(
-                f"estimator={name!r} is not known; allowed values: {estimators.names()}"
-            )
-        return cls(name, overrides)
-
-    @staticmethod
-    def parse_options(items) -> tuple[tuple[str, Any], ...]:
-        """``["key=value", ...]`` -> ``(("key", value), ...)`` with Python literals evaluated."""
-        options = []
-        for item in items:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"setting {item!r} must be written key=value")
-            options.append((key.strip(), _parse_value(value.strip())))
-        return tuple(options)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        name, overrides = parse_spec(text)
+        estimators.registration(name)  # a clear error for an unknown name
+        return cls(name, tuple(overrides.items()))
 
 
 class SweepPoint(NamedTuple):
@@ -96,17 +76,15 @@ class CompareSettings:
     """Environment settings as key=value (e.g. start=0.8 for the contact env)."""
     episode_length: int | None = None
     """Time limit; None: the env's default (at least the largest horizon)."""
-    estimators: tuple[str, ...] = ("reinforce", "critic_backprop", "bptt", "shac", "alpha_order")
-    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none``);
-    the default is every registered estimator."""
+    estimators: tuple[str, ...] = ()
+    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none`` or
+    ``shac:window=2``); none given: every registered estimator."""
     num_estimates: int = 64
     """K independent estimates per estimator (vmapped)."""
     num_envs: int = 16
     """Start states per estimate (each estimate averages over them)."""
     horizon: int = 16
     """Horizon of the main table (and the largest of the horizon sweep)."""
-    window: int = 4
-    """SHAC's backprop window (capped at the horizon)."""
     discount: float = 0.99
     sweep: str = "horizon"
     """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact env's wall stiffness
@@ -117,7 +95,8 @@ class CompareSettings:
     """Env steps per estimate of the batch sweep (n trajectories x k steps at fixed n k);
     None: num_envs * horizon. Points: n = 2, 4, 8, ... with k = budget / n <= episode length."""
     reference: str = "auto"
-    """auto (exact on the LQR, else reinforce), exact, reinforce or bptt."""
+    """auto (exact on the LQR, else the registered reference estimator), exact, or an estimator
+    spec (an unbiased one: its mean over reference_estimates estimates is the reference)."""
     reference_estimates: int = 1024
     critic_warmup: int = 200
     """Estimates run before measuring, to fit the critics to the fixed policy."""
@@ -135,9 +114,7 @@ class CompareSettings:
             raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
         for spec in self.estimators:
             EstimatorSpec.parse(spec)
-        if not self.estimators:
-            raise ValueError("estimators is empty; give at least one of " f"{estimators.names()}")
-        for name in ("num_estimates", "num_envs", "horizon", "window", "reference_estimates"):
+        for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -150,19 +127,18 @@ class CompareSettings:
             raise ValueError(f"critic_warmup={self.critic_warmup} must be >= 0")
         if self.sweep not in SWEEPS:
             raise ValueError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
-        if self.reference not in REFERENCES:
-            raise ValueError(
-                f"reference={self.reference!r} is not allowed; allowed values: {list(REFERENCES)}"
-            )
+        if self.reference not in ("auto", "exact"):
+            EstimatorSpec.parse(self.reference)
         if self.sweep == "stiffness" and self.env != "contact":
             raise ValueError(f"sweep='stiffness' needs env='contact' (the env with a stiffness "
                              f"setting), not env={self.env!r}")
         if self.reference == "exact" and self.env != "lqr":
-            raise ValueError("reference='exact' exists only for env='lqr'; use auto or reinforce")
+            raise ValueError("reference='exact' exists only for env='lqr'; allowed: auto or an "
+                             "unbiased estimator's spec")
         if not 0.0 <= self.discount <= 1.0:
             raise ValueError(f"discount={self.discount} must be in [0, 1]")
         if self.policy_checkpoint is not None:
-            from diffpg.train import load_settings
+            from diffpg.runs import load_settings
 
             run = load_settings(Path(self.policy_checkpoint))
             if run.env != self.env:
@@ -197,13 +173,14 @@ class CompareSettings:
 
     @property
     def specs(self) -> tuple[EstimatorSpec, ...]:
-        return tuple(EstimatorSpec.parse(s) for s in self.estimators)
+        """The estimators compared: those given, or every registered one."""
+        return tuple(EstimatorSpec.parse(s) for s in self.estimators or estimators.names())
 
 
 def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = None
                         ) -> tuple[Any, Policy, bool]:
     """The environment, the policy (linear on the LQR) and whether an exact reference exists."""
-    options = dict(EstimatorSpec.parse_options(settings.env_options)) | (env_settings or {})
+    options = parse_options(settings.env_options, "env_options") | (env_settings or {})
     env = envs.make(settings.env, episode_length=settings.episode_length, backend=settings.backend,
                     **options)
     longest = max(point.horizon for point in settings.points)
@@ -216,7 +193,7 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
             + ("; lower batch_budget or raise episode_length" if settings.sweep == "batch" else "")
         )
     if settings.policy_checkpoint is not None:
-        from diffpg.train import load_settings
+        from diffpg.runs import load_settings
 
         hidden_sizes = load_settings(Path(settings.policy_checkpoint)).hidden_sizes
         return env, make_gaussian_mlp_policy(env.observation_size, env.action_size,
@@ -231,17 +208,10 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
 
 
 def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: int) -> dict:
-    """Settings that make every estimator target the same finite-horizon objective ``J_T``."""
-    values: dict[str, Any] = {"horizon": horizon, "discount": settings.discount}
-    if spec.name == "shac":
-        window = min(settings.window, horizon)
-        while horizon % window:
-            window -= 1
-        values |= {"window": window, "finite_horizon": True}
-    if spec.name == "critic_backprop":
-        values |= {"finite_horizon": True}
-    values |= dict(spec.overrides)
-    return values
+    """Settings that make the estimator target the comparison's objective ``J_T``, under the
+    spec's own overrides."""
+    return estimators.comparison_settings(spec.name, horizon, settings.discount,
+                                          **dict(spec.overrides))
 
 
 def exact_lqr_gradient(env, params, start_states, horizon, discount):
@@ -260,28 +230,37 @@ def exact_lqr_gradient(env, params, start_states, horizon, discount):
     return jax.grad(objective)(params)
 
 
+def learns(state) -> bool:
+    """Whether an estimator's state holds anything to learn (a critic, a buffer...)."""
+    return bool(jax.tree.leaves(state))
+
+
 def sample_gradients(estimator, params, start_states, key, num_estimates, warmup,
-                     chunk_size: int | None = None, obs_stats=None):
-    """Warm the critics up on the fixed policy, then ``num_estimates`` independent estimates.
+                     chunk_size: int | None = None, obs_stats: RunningStatistics | None = None):
+    """Warm up what the estimator learns on the fixed policy (``warmup`` rounds of ``estimate``
+    then ``update``, if its state holds anything), then ``num_estimates`` independent estimates.
 
     Estimates run vmapped, ``chunk_size`` at a time (all at once by default; a chunk bounds the
     memory, which for per-sample estimators such as the optimal baseline grows with K);
-    ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's). Returns flat
-    samples ``[K, P]`` and timings: compile seconds and seconds per estimate (wall time / K).
+    ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's; none:
+    raw observations). Returns flat samples ``[K, P]`` and timings: compile seconds and seconds
+    per estimate (wall time / K).
     """
+    if obs_stats is None:
+        obs_stats = init_statistics(jax.tree.leaves(start_states.obs)[0].shape[-1])
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
-    if obs_stats is not None:
-        state = state._replace(obs_stats=obs_stats)
-    if warmup:
+    if warmup and learns(state):
         def warm_step(state, step_key):
-            return estimator.estimate(params, state, start_states, step_key).state, None
+            key_estimate, key_update = jax.random.split(step_key)
+            batch = estimator.estimate(params, obs_stats, state, start_states, key_estimate).batch
+            return estimator.update(params, obs_stats, state, batch, key_update)[0], None
 
         state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
             state, key_warm)
 
     def flat_estimate(state, starts, estimate_key):
-        grad = estimator.estimate(params, state, starts, estimate_key).grad
+        grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
         return ravel_pytree(grad)[0]
 
     def flat_estimates(state, starts, keys):
@@ -320,14 +299,17 @@ def run_comparison(settings: CompareSettings,
         params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint))
     reference_kind = settings.reference
     if reference_kind == "auto":
-        reference_kind = "exact" if has_exact else "reinforce"
+        reference_kind = "exact" if has_exact else estimators.reference_estimator()
 
     results = []
-    for point_index, (point, env) in enumerate(zip(points, point_envs, strict=True)):
+    for point, env in zip(points, point_envs, strict=True):
         horizon = point.horizon
         start_states = shard_batch(
             jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs)), settings.devices)
-        key_point = jax.random.fold_in(key_run, point_index)
+        # Keys depend on what is computed, not on its position in the run: a point (or an
+        # estimator) gives the same numbers in any sweep or list that contains it.
+        key_point = jax.random.fold_in(key_run, _digest((point.horizon, point.env_settings,
+                                                          point.num_envs)))
         where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:
             progress(f"{where}: reference ({reference_kind})")
@@ -336,24 +318,23 @@ def run_comparison(settings: CompareSettings,
                 env, params, start_states, horizon, settings.discount))[0], np.float64)
             reference_se = np.zeros_like(reference)
         else:
-            spec = EstimatorSpec(reference_kind)
-            estimator = estimators.make(reference_kind, env, policy,
+            spec = EstimatorSpec.parse(reference_kind)
+            estimator = estimators.make(spec.name, env, policy,
                                         **estimator_settings(spec, settings, horizon))
             ref_samples, _ = sample_gradients(estimator, params, start_states,
-                                              jax.random.fold_in(key_point, 999),
+                                              jax.random.fold_in(key_point, _digest("reference")),
                                               settings.reference_estimates, 0,
                                               obs_stats=obs_stats)
             reference, reference_se = reference_from_samples(ref_samples)
         per_estimator = {}
-        for index, spec in enumerate(specs):
+        for spec in specs:
             if progress:
                 progress(f"{where}: {spec.label}")
             estimator = estimators.make(spec.name, env, policy,
                                         **estimator_settings(spec, settings, horizon))
             samples, timing = sample_gradients(
-                estimator, params, start_states, jax.random.fold_in(key_point, index),
-                settings.num_estimates, settings.critic_warmup if _learns_critic(estimator) else 0,
-                obs_stats=obs_stats)
+                estimator, params, start_states, jax.random.fold_in(key_point, _digest(spec.label)),
+                settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
             stats = gradient_statistics(samples, reference, reference_se)
             stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
             # Variance relative to the squared gradient: comparable across objectives (batch sweep).
@@ -377,17 +358,15 @@ def run_comparison(settings: CompareSettings,
     }
 
 
+def _digest(value) -> int:
+    """A stable 31-bit number for ``value`` (its repr), to fold into a key."""
+    return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
+
+
 def load_trained_policy(run_dir: Path):
     """The latest policy parameters and observation statistics of a training run (its first
     seed if it trained several)."""
-    from diffpg.train import load_run
+    from diffpg.runs import load_run
 
     _, state = load_run(run_dir, seed_index=0)
-    return state.params, state.estimator_state.obs_stats
-
-
-def _learns_critic(estimator) -> bool:
-    """Whether the estimator carries a learned critic that needs warming up."""
-    settings = estimator.settings
-    return (getattr(settings, "critic", True) and hasattr(settings, "critic_learning_rate")) or (
-        getattr(settings, "baseline", None) == "value")
+    return state.params, state.obs_stats

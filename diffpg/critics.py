@@ -193,9 +193,14 @@ def fit_mean_squared_error(
     return fit_regression(critic_state, loss_fn, data, optimizer, key, iterations, minibatches)
 
 
-def polyak_update(critic_state: CriticState, keep: float) -> CriticState:
-    """``target <- keep * target + (1 - keep) * params`` (SHAC's alpha is ``keep``)."""
-    target = jax.tree.map(
-        lambda t, p: keep * t + (1.0 - keep) * p, critic_state.target_params, critic_state.params
-    )
+def explained_variance(prediction: jax.Array, targets: jax.Array) -> jax.Array:
+    """``1 - Var(targets - prediction) / Var(targets)``: 1 for a perfect critic, 0 for one no
+    better than a constant, negative for a worse one."""
+    return 1.0 - jnp.var(targets - prediction) / jnp.maximum(jnp.var(targets), 1e-12)
+
+
+def update_target(critic_state: CriticState, keep: float) -> CriticState:
+    """``target <- keep * target + (1 - keep) * params`` (SHAC's alpha is ``keep``; Polyak
+    averaging, ``optax.incremental_update``)."""
+    target = optax.incremental_update(critic_state.params, critic_state.target_params, 1.0 - keep)
     return critic_state._replace(target_params=target)

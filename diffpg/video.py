@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffpg.normalization import RunningStatistics, normalize
+from diffpg.acting import unroll
+from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
 
 
@@ -33,25 +34,29 @@ def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatis
         if brax_env is None:
             return pipeline
         # Each link's frame origin and the far end of a uniform rod through its centre of mass:
-        # origin + 2 R (centre-of-mass offset): [links, 2, 3].
+        # origin + 2 R (centre-of-mass offset): [..., links, 2, 3].
         from brax import math
 
-        offset = brax_env.sys.link.inertia.transform.pos
-        far_end = pipeline.x.pos + 2.0 * jax.vmap(math.rotate)(offset, pipeline.x.rot)
-        return jnp.stack([pipeline.x.pos, far_end], axis=1)
+        rotation = pipeline.x.rot  # [..., links, 4]
+        offset = jnp.broadcast_to(brax_env.sys.link.inertia.transform.pos,
+                                  rotation.shape[:-1] + (3,))
+        far_end = pipeline.x.pos + 2.0 * jax.vmap(math.rotate)(
+            offset.reshape(-1, 3), rotation.reshape(-1, 4)).reshape(pipeline.x.pos.shape)
+        return jnp.stack([pipeline.x.pos, far_end], axis=-2)
 
-    def step(state, _):
-        action = policy.mode(params, normalize(obs_stats, state.obs))
-        next_state = env.step(state, action)
-        # Before an auto-reset the wrapper has already replaced the state: draw the last one.
-        return next_state, (positions_of(next_state), next_state.reward, next_state.done)
+    def simulate(start):
+        batch = jax.tree.map(lambda x: x[None], start)
+        _, transitions, positions = unroll(env, policy, params, obs_stats, batch, key, steps,
+                                           deterministic=True, record=positions_of)
+        return transitions.reward[:, 0], transitions.done[:, 0], jax.tree.map(
+            lambda x: x[:, 0], positions)
 
     start = env.reset(key)
-    _, (positions, rewards, done) = jax.jit(
-        lambda s: jax.lax.scan(step, s, None, steps))(start)
+    rewards, done, positions = jax.jit(simulate)(start)
+    # Before an auto-reset the wrapper has already replaced the state: the step that ends the
+    # episode returns the next episode's first state, whose frame is dropped.
     positions = np.concatenate([np.asarray(positions_of(start))[None], np.asarray(positions)])
     done = np.asarray(done)
-    # The step that ends the episode returns the next episode's first state: drop that frame.
     last = int(np.argmax(done)) if done.any() else steps
     return positions[:last + 1], np.asarray(rewards)[:last + 1]
 
@@ -161,10 +166,10 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
                  episode_seed: int = 0) -> Path:
     """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy; the
     seed ``seed_index`` of a multi-seed run)."""
-    from diffpg.train import load_run
+    from diffpg.runs import load_run
 
     trainer, state = load_run(run_dir, seed_index)
     positions, rewards = episode_states(
-        trainer.env, trainer.policy, state.params, state.estimator_state.obs_stats,
+        trainer.env, trainer.policy, state.params, state.obs_stats,
         jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
     return save_gif(trainer.env, positions, rewards, out or run_dir / "policy.gif", every=every)

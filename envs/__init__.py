@@ -11,7 +11,9 @@ batch). All arguments are checked before anything is built or compiled.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import os
 
 # XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
@@ -19,6 +21,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from typing import Any  # noqa: E402
+
+# Brax imports MuJoCo's MJX, which prints (to stdout) that its optional Warp backend is missing:
+# noise for every diffpg command. Imported once here with that output discarded.
+with contextlib.redirect_stdout(io.StringIO()):
+    import mujoco.mjx  # noqa: F401
 
 from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES, BraxEnvironment, check_brax_name_and_backend
 from envs.core import Environment, State
@@ -31,6 +38,8 @@ __all__ = [
     "Environment",
     "State",
     "TimeLimitAutoReset",
+    "check",
+    "default_episode_length",
     "make",
     "make_raw",
     "names",
@@ -53,6 +62,40 @@ def names() -> tuple[str, ...]:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or name not in names():
         raise ValueError(f"Unknown environment name={name!r}; allowed: {names()}")
+
+
+def check(name: str, episode_length: int | None = None, backend: str | None = None,
+          **settings: Any) -> None:
+    """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
+    episode length, backend, and the names of the constructor settings (an analytic env, which
+    costs nothing to build, also checks their values). Raises ``ValueError`` naming the
+    setting."""
+    _check_name(name)
+    if episode_length is not None:
+        check_episode_length(episode_length)
+    if name in ANALYTIC_ENV_CLASSES:
+        make_raw(name, backend=backend, **settings)
+        return
+    check_brax_name_and_backend(name, backend)
+    from brax import envs as brax_envs
+
+    allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
+               if p not in ("self", "kwargs", "backend")]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+
+
+def default_episode_length(name: str) -> int:
+    """The time limit ``make(name)`` uses when none is given (nothing is built)."""
+    _check_name(name)
+    if name in ANALYTIC_ENV_CLASSES:
+        from envs import analytic
+
+        return int(getattr(analytic, ANALYTIC_ENV_CLASSES[name]).default_episode_length)
+    from envs.brax_envs import DEFAULT_EPISODE_LENGTH
+
+    return DEFAULT_EPISODE_LENGTH[name]
 
 
 def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environment:

@@ -25,11 +25,11 @@ CHILD = r"""
 import json, sys, time
 started = time.perf_counter()
 import jax
-from diffpg.train import TrainSettings, make_trainer
+from diffpg.training import make_trainer, settings_for
 imported = time.perf_counter() - started
 env, num_envs, horizon = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-settings = TrainSettings(env=env, estimator="shac", num_envs=num_envs, horizon=horizon,
-                         updates=10, updates_per_call=1, eval_envs=1)
+settings = settings_for(env=env, estimator="shac", num_envs=num_envs, horizon=horizon,
+                        updates=10, updates_per_call=1, eval_envs=1)
 started = time.perf_counter()
 trainer = make_trainer(settings)
 state = jax.block_until_ready(trainer.init_run())

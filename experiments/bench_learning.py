@@ -1,6 +1,6 @@
 """Learning against Brax's own trainers: return against env steps and wall-clock, one Brax env.
 
-diffpg SHAC, REINFORCE and critic backprop (``diffpg.train`` with its defaults) and Brax's APG and
+diffpg SHAC, REINFORCE and critic backprop (``diffpg.training`` with its defaults) and Brax's APG and
 PPO run on the same env, backend and machine for about the same number of env steps. Each logs
 ``(env steps, wall-clock, deterministic eval return)`` at its evaluations; wall-clock includes
 compilation, as a user waits for it. Targets (issue 5): SHAC above APG at equal env steps; SHAC
@@ -23,17 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
+from diffpg.runs import train  # noqa: E402
 from diffpg.stats import mean_confidence_half_width  # noqa: E402
-from diffpg.train import TrainSettings, train  # noqa: E402
+from diffpg.training import settings_for  # noqa: E402
 
 
 def run_diffpg(estimator: str, env_name: str, num_envs: int, horizon: int, steps: int,
                evals: int, seeds: int) -> list[dict]:
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
-    settings = TrainSettings(env=env_name, estimator=estimator, num_envs=num_envs,
-                             horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
-                             eval_envs=16, seeds=seeds)
+    settings = settings_for(env=env_name, estimator=estimator, num_envs=num_envs,
+                            horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
+                            eval_envs=16, seeds=seeds)
     curve = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -93,6 +94,7 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
 
 
 def main() -> None:
+    common.supply_brax_trainer_api()
     parser = common.parser("bench_learning", __doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
     parser.add_argument("--env", default=None)

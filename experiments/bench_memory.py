@@ -29,6 +29,7 @@ import json, resource, sys, time
 import jax
 import envs
 from diffpg import estimators
+from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy
 
 env_name, num_envs, horizon, segment, execute = sys.argv[1:6]
@@ -39,7 +40,8 @@ params = policy.init(jax.random.PRNGKey(0))
 starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), num_envs))
 estimator = estimators.make("bptt", env, policy, horizon=horizon, remat_segment=segment)
 state = estimator.init(jax.random.PRNGKey(2), params)
-gradient = jax.jit(lambda p, s, k: estimator.estimate(p, state, s, k).grad)
+stats = init_statistics(env.observation_size)
+gradient = jax.jit(lambda p, s, k: estimator.estimate(p, stats, state, s, k).grad)
 started = time.perf_counter()
 compiled = gradient.lower(params, starts, jax.random.PRNGKey(3)).compile()
 compile_s = time.perf_counter() - started

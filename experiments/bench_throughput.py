@@ -30,10 +30,10 @@ import common  # noqa: E402
 
 import envs  # noqa: E402
 from diffpg import estimators  # noqa: E402
+from diffpg.acting import unroll  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402
-from diffpg.rollout import rollout  # noqa: E402
-from diffpg.train import TrainSettings, make_trainer  # noqa: E402
+from diffpg.training import make_trainer, settings_for  # noqa: E402
 
 
 def seconds_per_call(function, *args, repeats: int) -> tuple[float, float]:
@@ -62,6 +62,7 @@ def brax_apg_sps(env, num_envs: int, horizon: int, updates: int) -> tuple[float,
 
 
 def main() -> None:
+    common.supply_brax_trainer_api()
     parser = common.parser("bench_throughput", __doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
     parser.add_argument("--env", default=None, help="Brax env (default: hopper; ant with --gpu)")
@@ -88,7 +89,7 @@ def main() -> None:
     def simulate(env_states, key):
         # Return what depends on the physics: a constant reward (inverted_pendulum's) alone
         # would let XLA drop the simulation.
-        end, transitions = rollout(env, policy, params, stats, env_states, key, horizon)
+        end, transitions = unroll(env, policy, params, stats, env_states, key, horizon)
         return end.obs, transitions.reward, transitions.next_obs
 
     simulate = jax.jit(simulate)
@@ -97,12 +98,12 @@ def main() -> None:
 
     bptt = estimators.make("bptt", env, policy, horizon=horizon)
     bptt_state = bptt.init(key, params)
-    gradient = jax.jit(lambda s, k: bptt.estimate(params, bptt_state, s, k).grad)
+    gradient = jax.jit(lambda s, k: bptt.estimate(params, stats, bptt_state, s, k).grad)
     first, per_call = seconds_per_call(gradient, starts, key, repeats=repeats)
     rows.append({"what": "bptt_gradient", "compile_s": first, "env_steps_per_s": steps / per_call})
 
-    settings = TrainSettings(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
-                             updates=1000, updates_per_call=repeats, eval_envs=1)
+    settings = settings_for(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
+                            updates=1000, updates_per_call=repeats, eval_envs=1)
     trainer = make_trainer(settings)
     state = trainer.init_run()
     started = time.perf_counter()

@@ -18,7 +18,27 @@ from diffpg.compare import sample_gradients
 from diffpg.report import environment_description
 
 __all__ = ["environment_description", "format_table", "parser", "prepare_output", "sample_gradients",
-           "write_json"]
+           "supply_brax_trainer_api", "write_json"]
+
+
+def supply_brax_trainer_api() -> None:
+    """Let Brax 0.14.2's own trainers (APG, PPO) run on jax >= 0.10.
+
+    They place their training state with ``jax.device_put_replicated``, which jax 0.10 removed.
+    Where it is missing, supply its meaning: every leaf stacked once per device on a new leading
+    axis, which ``jax.pmap`` over those devices splits one copy to each. Nothing else changes;
+    with jax 0.9 (the version diffpg pins) this does nothing.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if hasattr(jax, "device_put_replicated"):
+        return
+
+    def device_put_replicated(tree, devices):
+        return jax.tree.map(lambda leaf: jnp.stack([jnp.asarray(leaf)] * len(devices)), tree)
+
+    jax.device_put_replicated = device_put_replicated
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:

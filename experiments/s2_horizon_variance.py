@@ -8,7 +8,7 @@ about the separatrix energy, passing close to the saddle again and again, so nea
 separate fast (the most "chaotic" start the analytic envs offer; from the default hanging start
 the closed loop is nearly linear and stable). For every horizon ``T`` in 1, 2, 4, ..., 128 every
 estimator targets the same finite-horizon objective ``J_T = E[(1/B) sum_b sum_{t<T} gamma^t r_t]``
-(settings from ``diffpg.compare.estimator_settings``: SHAC with ``finite_horizon=True`` and a
+(settings from ``diffpg.estimators.comparison_settings``: SHAC with ``finite_horizon=True`` and a
 window of ``--window`` steps bootstrapped by its critic, warmed up for ``--warmup`` estimates on
 the fixed policy):
 
@@ -41,7 +41,8 @@ from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators
-from diffpg.compare import CompareSettings, EstimatorSpec, estimator_settings
+from diffpg.compare import CompareSettings
+from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
@@ -90,10 +91,13 @@ def shac_samples_and_critic(estimator, params, start_states, key, num_estimates,
     """``sample_gradients`` for SHAC plus the critic loss during its warm-up (same keys)."""
     key_init, key_warm, _ = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
+    stats = init_statistics(start_states.obs.shape[-1])
 
     def warm_step(state, step_key):
-        out = estimator.estimate(params, state, start_states, step_key)
-        return out.state, (out.metrics["critic_loss"], out.metrics["objective"])
+        key_estimate, key_update = jax.random.split(step_key)
+        out = estimator.estimate(params, stats, state, start_states, key_estimate)
+        state, learned = estimator.update(params, stats, state, out.batch, key_update)
+        return state, (learned["critic_loss"], out.metrics["objective"])
 
     _, (losses, objectives) = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
         state, key_warm)
@@ -126,8 +130,7 @@ def main():
 
     env = envs.make(ENV)
     horizons = [2**i for i in range(20) if 2**i <= args.max_horizon]
-    compare = CompareSettings(env=ENV, horizon=max(horizons), window=args.window,
-                              discount=args.discount, num_envs=args.num_envs,
+    compare = CompareSettings(env=ENV, horizon=max(horizons), discount=args.discount, num_envs=args.num_envs,
                               num_estimates=args.num_estimates, critic_warmup=args.warmup,
                               reference_estimates=args.reference_estimates, seed=args.seed)
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
@@ -146,8 +149,8 @@ def main():
     for horizon in horizons:
         key_h = jax.random.fold_in(key_run, horizon)
         entry = {"horizon": horizon, "log_state_jacobian_median": float(jac_median[horizon - 1])}
-        ref_est = estimators.make("reinforce", env, policy, **estimator_settings(
-            EstimatorSpec("reinforce"), compare, horizon))
+        ref_est = estimators.make("reinforce", env, policy, **estimators.comparison_settings(
+            "reinforce", horizon, compare.discount))
         ref_samples, ref_timing = sample_gradients(ref_est, params, start_states,
                                                    jax.random.fold_in(key_h, 0),
                                                    args.reference_estimates, 0)
@@ -155,15 +158,16 @@ def main():
         per = {"reinforce": gradient_statistics(ref_samples) | ref_timing}
         per["reinforce"]["variance_trace_interval"] = bootstrap_interval(ref_samples, variance_trace)
 
-        bptt_est = estimators.make("bptt", env, policy, **estimator_settings(
-            EstimatorSpec("bptt"), compare, horizon))
+        bptt_est = estimators.make("bptt", env, policy, **estimators.comparison_settings(
+            "bptt", horizon, compare.discount))
         bptt_samples, timing = sample_gradients(bptt_est, params, start_states,
                                                 jax.random.fold_in(key_h, 1),
                                                 args.num_estimates, 0)
         per["bptt"] = gradient_statistics(bptt_samples, reference, reference_se) | timing
         per["bptt"]["variance_trace_interval"] = bootstrap_interval(bptt_samples, variance_trace)
 
-        shac_settings = estimator_settings(EstimatorSpec("shac"), compare, horizon)
+        shac_settings = estimators.comparison_settings(
+            "shac", horizon, compare.discount, window=min(args.window, horizon))
         if horizon <= args.window:  # one window, no bootstrap: the estimator is BPTT exactly
             per["shac"] = dict(per["bptt"]) | {"same_as_bptt": True}
         else:

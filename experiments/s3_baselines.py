@@ -37,6 +37,7 @@ from jax.flatten_util import ravel_pytree
 import envs
 from diffpg import estimators
 from diffpg.compare import exact_lqr_gradient
+from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
@@ -76,13 +77,18 @@ def value_fit_quality(estimator, params, start_states, key, warmup) -> dict:
     of the targets it regresses, so the fit can be judged (fraction of variance explained)."""
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
+    stats = init_statistics(start_states.obs.shape[-1])
 
     def warm_step(state, step_key):
-        return estimator.estimate(params, state, start_states, step_key).state, None
+        key_estimate, key_update = jax.random.split(step_key)
+        batch = estimator.estimate(params, stats, state, start_states, key_estimate).batch
+        return estimator.update(params, stats, state, batch, key_update)[0], None
 
     state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
         state, key_warm)
-    metrics = jax.jit(estimator.estimate)(params, state, start_states, key_samples).metrics
+    key_estimate, key_update = jax.random.split(key_samples)
+    batch = jax.jit(estimator.estimate)(params, stats, state, start_states, key_estimate).batch
+    metrics = jax.jit(estimator.update)(params, stats, state, batch, key_update)[1]
     return {"value_loss_after_warmup": float(metrics["value_loss"])}
 
 

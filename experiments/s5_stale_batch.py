@@ -4,7 +4,7 @@ Claim under test (seeds/000 intuition 2, seeds/002 "importance sampling"): the s
 estimate is unbiased only while the data comes from the policy being differentiated. After steps on
 the same batch, the unweighted estimate ``sum_t grad log pi_theta(u_t|s_t) (psi_t - b_t)`` at the new
 ``theta`` is biased; with per-decision importance weights ``rho_{0:t} = prod pi_theta / pi_theta0``
-(``diffpg.estimators.score_function_gradient(..., behaviour_log_prob=...)``) it is unbiased, at the
+(``diffpg.estimators.reinforce.score_function_gradient(..., behaviour_log_prob=...)``) it is unbiased, at the
 price of a variance that grows as ``theta`` moves away from ``theta_0``.
 
 Design (LQR, linear-Gaussian policy, fixed start states, exact gradient as the reference):
@@ -48,11 +48,11 @@ from common import format_table, parser, prepare_output, write_json
 from jax.flatten_util import ravel_pytree
 
 import envs
+from diffpg.acting import unroll
 from diffpg.compare import exact_lqr_gradient
-from diffpg.estimators import ReinforceSettings, score_function_gradient
+from diffpg.estimators.reinforce import ReinforceSettings, score_function_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy
-from diffpg.rollout import rollout
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -89,7 +89,7 @@ def build(args, env, policy, params0, states):
         return flat(exact_lqr_gradient(env, params, states, args.horizon, args.discount))
 
     def collect(key):
-        _, data = rollout(env, policy, params0, stats, states, key, args.horizon)
+        _, data = unroll(env, policy, params0, stats, states, key, args.horizon)
         return data, policy.log_prob(params0, data.obs, data.raw_action)
 
     def estimates(params, data, behaviour_log_prob):

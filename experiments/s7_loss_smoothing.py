@@ -32,11 +32,11 @@ from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators, returns
+from diffpg.acting import unroll
 from diffpg.critics import make_mlp_value_function
 from diffpg.estimators.shac import window_return
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy
-from diffpg.rollout import rollout
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,7 +76,7 @@ def main() -> None:
         for r, x in zip(random_leaves, leaves, strict=True)])
 
     def full_objective(p):
-        _, tr = rollout(env, policy, p, stats, starts, key_noise, args.episode_length)
+        _, tr = unroll(env, policy, p, stats, starts, key_noise, args.episode_length)
         weights = returns.segment_discounts(tr.done, args.discount)
         return jnp.mean(jnp.sum(weights * tr.reward, axis=0))
 
@@ -87,8 +87,10 @@ def main() -> None:
 
     def fit(carry, step_key):
         state, env_state = carry
-        estimate = shac.estimate(params, state, env_state, step_key)
-        return (estimate.state, estimate.env_state), estimate.metrics["critic_loss"]
+        key_estimate, key_update = jax.random.split(step_key)
+        estimate = shac.estimate(params, stats, state, env_state, key_estimate)
+        state, learned = shac.update(params, stats, state, estimate.batch, key_update)
+        return (state, estimate.env_state), learned["critic_loss"]
 
     (shac_state, mid_states), critic_losses = jax.jit(
         lambda c, k: jax.lax.scan(fit, c, jax.random.split(k, args.critic_fits)))(
@@ -96,10 +98,10 @@ def main() -> None:
     critic_seconds = time.perf_counter() - started
     value_function = make_mlp_value_function(env.observation_size,
                                              shac.settings.critic_hidden_sizes)
-    target = shac_state.critic.target_params
+    target = shac_state.target_params
 
     def surrogate(p):
-        end, tr = rollout(env, policy, p, stats, mid_states, key_noise, args.window)
+        end, tr = unroll(env, policy, p, stats, mid_states, key_noise, args.window)
         zeros = jnp.zeros(tr.reward.shape)
         next_value = value_function.apply(target, tr.next_obs, zeros)
         end_value = value_function.apply(target, end.obs, zeros[-1])

@@ -9,6 +9,7 @@ import pytest
 
 import envs
 from diffpg.critics import QFunction, ValueFunction
+from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy
 from envs.analytic import lqr_expected_return, lqr_q_value, lqr_value
 
@@ -32,6 +33,7 @@ class LinearQuadraticProblem:
         self.start_states = jax.vmap(self.env.reset)(
             jax.random.split(jax.random.PRNGKey(1), num_states)
         )
+        self.obs_stats = init_statistics(self.env.observation_size)  # raw observations
 
     def policy_arrays(self, params):
         return params["gain"], params["bias"], jnp.exp(params["log_std"])
@@ -85,8 +87,21 @@ def independent_estimates(estimator, problem, num_estimates, seed=3, state=None,
     if state is None:
         state = estimator.init(jax.random.PRNGKey(2), params)
     keys = jax.random.split(jax.random.PRNGKey(seed), num_estimates)
-    batched = jax.jit(jax.vmap(estimator.estimate, in_axes=(None, None, None, 0)))
-    return batched(params, state, problem.start_states, keys).grad
+    batched = jax.jit(jax.vmap(estimator.estimate, in_axes=(None, None, None, None, 0)))
+    return batched(params, problem.obs_stats, state, problem.start_states, keys).grad
+
+
+def learn(estimator, problem, state, steps, seed=100):
+    """``steps`` rounds of ``estimate`` then ``update`` on the problem's fixed policy and starts
+    (what a comparison's warm-up does); returns the learned state."""
+    def one_round(state, key):
+        key_estimate, key_update = jax.random.split(key)
+        batch = estimator.estimate(problem.params, problem.obs_stats, state,
+                                   problem.start_states, key_estimate).batch
+        return estimator.update(problem.params, problem.obs_stats, state, batch, key_update)[0], None
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), steps)
+    return jax.jit(lambda s: jax.lax.scan(one_round, s, keys)[0])(state)
 
 
 def flatten_samples(tree) -> np.ndarray:

@@ -19,24 +19,40 @@ UNIT_INTERVAL_VIOLATION = st.one_of(st.floats(min_value=1.0001, max_value=1e6).m
                                     st.floats(max_value=-1e-6, min_value=-1e6).map(repr))
 NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
 
+def _one(flag: str):
+    """``--flag=value`` as one argument."""
+    return lambda value: [f"{flag}={value}"]
+
+
+def _option(flags, values):
+    return st.tuples(st.sampled_from(flags), values).map(lambda pair: [f"{pair[0]}={pair[1]}"])
+
+
 INVALID = st.one_of(
-    st.tuples(st.sampled_from(["--num-envs", "--horizon", "--updates", "--updates-per-call",
-                               "--eval-envs", "--seeds", "--max-consecutive-nonfinite",
-                               "--episode-length"]),
-              st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"))),
-    st.tuples(st.sampled_from(["--learning-rate", "--grad-clip"]),
-              st.one_of(NON_POSITIVE_FLOAT, NOT_A_NUMBER)),
-    st.tuples(st.just("--discount"), UNIT_INTERVAL_VIOLATION),
-    st.tuples(st.just("--final-learning-rate"), st.sampled_from(["1.0", "-0.1", "nan"])),
-    st.tuples(st.just("--betas"), st.sampled_from(["1.5,0.9", "0.9", "0.9,-1", "a,b"])),
-    st.tuples(st.just("--hidden-sizes"), st.sampled_from(["0", "-4", "64,0", "x"])),
-    st.tuples(st.just("--env"), NAME.filter(lambda n: n not in _known_envs())),
-    st.tuples(st.just("--estimator"), NAME.filter(lambda n: n not in _known_estimators())),
-    st.tuples(st.just("--backend"), st.one_of(NAME, st.just("spring"))),  # env is analytic
-    st.tuples(st.just("--estimator-options"), st.sampled_from(
-        ["nonsense=1", "baseline=bogus", "window", "discount=2"])),
-    st.tuples(st.just("--env-options"), st.sampled_from(["bogus=1", "max_torque=-1", "dt"])),
-    st.tuples(st.just("--devices"), st.sampled_from(["0", "-1", "4096", "x"])),
+    _option(["--num-envs", "--updates", "--updates-per-call", "--eval-envs", "--seeds",
+             "--max-consecutive-nonfinite", "--episode-length", "--epochs", "--minibatches",
+             "--horizon"],
+            st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"))),
+    _option(["--learning-rate", "--grad-clip"],
+            st.one_of(NON_POSITIVE_FLOAT, NOT_A_NUMBER, st.just("inf"))),
+    _option(["--discount"], st.one_of(UNIT_INTERVAL_VIOLATION, st.just("nan"))),
+    _option(["--final-learning-rate"], st.sampled_from(["1.0", "-0.1", "nan", "inf"])),
+    _option(["--init-log-std"], st.sampled_from(["nan", "inf", "-inf", "x"])),
+    st.sampled_from([["--betas", "1.5", "0.9"], ["--betas", "0.9"], ["--betas", "0.9", "-1"],
+                     ["--betas", "a", "b"], ["--betas", "nan", "0.9"]]),
+    st.sampled_from([["--hidden-sizes", "0"], ["--hidden-sizes", "-4"],
+                     ["--hidden-sizes", "64", "0"], ["--hidden-sizes", "x"]]),
+    st.sampled_from([["--env-options", "bogus=1"], ["--env-options", "max_torque=-1"],
+                     ["--env-options", "dt"]]),
+    NAME.filter(lambda n: n not in _known_envs()).map(_one("--env")),
+    NAME.filter(lambda n: n not in _known_estimators() and n != "h").map(lambda n: [n]),
+    st.one_of(NAME, st.just("spring")).map(_one("--backend")),  # the env is analytic
+    st.sampled_from([["shac", "--nonsense", "1"], ["reinforce", "--baseline", "bogus"],
+                     ["shac", "--window", "7"], ["shac", "--discount", "2"],
+                     ["ppo", "--clip-ratio", "nan"], ["ppo", "--gae-lambda", "1.5"],
+                     ["critic_backprop", "--critic-betas", "1", "1"],
+                     ["ppo", "--epochs", "0"], ["bptt", "--epochs", "2"]]),
+    st.sampled_from(["0", "-1", "4096", "x"]).map(_one("--devices")),
 )
 
 
@@ -55,17 +71,17 @@ def _known_estimators():
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(invalid=INVALID)
 def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
-    flag, value = invalid
     out = tmp_path_factory.mktemp("run") / "never"
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
             # A setting that slipped through would train 2 updates only (and fail below).
             status = cli.main(["train", "--env", "pendulum", "--updates", "2",
-                               "--updates-per-call", "2", "--out", str(out), f"{flag}={value}"])
+                               "--updates-per-call", "2", "--out", str(out), *invalid])
         except SystemExit as exit_info:  # argparse rejects what it cannot convert
             status = exit_info.code
     message = stderr.getvalue()
-    assert status == 2, (flag, value, message)
+    assert status == 2, (invalid, message)
     assert "Traceback" not in message and "error" in message, message
+    assert len(message.strip().splitlines()) == 1, message
     assert not out.exists()

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from contract import assert_follows_the_contract
 
 import envs
 from diffpg import estimators
@@ -28,36 +29,7 @@ def pendulum_setup():
 
 @pytest.mark.parametrize("name", estimators.names())
 def test_estimator_contract(pendulum_setup, name):
-    env, policy, params, starts = pendulum_setup
-    extra = {"window": HORIZON // 2} if name == "shac" else {}
-    estimator = estimators.make(name, env, policy, horizon=HORIZON, **extra)
-    state = estimator.init(jax.random.PRNGKey(2), params)
-
-    out = jax.jit(estimator.estimate)(params, state, starts, jax.random.PRNGKey(3))
-    assert jax.tree.structure(out.grad) == jax.tree.structure(params)
-    for grad_leaf, param_leaf in zip(jax.tree.leaves(out.grad), jax.tree.leaves(params),
-                                     strict=True):
-        assert grad_leaf.shape == param_leaf.shape
-        assert grad_leaf.dtype == param_leaf.dtype
-        assert np.all(np.isfinite(grad_leaf))
-    assert jax.tree.structure(out.state) == jax.tree.structure(state)
-    assert jax.tree.structure(out.env_state) == jax.tree.structure(starts)
-    assert out.env_state.obs.shape == starts.obs.shape
-    assert "objective" in out.metrics
-    assert all(np.ndim(v) == 0 and np.isfinite(v) for v in out.metrics.values())
-    assert float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(out.grad)[0])) > 0
-
-    keys = jax.random.split(jax.random.PRNGKey(4), 3)
-    batched = jax.jit(jax.vmap(estimator.estimate, in_axes=(None, None, None, 0)))(
-        params, state, starts, keys
-    )
-    leaves = jax.tree.leaves(batched.grad)
-    assert all(leaf.shape[0] == 3 for leaf in leaves)
-    # Independent keys give different estimates; the same key gives the same one.
-    assert not np.allclose(leaves[0][0], leaves[0][1])
-    again = jax.jit(estimator.estimate)(params, state, starts, keys[0])
-    np.testing.assert_allclose(jax.tree.leaves(again.grad)[0], leaves[0][0], rtol=1e-5,
-                               atol=1e-6)
+    assert_follows_the_contract(name, *pendulum_setup, horizon=HORIZON)
 
 
 def test_score_is_not_the_zero_pathwise_derivative():
@@ -163,7 +135,8 @@ def test_leave_one_out_needs_two_rollouts():
     params = policy.init(jax.random.PRNGKey(0))
     one_state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), 1))
     with pytest.raises(ValueError, match="rollouts_per_state"):
-        estimator.estimate(params, estimator.init(jax.random.PRNGKey(2), params), one_state,
+        estimator.estimate(params, init_statistics(env.observation_size),
+                           estimator.init(jax.random.PRNGKey(2), params), one_state,
                            jax.random.PRNGKey(3))
 
 
@@ -173,10 +146,12 @@ def test_rematerialised_rollouts_give_the_same_gradient(pendulum_setup, name, ex
     the recomputed forward pass is the same program)."""
     env, policy, params, starts = pendulum_setup
     grads = []
+    stats = init_statistics(env.observation_size)
     for segment in (0, 3):
         estimator = estimators.make(name, env, policy, horizon=12, remat_segment=segment, **extra)
         state = estimator.init(jax.random.PRNGKey(2), params)
-        grads.append(jax.jit(estimator.estimate)(params, state, starts, jax.random.PRNGKey(3)).grad)
+        grads.append(jax.jit(estimator.estimate)(params, stats, state, starts,
+                                                 jax.random.PRNGKey(3)).grad)
     for plain, remat in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(remat, plain, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="remat_segment=5"):

@@ -12,13 +12,13 @@ SCRIPT = r"""
 import json
 import jax
 import numpy as np
-from diffpg.train import TrainSettings, make_trainer
+from diffpg.training import make_trainer, settings_for
 
 results = {}
 for estimator in ("shac",):
     params = {}
     for devices in (1, 2, 4):
-        settings = TrainSettings(env="pendulum", estimator=estimator, num_envs=8, horizon=8,
+        settings = settings_for(env="pendulum", estimator=estimator, num_envs=8, horizon=8,
                                  updates=4, updates_per_call=2, eval_envs=2, hidden_sizes=(16,),
                                  devices=devices)
         trainer = make_trainer(settings)
@@ -55,10 +55,10 @@ for devices in (2, 4):
 results["compare/gradient_size"] = float(np.abs(samples[1]).max())
 # Two seeds over two devices, stopped and resumed: bit-exact, and still split.
 import pathlib, tempfile
-from diffpg.train import train
+from diffpg.runs import train
 
 folder = pathlib.Path(tempfile.mkdtemp())
-settings = TrainSettings(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
+settings = settings_for(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
                          eval_envs=2, hidden_sizes=(16,), seeds=2, devices=2)
 whole = train(settings, folder / "whole")
 train(settings, folder / "split", stop_at_update=2)

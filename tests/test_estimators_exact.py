@@ -8,20 +8,18 @@ be detected.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_unbiased, flatten, flatten_samples, independent_estimates
+from conftest import assert_unbiased, flatten, flatten_samples, independent_estimates, learn
 
 from diffpg import estimators
+from diffpg.acting import unroll
 from diffpg.estimators.critic_backprop import CriticBackpropSettings, make_critic_backprop
-from diffpg.estimators.reinforce import ReinforceSettings, make_reinforce
+from diffpg.estimators.reinforce import ReinforceSettings, make_reinforce, score_function_gradient
 from diffpg.estimators.shac import ShacSettings, make_shac
 from diffpg.normalization import init_statistics
-from diffpg.rollout import rollout
 
 # (settings, number of independent estimates of 16 rollouts each)
 UNBIASED_REINFORCE = {
@@ -52,14 +50,9 @@ def test_reinforce_with_exact_value_baseline_is_unbiased(lqr):
 def test_reinforce_with_learned_value_baseline_is_unbiased(lqr):
     settings = ReinforceSettings(horizon=lqr.horizon, discount=lqr.discount, baseline="value")
     estimator = make_reinforce(lqr.env, lqr.policy, settings)
-    state = estimator.init(jax.random.PRNGKey(5), lqr.params)
-    fit = jax.jit(estimator.estimate)
-    for step in range(30):  # fit the baseline a little: any state-only baseline is unbiased
-        state = fit(lqr.params, state, lqr.start_states, jax.random.PRNGKey(100 + step)).state
-    # Sample with the fitted baseline held nearly fixed (one cheap fit per estimate).
-    frozen = make_reinforce(lqr.env, lqr.policy, dataclasses.replace(
-        settings, value_iterations=1, value_minibatches=1))
-    samples = independent_estimates(frozen, lqr, 4000, state=state)
+    # Fit the baseline a little: any state-only baseline is unbiased.
+    state = learn(estimator, lqr, estimator.init(jax.random.PRNGKey(5), lqr.params), 30)
+    samples = independent_estimates(estimator, lqr, 4000, state=state)
     assert_unbiased(samples, lqr.exact_gradient())
 
 
@@ -94,10 +87,10 @@ def test_importance_weights_correct_stale_data(lqr):
     stats = init_statistics(lqr.env.observation_size)
 
     def estimate(key, weighted):
-        _, data = rollout(lqr.env, lqr.policy, behaviour, stats, lqr.start_states, key,
-                          lqr.horizon)
+        _, data = unroll(lqr.env, lqr.policy, behaviour, stats, lqr.start_states, key,
+                         lqr.horizon)
         behaviour_log_prob = lqr.policy.log_prob(behaviour, data.obs, data.raw_action)
-        grad, _ = estimators.score_function_gradient(
+        grad, _ = score_function_gradient(
             lqr.policy, lqr.params, stats, data, settings,
             behaviour_log_prob=behaviour_log_prob if weighted else None,
         )
@@ -161,10 +154,7 @@ def test_critic_backprop_bias_with_a_learned_q_shrinks_with_training(lqr):
         return np.linalg.norm(mean - exact) / np.linalg.norm(exact)
 
     before = relative_bias(state)
-    step = jax.jit(estimator.estimate)
-    for i in range(300):
-        state = step(lqr.params, state, lqr.start_states, jax.random.PRNGKey(1000 + i)).state
-    after = relative_bias(state)
+    after = relative_bias(learn(estimator, lqr, state, 300, seed=1000))
     print(f"critic backprop relative bias: untrained {before:.3f}, after 300 TD fits {after:.3f}")
     assert after < 0.5 * before
 
@@ -198,8 +188,8 @@ def test_alpha_order_on_the_smooth_lqr_leans_first_order_and_is_accurate(lqr):
                                 discount=lqr.discount)
     state = estimator.init(jax.random.PRNGKey(0), lqr.params)
     keys = jax.random.split(jax.random.PRNGKey(6), 200)
-    out = jax.jit(jax.vmap(estimator.estimate, (None, None, None, 0)))(
-        lqr.params, state, lqr.start_states, keys)
+    out = jax.jit(jax.vmap(estimator.estimate, (None, None, None, None, 0)))(
+        lqr.params, lqr.obs_stats, state, lqr.start_states, keys)
     assert float(np.mean(out.metrics["alpha"])) > 0.9
     assert float(np.mean(out.metrics["fell_back"])) < 0.05
     assert_unbiased(out.grad, lqr.exact_gradient(), resolvable_error=0.05)
@@ -209,11 +199,11 @@ def test_alpha_order_on_the_smooth_lqr_leans_first_order_and_is_accurate(lqr):
 def test_per_rollout_terms_average_to_the_estimate(lqr, baseline):
     settings = ReinforceSettings(horizon=lqr.horizon, discount=lqr.discount, baseline=baseline)
     stats = init_statistics(lqr.env.observation_size)
-    _, data = rollout(lqr.env, lqr.policy, lqr.params, stats, lqr.start_states,
-                      jax.random.PRNGKey(8), lqr.horizon)
-    batch, _ = estimators.score_function_gradient(lqr.policy, lqr.params, stats, data, settings)
-    terms, _ = estimators.score_function_gradient(lqr.policy, lqr.params, stats, data, settings,
-                                                  per_rollout=True)
+    _, data = unroll(lqr.env, lqr.policy, lqr.params, stats, lqr.start_states,
+                     jax.random.PRNGKey(8), lqr.horizon)
+    batch, _ = score_function_gradient(lqr.policy, lqr.params, stats, data, settings)
+    terms, _ = score_function_gradient(lqr.policy, lqr.params, stats, data, settings,
+                                       per_rollout=True)
     for whole, parts in zip(jax.tree.leaves(batch), jax.tree.leaves(terms), strict=True):
         assert parts.shape == (lqr.start_states.obs.shape[0],) + whole.shape
         np.testing.assert_allclose(parts.mean(0), whole, rtol=1e-4, atol=1e-5)

@@ -136,7 +136,7 @@ def test_compare_refuses_to_overwrite(tmp_path, capsys):
 def test_stiffness_sweep_rebuilds_the_contact_env_at_each_point(tmp_path):
     out = tmp_path / "stiff"
     status = cli.main(["compare", "--env", "contact", "--env-options", "start=0.8",
-                       "--sweep", "stiffness", "--stiffnesses", "10,1000", "--horizon", "4",
+                       "--sweep", "stiffness", "--stiffnesses", "10", "1000", "--horizon", "4",
                        "--estimators", "bptt", "--num-estimates", "4", "--num-envs", "2",
                        "--reference-estimates", "8", "--out", str(out)])
     assert status == 0

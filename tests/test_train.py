@@ -16,17 +16,14 @@ import pytest
 from PIL import Image
 
 from diffpg import cli
-from diffpg.train import (
+from diffpg.runs import (
     TrainingStopped,
-    TrainSettings,
     checkpoint_updates,
     evaluate_run,
-    make_optimizer,
-    make_trainer,
     restore_checkpoint,
-    select_seed,
     train,
 )
+from diffpg.training import TrainSettings, make_optimizer, make_trainer, select_seed, settings_for
 from diffpg.video import episode_states, save_gif
 
 
@@ -47,7 +44,7 @@ def _learn(settings: TrainSettings, gif=None) -> tuple[float, float, dict]:
     assert int(metrics["training/nonfinite_updates"]) == 0
     if gif is not None:
         positions, rewards = episode_states(trainer.env, trainer.policy, state.params,
-                                            state.estimator_state.obs_stats,
+                                            state.obs_stats,
                                             jax.random.PRNGKey(1), trainer.env.episode_length)
         save_gif(trainer.env, positions, rewards, gif, every=10)
         frames = Image.open(gif).n_frames
@@ -60,7 +57,7 @@ def _learn(settings: TrainSettings, gif=None) -> tuple[float, float, dict]:
 def test_shac_learns_cartpole_swing_up(tmp_path):
     """SHAC lifts the deterministic return of a fresh policy (about -5,600) well above the
     -2,000 that just stopping the swing gives, within 150 updates of 32 envs on a CPU."""
-    before, after, _ = _learn(TrainSettings(updates=150, updates_per_call=50, num_envs=32,
+    before, after, _ = _learn(settings_for(updates=150, updates_per_call=50, num_envs=32,
                                             eval_envs=8), gif=tmp_path / "policy.gif")
     assert after > -2000 > before
 
@@ -70,7 +67,7 @@ def test_other_estimators_learn_cartpole(estimator):
     """REINFORCE (value baseline) and critic backprop (replay buffer) stop the fresh policy's
     wild swinging (about -5,600) within 100 updates, reaching about -1,500 (pole down, cart
     still); with the default 500 updates critic backprop goes on to swing the pole up (README)."""
-    before, after, metrics = _learn(TrainSettings(estimator=estimator, updates=100,
+    before, after, metrics = _learn(settings_for(estimator=estimator, updates=100,
                                                   updates_per_call=50, num_envs=32, eval_envs=8))
     assert after > -2500 and before < -5000
     if estimator == "critic_backprop":  # the replayed critic's TD error settles
@@ -82,7 +79,7 @@ def test_shac_learns_pendulum_swing_up():
     (0.1) small swings cost more than they gain (0.49 A^2 against 0.25 A^2 per step for amplitude
     A), so hanging is a local optimum no gradient leaves; with velocity_cost=0.01 SHAC pumps the
     pendulum up and the return rises above -340 in 100 updates."""
-    before, after, _ = _learn(TrainSettings(env="pendulum", env_options=("velocity_cost=0.01",),
+    before, after, _ = _learn(settings_for(env="pendulum", env_options=("velocity_cost=0.01",),
                                             updates=100, updates_per_call=50, num_envs=32,
                                             eval_envs=8))
     assert after > -340 and before < -390
@@ -92,7 +89,7 @@ def test_shac_learns_brax_inverted_pendulum(tmp_path):
     """Brax physics (spring backend): a fresh policy keeps the pole up for about 24 of 100 steps;
     after 20 SHAC updates of 16 envs it holds it for 90 or more (reward 1 per step alive).
     The trained policy's video draws the Brax bodies."""
-    before, after, _ = _learn(TrainSettings(env="inverted_pendulum", episode_length=100,
+    before, after, _ = _learn(settings_for(env="inverted_pendulum", episode_length=100,
                                             num_envs=16, horizon=16, updates=20,
                                             updates_per_call=20, eval_envs=8),
                               gif=tmp_path / "policy.gif")
@@ -100,7 +97,7 @@ def test_shac_learns_brax_inverted_pendulum(tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    settings = TrainSettings(env="pendulum", updates=4, updates_per_call=2, num_envs=4,
+    settings = settings_for(env="pendulum", updates=4, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,))
     whole = train(settings, tmp_path / "whole")
     train(settings, tmp_path / "split", stop_at_update=2)  # interrupted after the first call
@@ -131,7 +128,7 @@ def test_eval_of_a_saved_run_returns_the_logged_reward(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--estimator", "ppo"], "estimator='ppo'"),
+    (["--env", "nowhere"], "env='nowhere'"),
     (["--num-envs", "0"], "num_envs"),
     (["--env", "pendulum", "--horizon", "500"], "horizon=500"),
     (["--final-learning-rate", "1.0"], "final_learning_rate"),
@@ -151,7 +148,7 @@ def test_resume_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsy
 
 
 def test_a_non_finite_gradient_never_reaches_the_parameters():
-    settings = TrainSettings(env="pendulum", updates=10)
+    settings = settings_for(env="pendulum", updates=10)
     optimizer = make_optimizer(settings)
     params = {"w": jax.numpy.ones(3)}
     opt_state = optimizer.init(params)
@@ -165,7 +162,7 @@ def test_a_non_finite_gradient_never_reaches_the_parameters():
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, capsys):
-    settings = TrainSettings(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+    settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,))
     out = tmp_path / "run"
     train(settings, out)
@@ -184,7 +181,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, cap
 
 
 def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
-    settings = TrainSettings(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+    settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,))
     run = tmp_path / "run"
     trained = train(settings, run)
@@ -222,11 +219,11 @@ def test_a_killed_run_resumes_bit_exactly_from_its_last_checkpoint(tmp_path):
     assert cli.main(["train", "--resume", str(killed)]) == 0
     whole = tmp_path / "whole"
     assert cli.main(["train", *arguments, "--out", str(whole)]) == 0
-    settings = TrainSettings(env="pendulum", updates=20, updates_per_call=2, num_envs=4,
+    settings = settings_for(env="pendulum", updates=20, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,))
     template = make_trainer(settings).init(jax.random.PRNGKey(0))
-    for a, b in zip(_params(restore_checkpoint(killed, template)),
-                    _params(restore_checkpoint(whole, template)), strict=True):
+    for a, b in zip(_params(restore_checkpoint(killed, template)[0]),
+                    _params(restore_checkpoint(whole, template)[0]), strict=True):
         np.testing.assert_array_equal(a, b)
     with (killed / "metrics.csv").open() as handle:
         assert [int(r["update"]) for r in csv.DictReader(handle)] == list(range(2, 21, 2))
@@ -258,8 +255,8 @@ def test_seeds_train_as_independent_vmapped_runs(tmp_path):
     tolerance: batching may reorder sums), and the log holds their mean, 95% CI and values."""
     common = dict(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
                   eval_envs=2, hidden_sizes=(16,))
-    both = train(TrainSettings(seed=3, seeds=2, **common), tmp_path / "both")
-    alone = train(TrainSettings(seed=4, **common), tmp_path / "seed4")
+    both = train(settings_for(seed=3, seeds=2, **common), tmp_path / "both")
+    alone = train(settings_for(seed=4, **common), tmp_path / "seed4")
     for a, b in zip(_params(select_seed(both, 1)), _params(alone), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     with (tmp_path / "both" / "metrics.csv").open() as handle:
@@ -310,7 +307,7 @@ def test_nan_from_the_physics_is_skipped_and_training_continues(estimator):
     """About 0.45% of steps blow up (13% of updates see one): those updates are skipped and
     counted, the blown-up environments restart, and the parameters stay finite and keep
     learning; the replay buffer's stored blow-ups do not stop its critic from fitting."""
-    settings = TrainSettings(env="pendulum", estimator=estimator, updates=30, updates_per_call=10,
+    settings = settings_for(env="pendulum", estimator=estimator, updates=30, updates_per_call=10,
                              num_envs=4, horizon=8, eval_envs=2, hidden_sizes=(16,))
     env = _InjectNaN(threshold=0.9999)
     trainer = make_trainer(settings, env)
@@ -326,13 +323,13 @@ def test_nan_from_the_physics_is_skipped_and_training_continues(estimator):
     assert 0 < skipped < 20, skipped  # some updates skipped, most applied
     assert resets > 0
     assert any(np.any(a != b) for a, b in zip(params, _params(start), strict=True))
-    stats = state.estimator_state.obs_stats
+    stats = state.obs_stats
     assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.sum_sq_dev))
     assert np.isfinite(float(metrics["training/critic_loss"]))
 
 
 def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(tmp_path, capsys):
-    settings = TrainSettings(env="pendulum", updates=20, updates_per_call=2, num_envs=4,
+    settings = settings_for(env="pendulum", updates=20, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,),
                              max_consecutive_nonfinite=3)
     out = tmp_path / "run"
@@ -340,39 +337,46 @@ def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(t
         train(settings, out, env=_InjectNaN(threshold=-2.0))  # every step blows up
     assert checkpoint_updates(out)[-1] == 4  # stopped after the call that passed 3 in a row
     trainer = make_trainer(settings)
-    restored = restore_checkpoint(out, trainer.init_run())
+    restored, _ = restore_checkpoint(out, trainer.init_run())
     for a, b in zip(_params(restored), _params(trainer.init_run()), strict=True):
         np.testing.assert_array_equal(a, b)  # no non-finite update ever applied
 
 
-def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path):
-    """A crash mid-save leaves a temporary folder, or a folder without orbax's final metadata:
-    neither is taken for a checkpoint; resuming continues from the last complete one and ends
-    where an uninterrupted run does."""
-    settings = TrainSettings(env="pendulum", updates=6, updates_per_call=2, num_envs=4,
-                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path, capsys):
+    """A crash mid-save leaves orbax's temporary folder, which is not a checkpoint; a step
+    folder whose files are truncated does not restore: resuming sets it aside (nothing is
+    deleted), continues from the last complete checkpoint and ends where an uninterrupted run
+    does."""
+    settings = settings_for(env="pendulum", updates=6, updates_per_call=2, num_envs=4,
+                            horizon=8, eval_envs=2, hidden_sizes=(16,))
     whole = train(settings, tmp_path / "whole")
     out = tmp_path / "cut"
     train(settings, out, stop_at_update=4)
     folder = out / "checkpoints"
     complete = folder / "4"
-    for partial_name in ("6.orbax-checkpoint-tmp-1700000000", "6"):
+    for partial_name in ("6.orbax-checkpoint-tmp", "6"):
         partial = folder / partial_name
-        partial.mkdir()
-        for path in complete.iterdir():  # the files of a save, truncated, without the marker
-            if path.is_file() and path.name != "_CHECKPOINT_METADATA":
-                (partial / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert checkpoint_updates(out) == [2, 4]
+        for path in complete.rglob("*"):  # the files of a save, truncated
+            target = partial / path.relative_to(complete)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        if partial_name.endswith("tmp"):
+            assert checkpoint_updates(out) == [2, 4]
     resumed = train(settings, out, resume=True)
+    assert "checkpoint 6" in capsys.readouterr().err and (folder / "6.unreadable").is_dir()
     for a, b in zip(_params(whole), _params(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    assert checkpoint_updates(out) == [4, 6]
 
 
 @pytest.mark.parametrize("estimator", ["shac", "reinforce", "critic_backprop"])
 def test_the_training_call_compiles_once(estimator):
     """The state a call returns has the types of the state it took (a weak-typed initial
     parameter once made the second call compile the whole loop again)."""
-    settings = TrainSettings(env="pendulum", estimator=estimator, updates=4, updates_per_call=2,
+    settings = settings_for(env="pendulum", estimator=estimator, updates=4, updates_per_call=2,
                              num_envs=4, horizon=8, eval_envs=2, hidden_sizes=(16,))
     trainer = make_trainer(settings)
     state, _ = trainer.run_updates(trainer.init_run())

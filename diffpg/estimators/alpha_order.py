@@ -25,25 +25,29 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from diffpg import returns
+from diffpg.acting import unroll
 from diffpg.estimators.base import (
+    Batch,
     Estimate,
     Estimator,
-    EstimatorState,
     check_choice,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    maybe_update_statistics,
+    learns_nothing,
 )
+from diffpg.estimators.registry import register
 from diffpg.estimators.reinforce import ReinforceSettings, score_function_gradient
-from diffpg.normalization import init_statistics
+from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
-from diffpg.rollout import rollout
 from envs.core import Environment, State
 
 
 @dataclasses.dataclass(frozen=True)
 class AlphaOrderSettings:
+    """Inverse-variance mix of BPTT and REINFORCE, falling back to REINFORCE when the first-order
+    mean disagrees (Suh et al. 2022)."""
+
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
@@ -51,7 +55,6 @@ class AlphaOrderSettings:
     """Baseline of the zeroth-order part: none, batch_mean or leave_one_out."""
     confidence_sigmas: float = 3.0
     """Fall back to zeroth order when the two means differ by more than this many noise sigmas."""
-    normalize_observations: bool = False
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
@@ -86,17 +89,17 @@ def make_alpha_order(
     zeroth_settings = ReinforceSettings(horizon=settings.horizon, discount=settings.discount,
                                         baseline=settings.baseline)
 
-    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+    def init(key: jax.Array, policy_params: Params) -> None:
         del key, policy_params
-        return EstimatorState(init_statistics(policy.observation_size), None)
 
-    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
-        stats = state.obs_stats
+    def estimate(params: Params, obs_stats: RunningStatistics, state: None, env_state: State,
+                 key: jax.Array) -> Estimate:
+        del state
         num = jax.tree.leaves(env_state)[0].shape[0]
 
         def one_rollout(p, start, rollout_key):
             start = jax.tree.map(lambda x: x[None], start)
-            end, tr = rollout(env, policy, p, stats, start, rollout_key, settings.horizon)
+            end, tr = unroll(env, policy, p, obs_stats, start, rollout_key, settings.horizon)
             weights = returns.segment_discounts(tr.done, settings.discount)
             return jnp.sum(weights * tr.reward), (end, tr)
 
@@ -108,7 +111,7 @@ def make_alpha_order(
         tr = jax.lax.stop_gradient(tr)
         end_state = jax.tree.map(lambda x: x[:, 0], end_state)
         zeroth_tree, objective = score_function_gradient(
-            policy, params, stats, tr, zeroth_settings, per_rollout=True
+            policy, params, obs_stats, tr, zeroth_settings, per_rollout=True
         )
         flat = jax.vmap(lambda g: ravel_pytree(g)[0])
         _, unravel = ravel_pytree(params)
@@ -117,7 +120,9 @@ def make_alpha_order(
         metrics = {"objective": jnp.mean(objective), "alpha": alpha,
                    "first_order_variance": var_first, "zeroth_order_variance": var_zeroth,
                    "fell_back": fell_back.astype(jnp.float32)}
-        new_state = maybe_update_statistics(state, tr.obs, settings.normalize_observations)
-        return Estimate(unravel(grad), new_state, jax.lax.stop_gradient(end_state), metrics)
+        return Estimate(unravel(grad), Batch(tr), jax.lax.stop_gradient(end_state), metrics)
 
-    return Estimator(init, estimate, settings)
+    return Estimator(init, estimate, learns_nothing, settings)
+
+
+register("alpha_order", AlphaOrderSettings, make_alpha_order)

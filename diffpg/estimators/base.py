@@ -7,62 +7,72 @@ from typing import Any, NamedTuple
 
 import jax
 
-from diffpg.critics import CriticState
-from diffpg.normalization import RunningStatistics, update_statistics
+from diffpg.acting import Transitions
+from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params
-from diffpg.replay import ReplayBuffer
 from envs.core import State
 
+EstimatorState = Any
+"""Whatever an estimator carries between calls (critics, replay buffers, adaptive horizons...):
+a pytree it alone defines, ``None`` when it carries nothing."""
 
-class EstimatorState(NamedTuple):
-    """What an estimator carries between calls.
 
-    ``obs_stats``: running observation statistics, frozen inside one estimate and updated after it
-    when the estimator normalises observations. ``critic``: the learned critic (value function for
-    SHAC and REINFORCE's value baseline, Q for critic backprop), or ``None`` when there is none.
-    ``replay``: past transitions for an off-policy critic (critic backprop with a replay buffer),
-    or ``None``.
+class Batch(NamedTuple):
+    """The experience one estimate simulated, kept for learning and for reuse.
+
+    ``transitions``: ``[T, B]`` steps (no gradient), the same structure for every estimator, so
+    a trainer reads observations, rewards and episode ends without knowing the estimator.
+    ``extras``: the estimator's own per-step data (behaviour log-probabilities, advantages,
+    value targets...) as a pytree whose leaves have leading axes ``[T, B]``, or ``None``.
+    A minibatch is the same tree indexed along axis 1 (environments).
     """
 
-    obs_stats: RunningStatistics
-    critic: CriticState | None
-    replay: ReplayBuffer | None = None
+    transitions: Transitions
+    extras: Any = None
 
 
 class Estimate(NamedTuple):
     """The result of one call to ``Estimator.estimate``.
 
     ``grad``: an estimate of ``grad_theta J(theta)`` (ascent direction; same tree as the policy
-    parameters). ``state``: the estimator's new state. ``env_state``: the batch after the rollout,
-    so training can continue from it. ``metrics``: flat dict of scalars.
+    parameters). ``batch``: the experience behind it. ``env_state``: the environments after the
+    rollout ``[B]``, so training can continue from them. ``metrics``: flat dict of scalars.
     """
 
     grad: Params
-    state: EstimatorState
+    batch: Batch
     env_state: State
     metrics: dict[str, jax.Array]
 
 
 class Estimator(NamedTuple):
-    """A gradient estimator as two pure functions (the shape of ``optax.GradientTransformation``).
+    """A gradient estimator as pure functions (the shape of ``optax.GradientTransformation``).
 
-    ``init(key, policy_params) -> EstimatorState``;
-    ``estimate(policy_params, state, env_state [B], key) -> Estimate``.
+    ``init(key, policy_params) -> state``;
+    ``estimate(policy_params, obs_stats, state, env_state [B], key) -> Estimate``;
+    ``update(policy_params, obs_stats, state, batch, key) -> (state, metrics)``: learn from the
+    batch an estimate returned (fit critics, fill a replay buffer...), at the parameters that
+    collected it; the identity for an estimator that learns nothing;
+    ``reuse(policy_params, obs_stats, state, batch, key) -> (grad, metrics)`` or ``None``: the
+    gradient at (possibly newer) parameters from a batch collected earlier, for several
+    optimiser steps on one batch (PPO's clipped importance ratio); ``None`` when the estimator
+    cannot reuse data.
     ``settings`` is the frozen settings object it was built from.
     """
 
     init: Callable[[jax.Array, Params], EstimatorState]
-    estimate: Callable[[Params, EstimatorState, State, jax.Array], Estimate]
+    estimate: Callable[[Params, RunningStatistics, EstimatorState, State, jax.Array], Estimate]
+    update: Callable[[Params, RunningStatistics, EstimatorState, Batch, jax.Array],
+                     tuple[EstimatorState, dict[str, jax.Array]]]
     settings: Any
+    reuse: Callable[[Params, RunningStatistics, EstimatorState, Batch, jax.Array],
+                    tuple[Params, dict[str, jax.Array]]] | None = None
 
 
-def maybe_update_statistics(
-    state: EstimatorState, observations: jax.Array, normalize_observations: bool
-) -> EstimatorState:
-    """After an estimate: fold the window's observations into the statistics, if normalising."""
-    if not normalize_observations:
-        return state
-    return state._replace(obs_stats=update_statistics(state.obs_stats, observations))
+def learns_nothing(params, obs_stats, state, batch, key):
+    """``update`` of an estimator without learned parts: the state unchanged, no metrics."""
+    del params, obs_stats, batch, key
+    return state, {}
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -78,10 +88,32 @@ def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> 
 
 
 def check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name}={value!r} must be a positive number")
+    """A finite number above 0 (rejects inf and NaN)."""
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not value > 0
+            or value == float("inf")):
+        raise ValueError(f"{name}={value!r} must be a finite positive number")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """A finite number of at least 0 (rejects inf and NaN)."""
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0
+            or value == float("inf")):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def check_hidden_sizes(name: str, value: Any) -> None:
+    if not isinstance(value, tuple) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
+        raise ValueError(f"{name}={value!r} must be a tuple of positive integers")
+
+
+def check_betas(name: str, value: Any) -> None:
+    if not (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
+                    for b in value)):
+        raise ValueError(f"{name}={value!r} must be two numbers in [0, 1)")

@@ -11,7 +11,7 @@ The states and noise are those of a fresh rollout of the current policy; no grad
 the dynamics. With the true ``Q`` this is exact; with a learned one it is biased by the critic's
 error in ``dQ/da``. ``deterministic=True`` differentiates through the mean action instead (DDPG).
 
-The critic is trained after the gradient is taken, by TD with a target network:
+The critic is trained by ``update``, after the gradient is taken, by TD with a target network:
 ``y = r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` with fresh noise ``eps'`` (a
 semi-gradient, not a gradient of any loss, seeds/000), then Polyak averaging. The learned critic
 ignores the time left, as SAC's does. Its data is either the estimate's own rollout
@@ -24,38 +24,45 @@ rollout's states, so it estimates ``grad J`` of the current policy in both cases
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from diffpg import returns
+from diffpg.acting import Transitions, unroll
 from diffpg.critics import (
+    CriticState,
     QFunction,
     fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_q_function,
-    polyak_update,
     regression_step,
+    update_target,
 )
 from diffpg.estimators.base import (
+    Batch,
     Estimate,
     Estimator,
-    EstimatorState,
+    check_betas,
+    check_hidden_sizes,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    maybe_update_statistics,
 )
-from diffpg.normalization import init_statistics, normalize
+from diffpg.estimators.registry import register
+from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from diffpg.replay import ReplayData, add, init_replay, sample
-from diffpg.rollout import Transitions, rollout
+from diffpg.replay import ReplayBuffer, ReplayData, add, init_replay, sample
 from envs.core import Environment, State
 
 
 @dataclasses.dataclass(frozen=True)
 class CriticBackpropSettings:
+    """The pathwise gradient through a learned Q(s, a) with the reparameterised action (SAC/DDPG
+    style)."""
+
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
@@ -71,7 +78,6 @@ class CriticBackpropSettings:
     finite_horizon: bool = False
     """Learn the finite-horizon Q of the objective: the critic sees the steps left and TD targets
     stop bootstrapping at the horizon (for comparisons). False: SAC's time-independent critic."""
-    normalize_observations: bool = False
     replay_capacity: int = 0
     """Transitions kept for the critic; 0: fit on each estimate's own rollout (on-policy)."""
     replay_batch_size: int = 256
@@ -92,6 +98,15 @@ class CriticBackpropSettings:
         check_positive_int("critic_iterations", self.critic_iterations)
         check_positive_int("critic_minibatches", self.critic_minibatches)
         check_unit_interval("target_critic_keep", self.target_critic_keep)
+        check_hidden_sizes("critic_hidden_sizes", self.critic_hidden_sizes)
+        check_betas("critic_betas", self.critic_betas)
+
+
+class CriticBackpropState(NamedTuple):
+    """The Q critic (with its target copy) and, with ``replay_capacity``, the replay buffer."""
+
+    critic: CriticState
+    replay: ReplayBuffer | None
 
 
 def make_critic_backprop(
@@ -113,45 +128,44 @@ def make_critic_backprop(
             return policy.mode(p, obs)
         return policy.to_action(policy.raw_from_noise(p, obs, noise))
 
-    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+    def init(key: jax.Array, policy_params: Params) -> CriticBackpropState:
         del policy_params
         critic = init_critic_state(q_function.init(key), optimizer)
         replay = None
         if settings.replay_capacity:
             replay = init_replay(settings.replay_capacity, policy.observation_size,
                                  policy.action_size)
-        return EstimatorState(init_statistics(policy.observation_size), critic, replay)
+        return CriticBackpropState(critic, replay)
 
-    def td_targets(params, state, next_obs, reward, termination, steps_left, key):
+    def td_targets(params, critic, next_obs, reward, termination, steps_left, key):
         """``r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` on normalised ``next_obs``."""
         next_noise = jax.random.normal(key, next_obs.shape[:-1] + (policy.action_size,))
         next_action = action_from(params, next_obs, next_noise)
-        next_q = q_function.apply(state.critic.target_params, next_obs, next_action, steps_left - 1)
+        next_q = q_function.apply(critic.target_params, next_obs, next_action, steps_left - 1)
         continues = 1.0 - termination
         if settings.finite_horizon:
             continues = continues * (steps_left > 1)
         return reward + settings.discount * continues * next_q
 
-    def fit_on_rollout(params, state, tr: Transitions, steps_left, key):
+    def fit_on_rollout(params, obs_stats, critic, tr: Transitions, key):
         key_next, key_fit = jax.random.split(key)
-        stats = state.obs_stats
-        obs, next_obs = normalize(stats, tr.obs), normalize(stats, tr.next_obs)
-        targets = td_targets(params, state, next_obs, tr.reward, tr.termination, steps_left,
+        obs, next_obs = normalize(obs_stats, tr.obs), normalize(obs_stats, tr.next_obs)
+        steps_left = jnp.broadcast_to(steps_left_per_step, tr.reward.shape)
+        targets = td_targets(params, critic, next_obs, tr.reward, tr.termination, steps_left,
                              key_next)
         return fit_mean_squared_error(
-            state.critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
+            critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
             targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
         )
 
-    def fit_on_replay(params, state, key):
+    def fit_on_replay(params, obs_stats, critic, replay, key):
         """Critic steps on minibatches drawn from the buffer, targets from the target critic."""
-        stats = state.obs_stats
         steps = settings.critic_iterations * settings.critic_minibatches
 
         def one_step(carry, step_key):
             critic_params, opt_state = carry
             key_sample, key_next = jax.random.split(step_key)
-            batch = sample(state.replay, key_sample, settings.replay_batch_size)
+            batch = sample(replay, key_sample, settings.replay_batch_size)
             # A stored blow-up (non-finite transition) would stay in the buffer for a long
             # time: such rows are zeroed and left out of the loss instead of skipping steps.
             valid = jnp.ones_like(batch.reward, dtype=bool)
@@ -159,10 +173,10 @@ def make_critic_backprop(
                 valid &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
             batch = jax.tree.map(
                 lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), batch)
-            obs, next_obs = normalize(stats, batch.obs), normalize(stats, batch.next_obs)
+            obs, next_obs = normalize(obs_stats, batch.obs), normalize(obs_stats, batch.next_obs)
             no_time = jnp.zeros_like(batch.reward)
             targets = jax.lax.stop_gradient(td_targets(
-                params, state, next_obs, batch.reward, batch.termination, no_time, key_next))
+                params, critic, next_obs, batch.reward, batch.termination, no_time, key_next))
 
             def loss_fn(p, data):
                 obs, action, targets, valid = data
@@ -174,22 +188,20 @@ def make_critic_backprop(
                 loss_fn, optimizer, critic_params, opt_state, (obs, batch.action, targets, valid))
             return (critic_params, opt_state), loss
 
-        carry = (state.critic.params, state.critic.opt_state)
+        carry = (critic.params, critic.opt_state)
         (critic_params, opt_state), losses = jax.lax.scan(one_step, carry,
                                                           jax.random.split(key, steps))
-        return state.critic._replace(params=critic_params, opt_state=opt_state), jnp.mean(losses)
+        return critic._replace(params=critic_params, opt_state=opt_state), jnp.mean(losses)
 
-    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
-        key_rollout, key_fit = jax.random.split(key)
-        stats = state.obs_stats
-        end_state, tr = rollout(
-            env, policy, jax.lax.stop_gradient(params), stats, env_state, key_rollout,
-            settings.horizon,
-        )
-        obs = normalize(stats, tr.obs)
+    steps_left_per_step = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
+
+    def estimate(params: Params, obs_stats: RunningStatistics, state: CriticBackpropState,
+                 env_state: State, key: jax.Array) -> Estimate:
+        end_state, tr = unroll(env, policy, jax.lax.stop_gradient(params), obs_stats, env_state,
+                               key, settings.horizon)
+        obs = normalize(obs_stats, tr.obs)
         weights = returns.segment_discounts(tr.done, settings.discount)
-        steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]
-        steps_left = jnp.broadcast_to(steps_left, tr.reward.shape)
+        steps_left = jnp.broadcast_to(steps_left_per_step, tr.reward.shape)
         critic_params = jax.lax.stop_gradient(state.critic.params)
         num_envs = tr.reward.shape[1]
 
@@ -198,22 +210,28 @@ def make_critic_backprop(
             return jnp.sum(weights * q) / num_envs
 
         grad = jax.grad(surrogate)(params)
+        objective = jnp.mean(jnp.sum(weights * tr.reward, axis=0))
+        return Estimate(grad, Batch(tr), end_state, {"objective": objective})
 
-        params = jax.lax.stop_gradient(params)
+    def update(params, obs_stats, state: CriticBackpropState, batch: Batch, key):
+        tr = batch.transitions
         if state.replay is None:
-            critic, loss = fit_on_rollout(params, state, tr, steps_left, key_fit)
+            critic, loss = fit_on_rollout(params, obs_stats, state.critic, tr, key)
+            replay = None
         else:
             flat = ReplayData(tr.obs, policy.to_action(tr.raw_action), tr.reward,
                               tr.termination, tr.next_obs)
-            state = state._replace(replay=add(state.replay, jax.tree.map(
-                lambda x: x.reshape((-1,) + x.shape[2:]), flat)))
-            critic, loss = fit_on_replay(params, state, key_fit)
-        new_state = state._replace(critic=polyak_update(critic, settings.target_critic_keep))
-        new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)
-        metrics = {
-            "objective": jnp.mean(jnp.sum(weights * tr.reward, axis=0)),
-            "critic_loss": loss,
-        }
-        return Estimate(grad, new_state, end_state, metrics)
+            replay = add(state.replay, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
+                                                    flat))
+            critic, loss = fit_on_replay(params, obs_stats, state.critic, replay, key)
+        critic = update_target(critic, settings.target_critic_keep)
+        return CriticBackpropState(critic, replay), {"critic_loss": loss}
 
-    return Estimator(init, estimate, settings)
+    return Estimator(init, estimate, update, settings)
+
+
+register("critic_backprop", CriticBackpropSettings, make_critic_backprop,
+         comparison=lambda horizon: {"finite_horizon": True},
+         # Off-policy critic fitted on a replay buffer, as SAC and DDPG train it.
+         training={"replay_capacity": 1 << 17, "replay_batch_size": 256,
+                   "critic_iterations": 16})

@@ -1,28 +1,50 @@
-"""REINFORCE: the score-function (likelihood-ratio) estimator and its variance-reduction family.
+"""REINFORCE: the score-function (likelihood-ratio) estimator, its variance-reduction family, and PPO.
 
 For the objective ``J = E[sum_t w_t r_t]`` (``w`` from ``returns.segment_discounts``)::
 
-    grad J = E[ sum_t grad log pi(u_t | s_t) * (psi_t - rho_{0:t} b_t) ]
+    grad J = E[ sum_t grad log pi(u_t | s_t) * A_t ]
 
-* ``psi_t``: the episode's total discounted return (``reward_to_go=False``) or, by causality, only
-  the rewards from ``t`` on (``reward_to_go=True``, seeds/002), both weighted by ``w`` from the
-  episode's start so that the estimate is of ``grad J`` itself;
-* ``b_t``: a baseline that must not depend on ``u_t`` (seeds/001, appendix B):
-  ``none``; ``batch_mean`` (mean of ``psi_t`` over the batch: it contains the sample's own return,
-  so the estimate is scaled by exactly ``1 - 1/n``, a bias kept for study); ``leave_one_out``
-  (mean over the *other* rollouts of the pool: unbiased, RLOO); ``value`` (``w_t V(s_t, steps
-  left)`` from a learned critic fitted after the gradient is taken: unbiased); ``optimal`` (per
-  parameter coordinate ``p``, ``b*_t[p] = E[g_t[p]^2 psi_t] / E[g_t[p]^2]`` with
-  ``g = grad log pi``, seeds/001 appendix C, estimated leave-one-out so it stays unbiased; costs
-  per-sample scores, memory ``O(T * n * num_params)``; it is optimal only under that appendix's
-  simplification, one step at a time ignoring correlations between steps, and can lose to
-  ``leave_one_out``);
-* ``rho_{0:t} = prod_{t' <= t} pi_theta(u_t') / pi_behaviour(u_t')``: per-decision importance
-  weights for data collected by an older policy (seeds/002), with
-  ``psi_t = sum_{t' >= t} rho_{0:t'} w_t' r_t'``; all ``rho = 1`` for fresh data. They correct the
-  estimate at parameters chosen independently of the batch; parameters reached by optimising on
-  that same batch keep a bias, and the weights' variance grows fast as the policy moves away
-  (``experiments/s5_stale_batch.py`` measures both).
+with the advantage ``A_t`` one of:
+
+* ``advantage="monte_carlo"``: ``A_t = psi_t - rho_{0:t} b_t`` where
+
+  - ``psi_t`` is the episode's total discounted return (``reward_to_go=False``) or, by causality,
+    only the rewards from ``t`` on (``reward_to_go=True``, seeds/002), both weighted by ``w`` from
+    the episode's start so that the estimate is of ``grad J`` itself;
+  - ``b_t`` is a baseline that must not depend on ``u_t`` (seeds/001, appendix B): ``none``;
+    ``batch_mean`` (mean of ``psi_t`` over the batch: it contains the sample's own return, so the
+    estimate is scaled by exactly ``1 - 1/n``, a bias kept for study); ``leave_one_out`` (mean
+    over the *other* rollouts of the pool: unbiased, RLOO); ``value`` (``w_t V(s_t, steps left)``
+    from a learned critic, fitted by ``update`` after the gradient is taken: unbiased);
+    ``optimal`` (per parameter coordinate ``p``, ``b*_t[p] = E[g_t[p]^2 psi_t] / E[g_t[p]^2]``
+    with ``g = grad log pi``, seeds/001 appendix C, estimated leave-one-out so it stays
+    unbiased; costs per-sample scores, memory ``O(T * n * num_params)``; optimal only under that
+    appendix's simplification, one step at a time, and can lose to ``leave_one_out``);
+  - ``rho_{0:t} = prod_{t' <= t} pi_theta(u_t') / pi_behaviour(u_t')``: per-decision importance
+    weights for data collected by an older policy (seeds/002), with
+    ``psi_t = sum_{t' >= t} rho_{0:t'} w_t' r_t'``; all ``rho = 1`` for fresh data
+    (``score_function_gradient(..., behaviour_log_prob=...)``; ``experiments/s5_stale_batch.py``).
+
+* ``advantage="gae"``: generalised advantage estimation (Schulman et al. 2016) with the learned
+  value critic ``V(s)``: ``A_t = G^lambda_t - V(s_t)``, the TD(lambda) return (bootstrapped by
+  ``V`` at the horizon and at time-limit truncations, 0 at termination) minus the value, with
+  the undiscounted state weighting of practical actor-critic methods (no ``w_t``: biased for the
+  discounted objective, Thomas 2014, and lower in variance). Optionally normalised over the
+  (mini)batch.
+
+``entropy_cost`` adds ``entropy_cost * grad sum_t H(pi(.|s_t))`` (Gaussian entropy of the raw
+action) to the gradient.
+
+Reusing a batch (``reuse``, several optimiser steps on one batch in training): the gradient at
+newer parameters ``theta`` of PPO's clipped surrogate (Schulman et al. 2017), the practical form
+of the seeds' importance weights for stale data::
+
+    sum_t min(r_t A_t, clip(r_t, 1 - clip_ratio, 1 + clip_ratio) A_t),
+    r_t = pi_theta(u_t | s_t) / pi_behaviour(u_t | s_t)
+
+averaged over the batch's environments; at the collecting parameters (``r = 1``) it is the
+estimate itself. ``ppo`` is this estimator registered with PPO's settings (GAE, a value critic,
+normalised advantages) and training loop (epochs of minibatch steps on each batch).
 
 The pool of a leave-one-out baseline is the group of ``rollouts_per_state`` rollouts that start from
 the same state (RLOO/GRPO groups) when that is above 1, else the whole batch.
@@ -31,38 +53,47 @@ the same state (RLOO/GRPO groups) when that is above 1, else the whole batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from diffpg import returns
+from diffpg.acting import Transitions, repeat_states, unroll
 from diffpg.critics import (
+    CriticState,
     ValueFunction,
+    explained_variance,
     fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_value_function,
 )
 from diffpg.estimators.base import (
+    Batch,
     Estimate,
     Estimator,
-    EstimatorState,
     check_choice,
+    check_hidden_sizes,
+    check_non_negative,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    maybe_update_statistics,
+    learns_nothing,
 )
-from diffpg.normalization import RunningStatistics, init_statistics, normalize
+from diffpg.estimators.registry import register
+from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from diffpg.rollout import Transitions, repeat_states, rollout
 from envs.core import Environment, State
 
 BASELINES = ("none", "batch_mean", "leave_one_out", "value", "optimal")
+ADVANTAGES = ("monte_carlo", "gae")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReinforceSettings:
+    """The score-function estimator (REINFORCE) with its baselines, reward-to-go and GAE."""
+
     horizon: int = 32
     """Steps simulated per estimate (T)."""
     discount: float = 0.99
@@ -71,25 +102,65 @@ class ReinforceSettings:
     """Weight each score by the rewards from its step on (True) or by the whole return (False)."""
     baseline: str = "leave_one_out"
     """One of: none, batch_mean, leave_one_out, value, optimal (see the module docstring)."""
+    advantage: str = "monte_carlo"
+    """monte_carlo: the return (reward_to_go) minus the baseline; gae: GAE(gae_lambda) from the
+    value critic (needs baseline=value)."""
+    gae_lambda: float = 0.95
+    """lambda of GAE (advantage=gae) and of its critic's TD(lambda) targets."""
+    normalize_advantages: bool = False
+    """Standardise the advantages over the (mini)batch (PPO's practice; biases the gradient)."""
+    clip_ratio: float = 0.2
+    """epsilon of the clipped importance ratio when a batch is reused (training epochs > 1)."""
+    entropy_cost: float = 0.0
+    """Weight of the policy's entropy added to the objective (0: the plain gradient)."""
     rollouts_per_state: int = 1
     """k rollouts from each start state; above 1 they form the leave-one-out pools."""
-    normalize_observations: bool = False
-    """Update running observation statistics after each estimate."""
     value_hidden_sizes: tuple[int, ...] = (64, 64)
-    """Hidden layers of the value baseline's MLP (baseline='value')."""
+    """Hidden layers of the value critic's MLP (baseline='value')."""
     value_learning_rate: float = 1e-3
     value_iterations: int = 8
-    """Passes over the batch per fit of the value baseline."""
+    """Passes over the batch per fit of the value critic."""
     value_minibatches: int = 4
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
         check_unit_interval("discount", self.discount)
         check_choice("baseline", self.baseline, BASELINES)
+        check_choice("advantage", self.advantage, ADVANTAGES)
+        if self.advantage == "gae" and self.baseline != "value":
+            raise ValueError(f"advantage='gae' needs the value critic: baseline='value', not "
+                             f"baseline={self.baseline!r}")
+        check_unit_interval("gae_lambda", self.gae_lambda)
+        check_positive("clip_ratio", self.clip_ratio)
+        check_non_negative("entropy_cost", self.entropy_cost)
         check_positive_int("rollouts_per_state", self.rollouts_per_state)
+        check_hidden_sizes("value_hidden_sizes", self.value_hidden_sizes)
         check_positive("value_learning_rate", self.value_learning_rate)
         check_positive_int("value_iterations", self.value_iterations)
         check_positive_int("value_minibatches", self.value_minibatches)
+
+
+@dataclasses.dataclass(frozen=True)
+class PpoSettings(ReinforceSettings):
+    """Proximal policy optimisation: GAE advantages from a value critic, normalised, and each
+    batch reused for several epochs with the clipped importance ratio (Schulman et al. 2017)."""
+
+    baseline: str = "value"
+    """One of: none, batch_mean, leave_one_out, value, optimal (see diffpg.estimators.reinforce)."""
+    advantage: str = "gae"
+    """monte_carlo: the return minus the baseline; gae: GAE(gae_lambda) from the value critic."""
+    normalize_advantages: bool = True
+    """Standardise the advantages over the (mini)batch (PPO's practice; biases the gradient)."""
+    clip_ratio: float = 0.3
+    """epsilon of the clipped importance ratio when a batch is reused (Brax's PPO default)."""
+
+
+class ReinforceExtras(NamedTuple):
+    """Per-step data of a REINFORCE batch, ``[T, B]`` each."""
+
+    log_prob: jax.Array  # log pi_behaviour(u_t | s_t) of the collecting policy
+    advantage: jax.Array  # A_t of the module docstring (before any normalisation)
+    value_target: jax.Array  # the value critic's regression target (0 without a critic)
 
 
 def score_function_gradient(
@@ -102,21 +173,44 @@ def score_function_gradient(
     behaviour_log_prob: jax.Array | None = None,
     per_rollout: bool = False,
 ) -> tuple[Params, jax.Array]:
-    """The REINFORCE estimate of ``grad J`` from a batch of ``n`` rollouts ``[T, n]``.
+    """The Monte-Carlo REINFORCE estimate of ``grad J`` from a batch of ``n`` rollouts ``[T, n]``.
 
     ``value_baseline [T, n]``: ``V(s_t)`` for ``baseline='value'``. ``behaviour_log_prob [T, n]``:
     ``log pi_behaviour(u_t | s_t)`` of the policy that collected the data, to reweight stale data
-    (requires ``reward_to_go``); ``None`` means the data is from ``params`` itself.
+    per decision (requires ``reward_to_go``); ``None`` means the data is from ``params`` itself.
     Returns the gradient (tree of ``params``) and the per-rollout objective ``sum_t w_t r_t [n]``.
     With ``per_rollout=True`` the gradient has a leading axis ``[n]``: each rollout's term, whose
     mean is the estimate (terms share their baselines, so they are not independent).
     """
-    num_rollouts = transitions.reward.shape[1]
-    pool = _pool_size(settings, num_rollouts)
     obs = normalize(obs_stats, transitions.obs)
     weights = returns.segment_discounts(transitions.done, settings.discount)
-    weighted_reward = weights * transitions.reward
+    if settings.baseline == "optimal":
+        step_ratio, psi = _ratio_and_return(policy, params, obs, transitions, settings, weights,
+                                            behaviour_log_prob)
+        pool = _pool_size(settings, transitions.reward.shape[1])
+        grad = _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool,
+                                          per_rollout)
+    else:
+        coefficient = monte_carlo_advantage(policy, params, obs, transitions, settings, weights,
+                                            value_baseline, behaviour_log_prob)
+        grad = _score_gradient(policy, params, obs, transitions.raw_action, coefficient,
+                               per_rollout)
+    return grad, jnp.sum(weights * transitions.reward, axis=0)
 
+
+def monte_carlo_advantage(policy, params, obs, transitions, settings, weights, value_baseline=None,
+                          behaviour_log_prob=None) -> jax.Array:
+    """``A_t = psi_t - rho_{0:t} b_t`` ``[T, n]`` for the baselines other than ``optimal``."""
+    step_ratio, psi = _ratio_and_return(policy, params, obs, transitions, settings, weights,
+                                        behaviour_log_prob)
+    pool = _pool_size(settings, transitions.reward.shape[1])
+    baseline = _baseline(settings.baseline, psi, weights, value_baseline, pool)
+    return jax.lax.stop_gradient(psi - step_ratio * baseline)
+
+
+def _ratio_and_return(policy, params, obs, transitions, settings, weights, behaviour_log_prob):
+    """Per-decision ratios ``rho_{0:t}`` and ``psi_t`` (module docstring), ``[T, n]`` each."""
+    weighted_reward = weights * transitions.reward
     if behaviour_log_prob is None:
         step_ratio = jnp.ones_like(weighted_reward)
     else:
@@ -129,25 +223,20 @@ def score_function_gradient(
         psi = returns.reward_to_go(step_ratio * weighted_reward, transitions.done)
     else:
         psi = returns.episode_total(weighted_reward, transitions.done)
+    return step_ratio, psi
 
-    def log_prob_fn(p):
-        return policy.log_prob(p, obs, transitions.raw_action)  # [T, n]
 
-    if settings.baseline == "optimal":
-        grad = _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool,
-                                          per_rollout)
-    else:
-        baseline = _baseline(settings.baseline, psi, weights, value_baseline, pool)
-        coefficient = jax.lax.stop_gradient(psi - step_ratio * baseline)
-        if per_rollout:
-            def rollout_term(p, obs_i, raw_i, coefficient_i):
-                return jnp.sum(coefficient_i * policy.log_prob(p, obs_i, raw_i))
+def _score_gradient(policy, params, obs, raw_action, coefficient, per_rollout=False) -> Params:
+    """``(1/n) sum_b sum_t coefficient_t grad log pi(u_t | s_t)``; per rollout ``[n, ...]``."""
+    num_rollouts = coefficient.shape[1]
+    if per_rollout:
+        def rollout_term(p, obs_i, raw_i, coefficient_i):
+            return jnp.sum(coefficient_i * policy.log_prob(p, obs_i, raw_i))
 
-            grad = jax.vmap(jax.grad(rollout_term), (None, 1, 1, 1))(
-                params, obs, transitions.raw_action, coefficient)
-        else:
-            grad = jax.grad(lambda p: jnp.sum(coefficient * log_prob_fn(p)) / num_rollouts)(params)
-    return grad, jnp.sum(weighted_reward, axis=0)
+        return jax.vmap(jax.grad(rollout_term), (None, 1, 1, 1))(params, obs, raw_action,
+                                                                 coefficient)
+    return jax.grad(lambda p: jnp.sum(coefficient * policy.log_prob(p, obs, raw_action))
+                    / num_rollouts)(params)
 
 
 def _pool_size(settings: ReinforceSettings, num_rollouts: int) -> int:
@@ -208,6 +297,10 @@ def _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio
     return jax.tree.map(coordinate_gradient, scores)
 
 
+def _standardize(advantage: jax.Array) -> jax.Array:
+    return (advantage - jnp.mean(advantage)) / (jnp.std(advantage) + 1e-8)
+
+
 def make_reinforce(
     env: Environment,
     policy: Policy,
@@ -216,57 +309,122 @@ def make_reinforce(
 ) -> Estimator:
     """Build the REINFORCE estimator (see the module docstring for the estimate).
 
-    ``value_function`` replaces the learned MLP value baseline (e.g. an exact one in tests).
+    ``value_function`` replaces the learned MLP value critic (e.g. an exact one in tests).
     """
-    if value_function is None:
-        # The baseline's target is the return to the end of the horizon (no bootstrap), which
-        # depends on the steps left: the critic sees them.
-        value_function = make_mlp_value_function(
-            policy.observation_size, settings.value_hidden_sizes, time_scale=settings.horizon
-        )
-    optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
     uses_value = settings.baseline == "value"
+    gae = settings.advantage == "gae"
+    if value_function is None:
+        # The Monte-Carlo baseline's target is the return to the end of the horizon (no
+        # bootstrap), which depends on the steps left: that critic sees them. GAE's critic is
+        # the bootstrapped, time-independent V(s).
+        value_function = make_mlp_value_function(
+            policy.observation_size, settings.value_hidden_sizes,
+            time_scale=None if gae else settings.horizon)
+    optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
+    steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
 
-    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+    def init(key: jax.Array, policy_params: Params) -> CriticState | None:
         del policy_params
-        critic = None
-        if uses_value:
-            critic = init_critic_state(value_function.init(key), optimizer)
-        return EstimatorState(init_statistics(policy.observation_size), critic)
+        return init_critic_state(value_function.init(key), optimizer) if uses_value else None
 
-    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
-        key_rollout, key_fit = jax.random.split(key)
+    def value_of(critic, obs):
+        return value_function.apply(critic.params, obs, jnp.broadcast_to(steps_left,
+                                                                         obs.shape[:-1]))
+
+    def entropy_gradient(params, obs):
+        """``entropy_cost * grad (1/n) sum_b sum_t H(pi(.|s_t))``."""
+        def total_entropy(p):
+            _, std = policy.distribution(p, obs)
+            return jnp.sum(jnp.log(std)) / obs.shape[1]  # Gaussian entropy up to a constant
+
+        return jax.tree.map(lambda g: settings.entropy_cost * g, jax.grad(total_entropy)(params))
+
+    def gradient(params, obs, raw_action, coefficient):
+        grad = _score_gradient(policy, params, obs, raw_action, coefficient)
+        if settings.entropy_cost:
+            grad = jax.tree.map(jnp.add, grad, entropy_gradient(params, obs))
+        return grad
+
+    def estimate(params: Params, obs_stats: RunningStatistics, critic: CriticState | None,
+                 env_state: State, key: jax.Array) -> Estimate:
         start = repeat_states(env_state, settings.rollouts_per_state)
         data_params = jax.lax.stop_gradient(params)
-        final_state, transitions = rollout(
-            env, policy, data_params, state.obs_stats, start, key_rollout, settings.horizon
-        )
-        value_baseline, obs = None, normalize(state.obs_stats, transitions.obs)
-        steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]
-        if uses_value:
-            value_baseline = value_function.apply(state.critic.params, obs, steps_left)
-        grad, objective = score_function_gradient(
-            policy, params, state.obs_stats, transitions, settings, value_baseline
-        )
-        metrics = {"objective": jnp.mean(objective)}
-        new_state = state
-        if uses_value:
+        final_state, tr = unroll(env, policy, data_params, obs_stats, start, key,
+                                 settings.horizon)
+        obs = normalize(obs_stats, tr.obs)
+        weights = returns.segment_discounts(tr.done, settings.discount)
+        objective = jnp.mean(jnp.sum(weights * tr.reward, axis=0))
+        log_prob = policy.log_prob(data_params, obs, tr.raw_action)
+        value_target = jnp.zeros_like(tr.reward)
+        if gae:
+            next_value = value_of(critic, normalize(obs_stats, tr.next_obs))
+            value_target = returns.td_lambda_targets(tr.reward, next_value, tr.termination,
+                                                     tr.done, settings.discount,
+                                                     settings.gae_lambda)
+            advantage = value_target - value_of(critic, obs)
+        elif uses_value:
             # Monte-Carlo return from each step to the end of the horizon.
-            targets = returns.reward_to_go(transitions.reward, transitions.done, settings.discount)
-            steps_left_b = jnp.broadcast_to(steps_left, targets.shape)
-            critic, loss = fit_mean_squared_error(
-                state.critic, value_function.apply, (obs, steps_left_b), targets, optimizer,
-                key_fit, settings.value_iterations, settings.value_minibatches,
-            )
-            new_state = new_state._replace(critic=critic)
-            metrics["value_loss"] = loss
-        new_state = maybe_update_statistics(
-            new_state, transitions.obs, settings.normalize_observations
-        )
-        end_state = jax.tree.map(
-            lambda x: x[:: settings.rollouts_per_state], final_state
-        )
-        return Estimate(grad, new_state, end_state, metrics)
+            value_target = returns.reward_to_go(tr.reward, tr.done, settings.discount)
+            advantage = monte_carlo_advantage(policy, params, obs, tr, settings, weights,
+                                              value_of(critic, obs))
+        if settings.baseline == "optimal":
+            grad, _ = score_function_gradient(policy, params, obs_stats, tr, settings)
+            advantage = jnp.zeros_like(tr.reward)  # per coordinate: not one number per step
+        else:
+            if not (gae or uses_value):
+                advantage = monte_carlo_advantage(policy, params, obs, tr, settings, weights)
+            coefficient = _standardize(advantage) if settings.normalize_advantages else advantage
+            grad = gradient(params, obs, tr.raw_action, jax.lax.stop_gradient(coefficient))
+        end_state = jax.tree.map(lambda x: x[:: settings.rollouts_per_state], final_state)
+        extras = jax.lax.stop_gradient(ReinforceExtras(log_prob, advantage, value_target))
+        return Estimate(grad, Batch(tr, extras), end_state, {"objective": objective})
 
-    return Estimator(init, estimate, settings)
+    def update(params, obs_stats, critic, batch, key):
+        del params
+        obs = normalize(obs_stats, batch.transitions.obs)
+        steps = jnp.broadcast_to(steps_left, obs.shape[:-1])
+        targets = batch.extras.value_target
+        explained = explained_variance(value_function.apply(critic.params, obs, steps), targets)
+        critic, loss = fit_mean_squared_error(
+            critic, value_function.apply, (obs, steps), targets, optimizer,
+            key, settings.value_iterations, settings.value_minibatches)
+        return critic, {"value_loss": loss, "critic_explained_variance": explained}
 
+    def reuse(params, obs_stats, critic, batch, key):
+        """PPO's clipped surrogate at ``params`` on a batch collected earlier."""
+        del critic, key
+        tr, extras = batch
+        obs = normalize(obs_stats, tr.obs)
+        advantage = extras.advantage
+        if settings.normalize_advantages:
+            advantage = _standardize(advantage)
+
+        def surrogate(p):
+            ratio = jnp.exp(policy.log_prob(p, obs, tr.raw_action) - extras.log_prob)
+            clipped = jnp.clip(ratio, 1.0 - settings.clip_ratio, 1.0 + settings.clip_ratio)
+            return jnp.sum(jnp.minimum(ratio * advantage, clipped * advantage)) / obs.shape[1]
+
+        grad = jax.grad(surrogate)(params)
+        if settings.entropy_cost:
+            grad = jax.tree.map(jnp.add, grad, entropy_gradient(params, obs))
+        ratio = jnp.exp(policy.log_prob(params, obs, tr.raw_action) - extras.log_prob)
+        clipped_share = jnp.mean(jnp.abs(ratio - 1.0) > settings.clip_ratio)
+        return grad, {"clipped_ratio_share": clipped_share}
+
+    can_reuse = settings.baseline != "optimal" and settings.rollouts_per_state == 1
+    return Estimator(init, estimate, update if uses_value else learns_nothing, settings,
+                     reuse if can_reuse else None)
+
+
+register("reinforce", ReinforceSettings, make_reinforce,
+         # On-policy actor with a learned value baseline on reward-to-go (A2C-like).
+         training={"baseline": "value", "reward_to_go": True},
+         # Leave-one-out REINFORCE is unbiased on any env and learns nothing first.
+         reference=True)
+register("ppo", PpoSettings, make_reinforce,
+         # The settings of Brax's published PPO runs (discount 0.97, entropy cost 1e-2, Adam at a
+         # constant 3e-4, no gradient clipping, 4 epochs of minibatch steps on each batch), with
+         # the batch cut into 4 minibatches of environments.
+         training={"entropy_cost": 1e-2, "horizon": 16, "discount": 0.97},
+         trainer={"learning_rate": 3e-4, "final_learning_rate": 3e-4, "betas": (0.9, 0.999),
+                  "grad_clip": None, "epochs": 4, "minibatches": 4})

@@ -15,9 +15,10 @@ bootstrap at the last step of the horizon, so that the estimate is of the same f
 objective as REINFORCE's (the comparison's setting), and gives the critic the steps left as an
 input; SHAC's training bootstraps there.
 
-The critic is fitted after the policy gradient is taken, on TD(lambda) targets computed with the
-target critic (``critic_iterations`` passes of ``critic_minibatches`` minibatches), and the target
-is then moved: ``target <- keep * target + (1 - keep) * critic`` (SHAC's alpha is ``keep``).
+The critic is fitted by ``update``, after the policy gradient is taken, on TD(lambda) targets
+computed with the target critic (``critic_iterations`` passes of ``critic_minibatches``
+minibatches), and the target is then moved: ``target <- keep * target + (1 - keep) * critic``
+(SHAC's alpha is ``keep``).
 SHAC divides its actor loss by ``horizon * B``; this estimate is of ``grad J`` itself, and the trainer
 applies that scale.
 """
@@ -30,31 +31,39 @@ import jax
 import jax.numpy as jnp
 
 from diffpg import returns
+from diffpg.acting import unroll
 from diffpg.critics import (
+    CriticState,
     ValueFunction,
+    explained_variance,
     fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_value_function,
-    polyak_update,
+    update_target,
 )
 from diffpg.estimators.base import (
+    Batch,
     Estimate,
     Estimator,
-    EstimatorState,
+    check_betas,
+    check_hidden_sizes,
     check_positive,
     check_positive_int,
     check_unit_interval,
-    maybe_update_statistics,
+    learns_nothing,
 )
-from diffpg.normalization import init_statistics, normalize
+from diffpg.estimators.registry import register
+from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from diffpg.rollout import rollout
 from envs.core import Environment, State
 
 
 @dataclasses.dataclass(frozen=True)
 class ShacSettings:
+    """Backpropagation through windows of the simulation, bootstrapped by a learned value critic
+    (SHAC, Xu et al. 2022)."""
+
     horizon: int = 32
     """Steps simulated per estimate."""
     window: int | None = None
@@ -74,8 +83,6 @@ class ShacSettings:
     critic_minibatches: int = 4
     target_critic_keep: float = 0.2
     """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
-    normalize_observations: bool = False
-    """Update running observation statistics after each estimate (frozen within it)."""
     remat_segment: int = 0
     """Rematerialise each differentiated window in segments of this many steps (0: off); trades
     one extra forward pass for memory (diffpg.rollout.rollout)."""
@@ -95,6 +102,8 @@ class ShacSettings:
         check_positive_int("critic_iterations", self.critic_iterations)
         check_positive_int("critic_minibatches", self.critic_minibatches)
         check_unit_interval("target_critic_keep", self.target_critic_keep)
+        check_hidden_sizes("critic_hidden_sizes", self.critic_hidden_sizes)
+        check_betas("critic_betas", self.critic_betas)
         check_remat_segment(self.remat_segment, self.window_length)
 
     @property
@@ -108,10 +117,11 @@ class ShacSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BpttSettings:
+    """Backpropagation through the whole horizon, no critic (BPTT, Brax's APG gradient)."""
+
     horizon: int = 32
     """Steps differentiated through, with no critic: the full-horizon pathwise gradient (APG)."""
     discount: float = 0.99
-    normalize_observations: bool = False
     remat_segment: int = 0
     """Rematerialise the differentiated scan in segments of this many steps (0: off); trades
     one extra forward pass for memory (diffpg.rollout.rollout)."""
@@ -124,7 +134,7 @@ class BpttSettings:
     def as_shac(self) -> ShacSettings:
         return ShacSettings(
             horizon=self.horizon, discount=self.discount, critic=False, finite_horizon=True,
-            normalize_observations=self.normalize_observations, remat_segment=self.remat_segment,
+            remat_segment=self.remat_segment,
         )
 
 
@@ -152,25 +162,22 @@ def make_shac(
     optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
     window = settings.window_length
 
-    def init(key: jax.Array, policy_params: Params) -> EstimatorState:
+    def init(key: jax.Array, policy_params: Params) -> CriticState | None:
         del policy_params
-        critic = init_critic_state(value_function.init(key), optimizer) if settings.critic else None
-        return EstimatorState(init_statistics(policy.observation_size), critic)
+        return init_critic_state(value_function.init(key), optimizer) if settings.critic else None
 
-    def estimate(params: Params, state: EstimatorState, env_state: State, key) -> Estimate:
-        key_windows, key_fit = jax.random.split(key)
-        stats = state.obs_stats
-
+    def estimate(params: Params, obs_stats: RunningStatistics, critic: CriticState | None,
+                 env_state: State, key: jax.Array) -> Estimate:
         def value(obs, steps_left):
             if not settings.critic:
                 return jnp.zeros(obs.shape[:-1])
-            target = jax.lax.stop_gradient(state.critic.target_params)
-            return value_function.apply(target, normalize(stats, obs), steps_left)
+            target = jax.lax.stop_gradient(critic.target_params)
+            return value_function.apply(target, normalize(obs_stats, obs), steps_left)
 
         def window_objective(p, start_state, start_weight, window_index, window_key):
             start_state = jax.lax.stop_gradient(start_state)
-            end_state, tr = rollout(env, policy, p, stats, start_state, window_key, window,
-                                    settings.remat_segment)
+            end_state, tr = unroll(env, policy, p, obs_stats, start_state, window_key, window,
+                                   remat_segment=settings.remat_segment)
             # steps of the horizon left after each transition (an exact critic's time argument)
             steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
             steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
@@ -197,20 +204,18 @@ def make_shac(
 
         batch_size = jax.tree.leaves(env_state)[0].shape[0]
         carry = (jax.tree.map(jnp.zeros_like, params), env_state, jnp.ones(batch_size))
-        inputs = (jnp.arange(settings.num_windows),
-                  jax.random.split(key_windows, settings.num_windows))
+        inputs = (jnp.arange(settings.num_windows), jax.random.split(key, settings.num_windows))
         (grad, end_state, _), (tr, reward_sums) = jax.lax.scan(one_window, carry, inputs)
         tr = jax.tree.map(lambda x: x.reshape((settings.horizon,) + x.shape[2:]), tr)
-        metrics = {"objective": jnp.sum(reward_sums)}
-        new_state = state
-        if settings.critic:
-            new_state, metrics["critic_loss"] = _fit_value_critic(
-                value_function, optimizer, settings, state, tr, key_fit
-            )
-        new_state = maybe_update_statistics(new_state, tr.obs, settings.normalize_observations)
-        return Estimate(grad, new_state, jax.lax.stop_gradient(end_state), metrics)
+        return Estimate(grad, Batch(jax.lax.stop_gradient(tr)), jax.lax.stop_gradient(end_state),
+                        {"objective": jnp.sum(reward_sums)})
 
-    return Estimator(init, estimate, settings)
+    def update(params, obs_stats, critic, batch, key):
+        del params
+        return _fit_value_critic(value_function, optimizer, settings, obs_stats, critic,
+                                 batch.transitions, key)
+
+    return Estimator(init, estimate, update if settings.critic else learns_nothing, settings)
 
 
 def window_return(
@@ -251,27 +256,42 @@ def make_bptt(
     env: Environment, policy: Policy, settings: BpttSettings = BpttSettings()
 ) -> Estimator:
     """Plain backpropagation through time over the whole horizon, no critic (Brax's APG gradient)."""
-    shac = make_shac(env, policy, settings.as_shac())
-    return Estimator(shac.init, shac.estimate, settings)
+    return make_shac(env, policy, settings.as_shac())._replace(settings=settings)
 
 
-def _fit_value_critic(value_function, optimizer, settings, state, tr, key):
+def _fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr, key):
     """TD(lambda) targets from the target critic, then regression, then the target update."""
-    stats = state.obs_stats
-    critic = state.critic
     steps_left = settings.horizon - jnp.arange(1, settings.horizon + 1)[:, None]
     steps_left = jnp.broadcast_to(steps_left, tr.reward.shape)
     next_value = value_function.apply(
-        critic.target_params, normalize(stats, tr.next_obs), steps_left
+        critic.target_params, normalize(obs_stats, tr.next_obs), steps_left
     )
     if settings.finite_horizon:  # nothing is left to bootstrap after the objective's last step
         next_value = next_value.at[-1].set(0.0)
     targets = returns.td_lambda_targets(
         tr.reward, next_value, tr.termination, tr.done, settings.discount, settings.td_lambda
     )
+    inputs = (normalize(obs_stats, tr.obs), steps_left + 1)
+    # Before fitting: how much of the fresh targets' variance the critic already explains.
+    explained = explained_variance(value_function.apply(critic.params, *inputs), targets)
     critic, loss = fit_mean_squared_error(
-        critic, value_function.apply, (normalize(stats, tr.obs), steps_left + 1), targets,
+        critic, value_function.apply, inputs, targets,
         optimizer, key, settings.critic_iterations, settings.critic_minibatches,
     )
-    critic = polyak_update(critic, settings.target_critic_keep)
-    return state._replace(critic=critic), loss
+    return update_target(critic, settings.target_critic_keep), {
+        "critic_loss": loss, "critic_explained_variance": explained}
+
+
+def _largest_window_at_most(limit: int):
+    """The comparison's SHAC window: the largest divisor of the horizon up to ``limit`` steps."""
+    def comparison(horizon: int) -> dict:
+        window = min(limit, horizon)
+        while horizon % window:
+            window -= 1
+        return {"window": window, "finite_horizon": True}
+
+    return comparison
+
+
+register("bptt", BpttSettings, make_bptt)
+register("shac", ShacSettings, make_shac, comparison=_largest_window_at_most(4))

@@ -1,0 +1,139 @@
+"""Running a policy in an environment: one unroll and one evaluator for the whole package.
+
+Every estimator simulates its experience with ``unroll`` (the score-function estimator with
+``stop_gradient`` parameters: data only; the pathwise ones differentiate straight through
+``env.step``), training evaluates with ``evaluate``, and videos record an episode with ``unroll``
+too. The policy always sees observations normalised by statistics that are frozen for the call
+(``diffpg.normalization``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffpg.normalization import RunningStatistics, normalize
+from diffpg.policy import Params, Policy
+from envs.core import Environment, State
+
+
+class Transitions(NamedTuple):
+    """Experience of ``T`` steps of ``B`` environments; every field has leading axes ``[T, B]``."""
+
+    obs: jax.Array  # [T, B, obs] observation the action was taken from (unnormalised)
+    noise: jax.Array  # [T, B, act] standard-normal draw behind the action (0 if deterministic)
+    raw_action: jax.Array  # [T, B, act] Gaussian sample u (the env receives tanh(u) if squashed)
+    reward: jax.Array  # [T, B]
+    done: jax.Array  # [T, B] episode ended at this step (termination or truncation)
+    termination: jax.Array  # [T, B] ended by the task: the next state has value 0
+    truncation: jax.Array  # [T, B] ended by the time limit: bootstrap from next_obs
+    next_obs: jax.Array  # [T, B, obs] observation reached, before any auto-reset
+
+
+def unroll(
+    env: Environment,
+    policy: Policy,
+    params: Params,
+    obs_stats: RunningStatistics,
+    env_state: State,
+    key: jax.Array,
+    steps: int,
+    *,
+    deterministic: bool = False,
+    remat_segment: int = 0,
+    record: Callable[[State], Any] | None = None,
+) -> tuple[State, Transitions] | tuple[State, Transitions, Any]:
+    """Run ``steps`` steps of a batch of ``B`` environments (``env_state`` has leading axis B).
+
+    Actions are ``policy.to_action(mean + std * noise)`` on normalised observations (the mean
+    alone with ``deterministic=True``). Differentiable in ``params`` and ``env_state`` through the
+    environment's dynamics. Returns the final state and the transitions ``[T, B]``; with
+    ``record``, also ``record(state)`` of the state reached by each step, stacked ``[T, ...]``.
+
+    ``remat_segment = S > 0`` (``S`` divides ``steps``) rematerialises: the scan runs as
+    ``steps / S`` segments of ``S`` steps under ``jax.checkpoint``, so reverse mode keeps only
+    the states at segment boundaries plus one segment's intermediates (memory about
+    ``O(steps / S + S)`` steps instead of ``O(steps)``) and recomputes each segment's forward
+    pass once. The values and gradients are those of the plain scan.
+    """
+    step_batch = jax.vmap(env.step)
+
+    def step(state, step_key):
+        obs = state.obs
+        mean, std = policy.distribution(params, normalize(obs_stats, obs))
+        if deterministic:
+            noise = jnp.zeros_like(mean)
+        else:
+            noise = jax.random.normal(step_key, mean.shape, mean.dtype)
+        raw_action = mean + std * noise
+        next_state = step_batch(state, policy.to_action(raw_action))
+        info = next_state.info
+        transition = Transitions(
+            obs=obs,
+            noise=noise,
+            raw_action=raw_action,
+            reward=next_state.reward,
+            done=next_state.done,
+            termination=info["termination"],
+            truncation=info["truncation"],
+            next_obs=info["terminal_obs"],
+        )
+        if record is None:
+            return next_state, transition
+        return next_state, (transition, record(next_state))
+
+    keys = jax.random.split(key, steps)
+    if not remat_segment:
+        end_state, outputs = jax.lax.scan(step, env_state, keys)
+    else:
+        if steps % remat_segment:
+            raise ValueError(f"remat_segment={remat_segment} must divide steps={steps}")
+
+        @jax.checkpoint
+        def segment(state, segment_keys):
+            return jax.lax.scan(step, state, segment_keys)
+
+        segments = keys.reshape((steps // remat_segment, remat_segment) + keys.shape[1:])
+        end_state, outputs = jax.lax.scan(segment, env_state, segments)
+        outputs = jax.tree.map(lambda x: x.reshape((steps,) + x.shape[2:]), outputs)
+    if record is None:
+        return end_state, outputs
+    transitions, recorded = outputs
+    return end_state, transitions, recorded
+
+
+def repeat_states(env_state: State, repeats: int) -> State:
+    """Each of ``B`` states repeated ``repeats`` times in a row: ``[B] -> [B * repeats]``."""
+    return jax.tree.map(lambda x: jnp.repeat(x, repeats, axis=0), env_state)
+
+
+def first_episode_mask(done: jax.Array) -> jax.Array:
+    """``alive [T, B]``: 1 for the steps of each environment's first episode (the step that ends
+    it included), 0 after it; ``done [T, B]``."""
+    ended_before = jnp.cumsum(done, axis=0) - done
+    return (ended_before == 0).astype(done.dtype)
+
+
+def evaluate(
+    env: Environment,
+    policy: Policy,
+    params: Params,
+    obs_stats: RunningStatistics,
+    key: jax.Array,
+    num_episodes: int,
+    *,
+    deterministic: bool,
+) -> jax.Array:
+    """Undiscounted return of one episode from each of ``num_episodes`` fresh starts ``[N]``.
+
+    Each environment runs for ``env.episode_length`` steps; only the rewards of its first
+    episode count (an early termination ends it).
+    """
+    key_reset, key_noise = jax.random.split(key)
+    starts = jax.vmap(env.reset)(jax.random.split(key_reset, num_episodes))
+    _, transitions = unroll(env, policy, params, obs_stats, starts, key_noise,
+                            env.episode_length, deterministic=deterministic)
+    return jnp.sum(first_episode_mask(transitions.done) * transitions.reward, axis=0)

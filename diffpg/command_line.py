@@ -1,0 +1,199 @@
+"""Parsing command lines into settings dataclasses (tyro), with one-line errors.
+
+tyro builds the options from the dataclasses and the documentation under their fields. Its own
+error messages are boxes of several lines; diffpg's are one line naming the setting. tyro 1.0
+reports each parse error to a hook (``tyro._errors.on_parse_error``, not yet public API: hence
+the exact version pin in pyproject.toml, and a test of the messages) that turns it into a
+``CommandLineError``.
+
+(No ``from __future__ import annotations`` here: the command dataclasses are built inside
+functions, and tyro reads their annotations as objects.)
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tyro
+import tyro._errors as tyro_errors
+
+T = TypeVar("T")
+
+CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.OmitSubcommandPrefixes,
+          tyro.conf.CascadeSubcommandArgs)
+"""Options without their dataclass's prefix (``--num-envs``, not ``--settings.num-envs``),
+subcommands by their own name (``shac``), and options in any order around a subcommand."""
+
+
+class CommandLineError(ValueError):
+    """A command line that does not parse; its message is one line."""
+
+
+def _setting_name(argument) -> str:
+    return argument.field.intern_name if argument is not None else ""
+
+
+def _raise_one_line(event: Any) -> None:
+    """tyro's parse-error hook: one line that names the setting."""
+    if isinstance(event, tyro_errors.InstantiationFailure):
+        lines = event.message.strip().splitlines() or ["invalid value"]
+        name = _setting_name(event.argument)
+        raise CommandLineError(f"{name}: {lines[0]}" if name else lines[0])
+    if isinstance(event, tyro_errors.InvalidChoice):
+        raise CommandLineError(f"{_setting_name(event.argument)}={event.value!r} is not "
+                               f"allowed; allowed values: {', '.join(event.choices)}")
+    if isinstance(event, tyro_errors.BadValue):
+        raise CommandLineError(f"{_setting_name(event.argument)} needs "
+                               f"{event.argument.lowered.nargs} value(s)")
+    if isinstance(event, tyro_errors.MissingArgs):
+        missing = ", ".join(_setting_name(a.arg) for a in event.missing_arguments)
+        raise CommandLineError(f"missing: {missing}")
+    if isinstance(event, tyro_errors.MissingSubcommand):
+        raise CommandLineError("expected one of: "
+                               + ", ".join(event.subcommand_spec.parser_from_name))
+    if isinstance(event, tyro_errors.UnrecognizedArgs):
+        raise CommandLineError("unrecognized arguments: " + " ".join(event.tokens))
+    raise CommandLineError(f"invalid command line ({type(event).__name__})")
+
+
+def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
+    """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
+    try:
+        with tyro_errors.on_parse_error(_raise_one_line):
+            return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
+    except ValueError as error:  # a dataclass's own validation, raised while building it
+        if isinstance(error, CommandLineError):
+            raise
+        raise CommandLineError(str(error).strip().splitlines()[0]) from error
+
+
+# ----------------------------------------------------------------------------- diffpg train
+
+CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite")
+"""Settings a resumed run may change: its length (the learning rate then decays linearly to the
+new total), and how it evaluates and stops. Everything else is the run's."""
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The value given to ``option`` (``--option VALUE`` or ``--option=VALUE``), if any."""
+    for index, token in enumerate(argv):
+        if token == option and index + 1 < len(argv):
+            return argv[index + 1]
+        if token.startswith(option + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _flags(*classes: type) -> set[str]:
+    """The options of boolean fields (``--x`` and ``--no-x``), which take no value."""
+    flags = set()
+    for settings_class in classes:
+        for field in dataclasses.fields(settings_class):
+            if field.type in (bool, "bool"):
+                name = field.name.replace("_", "-")
+                flags |= {f"--{name}", f"--no-{name}"}
+    return flags
+
+
+def estimator_token(argv: list[str], names: list[str], flag_classes: tuple[type, ...]) -> str | None:
+    """The estimator subcommand named in ``argv``: the first token that is an estimator name
+    and not the value of the option before it."""
+    flags = _flags(*flag_classes) | {"-h", "--help"}
+    for index, token in enumerate(argv):
+        previous = argv[index - 1] if index else ""
+        takes_value = previous.startswith("-") and "=" not in previous and previous not in flags
+        if token in names and not takes_value:
+            return token
+    return None
+
+
+def parse_train_command(argv: list[str]):
+    """``diffpg train`` arguments -> ``(settings, out, overwrite, resume)``.
+
+    The defaults under the user's options are the environment's configuration for the chosen
+    estimator (``diffpg.training.settings_for``), or, with ``--resume RUN``, the run's own
+    settings, of which only ``CHANGEABLE_ON_RESUME`` may change.
+    """
+    from diffpg import configs, estimators
+    from diffpg.runs import load_settings
+    from diffpg.training import TrainSettings, settings_for
+
+    @dataclasses.dataclass(frozen=True)
+    class TrainCommand:
+        """Train a policy; writes settings.json, metrics.csv and checkpoints into --out. The
+        estimator is a subcommand with its own settings, e.g. `diffpg train --env hopper shac
+        --window 16`; without one, the env's configured estimator."""
+
+        settings: TrainSettings
+        out: Path | None = None
+        """Run folder (default: runs/train-ENV-ESTIMATOR-TIMESTAMP)."""
+        overwrite: bool = False
+        """Write into --out even if it holds files (an earlier run there is replaced)."""
+        resume: Path | None = None
+        """Continue RUN_DIR from its latest checkpoint, with its settings (--updates may grow)."""
+
+    names = estimators.names()
+    resume = option_value(argv, "--resume")
+    if resume is not None:
+        base = load_settings(Path(resume))
+        name = base.estimator
+    else:
+        env = option_value(argv, "--env") or TrainSettings.env
+        classes = (TrainSettings, TrainCommand) + tuple(
+            estimators.registration(n).settings_class for n in names)
+        name = estimator_token(argv, names, classes) or configs.default_estimator(env)
+        base = settings_for(env, name)
+    command = parse(TrainCommand, argv, "diffpg train", default=TrainCommand(settings=base))
+    settings = command.settings
+    if resume is not None:
+        for field in dataclasses.fields(TrainSettings):
+            given, kept = getattr(settings, field.name), getattr(base, field.name)
+            if given != kept and field.name not in CHANGEABLE_ON_RESUME:
+                raise CommandLineError(f"{field.name} cannot change when resuming (the run has "
+                                       f"{field.name}={kept!r}); allowed to change: "
+                                       f"{', '.join(CHANGEABLE_ON_RESUME)}")
+    out = Path(resume) if resume is not None else command.out
+    return settings, out, command.overwrite, resume is not None
+
+
+def parse_compare_command(argv: list[str]):
+    """``diffpg compare`` arguments -> ``(settings, out, overwrite)``."""
+    from diffpg.compare import CompareSettings
+
+    @dataclasses.dataclass(frozen=True)
+    class CompareCommand:
+        """Compare gradient estimators on the same policy and start states; writes
+        results.json, table.csv, plots and report.md into --out."""
+
+        settings: CompareSettings = CompareSettings()
+        out: Path | None = None
+        """Output folder (default: runs/compare-ENV-TIMESTAMP)."""
+        overwrite: bool = False
+        """Write into --out even if it holds files."""
+
+    command = parse(CompareCommand, argv, "diffpg compare")
+    return command.settings, command.out, command.overwrite
+
+
+def parse_run_command(argv: list[str], prog: str, video: bool = False):
+    """``diffpg eval RUN_DIR`` and ``diffpg video RUN_DIR [--out] [--every]``."""
+
+    @dataclasses.dataclass(frozen=True)
+    class EvalCommand:
+        """Evaluate the latest checkpoint of a training run (with the run's evaluation key)."""
+
+        run_dir: tyro.conf.Positional[Path]
+        """A training run's folder."""
+
+    @dataclasses.dataclass(frozen=True)
+    class VideoCommand:
+        """An animated GIF of one episode of a training run's latest policy (deterministic)."""
+
+        run_dir: tyro.conf.Positional[Path]
+        """A training run's folder."""
+        out: Path | None = None
+        """GIF path (default: RUN_DIR/policy.gif)."""
+        every: int = 1
+        """Draw every N-th step (long episodes)."""
+
+    return parse(VideoCommand if video else EvalCommand, argv, prog)

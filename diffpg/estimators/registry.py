@@ -1,0 +1,122 @@
+"""The estimator registry: a name, a settings class, a constructor, and what the estimator declares
+about itself, so that comparison and training never need to know an estimator by name.
+
+An estimator declares, in its own file, when it registers:
+
+* ``comparison(horizon) -> settings``: the settings that make it estimate the gradient of the
+  comparison's finite-horizon objective ``J_T = E[sum_{t<T} gamma^t r_t]`` at horizon ``T``
+  (e.g. SHAC ends its last window there; a critic sees the steps left). Applied under the
+  user's own settings.
+* ``training``: its settings for training, where they differ from its defaults (which are
+  chosen for gradient comparisons on fixed states).
+* ``trainer``: settings of the training loop it needs by default (``diffpg.training``'s
+  ``TrainSettings`` fields, e.g. PPO's learning rate and epochs).
+* ``reference=True``: unbiased for the comparison objective on any environment, with nothing
+  to learn first: the reference gradient of comparisons where no exact one exists.
+
+Whether it has learned parts to warm up before a comparison is not declared: ``update`` says it
+(an estimator whose state holds no array learns nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from diffpg.estimators.base import Estimator
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What ``register`` recorded for one estimator name."""
+
+    name: str
+    settings_class: type
+    constructor: Callable[..., Estimator]
+    """``(env, policy, settings) -> Estimator``."""
+    comparison: Callable[[int], dict[str, Any]]
+    training: Mapping[str, Any]
+    trainer: Mapping[str, Any]
+    reference: bool
+    description: str
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def _no_change(horizon: int) -> dict[str, Any]:
+    del horizon
+    return {}
+
+
+def register(
+    name: str,
+    settings_class: type,
+    constructor: Callable[..., Estimator],
+    *,
+    comparison: Callable[[int], dict[str, Any]] | None = None,
+    training: Mapping[str, Any] | None = None,
+    trainer: Mapping[str, Any] | None = None,
+    reference: bool = False,
+    replace: bool = False,
+) -> Registration:
+    """Make estimator ``name`` available to ``make``, ``diffpg compare`` and ``diffpg train``.
+
+    ``settings_class``: a frozen dataclass with at least ``horizon`` and ``discount`` fields
+    (its docstring describes the estimator; the string under each field documents it);
+    ``constructor(env, policy, settings) -> Estimator``. ``comparison``, ``training`` and
+    ``trainer`` are the declarations in the module docstring. ``replace=True`` allows
+    registering a name again (otherwise an error).
+    """
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"estimator name={name!r} must be a Python identifier")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"estimator name={name!r} is already registered; pass replace=True to "
+                         "register it again")
+    if not dataclasses.is_dataclass(settings_class) or not isinstance(settings_class, type):
+        raise ValueError(f"settings_class={settings_class!r} must be a dataclass type")
+    fields = {f.name for f in dataclasses.fields(settings_class)}
+    missing = {"horizon", "discount"} - fields
+    if missing:
+        raise ValueError(f"settings_class {settings_class.__name__} lacks the field(s) "
+                         f"{sorted(missing)} every estimator has")
+    if not callable(constructor):
+        raise ValueError(f"constructor={constructor!r} must be callable")
+    training = dict(training or {})
+    unknown = sorted(set(training) - fields)
+    if unknown:
+        raise ValueError(f"training settings {unknown} are not fields of "
+                         f"{settings_class.__name__}; allowed: {sorted(fields)}")
+    description = " ".join((settings_class.__doc__ or "").split()).split(". ")[0].rstrip(".")
+    registration = Registration(name, settings_class, constructor, comparison or _no_change,
+                                training, dict(trainer or {}), bool(reference), description)
+    _REGISTRY[name] = registration
+    return registration
+
+
+def unregister(name: str) -> None:
+    """Remove estimator ``name`` (e.g. one a test registered)."""
+    registration(name)
+    del _REGISTRY[name]
+
+
+def names() -> list[str]:
+    """The registered estimator names, in registration order."""
+    return list(_REGISTRY)
+
+
+def registration(name: str) -> Registration:
+    if name not in _REGISTRY:
+        raise ValueError(f"estimator={name!r} is not known; allowed values: {names()}")
+    return _REGISTRY[name]
+
+
+def reference_estimator() -> str:
+    """The first registered estimator declared a ``reference``."""
+    for name, entry in _REGISTRY.items():
+        if entry.reference:
+            return name
+    raise ValueError("no registered estimator is declared a reference (register(..., "
+                     "reference=True)); give --reference an estimator spec")

@@ -1,0 +1,34 @@
+"""``key=value`` settings for the constructors diffpg does not own (environments), and estimator
+specs ``name:key=value,...`` for ``diffpg compare``: their values are Python literals."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (number, bool, None, tuple, string in quotes), else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(items: Iterable[str], setting: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{"key": value}`` (values by ``parse_value``); ``setting`` names
+    the option in errors."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{setting}: {item!r} must be written key=value")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> ``("name", {"key": value, ...})``."""
+    name, _, rest = text.strip().partition(":")
+    return name, parse_options(filter(None, rest.split(",")), f"estimator spec {text!r}")

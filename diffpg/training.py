@@ -1,0 +1,496 @@
+"""One training loop for every estimator: ``theta <- theta + Adam(clip(grad J / horizon))``.
+
+Each update asks the estimator for ``grad J`` on the batch of environments it carries (SHAC: one
+window of ``horizon`` steps continuing from where the last one stopped, bootstrapped by its critic)
+and applies the optimiser (by default SHAC's, REFERENCES: Adam with betas (0.7, 0.95), learning
+rate decaying linearly to ``final_learning_rate``, global-norm clip 1.0 on the gradient of the
+per-step objective ``J / horizon``, the scale of SHAC's actor loss). Then the estimator learns
+from the batch (``update``: critics, replay) and the observation statistics take in its
+observations. An estimator that can reuse a batch (``reuse``, PPO) may instead take ``epochs``
+passes of ``minibatches`` optimiser steps on it.
+
+A non-finite gradient never reaches the parameters: the update is skipped and counted
+(``training/nonfinite_updates``), environments whose state blew up restart, and
+``max_consecutive_nonfinite`` skipped updates in a row stop the run (``diffpg.runs``).
+
+``updates_per_call`` updates run as one compiled ``lax.scan``; Python only runs between those
+calls (evaluation, logging, checkpoints: ``diffpg.runs``). Everything is explicit state
+(``TrainState``) and keys. ``seeds > 1`` vmaps whole runs over a leading seed axis;
+``devices > 1`` splits the environment batch over devices (``diffpg.devices``).
+This module does no file input or output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+
+import envs
+from diffpg import configs, estimators
+from diffpg.acting import evaluate as evaluate_policy
+from diffpg.devices import batch_sharding, check_devices, replicated
+from diffpg.estimators.base import (
+    EstimatorState,
+    check_betas,
+    check_hidden_sizes,
+    check_positive,
+    check_positive_int,
+)
+from diffpg.normalization import RunningStatistics, init_statistics, update_statistics
+from diffpg.options import parse_options
+from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
+from diffpg.stats import mean_confidence_half_width
+from envs.core import State
+
+
+def estimator_choices():
+    """The registered estimators' settings classes as one type: on the command line, each is a
+    subcommand named after its estimator (``diffpg train ... shac --window 16``)."""
+    return Union[tuple(  # noqa: UP007 (a Union built at run time)
+        Annotated[estimators.registration(name).settings_class,
+                  tyro.conf.subcommand(name, description=estimators.registration(name).description)]
+        for name in estimators.names())]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of a training run (resolved: ``settings_for`` layers the defaults)."""
+
+    env: str = "cartpole_swingup"
+    """Environment name (envs.names())."""
+    env_options: tuple[str, ...] = ()
+    """Environment constructor settings as key=value (e.g. velocity_cost=0.01 for pendulum)."""
+    backend: str | None = None
+    """Brax physics backend; None: the env's measured default."""
+    episode_length: int | None = None
+    """Time limit; None: the env's default."""
+    estimator: Annotated[str, tyro.conf.Suppress] = configs.DEFAULT_ESTIMATOR
+    """Estimator name (diffpg.estimators.names())."""
+    estimator_settings: Annotated[Any, tyro.conf.arg(constructor_factory=estimator_choices)] = None
+    """The estimator's settings object (its horizon is the steps per update); None: its
+    defaults for training (diffpg.estimators.training_settings)."""
+    num_envs: int = 64
+    """Environments simulated in parallel."""
+    updates: int = 500
+    """Policy updates (batches) in the whole run."""
+    updates_per_call: int = 25
+    """Updates compiled into one scanned call; evaluation and logging happen between calls."""
+    epochs: int = 1
+    """Passes over each batch (above 1: the estimator must be able to reuse a batch, e.g. ppo)."""
+    minibatches: int = 1
+    """Optimiser steps per pass, each on a share of the batch's environments."""
+    learning_rate: float = 2e-3
+    final_learning_rate: float = 1e-5
+    """Linear decay target of the actor's learning rate (equal to learning_rate: constant)."""
+    betas: tuple[float, float] = (0.7, 0.95)
+    """Adam's beta1 and beta2."""
+    grad_clip: float | None = 1.0
+    """Global-norm clip on the gradient of J / horizon; None: no clipping."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layers of the policy MLP (ELU + LayerNorm)."""
+    init_log_std: float = -1.0
+    """Initial log standard deviation of the policy's Gaussian (SHAC: -1)."""
+    normalize_observations: bool = True
+    """Normalise the policy's (and critics') observations by running statistics, updated after
+    each batch and frozen within it."""
+    eval_envs: int = 16
+    """Episodes per evaluation (each from its own start)."""
+    seed: int = 0
+    devices: int = 1
+    """Devices the environment batch is split over (data parallel; num_envs must divide evenly).
+    On one CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices."""
+    max_consecutive_nonfinite: int = 100
+    """Non-finite updates in a row after which the run stops (its last checkpoint, with finite
+    parameters, is kept)."""
+    seeds: int = 1
+    """Independent runs trained at once with jax.vmap, seeds seed .. seed + seeds - 1; metrics
+    report their mean, a 95% confidence interval and each seed's value."""
+
+    def __post_init__(self):
+        if self.env not in envs.names():
+            raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
+        estimators.registration(self.estimator)  # a clear error for an unknown name
+        settings_class = estimators.registration(self.estimator).settings_class
+        if self.estimator_settings is not None and type(self.estimator_settings) is not (
+                settings_class):
+            raise ValueError(f"estimator_settings must be a {settings_class.__name__} for "
+                             f"estimator={self.estimator!r}, not {self.estimator_settings!r}")
+        for name in ("num_envs", "updates", "updates_per_call", "epochs", "minibatches",
+                     "eval_envs", "seeds", "max_consecutive_nonfinite"):
+            check_positive_int(name, getattr(self, name))
+        check_positive("learning_rate", self.learning_rate)
+        if self.grad_clip is not None:
+            check_positive("grad_clip", self.grad_clip)
+        check_betas("betas", self.betas)
+        check_hidden_sizes("hidden_sizes", self.hidden_sizes)
+        if not isinstance(self.init_log_std, int | float) or not math.isfinite(self.init_log_std):
+            raise ValueError(f"init_log_std={self.init_log_std!r} must be a finite number")
+        if self.episode_length is not None:
+            check_positive_int("episode_length", self.episode_length)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+        check_devices(self.devices, self.num_envs)
+        if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
+            raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
+                             f"[0, learning_rate={self.learning_rate}]")
+        if self.minibatches > 1 and self.num_envs % (self.minibatches * self.devices):
+            raise ValueError(f"num_envs={self.num_envs} does not split into minibatches="
+                             f"{self.minibatches} (on devices={self.devices}); allowed: "
+                             f"num_envs a multiple of {self.minibatches * self.devices}")
+        self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
+        envs.check(self.env, self.episode_length, self.backend, **self.env_settings)
+        episode_length = self.episode_length or envs.default_episode_length(self.env)
+        if self.horizon > episode_length:
+            raise ValueError(f"horizon={self.horizon} is longer than the episode (episode_length="
+                             f"{episode_length}); allowed: 1..{episode_length}")
+
+    @property
+    def resolved_estimator_settings(self):
+        """The estimator's settings object (its training defaults when none was given)."""
+        if self.estimator_settings is not None:
+            return self.estimator_settings
+        return estimators.make_settings(self.estimator,
+                                        **estimators.training_settings(self.estimator))
+
+    @property
+    def horizon(self) -> int:
+        """Steps per update (the estimator's horizon; SHAC's window within it)."""
+        return self.resolved_estimator_settings.horizon
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.num_envs * self.horizon
+
+    @property
+    def env_settings(self) -> dict[str, Any]:
+        return parse_options(self.env_options, "env_options")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain values (the estimator's settings resolved, as a dict)."""
+        values = dataclasses.asdict(self)
+        values["estimator_settings"] = dataclasses.asdict(self.resolved_estimator_settings)
+        return values
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> TrainSettings:
+        """The settings written by ``to_json`` (lists become tuples)."""
+        def plain(value):
+            return tuple(value) if isinstance(value, list) else value
+
+        values = {k: plain(v) for k, v in values.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(known)}")
+        nested = values.get("estimator_settings")
+        if isinstance(nested, Mapping):
+            values["estimator_settings"] = estimators.make_settings(
+                values.get("estimator", cls.estimator), **{k: plain(v) for k, v in nested.items()})
+        return cls(**values)
+
+
+def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.estimator,
+                 estimator_options: Mapping[str, Any] | None = None,
+                 **overrides: Any) -> TrainSettings:
+    """The settings of a run, each value from the first of these that gives it:
+
+    1. ``overrides`` (``TrainSettings`` fields, and ``horizon`` and ``discount``, which every
+       estimator has) and ``estimator_options`` (any of the estimator's settings);
+    2. the environment's configuration for that estimator (``diffpg.configs``);
+    3. the estimator's declarations (``diffpg.estimators.registry``: ``trainer`` and ``training``);
+    4. the defaults of ``TrainSettings`` and of the estimator's settings class.
+    """
+    estimators.registration(estimator)
+    config = configs.config_for(env, estimator)
+    shared = {k: overrides.pop(k) for k in ("horizon", "discount") if k in overrides}
+    allowed = {f.name for f in dataclasses.fields(TrainSettings)} - {"env", "estimator",
+                                                                     "estimator_settings"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(allowed)}")
+    trainer = dict(estimators.registration(estimator).trainer) | dict(config.trainer) | overrides
+    estimator_values = estimators.training_settings(estimator, **config.estimator)
+    estimator_values |= shared | dict(estimator_options or {})
+    return TrainSettings(env=env, estimator=estimator,
+                         estimator_settings=estimators.make_settings(estimator, **estimator_values),
+                         **trainer)
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue."""
+
+    params: Params
+    opt_state: optax.OptState
+    obs_stats: RunningStatistics
+    estimator_state: EstimatorState
+    env_state: State
+    key: jax.Array
+    update: jax.Array  # [] updates done
+    env_steps: jax.Array  # [] environment steps simulated
+
+
+class Trainer(NamedTuple):
+    """The pieces of a run, built once from the settings."""
+
+    settings: TrainSettings
+    env: Any
+    policy: Policy
+    estimator: estimators.Estimator
+    optimizer: optax.GradientTransformation
+    init: Callable[[jax.Array], TrainState]
+    run_updates: Callable[[TrainState], tuple[TrainState, dict]]
+    evaluate: Callable[[TrainState, jax.Array], dict]
+    init_run: Callable[[], TrainState]
+    """The run's initial state: ``init(PRNGKey(seed))``, or with ``seeds > 1`` the states of
+    seeds ``seed + i`` stacked on a leading axis ``[seeds]`` (then ``run_updates`` and
+    ``evaluate`` are vmapped over it and return per-seed metrics ``[seeds]``)."""
+
+
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    """The actor's optimiser; ``apply_if_finite`` skips an update whose gradient is not finite."""
+    steps = settings.updates * settings.epochs * settings.minibatches
+    schedule = optax.linear_schedule(settings.learning_rate, settings.final_learning_rate, steps)
+    clip = (optax.identity() if settings.grad_clip is None
+            else optax.clip_by_global_norm(settings.grad_clip))
+    return optax.apply_if_finite(
+        optax.chain(clip, optax.adam(schedule, b1=settings.betas[0], b2=settings.betas[1])),
+        # Never apply a non-finite update: the count cannot exceed the number of steps.
+        # Stopping after max_consecutive_nonfinite is diffpg.runs' job.
+        max_consecutive_errors=steps + 1,
+    )
+
+
+def batch_diagnostics(policy: Policy, params: Params, obs_stats: RunningStatistics,
+                      estimate: estimators.Estimate) -> dict[str, jax.Array]:
+    """What tells why a run is stuck, from the batch an estimate simulated (docs/diagnostics.md):
+    how often episodes end by termination, their length, action saturation, the policy's std."""
+    from diffpg.normalization import normalize
+
+    tr = estimate.batch.transitions
+    info = estimate.env_state.info
+    completed = info["last_episode_length"] > 0
+    metrics = {
+        "training/termination_rate": jnp.mean(tr.termination),
+        "training/episode_length": jnp.sum(jnp.where(completed, info["last_episode_length"], 0))
+        / jnp.maximum(jnp.sum(completed), 1),
+        "training/episode_return": jnp.sum(jnp.where(completed, info["last_episode_return"], 0))
+        / jnp.maximum(jnp.sum(completed), 1),
+        "training/policy_log_std": jnp.mean(jnp.log(
+            policy.distribution(params, normalize(obs_stats, tr.obs[0]))[1])),
+    }
+    if policy.squash:
+        metrics["training/action_saturation"] = jnp.mean(jnp.abs(jnp.tanh(tr.raw_action)) > 0.99)
+    return metrics
+
+
+def make_trainer(settings: TrainSettings, env=None) -> Trainer:
+    """Build env, policy, estimator and the compiled update and evaluation functions.
+
+    ``env`` replaces the environment named by the settings (same sizes; for custom or
+    instrumented environments).
+    """
+    if env is None:
+        env = envs.make(settings.env, episode_length=settings.episode_length,
+                        backend=settings.backend, **settings.env_settings)
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                      hidden_sizes=settings.hidden_sizes,
+                                      init_log_std=settings.init_log_std)
+    estimator_settings = settings.resolved_estimator_settings
+    estimator = estimators.make(settings.estimator, env, policy,
+                                **dataclasses.asdict(estimator_settings))
+    reusing = settings.epochs * settings.minibatches > 1
+    if reusing and estimator.reuse is None:
+        raise ValueError(f"estimator={settings.estimator!r} (with these settings) cannot reuse a "
+                         f"batch; allowed: epochs=1 and minibatches=1, not epochs="
+                         f"{settings.epochs}, minibatches={settings.minibatches}")
+    optimizer = make_optimizer(settings)
+    horizon = estimator_settings.horizon
+
+    def init(key: jax.Array) -> TrainState:
+        key_policy, key_estimator, key_env, key_run = jax.random.split(key, 4)
+        params = policy.init(key_policy)
+        env_state = jax.vmap(env.reset)(jax.random.split(key_env, settings.num_envs))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(params, optimizer.init(params), init_statistics(env.observation_size),
+                          estimator.init(key_estimator, params), env_state, key_run, zero, zero)
+
+    def optimizer_step(params, opt_state, grad):
+        # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
+        loss_grad = jax.tree.map(lambda g: -g / horizon, grad)
+        updates, opt_state = optimizer.update(loss_grad, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.global_norm(loss_grad)
+
+    def reuse_batch(params, opt_state, state, batch, key):
+        """``epochs`` passes of ``minibatches`` steps, each on a share of the environments."""
+        num_envs = batch.transitions.reward.shape[1]
+        size = num_envs // settings.minibatches
+
+        def one_step(carry, inputs):
+            params, opt_state = carry
+            indices, step_key = inputs
+            minibatch = jax.tree.map(lambda x: x[:, indices], batch)
+            grad, metrics = estimator.reuse(params, state.obs_stats, state.estimator_state,
+                                            minibatch, step_key)
+            params, opt_state, norm = optimizer_step(params, opt_state, grad)
+            return (params, opt_state), (norm, metrics)
+
+        def one_epoch(carry, epoch_key):
+            key_order, key_steps = jax.random.split(epoch_key)
+            order = jax.random.permutation(key_order, num_envs).reshape(settings.minibatches, size)
+            return jax.lax.scan(one_step, carry, (order, jax.random.split(
+                key_steps, settings.minibatches)))
+
+        (params, opt_state), (norms, metrics) = jax.lax.scan(
+            one_epoch, (params, opt_state), jax.random.split(key, settings.epochs))
+        return params, opt_state, norms, jax.tree.map(jnp.mean, metrics)
+
+    def one_update(state: TrainState, _) -> tuple[TrainState, dict]:
+        key, key_estimate, key_update, key_reuse, key_reset = jax.random.split(state.key, 5)
+        estimate = estimator.estimate(state.params, state.obs_stats, state.estimator_state,
+                                      state.env_state, key_estimate)
+        env_state, env_resets = reset_nonfinite_envs(env, estimate.env_state, key_reset)
+        if reusing:
+            params, opt_state, norms, metrics = reuse_batch(state.params, state.opt_state, state,
+                                                            estimate.batch, key_reuse)
+            metrics = {f"training/{k}": v for k, v in metrics.items()}
+        else:
+            params, opt_state, norms = optimizer_step(state.params, state.opt_state,
+                                                      estimate.grad)
+            metrics = {}
+        estimator_state, learned = estimator.update(state.params, state.obs_stats,
+                                                    state.estimator_state, estimate.batch,
+                                                    key_update)
+        obs_stats = state.obs_stats
+        if settings.normalize_observations:
+            obs_stats = update_statistics(obs_stats, estimate.batch.transitions.obs)
+        new_state = TrainState(params, opt_state, obs_stats, estimator_state, env_state, key,
+                               state.update + 1,
+                               state.env_steps + settings.num_envs * horizon)
+        norms = jnp.ravel(norms)
+        finite_norms = jnp.where(jnp.isfinite(norms), norms, jnp.nan)
+        metrics |= {
+            "training/grad_norm": jnp.nanmean(finite_norms),
+            "training/grad_norm_max": jnp.nanmax(finite_norms),
+            "training/objective_per_step": estimate.metrics["objective"] / horizon,
+            "training/nonfinite_env_resets": env_resets,
+        }
+        if settings.grad_clip is not None:
+            metrics["training/clipped_share"] = jnp.mean(norms > settings.grad_clip)
+        metrics |= {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
+        metrics |= {f"training/{k}": v for k, v in learned.items()}
+        metrics |= batch_diagnostics(policy, state.params, state.obs_stats, estimate)
+        return new_state, metrics
+
+    def run_updates(state: TrainState) -> tuple[TrainState, dict]:
+        state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
+        grad_norm_max = jnp.nanmax(metrics.pop("training/grad_norm_max"))
+        metrics = jax.tree.map(jnp.nanmean, metrics)  # skipped updates are counted apart
+        metrics["training/grad_norm_max"] = grad_norm_max
+        # apply_if_finite counts the steps it skipped (and the ones in a row, for diffpg.runs).
+        metrics["training/nonfinite_updates"] = state.opt_state.total_notfinite
+        return state, metrics
+
+    def evaluate(state: TrainState, key: jax.Array) -> dict:
+        """Undiscounted return of one episode per eval env, deterministic and stochastic."""
+        def episode_returns(deterministic: bool):
+            return evaluate_policy(env, policy, state.params, state.obs_stats, key,
+                                   settings.eval_envs, deterministic=deterministic)
+
+        deterministic = episode_returns(True)
+        return {"eval/episode_reward": jnp.mean(deterministic),
+                "eval/episode_reward_std": jnp.std(deterministic),
+                "eval/stochastic_episode_reward": jnp.mean(episode_returns(False))}
+
+    if settings.seeds == 1:
+        def init_run() -> TrainState:
+            return init(jax.random.PRNGKey(settings.seed))
+
+        run, evaluate_all = run_updates, evaluate
+    else:
+        def init_run() -> TrainState:
+            seeds = settings.seed + jnp.arange(settings.seeds)
+            return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
+
+        # Every seed is evaluated on the same starts and noise (common random numbers).
+        run, evaluate_all = jax.vmap(run_updates), jax.vmap(evaluate, (0, None))
+    if settings.devices == 1:
+        # init_run jitted: one cached executable instead of many small eager compiles (Ant: 14 s).
+        return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run),
+                       jax.jit(evaluate_all), jax.jit(init_run))
+
+    state_sharding, everywhere = shard_over_batch(jax.eval_shape(init_run), settings)
+    return Trainer(
+        settings, env, policy, estimator, optimizer, init,
+        jax.jit(run, in_shardings=(state_sharding,), out_shardings=(state_sharding, everywhere)),
+        jax.jit(evaluate_all, in_shardings=(state_sharding, everywhere), out_shardings=everywhere),
+        jax.jit(init_run, out_shardings=state_sharding),
+    )
+
+
+def shard_over_batch(abstract_state: TrainState, settings: TrainSettings):
+    """Shardings for data parallelism over ``settings.devices`` devices (``diffpg.devices``):
+    the environment batch is split along its batch axis (axis 1 with several seeds), everything
+    else (parameters, optimiser and critic states, replay buffer, key) is replicated.
+
+    Returns ``(state shardings, the replicated sharding)``.
+    """
+    everywhere = replicated(settings.devices)
+    split = batch_sharding(settings.devices, leading_axes=1 if settings.seeds > 1 else 0)
+    state_sharding = jax.tree.map(lambda _: everywhere, abstract_state)._replace(
+        env_state=jax.tree.map(lambda _: split, abstract_state.env_state))
+    return state_sharding, everywhere
+
+
+def reset_nonfinite_envs(env, env_state: State, key: jax.Array) -> tuple[State, jax.Array]:
+    """Replace every environment of the batch ``[B]`` whose observation or reward is not finite
+    by a fresh episode, so one physics blow-up does not poison every later update.
+
+    Returns the batch and the number of environments reset (a float scalar, for the metrics).
+    The fresh episodes are only simulated when some environment needs one (``lax.cond``).
+    """
+    flat_obs = env_state.obs.reshape(env_state.obs.shape[0], -1)
+    finite = jnp.all(jnp.isfinite(flat_obs), axis=1) & jnp.isfinite(env_state.reward)
+
+    def replace_blown_up(batch):
+        fresh = jax.vmap(env.reset)(jax.random.split(key, finite.shape[0]))
+
+        def pick(kept, new):
+            mask = finite.reshape(finite.shape + (1,) * (kept.ndim - 1))
+            return jnp.where(mask, kept, new)
+
+        return jax.tree.map(pick, batch, fresh)
+
+    env_state = jax.lax.cond(jnp.all(finite), lambda batch: batch, replace_blown_up, env_state)
+    return env_state, jnp.sum(~finite).astype(jnp.float32)
+
+
+def select_seed(state: TrainState, index: int) -> TrainState:
+    """Seed ``index`` of a multi-seed run's state (leaves ``[seeds, ...] -> [...]``)."""
+    return jax.tree.map(lambda x: x[index], state)
+
+
+def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float]:
+    """Per-seed metrics ``[seeds]`` -> their mean; for ``eval/`` metrics also the half-width of
+    a 95% Student-t confidence interval of the mean (``NAME_ci95``) and each seed's value
+    (``NAME/seed_i``). ``training/nonfinite_updates`` is summed over seeds. One seed: as is."""
+    if seeds == 1:
+        return {k: float(v) for k, v in values.items()}
+    row = {}
+    for name, value in values.items():
+        value = np.asarray(value, dtype=np.float64)
+        if name == "training/nonfinite_updates":
+            row[name] = float(value.sum())
+            continue
+        row[name] = float(value.mean())
+        if name.startswith("eval/") and not name.endswith("_std"):
+            row[f"{name}_ci95"] = mean_confidence_half_width(value)
+            row |= {f"{name}/seed_{i}": float(v) for i, v in enumerate(value)}
+    return row
