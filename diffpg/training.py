@@ -44,6 +44,7 @@ from diffpg.estimators.base import (
     check_positive,
     check_positive_int,
 )
+from diffpg.networks import check_activation
 from diffpg.normalization import RunningStatistics, init_statistics, update_statistics
 from diffpg.options import parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
@@ -95,7 +96,11 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     """Global-norm clip on the gradient of J / horizon; None: no clipping."""
     hidden_sizes: tuple[int, ...] = (64, 64)
-    """Hidden layers of the policy MLP (ELU + LayerNorm)."""
+    """Hidden layers of the policy MLP."""
+    activation: str = "elu"
+    """Activation of the policy MLP's hidden layers (elu, relu, silu, tanh; SHAC: elu)."""
+    layer_norm: bool = True
+    """LayerNorm after each hidden layer of the policy MLP (SHAC's networks)."""
     init_log_std: float = -1.0
     """Initial log standard deviation of the policy's Gaussian (SHAC: -1)."""
     normalize_observations: bool = True
@@ -131,6 +136,7 @@ class TrainSettings:
             check_positive("grad_clip", self.grad_clip)
         check_betas("betas", self.betas)
         check_hidden_sizes("hidden_sizes", self.hidden_sizes)
+        check_activation(self.activation)
         if not isinstance(self.init_log_std, int | float) or not math.isfinite(self.init_log_std):
             raise ValueError(f"init_log_std={self.init_log_std!r} must be a finite number")
         if self.episode_length is not None:
@@ -302,6 +308,8 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
                         backend=settings.backend, **settings.env_settings)
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes,
+                                      activation=settings.activation,
+                                      layer_norm=settings.layer_norm,
                                       init_log_std=settings.init_log_std)
     estimator_settings = settings.resolved_estimator_settings
     estimator = estimators.make(settings.estimator, env, policy,

@@ -1,12 +1,19 @@
 """Learning against Brax's own trainers: return against env steps and wall-clock, one Brax env.
 
-diffpg SHAC, REINFORCE and critic backprop (``diffpg.training`` with its defaults) and Brax's APG and
-PPO run on the same env, backend and machine for about the same number of env steps. Each logs
+diffpg's estimators (``diffpg.training`` with their defaults) and Brax's APG and PPO run on the
+same env, backend and machine for about the same number of env steps. Each logs
 ``(env steps, wall-clock, deterministic eval return)`` at its evaluations; wall-clock includes
-compilation, as a user waits for it. Targets (issue 5): SHAC above APG at equal env steps; SHAC
-reaches PPO's final return with at most 1/10 of PPO's env steps and less wall-clock.
+compilation, as a user waits for it. Targets: SHAC above APG at equal env steps; SHAC reaches
+PPO's final return with at most 1/10 of PPO's env steps and less wall-clock.
+
+diffpg's ``ppo`` and ``brax_ppo`` share one configuration (``PPO``: the batch of ``num_envs``
+environments x ``unroll_length`` steps cut into minibatches of environments, epochs, discount,
+learning rate, entropy cost, clipping, GAE lambda, network sizes, no reward scaling, no gradient
+clipping, deterministic evaluation), so their curves check diffpg's training loop against an
+independent implementation.
 
     python experiments/bench_learning.py                 # CPU: inverted_pendulum, ~200k steps
+    python experiments/bench_learning.py --learners ppo brax_ppo --seeds 5 --steps 1000000 --num-envs 512
     python experiments/bench_learning.py --gpu           # GPU: ant, 2048 envs, ~50M steps
 """
 
@@ -56,7 +63,8 @@ def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: 
 def mean_point(points: list[dict]) -> dict:
     rewards = [p["reward"] for p in points]
     return {"env_steps": points[0]["env_steps"], "seconds": sum(p["seconds"] for p in points),
-            "reward": float(np.mean(rewards)), "ci95": mean_confidence_half_width(rewards)}
+            "reward": float(np.mean(rewards)), "ci95": mean_confidence_half_width(rewards),
+            "seeds": rewards}
 
 
 def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
@@ -82,14 +90,25 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
                   num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
                   progress_fn=progress, seed=seed)
     else:
+        import functools
+
+        from brax.training.agents.ppo import networks as ppo_networks
         from brax.training.agents.ppo import train as ppo
 
-        # Brax's published inverted_pendulum settings, with the batch scaled to num_envs.
+        # One batch of num_envs environments x unroll_length steps per iteration, cut into
+        # minibatches of environments: the layout of diffpg's ppo with the same settings.
+        network = functools.partial(ppo_networks.make_ppo_networks,
+                                    policy_hidden_layer_sizes=PPO["policy_hidden_sizes"],
+                                    value_hidden_layer_sizes=PPO["value_hidden_sizes"])
         ppo.train(environment=env, num_timesteps=steps, episode_length=1000,
-                  num_envs=num_envs, batch_size=num_envs, num_minibatches=8, unroll_length=5,
-                  num_updates_per_batch=4, discounting=0.97, learning_rate=3e-4,
-                  entropy_cost=1e-2, reward_scaling=10.0, normalize_observations=True,
-                  num_evals=evals + 1, num_eval_envs=16, progress_fn=progress, seed=seed)
+                  num_envs=num_envs, batch_size=num_envs // PPO["minibatches"],
+                  num_minibatches=PPO["minibatches"], unroll_length=PPO["unroll_length"],
+                  num_updates_per_batch=PPO["epochs"], discounting=PPO["discount"],
+                  learning_rate=PPO["learning_rate"], entropy_cost=PPO["entropy_cost"],
+                  clipping_epsilon=PPO["clip_ratio"], gae_lambda=PPO["gae_lambda"],
+                  reward_scaling=1.0, normalize_observations=True, network_factory=network,
+                  deterministic_eval=True, num_evals=evals + 1, num_eval_envs=16,
+                  progress_fn=progress, seed=seed)
     return curve
 
 
@@ -125,6 +144,7 @@ def main() -> None:
         final = curve[-1]
         rows.append({"learner": learner, "final_reward": final["reward"],
                      "final_ci95": final.get("ci95", 0.0),
+                     "final_per_seed": " ".join(f"{r:.0f}" for r in final.get("seeds", [])),
                      "best_reward": max(c["reward"] for c in curve),
                      "env_steps": final["env_steps"], "seconds": final["seconds"]})
     targets = {}
@@ -143,8 +163,8 @@ def main() -> None:
                                                           - curves["brax_apg"][-1]["reward"])
     header = (f"{env_name}, {num_envs} envs, horizon {arguments.horizon}, ~{steps} env steps each, "
               f"{arguments.seeds} seed(s); rewards are means over seeds")
-    table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "best_reward",
-                                       "env_steps", "seconds"])
+    table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "final_per_seed",
+                                       "best_reward", "env_steps", "seconds"])
     print(header)
     print(table)
     for name, value in targets.items():

@@ -1,0 +1,255 @@
+"""Every number the README quotes, computed here and written into README.md between markers.
+
+README.md marks each generated block with ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``;
+this script recomputes the blocks and rewrites them in place (or, with ``--check``, compares
+them with a fresh computation and exits 1 where they differ: numbers within ``--rtol``, other
+text exactly). Sections:
+
+* ``example``: the output of the README's first Python example (it runs the code itself);
+* ``compare-table``: the default ``diffpg compare`` run's table at its largest horizon
+  (computed with ``--sweep none``: every point's keys depend only on the point, so the table is
+  the same as the sweep's last point);
+* ``compare-sweep``: what the default run's horizon sweep says (variance growth, biases);
+* ``training``: ``diffpg train`` on cart-pole swing-up with every trainable estimator at its
+  defaults, against doing nothing and against the fresh policy (minutes on a CPU);
+* ``ant``: SHAC on Brax's Ant for 100 updates on a CPU.
+
+    python experiments/readme_numbers.py                          # every section (~20 min, CPU)
+    python experiments/readme_numbers.py --only compare-table compare-sweep
+    python experiments/readme_numbers.py --check --only example compare-table   # the test's check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
+
+
+def block(text: str, name: str) -> str:
+    """The generated block ``name`` of ``text`` (between its markers)."""
+    match = re.search(rf"<!-- generated: {name} -->\n(.*?)<!-- end: {name} -->", text, re.S)
+    if match is None:
+        raise ValueError(f"README.md has no block <!-- generated: {name} -->")
+    return match.group(1)
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    block(text, name)  # a clear error if it is missing
+    return re.sub(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)",
+                  lambda m: m.group(1) + content + m.group(2), text, flags=re.S)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def example() -> dict[str, str]:
+    """Run the README's first Python code block and quote what it prints."""
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    environment = os.environ | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environment, cwd=ROOT, check=True)
+    return {"example": f"```\n{done.stdout}```\n"}
+
+
+def _compare_results(sweep: str) -> dict:
+    from diffpg.compare import CompareSettings, run_comparison
+
+    return run_comparison(CompareSettings(sweep=sweep))
+
+
+def _table(results: dict) -> str:
+    from diffpg.report import _format
+
+    final = results["results"][-1]["estimators"]
+    lines = ["| estimator | mean norm | variance | relative bias | bias resolved | cosine (mean) "
+             "| SNR |", "|---|---|---|---|---|---|---|"]
+    for label, s in final.items():
+        cells = [_format(s.get(k)) for k in ("mean_norm", "variance_trace", "relative_bias",
+                                              "bias_resolved", "cosine_to_reference", "snr")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_table() -> dict[str, str]:
+    return {"compare-table": _table(_compare_results("none"))}
+
+
+def compare_sweep() -> dict[str, str]:
+    """The default run (horizon sweep): its table and what the sweep shows."""
+    results = _compare_results("horizon")
+    first, last = results["results"][0], results["results"][-1]
+    growth = []
+    for label, stats in last["estimators"].items():
+        start = first["estimators"][label].get("variance_trace")
+        if start and stats.get("variance_trace"):
+            growth.append(f"{label} {stats['variance_trace'] / start:.2g}-fold")
+    biased = [f"{label} {stats['relative_bias']:.0%}" for label, stats
+              in last["estimators"].items() if stats.get("bias_resolved")]
+    unresolved = [label for label, stats in last["estimators"].items()
+                  if stats.get("bias_resolved") is False]
+    text = (f"From T = {first['horizon']} to T = {last['horizon']} the variance grows "
+            + ", ".join(growth) + ". At T = " + str(last["horizon"]) + " the bias is resolved for "
+            + (", ".join(biased) if biased else "none") + " (relative to the exact gradient) and "
+            "not resolved for " + ", ".join(unresolved) + ".\n")
+    return {"compare-table": _table(results), "compare-sweep": text}
+
+
+def _train(estimator: str, **overrides) -> dict:
+    """One run at the defaults on cart-pole swing-up: first and last evaluations, the best,
+    wall-clock and throughput."""
+    import tempfile
+
+    from diffpg.runs import train
+    from diffpg.training import settings_for
+
+    rows = []
+    started = time.perf_counter()
+    settings = settings_for(env="cartpole_swingup", estimator=estimator, **overrides)
+    with tempfile.TemporaryDirectory() as folder:
+        train(settings, Path(folder), on_log=rows.append)
+    seconds = time.perf_counter() - started
+    rewards = [row["eval/episode_reward"] for row in rows]
+    return {"first": rewards[0], "first_update": rows[0]["update"], "last": rewards[-1],
+            "best": max(rewards), "seconds": seconds, "sps": float(np.median(
+                [row["training/sps"] for row in rows[1:]] or [rows[0]["training/sps"]])),
+            "ci95": rows[-1].get("eval/episode_reward_ci95"), "steps": rows[-1]["env_steps"],
+            "updates": settings.updates, "num_envs": settings.num_envs,
+            "horizon": settings.horizon}
+
+
+def _baseline_returns() -> tuple[float, float]:
+    """Deterministic eval return of a zero-action policy and of a fresh policy (16 episodes)."""
+    import jax
+
+    from diffpg.training import make_trainer, settings_for
+
+    trainer = make_trainer(settings_for(env="cartpole_swingup"))
+    state = trainer.init_run()
+    fresh = float(trainer.evaluate(state, jax.random.PRNGKey(1))["eval/episode_reward"])
+    still = jax.tree.map(jax.numpy.zeros_like, state.params)  # mean action tanh(0) = 0
+    still["log_std"] = state.params["log_std"]
+    zero = float(trainer.evaluate(state._replace(params=still),
+                                  jax.random.PRNGKey(1))["eval/episode_reward"])
+    return zero, fresh
+
+
+def training() -> dict[str, str]:
+    zero, fresh = _baseline_returns()
+    lines = ["| command | eval return: first evaluation -> last (best) | wall-clock incl. "
+             "compile | training env steps/s |", "|---|---|---|---|"]
+    runs = [("shac", {}), ("reinforce", {}), ("ppo", {}), ("critic_backprop", {}),
+            ("shac", {"seeds": 4})]
+    for estimator, overrides in runs:
+        result = _train(estimator, **overrides)
+        command = "diffpg train --env cartpole_swingup " + " ".join(
+            [f"--{k} {v}" for k, v in overrides.items()] + [estimator])
+        if result["ci95"] is not None:
+            reward = f"mean {result['last']:,.0f} +- {result['ci95']:,.0f} (95% CI)"
+        else:
+            reward = (f"{result['first']:,.0f} (update {result['first_update']}) -> "
+                      f"{result['last']:,.0f} ({result['best']:,.0f})")
+        lines.append(f"| `{command}` | {reward} | {result['seconds']:.0f} s | "
+                     f"{result['sps']:,.0f} |")
+        print(lines[-1], flush=True)
+    text = ("\n".join(lines) + "\n\nA policy that does nothing (zero action) scores "
+            f"{zero:,.0f}; the fresh policy scores {fresh:,.0f} (deterministic evaluation, 16 "
+            "episodes of 240 steps).\n")
+    return {"training": text}
+
+
+def ant() -> dict[str, str]:
+    result = _train_ant()
+    return {"ant": result}
+
+
+def _train_ant() -> str:
+    import tempfile
+
+    from diffpg.runs import train
+    from diffpg.training import settings_for
+
+    rows = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        train(settings_for(env="ant", updates=100), Path(folder), on_log=rows.append)
+    seconds = time.perf_counter() - started
+    compile_and_first = rows[0]["training/walltime"]
+    return (f"`diffpg train --env ant --updates 100` runs on a 2-core CPU in {seconds:.0f} s "
+            f"({compile_and_first:.0f} s to the first evaluation, compilation included, then "
+            f"about {np.median([r['training/sps'] for r in rows[1:]]):,.0f} env steps/s): "
+            f"eval return {rows[0]['eval/episode_reward']:,.0f} after {rows[0]['update']} "
+            f"updates, {rows[-1]['eval/episode_reward']:,.0f} after {rows[-1]['update']}.\n")
+
+
+SECTIONS: dict[str, Callable[[], dict[str, str]]] = {
+    "example": example, "compare-table": compare_table, "compare-sweep": compare_sweep,
+    "training": training, "ant": ant,
+}
+
+
+def numbers(text: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in NUMBER.findall(text)]
+
+
+def differences(expected: str, found: str, rtol: float) -> list[str]:
+    """Where ``found`` (computed) differs from ``expected`` (README): numbers beyond ``rtol``,
+    or the words around them."""
+    words = (NUMBER.sub("#", expected), NUMBER.sub("#", found))
+    if words[0] != words[1]:
+        return [f"text differs:\nREADME:   {expected!r}\ncomputed: {found!r}"]
+    problems = []
+    for a, b in zip(numbers(expected), numbers(found), strict=True):
+        if not np.isclose(a, b, rtol=rtol, atol=0.0):
+            problems.append(f"README has {a:g}, the run gives {b:g}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None)
+    parser.add_argument("--check", action="store_true",
+                        help="compare with README.md instead of rewriting it; exit 1 on a "
+                             "difference")
+    parser.add_argument("--rtol", type=float, default=0.02,
+                        help="relative tolerance of numbers for --check (the README prints 3 "
+                             "significant digits)")
+    arguments = parser.parse_args()
+    chosen = arguments.only or [name for name in SECTIONS if name != "compare-table"]
+    computed: dict[str, str] = {}
+    for name in chosen:
+        print(f"computing {name} ...", file=sys.stderr, flush=True)
+        computed |= SECTIONS[name]()
+    text = README.read_text()
+    if arguments.check:
+        problems = []
+        for name in chosen:
+            for section, content in computed.items():
+                if section == name:
+                    problems += [f"{name}: {p}" for p in
+                                 differences(block(text, section), content, arguments.rtol)]
+        for problem in problems:
+            print(problem)
+        print("README.md agrees with the computation" if not problems
+              else f"README.md disagrees in {len(problems)} place(s)")
+        return 1 if problems else 0
+    for section, content in computed.items():
+        text = replace_block(text, section, content)
+    README.write_text(text)
+    print(f"rewrote {', '.join(computed)} in {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
