@@ -34,21 +34,44 @@ from diffpg.runs import train  # noqa: E402
 from diffpg.stats import mean_confidence_half_width  # noqa: E402
 from diffpg.training import settings_for  # noqa: E402
 
+PPO = {"unroll_length": 5, "minibatches": 8, "epochs": 4, "discount": 0.97,
+       "learning_rate": 3e-4, "entropy_cost": 1e-2, "clip_ratio": 0.3, "gae_lambda": 0.95,
+       "policy_hidden_sizes": (32, 32, 32, 32), "value_hidden_sizes": (256,) * 5}
+"""The PPO configuration both implementations run: Brax's published inverted-pendulum settings
+(unroll 5, discount 0.97, learning rate 3e-4, entropy cost 1e-2, 4 epochs; its default
+clipping 0.3, GAE lambda 0.95 and networks), with 8 minibatches and without reward scaling."""
+
+BRAX_INITIAL_LOG_STD = float(np.log(np.log(2.0) + 1e-3))
+"""Brax's PPO policy starts with std softplus(0) + 0.001; diffpg's starts there too."""
+
 
 def run_diffpg(estimator: str, env_name: str, num_envs: int, horizon: int, steps: int,
                evals: int, seeds: int) -> list[dict]:
+    if estimator == "ppo":
+        horizon = PPO["unroll_length"]
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
+    overrides, options = {}, {}
+    if estimator == "ppo":
+        overrides = {"minibatches": PPO["minibatches"], "epochs": PPO["epochs"],
+                     "learning_rate": PPO["learning_rate"],
+                     "final_learning_rate": PPO["learning_rate"],
+                     "hidden_sizes": PPO["policy_hidden_sizes"],
+                     "init_log_std": BRAX_INITIAL_LOG_STD, "discount": PPO["discount"]}
+        options = {k: PPO[k] for k in ("entropy_cost", "clip_ratio", "gae_lambda",
+                                       "value_hidden_sizes")}
     settings = settings_for(env=env_name, estimator=estimator, num_envs=num_envs,
                             horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
-                            eval_envs=16, seeds=seeds)
+                            eval_envs=16, seeds=seeds, estimator_options=options, **overrides)
     curve = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         train(settings, Path(folder), on_log=lambda row: curve.append({
             "env_steps": row["env_steps"], "seconds": time.perf_counter() - started,
             "reward": row["eval/episode_reward"],
-            "ci95": row.get("eval/episode_reward_ci95", 0.0)}))
+            "ci95": row.get("eval/episode_reward_ci95", 0.0),
+            "seeds": [row[f"eval/episode_reward/seed_{i}"] for i in range(seeds)]
+            if seeds > 1 else [row["eval/episode_reward"]]}))
     return curve
 
 
