@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
 
-import envs
-from diffpg.critics import QFunction, ValueFunction
-from diffpg.normalization import init_statistics
-from diffpg.policy import make_linear_gaussian_policy
-from envs.analytic import lqr_expected_return, lqr_q_value, lqr_value
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax: no XLA log lines in reports
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import envs  # noqa: E402
+from diffpg.critics import QFunction, ValueFunction  # noqa: E402
+from diffpg.normalization import init_statistics  # noqa: E402
+from diffpg.policy import make_linear_gaussian_policy  # noqa: E402
+from envs.analytic import lqr_expected_return, lqr_q_value, lqr_value  # noqa: E402
 
 LQR_HORIZON = 10
 LQR_DISCOUNT = 0.95
 
 
 class LinearQuadraticProblem:
-    """An LQR env, a linear-Gaussian policy, fixed start states and the exact gradient there."""
+    """An LQR env, a linear-Gaussian policy, fixed start states and the exact gradient there.
+
+    ``episode_length`` shorter than ``horizon`` makes the objective cross episode ends (time-limit
+    truncations and auto-resets to each env's stored first state); ``start_step = s`` starts every
+    env ``s`` steps into its episode, from a state other than the one it resets to.
+    """
 
     def __init__(self, num_states: int = 16, horizon: int = LQR_HORIZON,
-                 discount: float = LQR_DISCOUNT):
+                 discount: float = LQR_DISCOUNT, episode_length: int | None = None,
+                 start_step: int = 0):
         self.horizon = horizon
         self.discount = discount
-        self.env = envs.make("lqr")
+        self.env = envs.make("lqr", episode_length=episode_length)
         self.raw_env = self.env.unwrapped
+        self.episode_length = self.env.episode_length
+        self.start_step = start_step
         self.policy = make_linear_gaussian_policy(
             self.env.observation_size, self.env.action_size, init_gain_scale=0.5
         )
@@ -33,48 +45,83 @@ class LinearQuadraticProblem:
         self.start_states = jax.vmap(self.env.reset)(
             jax.random.split(jax.random.PRNGKey(1), num_states)
         )
+        if start_step:  # mid-episode: elsewhere now, reset later to the stored first state
+            elsewhere = jax.vmap(self.env.reset)(jax.random.split(jax.random.PRNGKey(7), num_states))
+            self.start_states = self.start_states.replace(
+                pipeline_state=elsewhere.pipeline_state, obs=elsewhere.obs,
+                info=self.start_states.info | {"steps": jnp.full(num_states, start_step,
+                                                                 jnp.int32)})
         self.obs_stats = init_statistics(self.env.observation_size)  # raw observations
 
     def policy_arrays(self, params):
         return params["gain"], params["bias"], jnp.exp(params["log_std"])
 
+    def segments(self, horizon: int) -> list[int]:
+        """Lengths of the episode pieces the horizon covers: the rest of the current episode,
+        then whole episodes from the reset state, the last one cut by the horizon."""
+        lengths, left = [min(self.episode_length - self.start_step, horizon)], horizon
+        left -= lengths[0]
+        while left > 0:
+            lengths.append(min(self.episode_length, left))
+            left -= lengths[-1]
+        return lengths
+
     def objective(self, params, horizon=None):
-        """Exact ``J = mean over start states of E[sum_{t<T} gamma^t r_t]``."""
+        """Exact ``J = mean over start states of E[sum_t w_t r_t]`` over ``horizon`` steps, each
+        episode piece discounted from its own start (the estimators' objective)."""
         horizon = self.horizon if horizon is None else horizon
         zero_cov = jnp.zeros((self.env.observation_size,) * 2)
+        first, *later = self.segments(horizon)
 
-        def from_state(x):
-            return lqr_expected_return(
-                self.raw_env, *self.policy_arrays(params), horizon, self.discount, x, zero_cov
-            )
+        def expected(x, steps):
+            return lqr_expected_return(self.raw_env, *self.policy_arrays(params), steps,
+                                       self.discount, x, zero_cov)
 
-        return jnp.mean(jax.vmap(from_state)(self.start_states.pipeline_state))
+        def from_state(x, reset_state):
+            return expected(x, first) + sum(expected(reset_state, steps) for steps in later)
+
+        return jnp.mean(jax.vmap(from_state)(self.start_states.pipeline_state,
+                                             self.start_states.info["first_pipeline_state"]))
 
     def exact_gradient(self, params=None):
         return jax.grad(self.objective)(self.params if params is None else params)
 
-    def exact_value_function(self) -> ValueFunction:
-        """The true time-dependent V of the current policy, as a parameter-free critic."""
+    def exact_value_function(self, boundary: str = "terminal") -> ValueFunction:
+        """The true value of the rest of the current episode within the horizon, as a
+        parameter-free critic ``V(obs, steps_left)`` (``steps_left``: horizon steps after the
+        state, so the state's episode phase is known). A state at an episode boundary is the
+        terminal state of the episode that ended (``boundary="terminal"``, what SHAC queries at
+        truncations: nothing is left) or the first state of the next (``"start"``, what a value
+        baseline queries)."""
         arrays = self.policy_arrays(self.params)
+        length, start = self.episode_length, self.start_step
 
         def single(obs, steps_left):
-            return lqr_value(self.raw_env, *arrays, obs, steps_left, self.discount,
+            phase = (start + self.horizon - steps_left) % length
+            rest = jnp.minimum(length - phase, steps_left)
+            if boundary == "terminal":
+                rest = jnp.where(phase == 0, 0, rest)
+            return lqr_value(self.raw_env, *arrays, obs, rest, self.discount,
                              max_steps=self.horizon)
 
         vectorized = jnp.vectorize(single, signature="(n),()->()")
         return ValueFunction(lambda key: {}, lambda params, obs, steps: vectorized(obs, steps))
 
     def exact_q_function(self) -> QFunction:
-        """The true time-dependent Q of the current policy, as a parameter-free critic."""
+        """The true Q of the rest of the current episode within the horizon, as a parameter-free
+        critic ``Q(obs, action, steps_left)`` (``steps_left``: horizon steps from the state on,
+        the action's step included)."""
         arrays = self.policy_arrays(self.params)
+        length, start = self.episode_length, self.start_step
 
         def single(obs, action, steps_left):
-            return lqr_q_value(self.raw_env, *arrays, obs, action, steps_left, self.discount,
+            phase = (start + self.horizon - steps_left) % length
+            return lqr_q_value(self.raw_env, *arrays, obs, action,
+                               jnp.minimum(length - phase, steps_left), self.discount,
                                max_steps=self.horizon)
 
         vectorized = jnp.vectorize(single, signature="(n),(m),()->()")
         return QFunction(lambda key: {}, lambda params, o, a, s: vectorized(o, a, s))
-
 
 @pytest.fixture(scope="session")
 def lqr() -> LinearQuadraticProblem:
@@ -114,26 +161,32 @@ def flatten(tree) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
-def assert_unbiased(samples, expected, num_se: float = 4.0, resolvable_error: float = 0.25):
+def assert_unbiased(samples, expected, num_se: float = 4.0, resolvable_error: float = 0.25
+                    ) -> float:
     """The sample mean matches ``expected`` within ``num_se`` standard errors, coordinate-wise.
 
     ``samples``: tree with leading axis ``[K]`` of independent estimates; ``expected``: a tree of
-    the same structure without it. Also asserts the test has power: an error of
-    ``resolvable_error * |expected|`` in norm would exceed ``num_se`` standard errors of the norm,
-    so an estimator biased by that much cannot pass; and the norm of the error is within that bound.
+    the same structure without it. Also asserts the test has power: ``(num_se + 2)`` standard
+    errors of the norm of the mean fit within ``resolvable_error * |expected|``, so an estimator
+    biased by that much lies 2 standard errors beyond the rejection bound and fails with high
+    probability (about 98% for a bias along one coordinate); and the norm of the error is within
+    ``num_se`` standard errors. Returns the smallest relative error the test detects this way.
     """
     flat = flatten_samples(samples)
     target = flatten(expected)
     mean = flat.mean(axis=0)
     standard_error = flat.std(axis=0, ddof=1) / np.sqrt(flat.shape[0])
-    norm_error_bound = num_se * np.sqrt(np.sum(standard_error**2))
-    assert norm_error_bound <= resolvable_error * np.linalg.norm(target), (
-        f"too few samples to resolve a {resolvable_error:.0%} error: "
-        f"{num_se} SE of the norm = {norm_error_bound:.4g}, |expected| = {np.linalg.norm(target):.4g}"
+    norm_se = np.sqrt(np.sum(standard_error**2))
+    detectable = (num_se + 2) * norm_se / np.linalg.norm(target)
+    assert detectable <= resolvable_error, (
+        f"too few samples to resolve a {resolvable_error:.0%} error with margin: "
+        f"{num_se + 2} SE of the norm = {(num_se + 2) * norm_se:.4g}, "
+        f"|expected| = {np.linalg.norm(target):.4g}"
     )
     z_scores = (mean - target) / np.maximum(standard_error, 1e-7 * np.abs(target) + 1e-12)
     assert np.all(np.abs(z_scores) <= num_se), (
         f"biased: z-scores {np.round(z_scores, 2)}\n mean {mean}\n expected {target}\n"
         f" standard error {standard_error}"
     )
-    assert np.linalg.norm(mean - target) <= norm_error_bound
+    assert np.linalg.norm(mean - target) <= num_se * norm_se, "biased: the error's norm"
+    return float(detectable)

@@ -95,7 +95,6 @@ def _lqr_and_policy():
         (lambda: estimators.make("reinforce", *_lqr_and_policy(), horizon=0), "horizon"),
         (lambda: estimators.make("bptt", *_lqr_and_policy(), horizon=-3), "horizon"),
         (lambda: estimators.make("shac", *_lqr_and_policy(), horizon=10, window=3), "window"),
-        (lambda: estimators.make("reinforce", *_lqr_and_policy(), horizon=21), "episode_length"),
         (lambda: estimators.make("reinforce", *_lqr_and_policy(), baseline="median"),
          "leave_one_out"),
         (lambda: estimators.make("reinforce", *_lqr_and_policy(), discount=1.5), "discount"),

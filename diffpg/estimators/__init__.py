@@ -114,7 +114,8 @@ def make(name: str, env, policy, **settings: Any) -> Estimator:
     """Build estimator ``name`` for ``env`` and ``policy``; validates everything before any compile.
 
     Checks that the policy's sizes match the environment's, and the settings (see each settings
-    class for the allowed values).
+    class for the allowed values). The horizon may be longer than an episode: environments
+    auto-reset, and the objective counts each episode from its own start.
     """
     settings_object = make_settings(name, **settings)
     if policy.action_size != env.action_size:
@@ -126,11 +127,5 @@ def make(name: str, env, policy, **settings: Any) -> Estimator:
         raise ValueError(
             f"policy observation_size={policy.observation_size} does not match the environment's "
             f"observation_size={env.observation_size}"
-        )
-    episode_length = getattr(env, "episode_length", None)
-    if episode_length is not None and settings_object.horizon > episode_length:
-        raise ValueError(
-            f"horizon={settings_object.horizon} is longer than the episode "
-            f"(episode_length={episode_length}); allowed: 1..{episode_length}"
         )
     return registration(name).constructor(env, policy, settings_object)
