@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax: no XLA log lines in reports
@@ -190,3 +191,22 @@ def assert_unbiased(samples, expected, num_se: float = 4.0, resolvable_error: fl
     )
     assert np.linalg.norm(mean - target) <= num_se * norm_se, "biased: the error's norm"
     return float(detectable)
+
+
+@contextlib.contextmanager
+def compiles():
+    """Every XLA compilation inside the ``with`` block, as a list (a spy on jax's compile step)."""
+    import jax._src.interpreters.pxla as pxla
+
+    compiled = []
+    original = pxla.MeshComputation.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append(self)
+        return original(self, *args, **kwargs)
+
+    pxla.MeshComputation.compile = spy
+    try:
+        yield compiled
+    finally:
+        pxla.MeshComputation.compile = original

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 
+from conftest import compiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -73,7 +74,8 @@ def _known_estimators():
 def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "never"
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    with (compiles() as compiled, contextlib.redirect_stderr(stderr),
+          contextlib.redirect_stdout(io.StringIO())):
         try:
             # A setting that slipped through would train 2 updates only (and fail below).
             status = cli.main(["train", "--env", "pendulum", "--updates", "2",
@@ -84,4 +86,5 @@ def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
     assert status == 2, (invalid, message)
     assert "Traceback" not in message and "error" in message, message
     assert len(message.strip().splitlines()) == 1, message
+    assert compiled == [], f"{invalid}: compiled before the error"
     assert not out.exists()

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+from diffpg import estimators
+
 SCRIPT = r"""
-import json
+import json, pathlib, tempfile
 import jax
 import numpy as np
 from diffpg.training import make_trainer, settings_for
@@ -53,8 +55,32 @@ for devices in (2, 4):
     results[f"compare/{devices}/max_abs_diff"] = float(np.abs(samples[devices]
                                                               - samples[1]).max())
 results["compare/gradient_size"] = float(np.abs(samples[1]).max())
+# Raw gradients (no optimiser between them and the check) of every estimator, start states
+# split over 1, 2 and 4 devices: a per-device scaling error would show here.
+from jax.flatten_util import ravel_pytree
+from diffpg.normalization import init_statistics
+
+stats = init_statistics(env.observation_size)
+for name in estimators.names():
+    estimator = estimators.make(name, env, policy, **estimators.comparison_settings(name, 8, 0.99))
+    state = estimator.init(jax.random.PRNGKey(3), params)
+    grads = {d: np.asarray(ravel_pytree(jax.jit(estimator.estimate)(
+        params, stats, state, shard_batch(starts, d), jax.random.PRNGKey(4)).grad)[0])
+        for d in (1, 2, 4)}
+    scale = float(np.abs(grads[1]).max())
+    results[f"grad/{name}/relative_diff"] = max(
+        float(np.abs(grads[d] - grads[1]).max()) / scale for d in (2, 4))
+# diffpg compare itself, with --devices 2, against --devices 1.
+from diffpg import cli
+for devices in (1, 2):
+    out = pathlib.Path(tempfile.mkdtemp()) / "compare"
+    assert cli.main(["compare", "--env", "pendulum", "--estimators", "bptt", "shac",
+                     "--sweep", "none", "--horizon", "4", "--num-estimates", "4",
+                     "--num-envs", "4", "--reference-estimates", "8", "--critic-warmup", "5",
+                     "--hidden-sizes", "16", "--devices", str(devices), "--out", str(out)]) == 0
+    table = json.loads((out / "results.json").read_text())["results"][0]["estimators"]
+    results[f"cli_compare/{devices}"] = {k: v["mean_norm"] for k, v in table.items()}
 # Two seeds over two devices, stopped and resumed: bit-exact, and still split.
-import pathlib, tempfile
 from diffpg.runs import train
 
 folder = pathlib.Path(tempfile.mkdtemp())
@@ -91,3 +117,12 @@ def test_one_two_and_four_devices_give_the_same_parameters():
     for devices in (2, 4):  # diffpg compare's gradient samples, start states split too
         assert results[f"compare/{devices}/max_abs_diff"] < 1e-5 * max(
             1.0, results["compare/gradient_size"]), results
+    # Raw gradients of every estimator, 1 vs 2 and 4 devices: float32 sums in another order
+    # (score-function sums cancel: up to ~5e-4 of the largest coordinate); a per-device scale
+    # error would be 50% or more.
+    print({k: v for k, v in results.items() if k.startswith("grad/")})
+    for name in estimators.names():
+        assert results[f"grad/{name}/relative_diff"] < 2e-3, (name, results)
+    one, two = results["cli_compare/1"], results["cli_compare/2"]
+    assert one.keys() == two.keys() and all(abs(one[k] - two[k]) <= 1e-4 * abs(one[k])
+                                            for k in one), (one, two)
