@@ -184,8 +184,11 @@ def main() -> None:
     if "shac" in curves and "brax_apg" in curves:
         targets["shac_final - apg_final (target > 0)"] = (curves["shac"][-1]["reward"]
                                                           - curves["brax_apg"][-1]["reward"])
-    header = (f"{env_name}, {num_envs} envs, horizon {arguments.horizon}, ~{steps} env steps each, "
-              f"{arguments.seeds} seed(s); rewards are means over seeds")
+    horizons = {learner: PPO["unroll_length"] if learner.endswith("ppo") else arguments.horizon
+                for learner in curves}
+    header = (f"{env_name}, {num_envs} envs, horizon " + ", ".join(
+        f"{h} ({learner})" for learner, h in horizons.items()) + f", ~{steps} env steps each, "
+              f"{arguments.seeds} seed(s); rewards are means over seeds, bands their 95% CI")
     table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "final_per_seed",
                                        "best_reward", "env_steps", "seconds"])
     print(header)
@@ -208,9 +211,14 @@ def plot(curves: dict, path: Path, title: str) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for learner, curve in curves.items():
+        reward = np.array([c["reward"] for c in curve])
+        band = np.array([c.get("ci95") or 0.0 for c in curve])
         for axis, x in ((axes[0], "env_steps"), (axes[1], "seconds")):
-            axis.plot([c[x] for c in curve], [c["reward"] for c in curve], marker="o",
-                      label=learner)
+            xs = [c[x] for c in curve]
+            line, = axis.plot(xs, reward, marker="o", label=learner)
+            if band.any():  # the 95% confidence interval of the mean over seeds
+                axis.fill_between(xs, reward - band, reward + band, color=line.get_color(),
+                                  alpha=0.15)
     axes[0].set(xlabel="env steps", ylabel="eval episode return")
     axes[1].set(xlabel="wall-clock incl. compilation (s)")
     axes[0].legend(fontsize=8)
