@@ -20,6 +20,7 @@ from diffpg.command_line import (
     parse_run_command,
     parse_train_command,
 )
+from diffpg.devices import barrier, is_primary, process_count
 
 COMMANDS = {
     "compare": "variance, bias and cost of every estimator, against the horizon",
@@ -34,6 +35,9 @@ USAGE = ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] 
 
 
 def _prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path:
+    if out is None and process_count() > 1:
+        raise ValueError("out is required when several processes run one command (each would "
+                         "name its own default folder)")
     if out is None:
         out = Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -50,13 +54,17 @@ def run_compare(argv: list[str]) -> Path:
 
     settings, out, overwrite = parse_compare_command(argv)
     out = _prepare_output(out, overwrite, f"compare-{settings.env}")
+    barrier("diffpg: output folder checked")
     total = len(settings.points) * (len(settings.specs) + 1)
-    with tqdm(total=total, desc="compare", unit="task", file=sys.stderr) as bar:
+    with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
+              disable=not is_primary()) as bar:
         def progress(message: str) -> None:
             bar.set_description(message)
             bar.update(1)
 
         results = run_comparison(settings, progress=progress)
+    if not is_primary():
+        return out
     written = write_outputs(results, out)
     print(f"wrote {len(written)} files to {out}:")
     for path in written:
@@ -74,11 +82,14 @@ def run_train(argv: list[str]) -> Path:
     settings, out, overwrite, resume = parse_train_command(argv)
     if not resume:
         out = _prepare_output(out, overwrite, f"train-{settings.env}-{settings.estimator}")
+    barrier("diffpg: output folder checked")
     source = config_for(settings.env, settings.estimator).source or "no configuration for this env"
-    print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} envs x "
-          f"{settings.horizon} steps, {settings.updates} updates (defaults: {source}); "
-          f"run folder {out}", file=sys.stderr)
-    with tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr) as bar:
+    if is_primary():
+        print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} envs "
+              f"x {settings.horizon} steps, {settings.updates} updates (defaults: {source}); "
+              f"run folder {out}", file=sys.stderr)
+    with tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr,
+              disable=not is_primary()) as bar:
         def on_log(row: dict) -> None:
             bar.n = row["update"]
             bar.set_postfix(reward=f"{row['eval/episode_reward']:.4g}",
@@ -91,8 +102,9 @@ def run_train(argv: list[str]) -> Path:
             print(f"\ninterrupted; the last checkpoint is kept: continue with "
                   f"diffpg train --resume {out}", file=sys.stderr)
             raise SystemExit(130) from None
-    print(f"{int(state.update.ravel()[0])} updates, {int(state.env_steps.ravel()[0])} env steps; "
-          f"run folder: {out}")
+    if is_primary():
+        print(f"{int(state.update.ravel()[0])} updates, {int(state.env_steps.ravel()[0])} env "
+              f"steps; run folder: {out}")
     return out
 
 

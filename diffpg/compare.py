@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators
-from diffpg.devices import check_devices, shard_batch
+from diffpg.devices import check_devices, shard_batch, to_host
 from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options, parse_spec
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
@@ -251,13 +251,16 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
     if warmup and learns(state):
-        def warm_step(state, step_key):
+        def warm_step(carry, step_key):
+            state, starts = carry
             key_estimate, key_update = jax.random.split(step_key)
-            batch = estimator.estimate(params, obs_stats, state, start_states, key_estimate).batch
-            return estimator.update(params, obs_stats, state, batch, key_update)[0], None
+            batch = estimator.estimate(params, obs_stats, state, starts, key_estimate).batch
+            return (estimator.update(params, obs_stats, state, batch, key_update)[0], starts), None
 
-        state, _ = jax.jit(lambda s, k: jax.lax.scan(warm_step, s, jax.random.split(k, warmup)))(
-            state, key_warm)
+        # The start states go in as an argument: a constant cannot be split over processes.
+        state = jax.jit(lambda s, starts, k: jax.lax.scan(
+            warm_step, (s, starts), jax.random.split(k, warmup))[0][0])(
+            state, start_states, key_warm)
 
     def flat_estimate(state, starts, estimate_key):
         grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
@@ -274,7 +277,7 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     compiled = jax.jit(flat_estimates).lower(state, start_states, keys).compile()
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    samples = np.asarray(jax.block_until_ready(compiled(state, start_states, keys)))
+    samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
     run_seconds = time.perf_counter() - started
     return samples, {"compile_seconds": compile_seconds,
                      "seconds_per_estimate": run_seconds / num_estimates}

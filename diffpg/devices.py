@@ -5,11 +5,13 @@ placed with their batch axis split over it; everything else is replicated. Under
 then runs each device's share of the environments and inserts the all-reduce where the
 estimators take their batch mean, so the gradient is averaged over devices.
 
-Several hosts: start every process with ``jax.distributed.initialize(coordinator_address,
-num_processes, process_id)`` before anything else touches JAX (``diffpg`` does so when the
-``DIFFPG_COORDINATOR_ADDRESS``, ``DIFFPG_NUM_PROCESSES`` and ``DIFFPG_PROCESS_ID`` environment
-variables are set); ``jax.devices()`` then lists every host's devices and ``devices`` may count
-them all.
+Several processes (hosts, or processes on one machine): start every process with
+``jax.distributed.initialize(coordinator_address, num_processes, process_id)`` before anything
+else touches JAX (``diffpg`` does so when the ``DIFFPG_COORDINATOR_ADDRESS``,
+``DIFFPG_NUM_PROCESSES`` and ``DIFFPG_PROCESS_ID`` environment variables are set, with gloo for
+the collectives between CPU processes); ``jax.devices()`` then lists every process's devices and
+``devices`` may count them all. Every process runs the same program on the same inputs; only the
+primary one (process 0) writes files other than checkpoints, which orbax writes together.
 """
 
 from __future__ import annotations
@@ -50,10 +52,45 @@ def replicated(devices: int) -> NamedSharding:
 
 
 def shard_batch(tree: Any, devices: int) -> Any:
-    """Place every leaf of ``tree`` (leading axis: the batch) split over ``devices``."""
+    """Place every leaf of ``tree`` (leading axis: the batch) split over ``devices``; every
+    process holds the whole ``tree`` and contributes the shards of its own devices."""
     if devices == 1:
         return tree
-    return jax.device_put(tree, batch_sharding(devices))
+    sharding = batch_sharding(devices)
+
+    def place(leaf):
+        values = np.asarray(leaf)
+        return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+    return jax.tree.map(place, tree)
+
+
+def process_count() -> int:
+    """Processes running this program together (1 without ``jax.distributed``)."""
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; the only one without
+    ``jax.distributed``)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a NumPy array in every process (arrays split over processes are gathered)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def initialize_distributed_from_environment() -> None:
@@ -70,4 +107,6 @@ def initialize_distributed_from_environment() -> None:
     except (KeyError, ValueError) as error:
         raise ValueError("DIFFPG_COORDINATOR_ADDRESS is set: DIFFPG_NUM_PROCESSES and "
                          "DIFFPG_PROCESS_ID must be integers too") from error
+    # CPU processes need a collectives library to all-reduce between them (GPUs bring NCCL).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=processes, process_id=process_id)

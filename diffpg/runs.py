@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
+from diffpg.devices import barrier, is_primary
 from diffpg.training import (
     Trainer,
     TrainSettings,
@@ -104,6 +105,9 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, update: i
     """Save ``state`` as the checkpoint of ``update`` and record the digest of its files."""
     with _quiet_orbax():
         manager.save(update, args=ocp.args.StandardSave(state))
+    barrier("diffpg: checkpoint saved")
+    if not is_primary():
+        return
     folder = Path(manager.directory)
     (folder / f"{update}{DIGEST_SUFFIX}").write_text(_digest(folder / str(update)))
     kept = {str(step) for step in manager.all_steps()}
@@ -210,24 +214,30 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     ``max_consecutive_nonfinite`` non-finite updates in a row, with the checkpoint saved.
     """
     trainer = make_trainer(settings, env)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # With several processes (diffpg.devices) every one trains; the primary one alone writes
+    # the folder's files, and all of them write the checkpoints together.
+    primary = is_primary()
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state = trainer.init_run()
     rows: list[dict] = []
     if resume:
         state, unreadable = restore_checkpoint(run_dir, state)
-        for update, reason in unreadable:
+        barrier("diffpg: checkpoint restored")
+        for update, reason in unreadable if primary else ():
             print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); set "
                   f"aside as {set_aside(run_dir, update)}, resuming from update "
                   f"{_count(state.update)}", file=sys.stderr)
         rows = [r for r in read_metrics(run_dir) if int(r["update"]) <= _count(state.update)]
-    else:
+    elif primary:
         clear_run(run_dir)
         save_settings(settings, run_dir)
+    barrier("diffpg: run folder ready")
     walltime = float(rows[-1]["training/walltime"]) if rows else 0.0
     eval_key = jax.random.PRNGKey(settings.seed + 1)
     last_update = settings.updates if stop_at_update is None else stop_at_update
     last_plot = time.perf_counter()
-    tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+    tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if primary else None
     checkpoints = checkpoint_manager(run_dir, writing=True)
     try:
         while _count(state.update) < last_update:
@@ -243,17 +253,18 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             row |= summarize_seeds(metrics | evaluation, settings.seeds)
             rows.append(row)
             save_checkpoint(checkpoints, state, row["update"])
-            write_metrics(run_dir, rows)
-            for name, value in row.items():
-                if name not in ("update", "env_steps"):
-                    tensorboard.add_scalar(name, value, row["env_steps"])
-            tensorboard.flush()
             in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
             stopping = in_a_row >= settings.max_consecutive_nonfinite
             finished = _count(state.update) >= last_update
-            if finished or stopping or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
-                plot_learning_curve(rows, run_dir / "learning_curve.png")
-                last_plot = time.perf_counter()
+            if primary:
+                write_metrics(run_dir, rows)
+                for name, value in row.items():
+                    if name not in ("update", "env_steps"):
+                        tensorboard.add_scalar(name, value, row["env_steps"])
+                tensorboard.flush()
+                if finished or stopping or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
+                    plot_learning_curve(rows, run_dir / "learning_curve.png")
+                    last_plot = time.perf_counter()
             if on_log:
                 on_log(row)
             if stopping:
@@ -265,7 +276,8 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
                     "environment, then resume it or start again")
     finally:
         checkpoints.close()
-        tensorboard.close()
+        if tensorboard is not None:
+            tensorboard.close()
     return state
 
 

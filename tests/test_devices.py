@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from diffpg import estimators
 
 SCRIPT = r"""
@@ -97,6 +99,7 @@ print("RESULTS" + json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_one_two_and_four_devices_give_the_same_parameters():
     environment = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                 "PYTHONPATH": os.getcwd()}

@@ -256,6 +256,7 @@ def test_make_analytic_env_if_available():
 
 
 # ~17 s on 2 idle CPU cores with the spring backend (not marked slow); minutes under load.
+@pytest.mark.slow
 def test_brax_inverted_pendulum_steps_and_differentiates():
     from envs.brax_envs import DEFAULT_BACKEND, DEFAULT_EPISODE_LENGTH
 

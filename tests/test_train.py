@@ -236,6 +236,7 @@ def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
     assert "trained on env='pendulum'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_bit_exactly_from_its_last_checkpoint(tmp_path):
     """SIGKILL a training process at an arbitrary point after its first checkpoint; ``--resume``
     continues from the last complete checkpoint, ends with the parameters of an uninterrupted

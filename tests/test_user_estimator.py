@@ -92,8 +92,8 @@ def test_a_user_estimator_is_exact_on_the_lqr(lqr, user_estimator):
                                 discount=lqr.discount)
     state = learn(estimator, lqr, estimator.init(jax.random.PRNGKey(0), lqr.params), 20)
     assert float(state["baseline"]) < 0  # it learned the (negative) return
-    assert_unbiased(independent_estimates(estimator, lqr, 6000, state=state),
-                    lqr.exact_gradient())
+    assert_unbiased(independent_estimates(estimator, lqr, 18000, state=state),
+                    lqr.exact_gradient(), resolvable_error=0.2)
 
 
 def test_a_user_estimator_runs_in_compare_and_train(user_estimator, tmp_path):
