@@ -10,7 +10,9 @@ output folder) prints one line naming the setting and exits with status 2, witho
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +42,9 @@ def _prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Pat
                          "name its own default folder)")
     if out is None:
         out = Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file, not a folder; choose another --out")
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
         raise ValueError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
                          "write into it, or choose another --out")
     return out
@@ -84,28 +88,57 @@ def run_train(argv: list[str]) -> Path:
         out = _prepare_output(out, overwrite, f"train-{settings.env}-{settings.estimator}")
     barrier("diffpg: output folder checked")
     source = config_for(settings.env, settings.estimator).source or "no configuration for this env"
-    if is_primary():
-        print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} envs "
-              f"x {settings.horizon} steps, {settings.updates} updates (defaults: {source}); "
-              f"run folder {out}", file=sys.stderr)
-    with tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr,
-              disable=not is_primary()) as bar:
-        def on_log(row: dict) -> None:
-            bar.n = row["update"]
-            bar.set_postfix(reward=f"{row['eval/episode_reward']:.4g}",
-                            sps=f"{row['training/sps']:.3g}")
-            bar.refresh()
+    bar = None
 
-        try:
-            state = train(settings, out, resume=resume, on_log=on_log)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; the last checkpoint is kept: continue with "
-                  f"diffpg train --resume {out}", file=sys.stderr)
-            raise SystemExit(130) from None
+    def on_start() -> None:  # the settings and sizes are valid: say what runs, show progress
+        nonlocal bar
+        if is_primary():
+            print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} "
+                  f"envs x {settings.horizon} steps, {settings.updates} updates (defaults: "
+                  f"{source}); run folder {out}", file=sys.stderr)
+        bar = tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr,
+                   disable=not is_primary())
+
+    def on_log(row: dict) -> None:
+        bar.n = row["update"]
+        bar.set_postfix(reward=f"{row['eval/episode_reward']:.4g}",
+                        sps=f"{row['training/sps']:.3g}")
+        bar.refresh()
+
+    try:
+        state = train(settings, out, resume=resume, on_log=on_log, on_start=on_start)
+    except KeyboardInterrupt as interruption:
+        if bar is not None:
+            bar.close()
+        raise SystemExit(_interrupted(interruption, out)) from None
+    bar.close()
     if is_primary():
         print(f"{int(state.update.ravel()[0])} updates, {int(state.env_steps.ravel()[0])} env "
               f"steps; run folder: {out}")
     return out
+
+
+def _interrupted(interruption: KeyboardInterrupt, out: Path) -> int:
+    """One line on what an interruption left, and its exit status (128 + the signal)."""
+    from diffpg.runs import checkpoint_updates
+
+    signum = getattr(interruption, "signum", signal.SIGINT)
+    kept = checkpoint_updates(out) if out.exists() else []
+    if kept:
+        what = (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
+                f"--resume {out}")
+    else:
+        what = "before the first checkpoint: nothing to resume, start again"
+    print(f"\ndiffpg train: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
+    return 128 + signum
+
+
+def _terminate(signum, frame):
+    """SIGTERM, outside a run's own handling (while compiling, say): as a SIGINT would."""
+    del frame
+    from diffpg.runs import Interrupted
+
+    raise Interrupted(signum)
 
 
 def run_eval(argv: list[str]) -> None:
@@ -152,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "diffpg"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         argv = import_user_modules(argv)
         if not argv or argv[0] in ("-h", "--help"):
@@ -171,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as error:
         print(f"diffpg {command}: stopped: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as interruption:
+        signum = getattr(interruption, "signum", signal.SIGINT)
+        print(f"\ndiffpg {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on by default.
+"""JAX's persistent compilation cache, on by default, and quiet XLA logs.
 
 Brax physics takes tens of seconds to compile on a CPU; cached executables make the second run of a
 command start in seconds. The directory is ``$DIFFPG_CACHE_DIR`` if set, else
@@ -8,9 +8,33 @@ command start in seconds. The directory is ``$DIFFPG_CACHE_DIR`` if set, else
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import jax
+_JAX_DEFAULT_LOG_LEVEL = "1"
+"""What jax sets TF_CPP_MIN_LOG_LEVEL to when nobody has."""
+
+
+def quiet_xla_logs() -> None:
+    """Silence XLA's C++ log lines (a note for every cached executable loaded on a CPU whose
+    features differ slightly, version notes) unless ``TF_CPP_MIN_LOG_LEVEL`` asks for them (set
+    it to 0, 1 or 2 to see them). The variable is read when jaxlib loads; if jax was imported
+    first, jaxlib's minimum level is set directly."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", _JAX_DEFAULT_LOG_LEVEL) != _JAX_DEFAULT_LOG_LEVEL:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if "jax" in sys.modules:
+        try:
+            from jax._src.lib import utils  # jaxlib's own setter (what jax_logging_level uses)
+
+            utils.absl_set_min_log_level(3)
+        except (ImportError, AttributeError):
+            pass
+
+
+quiet_xla_logs()  # before jax loads, when this module is the first to import it
+
+import jax  # noqa: E402
 
 
 def default_cache_dir() -> str | None:

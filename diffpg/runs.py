@@ -1,30 +1,45 @@
 """Training runs on disk: the run folder, and the loop that trains into it.
 
-A run folder holds ``settings.json`` (the resolved settings), ``metrics.csv`` (one row per call of
-``run_updates``, Brax's metric names), the same scalars for TensorBoard in ``tensorboard/`` (x
-axis: env steps), ``learning_curve.png`` and ``checkpoints/<update>/`` (orbax's
-``CheckpointManager``; the last ``KEPT_CHECKPOINTS`` are kept). Orbax writes each checkpoint to a
-temporary folder and renames it when complete, so a crash mid-save leaves the previous checkpoint
-intact.
+A run folder holds:
+
+* ``settings.json``: the resolved settings (replaced atomically);
+* ``checkpoints/<update>/``: orbax ``CheckpointManager`` checkpoints (the last
+  ``KEPT_CHECKPOINTS``), each with two items: ``state`` (the ``TrainState``) and ``history``
+  (every metrics row up to that update; orbax reserves the name ``metrics``). A checkpoint is
+  the commit point of a call of ``run_updates``: what it holds is the run, and ``metrics.csv``
+  and ``tensorboard/`` are rewritten from its rows on resume, so they never show a gap or a
+  repeat, whatever moment a run stopped at.
+  ``checkpoints/<update>.sha256`` is the digest of its files, checked before restoring;
+* ``metrics.csv`` (one row per call, Brax's metric names), ``tensorboard/`` (the same scalars, x
+  axis env steps) and ``learning_curve.png``: for reading;
+* ``.lock``: the process that owns the folder while it trains (pid and host).
+
+Orbax writes each checkpoint to a temporary folder and renames it when complete; SIGINT and
+SIGTERM wait for a save to finish (``Interrupted``); a full disk is one line naming the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from tensorboardX import SummaryWriter
 
 from diffpg.devices import barrier, is_primary
 from diffpg.training import (
@@ -39,30 +54,160 @@ from diffpg.training import (
 KEPT_CHECKPOINTS = 2
 PLOT_EVERY_SECONDS = 30.0
 """The learning-curve PNG is redrawn at most this often (and at the end); metrics.csv every call."""
-RUN_FILES = ("settings.json", "metrics.csv", "metrics.csv.tmp", "learning_curve.png",
-             "checkpoints", "tensorboard")
+RUN_FILES = ("settings.json", "settings.json.tmp", "metrics.csv", "metrics.csv.tmp",
+             "learning_curve.png", "checkpoints", "tensorboard")
 """What a run writes into its folder (and what overwriting a run removes)."""
+DIGEST_SUFFIX = ".sha256"
+"""``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
+orbax has no checksum of its own, and a flipped byte in an array file restores silently."""
 
 
 class TrainingStopped(RuntimeError):
     """A run stopped itself (too many non-finite updates in a row); its checkpoint is kept."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run (``signum``); raised between saves, never inside one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own ``run_dir`` while the block runs: ``.lock`` holds this process's pid and host under
+    an exclusive ``flock``, which the system releases when the process ends, however it ends.
+    Another live owner is a ``ValueError``; the lock file of a process that is gone is taken
+    over, with a message."""
+    path = run_dir / ".lock"
+    with disk_space(run_dir, "the run folder's lock"):
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+            raise ValueError(f"run folder {str(run_dir)!r} is in use by "
+                             f"{owner or 'another process'}; wait for it to finish or choose "
+                             "another --out") from None
+        previous = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+        if previous:
+            print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
+                  file=sys.stderr)
+        os.ftruncate(descriptor, 0)
+        with disk_space(run_dir, "the run folder's lock"):
+            os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
+            or "No space left" in str(error) or "RESOURCE_EXHAUSTED" in str(error))
+
+
+@contextlib.contextmanager
+def disk_space(run_dir: Path, what: str) -> Iterator[None]:
+    """A full disk while writing ``what`` becomes one line naming the folder and what was lost."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+        raise ValueError(f"no space left on the device of {str(run_dir)!r} ({free:,} bytes free) "
+                         f"while writing {what}; free some space, then --resume (or start "
+                         "again with --overwrite)") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def save_settings(settings: TrainSettings, run_dir: Path) -> None:
-    (run_dir / "settings.json").write_text(json.dumps(settings.to_json(), indent=2))
+    with disk_space(run_dir, "settings.json"):
+        _write_atomically(run_dir / "settings.json", json.dumps(settings.to_json(), indent=2))
 
 
 def load_settings(run_dir: Path) -> TrainSettings:
     path = run_dir / "settings.json"
+    if not run_dir.is_dir():
+        raise ValueError(f"run={str(run_dir)!r} is not a folder")
     if not path.exists():
         raise ValueError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("it does not hold an object of settings")
+        missing = [f for f in TrainSettings.__dataclass_fields__ if f not in values]
+        if missing:
+            raise ValueError(f"it lacks the setting(s) {missing}")
         return TrainSettings.from_json(values)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid: {error}") from error
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise ValueError(f"{str(path)!r} is not valid: {lines[0]}") from None
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
+    otherwise outrank the new run's, and its metrics would mix with them."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Replace ``metrics.csv`` atomically (a new file renamed over the old one)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    temporary = run_dir / "metrics.csv.tmp"
+    with disk_space(run_dir, "metrics.csv"):
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        temporary.replace(run_dir / "metrics.csv")
+
+
+@contextlib.contextmanager
+def tensorboard_writer(run_dir: Path, start_again: bool = False):
+    """The run's TensorBoard event file (one per training session); ``start_again`` first
+    removes every earlier event (they are rewritten from the checkpoint's rows)."""
+    from tensorboardX import SummaryWriter
+
+    folder = run_dir / "tensorboard"
+    if start_again and folder.exists():
+        shutil.rmtree(folder)
+    writer = SummaryWriter(str(folder), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def write_tensorboard(writer, run_dir: Path, rows: list[dict]) -> None:
+    """Add ``rows`` (their scalars, x axis env steps) to the event file, flushed."""
+    with disk_space(run_dir, "TensorBoard events"):
+        for row in rows:
+            for name, value in row.items():
+                if name not in ("update", "env_steps"):
+                    writer.add_scalar(name, value, row["env_steps"])
+        writer.flush()
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 @contextlib.contextmanager
@@ -71,7 +216,7 @@ def _quiet_orbax():
     interrupted save, a step folder it cannot read. Errors still show."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -89,7 +234,8 @@ def checkpoint_manager(run_dir: Path, writing: bool = False) -> ocp.CheckpointMa
     else:
         options = ocp.CheckpointManagerOptions(read_only=True)
     with _quiet_orbax():
-        return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options)
+        return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options,
+                                     item_names=("state", "history"))
 
 
 def checkpoint_updates(run_dir: Path) -> list[int]:
@@ -101,26 +247,6 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, update: int) -> None:
-    """Save ``state`` as the checkpoint of ``update`` and record the digest of its files."""
-    with _quiet_orbax():
-        manager.save(update, args=ocp.args.StandardSave(state))
-    barrier("diffpg: checkpoint saved")
-    if not is_primary():
-        return
-    folder = Path(manager.directory)
-    (folder / f"{update}{DIGEST_SUFFIX}").write_text(_digest(folder / str(update)))
-    kept = {str(step) for step in manager.all_steps()}
-    for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
-        if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
-            digest.unlink()
-
-
-DIGEST_SUFFIX = ".sha256"
-"""``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
-orbax has no checksum of its own, and a flipped byte in an array file restores silently."""
-
-
 def _digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -129,10 +255,42 @@ def _digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
+    """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
+    record the digest of its files. Every process calls it; the primary one writes the digest."""
+    update = _count(state.update)
+    folder = Path(manager.directory)
+    try:
+        with _quiet_orbax():
+            manager.save(update, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"rows": rows})))
+    except Exception as error:
+        for leftover in folder.glob("*.orbax-checkpoint-tmp*"):  # nothing half-written stays
+            shutil.rmtree(leftover, ignore_errors=True)
+        if _is_disk_full(error):
+            # Orbax's unfinished writes report the same failure again when they are collected.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            last = checkpoint_updates(folder.parent)
+            with disk_space(folder.parent, f"the checkpoint of update {update} (the last "
+                            f"complete one is of update {last[-1] if last else 'none'})"):
+                raise
+        raise
+    barrier("diffpg: checkpoint saved")
+    if not is_primary():
+        return
+    with disk_space(folder.parent, "a checkpoint digest"):
+        _write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _digest(folder / str(update)))
+    kept = {str(step) for step in manager.all_steps()}
+    for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
+        if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
+            digest.unlink()
+
+
 def restore_checkpoint(run_dir: Path, template: TrainState,
-                       ) -> tuple[TrainState, list[tuple[int, str]]]:
-    """The newest checkpoint that restores into the structure of ``template``, and the newer
-    ones that could not (``(update, reason)``: corrupt, or their digest does not match).
+                       ) -> tuple[TrainState, list[dict], list[tuple[int, str]]]:
+    """The newest checkpoint that restores into the structure of ``template``: its state and
+    metrics rows, and the newer ones that could not (``(update, reason)``: corrupt, or their
+    digest does not match).
 
     Raises ``ValueError`` naming the newest checkpoint when none restores.
     """
@@ -149,7 +307,9 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
             try:
-                return manager.restore(update, args=ocp.args.StandardRestore(abstract)), failed
+                restored = manager.restore(update, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+                return restored.state, list(restored.history["rows"]), failed
             except Exception as error:  # orbax raises many types for corrupt or mismatched files
                 lines = str(error).strip().splitlines() or [""]
                 failed.append((update, f"{type(error).__name__}: {lines[0][:200]}"))
@@ -166,118 +326,157 @@ def set_aside(run_dir: Path, update: int) -> Path:
     if target.exists():
         shutil.rmtree(target)
     (folder / str(update)).rename(target)
-    digest = folder / f"{update}{DIGEST_SUFFIX}"
-    if digest.exists():
-        digest.unlink()
+    (folder / f"{update}{DIGEST_SUFFIX}").unlink(missing_ok=True)
     return target
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
+# ----------------------------------------------------------------------------- signals
 
 
-def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    """Replace ``metrics.csv`` atomically (a new file renamed over the old one)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    temporary = run_dir / "metrics.csv.tmp"
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    temporary.replace(run_dir / "metrics.csv")
+class _Interruptions:
+    """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``."""
+
+    def __init__(self):
+        self.deferring = False
+        self.pending: int | None = None
+
+    def handle(self, signum, frame):
+        del frame
+        if self.deferring:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """A save: a signal waits until it is complete."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
-    otherwise outrank the new run's, and its metrics would mix with them."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+@contextlib.contextmanager
+def interruptions() -> Iterator[_Interruptions]:
+    """Route SIGINT and SIGTERM to ``Interrupted`` while the block runs (main thread only;
+    elsewhere nothing is installed and ``critical`` does nothing)."""
+    guard = _Interruptions()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
           on_log: Callable[[dict], None] | None = None,
+          on_start: Callable[[], None] | None = None,
           stop_at_update: int | None = None, env=None) -> TrainState:
     """Train, logging and checkpointing into ``run_dir`` after every ``updates_per_call`` updates.
 
-    ``resume=True`` continues from the latest checkpoint of ``run_dir`` (its metrics continue too);
-    otherwise whatever an earlier run left in ``run_dir`` is removed first.
-    ``stop_at_update`` stops early (as an interruption would), leaving a resumable run. ``env``
-    replaces the settings' environment (``make_trainer``). Raises ``TrainingStopped`` after
-    ``max_consecutive_nonfinite`` non-finite updates in a row, with the checkpoint saved.
+    ``resume=True`` continues from the newest readable checkpoint of ``run_dir`` (its metrics
+    rows continue from that checkpoint's); otherwise whatever an earlier run left in ``run_dir``
+    is removed first. ``on_start()`` runs once the run has its initial state (restored or
+    fresh), before the training steps compile. ``stop_at_update`` stops early (as an interruption would),
+    leaving a resumable run. ``env`` replaces the settings' environment (``make_trainer``).
+    Raises ``TrainingStopped`` after ``max_consecutive_nonfinite`` non-finite updates in a row,
+    with the checkpoint saved, and ``Interrupted`` on SIGINT or SIGTERM, after any save in
+    progress has finished.
     """
     trainer = make_trainer(settings, env)
     # With several processes (diffpg.devices) every one trains; the primary one alone writes
     # the folder's files, and all of them write the checkpoints together.
     primary = is_primary()
     if primary:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with disk_space(run_dir, "the run folder"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if primary:
+            stack.enter_context(run_lock(run_dir))
+        guard = stack.enter_context(interruptions())
+        state, rows = _start(trainer, run_dir, resume, primary)
+        if on_start:
+            on_start()
+        checkpoints = stack.enter_context(checkpoint_manager(run_dir, writing=True))
+        events = None
+        if primary:  # the checkpoint's rows are the run's history: the events are rebuilt
+            events = stack.enter_context(tensorboard_writer(run_dir, start_again=True))
+            write_tensorboard(events, run_dir, rows)
+        return _loop(trainer, state, rows, run_dir, checkpoints, events, guard, on_log,
+                     settings.updates if stop_at_update is None else stop_at_update, primary)
+
+
+def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool):
+    """The initial state and metrics rows: restored, or fresh in a cleared folder."""
     state = trainer.init_run()
     rows: list[dict] = []
     if resume:
-        state, unreadable = restore_checkpoint(run_dir, state)
+        state, rows, unreadable = restore_checkpoint(run_dir, state)
         barrier("diffpg: checkpoint restored")
-        for update, reason in unreadable if primary else ():
-            print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); set "
-                  f"aside as {set_aside(run_dir, update)}, resuming from update "
-                  f"{_count(state.update)}", file=sys.stderr)
-        rows = [r for r in read_metrics(run_dir) if int(r["update"]) <= _count(state.update)]
+        if primary:
+            for update, reason in unreadable:
+                print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); "
+                      f"set aside as {set_aside(run_dir, update)}, resuming from update "
+                      f"{_count(state.update)}", file=sys.stderr)
+            # The checkpoint's rows are the run's history: metrics.csv is rebuilt from them.
+            write_metrics(run_dir, rows)
+            save_settings(trainer.settings, run_dir)  # a longer run records its new length
     elif primary:
         clear_run(run_dir)
-        save_settings(settings, run_dir)
+        save_settings(trainer.settings, run_dir)
     barrier("diffpg: run folder ready")
+    return state, rows
+
+
+def _loop(trainer, state, rows, run_dir, checkpoints, events, guard, on_log, last_update,
+          primary):
+    settings = trainer.settings
     walltime = float(rows[-1]["training/walltime"]) if rows else 0.0
     eval_key = jax.random.PRNGKey(settings.seed + 1)
-    last_update = settings.updates if stop_at_update is None else stop_at_update
     last_plot = time.perf_counter()
-    tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if primary else None
-    checkpoints = checkpoint_manager(run_dir, writing=True)
-    try:
-        while _count(state.update) < last_update:
-            started = time.perf_counter()
-            state, metrics = jax.block_until_ready(trainer.run_updates(state))
-            training_seconds = time.perf_counter() - started
-            evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
-            walltime += time.perf_counter() - started
-            row = {"update": _count(state.update), "env_steps": _count(state.env_steps),
-                   "training/walltime": walltime,
-                   "training/sps": settings.updates_per_call * settings.steps_per_update
-                   * settings.seeds / training_seconds}
-            row |= summarize_seeds(metrics | evaluation, settings.seeds)
-            rows.append(row)
-            save_checkpoint(checkpoints, state, row["update"])
-            in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
-            stopping = in_a_row >= settings.max_consecutive_nonfinite
-            finished = _count(state.update) >= last_update
+    while _count(state.update) < last_update:
+        started = time.perf_counter()
+        state, metrics = jax.block_until_ready(trainer.run_updates(state))
+        training_seconds = time.perf_counter() - started
+        evaluation = jax.block_until_ready(trainer.evaluate(state, eval_key))
+        walltime += time.perf_counter() - started
+        row = {"update": _count(state.update), "env_steps": _count(state.env_steps),
+               "training/walltime": walltime,
+               "training/sps": settings.updates_per_call * settings.steps_per_update
+               * settings.seeds / training_seconds}
+        row |= summarize_seeds(metrics | evaluation, settings.seeds)
+        rows.append(row)
+        in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
+        stopping = in_a_row >= settings.max_consecutive_nonfinite
+        finished = _count(state.update) >= last_update
+        with guard.critical():
+            save_checkpoint(checkpoints, state, rows)
             if primary:
                 write_metrics(run_dir, rows)
-                for name, value in row.items():
-                    if name not in ("update", "env_steps"):
-                        tensorboard.add_scalar(name, value, row["env_steps"])
-                tensorboard.flush()
-                if finished or stopping or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
-                    plot_learning_curve(rows, run_dir / "learning_curve.png")
-                    last_plot = time.perf_counter()
-            if on_log:
-                on_log(row)
-            if stopping:
-                raise TrainingStopped(
-                    f"the last {in_a_row} optimiser steps had non-finite gradients "
-                    f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped "
-                    f"at update {_count(state.update)}. The checkpoint there holds the last "
-                    "finite parameters; lower learning_rate or horizon, or check the "
-                    "environment, then resume it or start again")
-    finally:
-        checkpoints.close()
-        if tensorboard is not None:
-            tensorboard.close()
+                write_tensorboard(events, run_dir, [row])
+        if primary and (finished or stopping
+                        or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS):
+            plot_learning_curve(rows, run_dir / "learning_curve.png")
+            last_plot = time.perf_counter()
+        if on_log:
+            on_log(row)
+        if stopping:
+            raise TrainingStopped(
+                f"the last {in_a_row} optimiser steps had non-finite gradients "
+                f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped "
+                f"at update {_count(state.update)}. The checkpoint there holds the last "
+                "finite parameters; lower learning_rate or horizon, or check the "
+                "environment, then resume it or start again")
     return state
 
 
@@ -311,15 +510,16 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with disk_space(path.parent, path.name):
+        figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def load_run(run_dir: Path, seed_index: int | None = None) -> tuple[Trainer, TrainState]:
-    """The trainer of a saved run and its latest checkpoint; with ``seed_index``, the state of
-    that seed alone (leading seed axis removed) when the run trained several."""
+    """The trainer of a saved run and its newest readable checkpoint; with ``seed_index``, the
+    state of that seed alone (leading seed axis removed) when the run trained several."""
     trainer = make_trainer(load_settings(run_dir))
-    state, unreadable = restore_checkpoint(run_dir, trainer.init_run())
+    state, _, unreadable = restore_checkpoint(run_dir, trainer.init_run())
     for update, reason in unreadable:
         print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); using "
               f"the one of update {_count(state.update)}", file=sys.stderr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, NamedTuple, Union
 
 import jax
@@ -147,6 +148,10 @@ class TrainSettings:
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
                              f"[0, learning_rate={self.learning_rate}]")
+        if self.updates % self.updates_per_call:
+            raise ValueError(f"updates={self.updates} is not a multiple of updates_per_call="
+                             f"{self.updates_per_call} (each call runs that many); allowed: a "
+                             f"multiple of {self.updates_per_call}")
         if self.minibatches > 1 and self.num_envs % (self.minibatches * self.devices):
             raise ValueError(f"num_envs={self.num_envs} does not split into minibatches="
                              f"{self.minibatches} (on devices={self.devices}); allowed: "
@@ -274,6 +279,37 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     )
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the first device can still take: the accelerator's own limit, or the host's
+    available memory (``/proc/meminfo``) for the CPU; ``None`` where neither can be read."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(settings: TrainSettings, env) -> None:
+    """Refuse, before compiling, a batch whose simulated states alone cannot fit: every step of
+    the horizon keeps the batch's states for the reverse pass (a lower bound of what a run needs).
+    """
+    state = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+    per_env = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
+    available = available_memory_bytes()
+    if available is not None and needed > available * settings.devices:
+        raise ValueError(
+            f"num_envs={settings.num_envs} (x seeds={settings.seeds}, horizon={settings.horizon}) "
+            f"needs at least {needed / 2**30:,.1f} GiB for the simulated states alone, and about "
+            f"{available * settings.devices / 2**30:,.1f} GiB are available; lower num_envs")
+
+
 def batch_diagnostics(policy: Policy, params: Params, obs_stats: RunningStatistics,
                       estimate: estimators.Estimate) -> dict[str, jax.Array]:
     """What tells why a run is stuck, from the batch an estimate simulated (docs/diagnostics.md):
@@ -314,6 +350,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     estimator_settings = settings.resolved_estimator_settings
     estimator = estimators.make(settings.estimator, env, policy,
                                 **dataclasses.asdict(estimator_settings))
+    check_memory(settings, env)
     reusing = settings.epochs * settings.minibatches > 1
     if reusing and estimator.reuse is None:
         raise ValueError(f"estimator={settings.estimator!r} (with these settings) cannot reuse a "

@@ -8,6 +8,7 @@ deterministic policy.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -62,8 +63,9 @@ def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatis
 
 
 def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: int = 30,
-             every: int = 1) -> Path:
-    """Draw every ``every``-th state and write ``path`` (GIF, Pillow writer)."""
+             every: int = 1, title: str = "", progress: bool = False) -> Path:
+    """Draw every ``every``-th state and write ``path`` (GIF, Pillow writer); ``title`` heads
+    every frame, ``progress`` shows a progress bar of the frames drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,10 +80,18 @@ def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: i
     def draw(index):
         axis.clear()
         drawer(axis, positions[index])
-        axis.set_title(f"step {index}  return {returns[index]:.1f}", fontsize=9)
+        heading = f"{title}\n" if title else ""
+        axis.set_title(f"{heading}step {index}  return {returns[index]:.1f}", fontsize=9)
 
     animation = FuncAnimation(figure, draw, frames=frames)
-    animation.save(str(path), writer=PillowWriter(fps=fps))
+    if progress:
+        from tqdm import tqdm
+
+        with tqdm(total=len(frames), desc="video", unit="frame", file=sys.stderr) as bar:
+            animation.save(str(path), writer=PillowWriter(fps=fps),
+                           progress_callback=lambda done, total: bar.update(1))
+    else:
+        animation.save(str(path), writer=PillowWriter(fps=fps))
     plt.close(figure)
     return path
 
@@ -172,4 +182,8 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.obs_stats,
         jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
-    return save_gif(trainer.env, positions, rewards, out or run_dir / "policy.gif", every=every)
+    settings = trainer.settings
+    title = (f"{settings.env} ({settings.estimator}), {Path(run_dir).resolve().name}, "
+             f"update {int(np.ravel(state.update)[0])}")
+    return save_gif(trainer.env, positions, rewards, out or run_dir / "policy.gif", every=every,
+                    title=title, progress=True)

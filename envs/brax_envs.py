@@ -21,6 +21,7 @@ Backends (Brax's physics pipelines):
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,7 +126,11 @@ class BraxEnvironment(Environment):
         # Imported here so that importing ``envs`` does not pay for Brax/MuJoCo.
         from brax import envs as brax_envs
 
-        self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
+        with warnings.catch_warnings():
+            # Brax notes on every env it builds that its own physics pipelines are no longer
+            # developed (MJX is); the README says so once, the warning is not repeated here.
+            warnings.filterwarnings("ignore", message="Brax System, piplines and environments")
+            self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
         self.default_episode_length = DEFAULT_EPISODE_LENGTH[name]
 
     def reset(self, key: jax.Array) -> State:

@@ -1,0 +1,402 @@
+"""Run folders that never lose data: one owner at a time, --overwrite starts afresh, any
+interruption resumes without a gap or a repeat, damaged files and a full disk are one line,
+settings that would surprise are refused, and every command is quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compiles
+
+from diffpg import cli
+from diffpg.runs import checkpoint_updates, evaluate_run, load_settings, train
+from diffpg.training import settings_for
+
+SMALL = ["--env", "pendulum", "--num-envs", "4", "--eval-envs", "2", "--hidden-sizes", "16"]
+
+
+def _small(**overrides):
+    return settings_for(env="pendulum", num_envs=4, horizon=8, eval_envs=2, hidden_sizes=(16,),
+                        updates_per_call=2, **overrides)
+
+
+def _rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _tensorboard_steps(folder: Path, tag: str = "eval/episode_reward") -> list[int]:
+    """The steps of ``tag`` in the TFRecord event files of ``folder``, in file order."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
+
+
+def _environment() -> dict:
+    return os.environ | {"PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "diffpg.cli", *arguments]
+
+
+# ----------------------------------------------------------------------------- 1. --overwrite
+
+
+def test_overwrite_onto_a_longer_run_starts_a_fresh_one(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", *SMALL, "--updates", "8", "--updates-per-call", "2",
+                     "--out", str(out), "shac", "--horizon", "8"]) == 0
+    assert checkpoint_updates(out) == [6, 8]
+    assert cli.main(["train", *SMALL, "--updates", "4", "--updates-per-call", "2", "--seed", "5",
+                     "--out", str(out), "--overwrite", "shac", "--horizon", "8"]) == 0
+    assert checkpoint_updates(out) == [2, 4]  # the older run's 6 and 8 are gone, not kept
+    assert [r["update"] for r in _rows(out)] == ["2", "4"]
+    assert _tensorboard_steps(out / "tensorboard") == [64, 128]
+    assert evaluate_run(out)["update"] == 4 and load_settings(out).seed == 5
+
+
+# ----------------------------------------------------------------------------- 2. one owner
+
+
+@pytest.mark.slow
+def test_of_two_runs_started_together_on_one_folder_one_is_refused(tmp_path):
+    out = tmp_path / "run"
+    arguments = ["train", *SMALL, "--updates", "40", "--updates-per-call", "2", "--out", str(out),
+                 "--overwrite", "shac", "--horizon", "8"]
+    processes = [subprocess.Popen(_command(*arguments), env=_environment(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0, 2], outputs
+    refused = next(err for process, (_, err) in zip(processes, outputs, strict=True)
+                   if process.returncode == 2)
+    assert "is in use by process" in refused and len(refused.strip().splitlines()) == 1
+    assert [int(r["update"]) for r in _rows(out)] == list(range(2, 41, 2))
+    assert not (out / ".lock").exists()
+
+
+def test_the_lock_of_a_process_that_is_gone_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("process 999999 on elsewhere")
+    train(_small(updates=2), out)
+    assert "taking over the lock" in capsys.readouterr().err
+    assert checkpoint_updates(out) == [2] and not (out / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 3. signals
+
+
+def _run_until_done(arguments, rng, out, log) -> None:
+    """Start the run, stop it with a random signal at a random moment, resume, repeat until a
+    run finishes; every stop must leave one clear line, no traceback, no temporary folder."""
+    command = _command(*arguments)
+    for attempt in range(12):
+        process = subprocess.Popen(command, env=_environment(), text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + rng.uniform(3.0, 12.0)
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.poll() is None:
+            signum = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+            process.send_signal(signum)
+        _, stderr = process.communicate(timeout=300)
+        log.append((attempt, process.returncode))
+        assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*")) or \
+            process.returncode == -signal.SIGKILL, "a signal interrupted a save"
+        if process.returncode == 0:
+            return
+        assert "Traceback" not in stderr, stderr[-2000:]
+        if process.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            assert "interrupted" in stderr, stderr[-2000:]
+        else:
+            assert process.returncode == -signal.SIGKILL, (process.returncode, stderr[-2000:])
+        if checkpoint_updates(out):
+            command = _command("train", "--resume", str(out))
+    raise AssertionError(f"the run never finished: {log}")
+
+
+@pytest.mark.slow
+def test_runs_stopped_by_any_signal_at_random_moments_resume_without_gap_or_repeat(tmp_path):
+    arguments = ["train", *SMALL, "--updates", "16", "--updates-per-call", "2",
+                 "shac", "--horizon", "8"]
+    whole = tmp_path / "whole"
+    assert subprocess.run(_command(*arguments[:1], "--out", str(whole), *arguments[1:]),
+                          env=_environment(), capture_output=True).returncode == 0
+    expected = _rows(whole)
+    rng = random.Random(0)
+    for trial in range(4):
+        out, log = tmp_path / f"stopped-{trial}", []
+        _run_until_done([*arguments[:1], "--out", str(out), *arguments[1:]], rng, out, log)
+        rows = _rows(out)
+        assert [r["update"] for r in rows] == [r["update"] for r in expected], log
+        for name in ("eval/episode_reward", "training/grad_norm", "env_steps"):
+            assert [r[name] for r in rows] == [r[name] for r in expected], (name, log)
+        assert _tensorboard_steps(out / "tensorboard") == [int(r["env_steps"]) for r in expected]
+
+
+def test_an_interrupted_run_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    """A signal between calls stops the run with one line naming the checkpoint kept and the
+    exit status 128 + signal; before the first checkpoint it says there is nothing to resume."""
+    import diffpg.runs
+
+    calls = []
+    original = diffpg.runs.save_checkpoint
+
+    def save_then_signal(*arguments):
+        original(*arguments)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the metrics are written
+
+    monkeypatch.setattr(diffpg.runs, "save_checkpoint", save_then_signal)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_train(["--out", str(out), *SMALL, "--updates", "8", "--updates-per-call", "2",
+                       "shac", "--horizon", "8"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "interrupted (SIGTERM); the checkpoint of update 4 is kept" in err
+    assert [r["update"] for r in _rows(out)] == ["2", "4"]  # the row of the saved update too
+    assert cli._interrupted(KeyboardInterrupt(), tmp_path / "empty") == 128 + signal.SIGINT
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 4. checkpoints
+
+
+def _flip_bytes(folder: Path, count: int = 400) -> None:
+    """Flip ``count`` bytes in the middle of the largest file of ``folder``."""
+    target = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    start = len(data) // 2 - count // 2
+    for index in range(start, start + count):
+        data[index] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def test_a_bit_flipped_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+    settings = _small(updates=6)
+    whole = train(settings, tmp_path / "whole")
+    out = tmp_path / "run"
+    train(settings, out)
+    _flip_bytes(out / "checkpoints" / "6")
+    assert evaluate_run(out)["update"] == 4  # read-only use: the intact one, with a warning
+    warning = capsys.readouterr().err
+    assert "checkpoint 6" in warning and "SHA-256" in warning
+    resumed = train(settings, out, resume=True)  # sets 6 aside, trains it again from 4
+    assert (out / "checkpoints" / "6.unreadable").is_dir()
+    for a, b in zip(_leaves(whole), _leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_intact_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    for update in (2, 4):
+        _flip_bytes(out / "checkpoints" / str(update))
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and str(out / "checkpoints") in error
+
+
+def _leaves(state):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+# ----------------------------------------------------------------------------- 5. damaged files
+
+
+@pytest.mark.parametrize("damage", ["truncated last row", "garbled header", "deleted", "empty"])
+def test_a_damaged_metrics_file_is_rebuilt_from_the_checkpoint_on_resume(tmp_path, damage):
+    settings = _small(updates=6)
+    out = tmp_path / "run"
+    train(settings, out, stop_at_update=4)
+    expected = (out / "metrics.csv").read_text()
+    path = out / "metrics.csv"
+    if damage == "truncated last row":
+        path.write_text(expected[: len(expected) - 20])
+    elif damage == "garbled header":
+        path.write_text("#@!" + expected[3:])
+    elif damage == "deleted":
+        path.unlink()
+    else:
+        path.write_text("")
+    train(settings, out, resume=True)
+    rows = _rows(out)
+    assert [r["update"] for r in rows] == ["2", "4", "6"]
+    assert (out / "metrics.csv").read_text().startswith(expected.splitlines()[0])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{", "not valid"),
+    ("[1, 2]", "object of settings"),
+    ('{"env": "pendulum"}', "lacks the setting"),
+    ("unknown", "not valid"),
+])
+def test_a_damaged_settings_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    (out / "settings.json").write_text(content)
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "settings.json" in error and len(error.strip().splitlines()) == 1
+
+
+def test_an_unknown_setting_in_settings_json_is_named(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    values = json.loads((out / "settings.json").read_text()) | {"learning_rat": 1.0}
+    (out / "settings.json").write_text(json.dumps(values))
+    assert cli.main(["eval", str(out)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 6. disk full
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, size: str):
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path, capsys):
+    """A disk that fills up during a run, and one full before a run starts: one line naming the
+    folder each time, no temporary folder left, settings.json whole; once space is freed the run
+    resumes."""
+    with _tmpfs(tmp_path / "disk", "2m") as disk:
+        (disk / "filler").write_bytes(b"\0" * 1_550_000)
+        out = disk / "run"
+        arguments = ["train", *SMALL, "--updates", "200", "--updates-per-call", "2",
+                     "--out", str(out), "shac", "--horizon", "8"]
+        assert cli.main(arguments) == 2  # the disk fills up while checkpoints pile up
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "no space left on the device of" in errors[0], errors
+        assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+        kept = checkpoint_updates(out)
+        assert kept, "some checkpoints were written before the disk filled up"
+        load_settings(out)  # never half-written
+        with contextlib.suppress(OSError), (disk / "more").open("wb") as more:
+            more.write(b"\0" * 2_000_000)  # now full before the next start
+        assert cli.main(["train", "--resume", str(out)]) == 2
+        assert "no space left" in capsys.readouterr().err
+        (disk / "filler").unlink()
+        (disk / "more").unlink()
+        assert cli.main(["train", "--resume", str(out), "--updates", str(kept[-1] + 2)]) == 0
+        assert checkpoint_updates(out)[-1] == kept[-1] + 2
+
+
+# ----------------------------------------------------------------------------- 7. surprises
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--updates", "25", "--updates-per-call", "10"], "not a multiple of updates_per_call"),
+    (["--num-envs", "100000000"], "GiB for the simulated states"),
+    (["--learning-rate", "inf"], "learning_rate"),
+    (["--grad-clip", "nan"], "grad_clip"),
+    (["--final-learning-rate", "nan"], "final_learning_rate"),
+])
+def test_settings_that_would_surprise_are_refused_before_compiling(tmp_path, capsys, arguments,
+                                                                    message):
+    out = tmp_path / "never"
+    with compiles() as compiled:
+        assert cli.main(["train", "--env", "pendulum", *arguments, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1, error
+    assert compiled == [] and not out.exists()
+
+
+def test_out_at_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train", "--env", "pendulum", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_resume_with_more_updates_extends_the_run_and_nothing_else_changes(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    assert cli.main(["train", "--resume", str(out), "--updates", "8"]) == 0
+    assert checkpoint_updates(out) == [6, 8]
+    assert [r["update"] for r in _rows(out)] == ["2", "4", "6", "8"]
+    assert load_settings(out).updates == 8
+    assert cli.main(["train", "--resume", str(out), "--num-envs", "8"]) == 2
+    assert "num_envs cannot change when resuming" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 8. quiet
+
+
+def test_commands_print_their_own_output_and_nothing_else(tmp_path):
+    done = subprocess.run(_command("--help"), env=os.environ | {"PYTHONPATH": os.getcwd()},
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.startswith("usage: diffpg")
+    cache = tmp_path / "cache"
+    script = ("import jax, diffpg, envs, jax.numpy as jnp\n"
+              "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+              "env = envs.make('inverted_pendulum')\n"
+              "print(float(jax.jit(lambda x: jnp.sin(x).sum() + 1.25)(jnp.ones(3))))\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | {
+        "PYTHONPATH": os.getcwd(), "DIFFPG_CACHE_DIR": str(cache)}
+    for _ in range(2):  # the second run loads the executable from the persistent cache
+        done = subprocess.run([sys.executable, "-c", script], env=environment,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines() == [done.stdout.strip()] and done.stderr == "", (
+            done.stdout, done.stderr)
+    assert any(cache.iterdir())
+
+
+def test_video_shows_progress_and_titles_its_frames(tmp_path, capsys, monkeypatch):
+    import diffpg.video
+
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    titles = []
+    original = diffpg.video.save_gif
+
+    def spy(*arguments, **keywords):
+        titles.append(keywords.get("title"))
+        return original(*arguments, **keywords)
+
+    monkeypatch.setattr(diffpg.video, "save_gif", spy)
+    assert cli.main(["video", str(out), "--every", "50"]) == 0
+    assert titles == ["pendulum (shac), run, update 2"]
+    assert "video" in capsys.readouterr().err  # the progress bar
