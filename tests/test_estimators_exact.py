@@ -199,6 +199,9 @@ def test_alpha_order_on_the_smooth_lqr_leans_first_order_and_is_accurate(lqr):
     assert float(np.mean(out.metrics["alpha"])) > 0.9
     assert float(np.mean(out.metrics["fell_back"])) < 0.05
     assert_unbiased(out.grad, lqr.exact_gradient(), resolvable_error=0.05)
+    with pytest.raises(AssertionError, match="biased"):  # the test fails on 0.8x the gradient
+        assert_unbiased(jax.tree.map(lambda g: 0.8 * g, out.grad), lqr.exact_gradient(),
+                        resolvable_error=0.05)
 
 
 @pytest.mark.parametrize("baseline", ["leave_one_out", "optimal"])
