@@ -83,11 +83,12 @@ def run_train(argv: list[str]) -> Path:
     from diffpg.configs import config_for
     from diffpg.runs import train
 
-    settings, out, overwrite, resume = parse_train_command(argv)
+    settings, out, overwrite, resume, sizes = parse_train_command(argv)
     if not resume:
         out = _prepare_output(out, overwrite, f"train-{settings.env}-{settings.estimator}")
     barrier("diffpg: output folder checked")
-    source = config_for(settings.env, settings.estimator).source or "no configuration for this env"
+    source = (config_for(settings.env, settings.estimator, sizes).source
+              or "no configuration for this env") + f", {sizes} sizes"
     bar = None
 
     def on_start() -> None:  # the settings and sizes are valid: say what runs, show progress

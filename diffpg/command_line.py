@@ -12,7 +12,7 @@ functions, and tyro reads their annotations as objects.)
 
 import dataclasses
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import tyro
 import tyro._errors as tyro_errors
@@ -108,7 +108,7 @@ def estimator_token(argv: list[str], names: list[str], flag_classes: tuple[type,
 
 
 def parse_train_command(argv: list[str]):
-    """``diffpg train`` arguments -> ``(settings, out, overwrite, resume)``.
+    """``diffpg train`` arguments -> ``(settings, out, overwrite, resume, sizes)``.
 
     The defaults under the user's options are the environment's configuration for the chosen
     estimator (``diffpg.training.settings_for``), or, with ``--resume RUN``, the run's own
@@ -131,6 +131,8 @@ def parse_train_command(argv: list[str]):
         """Write into --out even if it holds files (an earlier run there is replaced)."""
         resume: Path | None = None
         """Continue RUN_DIR from its latest checkpoint, with its settings (--updates may grow)."""
+        sizes: Literal["cpu", "gpu"] = "cpu"
+        """Sizes of the env's configuration (diffpg/configs.py): cpu or gpu (more envs)."""
 
     names = estimators.names()
     resume = option_value(argv, "--resume")
@@ -139,10 +141,12 @@ def parse_train_command(argv: list[str]):
         name = base.estimator
     else:
         env = option_value(argv, "--env") or TrainSettings.env
+        sizes = option_value(argv, "--sizes") or "cpu"
+        configs.check_sizes(sizes)
         classes = (TrainSettings, TrainCommand) + tuple(
             estimators.registration(n).settings_class for n in names)
         name = estimator_token(argv, names, classes) or configs.default_estimator(env)
-        base = settings_for(env, name)
+        base = settings_for(env, name, sizes=sizes)
     command = parse(TrainCommand, argv, "diffpg train", default=TrainCommand(settings=base))
     settings = command.settings
     if resume is not None:
@@ -153,7 +157,7 @@ def parse_train_command(argv: list[str]):
                                        f"{field.name}={kept!r}); allowed to change: "
                                        f"{', '.join(CHANGEABLE_ON_RESUME)}")
     out = Path(resume) if resume is not None else command.out
-    return settings, out, command.overwrite, resume is not None
+    return settings, out, command.overwrite, resume is not None, command.sizes
 
 
 def parse_compare_command(argv: list[str]):

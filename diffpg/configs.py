@@ -2,7 +2,13 @@
 
 A configuration gives training-loop settings (``diffpg.training.TrainSettings`` fields) and, per
 estimator, that estimator's settings; ``diffpg.training.settings_for`` layers them between the
-estimators' own declarations and the user's values. Each value says where it comes from.
+estimators' own declarations and the user's values. ``--sizes gpu`` adds each configuration's
+GPU sizes. Every value says where it comes from: SHAC's published per-task settings
+(``NVlabs/DiffRL``, ``examples/cfg/shac/<task>.yaml``: 32-step windows, Adam betas (0.7, 0.95),
+learning rates decaying linearly to 1e-5, global-norm clip 1, TD(lambda = 0.95) critics fitted
+16 passes x 4 minibatches; which diffpg's defaults already are), Brax's published PPO settings
+(``google/brax``, ``notebooks/training.ipynb``), or, where neither exists, an analogy stated in
+the ``source``. GPU sizes are not measured yet: no GPU run has been recorded.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from typing import Any
 
 DEFAULT_ESTIMATOR = "shac"
 """The estimator a run trains with when neither the user nor the env's configuration names one."""
+
+SIZES = ("cpu", "gpu")
+"""The sizes a configuration holds: the default (a 2-core CPU) and a GPU's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,28 +35,97 @@ class EnvConfig:
     estimators: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     """Per estimator name: training-loop settings under "trainer" and its own settings under
     "estimator"."""
+    gpu: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Training-loop settings added with ``--sizes gpu`` (every estimator)."""
     source: str = ""
-    """Where the values come from (a paper's settings, a measured tuning)."""
+    """Where the values come from."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedConfig:
-    """The configuration of one (environment, estimator) pair."""
+    """The configuration of one (environment, estimator, sizes)."""
 
     trainer: Mapping[str, Any]
     estimator: Mapping[str, Any]
     source: str
 
 
-CONFIGS: dict[str, EnvConfig] = {}
+def _shac(num_envs, actor_hidden_sizes, critic_hidden_sizes=(64, 64), critic_learning_rate=2e-3,
+          target_critic_keep=0.2):
+    """SHAC's per-task values (its actor learning rate, 2e-3, is diffpg's default)."""
+    return {"trainer": {"num_envs": num_envs, "hidden_sizes": actor_hidden_sizes},
+            "estimator": {"critic_hidden_sizes": critic_hidden_sizes,
+                          "critic_learning_rate": critic_learning_rate,
+                          "target_critic_keep": target_critic_keep}}
 
 
-def config_for(env: str, estimator: str) -> ResolvedConfig:
-    """The defaults for ``estimator`` on ``env`` (empty where there is no configuration)."""
+def _brax_ppo(unroll_length, minibatches, epochs, discount, entropy_cost, num_envs):
+    """Brax's published PPO settings (notebooks/training.ipynb) with the batch of ``num_envs``
+    environments (CPU sizes: Brax's own runs use thousands) cut into ``minibatches``."""
+    return {"trainer": {"num_envs": num_envs, "minibatches": minibatches, "epochs": epochs},
+            "estimator": {"horizon": unroll_length, "discount": discount,
+                          "entropy_cost": entropy_cost}}
+
+
+SHAC_SOURCE = "SHAC's {task}.yaml (NVlabs/DiffRL examples/cfg/shac)"
+
+CONFIGS: dict[str, EnvConfig] = {
+    "ant": EnvConfig(
+        estimators={"shac": _shac(64, (128, 64, 32)),
+                    "ppo": _brax_ppo(5, 8, 4, 0.97, 1e-2, num_envs=256)},
+        gpu={"num_envs": 2048},
+        source=SHAC_SOURCE.format(task="ant") + "; PPO: Brax's ant settings"),
+    "hopper": EnvConfig(
+        estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4)},
+        gpu={"num_envs": 2048},
+        source=SHAC_SOURCE.format(task="hopper")),
+    "halfcheetah": EnvConfig(
+        estimators={"shac": _shac(64, (128, 64, 32)),
+                    "ppo": _brax_ppo(20, 8, 8, 0.95, 1e-3, num_envs=256)},
+        gpu={"num_envs": 2048},
+        source=SHAC_SOURCE.format(task="cheetah") + "; PPO: Brax's halfcheetah settings"),
+    "walker2d": EnvConfig(
+        estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4)},
+        gpu={"num_envs": 2048},
+        source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall)"),
+    "humanoid": EnvConfig(
+        estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995),
+                    "ppo": _brax_ppo(10, 8, 8, 0.97, 1e-3, num_envs=256)},
+        gpu={"num_envs": 2048},
+        source=SHAC_SOURCE.format(task="humanoid") + "; PPO: Brax's humanoid settings"),
+    "humanoidstandup": EnvConfig(
+        estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995)},
+        gpu={"num_envs": 2048},
+        source="humanoid's (SHAC's humanoid.yaml; none is published for standing up)"),
+    "inverted_pendulum": EnvConfig(
+        estimators={"ppo": _brax_ppo(5, 8, 4, 0.97, 1e-2, num_envs=512)},
+        gpu={"num_envs": 2048},
+        source="diffpg's defaults (SHAC publishes none); PPO: Brax's inverted_pendulum settings"),
+    "inverted_double_pendulum": EnvConfig(
+        gpu={"num_envs": 2048}, source="diffpg's defaults (no published setting)"),
+    "swimmer": EnvConfig(gpu={"num_envs": 2048},
+                         source="diffpg's defaults (no published setting)"),
+    "reacher": EnvConfig(gpu={"num_envs": 2048},
+                         source="diffpg's defaults (no published setting)"),
+    "pusher": EnvConfig(gpu={"num_envs": 2048},
+                        source="diffpg's defaults (no published setting)"),
+}
+
+
+def check_sizes(sizes: str) -> None:
+    if sizes not in SIZES:
+        raise ValueError(f"sizes={sizes!r} is not allowed; allowed values: {list(SIZES)}")
+
+
+def config_for(env: str, estimator: str, sizes: str = "cpu") -> ResolvedConfig:
+    """The defaults for ``estimator`` on ``env`` at ``sizes`` (empty without a configuration)."""
+    check_sizes(sizes)
     config = CONFIGS.get(env, EnvConfig())
     specific = config.estimators.get(estimator, {})
-    return ResolvedConfig(dict(config.trainer) | dict(specific.get("trainer", {})),
-                          dict(specific.get("estimator", {})), config.source)
+    trainer = dict(config.trainer) | dict(specific.get("trainer", {}))
+    if sizes == "gpu":
+        trainer |= dict(config.gpu)
+    return ResolvedConfig(trainer, dict(specific.get("estimator", {})), config.source)
 
 
 def default_estimator(env: str) -> str:

@@ -209,18 +209,19 @@ class TrainSettings:
 
 
 def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.estimator,
-                 estimator_options: Mapping[str, Any] | None = None,
+                 estimator_options: Mapping[str, Any] | None = None, sizes: str = "cpu",
                  **overrides: Any) -> TrainSettings:
     """The settings of a run, each value from the first of these that gives it:
 
     1. ``overrides`` (``TrainSettings`` fields, and ``horizon`` and ``discount``, which every
        estimator has) and ``estimator_options`` (any of the estimator's settings);
-    2. the environment's configuration for that estimator (``diffpg.configs``);
+    2. the environment's configuration for that estimator at ``sizes`` (``cpu`` or ``gpu``;
+       ``diffpg.configs``);
     3. the estimator's declarations (``diffpg.estimators.registry``: ``trainer`` and ``training``);
     4. the defaults of ``TrainSettings`` and of the estimator's settings class.
     """
     estimators.registration(estimator)
-    config = configs.config_for(env, estimator)
+    config = configs.config_for(env, estimator, sizes)
     shared = {k: overrides.pop(k) for k in ("horizon", "discount") if k in overrides}
     allowed = {f.name for f in dataclasses.fields(TrainSettings)} - {"env", "estimator",
                                                                      "estimator_settings"}

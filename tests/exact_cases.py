@@ -13,7 +13,7 @@ from conftest import LinearQuadraticProblem, learn
 
 from diffpg import estimators
 from diffpg.estimators.critic_backprop import CriticBackpropSettings, make_critic_backprop
-from diffpg.estimators.reinforce import ReinforceSettings, make_reinforce
+from diffpg.estimators.reinforce import PpoSettings, ReinforceSettings, make_reinforce
 from diffpg.estimators.shac import ShacSettings, make_shac
 
 SCORE_FUNCTION_ERROR = 0.2
@@ -55,6 +55,13 @@ def _reinforce_learned_value(lqr):
     estimator = make_reinforce(lqr.env, lqr.policy, settings)
     # Fit the baseline a little: any state-only baseline is unbiased.
     return estimator, learn(estimator, lqr, estimator.init(jax.random.PRNGKey(5), lqr.params), 30)
+
+
+def _gae_exact_value(lqr):
+    """PPO's advantage estimator for the finite-horizon objective, with the true value."""
+    settings = PpoSettings(horizon=lqr.horizon, discount=lqr.discount, finite_horizon=True,
+                           normalize_advantages=False)
+    return make_reinforce(lqr.env, lqr.policy, settings, lqr.exact_value_function("start")), None
 
 
 def _bptt(lqr):
@@ -101,6 +108,8 @@ def _cases() -> list[Case]:
         ]
     cases.append(Case("reinforce:baseline=value (learned V)", "plain", _reinforce_learned_value,
                       14000, SCORE_FUNCTION_ERROR))
+    cases.append(Case("ppo:finite_horizon=True (GAE, exact V)", "plain", _gae_exact_value, 500,
+                      SCORE_FUNCTION_ERROR))
     return cases
 
 

@@ -77,6 +77,14 @@ def register(
                          "register it again")
     if not dataclasses.is_dataclass(settings_class) or not isinstance(settings_class, type):
         raise ValueError(f"settings_class={settings_class!r} must be a dataclass type")
+    for other in _REGISTRY.values():
+        if other.name != name and (issubclass(settings_class, other.settings_class)
+                                   or issubclass(other.settings_class, settings_class)):
+            raise ValueError(
+                f"settings_class {settings_class.__name__} is (or derives from) the class of "
+                f"estimator {other.name!r}, {other.settings_class.__name__}: give each estimator "
+                "its own class (derive both from a common base), so that a settings object "
+                "names its estimator")
     fields = {f.name for f in dataclasses.fields(settings_class)}
     missing = {"horizon", "discount"} - fields
     if missing:

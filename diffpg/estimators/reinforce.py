@@ -30,7 +30,9 @@ with the advantage ``A_t`` one of:
   ``V`` at the horizon and at time-limit truncations, 0 at termination) minus the value, with
   the undiscounted state weighting of practical actor-critic methods (no ``w_t``: biased for the
   discounted objective, Thomas 2014, and lower in variance). Optionally normalised over the
-  (mini)batch.
+  (mini)batch. With ``finite_horizon`` (comparisons) the objective ends at the horizon instead:
+  the critic sees the steps left, the targets stop at the horizon and ``A_t`` carries ``w_t``,
+  so that with the true value the estimate is of ``grad J_T`` exactly.
 
 ``entropy_cost`` adds ``entropy_cost * grad sum_t H(pi(.|s_t))`` (Gaussian entropy of the raw
 action) to the gradient.
@@ -91,8 +93,9 @@ ADVANTAGES = ("monte_carlo", "gae")
 
 
 @dataclasses.dataclass(frozen=True)
-class ReinforceSettings:
-    """The score-function estimator (REINFORCE) with its baselines, reward-to-go and GAE."""
+class ScoreFunctionSettings:
+    """Every setting of the score-function family (``ReinforceSettings`` and ``PpoSettings``
+    differ only in their defaults; neither is an instance of the other)."""
 
     horizon: int = 32
     """Steps simulated per estimate (T)."""
@@ -109,6 +112,9 @@ class ReinforceSettings:
     """lambda of GAE (advantage=gae) and of its critic's TD(lambda) targets."""
     normalize_advantages: bool = False
     """Standardise the advantages over the (mini)batch (PPO's practice; biases the gradient)."""
+    finite_horizon: bool = False
+    """advantage=gae: the objective ends at the horizon (comparisons: the critic sees the steps
+    left, no bootstrap after the horizon, advantages weighted by w_t). False: PPO's training."""
     clip_ratio: float = 0.2
     """epsilon of the clipped importance ratio when a batch is reused (training epochs > 1)."""
     entropy_cost: float = 0.0
@@ -141,7 +147,12 @@ class ReinforceSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class PpoSettings(ReinforceSettings):
+class ReinforceSettings(ScoreFunctionSettings):
+    """The score-function estimator (REINFORCE) with its baselines, reward-to-go and GAE."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PpoSettings(ScoreFunctionSettings):
     """Proximal policy optimisation: GAE advantages from a value critic, normalised, and each
     batch reused for several epochs with the clipped importance ratio (Schulman et al. 2017)."""
 
@@ -168,7 +179,7 @@ def score_function_gradient(
     params: Params,
     obs_stats: RunningStatistics,
     transitions: Transitions,
-    settings: ReinforceSettings,
+    settings: ScoreFunctionSettings,
     value_baseline: jax.Array | None = None,
     behaviour_log_prob: jax.Array | None = None,
     per_rollout: bool = False,
@@ -239,7 +250,7 @@ def _score_gradient(policy, params, obs, raw_action, coefficient, per_rollout=Fa
                     / num_rollouts)(params)
 
 
-def _pool_size(settings: ReinforceSettings, num_rollouts: int) -> int:
+def _pool_size(settings: ScoreFunctionSettings, num_rollouts: int) -> int:
     pool = settings.rollouts_per_state if settings.rollouts_per_state > 1 else num_rollouts
     if settings.baseline in ("leave_one_out", "optimal") and pool < 2:
         raise ValueError(
@@ -304,7 +315,7 @@ def _standardize(advantage: jax.Array) -> jax.Array:
 def make_reinforce(
     env: Environment,
     policy: Policy,
-    settings: ReinforceSettings = ReinforceSettings(),
+    settings: ScoreFunctionSettings = ReinforceSettings(),
     value_function: ValueFunction | None = None,
 ) -> Estimator:
     """Build the REINFORCE estimator (see the module docstring for the estimate).
@@ -316,10 +327,11 @@ def make_reinforce(
     if value_function is None:
         # The Monte-Carlo baseline's target is the return to the end of the horizon (no
         # bootstrap), which depends on the steps left: that critic sees them. GAE's critic is
-        # the bootstrapped, time-independent V(s).
+        # the bootstrapped, time-independent V(s), unless the objective ends at the horizon.
+        timeless = gae and not settings.finite_horizon
         value_function = make_mlp_value_function(
             policy.observation_size, settings.value_hidden_sizes,
-            time_scale=None if gae else settings.horizon)
+            time_scale=None if timeless else settings.horizon)
     optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
     steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
 
@@ -327,9 +339,10 @@ def make_reinforce(
         del policy_params
         return init_critic_state(value_function.init(key), optimizer) if uses_value else None
 
-    def value_of(critic, obs):
-        return value_function.apply(critic.params, obs, jnp.broadcast_to(steps_left,
-                                                                         obs.shape[:-1]))
+    def value_of(critic, obs, after_step: bool = False):
+        """``V [T, n]`` of the states ``obs [T, n, obs]`` reached before (or after) each step."""
+        steps = steps_left - 1 if after_step else steps_left
+        return value_function.apply(critic.params, obs, jnp.broadcast_to(steps, obs.shape[:-1]))
 
     def entropy_gradient(params, obs):
         """``entropy_cost * grad (1/n) sum_b sum_t H(pi(.|s_t))``."""
@@ -357,11 +370,15 @@ def make_reinforce(
         log_prob = policy.log_prob(data_params, obs, tr.raw_action)
         value_target = jnp.zeros_like(tr.reward)
         if gae:
-            next_value = value_of(critic, normalize(obs_stats, tr.next_obs))
+            next_value = value_of(critic, normalize(obs_stats, tr.next_obs), after_step=True)
+            if settings.finite_horizon:  # nothing is left after the objective's last step
+                next_value = next_value.at[-1].set(0.0)
             value_target = returns.td_lambda_targets(tr.reward, next_value, tr.termination,
                                                      tr.done, settings.discount,
                                                      settings.gae_lambda)
             advantage = value_target - value_of(critic, obs)
+            if settings.finite_horizon:
+                advantage = weights * advantage
         elif uses_value:
             # Monte-Carlo return from each step to the end of the horizon.
             value_target = returns.reward_to_go(tr.reward, tr.done, settings.discount)
@@ -422,6 +439,9 @@ register("reinforce", ReinforceSettings, make_reinforce,
          # Leave-one-out REINFORCE is unbiased on any env and learns nothing first.
          reference=True)
 register("ppo", PpoSettings, make_reinforce,
+         # For comparisons: GAE for the finite-horizon objective, advantages not standardised
+         # (unbiased with the true value; a learned critic's error is its bias).
+         comparison=lambda horizon: {"finite_horizon": True, "normalize_advantages": False},
          # The settings of Brax's published PPO runs (discount 0.97, entropy cost 1e-2, Adam at a
          # constant 3e-4, no gradient clipping, 4 epochs of minibatch steps on each batch), with
          # the batch cut into 4 minibatches of environments.
