@@ -298,6 +298,9 @@ def _tmpfs(folder: Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+# Orbax's unfinished writes of the failed save end, when collected, with an exception nobody
+# can retrieve any more: expected here, and not this test's subject.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path, capsys):
     """A disk that fills up during a run, and one full before a run starts: one line naming the
     folder each time, no temporary folder left, settings.json whole; once space is freed the run
