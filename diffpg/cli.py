@@ -22,7 +22,12 @@ from diffpg.command_line import (
     parse_run_command,
     parse_train_command,
 )
-from diffpg.devices import barrier, is_primary, process_count
+from diffpg.devices import (
+    barrier,
+    initialize_distributed_from_environment,
+    is_primary,
+    process_count,
+)
 
 COMMANDS = {
     "compare": "variance, bias and cost of every estimator, against the horizon",
@@ -196,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
             raise ValueError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
-        from diffpg.devices import initialize_distributed_from_environment
-
         initialize_distributed_from_environment()
         RUNNERS[command](argv)
     except (ValueError, CommandLineError) as error:

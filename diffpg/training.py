@@ -46,7 +46,12 @@ from diffpg.estimators.base import (
     check_positive_int,
 )
 from diffpg.networks import check_activation
-from diffpg.normalization import RunningStatistics, init_statistics, update_statistics
+from diffpg.normalization import (
+    RunningStatistics,
+    init_statistics,
+    normalize,
+    update_statistics,
+)
 from diffpg.options import parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
 from diffpg.stats import mean_confidence_half_width
@@ -315,8 +320,6 @@ def batch_diagnostics(policy: Policy, params: Params, obs_stats: RunningStatisti
                       estimate: estimators.Estimate) -> dict[str, jax.Array]:
     """What tells why a run is stuck, from the batch an estimate simulated (docs/diagnostics.md):
     how often episodes end by termination, their length, action saturation, the policy's std."""
-    from diffpg.normalization import normalize
-
     tr = estimate.batch.transitions
     info = estimate.env_state.info
     completed = info["last_episode_length"] > 0
