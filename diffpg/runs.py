@@ -90,7 +90,12 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+            owner = ""
+            for _ in range(20):  # the owner writes its name right after it takes the lock
+                owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+                if owner:
+                    break
+                time.sleep(0.05)
             raise ValueError(f"run folder {str(run_dir)!r} is in use by "
                              f"{owner or 'another process'}; wait for it to finish or choose "
                              "another --out") from None
