@@ -318,6 +318,35 @@ def test_window_return_matches_loop(seed, final_bootstrap):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("final_bootstrap", [0.0, 1.0])
+def test_termination_gradient_is_zero_valued_with_the_critic_gradient_at_terminations(
+        seed, final_bootstrap):
+    """With ``termination`` given, the totals are unchanged and ``d total_b / d V(s'_t)`` gains
+    ``w_t gamma term_t`` on top of the truncation bootstrap's ``w_t gamma trunc_t`` (the last
+    step's only if ``final_bootstrap``), with ``w`` the loop's segment discounts."""
+    x = make_window(seed)
+    arrays = {k: jnp.asarray(v) for k, v in x.items()}
+
+    def totals(next_value, termination):
+        return window_return(arrays["reward"], arrays["done"], arrays["truncation"], next_value,
+                             arrays["end_value"], arrays["start_weight"], DISCOUNT,
+                             jnp.float32(final_bootstrap), termination=termination)[0]
+
+    plain = totals(arrays["next_value"], None)
+    with_gradient = totals(arrays["next_value"], arrays["termination"])
+    assert_close(with_gradient, plain)
+
+    gradient = jax.grad(lambda v: jnp.sum(totals(v, arrays["termination"])))(
+        arrays["next_value"])
+    w = ref_segment_discounts(x["done"], DISCOUNT, x["start_weight"])
+    may_bootstrap = np.ones((T, 1))
+    may_bootstrap[-1] = final_bootstrap
+    expected = w * DISCOUNT * (as64(x["truncation"]) * may_bootstrap + as64(x["termination"]))
+    assert np.any(x["termination"] > 0)
+    assert_close(gradient, expected)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_window_return_chains_into_segment_discounts(seed):
     """Two windows threaded by ``next_weight`` weigh rewards as one window twice as long."""
     first, second = make_window(seed), make_window(seed + 100)

@@ -86,9 +86,18 @@ class ShacSettings:
     remat_segment: int = 0
     """Rematerialise each differentiated window in segments of this many steps (0: off); trades
     one extra forward pass for memory (diffpg.rollout.rollout)."""
+    termination_gradient: bool = False
+    """At a termination (a fall), add ``gamma w_t (V(s'_t) - stop_gradient(V(s'_t)))``: the value
+    still counts 0, but the gradient of the critic's value of the state reached flows into the
+    dynamics, a learned signal about the reward a fall loses, which a gradient through the
+    dynamics cannot see (the episode's length is piecewise constant in the parameters). A
+    surrogate, biased by design; off in SHAC."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
+        if not isinstance(self.termination_gradient, bool):
+            raise ValueError(f"termination_gradient={self.termination_gradient!r} must be "
+                             "true or false")
         if self.window is not None:
             check_positive_int("window", self.window)
             if self.horizon % self.window:
@@ -187,6 +196,7 @@ def make_shac(
                 tr.reward, tr.done, tr.truncation,
                 value(tr.next_obs, steps_left), value(end_state.obs, steps_left[-1]),
                 start_weight, settings.discount, final_bootstrap.astype(tr.reward.dtype),
+                termination=tr.termination if settings.termination_gradient else None,
             )
             aux = (end_state, next_weight, tr, jnp.mean(rewards_only))
             return jnp.mean(totals), aux
@@ -227,6 +237,7 @@ def window_return(
     start_weight: jax.Array,
     discount: float,
     final_bootstrap: jax.Array,
+    termination: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SHAC's bootstrapped return of one window, per environment.
 
@@ -238,7 +249,9 @@ def window_return(
         total   = sum_t w_t r_t + sum_t w_t gamma trunc_t V(s'_t) + w_T gamma (1 - done_T) V(s_T)
         rewards = sum_t w_t r_t
 
-    and the discount weight the next window starts with. Termination contributes value 0.
+    and the discount weight the next window starts with. Termination contributes value 0. With
+    ``termination [T, B]`` given, ``total`` gains ``sum_t w_t gamma term_t (V(s'_t) - sg(V(s'_t)))``
+    (``sg``: stop gradient): zero, with the critic's gradient at the states where episodes ended.
     """
     weights = returns.segment_discounts(done, discount, start_weight)
     is_last_step = (jnp.arange(reward.shape[0]) == reward.shape[0] - 1)[:, None]
@@ -248,6 +261,9 @@ def window_return(
         weights * discount * truncation * bootstrap_allowed * next_value, axis=0
     )
     end_values = weights[-1] * discount * (1.0 - done[-1]) * final_bootstrap * end_value
+    if termination is not None:
+        zero_valued = next_value - jax.lax.stop_gradient(next_value)
+        end_values = end_values + jnp.sum(weights * discount * termination * zero_valued, axis=0)
     next_weight = jnp.where(done[-1] > 0, 1.0, discount * weights[-1])
     return rewards + truncation_values + end_values, rewards, next_weight
 
