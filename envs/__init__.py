@@ -1,7 +1,7 @@
 """Environment registry: ``envs.make(name)`` builds any environment of this package.
 
 * Analytic environments (``envs.analytic``, pure JAX, differentiable in closed form):
-  ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``.
+  ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``, ``"double_pendulum"``.
 * Brax environments (``envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
   each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``).
 
@@ -51,6 +51,7 @@ ANALYTIC_ENV_CLASSES: dict[str, str] = {
     "pendulum": "PendulumSwingUp",
     "cartpole_swingup": "CartPoleSwingUp",
     "contact": "WallContact",
+    "double_pendulum": "DoublePendulum",
 }
 
 
