@@ -12,6 +12,7 @@ estimator with its standard error. Statistics are defined in ``diffpg.stats``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import zlib
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from diffpg.stats import (
 )
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
+STIFFNESS_ENVS = ("contact", "curling")
+"""The envs with a ``stiffness`` setting (the stiffness sweep's)."""
 
 
 class EstimatorSpec(NamedTuple):
@@ -87,10 +90,11 @@ class CompareSettings:
     """Horizon of the main table (and the largest of the horizon sweep)."""
     discount: float = 0.99
     sweep: str = "horizon"
-    """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact env's wall stiffness
-    over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's empirical bias)."""
+    """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact stiffness of an env
+    that has one (``STIFFNESS_ENVS``) over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's
+    empirical bias)."""
     stiffnesses: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
-    """Wall stiffnesses of the stiffness sweep (env contact)."""
+    """Contact stiffnesses of the stiffness sweep."""
     batch_budget: int | None = None
     """Env steps per estimate of the batch sweep (n trajectories x k steps at fixed n k);
     None: num_envs * horizon. Points: n = 2, 4, 8, ... with k = budget / n <= episode length."""
@@ -129,9 +133,9 @@ class CompareSettings:
             raise ValueError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         if self.reference not in ("auto", "exact"):
             EstimatorSpec.parse(self.reference)
-        if self.sweep == "stiffness" and self.env != "contact":
-            raise ValueError(f"sweep='stiffness' needs env='contact' (the env with a stiffness "
-                             f"setting), not env={self.env!r}")
+        if self.sweep == "stiffness" and self.env not in STIFFNESS_ENVS:
+            raise ValueError(f"sweep='stiffness' needs an env with a stiffness setting "
+                             f"({' or '.join(STIFFNESS_ENVS)}), not env={self.env!r}")
         if self.reference == "exact" and self.env != "lqr":
             raise ValueError("reference='exact' exists only for env='lqr'; allowed: auto or an "
                              "unbiased estimator's spec")
@@ -304,7 +308,7 @@ def run_comparison(settings: CompareSettings,
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else estimators.reference_estimator()
 
-    results = []
+    results, samples_per_point = [], []
     for point, env in zip(points, point_envs, strict=True):
         horizon = point.horizon
         start_states = shard_batch(
@@ -329,6 +333,9 @@ def run_comparison(settings: CompareSettings,
                                               settings.reference_estimates, 0,
                                               obs_stats=obs_stats)
             reference, reference_se = reference_from_samples(ref_samples)
+        point_samples = {"reference": reference, "reference_standard_error": reference_se}
+        if reference_kind != "exact":
+            point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
         per_estimator = {}
         for spec in specs:
             if progress:
@@ -344,6 +351,8 @@ def run_comparison(settings: CompareSettings,
             stats["relative_variance"] = (stats.get("variance_trace") or float("nan")) / max(
                 float(reference @ reference), 1e-300)
             per_estimator[spec.label] = stats | timing
+            point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
+        samples_per_point.append(point_samples)
         results.append({
             "sweep_value": point.value,
             "horizon": horizon,
@@ -358,7 +367,50 @@ def run_comparison(settings: CompareSettings,
         "reference_kind": reference_kind,
         "num_parameters": int(ravel_pytree(params)[0].shape[0]),
         "results": results,
+        "samples": samples_per_point,
     }
+
+
+SAMPLES_FILE = "samples.npz"
+"""The raw gradients of a comparison, beside its results.json (``load_samples`` reads them)."""
+
+
+def save_samples(samples_per_point: list[dict], path: Path) -> None:
+    """Write ``run_comparison``'s ``"samples"`` as one compressed ``.npz``: array
+    ``point{i}/{name}`` for sweep point ``i`` (the order of results.json's ``results``) and
+    ``name`` one of ``reference [P]``, ``reference_standard_error [P]`` (zeros for an exact
+    reference), ``reference_estimates [R, P]`` (an estimated reference's samples) and
+    ``estimates/{label} [K, P]`` (float32, one flat gradient per row, in
+    ``jax.flatten_util.ravel_pytree`` order of the policy's parameters)."""
+    arrays = {f"point{i}/{name}": value for i, point in enumerate(samples_per_point)
+              for name, value in point.items()}
+    np.savez_compressed(path, **arrays)
+
+
+def load_samples(run_dir: Path | str) -> list[dict]:
+    """The raw gradients of a ``diffpg compare`` run folder, per sweep point (in order): a dict
+    with ``sweep_value``, ``horizon``, ``reference [P]``, ``reference_standard_error [P]``,
+    ``reference_estimates [R, P]`` (only for an estimated reference) and ``estimates``:
+    ``{label: [K, P]}``. ``diffpg.stats.gradient_statistics(estimates[label], reference,
+    reference_standard_error)`` recomputes the run's statistics."""
+    run_dir = Path(run_dir)
+    results_path, samples_path = run_dir / "results.json", run_dir / SAMPLES_FILE
+    for path in (results_path, samples_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (a diffpg compare run folder holds "
+                                    f"results.json and {SAMPLES_FILE})")
+    results = json.loads(results_path.read_text())["results"]
+    points = [{"sweep_value": entry["sweep_value"], "horizon": entry["horizon"], "estimates": {}}
+              for entry in results]
+    with np.load(samples_path) as arrays:
+        for name in arrays.files:
+            index, _, key = name.partition("/")
+            point = points[int(index.removeprefix("point"))]
+            if key.startswith("estimates/"):
+                point["estimates"][key.removeprefix("estimates/")] = arrays[name]
+            else:
+                point[key] = arrays[name]
+    return points
 
 
 def _digest(value) -> int:

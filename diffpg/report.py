@@ -14,9 +14,12 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
+
 TABLE_COLUMNS = (
     "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
     "relative_variance", "bias", "bias_noise", "bias_max_t", "bias_resolved", "relative_bias",
+    "bias_detection_limit", "relative_bias_detection_limit",
     "cosine_to_reference", "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
     "compile_seconds", "seconds_per_estimate",
 )
@@ -50,8 +53,14 @@ def rows(results: dict) -> list[dict]:
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     """Write every output file of a comparison into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = results | {"environment": environment_description()}
+    samples = results.get("samples")
+    results = {k: v for k, v in results.items() if k != "samples"} | {
+        "environment": environment_description()}
     written = [out_dir / "results.json", out_dir / "table.csv"]
+    if samples is not None:
+        results["samples_file"] = SAMPLES_FILE
+        save_samples(samples, out_dir / SAMPLES_FILE)
+        written.append(out_dir / SAMPLES_FILE)
     written[0].write_text(json.dumps(results, indent=2))
     with written[1].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=("sweep_value",) + TABLE_COLUMNS)
@@ -99,6 +108,8 @@ def _plot_against_sweep(results, path: Path) -> Path:
         axes[1].scatter(horizons, series("relative_bias"), color=bias_line.get_color(),
                         facecolors=[bias_line.get_color() if r else "none" for r in resolved],
                         zorder=3)
+        axes[1].plot(horizons, series("relative_bias_detection_limit"), linestyle=":",
+                     color=bias_line.get_color())
         axes[2].plot(horizons, series("mean_norm"), marker="o", label=label)
     batch = results["settings"]["sweep"] == "batch"
     axes[0].set(xscale="log", yscale="log", xlabel=x_label,
@@ -107,7 +118,7 @@ def _plot_against_sweep(results, path: Path) -> Path:
                 title="Variance (90% bootstrap band)")
     axes[1].set(xscale="log", yscale="log", xlabel=x_label,
                 ylabel="|mean - reference| / |reference|",
-                title="Relative bias (hollow: not resolved)")
+                title="Relative bias (hollow: not resolved; dotted: detection limit)")
     axes[2].set(xscale="log", yscale="log", xlabel=x_label,
                 ylabel="mean |g|", title="Gradient norm")
     for axis in axes:
@@ -134,6 +145,9 @@ def _plot_bias_and_cosine(results, path: Path) -> Path:
     bars = axes[0].bar(positions, biases, color="tab:blue")
     axes[0].scatter(positions, noise, color="black", marker="_", s=600, zorder=3,
                     label="sampling noise (RMS)")
+    axes[0].scatter(positions, [s.get("relative_bias_detection_limit") or 0.0 for s in stats],
+                    color="tab:red", marker="_", s=600, zorder=3,
+                    label="detection limit (larger biases resolved with prob. > 1/2)")
     for bar, s in zip(bars, stats, strict=True):
         if not s.get("bias_resolved"):
             bar.set_hatch("//")
@@ -184,20 +198,24 @@ def _markdown(results: dict, plots: list[str]) -> str:
         "Definitions: variance = trace of the covariance of one estimate; bias = |mean - "
         "reference|, \"resolved\" when a coordinate's t-score exceeds the Bonferroni threshold "
         "at family-wise level 0.001, else \"not resolved\" (the data cannot tell it from zero); "
+        "detection limit = the bias norm above which a bias in any direction is resolved with "
+        "probability above about 1/2 (a \"not resolved\" bias may be this large); "
         "SNR = |mean| / sqrt(variance); cosines against the reference (see `diffpg.stats`).",
         "",
         f"## At horizon T = {final['horizon']}" + (
             f", {settings['sweep']} = {final['sweep_value']:g}"
             if settings["sweep"] not in ("none", "horizon") else ""),
         "",
-        "| estimator | mean norm | variance | relative bias | bias resolved | cosine (mean) | "
-        "pairwise cosine | SNR | non-finite | compile s | s / estimate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimator | mean norm | variance | relative bias | bias resolved | detection limit "
+        "(relative) | cosine (mean) | pairwise cosine | SNR | non-finite | compile s | "
+        "s / estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, s in final["estimators"].items():
         cells = [label] + [_format(s.get(k)) for k in (
             "mean_norm", "variance_trace", "relative_bias", "bias_resolved",
-            "cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
+            "relative_bias_detection_limit", "cosine_to_reference", "mean_pairwise_cosine",
+            "snr", "nonfinite_fraction",
             "compile_seconds", "seconds_per_estimate")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Reading", ""] + [f"- {s}" for s in _reading(results)] + [""]
@@ -224,8 +242,10 @@ def _reading(results: dict) -> list[str]:
         sentences.append("Bias resolved (beyond sampling noise, family-wise level 0.001) for: " + ", ".join(
             f"{k} ({final[k]['relative_bias']:.2g} relative)" for k in biased) + ".")
     if unresolved:
-        sentences.append("No bias resolved for: " + ", ".join(unresolved)
-                         + " (consistent with unbiased at this sample size).")
+        sentences.append("No bias resolved for: " + ", ".join(
+            f"{k} (a relative bias above {final[k]['relative_bias_detection_limit']:.2g} would "
+            "have been resolved with probability > 1/2)" for k in unresolved)
+            + ": consistent with unbiased at this sample size, not evidence of it.")
     if len(results["results"]) > 1:
         first, last = results["results"][0], results["results"][-1]
         sweep = results["settings"]["sweep"]

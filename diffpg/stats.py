@@ -13,6 +13,10 @@ Definitions (every report states them): for ``K`` finite estimates ``g_k`` of di
   family-wise level of ``RESOLUTION_LEVEL`` over the ``P`` coordinates (Bonferroni: it stays valid
   however the coordinates are correlated); otherwise it is "not resolved": the data cannot tell it
   from zero, and it is never reported as zero;
+* ``bias_detection_limit = threshold * bias_noise`` (``threshold`` the resolution quantile): a bias
+  of larger norm has, whatever its direction, some coordinate ``p`` beyond ``threshold`` times its
+  noise, so it is resolved with probability above about 1/2; a "not resolved" bias may be as large
+  as this (``relative_bias_detection_limit``: divided by ``|reference|``);
 * ``cosine_to_reference = cos(mean, reference)``; ``mean_cosine_to_reference``: the mean over
   estimates of ``cos(g_k, reference)``; ``mean_pairwise_cosine``: mean of ``cos(g_j, g_k)`` over
   pairs ``j != k`` (how consistently single estimates point the same way);
@@ -78,6 +82,8 @@ def gradient_statistics(
             "bias_max_t": float(np.max(t_scores)),
             "bias_resolved": bool(np.max(t_scores) > threshold),
             "relative_bias": bias / max(ref_norm, 1e-30),
+            "bias_detection_limit": threshold * noise,
+            "relative_bias_detection_limit": threshold * noise / max(ref_norm, 1e-30),
             "cosine_to_reference": _cosine(mean, reference),
             "mean_cosine_to_reference": float(np.mean(unit @ reference) / max(ref_norm, 1e-30)),
         }

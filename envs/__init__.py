@@ -1,7 +1,8 @@
 """Environment registry: ``envs.make(name)`` builds any environment of this package.
 
 * Analytic environments (``envs.analytic``, pure JAX, differentiable in closed form):
-  ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``, ``"double_pendulum"``.
+  ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``, ``"double_pendulum"``,
+  ``"curling"``.
 * Brax environments (``envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
   each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``).
 
@@ -52,6 +53,7 @@ ANALYTIC_ENV_CLASSES: dict[str, str] = {
     "cartpole_swingup": "CartPoleSwingUp",
     "contact": "WallContact",
     "double_pendulum": "DoublePendulum",
+    "curling": "Curling",
 }
 
 

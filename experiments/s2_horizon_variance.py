@@ -24,7 +24,16 @@ against ``log T`` (power-law model), each with its R^2. A diagnostic of the dyna
 the median over starts of ``log ||d x_t / d x_0||`` (closed loop, policy noise fixed), the
 finite-time growth of perturbations that BPTT multiplies through.
 
-Run: ``python experiments/s2_horizon_variance.py [--out DIR] [--overwrite]``.
+With ``--env double_pendulum`` (chaotic: a sustained positive Lyapunov exponent) the starts are
+the env's own (both rods released horizontal, ``diffpg.dynamics``), the episode is as long as the
+longest horizon, and the report adds the measured largest Lyapunov exponent: of the unforced
+pendulum (``diffpg.dynamics.largest_lyapunov_exponent`` over the longest horizon, median over
+the starts) and of the closed loop (the slope of the median ``log ||d x_T / d x_0||`` against
+``T``), beside BPTT's and SHAC's log-variance slopes. ``--split`` sets where the early and late
+fits meet.
+
+Run: ``python experiments/s2_horizon_variance.py [--env double_pendulum --max-horizon 512]
+[--out DIR] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from jax.flatten_util import ravel_pytree
 import envs
 from diffpg import estimators
 from diffpg.compare import CompareSettings
+from diffpg.dynamics import env_step_function, largest_lyapunov_exponent
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
@@ -50,7 +60,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 NAME = "s2_horizon_variance"
-ENV = "pendulum"
+ENVS = ("pendulum", "double_pendulum")
 
 
 def upright_starts(env, key, num):
@@ -124,13 +134,20 @@ def main():
     p.add_argument("--warmup", type=int, default=200, help="SHAC critic warm-up estimates")
     p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--init-log-std", type=float, default=-1.0)
+    p.add_argument("--env", choices=ENVS, default="pendulum")
+    p.add_argument("--split", type=int, default=32,
+                   help="horizon where the early and late exponential fits of BPTT meet")
     args = p.parse_args()
     out = prepare_output(args.out, args.overwrite)
     started = time.perf_counter()
+    ENV = args.env
+    upright = ENV == "pendulum"
 
-    env = envs.make(ENV)
     horizons = [2**i for i in range(20) if 2**i <= args.max_horizon]
-    compare = CompareSettings(env=ENV, horizon=max(horizons), discount=args.discount, num_envs=args.num_envs,
+    episode_length = None if upright else max(horizons)
+    env = envs.make(ENV, episode_length=episode_length)
+    compare = CompareSettings(env=ENV, horizon=max(horizons), discount=args.discount,
+                              episode_length=episode_length, num_envs=args.num_envs,
                               num_estimates=args.num_estimates, critic_warmup=args.warmup,
                               reference_estimates=args.reference_estimates, seed=args.seed)
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
@@ -140,10 +157,20 @@ def main():
     key_params, key_states, key_run, key_lyap = jax.random.split(key, 4)
     params = policy.init(key_params)
     num_params = int(ravel_pytree(params)[0].shape[0])
-    start_states = upright_starts(env, key_states, args.num_envs)
+    start_states = (upright_starts(env, key_states, args.num_envs) if upright else
+                    jax.vmap(env.reset)(jax.random.split(key_states, args.num_envs)))
 
     log_jac = state_jacobian_growth(env, policy, params, start_states, key_lyap, max(horizons))
     jac_median = np.median(log_jac, axis=0)
+    dt = env.unwrapped.dt
+    unforced = np.asarray(jax.jit(jax.vmap(lambda x0: largest_lyapunov_exponent(
+        env_step_function(env.unwrapped), x0, jnp.zeros((max(horizons), env.action_size)),
+        dt)))(start_states.pipeline_state))
+    closed_loop_rate, _, closed_loop_r2 = fit_line(np.arange(1, max(horizons) + 1), jac_median)
+    lyapunov = {"unforced_per_second_median": float(np.median(unforced)),
+                "unforced_per_second_range": [float(unforced.min()), float(unforced.max())],
+                "unforced_per_step_median": float(np.median(unforced) * dt),
+                "closed_loop_per_step": closed_loop_rate, "closed_loop_fit_r2": closed_loop_r2}
 
     rows, results = [], []
     for horizon in horizons:
@@ -207,9 +234,9 @@ def main():
     rate, _, r2_exp = fit_line(horizons, log_var_bptt)
     power, p_intercept, r2_pow = fit_line(np.log(horizons), log_var_bptt)
     local_rates = np.diff(log_var_bptt) / np.diff(horizons)
-    early = [i for i, h in enumerate(horizons) if h <= 32]
+    early = [i for i, h in enumerate(horizons) if h <= args.split]
     rate_early, early_intercept, r2_early = fit_line(np.array(horizons)[early], log_var_bptt[early])
-    late = [i for i, h in enumerate(horizons) if h >= 32]
+    late = [i for i, h in enumerate(horizons) if h >= args.split]
     rate_late, _, r2_late = fit_line(np.array(horizons)[late], log_var_bptt[late])
     shac_idx = [i for i, h in enumerate(horizons) if h >= args.window]
     log_var_shac = np.log(series("shac"))
@@ -227,10 +254,12 @@ def main():
             log_var_shac[shac_idx].max() - log_var_shac[shac_idx].min()),
         "bptt_over_shac_variance_at_max_T": float(series("bptt")[-1] / series("shac")[-1]),
         "state_jacobian_log_norm_median": jac_median[[h - 1 for h in horizons]],
+        "lyapunov": lyapunov,
     }
     seconds = time.perf_counter() - started
     write_json(out / "results.json", {
-        "finding": "S2", "env": ENV, "start": "upright: theta ~ U(-0.1, 0.1), omega = 0",
+        "finding": "S2", "env": ENV, "start": ("upright: theta ~ U(-0.1, 0.1), omega = 0"
+                                                if upright else "the env's reset"),
         "settings": vars(args) | {"out": str(args.out)}, "compare_settings": dataclasses.asdict(
             compare), "num_parameters": num_params, "horizons": horizons, "results": results,
         "summary": summary, "seconds": seconds})
@@ -240,9 +269,15 @@ def main():
                "shac critic loss", "critic rmse/|J|"]
     table = format_table(rows, columns)
     fits = (
+        f"Largest Lyapunov exponent: unforced {lyapunov['unforced_per_second_median']:.3g}/s "
+        f"({lyapunov['unforced_per_step_median']:.3g}/step; range over starts "
+        f"{lyapunov['unforced_per_second_range'][0]:.3g} to "
+        f"{lyapunov['unforced_per_second_range'][1]:.3g}/s, over {max(horizons)} steps); "
+        f"closed loop {closed_loop_rate:.3g}/step (R^2 {closed_loop_r2:.3f}).\n"
         f"BPTT log-variance vs T: rate {rate:.3g}/step over all T (R^2 {r2_exp:.3f}); "
-        f"{rate_early:.3g}/step for T<=32 (R^2 {r2_early:.3f}); {rate_late:.3g}/step for T>=32 "
-        f"(R^2 {r2_late:.3f}); power law exponent {power:.3g} (R^2 {r2_pow:.3f}).\n"
+        f"{rate_early:.3g}/step for T<={args.split} (R^2 {r2_early:.3f}); {rate_late:.3g}/step "
+        f"for T>={args.split} (R^2 {r2_late:.3f}); power law exponent {power:.3g} "
+        f"(R^2 {r2_pow:.3f}).\n"
         f"SHAC (T >= window {args.window}): log-variance rate {shac_rate:.3g}/step, power "
         f"{shac_power:.3g}; BPTT/SHAC variance at T={horizons[-1]}: "
         f"{summary['bptt_over_shac_variance_at_max_T']:.3g}.")
@@ -261,7 +296,7 @@ def main():
                     color=color, marker=marker, capsize=3, label=label)
     early_h = np.array(horizons)[early]
     ax.plot(early_h, np.exp(early_intercept + rate_early * early_h), "k--", lw=1,
-            label=f"bptt exp fit T<=32: {rate_early:.2f}/step (all T: {rate:.2f}/step)")
+            label=f"bptt exp fit T<={args.split}: {rate_early:.2f}/step (all T: {rate:.2f}/step)")
     ax.set(xscale="log", yscale="log", xlabel="horizon T (steps)",
            ylabel="variance trace of one estimate", title="Gradient variance vs horizon")
     ax.set_xscale("log", base=2)
@@ -284,7 +319,8 @@ def main():
     fig.savefig(out / "variance_vs_horizon.png", dpi=120)
 
     (out / "report.md").write_text(
-        f"# S2: gradient variance vs horizon ({ENV}, upright start)\n\n"
+        f"# S2: gradient variance vs horizon ({ENV}, "
+        f"{'upright start' if upright else 'released horizontal'})\n\n"
         f"{table}\n\n{fits}\n\n`var` = variance_trace, `|g|` = mean_norm (diffpg.stats); "
         f"bias resolved against the reinforce mean ({args.reference_estimates} estimates); "
         f"shac rows with T <= {args.window} are BPTT (one window, no bootstrap). "

@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 
 from envs.analytic import (
     CartPoleSwingUp,
+    Curling,
     DoublePendulum,
     LinearQuadratic,
     PendulumSwingUp,
@@ -26,6 +27,7 @@ ENV_FACTORIES = {
     "contact_penalty": WallContact,
     "contact_rigid": lambda: WallContact(contact_model="rigid"),
     "double_pendulum": DoublePendulum,
+    "curling": lambda: Curling(init_noise=0.05),
 }
 
 # A stabilising linear-Gaussian policy for the default LQR env: u = K x + b + std * eps.
@@ -136,6 +138,8 @@ GRADIENT_CASES = {
     # equals the finite difference here; it just ignores the jump (Suh et al.'s bias).
     "contact_rigid": ([0.95, 2.0], 15),
     "double_pendulum": (None, 15),
+    # Starts in contact with the stone moving towards the pusher: the contact engages and ends.
+    "curling": ([0.0, 1.0, 0.0, -0.5], 30),
 }
 
 
@@ -178,6 +182,10 @@ def test_rollout_gradient_matches_finite_differences(name):
             positions = rollout(env, state, actions)[0].pipeline_state[:, 0]
             assert np.any(positions > env.wall) or name == "contact_rigid"
             assert np.any(np.diff(np.sign(np.diff(positions))) != 0)  # turned around
+        if name == "curling":  # the contact engages and releases within the horizon
+            x = rollout(env, state, actions)[0].pipeline_state
+            gaps = np.concatenate([[1.0], np.asarray(x[:, 1] - x[:, 0])])
+            assert np.any(gaps < 1.0) and gaps[-1] > 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +475,9 @@ def test_pendulum_step_and_equilibria():
         (CartPoleSwingUp, {"pole_mass": 0.0}, "pole_mass"),
         (CartPoleSwingUp, {"init_noise": "big"}, "init_noise"),
         (WallContact, {"contact_model": "soft"}, "contact_model"),
+        (Curling, {"stiffness": 1e5}, "stiffness"),  # unstable at dt = 0.005
+        (Curling, {"damping": 1.5}, "damping"),
+        (Curling, {"mass": 0.0}, "mass"),
         (WallContact, {"stiffness": -1.0}, "stiffness"),
         (WallContact, {"stiffness": 1e6}, "stiffness"),  # unstable at dt = 0.01
         (WallContact, {"start": 2.0}, "start"),
@@ -610,3 +621,21 @@ def test_the_double_pendulum_is_chaotic_and_the_small_swinging_pendulum_is_not()
         single, jnp.array([jnp.pi - 0.3, 0.0]) + 0.01 * jax.random.normal(k, (2,)), 600))(keys)
     assert np.all(np.abs(regular) < 0.2), regular
     assert np.all(chaotic > 5 * np.max(np.abs(regular))), (chaotic, regular)
+
+
+def test_curling_contact_conserves_momentum_and_pushes_the_stone():
+    """Without damping and force the contact only exchanges momentum (equal masses: the pusher
+    stops and the stone leaves with its speed, up to the contact's finite duration), and a
+    steady push moves the stone forward further with a stiffer contact engaged sooner."""
+    with jax.enable_x64(True):
+        env = Curling(damping=1.0, action_cost=0.0)
+        start = env.init_state(jnp.array([-0.5, 1.0, 1.0, 0.0]))
+        states, _ = rollout(env, start, jnp.zeros((200, 1)))
+        x = np.asarray(states.pipeline_state)
+        momentum = env.mass * (x[:, 2] + x[:, 3])
+        np.testing.assert_allclose(momentum, env.mass * 1.0, rtol=1e-9)
+        assert x[-1, 3] == pytest.approx(1.0, abs=0.02) and abs(x[-1, 2]) < 0.02
+    pushed = [float(rollout(Curling(stiffness=k), Curling(stiffness=k).reset(jax.random.key(0)),
+                            jnp.full((100, 1), 0.5))[0].pipeline_state[-1, 1])
+              for k in (10.0, 1000.0)]
+    assert 1.0 < pushed[0] < pushed[1]

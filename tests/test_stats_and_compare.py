@@ -100,6 +100,38 @@ def test_compare_command_writes_a_report(tmp_path, capsys):
                 "variance_trace"]
 
 
+@pytest.mark.parametrize("env", ["lqr", "pendulum"])
+def test_saved_samples_reproduce_the_reported_statistics(tmp_path, env):
+    """``samples.npz`` holds every estimate and the reference: ``load_samples`` gives them back
+    per sweep point, and ``gradient_statistics`` on them recomputes results.json's numbers (exact
+    reference on the LQR, an estimated one with its samples on the pendulum)."""
+    from diffpg.compare import load_samples
+
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--env", env, "--estimators", "reinforce", "bptt",
+                     "--num-estimates", "6", "--num-envs", "2", "--horizon", "2",
+                     "--reference-estimates", "8", "--critic-warmup", "0",
+                     "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["samples_file"] == "samples.npz"
+    points = load_samples(out)
+    assert [p["horizon"] for p in points] == [r["horizon"] for r in results["results"]]
+    for point, entry in zip(points, results["results"], strict=True):
+        assert set(point["estimates"]) == {"reinforce", "bptt"}
+        assert ("reference_estimates" in point) == (env != "lqr")
+        if env != "lqr":
+            assert point["reference_estimates"].shape == (8, results["num_parameters"])
+        for label, samples in point["estimates"].items():
+            assert samples.shape == (6, results["num_parameters"])
+            again = gradient_statistics(samples, point["reference"],
+                                        point["reference_standard_error"])
+            for key in ("variance_trace", "bias", "bias_detection_limit", "bias_max_t"):
+                assert again[key] == pytest.approx(entry["estimators"][label][key], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="samples.npz"):
+        (out / "samples.npz").unlink()
+        load_samples(out)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -110,7 +142,7 @@ def test_compare_command_writes_a_report(tmp_path, capsys):
         (["--env", "nowhere"], "env='nowhere'"),
         (["--reference", "exact", "--env", "pendulum"], "exact"),
         (["--estimators", "shac:window=3", "--horizon", "8"], "window"),
-        (["--sweep", "stiffness"], "sweep='stiffness' needs env='contact'"),
+        (["--sweep", "stiffness"], "sweep='stiffness' needs an env with a stiffness setting"),
         (["--env", "contact", "--sweep", "stiffness", "--stiffnesses", "10,1e9"], "stiffness"),
     ],
 )
@@ -174,3 +206,39 @@ def test_bias_resolution_keeps_its_false_positive_rate_when_one_coordinate_domin
     # ... and still detects a bias of 8 standard errors in the quiet coordinates.
     shifted = rng.normal(size=(64, 4)) * scales + np.array([0, 0.1, 0, 0])  # 0.1 = 8 SE
     assert gradient_statistics(shifted, reference=np.zeros(4))["bias_resolved"]
+
+
+@pytest.mark.parametrize("direction", ["worst", "noisiest_coordinate"])
+def test_a_bias_beyond_the_detection_limit_is_resolved_at_least_half_the_time(direction):
+    """``bias_detection_limit`` promises: a bias of larger norm, in any direction, is resolved
+    with probability above about 1/2. Checked with a bias of 1.1 x the limit in the direction
+    hardest to detect (every coordinate at the same multiple of its noise) and with all of it on
+    the noisiest coordinate; 100 trials each (at least 50 expected; 35 or fewer would be a
+    3-standard-error shortfall). The limit itself matches ``threshold * sqrt(sum_p s_p^2 / K)``
+    within 4 standard errors of a sample standard deviation."""
+    from diffpg.stats import resolution_threshold
+
+    rng = np.random.default_rng(2)
+    num, scales = 64, np.array([10.0, 0.1, 0.1, 0.1])
+    threshold = resolution_threshold(num, len(scales))
+    coordinate_noise = scales / np.sqrt(num)
+    limit = threshold * float(np.linalg.norm(coordinate_noise))
+    if direction == "worst":
+        bias = 1.1 * threshold * coordinate_noise
+    else:
+        bias = np.array([1.1 * limit, 0.0, 0.0, 0.0])
+    assert np.linalg.norm(bias) == pytest.approx(1.1 * limit)
+    resolved, limits = 0, []
+    for _ in range(100):
+        stats = gradient_statistics(rng.normal(size=(num, 4)) * scales + bias,
+                                    reference=np.zeros(4))
+        resolved += stats["bias_resolved"]
+        limits.append(stats["bias_detection_limit"])
+    assert resolved > 35
+    relative_se = np.sqrt(1.0 / (2 * (num - 1)))
+    assert np.median(limits) == pytest.approx(limit, rel=4 * relative_se)
+    # Below the limit in the worst direction (0.5 x), detection is rare: the limit is not loose.
+    quiet = sum(gradient_statistics(rng.normal(size=(num, 4)) * scales
+                                    + 0.5 * threshold * coordinate_noise,
+                                    reference=np.zeros(4))["bias_resolved"] for _ in range(100))
+    assert quiet < resolved
