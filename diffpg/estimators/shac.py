@@ -92,12 +92,16 @@ class ShacSettings:
     dynamics, a learned signal about the reward a fall loses, which a gradient through the
     dynamics cannot see (the episode's length is piecewise constant in the parameters). A
     surrogate, biased by design; off in SHAC."""
+    fit_terminal_values: bool = False
+    """Also fit the critic to value 0 at the states where episodes terminated (their true
+    value: nothing follows), so that the gradient ``termination_gradient`` takes there is
+    learned rather than extrapolated from the states before the fall. Off in SHAC."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
-        if not isinstance(self.termination_gradient, bool):
-            raise ValueError(f"termination_gradient={self.termination_gradient!r} must be "
-                             "true or false")
+        for name in ("termination_gradient", "fit_terminal_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.window is not None:
             check_positive_int("window", self.window)
             if self.horizon % self.window:
@@ -290,6 +294,14 @@ def _fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr
     inputs = (normalize(obs_stats, tr.obs), steps_left + 1)
     # Before fitting: how much of the fresh targets' variance the critic already explains.
     explained = explained_variance(value_function.apply(critic.params, *inputs), targets)
+    if settings.fit_terminal_values:
+        # A second copy of the batch in which each terminated step's example becomes (the state
+        # it fell into, 0); the other examples repeat, which leaves their balance unchanged.
+        terminated = tr.termination[..., None] > 0
+        inputs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), inputs, (
+            jnp.where(terminated, normalize(obs_stats, tr.next_obs), inputs[0]),
+            jnp.where(tr.termination > 0, steps_left, inputs[1])))
+        targets = jnp.concatenate([targets, jnp.where(tr.termination > 0, 0.0, targets)])
     critic, loss = fit_mean_squared_error(
         critic, value_function.apply, inputs, targets,
         optimizer, key, settings.critic_iterations, settings.critic_minibatches,
