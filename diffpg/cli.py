@@ -64,7 +64,7 @@ def run_compare(argv: list[str]) -> Path:
     settings, out, overwrite = parse_compare_command(argv)
     out = _prepare_output(out, overwrite, f"compare-{settings.env}")
     barrier("diffpg: output folder checked")
-    total = len(settings.points) * (len(settings.specs) + 1)
+    total = len(settings.points) * (len(settings.specs) + 1 + settings.per_step)
     with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
               disable=not is_primary()) as bar:
         def progress(message: str) -> None:

@@ -111,6 +111,10 @@ class CompareSettings:
     (with its observation statistics) instead of a fresh one; the env must be the run's."""
     devices: int = 1
     """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
+    per_step: bool = False
+    """Also split the variance of the pathwise (BPTT) and score-function (REINFORCE, leave-one-out)
+    gradients by time step on the same rollouts (``diffpg.per_step``, K = num_estimates), with
+    the closed-loop step Jacobians' largest singular values along the trajectory (analytic envs)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -353,7 +357,14 @@ def run_comparison(settings: CompareSettings,
             per_estimator[spec.label] = stats | timing
             point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
         samples_per_point.append(point_samples)
-        results.append({
+        extra = {}
+        if settings.per_step:
+            if progress:
+                progress(f"{where}: per-step variance")
+            extra["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
+                                          jax.random.fold_in(key_point, _digest("per_step")),
+                                          horizon, settings)
+        results.append(extra | {
             "sweep_value": point.value,
             "horizon": horizon,
             "env_settings": dict(point.env_settings),
@@ -411,6 +422,27 @@ def load_samples(run_dir: Path | str) -> list[dict]:
             else:
                 point[key] = arrays[name]
     return points
+
+
+def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
+              settings: CompareSettings) -> dict:
+    """``diffpg.per_step``'s split for both kinds, and the closed-loop Jacobian spectrum."""
+    from diffpg import per_step
+
+    stats = obs_stats if obs_stats is not None else init_statistics(env.observation_size)
+    result = {}
+    for kind in per_step.KINDS:
+        samples = per_step.sample_step_terms(kind, env, policy, params, stats, start_states,
+                                             jax.random.fold_in(key, _digest(kind)), horizon,
+                                             settings.discount, settings.num_estimates)
+        split = per_step.variance_by_step(samples)
+        result[kind] = {"contribution": split["contribution"].tolist(),
+                        "own": split["own"].tolist(), "total": split["total"]}
+    if hasattr(env.unwrapped, "init_state"):
+        singular = per_step.closed_loop_singular_values(env.unwrapped, policy, params, stats,
+                                                        start_states.pipeline_state, horizon)
+        result["jacobian_top_singular_value_median"] = np.median(singular, axis=0).tolist()
+    return result
 
 
 def _digest(value) -> int:

@@ -71,6 +71,8 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
         name = results["settings"]["sweep"]
         plots.append(_plot_against_sweep(results, out_dir / f"variance_vs_{name}.png"))
     plots.append(_plot_bias_and_cosine(results, out_dir / "bias_and_cosine.png"))
+    if "per_step" in results["results"][-1]:
+        plots.append(_plot_per_step(results, out_dir / "per_step_variance.png"))
     written += plots
     report = out_dir / "report.md"
     report.write_text(_markdown(results, [p.name for p in plots]))
@@ -171,6 +173,81 @@ def _plot_bias_and_cosine(results, path: Path) -> Path:
     return path
 
 
+PER_STEP_KINDS = {"pathwise": "pathwise (BPTT)",
+                  "score_function": "score function (REINFORCE, leave-one-out)"}
+
+
+def quarter_shares(contribution: list[float]) -> list[float]:
+    """The shares of the variance (``sum_t c_t`` = 1) from each quarter of the horizon's steps
+    (quarters as equal as the horizon allows)."""
+    values = np.asarray(contribution, np.float64)
+    total = values.sum()
+    return [float(part.sum() / total) for part in np.array_split(values, 4)]
+
+
+def _per_step_markdown(results: dict) -> list[str]:
+    final = results["results"][-1]
+    if "per_step" not in final:
+        return []
+    per_step = final["per_step"]
+    lines = ["", f"## Where the variance comes from, by step (T = {final['horizon']})", "",
+             "Share of the total variance `tr Var(g)` from each quarter of the horizon's steps "
+             "(each step's covariance with the whole estimate, `diffpg.per_step`; negative: the "
+             "step cancels others), and `sum_t own_t / total` (above 1: the steps' terms cancel "
+             "on the whole; below 1: they add up).", "",
+             "| estimator | total variance | steps 1st quarter | 2nd | 3rd | last | own / total |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, label in PER_STEP_KINDS.items():
+        split = per_step[kind]
+        shares = quarter_shares(split["contribution"])
+        own_ratio = float(np.sum(split["own"]) / max(split["total"], 1e-300))
+        lines.append(f"| {label} | {split['total']:.3g} | "
+                     + " | ".join(f"{v:.2f}" for v in shares) + f" | {own_ratio:.3g} |")
+    spectrum = per_step.get("jacobian_top_singular_value_median")
+    if spectrum:
+        growth = float(np.sum(np.log(spectrum)))
+        lines += ["", f"Closed-loop step Jacobians (deterministic policy, median over start "
+                      f"states): largest singular value {min(spectrum):.3g} to {max(spectrum):.3g} "
+                      f"per step; the product of the largest bounds a perturbation's growth over "
+                      f"the horizon by e^{growth:.3g}."]
+    return lines
+
+
+def _plot_per_step(results: dict, path: Path) -> Path:
+    entries = [e for e in results["results"] if "per_step" in e]
+    spectrum = entries[-1]["per_step"].get("jacobian_top_singular_value_median")
+    figure, axes = plt.subplots(1, 3 if spectrum else 2, figsize=(15 if spectrum else 10, 4.2))
+    longest = max(e["horizon"] for e in entries)
+    for axis, (kind, label) in zip(axes, PER_STEP_KINDS.items(), strict=False):
+        if len(entries) > 1:  # a heat-map: sweep point x step
+            shares = np.full((len(entries), longest), np.nan)
+            for row, entry in enumerate(entries):
+                split = entry["per_step"][kind]
+                values = np.asarray(split["contribution"]) / max(split["total"], 1e-300)
+                shares[row, :len(values)] = values
+            image = axis.imshow(shares, aspect="auto", cmap="viridis", origin="lower",
+                                extent=(0.5, longest + 0.5, -0.5, len(entries) - 0.5))
+            axis.set_yticks(range(len(entries)), [f"{e['sweep_value']:g}" for e in entries])
+            axis.set(xlabel="step t", ylabel=results["settings"]["sweep"],
+                     title=f"{label}: share of variance by step")
+            figure.colorbar(image, ax=axis)
+        else:
+            split = entries[-1]["per_step"][kind]
+            values = np.asarray(split["contribution"]) / max(split["total"], 1e-300)
+            axis.bar(np.arange(1, len(values) + 1), values)
+            axis.set(xlabel="step t", ylabel="c_t / tr Var(g)",
+                     title=f"{label}: share of variance by step")
+    if spectrum:
+        axes[-1].plot(np.arange(1, len(spectrum) + 1), spectrum, marker=".")
+        axes[-1].axhline(1.0, color="grey", lw=1, ls=":")
+        axes[-1].set(yscale="log", xlabel="step t", ylabel="largest singular value",
+                     title=f"Closed-loop step Jacobian (T = {entries[-1]['horizon']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def _format(value) -> str:
     if value is None:
         return "-"
@@ -218,6 +295,7 @@ def _markdown(results: dict, plots: list[str]) -> str:
             "snr", "nonfinite_fraction",
             "compile_seconds", "seconds_per_estimate")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _per_step_markdown(results)
     lines += ["", "## Reading", ""] + [f"- {s}" for s in _reading(results)] + [""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]

@@ -132,6 +132,28 @@ def test_saved_samples_reproduce_the_reported_statistics(tmp_path, env):
         load_samples(out)
 
 
+def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
+    """``--per-step``: at every sweep point both kinds' contributions sum to their total, the
+    LQR's closed-loop Jacobian is the constant matrix ``A + B K`` (one singular value at every
+    step), and the report and plot show them."""
+    from diffpg.report import quarter_shares
+
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--per-step", "--estimators", "bptt", "--num-estimates", "8",
+                     "--num-envs", "4", "--horizon", "4", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for entry in results["results"]:
+        for kind in ("pathwise", "score_function"):
+            split = entry["per_step"][kind]
+            assert len(split["contribution"]) == len(split["own"]) == entry["horizon"]
+            assert sum(split["contribution"]) == pytest.approx(split["total"], rel=1e-9)
+        spectrum = entry["per_step"]["jacobian_top_singular_value_median"]
+        assert spectrum == pytest.approx([spectrum[0]] * entry["horizon"], rel=1e-5)
+    assert quarter_shares([1.0, 1.0, 2.0, -4.0 + 4.0]) == pytest.approx([0.25, 0.25, 0.5, 0.0])
+    assert "Where the variance comes from" in (out / "report.md").read_text()
+    assert (out / "per_step_variance.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
