@@ -73,11 +73,12 @@ def _table(results: dict) -> str:
     from diffpg.report import _format
 
     final = results["results"][-1]["estimators"]
-    lines = ["| estimator | mean norm | variance | relative bias | bias resolved | cosine (mean) "
-             "| SNR |", "|---|---|---|---|---|---|---|"]
+    lines = ["| estimator | mean norm | variance | relative bias | bias resolved | detection "
+             "limit | cosine (mean) | SNR |", "|---|---|---|---|---|---|---|---|"]
     for label, s in final.items():
         cells = [_format(s.get(k)) for k in ("mean_norm", "variance_trace", "relative_bias",
-                                              "bias_resolved", "cosine_to_reference", "snr")]
+                                              "bias_resolved", "relative_bias_detection_limit",
+                                              "cosine_to_reference", "snr")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -97,7 +98,8 @@ def compare_sweep() -> dict[str, str]:
             growth.append(f"{label} {stats['variance_trace'] / start:.2g}-fold")
     biased = [f"{label} {stats['relative_bias']:.0%}" for label, stats
               in last["estimators"].items() if stats.get("bias_resolved")]
-    unresolved = [label for label, stats in last["estimators"].items()
+    unresolved = [f"{label} (detection limit {stats['relative_bias_detection_limit']:.0%})"
+                  for label, stats in last["estimators"].items()
                   if stats.get("bias_resolved") is False]
     text = (f"From T = {first['horizon']} to T = {last['horizon']} the variance grows "
             + ", ".join(growth) + ". At T = " + str(last["horizon"]) + " the bias is resolved for "
