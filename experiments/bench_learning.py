@@ -6,19 +6,24 @@ same env, backend and machine for about the same number of env steps. Each logs
 compilation, as a user waits for it. Targets: SHAC above APG at equal env steps; SHAC reaches
 PPO's final return with at most 1/10 of PPO's env steps and less wall-clock.
 
-diffpg's ``ppo`` and ``brax_ppo`` share one configuration (``PPO``: the batch of ``num_envs``
-environments x ``unroll_length`` steps cut into minibatches of environments, epochs, discount,
-learning rate, entropy cost, clipping, GAE lambda, network sizes, no reward scaling, no gradient
-clipping, deterministic evaluation), so their curves check diffpg's training loop against an
-independent implementation.
+diffpg's ``ppo`` and ``brax_ppo`` share one configuration (``ppo_settings``: the batch of
+``num_envs`` environments x ``unroll_length`` steps cut into minibatches of environments, epochs,
+discount, learning rate, entropy cost, clipping, GAE lambda, network sizes, no gradient clipping,
+deterministic evaluation), so their curves check diffpg's training loop against an independent
+implementation. A diffpg learner is an estimator spec: ``shac`` or ``shac:window=16,discount=0.995``
+(its settings, or training settings such as ``init_log_std``, as Python literals) on top of the
+env's configuration (``diffpg.configs``).
 
     python experiments/bench_learning.py                 # CPU: inverted_pendulum, ~200k steps
     python experiments/bench_learning.py --learners ppo brax_ppo --seeds 5 --steps 1000000 --num-envs 512
+    python experiments/bench_learning.py --env hopper --num-envs 256 --steps 4000000 --seeds 3 \
+        --evals 8 --learners shac shac:termination_gradient=True brax_ppo
     python experiments/bench_learning.py --gpu           # GPU: ant, 2048 envs, ~50M steps
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,36 +35,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
+from diffpg.options import parse_spec  # noqa: E402
 from diffpg.runs import train  # noqa: E402
 from diffpg.stats import mean_confidence_half_width  # noqa: E402
-from diffpg.training import settings_for  # noqa: E402
+from diffpg.training import TrainSettings, settings_for  # noqa: E402
 
-PPO = {"unroll_length": 5, "minibatches": 8, "epochs": 4, "discount": 0.97,
-       "learning_rate": 3e-4, "entropy_cost": 1e-2, "clip_ratio": 0.3, "gae_lambda": 0.95,
-       "policy_hidden_sizes": (32, 32, 32, 32), "value_hidden_sizes": (256,) * 5}
-"""The PPO configuration both implementations run: Brax's published inverted-pendulum settings
-(unroll 5, discount 0.97, learning rate 3e-4, entropy cost 1e-2, 4 epochs; its default
-clipping 0.3, GAE lambda 0.95 and networks), with 8 minibatches and without reward scaling."""
+PPO_INVERTED_PENDULUM = {
+    "unroll_length": 5, "minibatches": 8, "epochs": 4, "discount": 0.97, "learning_rate": 3e-4,
+    "entropy_cost": 1e-2, "clip_ratio": 0.3, "gae_lambda": 0.95, "reward_scaling": 1.0,
+    "policy_hidden_sizes": (32, 32, 32, 32), "value_hidden_sizes": (256,) * 5}
+"""Brax's published inverted-pendulum settings (unroll 5, discount 0.97, learning rate 3e-4,
+entropy cost 1e-2, 4 epochs; its default clipping 0.3, GAE lambda 0.95 and networks), with 8
+minibatches and without reward scaling."""
+
+PPO_LOCOMOTION = PPO_INVERTED_PENDULUM | {"reward_scaling": 10.0}
+"""Brax's published ant settings (the pendulum's plus reward scaling 10), with 8 minibatches of
+the CPU's env count (Brax: 32 of 4,096). Brax publishes SAC, not PPO, for hopper and walker2d;
+these are its nearest published PPO settings for a locomotion task."""
+
+
+def ppo_settings(env_name: str) -> dict:
+    """The PPO configuration both implementations run on ``env_name``."""
+    return PPO_INVERTED_PENDULUM if "pendulum" in env_name else PPO_LOCOMOTION
+
 
 BRAX_INITIAL_LOG_STD = float(np.log(np.log(2.0) + 1e-3))
 """Brax's PPO policy starts with std softplus(0) + 0.001; diffpg's starts there too."""
 
 
-def run_diffpg(estimator: str, env_name: str, num_envs: int, horizon: int, steps: int,
+def run_diffpg(learner: str, env_name: str, num_envs: int, horizon: int, steps: int,
                evals: int, seeds: int) -> list[dict]:
+    """A diffpg learner: an estimator spec ``name`` or ``name:key=value,...`` (its settings, or
+    training settings such as ``init_log_std``)."""
+    estimator, options = parse_spec(learner)
+    trainer_fields = {field.name for field in dataclasses.fields(TrainSettings)}
+    overrides = {k: v for k, v in options.items() if k in trainer_fields}
+    options = {k: v for k, v in options.items() if k not in trainer_fields}
+    PPO = ppo_settings(env_name)
     if estimator == "ppo":
         horizon = PPO["unroll_length"]
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
-    overrides, options = {}, {}
     if estimator == "ppo":
-        overrides = {"minibatches": PPO["minibatches"], "epochs": PPO["epochs"],
-                     "learning_rate": PPO["learning_rate"],
-                     "final_learning_rate": PPO["learning_rate"],
-                     "hidden_sizes": PPO["policy_hidden_sizes"],
-                     "init_log_std": BRAX_INITIAL_LOG_STD, "discount": PPO["discount"]}
-        options = {k: PPO[k] for k in ("entropy_cost", "clip_ratio", "gae_lambda",
-                                       "value_hidden_sizes")}
+        overrides |= {"minibatches": PPO["minibatches"], "epochs": PPO["epochs"],
+                      "learning_rate": PPO["learning_rate"],
+                      "final_learning_rate": PPO["learning_rate"],
+                      "hidden_sizes": PPO["policy_hidden_sizes"],
+                      "init_log_std": BRAX_INITIAL_LOG_STD, "discount": PPO["discount"]}
+        options |= {k: PPO[k] for k in ("entropy_cost", "clip_ratio", "gae_lambda",
+                                        "value_hidden_sizes")}
+        if PPO["reward_scaling"] != 1.0:
+            raise SystemExit(f"error: diffpg's ppo has no reward scaling; {env_name}'s PPO "
+                             f"settings scale rewards by {PPO['reward_scaling']}")
     settings = settings_for(env=env_name, estimator=estimator, num_envs=num_envs,
                             horizon=horizon, updates=per_call * evals, updates_per_call=per_call,
                             eval_envs=16, seeds=seeds, estimator_options=options, **overrides)
@@ -118,6 +145,8 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
         from brax.training.agents.ppo import networks as ppo_networks
         from brax.training.agents.ppo import train as ppo
 
+        PPO = ppo_settings(env_name)
+
         # One batch of num_envs environments x unroll_length steps per iteration, cut into
         # minibatches of environments: the layout of diffpg's ppo with the same settings.
         network = functools.partial(ppo_networks.make_ppo_networks,
@@ -129,7 +158,7 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
                   num_updates_per_batch=PPO["epochs"], discounting=PPO["discount"],
                   learning_rate=PPO["learning_rate"], entropy_cost=PPO["entropy_cost"],
                   clipping_epsilon=PPO["clip_ratio"], gae_lambda=PPO["gae_lambda"],
-                  reward_scaling=1.0, normalize_observations=True, network_factory=network,
+                  reward_scaling=PPO["reward_scaling"], normalize_observations=True, network_factory=network,
                   deterministic_eval=True, num_evals=evals + 1, num_eval_envs=16,
                   progress_fn=progress, seed=seed)
     return curve
@@ -184,7 +213,8 @@ def main() -> None:
     if "shac" in curves and "brax_apg" in curves:
         targets["shac_final - apg_final (target > 0)"] = (curves["shac"][-1]["reward"]
                                                           - curves["brax_apg"][-1]["reward"])
-    horizons = {learner: PPO["unroll_length"] if learner.endswith("ppo") else arguments.horizon
+    horizons = {learner: ppo_settings(env_name)["unroll_length"] if learner.endswith("ppo")
+                else arguments.horizon
                 for learner in curves}
     header = (f"{env_name}, {num_envs} envs, horizon " + ", ".join(
         f"{h} ({learner})" for learner, h in horizons.items()) + f", ~{steps} env steps each, "
