@@ -79,6 +79,9 @@ class TrainSettings:
     """Brax physics backend; None: the env's measured default."""
     episode_length: int | None = None
     """Time limit; None: the env's default."""
+    health_shaping: float = 0.0
+    """Above 0: training rollouts' reward gains a differentiable warning of a fall with this
+    weight (envs.HealthShaping; envs that end on a fall); evaluation keeps the task's reward."""
     estimator: Annotated[str, tyro.conf.Suppress] = configs.DEFAULT_ESTIMATOR
     """Estimator name (diffpg.estimators.names())."""
     estimator_settings: Annotated[Any, tyro.conf.arg(constructor_factory=estimator_choices)] = None
@@ -147,6 +150,12 @@ class TrainSettings:
             raise ValueError(f"init_log_std={self.init_log_std!r} must be a finite number")
         if self.episode_length is not None:
             check_positive_int("episode_length", self.episode_length)
+        if not (isinstance(self.health_shaping, int | float) and self.health_shaping >= 0
+                and math.isfinite(self.health_shaping)):
+            raise ValueError(f"health_shaping={self.health_shaping!r} must be a number >= 0")
+        if self.health_shaping and self.env not in envs.FALLING_ENV_NAMES:
+            raise ValueError(f"health_shaping={self.health_shaping!r} needs an env that ends on "
+                             f"a fall; allowed envs: {list(envs.FALLING_ENV_NAMES)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         check_devices(self.devices, self.num_envs)
@@ -341,11 +350,15 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     """Build env, policy, estimator and the compiled update and evaluation functions.
 
     ``env`` replaces the environment named by the settings (same sizes; for custom or
-    instrumented environments).
+    instrumented environments), for training and evaluation. Otherwise training runs on the
+    settings' env with its ``health_shaping`` and evaluation on the same env without it.
     """
+    eval_env = env
     if env is None:
-        env = envs.make(settings.env, episode_length=settings.episode_length,
-                        backend=settings.backend, **settings.env_settings)
+        env, eval_env = (envs.make(settings.env, episode_length=settings.episode_length,
+                                   backend=settings.backend, health_shaping=shaping,
+                                   **settings.env_settings)
+                         for shaping in (settings.health_shaping, 0.0))
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes,
                                       activation=settings.activation,
@@ -450,7 +463,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     def evaluate(state: TrainState, key: jax.Array) -> dict:
         """Undiscounted return of one episode per eval env, deterministic and stochastic."""
         def episode_returns(deterministic: bool):
-            return evaluate_policy(env, policy, state.params, state.obs_stats, key,
+            return evaluate_policy(eval_env, policy, state.params, state.obs_stats, key,
                                    settings.eval_envs, deterministic=deterministic)
 
         deterministic = episode_returns(True)

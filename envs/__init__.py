@@ -28,15 +28,23 @@ from typing import Any  # noqa: E402
 with contextlib.redirect_stdout(io.StringIO()):
     import mujoco.mjx  # noqa: F401
 
-from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES, BraxEnvironment, check_brax_name_and_backend
+from envs.brax_envs import (
+    BACKENDS,
+    BRAX_ENV_NAMES,
+    FALLING_ENV_NAMES,
+    BraxEnvironment,
+    check_brax_name_and_backend,
+)
 from envs.core import Environment, State
-from envs.wrappers import TimeLimitAutoReset, check_episode_length
+from envs.wrappers import HealthShaping, TimeLimitAutoReset, check_episode_length
 
 __all__ = [
     "ANALYTIC_ENV_CLASSES",
     "BACKENDS",
     "BRAX_ENV_NAMES",
     "Environment",
+    "FALLING_ENV_NAMES",
+    "HealthShaping",
     "State",
     "TimeLimitAutoReset",
     "check",
@@ -126,7 +134,8 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 
 
 def make(
-    name: str, episode_length: int | None = None, backend: str | None = None, **settings: Any
+    name: str, episode_length: int | None = None, backend: str | None = None,
+    health_shaping: float = 0.0, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -136,6 +145,8 @@ def make(
             ``default_episode_length``.
         backend: Brax physics backend (one of ``BACKENDS``), Brax envs only; ``None``: the
             measured default for that env.
+        health_shaping: above 0, the reward gains ``HealthShaping``'s differentiable warning of
+            a fall with this weight (envs that end on a fall only; a training device).
         **settings: keyword arguments of the env's constructor.
 
     Returns:
@@ -151,6 +162,8 @@ def make(
     if name in BRAX_ENV_NAMES:
         check_brax_name_and_backend(name, backend)
     raw_env = make_raw(name, backend=backend, **settings)
+    if health_shaping:
+        raw_env = HealthShaping(raw_env, health_shaping)
     if episode_length is None:
         episode_length = int(raw_env.default_episode_length)
     return TimeLimitAutoReset(raw_env, episode_length)

@@ -34,6 +34,7 @@ __all__ = [
     "BRAX_ENV_NAMES",
     "DEFAULT_BACKEND",
     "DEFAULT_EPISODE_LENGTH",
+    "FALLING_ENV_NAMES",
     "SUPPORTED_BACKENDS",
     "BraxEnvironment",
 ]
@@ -67,6 +68,9 @@ SUPPORTED_BACKENDS: Mapping[str, tuple[str, ...]] = {
 DEFAULT_EPISODE_LENGTH: Mapping[str, int] = {
     name: {"reacher": 50, "pusher": 100}.get(name, 1000) for name in BRAX_ENV_NAMES
 }
+
+#: The environments that end an episode on a fall (a torso height or pitch out of its range).
+FALLING_ENV_NAMES: tuple[str, ...] = ("ant", "hopper", "humanoid", "walker2d")
 
 #: Backend used when none is given, chosen by measurement (docs/brax_backends.md).
 DEFAULT_BACKEND: Mapping[str, str] = {
@@ -160,6 +164,32 @@ class BraxEnvironment(Environment):
     def brax_env(self) -> Any:
         """The underlying ``brax.envs.base.PipelineEnv``."""
         return self._brax_env
+
+    @property
+    def ends_on_a_fall(self) -> bool:
+        """Whether the env ends an episode when its torso leaves a healthy range (Brax's
+        ``terminate_when_unhealthy`` envs with a ``healthy_z_range``)."""
+        return (hasattr(self._brax_env, "_healthy_z_range")
+                and bool(getattr(self._brax_env, "_terminate_when_unhealthy", False)))
+
+    def health_margins(self, state: State) -> jax.Array:
+        """How far ``state`` is inside each finite bound of the env's healthy ranges ``[k]``
+        (positive: healthy; 0 on the boundary): the torso's height above its minimum (and below
+        its maximum, where finite), in metres, and for the planar walkers (hopper, walker2d) its
+        pitch inside its range, in radians. The quantities and ranges are the ones Brax's
+        ``step`` tests to end the episode."""
+        if not self.ends_on_a_fall:
+            raise ValueError(f"env {self.name!r} does not end on a fall; health margins exist "
+                             f"for {[n for n in FALLING_ENV_NAMES]}")
+        brax_env, pipeline_state = self._brax_env, state.pipeline_state
+        height = pipeline_state.x.pos[0, 2]
+        low, high = brax_env._healthy_z_range
+        margins = [height - low] + ([high - height] if high != float("inf") else [])
+        if hasattr(brax_env, "_healthy_angle_range"):
+            pitch = pipeline_state.q[2]
+            low, high = brax_env._healthy_angle_range
+            margins += [pitch - low, high - pitch]
+        return jax.numpy.stack(margins)
 
     def __repr__(self) -> str:
         return f"BraxEnvironment({self.name!r}, backend={self.backend!r})"

@@ -35,6 +35,7 @@ initial state, whose gradient w.r.t. earlier actions is exactly 0.
 
 from __future__ import annotations
 
+import math
 from typing import final
 
 import jax
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 
 from envs.core import Environment, State
 
-__all__ = ["TimeLimitAutoReset"]
+__all__ = ["HealthShaping", "TimeLimitAutoReset"]
 
 #: Keys this wrapper adds to ``State.info``.
 WRAPPER_INFO_KEYS = (
@@ -168,3 +169,62 @@ class TimeLimitAutoReset(Environment):
 
     def __repr__(self) -> str:
         return f"TimeLimitAutoReset({self._env!r}, episode_length={self._episode_length})"
+
+
+class HealthShaping(Environment):
+    """A differentiable warning of a coming fall, added to the reward of an env that ends on
+    one (``env.health_margins(state)``: distances inside the healthy ranges)::
+
+        reward' = reward - weight * sum_i (max(tolerance - m_i, 0) / tolerance)^2
+
+    0 while every margin ``m_i`` exceeds ``tolerance``, rising quadratically to ``weight`` per
+    bound at the boundary (DiffRL's hopper reward is shaped so). Its gradient lets a pathwise
+    estimator see a fall coming, which the constant healthy reward and the non-differentiable
+    end of the episode hide. A training device: evaluate on the unshaped env. The shaping is
+    recorded in ``metrics["health_shaping"]``.
+    """
+
+    def __init__(self, env: Environment, weight: float, tolerance: float = 0.1):
+        if not getattr(env, "ends_on_a_fall", False):
+            raise ValueError(f"health_shaping={weight!r} needs an env that ends on a fall "
+                             "(ant, hopper, humanoid, walker2d)")
+        for name, value in (("health_shaping", weight), ("health_tolerance", tolerance)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        self._env, self.weight, self.tolerance = env, float(weight), float(tolerance)
+
+    @property
+    def env(self) -> Environment:
+        return self._env
+
+    @property
+    def unwrapped(self) -> Environment:
+        return self._env.unwrapped
+
+    @property
+    def observation_size(self) -> int:
+        return self._env.observation_size
+
+    @property
+    def action_size(self) -> int:
+        return self._env.action_size
+
+    @property
+    def default_episode_length(self) -> int:  # type: ignore[override]
+        return self._env.default_episode_length
+
+    def penalty(self, state: State) -> jax.Array:
+        """``weight * sum_i (max(tolerance - m_i, 0) / tolerance)^2`` at ``state``."""
+        short = jax.nn.relu(self.tolerance - self._env.health_margins(state)) / self.tolerance
+        return self.weight * jnp.sum(short**2)
+
+    def reset(self, key: jax.Array) -> State:
+        state = self._env.reset(key)
+        return state.replace(metrics=state.metrics | {"health_shaping": jnp.zeros_like(
+            state.reward)})
+
+    def step(self, state: State, action: jax.Array) -> State:
+        next_state = self._env.step(state, action)
+        penalty = self.penalty(next_state).astype(next_state.reward.dtype)
+        return next_state.replace(reward=next_state.reward - penalty,
+                                  metrics=next_state.metrics | {"health_shaping": -penalty})

@@ -1,0 +1,67 @@
+"""``envs.HealthShaping``: the differentiable warning of a fall, exact in its formula, zero far
+from the healthy ranges' boundaries, and refused where an env does not end on a fall."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+from diffpg.training import settings_for
+from envs.core import Environment
+
+
+class _Margins(Environment):
+    """A stand-in env whose health margins are the state's observation."""
+
+    ends_on_a_fall = True
+    observation_size = action_size = default_episode_length = 3
+
+    def health_margins(self, state):
+        return state
+
+    def reset(self, key):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def step(self, state, action):  # pragma: no cover - not used
+        raise NotImplementedError
+
+
+def test_penalty_is_the_documented_quadratic_and_zero_beyond_the_tolerance():
+    shaping = envs.HealthShaping(_Margins(), weight=2.0, tolerance=0.1)
+    margins = jnp.array([0.5, 0.05, -0.02])  # far, inside the tolerance, past the boundary
+    expected = 2.0 * ((0.05 / 0.1) ** 2 + (0.12 / 0.1) ** 2)
+    assert float(shaping.penalty(margins)) == pytest.approx(expected, rel=1e-6)
+    gradient = jax.grad(shaping.penalty)(margins)
+    # d/dm 2 ((0.1 - m) / 0.1)^2 = -4 (0.1 - m) / 0.01; 0 where the margin exceeds 0.1.
+    np.testing.assert_allclose(gradient, [0.0, -4 * 0.05 / 0.01, -4 * 0.12 / 0.01], rtol=1e-5)
+
+
+def test_hopper_margins_and_an_upright_hopper_is_not_penalised():
+    """At a reset the hopper stands 1.25 m high (minimum 0.7) with its pitch near 0 (range
+    +-0.2): margins about (0.55, 0.2, 0.2), every one beyond the tolerance, so the shaped and
+    the task's rewards of the first step agree."""
+    key = jax.random.PRNGKey(0)
+    shaped, plain = envs.make("hopper", health_shaping=2.0), envs.make("hopper")
+    state = shaped.reset(key)
+    margins = shaped.unwrapped.health_margins(state)
+    np.testing.assert_allclose(margins, [0.55, 0.2, 0.2], atol=0.02)
+    action = jnp.zeros(shaped.action_size)
+    after, reference = jax.jit(shaped.step)(state, action), jax.jit(plain.step)(
+        plain.reset(key), action)
+    assert float(after.reward) == pytest.approx(float(reference.reward), abs=1e-6)
+    assert float(after.metrics["health_shaping"]) == 0.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: envs.make("halfcheetah", health_shaping=1.0),
+    lambda: envs.make("pendulum", health_shaping=1.0),
+    lambda: envs.HealthShaping(_Margins(), weight=-1.0),
+    lambda: settings_for(env="cartpole_swingup", health_shaping=1.0),
+    lambda: settings_for(env="hopper", health_shaping=float("nan")),
+])
+def test_shaping_where_nothing_falls_or_with_a_bad_weight_is_refused(make):
+    with pytest.raises(ValueError, match="health_shaping="):
+        make()
