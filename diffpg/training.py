@@ -355,10 +355,13 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     """
     eval_env = env
     if env is None:
-        env, eval_env = (envs.make(settings.env, episode_length=settings.episode_length,
-                                   backend=settings.backend, health_shaping=shaping,
-                                   **settings.env_settings)
-                         for shaping in (settings.health_shaping, 0.0))
+        def make_env(health_shaping: float):
+            return envs.make(settings.env, episode_length=settings.episode_length,
+                             backend=settings.backend, health_shaping=health_shaping,
+                             **settings.env_settings)
+
+        env = make_env(settings.health_shaping)
+        eval_env = make_env(0.0) if settings.health_shaping else env
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=settings.hidden_sizes,
                                       activation=settings.activation,
