@@ -150,12 +150,6 @@ class TrainSettings:
             raise ValueError(f"init_log_std={self.init_log_std!r} must be a finite number")
         if self.episode_length is not None:
             check_positive_int("episode_length", self.episode_length)
-        if not (isinstance(self.health_shaping, int | float) and self.health_shaping >= 0
-                and math.isfinite(self.health_shaping)):
-            raise ValueError(f"health_shaping={self.health_shaping!r} must be a number >= 0")
-        if self.health_shaping and self.env not in envs.FALLING_ENV_NAMES:
-            raise ValueError(f"health_shaping={self.health_shaping!r} needs an env that ends on "
-                             f"a fall; allowed envs: {list(envs.FALLING_ENV_NAMES)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         check_devices(self.devices, self.num_envs)
@@ -171,7 +165,8 @@ class TrainSettings:
                              f"{self.minibatches} (on devices={self.devices}); allowed: "
                              f"num_envs a multiple of {self.minibatches * self.devices}")
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
-        envs.check(self.env, self.episode_length, self.backend, **self.env_settings)
+        envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
+                   **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
             raise ValueError(f"horizon={self.horizon} is longer than the episode (episode_length="

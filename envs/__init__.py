@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import math
 import os
 
 # XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
@@ -76,14 +77,21 @@ def _check_name(name: str) -> None:
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
-          **settings: Any) -> None:
+          health_shaping: float = 0.0, **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
-    episode length, backend, and the names of the constructor settings (an analytic env, which
+    episode length, backend, health shaping (a number >= 0, above 0 only for
+    ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
     costs nothing to build, also checks their values). Raises ``ValueError`` naming the
     setting."""
     _check_name(name)
     if episode_length is not None:
         check_episode_length(episode_length)
+    if not (isinstance(health_shaping, int | float) and math.isfinite(health_shaping)
+            and health_shaping >= 0):
+        raise ValueError(f"health_shaping={health_shaping!r} must be a number >= 0")
+    if health_shaping and name not in FALLING_ENV_NAMES:
+        raise ValueError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
+                         f"allowed envs: {list(FALLING_ENV_NAMES)}")
     if name in ANALYTIC_ENV_CLASSES:
         make_raw(name, backend=backend, **settings)
         return

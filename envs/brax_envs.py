@@ -180,7 +180,7 @@ class BraxEnvironment(Environment):
         ``step`` tests to end the episode."""
         if not self.ends_on_a_fall:
             raise ValueError(f"env {self.name!r} does not end on a fall; health margins exist "
-                             f"for {[n for n in FALLING_ENV_NAMES]}")
+                             f"for {list(FALLING_ENV_NAMES)}")
         brax_env, pipeline_state = self._brax_env, state.pipeline_state
         height = pipeline_state.x.pos[0, 2]
         low, high = brax_env._healthy_z_range

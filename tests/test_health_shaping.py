@@ -58,6 +58,7 @@ def test_hopper_margins_and_an_upright_hopper_is_not_penalised():
 @pytest.mark.parametrize("make", [
     lambda: envs.make("halfcheetah", health_shaping=1.0),
     lambda: envs.make("pendulum", health_shaping=1.0),
+    lambda: envs.check("halfcheetah", health_shaping=1.0),
     lambda: envs.HealthShaping(_Margins(), weight=-1.0),
     lambda: settings_for(env="cartpole_swingup", health_shaping=1.0),
     lambda: settings_for(env="hopper", health_shaping=float("nan")),
