@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from envs.core import Environment, State
 
-__all__ = ["HealthShaping", "TimeLimitAutoReset"]
+__all__ = ["HealthShaping", "TimeLimitAutoReset", "Wrapper"]
 
 #: Keys this wrapper adds to ``State.info``.
 WRAPPER_INFO_KEYS = (
@@ -68,8 +68,37 @@ def check_episode_length(episode_length: int) -> int:
     return episode_length
 
 
+class Wrapper(Environment):
+    """An environment around another one (``env``): sizes, episode length and ``unwrapped`` are
+    the wrapped env's unless a wrapper says otherwise."""
+
+    def __init__(self, env: Environment):
+        self._env = env
+
+    @property
+    def env(self) -> Environment:
+        """The environment this wrapper wraps."""
+        return self._env
+
+    @property
+    def unwrapped(self) -> Environment:
+        return self._env.unwrapped
+
+    @property
+    def observation_size(self) -> int:
+        return self._env.observation_size
+
+    @property
+    def action_size(self) -> int:
+        return self._env.action_size
+
+    @property
+    def default_episode_length(self) -> int:  # type: ignore[override]
+        return self._env.default_episode_length
+
+
 @final
-class TimeLimitAutoReset(Environment):
+class TimeLimitAutoReset(Wrapper):
     """Episodes of at most ``episode_length`` steps, auto-reset to the stored initial state.
 
     Single instance (``obs [observation_size]``, scalar ``reward``/``done``); batch with
@@ -81,13 +110,8 @@ class TimeLimitAutoReset(Environment):
     """
 
     def __init__(self, env: Environment, episode_length: int):
-        self._env = env
+        super().__init__(env)
         self._episode_length = check_episode_length(episode_length)
-
-    @property
-    def env(self) -> Environment:
-        """The environment this wrapper wraps."""
-        return self._env
 
     @property
     def episode_length(self) -> int:
@@ -96,18 +120,6 @@ class TimeLimitAutoReset(Environment):
     @property
     def default_episode_length(self) -> int:  # type: ignore[override]
         return self._episode_length
-
-    @property
-    def observation_size(self) -> int:
-        return self._env.observation_size
-
-    @property
-    def action_size(self) -> int:
-        return self._env.action_size
-
-    @property
-    def unwrapped(self) -> Environment:
-        return self._env.unwrapped
 
     def reset(self, key: jax.Array) -> State:
         """Start an episode with ``key`` and store its state as this instance's reset target."""
@@ -171,7 +183,7 @@ class TimeLimitAutoReset(Environment):
         return f"TimeLimitAutoReset({self._env!r}, episode_length={self._episode_length})"
 
 
-class HealthShaping(Environment):
+class HealthShaping(Wrapper):
     """A differentiable warning of a coming fall, added to the reward of an env that ends on
     one (``env.health_margins(state)``: distances inside the healthy ranges)::
 
@@ -191,27 +203,8 @@ class HealthShaping(Environment):
         for name, value in (("health_shaping", weight), ("health_tolerance", tolerance)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        self._env, self.weight, self.tolerance = env, float(weight), float(tolerance)
-
-    @property
-    def env(self) -> Environment:
-        return self._env
-
-    @property
-    def unwrapped(self) -> Environment:
-        return self._env.unwrapped
-
-    @property
-    def observation_size(self) -> int:
-        return self._env.observation_size
-
-    @property
-    def action_size(self) -> int:
-        return self._env.action_size
-
-    @property
-    def default_episode_length(self) -> int:  # type: ignore[override]
-        return self._env.default_episode_length
+        super().__init__(env)
+        self.weight, self.tolerance = float(weight), float(tolerance)
 
     def penalty(self, state: State) -> jax.Array:
         """``weight * sum_i (max(tolerance - m_i, 0) / tolerance)^2`` at ``state``."""
