@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import envs
-from diffpg import estimators
+from diffpg import estimators, per_step
 from diffpg.devices import check_devices, shard_batch, to_host
 from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options, parse_spec
@@ -357,14 +357,7 @@ def run_comparison(settings: CompareSettings,
             per_estimator[spec.label] = stats | timing
             point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
         samples_per_point.append(point_samples)
-        extra = {}
-        if settings.per_step:
-            if progress:
-                progress(f"{where}: per-step variance")
-            extra["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
-                                          jax.random.fold_in(key_point, _digest("per_step")),
-                                          horizon, settings)
-        results.append(extra | {
+        entry = {
             "sweep_value": point.value,
             "horizon": horizon,
             "env_settings": dict(point.env_settings),
@@ -372,7 +365,14 @@ def run_comparison(settings: CompareSettings,
             "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
                           "standard_error_norm": float(np.linalg.norm(reference_se))},
             "estimators": per_estimator,
-        })
+        }
+        if settings.per_step:
+            if progress:
+                progress(f"{where}: per-step variance")
+            entry["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
+                                          jax.random.fold_in(key_point, _digest("per_step")),
+                                          horizon, settings)
+        results.append(entry)
     return {
         "settings": dataclasses.asdict(settings),
         "reference_kind": reference_kind,
@@ -427,8 +427,6 @@ def load_samples(run_dir: Path | str) -> list[dict]:
 def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
               settings: CompareSettings) -> dict:
     """``diffpg.per_step``'s split for both kinds, and the closed-loop Jacobian spectrum."""
-    from diffpg import per_step
-
     stats = obs_stats if obs_stats is not None else init_statistics(env.observation_size)
     result = {}
     for kind in per_step.KINDS:
