@@ -36,7 +36,8 @@ def step_jacobians(step: StepFunction, x0: jax.Array, actions: jax.Array
     """States ``[T + 1, n]`` (``x_0 .. x_T``) and Jacobians ``[T, n, n]`` (``d x_{t+1} / d x_t``)
     along the trajectory from ``x0`` under ``actions [T, m]``."""
     def one_step(x, action):
-        return step(x, action), (step(x, action), jax.jacfwd(step)(x, action))
+        x_next = step(x, action)
+        return x_next, (x_next, jax.jacfwd(step)(x, action))
 
     _, (states, jacobians) = jax.lax.scan(one_step, x0, actions)
     return jnp.concatenate([x0[None], states]), jacobians

@@ -125,6 +125,7 @@ def closed_loop_singular_values(env, policy: Policy, params: Params,
         return env.step(state, policy.to_action(mean)).pipeline_state
 
     def one(x0):
+        # The policy chooses the action inside the map: the scanned actions only set the length.
         _, jacobians = step_jacobians(closed_loop, x0, jnp.zeros((horizon, 1)))
         return jnp.linalg.svd(jacobians, compute_uv=False)[:, 0]
 
