@@ -17,7 +17,7 @@ env's configuration (``diffpg.configs``).
     python experiments/bench_learning.py                 # CPU: inverted_pendulum, ~200k steps
     python experiments/bench_learning.py --learners ppo brax_ppo --seeds 5 --steps 1000000 --num-envs 512
     python experiments/bench_learning.py --env hopper --num-envs 256 --steps 4000000 --seeds 3 \
-        --evals 8 --learners shac shac:termination_gradient=True brax_ppo
+        --evals 8 --learners shac shac:health_shaping=0.0 brax_ppo
     python experiments/bench_learning.py --gpu           # GPU: ant, 2048 envs, ~50M steps
 """
 
