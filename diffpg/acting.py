@@ -45,6 +45,7 @@ def unroll(
     deterministic: bool = False,
     remat_segment: int = 0,
     record: Callable[[State], Any] | None = None,
+    action_offsets: jax.Array | None = None,
 ) -> tuple[State, Transitions] | tuple[State, Transitions, Any]:
     """Run ``steps`` steps of a batch of ``B`` environments (``env_state`` has leading axis B).
 
@@ -58,17 +59,25 @@ def unroll(
     the states at segment boundaries plus one segment's intermediates (memory about
     ``O(steps / S + S)`` steps instead of ``O(steps)``) and recomputes each segment's forward
     pass once. The values and gradients are those of the plain scan.
+
+    ``action_offsets [steps, B, act]`` are added to the raw actions (zeros leave the rollout
+    unchanged; ``Transitions.raw_action`` includes them): the gradient of a function of the rollout
+    with respect to them is its total derivative ``dR / du_t`` with respect to each raw action,
+    through the dynamics and the later actions (per-step pathwise terms, ``estimators.ivw``).
     """
     step_batch = jax.vmap(env.step)
+    if action_offsets is None:
+        action_offsets = jnp.zeros((steps,), jnp.float32)  # broadcasts: nothing added
 
-    def step(state, step_key):
+    def step(state, inputs):
+        step_key, offset = inputs
         obs = state.obs
         mean, std = policy.distribution(params, normalize(obs_stats, obs))
         if deterministic:
             noise = jnp.zeros_like(mean)
         else:
             noise = jax.random.normal(step_key, mean.shape, mean.dtype)
-        raw_action = mean + std * noise
+        raw_action = mean + std * noise + offset
         next_state = step_batch(state, policy.to_action(raw_action))
         info = next_state.info
         transition = Transitions(
@@ -85,18 +94,19 @@ def unroll(
             return next_state, transition
         return next_state, (transition, record(next_state))
 
-    keys = jax.random.split(key, steps)
+    inputs = (jax.random.split(key, steps), action_offsets)
     if not remat_segment:
-        end_state, outputs = jax.lax.scan(step, env_state, keys)
+        end_state, outputs = jax.lax.scan(step, env_state, inputs)
     else:
         if steps % remat_segment:
             raise ValueError(f"remat_segment={remat_segment} must divide steps={steps}")
 
         @jax.checkpoint
-        def segment(state, segment_keys):
-            return jax.lax.scan(step, state, segment_keys)
+        def segment(state, segment_inputs):
+            return jax.lax.scan(step, state, segment_inputs)
 
-        segments = keys.reshape((steps // remat_segment, remat_segment) + keys.shape[1:])
+        segments = jax.tree.map(
+            lambda x: x.reshape((steps // remat_segment, remat_segment) + x.shape[1:]), inputs)
         end_state, outputs = jax.lax.scan(segment, env_state, segments)
         outputs = jax.tree.map(lambda x: x.reshape((steps,) + x.shape[2:]), outputs)
     if record is None:

@@ -64,16 +64,18 @@ def _gae_exact_value(lqr):
     return make_reinforce(lqr.env, lqr.policy, settings, lqr.exact_value_function("start")), None
 
 
-def _bptt(lqr):
-    return estimators.make("bptt", lqr.env, lqr.policy, horizon=lqr.horizon,
-                           discount=lqr.discount), None
-
-
 def _shac_exact_value(window):
     def build(lqr):
         settings = ShacSettings(horizon=lqr.horizon, window=window, discount=lqr.discount,
                                 finite_horizon=True, target_critic_keep=1.0)
         return make_shac(lqr.env, lqr.policy, settings, lqr.exact_value_function()), None
+    return build
+
+
+def _named(name):
+    def build(lqr):
+        return estimators.make(name, lqr.env, lqr.policy, horizon=lqr.horizon,
+                               discount=lqr.discount), None
     return build
 
 
@@ -100,11 +102,14 @@ def _cases() -> list[Case]:
         cases += [
             Case("reinforce:baseline=value (exact V)", problem, _reinforce_exact_value, 1000,
                  SCORE_FUNCTION_ERROR),
-            Case("bptt", problem, _bptt, 400, PATHWISE_ERROR),
+            Case("bptt", problem, _named("bptt"), 400, PATHWISE_ERROR),
             Case("shac:window=1 (exact V)", problem, _shac_exact_value(1), 400, PATHWISE_ERROR),
             Case("shac:window=5 (exact V)", problem, _shac_exact_value(5), 400, PATHWISE_ERROR),
             Case("critic_backprop (exact Q)", problem, _critic_backprop_exact_q, 400,
                  PATHWISE_ERROR),
+            # Mixes of both kinds, unbiased by cross-fitting (their weights lean pathwise here).
+            Case("ivw", problem, _named("ivw"), 400, PATHWISE_ERROR),
+            Case("ddcg", problem, _named("ddcg"), 600, PATHWISE_ERROR),
         ]
     cases.append(Case("reinforce:baseline=value (learned V)", "plain", _reinforce_learned_value,
                       14000, SCORE_FUNCTION_ERROR))
