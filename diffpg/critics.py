@@ -58,6 +58,31 @@ def make_mlp_value_function(
     return ValueFunction(init, apply)
 
 
+class ValueEnsemble(NamedTuple):
+    """``members`` value functions with independent initialisations: ``apply`` is the smallest of
+    their values (a pessimistic value, as SAPO's and TD3's twin critics), ``apply_each`` every
+    member's ``[members, ...]`` (fitted each to the same targets)."""
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array, jax.Array], jax.Array]
+    apply_each: Callable[[Params, jax.Array, jax.Array], jax.Array]
+
+
+def make_value_ensemble(value_function: ValueFunction, members: int) -> ValueEnsemble:
+    """``members`` copies of ``value_function`` (parameters stacked on a leading axis)."""
+
+    def init(key):
+        return jax.vmap(value_function.init)(jax.random.split(key, members))
+
+    def apply_each(params, obs, steps_left):
+        return jax.vmap(value_function.apply, (0, None, None))(params, obs, steps_left)
+
+    def apply(params, obs, steps_left):
+        return jnp.min(apply_each(params, obs, steps_left), axis=0)
+
+    return ValueEnsemble(init, apply, apply_each)
+
+
 def make_mlp_q_function(
     observation_size: int,
     action_size: int,

@@ -173,7 +173,6 @@ def make_shac(
             time_scale=settings.horizon if settings.finite_horizon else None,
         )
     optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
-    window = settings.window_length
 
     def init(key: jax.Array, policy_params: Params) -> CriticState | None:
         del policy_params
@@ -187,49 +186,74 @@ def make_shac(
             target = jax.lax.stop_gradient(critic.target_params)
             return value_function.apply(target, normalize(obs_stats, obs), steps_left)
 
-        def window_objective(p, start_state, start_weight, window_index, window_key):
-            start_state = jax.lax.stop_gradient(start_state)
-            end_state, tr = unroll(env, policy, p, obs_stats, start_state, window_key, window,
-                                   remat_segment=settings.remat_segment)
-            # steps of the horizon left after each transition (an exact critic's time argument)
-            steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
-            steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
-            is_last_window = window_index == settings.num_windows - 1
-            final_bootstrap = jnp.logical_or(not settings.finite_horizon, ~is_last_window)
-            totals, rewards_only, next_weight = window_return(
-                tr.reward, tr.done, tr.truncation,
-                value(tr.next_obs, steps_left), value(end_state.obs, steps_left[-1]),
-                start_weight, settings.discount, final_bootstrap.astype(tr.reward.dtype),
-                termination=tr.termination if settings.termination_gradient else None,
-            )
-            aux = (end_state, next_weight, tr, jnp.mean(rewards_only))
-            return jnp.mean(totals), aux
-
-        grad_fn = jax.grad(window_objective, has_aux=True)
-
-        def one_window(carry, inputs):
-            grad_sum, start_state, start_weight = carry
-            window_index, window_key = inputs
-            grad, (end_state, next_weight, tr, reward_sum) = grad_fn(
-                params, start_state, start_weight, window_index, window_key
-            )
-            grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
-            return (grad_sum, end_state, next_weight), (tr, reward_sum)
-
-        batch_size = jax.tree.leaves(env_state)[0].shape[0]
-        carry = (jax.tree.map(jnp.zeros_like, params), env_state, jnp.ones(batch_size))
-        inputs = (jnp.arange(settings.num_windows), jax.random.split(key, settings.num_windows))
-        (grad, end_state, _), (tr, reward_sums) = jax.lax.scan(one_window, carry, inputs)
-        tr = jax.tree.map(lambda x: x.reshape((settings.horizon,) + x.shape[2:]), tr)
-        return Estimate(grad, Batch(jax.lax.stop_gradient(tr)), jax.lax.stop_gradient(end_state),
-                        {"objective": jnp.sum(reward_sums)})
+        return windowed_gradient(env, policy, settings, params, obs_stats, value, env_state, key)
 
     def update(params, obs_stats, critic, batch, key):
         del params
-        return _fit_value_critic(value_function, optimizer, settings, obs_stats, critic,
-                                 batch.transitions, key)
+        return fit_value_critic(value_function, optimizer, settings, obs_stats, critic,
+                                batch.transitions, key)
 
     return Estimator(init, estimate, update if settings.critic else learns_nothing, settings)
+
+
+def windowed_gradient(
+    env: Environment,
+    policy: Policy,
+    settings: ShacSettings,
+    params: Params,
+    obs_stats: RunningStatistics,
+    value,
+    env_state: State,
+    key: jax.Array,
+    reward_bonus=None,
+) -> Estimate:
+    """The gradient of the objective in the module docstring, one window at a time.
+
+    ``value(obs [..., obs], steps_left [...]) -> [...]``: the (target) critic's value of raw
+    observations, 0 without a critic. ``reward_bonus(params, transitions) -> [T, B]``, if given,
+    is added to each window's rewards inside the differentiated objective (SAPO's entropy; the
+    ``objective`` metric stays the task's). Uses ``settings``' horizon, window, discount,
+    ``finite_horizon``, ``remat_segment`` and ``termination_gradient``.
+    """
+    window = settings.window_length
+
+    def window_objective(p, start_state, start_weight, window_index, window_key):
+        start_state = jax.lax.stop_gradient(start_state)
+        end_state, tr = unroll(env, policy, p, obs_stats, start_state, window_key, window,
+                               remat_segment=settings.remat_segment)
+        # steps of the horizon left after each transition (an exact critic's time argument)
+        steps_left = settings.horizon - (window_index * window + jnp.arange(1, window + 1))
+        steps_left = jnp.broadcast_to(steps_left[:, None], tr.reward.shape)
+        is_last_window = window_index == settings.num_windows - 1
+        final_bootstrap = jnp.logical_or(not settings.finite_horizon, ~is_last_window)
+        totals, rewards_only, next_weight = window_return(
+            tr.reward, tr.done, tr.truncation,
+            value(tr.next_obs, steps_left), value(end_state.obs, steps_left[-1]),
+            start_weight, settings.discount, final_bootstrap.astype(tr.reward.dtype),
+            termination=tr.termination if settings.termination_gradient else None,
+            bonus=None if reward_bonus is None else reward_bonus(p, tr),
+        )
+        aux = (end_state, next_weight, tr, jnp.mean(rewards_only))
+        return jnp.mean(totals), aux
+
+    grad_fn = jax.grad(window_objective, has_aux=True)
+
+    def one_window(carry, inputs):
+        grad_sum, start_state, start_weight = carry
+        window_index, window_key = inputs
+        grad, (end_state, next_weight, tr, reward_sum) = grad_fn(
+            params, start_state, start_weight, window_index, window_key
+        )
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grad)
+        return (grad_sum, end_state, next_weight), (tr, reward_sum)
+
+    batch_size = jax.tree.leaves(env_state)[0].shape[0]
+    carry = (jax.tree.map(jnp.zeros_like, params), env_state, jnp.ones(batch_size))
+    inputs = (jnp.arange(settings.num_windows), jax.random.split(key, settings.num_windows))
+    (grad, end_state, _), (tr, reward_sums) = jax.lax.scan(one_window, carry, inputs)
+    tr = jax.tree.map(lambda x: x.reshape((settings.horizon,) + x.shape[2:]), tr)
+    return Estimate(grad, Batch(jax.lax.stop_gradient(tr)), jax.lax.stop_gradient(end_state),
+                    {"objective": jnp.sum(reward_sums)})
 
 
 def window_return(
@@ -242,6 +266,7 @@ def window_return(
     discount: float,
     final_bootstrap: jax.Array,
     termination: jax.Array | None = None,
+    bonus: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SHAC's bootstrapped return of one window, per environment.
 
@@ -256,6 +281,7 @@ def window_return(
     and the discount weight the next window starts with. Termination contributes value 0. With
     ``termination [T, B]`` given, ``total`` gains ``sum_t w_t gamma term_t (V(s'_t) - sg(V(s'_t)))``
     (``sg``: stop gradient): zero, with the critic's gradient at the states where episodes ended.
+    With ``bonus [T, B]`` given, ``total`` gains ``sum_t w_t bonus_t`` (``rewards`` does not).
     """
     weights = returns.segment_discounts(done, discount, start_weight)
     is_last_step = (jnp.arange(reward.shape[0]) == reward.shape[0] - 1)[:, None]
@@ -269,7 +295,8 @@ def window_return(
         zero_valued = next_value - jax.lax.stop_gradient(next_value)
         end_values = end_values + jnp.sum(weights * discount * termination * zero_valued, axis=0)
     next_weight = jnp.where(done[-1] > 0, 1.0, discount * weights[-1])
-    return rewards + truncation_values + end_values, rewards, next_weight
+    bonuses = 0.0 if bonus is None else jnp.sum(weights * bonus, axis=0)
+    return rewards + bonuses + truncation_values + end_values, rewards, next_weight
 
 
 def make_bptt(
@@ -279,8 +306,13 @@ def make_bptt(
     return make_shac(env, policy, settings.as_shac())._replace(settings=settings)
 
 
-def _fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr, key):
-    """TD(lambda) targets from the target critic, then regression, then the target update."""
+def fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr, key,
+                     predict=None):
+    """TD(lambda) targets from the target critic, then regression, then the target update.
+
+    ``predict(params, obs, steps_left)`` is what is regressed on the targets (default
+    ``value_function.apply``; a critic ensemble's every member, ``[members, ...]``, fits each).
+    """
     steps_left = settings.horizon - jnp.arange(1, settings.horizon + 1)[:, None]
     steps_left = jnp.broadcast_to(steps_left, tr.reward.shape)
     next_value = value_function.apply(
@@ -303,14 +335,14 @@ def _fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr
             jnp.where(tr.termination > 0, steps_left, inputs[1])))
         targets = jnp.concatenate([targets, jnp.where(tr.termination > 0, 0.0, targets)])
     critic, loss = fit_mean_squared_error(
-        critic, value_function.apply, inputs, targets,
+        critic, predict or value_function.apply, inputs, targets,
         optimizer, key, settings.critic_iterations, settings.critic_minibatches,
     )
     return update_target(critic, settings.target_critic_keep), {
         "critic_loss": loss, "critic_explained_variance": explained}
 
 
-def _largest_window_at_most(limit: int):
+def largest_window_at_most(limit: int):
     """The comparison's SHAC window: the largest divisor of the horizon up to ``limit`` steps."""
     def comparison(horizon: int) -> dict:
         window = min(limit, horizon)
@@ -322,4 +354,4 @@ def _largest_window_at_most(limit: int):
 
 
 register("bptt", BpttSettings, make_bptt)
-register("shac", ShacSettings, make_shac, comparison=_largest_window_at_most(4))
+register("shac", ShacSettings, make_shac, comparison=largest_window_at_most(4))
