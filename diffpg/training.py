@@ -309,7 +309,7 @@ def check_memory(settings: TrainSettings, env) -> None:
     """Refuse, before compiling, a batch whose simulated states alone cannot fit: every step of
     the horizon keeps the batch's states for the reverse pass (a lower bound of what a run needs).
     """
-    state = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda: env.reset(jax.random.PRNGKey(0)))  # traced: compiles nothing
     per_env = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
     needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
     available = available_memory_bytes()

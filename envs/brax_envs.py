@@ -148,7 +148,7 @@ class BraxEnvironment(Environment):
     @functools.cached_property
     def observation_size(self) -> int:
         # Brax's own property runs an eager reset; an abstract trace costs no compile.
-        state_shape = jax.eval_shape(self._brax_env.reset, jax.random.PRNGKey(0))
+        state_shape = jax.eval_shape(lambda: self._brax_env.reset(jax.random.PRNGKey(0)))
         return int(state_shape.obs.shape[-1])
 
     @property
