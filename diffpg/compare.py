@@ -249,7 +249,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     then ``update``, if its state holds anything), then ``num_estimates`` independent estimates.
 
     Estimates run vmapped, ``chunk_size`` at a time (all at once by default; a chunk bounds the
-    memory, which for per-sample estimators such as the optimal baseline grows with K);
+    memory, which for per-sample estimators such as the optimal baseline grows with K; when the
+    device runs out of memory the chunk is halved and the same estimates run again);
     ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's; none:
     raw observations). Returns flat samples ``[K, P]`` and timings: compile seconds and seconds
     per estimate (wall time / K).
@@ -274,21 +275,37 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
         grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
         return ravel_pytree(grad)[0]
 
-    def flat_estimates(state, starts, keys):
+    def flat_estimates(state, starts, keys, batch_size):
         return jax.lax.map(lambda k: flat_estimate(state, starts, k), keys,
-                           batch_size=chunk_size or num_estimates)
+                           batch_size=batch_size)
 
     # The start states are an argument, not a constant, so that their sharding (the batch
     # split over devices, diffpg.devices.shard_batch) carries into the computation.
     keys = jax.random.split(key_samples, num_estimates)
+    batch_size = chunk_size or num_estimates
+    while True:  # out of memory: the same estimates, half as many at a time
+        try:
+            samples, compile_seconds, run_seconds = _compile_and_run(
+                flat_estimates, state, start_states, keys, batch_size)
+            break
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error) or batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+    return samples, {"compile_seconds": compile_seconds,
+                     "seconds_per_estimate": run_seconds / num_estimates}
+
+
+def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
+    """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
+    compile seconds, run seconds)``."""
     started = time.perf_counter()
-    compiled = jax.jit(flat_estimates).lower(state, start_states, keys).compile()
+    compiled = jax.jit(flat_estimates, static_argnums=3).lower(
+        state, start_states, keys, batch_size).compile()
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
-    run_seconds = time.perf_counter() - started
-    return samples, {"compile_seconds": compile_seconds,
-                     "seconds_per_estimate": run_seconds / num_estimates}
+    return samples, compile_seconds, time.perf_counter() - started
 
 
 def run_comparison(settings: CompareSettings,

@@ -264,3 +264,28 @@ def test_a_bias_beyond_the_detection_limit_is_resolved_at_least_half_the_time(di
                                     + 0.5 * threshold * coordinate_noise,
                                     reference=np.zeros(4))["bias_resolved"] for _ in range(100))
     assert quiet < resolved
+
+
+def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypatch, lqr):
+    """A device that cannot hold all K estimates at once gets them half as many at a time, the
+    same keys and so the same samples."""
+    import jax
+
+    from diffpg import compare, estimators
+
+    estimator = estimators.make("bptt", lqr.env, lqr.policy, horizon=lqr.horizon)
+    key = jax.random.PRNGKey(0)
+    expected, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
+    real = compare._compile_and_run
+    tried = []
+
+    def small_device(flat_estimates, state, start_states, keys, batch_size):
+        tried.append(batch_size)
+        if batch_size > 8:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
+        return real(flat_estimates, state, start_states, keys, batch_size)
+
+    monkeypatch.setattr(compare, "_compile_and_run", small_device)
+    samples, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
+    assert tried == [32, 16, 8]
+    np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-6)
