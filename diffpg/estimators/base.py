@@ -101,6 +101,11 @@ def check_non_negative(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a finite number >= 0")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; allowed values: {list(allowed)}")

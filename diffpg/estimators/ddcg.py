@@ -45,6 +45,7 @@ from diffpg.estimators.base import (
     Batch,
     Estimate,
     Estimator,
+    check_bool,
     check_positive,
     check_positive_int,
     check_unit_interval,
@@ -69,6 +70,8 @@ class DdcgSettings:
     """Rollouts from each start state: the test's sample (and the leave-one-out pool); >= 3."""
     smoothness_threshold: float = 3.0
     """c: a state is smooth when Var R <= c * E||grad_eps R||^2 (1 is the Poincare bound)."""
+    cross_fit: bool = True
+    """IVW-H's weights from the other half of the batch (see estimators.ivw)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
@@ -79,6 +82,7 @@ class DdcgSettings:
                              "(each rollout's test takes a variance over the other rollouts of "
                              "its state)")
         check_positive("smoothness_threshold", self.smoothness_threshold)
+        check_bool("cross_fit", self.cross_fit)
 
 
 def smoothness_test(returns: jax.Array, noise_gradient_norms: jax.Array,
@@ -119,7 +123,7 @@ def make_ddcg(env: Environment, policy: Policy,
                                       settings.smoothness_threshold)
         mask = smooth.reshape(-1).astype(tr.reward.dtype)
         means = step_means(policy, params, obs_stats, rollouts, per_state, mask)
-        grad, alpha = inverse_variance_mix(means)
+        grad, alpha = inverse_variance_mix(means, settings.cross_fit)
         end_state = jax.tree.map(lambda x: x[::per_state], rollouts.end_state)
         metrics = {"objective": jnp.mean(rollouts.returns), "alpha": jnp.mean(alpha),
                    "nonsmooth_rollouts": 1.0 - jnp.mean(smooth.astype(jnp.float32)),

@@ -23,7 +23,9 @@ contact) get their score-function term, the others their pathwise term. The mix 
 any fixed weights, but weights estimated from the same samples are not fixed: they correlate with
 the skewed score-function noise (measured on the LQR with 4 rollouts per state: a 2.5% bias). So
 the weights are cross-fitted: the start states are split in two halves, and each half's terms are
-mixed with the weights of the other half's variances; each half's mix is then unbiased.
+mixed with the weights of the other half's variances; each half's mix is then unbiased. The price:
+a half whose own pathwise terms hold an outlier (a stiff contact) no longer lowers its own weight,
+which the same-sample weights do (``cross_fit=False``).
 The published paper gives no code; the step split above (by where ``theta`` enters, so that both
 estimates of a step are of the same ``dJ / dtheta_k``) and the trace variances are this module's
 reading of "a per-step inverse-variance weighting of first- and zeroth-order terms".
@@ -47,6 +49,7 @@ from diffpg.estimators.base import (
     Batch,
     Estimate,
     Estimator,
+    check_bool,
     check_choice,
     check_positive_int,
     check_unit_interval,
@@ -71,12 +74,16 @@ class IvwSettings:
     """Baseline of the score-function terms: none or leave_one_out."""
     rollouts_per_state: int = 1
     """Rollouts from each start state (the leave-one-out pool when above 1)."""
+    cross_fit: bool = True
+    """Weight each half of the batch by the other half's variances (unbiased); False: by its
+    own (an outlier then lowers its own weight, at the price of a bias)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
         check_unit_interval("discount", self.discount)
         check_choice("baseline", self.baseline, ("none", "leave_one_out"))
         check_positive_int("rollouts_per_state", self.rollouts_per_state)
+        check_bool("cross_fit", self.cross_fit)
 
 
 class Rollouts(NamedTuple):
@@ -183,16 +190,17 @@ def step_means(policy: Policy, params: Params, obs_stats: RunningStatistics, rol
     return StepMeans(*(jnp.moveaxis(m, 0, 1) for m in means))  # [T, 2, ...] -> [2, T, ...]
 
 
-def inverse_variance_mix(means: StepMeans) -> tuple[jax.Array, jax.Array]:
+def inverse_variance_mix(means: StepMeans, cross_fit: bool = True) -> tuple[jax.Array, jax.Array]:
     """``grad [P]`` of the module docstring, cross-fitted: each half's terms are mixed with the
     weights ``alpha [2, T]`` the *other* half's variances give (so a weight never depends on the
-    noise of the terms it weights, and each half's mix is unbiased); the unmasked rollouts'
-    score-function terms are added. Returns ``(grad, alpha)``."""
+    noise of the terms it weights, and each half's mix is unbiased); ``cross_fit=False`` uses
+    each half's own. The unmasked rollouts' score-function terms are added. Returns
+    ``(grad, alpha)``."""
     total = means.first_order_variance + means.zeroth_order_variance
     alpha = means.zeroth_order_variance / jnp.maximum(total, jnp.finfo(total.dtype).tiny)
     alpha = jnp.where(means.first_order_finite, alpha, 0.0)
     finite_both = jnp.all(means.first_order_finite, axis=0)  # a non-finite step falls back in both
-    weights = jnp.where(finite_both, alpha[::-1], 0.0)[..., None]  # the other half's alpha
+    weights = jnp.where(finite_both, alpha[::-1] if cross_fit else alpha, 0.0)[..., None]
     mixed = weights * means.first_order + (1.0 - weights) * means.zeroth_order
     return jnp.sum(mixed + means.zeroth_order_unmasked, axis=(0, 1)), alpha
 
@@ -210,7 +218,7 @@ def make_ivw(env: Environment, policy: Policy, settings: IvwSettings = IvwSettin
         rollouts = simulate(env, policy, params, obs_stats, start, key, settings.horizon,
                             settings.discount, settings.baseline, settings.rollouts_per_state)
         means = step_means(policy, params, obs_stats, rollouts, settings.rollouts_per_state)
-        grad, alpha = inverse_variance_mix(means)
+        grad, alpha = inverse_variance_mix(means, settings.cross_fit)
         end_state = jax.tree.map(lambda x: x[:: settings.rollouts_per_state],
                                  rollouts.end_state)
         metrics = {"objective": jnp.mean(rollouts.returns), "alpha": jnp.mean(alpha),

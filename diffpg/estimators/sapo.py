@@ -44,6 +44,7 @@ from diffpg.estimators.base import (
     Estimate,
     Estimator,
     check_betas,
+    check_bool,
     check_hidden_sizes,
     check_positive,
     check_positive_int,
@@ -94,8 +95,7 @@ class SapoSettings:
     def __post_init__(self):
         self.as_shac()  # horizon, window, discount and the critic's settings
         check_positive("initial_temperature", self.initial_temperature)
-        if not isinstance(self.learn_temperature, bool):
-            raise ValueError(f"learn_temperature={self.learn_temperature!r} must be true or false")
+        check_bool("learn_temperature", self.learn_temperature)
         if self.target_entropy is not None and not math.isfinite(self.target_entropy):
             raise ValueError(f"target_entropy={self.target_entropy!r} must be a finite number "
                              "or None")
