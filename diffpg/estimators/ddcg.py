@@ -38,11 +38,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from diffpg.acting import repeat_states
 from diffpg.estimators.base import (
-    Batch,
     Estimate,
     Estimator,
     check_bool,
@@ -51,7 +48,7 @@ from diffpg.estimators.base import (
     check_unit_interval,
     learns_nothing,
 )
-from diffpg.estimators.ivw import inverse_variance_mix, simulate, step_means
+from diffpg.estimators.ivw import Rollouts, mixed_estimate
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
@@ -109,26 +106,22 @@ def make_ddcg(env: Environment, policy: Policy,
     def init(key: jax.Array, policy_params: Params) -> None:
         del key, policy_params
 
-    def estimate(params: Params, obs_stats: RunningStatistics, state: None, env_state: State,
-                 key: jax.Array) -> Estimate:
-        del state
-        start = repeat_states(env_state, per_state)
-        rollouts = simulate(env, policy, params, obs_stats, start, key, settings.horizon,
-                            settings.discount, "leave_one_out", per_state)
-        tr = rollouts.transitions
-        _, std = policy.distribution(params, normalize(obs_stats, tr.obs))
+    def select(params: Params, obs_stats: RunningStatistics, rollouts: Rollouts):
+        """The rollouts that pass the smoothness test, judged by their state's others."""
+        _, std = policy.distribution(params, normalize(obs_stats, rollouts.transitions.obs))
         noise_gradient = jnp.sum(jnp.square(std * rollouts.action_gradient), axis=(0, 2))
         smooth, rho = smoothness_test(rollouts.returns.reshape(-1, per_state),
                                       noise_gradient.reshape(-1, per_state),
                                       settings.smoothness_threshold)
-        mask = smooth.reshape(-1).astype(tr.reward.dtype)
-        means = step_means(policy, params, obs_stats, rollouts, per_state, mask)
-        grad, alpha = inverse_variance_mix(means, settings.cross_fit)
-        end_state = jax.tree.map(lambda x: x[::per_state], rollouts.end_state)
-        metrics = {"objective": jnp.mean(rollouts.returns), "alpha": jnp.mean(alpha),
-                   "nonsmooth_rollouts": 1.0 - jnp.mean(smooth.astype(jnp.float32)),
+        metrics = {"nonsmooth_rollouts": 1.0 - jnp.mean(smooth.astype(jnp.float32)),
                    "smoothness_ratio": jnp.median(rho)}
-        return Estimate(ravel_pytree(params)[1](grad), Batch(tr), end_state, metrics)
+        return smooth.reshape(-1).astype(rollouts.returns.dtype), metrics
+
+    def estimate(params: Params, obs_stats: RunningStatistics, state: None, env_state: State,
+                 key: jax.Array) -> Estimate:
+        del state
+        return mixed_estimate(env, policy, settings, params, obs_stats, env_state, key,
+                              "leave_one_out", select)
 
     return Estimator(init, estimate, learns_nothing, settings)
 

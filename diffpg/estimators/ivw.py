@@ -122,14 +122,15 @@ def simulate(env: Environment, policy: Policy, params: Params, obs_stats: Runnin
     def total_return(action_offsets):
         end, tr = unroll(env, policy, params, obs_stats, start, key, horizon,
                          action_offsets=action_offsets)
-        per_rollout = jnp.sum(returns.segment_discounts(tr.done, discount) * tr.reward, axis=0)
-        return jnp.sum(per_rollout), (end, tr, per_rollout)
+        weights = returns.segment_discounts(tr.done, discount)
+        per_rollout = jnp.sum(weights * tr.reward, axis=0)
+        return jnp.sum(per_rollout), (end, tr, weights, per_rollout)
 
-    action_gradient, (end, tr, per_rollout) = jax.grad(total_return, has_aux=True)(offsets)
+    action_gradient, (end, tr, weights, per_rollout) = jax.grad(total_return, has_aux=True)(
+        offsets)
     tr = jax.lax.stop_gradient(tr)
     score_settings = ReinforceSettings(horizon=horizon, discount=discount, baseline=baseline,
                                        rollouts_per_state=pool)
-    weights = returns.segment_discounts(tr.done, discount)
     advantage = monte_carlo_advantage(policy, params, normalize(obs_stats, tr.obs), tr,
                                       score_settings, weights)
     return Rollouts(tr, action_gradient, advantage, jax.lax.stop_gradient(per_rollout),
@@ -205,6 +206,30 @@ def inverse_variance_mix(means: StepMeans, cross_fit: bool = True) -> tuple[jax.
     return jnp.sum(mixed + means.zeroth_order_unmasked, axis=(0, 1)), alpha
 
 
+def mixed_estimate(env: Environment, policy: Policy, settings, params: Params,
+                   obs_stats: RunningStatistics, env_state: State, key: jax.Array,
+                   baseline: str, select=None) -> Estimate:
+    """One estimate of the per-step mix from ``settings.rollouts_per_state`` rollouts of each of
+    the ``B`` states ``env_state`` (``settings``: ``horizon``, ``discount``,
+    ``rollouts_per_state``, ``cross_fit``). ``select(params, obs_stats, rollouts) -> (mask [n],
+    metrics)``, if given, chooses the rollouts whose first-order terms may enter
+    (``step_means``) and adds its own metrics (DDCG's test)."""
+    pool = settings.rollouts_per_state
+    start = repeat_states(env_state, pool)
+    rollouts = simulate(env, policy, params, obs_stats, start, key, settings.horizon,
+                        settings.discount, baseline, pool)
+    mask, extra_metrics = (None, {}) if select is None else select(params, obs_stats, rollouts)
+    means = step_means(policy, params, obs_stats, rollouts, pool, mask)
+    grad, alpha = inverse_variance_mix(means, settings.cross_fit)
+    end_state = jax.tree.map(lambda x: x[::pool], rollouts.end_state)
+    metrics = {"objective": jnp.mean(rollouts.returns), "alpha": jnp.mean(alpha),
+               "first_order_variance": jnp.sum(means.first_order_variance),
+               "zeroth_order_variance": jnp.sum(means.zeroth_order_variance),
+               "non_finite_steps": 1.0 - jnp.mean(means.first_order_finite)}
+    return Estimate(ravel_pytree(params)[1](grad), Batch(rollouts.transitions), end_state,
+                    metrics | extra_metrics)
+
+
 def make_ivw(env: Environment, policy: Policy, settings: IvwSettings = IvwSettings()) -> Estimator:
     """Build the IVW-H estimator (see the module docstring)."""
 
@@ -214,19 +239,8 @@ def make_ivw(env: Environment, policy: Policy, settings: IvwSettings = IvwSettin
     def estimate(params: Params, obs_stats: RunningStatistics, state: None, env_state: State,
                  key: jax.Array) -> Estimate:
         del state
-        start = repeat_states(env_state, settings.rollouts_per_state)
-        rollouts = simulate(env, policy, params, obs_stats, start, key, settings.horizon,
-                            settings.discount, settings.baseline, settings.rollouts_per_state)
-        means = step_means(policy, params, obs_stats, rollouts, settings.rollouts_per_state)
-        grad, alpha = inverse_variance_mix(means, settings.cross_fit)
-        end_state = jax.tree.map(lambda x: x[:: settings.rollouts_per_state],
-                                 rollouts.end_state)
-        metrics = {"objective": jnp.mean(rollouts.returns), "alpha": jnp.mean(alpha),
-                   "first_order_variance": jnp.sum(means.first_order_variance),
-                   "zeroth_order_variance": jnp.sum(means.zeroth_order_variance),
-                   "non_finite_steps": 1.0 - jnp.mean(means.first_order_finite)}
-        return Estimate(ravel_pytree(params)[1](grad), Batch(rollouts.transitions), end_state,
-                        metrics)
+        return mixed_estimate(env, policy, settings, params, obs_stats, env_state, key,
+                              settings.baseline)
 
     return Estimator(init, estimate, learns_nothing, settings)
 
