@@ -43,12 +43,9 @@ from diffpg.critics import (
 from diffpg.estimators.base import (
     Estimate,
     Estimator,
-    check_betas,
     check_bool,
-    check_hidden_sizes,
     check_positive,
     check_positive_int,
-    check_unit_interval,
 )
 from diffpg.estimators.registry import register
 from diffpg.estimators.shac import (
@@ -93,7 +90,7 @@ class SapoSettings:
     """0: no target network (SAPO); above 0, SHAC's Polyak-averaged target."""
 
     def __post_init__(self):
-        self.as_shac()  # horizon, window, discount and the critic's settings
+        self.as_shac()  # checks horizon, window, discount, td_lambda and the critic's settings
         check_positive("initial_temperature", self.initial_temperature)
         check_bool("learn_temperature", self.learn_temperature)
         if self.target_entropy is not None and not math.isfinite(self.target_entropy):
@@ -101,9 +98,6 @@ class SapoSettings:
                              "or None")
         check_positive("temperature_learning_rate", self.temperature_learning_rate)
         check_positive_int("critic_members", self.critic_members)
-        check_unit_interval("target_critic_keep", self.target_critic_keep)
-        check_hidden_sizes("critic_hidden_sizes", self.critic_hidden_sizes)
-        check_betas("critic_betas", self.critic_betas)
 
     def as_shac(self) -> ShacSettings:
         """The windowed gradient's and the critic fit's settings."""

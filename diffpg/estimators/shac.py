@@ -47,6 +47,7 @@ from diffpg.estimators.base import (
     Estimate,
     Estimator,
     check_betas,
+    check_bool,
     check_hidden_sizes,
     check_positive,
     check_positive_int,
@@ -99,9 +100,8 @@ class ShacSettings:
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
-        for name in ("termination_gradient", "fit_terminal_values"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        check_bool("termination_gradient", self.termination_gradient)
+        check_bool("fit_terminal_values", self.fit_terminal_values)
         if self.window is not None:
             check_positive_int("window", self.window)
             if self.horizon % self.window:
