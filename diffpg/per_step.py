@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from diffpg import returns
 from diffpg.acting import unroll
 from diffpg.dynamics import step_jacobians
+from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
 from envs.core import Environment, State
@@ -69,18 +70,16 @@ def step_terms(kind: str, env: Environment, policy: Policy, params: Params,
 
     _, tr = unroll(env, policy, jax.lax.stop_gradient(params), obs_stats, start_states, key,
                    horizon)
-    weights = returns.segment_discounts(tr.done, discount)
-    psi = jax.lax.stop_gradient(returns.reward_to_go(weights * tr.reward, tr.done))
-    if baseline == "leave_one_out":
-        num = psi.shape[1]
-        if num < 2:
-            raise ValueError("baseline='leave_one_out' needs at least 2 start states")
-        psi = psi - (jnp.sum(psi, axis=1, keepdims=True) - psi) / (num - 1)
     obs = normalize(obs_stats, tr.obs)
+    # psi_t - b_t: REINFORCE's own reward-to-go and baseline (whole batch as the pool)
+    advantage = monte_carlo_advantage(
+        policy, params, obs, tr, ReinforceSettings(horizon=horizon, discount=discount,
+                                                   baseline=baseline),
+        returns.segment_discounts(tr.done, discount))
 
     def per_step_surrogate(flat_params):
         log_prob = policy.log_prob(unflatten(flat_params), obs, tr.raw_action)
-        return jnp.mean(log_prob * psi, axis=1)
+        return jnp.mean(log_prob * advantage, axis=1)
 
     return jax.jacrev(per_step_surrogate)(flat)
 
