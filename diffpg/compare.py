@@ -118,8 +118,7 @@ class CompareSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if self.env not in envs.names():
-            raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
+        envs.check_name(self.env)
         for spec in self.estimators:
             EstimatorSpec.parse(spec)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):

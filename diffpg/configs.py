@@ -111,6 +111,10 @@ CONFIGS: dict[str, EnvConfig] = {
                          source="diffpg's defaults (no published setting)"),
     "pusher": EnvConfig(gpu={"num_envs": 2048},
                         source="diffpg's defaults (no published setting)"),
+    "playground:CheetahRun": EnvConfig(
+        estimators={"shac": _shac(64, (128, 64, 32))},
+        gpu={"num_envs": 2048},
+        source=SHAC_SOURCE.format(task="cheetah") + " (the same planar cheetah model)"),
 }
 
 

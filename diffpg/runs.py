@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -260,6 +261,18 @@ def _digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _without_empty_arrays(tree: Any) -> Any:
+    """``tree`` with its zero-size arrays as ``None``: orbax cannot save an array of size 0
+    (MJX's state holds some, e.g. the activations of a model without activation dynamics)."""
+    return jax.tree.map(lambda leaf: None if getattr(leaf, "size", 1) == 0 else leaf, tree)
+
+
+def _with_empty_arrays(restored: Any, template: Any) -> Any:
+    """``restored`` with the zero-size arrays of ``template`` back where it holds ``None``."""
+    return jax.tree.map(lambda empty, leaf: empty if getattr(empty, "size", 1) == 0 else leaf,
+                        template, restored)
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
     """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
     record the digest of its files. Every process calls it; the primary one writes the digest."""
@@ -268,7 +281,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     try:
         with _quiet_orbax():
             manager.save(update, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"rows": rows})))
+                state=ocp.args.StandardSave(_without_empty_arrays(state)),
+                history=ocp.args.JsonSave({"rows": rows})))
     except Exception as error:
         for leftover in folder.glob("*.orbax-checkpoint-tmp*"):  # nothing half-written stays
             shutil.rmtree(leftover, ignore_errors=True)
@@ -302,7 +316,7 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
     updates = checkpoint_updates(run_dir)
     if not updates:
         raise ValueError(f"run={str(run_dir)!r} has no checkpoint to resume from")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
     folder = run_dir / "checkpoints"
     failed: list[tuple[int, str]] = []
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
@@ -314,7 +328,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
             try:
                 restored = manager.restore(update, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-                return restored.state, list(restored.history["rows"]), failed
+                state = _with_empty_arrays(restored.state, template)
+                return state, list(restored.history["rows"]), failed
             except Exception as error:  # orbax raises many types for corrupt or mismatched files
                 lines = str(error).strip().splitlines() or [""]
                 failed.append((update, f"{type(error).__name__}: {lines[0][:200]}"))

@@ -129,8 +129,7 @@ class TrainSettings:
     report their mean, a 95% confidence interval and each seed's value."""
 
     def __post_init__(self):
-        if self.env not in envs.names():
-            raise ValueError(f"env={self.env!r} is not known; allowed values: {list(envs.names())}")
+        envs.check_name(self.env)
         estimators.registration(self.estimator)  # a clear error for an unknown name
         settings_class = estimators.registration(self.estimator).settings_class
         if self.estimator_settings is not None and type(self.estimator_settings) is not (

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffpg.acting import unroll
@@ -28,22 +27,12 @@ def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatis
     state for analytic envs, body positions ``[links, 3]`` for Brax envs).
     """
 
-    brax_env = getattr(env.unwrapped, "brax_env", None)
+    body_segments = getattr(env.unwrapped, "body_segments", None)  # physics engines' bodies
 
     def positions_of(state):
-        pipeline = state.pipeline_state
-        if brax_env is None:
-            return pipeline
-        # Each link's frame origin and the far end of a uniform rod through its centre of mass:
-        # origin + 2 R (centre-of-mass offset): [..., links, 2, 3].
-        from brax import math
-
-        rotation = pipeline.x.rot  # [..., links, 4]
-        offset = jnp.broadcast_to(brax_env.sys.link.inertia.transform.pos,
-                                  rotation.shape[:-1] + (3,))
-        far_end = pipeline.x.pos + 2.0 * jax.vmap(math.rotate)(
-            offset.reshape(-1, 3), rotation.reshape(-1, 4)).reshape(pipeline.x.pos.shape)
-        return jnp.stack([pipeline.x.pos, far_end], axis=-2)
+        if body_segments is None:
+            return state.pipeline_state
+        return body_segments(state)
 
     def simulate(start):
         batch = jax.tree.map(lambda x: x[None], start)
@@ -130,9 +119,8 @@ def _drawer(env, positions: np.ndarray):
             axis.plot([x[0]], [0], "o", color="tab:red", ms=14)
             axis.set(xlim=(low, high), ylim=(-0.5, 0.5), yticks=[])
         return draw
-    if positions.ndim == 4:  # Brax: [T, links, (origin, far end), 3]
-        brax_env = getattr(raw, "brax_env", None)
-        parents = np.asarray(brax_env.sys.link_parents) if brax_env is not None else None
+    if positions.ndim == 4:  # Brax, MJX: [T, links, (origin, far end), 3]
+        parents = np.asarray(raw.link_parents) if hasattr(raw, "link_parents") else None
         extent = 1.2 * max(float(np.ptp(positions[..., 2])), 1.0)
 
         def draw(axis, pos):

@@ -4,7 +4,10 @@
   ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``, ``"double_pendulum"``,
   ``"curling"``.
 * Brax environments (``envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
-  each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``).
+  each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``);
+  ``backend="mjx"`` is differentiable (``envs.mjx``).
+* MuJoCo Playground environments (``envs.playground``, the ``playground`` extra):
+  ``"playground:CheetahRun"``, ``"playground:HopperHop"``, ... on MJX, differentiable.
 
 Every environment comes back wrapped in ``TimeLimitAutoReset`` (single instance; ``vmap`` to
 batch). All arguments are checked before anything is built or compiled.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import math
 import os
 
@@ -29,15 +33,22 @@ from typing import Any  # noqa: E402
 with contextlib.redirect_stdout(io.StringIO()):
     import mujoco.mjx  # noqa: F401
 
-from envs.brax_envs import (
+from envs import playground  # noqa: E402
+from envs.brax_envs import (  # noqa: E402
     BACKENDS,
     BRAX_ENV_NAMES,
     FALLING_ENV_NAMES,
     BraxEnvironment,
     check_brax_name_and_backend,
+    check_solver_setting,
 )
-from envs.core import Environment, State
-from envs.wrappers import HealthShaping, TimeLimitAutoReset, check_episode_length
+from envs.core import Environment, State  # noqa: E402
+from envs.wrappers import HealthShaping, TimeLimitAutoReset, check_episode_length  # noqa: E402
+
+# MuJoCo's model compiler prints its warnings (e.g. that Brax's halfcheetah file uses a
+# deprecated attribute) to the console and to MUJOCO_LOG.TXT in the working directory: notes on
+# files diffpg ships unchanged. They go to the "mujoco" logger at debug level instead.
+mujoco.set_mju_user_warning(lambda message: logging.getLogger("mujoco").debug(message))
 
 __all__ = [
     "ANALYTIC_ENV_CLASSES",
@@ -49,6 +60,7 @@ __all__ = [
     "State",
     "TimeLimitAutoReset",
     "check",
+    "check_name",
     "default_episode_length",
     "make",
     "make_raw",
@@ -67,13 +79,18 @@ ANALYTIC_ENV_CLASSES: dict[str, str] = {
 
 
 def names() -> tuple[str, ...]:
-    """Every environment name ``make`` accepts: the analytic ones, then Brax's."""
-    return tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES
+    """Every environment name ``make`` accepts: the analytic ones, Brax's, then Playground's
+    (``"playground:TASK"``, when the ``playground`` extra is installed)."""
+    return tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES + playground.task_names()
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or name not in names():
-        raise ValueError(f"Unknown environment name={name!r}; allowed: {names()}")
+def check_name(name: str) -> None:
+    """``ValueError`` naming ``env`` unless ``make`` knows ``name`` (for a Playground name: also
+    when Playground is not installed or a robot's assets are missing, saying what to do)."""
+    if isinstance(name, str) and name.startswith(playground.PREFIX):
+        playground.check_name(name)
+    elif not isinstance(name, str) or name not in names():
+        raise ValueError(f"env={name!r} is not known; allowed values: {list(names())}")
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
@@ -83,7 +100,7 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
     costs nothing to build, also checks their values). Raises ``ValueError`` naming the
     setting."""
-    _check_name(name)
+    check_name(name)
     if episode_length is not None:
         check_episode_length(episode_length)
     if not (isinstance(health_shaping, int | float) and math.isfinite(health_shaping)
@@ -95,23 +112,37 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     if name in ANALYTIC_ENV_CLASSES:
         make_raw(name, backend=backend, **settings)
         return
-    check_brax_name_and_backend(name, backend)
+    if name.startswith(playground.PREFIX):
+        _check_no_backend(name, backend)
+        if "solver_iterations" in settings:
+            playground.mjx.check_solver_iterations(settings["solver_iterations"])
+        return  # Playground's config keys are checked when the env is made (cheap)
+    check_solver_setting(check_brax_name_and_backend(name, backend), settings)
     from brax import envs as brax_envs
 
     allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
-               if p not in ("self", "kwargs", "backend")]
+               if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
 
 
+def _check_no_backend(name: str, backend: str | None) -> None:
+    if backend is not None:
+        raise ValueError(
+            f"backend={backend!r} given for environment {name!r}; backend is only for Brax "
+            f"environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})")
+
+
 def default_episode_length(name: str) -> int:
     """The time limit ``make(name)`` uses when none is given (nothing is built)."""
-    _check_name(name)
+    check_name(name)
     if name in ANALYTIC_ENV_CLASSES:
         from envs import analytic
 
         return int(getattr(analytic, ANALYTIC_ENV_CLASSES[name]).default_episode_length)
+    if name.startswith(playground.PREFIX):
+        return make_raw(name).default_episode_length
     from envs.brax_envs import DEFAULT_EPISODE_LENGTH
 
     return DEFAULT_EPISODE_LENGTH[name]
@@ -122,13 +153,12 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 
     ``backend`` applies to Brax envs only; ``settings`` go to the env's constructor.
     """
-    _check_name(name)
+    check_name(name)
+    if name.startswith(playground.PREFIX):
+        _check_no_backend(name, backend)
+        return playground.PlaygroundEnvironment(name, **settings)
     if name in ANALYTIC_ENV_CLASSES:
-        if backend is not None:
-            raise ValueError(
-                f"backend={backend!r} given for analytic environment {name!r}; backend is only "
-                f"for Brax environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})"
-            )
+        _check_no_backend(name, backend)
         from envs import analytic  # lazy: the analytic module is optional at import time
 
         env_class = getattr(analytic, ANALYTIC_ENV_CLASSES[name])
@@ -164,11 +194,11 @@ def make(
         ValueError: unknown ``name``, ``backend`` for an analytic env or not a Brax backend,
             or ``episode_length`` <= 0; all raised before anything compiles.
     """
-    _check_name(name)
+    check_name(name)
     if episode_length is not None:
         check_episode_length(episode_length)
     if name in BRAX_ENV_NAMES:
-        check_brax_name_and_backend(name, backend)
+        check_solver_setting(check_brax_name_and_backend(name, backend), settings)
     raw_env = make_raw(name, backend=backend, **settings)
     if health_shaping:
         raw_env = HealthShaping(raw_env, health_shaping)

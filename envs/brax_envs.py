@@ -10,8 +10,9 @@ Backends (Brax's physics pipelines):
 * ``"generalized"``: reduced coordinates, articulated-body dynamics (Brax's default);
 * ``"positional"``: maximal coordinates with position-based constraint solving;
 * ``"spring"``: maximal coordinates with impulse/spring constraints (the cheapest);
-* ``"mjx"``: MuJoCo XLA. Its constraint solver iterates in a ``lax.while_loop``, which
-  reverse-mode autodiff rejects, so gradients through contact-rich envs may fail.
+* ``"mjx"``: MuJoCo XLA, built with ``solver_iterations`` constraint-solver iterations
+  (default 1, the setting with which MJX's step is differentiable: ``envs.mjx``). With more,
+  the env still simulates, and differentiating its step raises an error naming the setting.
 
 ``DEFAULT_BACKEND`` was chosen per environment from ``experiments/measure_brax_backends.py``
 (finite gradients first, then a moderate gradient norm, then speed); see
@@ -27,6 +28,7 @@ from typing import Any
 
 import jax
 
+from envs import mjx
 from envs.core import Environment, State
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "FALLING_ENV_NAMES",
     "SUPPORTED_BACKENDS",
     "BraxEnvironment",
+    "check_solver_setting",
 ]
 
 #: Every physics backend Brax offers.
@@ -93,6 +96,17 @@ DEFAULT_BACKEND: Mapping[str, str] = {
 }
 
 
+def check_solver_setting(backend: str, settings: Mapping[str, Any]) -> None:
+    """``solver_iterations`` is a setting of ``backend="mjx"`` only, an int >= 1."""
+    if "solver_iterations" not in settings:
+        return
+    if backend != "mjx":
+        raise ValueError(f"solver_iterations={settings['solver_iterations']!r} applies to "
+                         f"backend='mjx' only (MuJoCo's constraint solver), not "
+                         f"backend={backend!r}")
+    mjx.check_solver_iterations(settings["solver_iterations"])
+
+
 def check_brax_name_and_backend(name: str, backend: str | None) -> str:
     """Validate ``name``/``backend`` without building anything; returns the backend to use.
 
@@ -118,15 +132,20 @@ class BraxEnvironment(Environment):
     Args:
         name: one of ``BRAX_ENV_NAMES``.
         backend: one of ``BACKENDS`` (``None``: ``DEFAULT_BACKEND[name]``).
+        solver_iterations: ``backend="mjx"`` only: MuJoCo's constraint-solver iterations per
+            physics step (``None``: 1, differentiable; see ``envs.mjx``).
         **kwargs: passed to the Brax environment's constructor (e.g. ``ctrl_cost_weight``).
 
     ``reset(key) -> State`` and ``step(state, action [action_size]) -> State`` are Brax's own;
     ``State.obs`` has shape ``[observation_size]``, ``reward`` and ``done`` are scalars.
     """
 
-    def __init__(self, name: str, backend: str | None = None, **kwargs: Any):
+    def __init__(self, name: str, backend: str | None = None,
+                 solver_iterations: int | None = None, **kwargs: Any):
         self.name = name
         self.backend = check_brax_name_and_backend(name, backend)
+        if solver_iterations is not None:
+            check_solver_setting(self.backend, {"solver_iterations": solver_iterations})
         # Imported here so that importing ``envs`` does not pay for Brax/MuJoCo.
         from brax import envs as brax_envs
 
@@ -136,6 +155,14 @@ class BraxEnvironment(Environment):
             warnings.filterwarnings("ignore", message="Brax System, piplines and environments")
             self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
         self.default_episode_length = DEFAULT_EPISODE_LENGTH[name]
+        self._step = self._brax_env.step
+        if self.backend == "mjx":
+            #: The model's own solver iterations, before diffpg set ``solver_iterations``.
+            self.native_solver_iterations = mjx.solver_iterations(self._brax_env.sys)
+            iterations = solver_iterations or mjx.DIFFERENTIABLE_SOLVER_ITERATIONS
+            self._brax_env.sys = mjx.with_solver_iterations(self._brax_env.sys, iterations)
+            if iterations != mjx.DIFFERENTIABLE_SOLVER_ITERATIONS:
+                self._step = mjx.guard_gradient(self._brax_env.step, repr(self), iterations)
 
     def reset(self, key: jax.Array) -> State:
         """Start an episode (Brax randomizes the initial pose from ``key``)."""
@@ -143,7 +170,7 @@ class BraxEnvironment(Environment):
 
     def step(self, state: State, action: jax.Array) -> State:
         """One Brax step (``n_frames`` physics substeps) with ``action [action_size]``."""
-        return self._brax_env.step(state, action)
+        return self._step(state, action)
 
     @functools.cached_property
     def observation_size(self) -> int:
@@ -190,6 +217,25 @@ class BraxEnvironment(Environment):
             low, high = brax_env._healthy_angle_range
             margins += [pitch - low, high - pitch]
         return jax.numpy.stack(margins)
+
+    def body_segments(self, state: State) -> jax.Array:
+        """``[..., links, 2, 3]`` (a state of any batch shape ``...``): each link's frame origin
+        and the far end of a uniform rod through its centre of mass (origin + 2 R com_offset),
+        for drawing the body."""
+        from brax import math
+
+        pipeline = state.pipeline_state
+        rotation = pipeline.x.rot  # [..., links, 4]
+        offset = jax.numpy.broadcast_to(self._brax_env.sys.link.inertia.transform.pos,
+                                        rotation.shape[:-1] + (3,))
+        far_end = pipeline.x.pos + 2.0 * jax.vmap(math.rotate)(
+            offset.reshape(-1, 3), rotation.reshape(-1, 4)).reshape(pipeline.x.pos.shape)
+        return jax.numpy.stack([pipeline.x.pos, far_end], axis=-2)
+
+    @property
+    def link_parents(self) -> tuple[int, ...]:
+        """Each link's parent link (-1: the world)."""
+        return tuple(int(p) for p in self._brax_env.sys.link_parents)
 
     def __repr__(self) -> str:
         return f"BraxEnvironment({self.name!r}, backend={self.backend!r})"

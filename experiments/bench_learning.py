@@ -18,6 +18,8 @@ env's configuration (``diffpg.configs``).
     python experiments/bench_learning.py --learners ppo brax_ppo --seeds 5 --steps 1000000 --num-envs 512
     python experiments/bench_learning.py --env hopper --num-envs 256 --steps 4000000 --seeds 3 \
         --evals 8 --learners shac shac:health_shaping=0.0 brax_ppo
+    python experiments/bench_learning.py --env playground:CheetahRun --num-envs 256 --seeds 3 \
+        --learners shac brax_ppo                         # Playground's PPO settings
     python experiments/bench_learning.py --gpu           # GPU: ant, 2048 envs, ~50M steps
 """
 
@@ -54,8 +56,20 @@ the CPU's env count (Brax: 32 of 4,096). Brax publishes SAC, not PPO, for hopper
 these are its nearest published PPO settings for a locomotion task."""
 
 
+PPO_PLAYGROUND_DM_CONTROL = PPO_INVERTED_PENDULUM | {
+    "unroll_length": 30, "minibatches": 32, "epochs": 16, "discount": 0.995,
+    "learning_rate": 1e-3, "entropy_cost": 1e-2, "reward_scaling": 10.0}
+"""MuJoCo Playground's published PPO settings for the DM Control suite (Zakka et al. 2025, table
+XII; ``mujoco_playground.config.dm_control_suite_params.brax_ppo_config``: unroll 30, 32
+minibatches, 16 epochs, discount 0.995, learning rate 1e-3, entropy cost 1e-2, reward scaling
+10, Brax's default networks, clipping and GAE lambda), with the CPU's env count (Playground:
+2,048 envs, minibatches of 1,024)."""
+
+
 def ppo_settings(env_name: str) -> dict:
     """The PPO configuration both implementations run on ``env_name``."""
+    if env_name.startswith(envs.playground.PREFIX):
+        return PPO_PLAYGROUND_DM_CONTROL
     return PPO_INVERTED_PENDULUM if "pendulum" in env_name else PPO_LOCOMOTION
 
 
@@ -119,7 +133,9 @@ def mean_point(points: list[dict]) -> dict:
 
 def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
                   evals: int, seed: int) -> list[dict]:
-    env = envs.make(env_name).unwrapped.brax_env
+    raw = envs.make(env_name).unwrapped
+    env = raw.as_brax_env() if hasattr(raw, "as_brax_env") else raw.brax_env  # Playground: adapted
+    episode_length = envs.default_episode_length(env_name)
     curve = []
     started = time.perf_counter()
     policy_updates = max(steps // (num_envs * horizon), evals)
@@ -135,7 +151,7 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
     if algorithm == "brax_apg":
         from brax.training.agents.apg import train as apg
 
-        apg.train(environment=env, episode_length=1000, policy_updates=policy_updates,
+        apg.train(environment=env, episode_length=episode_length, policy_updates=policy_updates,
                   horizon_length=horizon, num_envs=num_envs, num_evals=evals + 1,
                   num_eval_envs=16, learning_rate=2e-3, normalize_observations=True,
                   progress_fn=progress, seed=seed)
@@ -152,7 +168,7 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
         network = functools.partial(ppo_networks.make_ppo_networks,
                                     policy_hidden_layer_sizes=PPO["policy_hidden_sizes"],
                                     value_hidden_layer_sizes=PPO["value_hidden_sizes"])
-        ppo.train(environment=env, num_timesteps=steps, episode_length=1000,
+        ppo.train(environment=env, num_timesteps=steps, episode_length=episode_length,
                   num_envs=num_envs, batch_size=num_envs // PPO["minibatches"],
                   num_minibatches=PPO["minibatches"], unroll_length=PPO["unroll_length"],
                   num_updates_per_batch=PPO["epochs"], discounting=PPO["discount"],

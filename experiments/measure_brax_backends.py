@@ -71,14 +71,19 @@ def measure_pair(
     import jax
     import jax.numpy as jnp
 
-    from envs.brax_envs import SUPPORTED_BACKENDS, BraxEnvironment
+    import envs
+    from envs.brax_envs import SUPPORTED_BACKENDS
 
     result: dict = {"env": env_name, "backend": backend, "batch": batch, "horizon": horizon}
-    if backend not in SUPPORTED_BACKENDS[env_name]:
+    playground = env_name.startswith(envs.playground.PREFIX)
+    if not playground and backend not in SUPPORTED_BACKENDS[env_name]:
         result["error"] = f"unsupported: Brax has no {backend} model of {env_name}"
         return result
 
-    env = BraxEnvironment(env_name, backend=backend)
+    def make(**settings):
+        return envs.make_raw(env_name, backend=None if playground else backend, **settings)
+
+    env = make()
     obs_size, action_size = env.observation_size, env.action_size
     result.update(observation_size=obs_size, action_size=action_size)
 
@@ -139,20 +144,70 @@ def measure_pair(
 
     norms: dict[str, list[float]] = {"grad": [], "obs_grad": []}
     finite = []
+    jax.block_until_ready(grad_fn(params, keys))
+    start = time.perf_counter()
     for seed in range(seeds):
         seed_params, seed_keys = make_inputs(seed)
-        jacobian = grad_fn(seed_params, seed_keys)  # leaves [2, *param_shape]
+        jacobian = jax.block_until_ready(grad_fn(seed_params, seed_keys))  # [2, *param_shape]
         leaves = jax.tree_util.tree_leaves(jacobian)
         finite.append(bool(all(jnp.all(jnp.isfinite(leaf)) for leaf in leaves)))
         for row, key in enumerate(("grad", "obs_grad")):
             norms[key].append(float(jnp.sqrt(sum(jnp.sum(leaf[row] ** 2) for leaf in leaves))))
+    result["grad_steps_per_s"] = batch * horizon * seeds / (time.perf_counter() - start)
     result["grad_finite_fraction"] = sum(finite) / seeds
     for key, values in norms.items():
         result[f"{key}_norms"] = values
         finite_norms = sorted(n for n in values if math.isfinite(n))
         median = finite_norms[len(finite_norms) // 2] if finite_norms else None
         result[f"{key}_norm_median"] = median
+    if backend == "mjx":
+        result.update(solver_iteration_effect(env, make, params, keys, DIVERGENCE_STEPS))
     return result
+
+
+DIVERGENCE_STEPS = 100
+"""Steps over which the one-iteration MJX model is compared with the model's own solver."""
+
+
+def solver_iteration_effect(env, make, params: dict, keys, steps: int) -> dict:
+    """How much MJX's single solver iteration (the differentiable setting) changes the dynamics.
+
+    The same linear policy runs ``steps`` steps from the same resets on ``env`` (one iteration)
+    and on the model with its own ``native_solver_iterations``. Returns the model's iterations,
+    each model's mean return per env, the relative difference of the observations after one step
+    (median over the batch of |obs_1 - obs_native| / |obs_native|) and after ``steps`` steps.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    native = env.native_solver_iterations
+    result = {"native_solver_iterations": native}
+    if native == 1:
+        return result
+    native_env = make(solver_iterations=native)
+
+    def rollout(model_env):
+        def run(params, keys):
+            states = jax.vmap(model_env.reset)(keys)
+
+            def one_step(states, _):
+                actions = jnp.tanh(states.obs @ params["W"].T + params["b"])
+                states = jax.vmap(model_env.step)(states, actions)
+                return states, (states.reward, states.obs)
+
+            _, (rewards, observations) = jax.lax.scan(one_step, states, None, length=steps)
+            return rewards.sum(0), observations  # [batch], [steps, batch, obs]
+        return jax.jit(run)(params, keys)
+
+    (returns_one, obs_one), (returns_native, obs_native) = rollout(env), rollout(native_env)
+
+    def relative(step):
+        gap = jnp.linalg.norm(obs_one[step] - obs_native[step], axis=-1)
+        return float(jnp.median(gap / jnp.linalg.norm(obs_native[step], axis=-1)))
+
+    return result | {"return_one_iteration": float(returns_one.mean()),
+                     "return_native_iterations": float(returns_native.mean()),
+                     "obs_rel_diff_step1": relative(0), f"obs_rel_diff_step{steps}": relative(-1)}
 
 
 def _run_worker_subprocess(args: argparse.Namespace, env_name: str, backend: str) -> dict:
@@ -199,9 +254,9 @@ def format_table(results: list[dict]) -> str:
     """A Markdown table of the results."""
     header = (
         "| env | backend | grad finite | reward-grad norm | obs-grad norm | fwd steps/s "
-        "| fwd compile s | grad compile s | error |"
+        "| fwd compile s | grad compile s | grad steps/s | error |"
     )
-    rows = [header, "|" + "---|" * 9]
+    rows = [header, "|" + "---|" * 10]
     for r in results:
         rows.append(
             f"| {r['env']} | {r['backend']} | {_format(r.get('grad_finite_fraction'), '.2f')} "
@@ -210,6 +265,7 @@ def format_table(results: list[dict]) -> str:
             f"| {_format(r.get('steps_per_s'), '.0f')} "
             f"| {_format(r.get('forward_compile_s'), '.1f')} "
             f"| {_format(r.get('grad_compile_s'), '.1f')} "
+            f"| {_format(r.get('grad_steps_per_s'), '.0f')} "
             f"| {(r.get('error') or '').splitlines()[0][:90] if r.get('error') else ''} |"
         )
     return "\n".join(rows)
@@ -232,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         _configure_jax(use_cache=not args.no_cache)
-        env_name, backend = args.worker.split(":")
+        env_name, backend = args.worker.rsplit(":", 1)
         result = measure_pair(
             env_name, backend, args.batch, args.horizon, args.seeds, args.forward_reps
         )
@@ -240,19 +296,21 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES
+    from envs.playground import PREFIX
 
     env_names = [name for name in args.envs.split(",") if name]
     backends = [name for name in args.backends.split(",") if name]
     for name in env_names:
-        if name not in BRAX_ENV_NAMES:
-            parser.error(f"--envs: {name!r} not in {BRAX_ENV_NAMES}")
+        if name not in BRAX_ENV_NAMES and not name.startswith(PREFIX):
+            parser.error(f"--envs: {name!r} is neither in {BRAX_ENV_NAMES} nor {PREFIX}TASK")
     for name in backends:
         if name not in BACKENDS:
             parser.error(f"--backends: {name!r} not in {BACKENDS}")
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pairs = [(env_name, backend) for env_name in env_names for backend in backends]
+    pairs = [(env_name, backend) for env_name in env_names for backend in backends
+             if not env_name.startswith(PREFIX) or backend == "mjx"]  # Playground runs on MJX
     results: list[dict] = []
     order = {pair: index for index, pair in enumerate(pairs)}
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

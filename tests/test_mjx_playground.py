@@ -1,0 +1,173 @@
+"""MJX made differentiable (``envs.mjx``) and MuJoCo Playground behind ``envs.make``.
+
+Playground comes with the ``playground`` extra, which the README's test command installs: these
+tests fail, rather than skip, without it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import envs
+from diffpg import estimators
+from diffpg.normalization import init_statistics
+from diffpg.policy import make_gaussian_mlp_policy
+from diffpg.runs import train
+from diffpg.training import settings_for
+from envs import mjx, playground
+
+CHEETAH = "playground:CheetahRun"
+
+
+# ---------------------------------------------------------------- settings, checked before a build
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1"])
+def test_bad_solver_iterations_name_the_setting(value):
+    with pytest.raises(ValueError, match="solver_iterations="):
+        envs.check("halfcheetah", backend="mjx", solver_iterations=value)
+    with pytest.raises(ValueError, match="solver_iterations="):
+        envs.check(CHEETAH, solver_iterations=value)
+
+
+def test_solver_iterations_belong_to_mjx_only():
+    for backend in ("spring", "generalized", None):  # halfcheetah's default is generalized
+        with pytest.raises(ValueError, match="backend='mjx' only"):
+            envs.make("halfcheetah", backend=backend, solver_iterations=1)
+    with pytest.raises(ValueError, match="backend='spring'"):
+        envs.make(CHEETAH, backend="spring")
+
+
+def test_playground_names_and_their_errors(monkeypatch):
+    assert playground.installed(), f"MuJoCo Playground is missing: {playground.EXTRA}"
+    names = envs.names()
+    for task in ("CheetahRun", "HopperHop", "WalkerWalk", "CartpoleSwingup"):
+        assert playground.PREFIX + task in names
+    with pytest.raises(ValueError, match="'playground:NoSuchTask' is not a Playground"):
+        envs.make("playground:NoSuchTask")
+    with pytest.raises(ValueError, match="no setting.*'no_such_key'"):
+        envs.make_raw(CHEETAH, no_such_key=1)
+    with pytest.raises(ValueError, match="impl='warp'"):
+        envs.make_raw(CHEETAH, impl="warp")
+
+    # A robot without its Menagerie assets: one line saying where they go, no clone attempted.
+    monkeypatch.setattr(playground, "_menagerie_path", lambda: Path("/no/menagerie"))
+    with pytest.raises(ValueError, match="MuJoCo Menagerie, not found at /no/menagerie; .*git "
+                                         "clone") as error:
+        envs.make("playground:Go1JoystickFlatTerrain")
+    assert "\n" not in str(error.value)
+
+    # Without Playground: every Playground name says how to install it.
+    monkeypatch.setattr(playground, "installed", lambda: False)
+    assert not any(name.startswith(playground.PREFIX) for name in envs.names())
+    with pytest.raises(ValueError, match=r'needs MuJoCo Playground: pip install -e "\.\[playground\]"'):
+        settings_for(env=CHEETAH)
+
+
+# ---------------------------------------------------------------- MJX gradients
+
+
+def _bptt_gradient(env, horizon, num_envs=2):
+    """BPTT's estimate (``diffpg.estimators``) of d J / d theta over ``horizon`` steps."""
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size, hidden_sizes=(16,))
+    params = policy.init(jax.random.PRNGKey(0))
+    settings = estimators.comparison_settings("bptt", horizon, 0.99)
+    estimator = estimators.make("bptt", env, policy, **settings)
+    starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), num_envs))
+    state = estimator.init(jax.random.PRNGKey(2), params)
+    estimate = jax.jit(estimator.estimate)(params, init_statistics(env.observation_size), state,
+                                           starts, jax.random.PRNGKey(3))
+    return ravel_pytree(estimate.grad)[0]
+
+
+# ~40 s on 2 idle CPU cores (one compile of BPTT through 16 MJX halfcheetah steps).
+@pytest.mark.slow
+def test_halfcheetah_on_mjx_gives_a_finite_bptt_gradient_through_16_steps():
+    """Brax's halfcheetah model runs MJX's solver for 4 iterations, a while_loop JAX cannot
+    differentiate in reverse mode; envs.make sets one iteration."""
+    env = envs.make("halfcheetah", backend="mjx")
+    assert env.unwrapped.native_solver_iterations > 1
+    assert mjx.solver_iterations(env.unwrapped.brax_env.sys) == 1
+    gradient = _bptt_gradient(env, horizon=16)
+    assert bool(jnp.all(jnp.isfinite(gradient)))
+    assert float(jnp.linalg.norm(gradient)) > 0
+
+
+@pytest.fixture(scope="module")
+def iterated_mjx_env():
+    return envs.make("inverted_pendulum", backend="mjx", solver_iterations=4)
+
+
+@pytest.mark.parametrize("name", estimators.names())
+def test_more_solver_iterations_simulate_but_only_score_function_estimators_run(
+        name, iterated_mjx_env):
+    """With 4 solver iterations (MJX's while_loop) the step still runs forward: the estimators
+    that do not differentiate the physics trace; the others stop with one line naming
+    solver_iterations, at trace time (abstract evaluation here: nothing compiles)."""
+    env = iterated_mjx_env
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size, hidden_sizes=(8,))
+    params = policy.init(jax.random.PRNGKey(0))
+    starts = jax.eval_shape(jax.vmap(env.reset), jax.random.split(jax.random.PRNGKey(1), 2))
+    estimator = estimators.make(name, env, policy,
+                                **estimators.comparison_settings(name, 4, 0.99))
+    state = jax.eval_shape(estimator.init, jax.random.PRNGKey(2), params)
+
+    def estimate():
+        return jax.eval_shape(estimator.estimate, params, init_statistics(env.observation_size),
+                              state, starts, jax.random.PRNGKey(3))
+
+    if name in ("reinforce", "ppo", "critic_backprop"):
+        estimate()
+    else:
+        with pytest.raises(ValueError, match="solver_iterations=4 .*use solver_iterations=1"):
+            estimate()
+
+
+# ---------------------------------------------------------------- Playground
+
+
+def test_playground_state_follows_the_env_contract():
+    """Brax's State with Playground's data as pipeline_state; the time limit is Playground's
+    episode length; termination and truncation are split like every other env's."""
+    env = envs.make(CHEETAH, episode_length=3)
+    raw = env.unwrapped
+    assert raw.default_episode_length == 1000
+    assert (env.observation_size, env.action_size) == (17, 6)
+    assert mjx.solver_iterations(raw.playground_env.mjx_model) == 1
+    state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    assert state.obs.shape == (17,)
+    step = jax.jit(env.step)
+    for _ in range(3):
+        state = step(state, jnp.full(env.action_size, 0.5))
+    assert float(state.done) == 1.0
+    assert float(state.info["truncation"]) == 1.0 and float(state.info["termination"]) == 0.0
+    assert 0.0 <= float(state.info["last_episode_return"]) <= 3.0  # rewards in [0, 1]
+    np.testing.assert_array_equal(state.obs, state.info["first_obs"])
+
+
+# ~2-3 min on 2 idle CPU cores: SHAC's compile through Playground's cheetah, then a resume.
+@pytest.mark.slow
+def test_shac_trains_and_resumes_on_a_playground_env(tmp_path):
+    """A few SHAC updates on Playground's CheetahRun: finite metrics, a checkpoint (MJX's state
+    holds zero-size arrays, which orbax cannot save as they are) and a resume from it."""
+    settings = settings_for(env=CHEETAH, estimator="shac", num_envs=4, horizon=8, updates=4,
+                            updates_per_call=2, eval_envs=2, episode_length=64,
+                            estimator_options={"window": 4})
+    whole = train(settings, tmp_path / "whole")
+    with (tmp_path / "whole" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["update"]) for row in rows] == [2, 4]
+    for row in rows:
+        assert np.isfinite(float(row["eval/episode_reward"]))
+        assert float(row["training/nonfinite_updates"]) == 0.0
+    train(settings, tmp_path / "split", stop_at_update=2)  # interrupted after the first call
+    resumed = train(settings, tmp_path / "split", resume=True)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
