@@ -13,6 +13,15 @@ package. Playground's robots (locomotion and manipulation) load their meshes fro
 Menagerie, which Playground clones from GitHub on first use: without it, ``make`` stops with one
 line saying where to put it, before Playground tries the network.
 
+**One change to Playground's rewards, values unchanged.** Its DM Control rewards are built from
+``reward.tolerance`` (a port of dm_control's), which computes the out-of-bounds sigmoid
+everywhere and masks it inside the bounds with ``jnp.where``. Inside the bounds, when a bound is
+infinite (``WalkerWalk``'s torso height >= 1.2), that sigmoid is evaluated at infinity: its value
+is masked, but its gradient is NaN, and the mask multiplies it by 0, giving NaN. Every gradient of
+such a reward was NaN (``docs/mjx_playground.md``). diffpg replaces ``reward.tolerance`` by
+``finite_gradient_tolerance(reward.tolerance)``: the same values, with Playground's own function
+evaluated only where it is finite.
+
 A Playground observation that is a dict (the robots' ``state``/``privileged_state``) is read
 from its ``"state"`` entry; the DM Control suite's are vectors.
 """
@@ -23,6 +32,8 @@ import contextlib
 import functools
 import importlib.util
 import io
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,11 +55,36 @@ def installed() -> bool:
     return importlib.util.find_spec("mujoco_playground") is not None
 
 
+def finite_gradient_tolerance(tolerance: Callable) -> Callable:
+    """Playground's ``reward.tolerance(x, bounds, margin, sigmoid, value_at_margin)`` (1 inside
+    ``bounds``, a sigmoid of the distance in units of ``margin`` outside) with the same values
+    and a finite gradient: inside the bounds the original is called at a point one margin
+    outside (where its value is finite and unused), and 1 is returned there."""
+
+    @functools.wraps(tolerance)
+    def finite(x, bounds=(0.0, 0.0), margin=0.0, sigmoid="gaussian", value_at_margin=0.1):
+        lower, upper = bounds
+        if margin <= 0 or lower > upper:  # no sigmoid, or the original's own error
+            return tolerance(x, bounds, margin, sigmoid, value_at_margin)
+        in_bounds = (lower <= x) & (x <= upper)
+        if math.isinf(lower) and math.isinf(upper):
+            return jax.numpy.ones_like(x * 1.0)
+        outside = lower - margin if math.isfinite(lower) else upper + margin
+        value = tolerance(jax.numpy.where(in_bounds, outside, x), bounds, margin, sigmoid,
+                          value_at_margin)
+        return jax.numpy.where(in_bounds, 1.0, value)
+
+    return finite
+
+
 @functools.cache
 def _playground() -> Any:
-    """The ``mujoco_playground`` module, imported without its import-time console output."""
+    """The ``mujoco_playground`` module, imported without its import-time console output, its
+    ``reward.tolerance`` replaced by ``finite_gradient_tolerance`` (module docstring)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         import mujoco_playground
+        from mujoco_playground._src import reward  # the rewards' module, used by attribute
+    reward.tolerance = finite_gradient_tolerance(reward.tolerance)
     return mujoco_playground
 
 
