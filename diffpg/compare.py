@@ -118,7 +118,8 @@ class CompareSettings:
     seed: int = 0
 
     def __post_init__(self):
-        envs.check_name(self.env)
+        envs.check(self.env, self.episode_length, self.backend,
+                   **parse_options(self.env_options, "env_options"))
         for spec in self.estimators:
             EstimatorSpec.parse(spec)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):

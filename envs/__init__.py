@@ -89,7 +89,7 @@ def check_name(name: str) -> None:
     when Playground is not installed or a robot's assets are missing, saying what to do)."""
     if isinstance(name, str) and name.startswith(playground.PREFIX):
         playground.check_name(name)
-    elif not isinstance(name, str) or name not in names():
+    elif not isinstance(name, str) or name not in tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES:
         raise ValueError(f"env={name!r} is not known; allowed values: {list(names())}")
 
 
