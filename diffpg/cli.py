@@ -14,15 +14,21 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
-from diffpg.command_line import (
+# MuJoCo's MJX imports NVIDIA Warp when it is installed (the playground extra brings it), which
+# adds about a second to every command's start and another to its exit. diffpg runs MJX on its
+# JAX implementation only, so the program does not load Warp (a library user's process is left
+# alone: this is the command line's own choice).
+sys.modules.setdefault("warp", None)
+from pathlib import Path  # noqa: E402
+
+from diffpg.command_line import (  # noqa: E402
     CommandLineError,
     parse_compare_command,
     parse_run_command,
     parse_train_command,
 )
-from diffpg.devices import (
+from diffpg.devices import (  # noqa: E402
     barrier,
     initialize_distributed_from_environment,
     is_primary,
@@ -220,5 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``diffpg`` program: ``main``, then an exit during which SIGINT and SIGTERM are
+    ignored. Everything is written when ``main`` returns; the interpreter's own shutdown (about
+    a second, tearing down XLA and MuJoCo's Warp) would otherwise die of a late signal with no
+    message, though nothing is lost."""
+    status = main()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
