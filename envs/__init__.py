@@ -45,10 +45,17 @@ from envs.brax_envs import (  # noqa: E402
 from envs.core import Environment, State  # noqa: E402
 from envs.wrappers import HealthShaping, TimeLimitAutoReset, check_episode_length  # noqa: E402
 
-# MuJoCo's model compiler prints its warnings (e.g. that Brax's halfcheetah file uses a
-# deprecated attribute) to the console and to MUJOCO_LOG.TXT in the working directory: notes on
-# files diffpg ships unchanged. They go to the "mujoco" logger at debug level instead.
-mujoco.set_mju_user_warning(lambda message: logging.getLogger("mujoco").debug(message))
+
+def _mujoco_warning(message: str) -> None:
+    """MuJoCo's warnings go to the "mujoco" logger instead of the console and a MUJOCO_LOG.TXT
+    in the working directory: its model compiler's deprecation notes (e.g. on Brax's halfcheetah
+    file, which diffpg uses unchanged) at debug level, anything else (e.g. a simulation
+    instability) as a warning, which Python prints when logging is not configured."""
+    level = logging.DEBUG if "deprecated" in message else logging.WARNING
+    logging.getLogger("mujoco").log(level, message)
+
+
+mujoco.set_mju_user_warning(_mujoco_warning)
 
 __all__ = [
     "ANALYTIC_ENV_CLASSES",

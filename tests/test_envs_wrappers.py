@@ -283,3 +283,17 @@ def test_brax_inverted_pendulum_steps_and_differentiates():
     assert bool(jnp.all(jnp.isfinite(grads)))
     assert float(jnp.max(jnp.abs(grads))) > 0.0
     np.testing.assert_array_equal(final.info["steps"], 4)
+
+
+def test_mujoco_warnings_go_to_the_log_not_the_console(caplog):
+    """MuJoCo's compiler deprecation notes are debug lines; anything else it warns about (e.g.
+    an unstable simulation) stays a warning; nothing is written to MUJOCO_LOG.TXT."""
+    import logging
+
+    import mujoco
+
+    assert mujoco.get_mju_user_warning() is envs._mujoco_warning
+    with caplog.at_level(logging.DEBUG, logger="mujoco"):
+        envs._mujoco_warning("compiler attribute 'settotalmass' is deprecated")
+        envs._mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")
+    assert [record.levelno for record in caplog.records] == [logging.DEBUG, logging.WARNING]
