@@ -121,9 +121,8 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
         return
     if name.startswith(playground.PREFIX):
         _check_no_backend(name, backend)
-        if "solver_iterations" in settings:
-            playground.mjx.check_solver_iterations(settings["solver_iterations"])
-        return  # Playground's config keys are checked when the env is made (cheap)
+        playground.check_settings(name, settings)
+        return
     check_solver_setting(check_brax_name_and_backend(name, backend), settings)
     from brax import envs as brax_envs
 
@@ -149,7 +148,7 @@ def default_episode_length(name: str) -> int:
 
         return int(getattr(analytic, ANALYTIC_ENV_CLASSES[name]).default_episode_length)
     if name.startswith(playground.PREFIX):
-        return make_raw(name).default_episode_length
+        return playground.default_episode_length(name)
     from envs.brax_envs import DEFAULT_EPISODE_LENGTH
 
     return DEFAULT_EPISODE_LENGTH[name]

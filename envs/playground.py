@@ -41,7 +41,8 @@ import jax
 from envs import mjx
 from envs.core import Environment, State
 
-__all__ = ["EXTRA", "PREFIX", "PlaygroundEnvironment", "check_name", "installed", "task_names"]
+__all__ = ["EXTRA", "PREFIX", "PlaygroundEnvironment", "check_name", "check_settings",
+           "default_episode_length", "installed", "task_names"]
 
 #: How Playground env names are spelled in ``envs.make``: ``"playground:" + Playground's name``.
 PREFIX = "playground:"
@@ -126,6 +127,33 @@ def check_name(name: str) -> str:
     return task
 
 
+def _default_config(task: str) -> Any:
+    return _playground().registry.get_default_config(task)
+
+
+def check_settings(name: str, settings: dict[str, Any]) -> str:
+    """Playground's task name for ``name``, or a one-line ``ValueError`` naming the setting:
+    the name (``check_name``), ``solver_iterations``, a key that is not in the task's config,
+    or an ``impl`` other than ``"jax"``. Cheap: reads the task's config, builds no model."""
+    task = check_name(name)
+    if "solver_iterations" in settings:
+        mjx.check_solver_iterations(settings["solver_iterations"])
+    allowed = sorted(_default_config(task).keys())
+    unknown = sorted(set(settings) - set(allowed) - {"solver_iterations"})
+    if unknown:
+        raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
+                         f"{allowed + ['solver_iterations']}")
+    if settings.get("impl", "jax") != "jax":
+        raise ValueError(f"impl={settings['impl']!r}: diffpg runs Playground on MJX's JAX "
+                         f"implementation only; allowed: 'jax'")
+    return task
+
+
+def default_episode_length(name: str) -> int:
+    """The episode length of Playground's config for ``name`` (nothing is built)."""
+    return int(_default_config(check_name(name)).episode_length)
+
+
 class PlaygroundEnvironment(Environment):
     """One raw MuJoCo Playground environment (no time limit, no auto-reset), single instance.
 
@@ -143,29 +171,20 @@ class PlaygroundEnvironment(Environment):
     def __init__(self, name: str, solver_iterations: int = mjx.DIFFERENTIABLE_SOLVER_ITERATIONS,
                  **config_overrides: Any):
         self.name = name
-        task = check_name(name)
-        iterations = mjx.check_solver_iterations(solver_iterations)
-        registry = _playground().registry
-        allowed = sorted(registry.get_default_config(task).keys())
-        unknown = sorted(set(config_overrides) - set(allowed))
-        if unknown:
-            raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
-                             f"{allowed + ['solver_iterations']}")
-        if config_overrides.get("impl", "jax") != "jax":
-            raise ValueError(f"impl={config_overrides['impl']!r}: diffpg runs Playground on "
-                             f"MJX's JAX implementation only; allowed: 'jax'")
+        task = check_settings(name, config_overrides | {"solver_iterations": solver_iterations})
         with contextlib.redirect_stdout(io.StringIO()):  # MuJoCo's model-compiler notes
-            self._env = registry.load(task, config_overrides=config_overrides | {"impl": "jax"})
+            self._env = _playground().registry.load(
+                task, config_overrides=config_overrides | {"impl": "jax"})
         #: The model's own solver iterations, before diffpg set ``solver_iterations``.
         self.native_solver_iterations = mjx.solver_iterations(self._env.mjx_model)
-        self._env._mjx_model = mjx.with_solver_iterations(self._env.mjx_model, iterations)
-        if mjx.solver_iterations(self._env.mjx_model) != iterations:
-            raise ValueError(f"env {name!r}: solver_iterations={iterations} could not be set "
+        self._env._mjx_model = mjx.with_solver_iterations(self._env.mjx_model, solver_iterations)
+        if mjx.solver_iterations(self._env.mjx_model) != solver_iterations:
+            raise ValueError(f"env {name!r}: solver_iterations={solver_iterations} could not be set "
                              f"on this Playground environment's model")
         self.default_episode_length = int(self._env._config.episode_length)
         self._step = self._playground_step
-        if iterations != mjx.DIFFERENTIABLE_SOLVER_ITERATIONS:
-            self._step = mjx.guard_gradient(self._playground_step, repr(self), iterations)
+        if solver_iterations != mjx.DIFFERENTIABLE_SOLVER_ITERATIONS:
+            self._step = mjx.guard_gradient(self._playground_step, repr(self), solver_iterations)
 
     @staticmethod
     def _to_brax(state: Any) -> State:
