@@ -94,15 +94,8 @@ def measure_pair(
         that the dynamics are differentiable where the reward is constant (inverted_pendulum's
         reward is 1 per step whatever happens, so its reward gradient is exactly 0).
         """
-        states = jax.vmap(env.reset)(reset_keys)
-
-        def one_step(states, _):
-            actions = jnp.tanh(states.obs @ params["W"].T + params["b"])  # [batch, action]
-            next_states = jax.vmap(env.step)(states, actions)
-            obs_square = jnp.sum(next_states.obs**2, axis=-1)  # [batch]
-            return next_states, (next_states.reward, obs_square)
-
-        _, (rewards, obs_squares) = jax.lax.scan(one_step, states, None, length=horizon)
+        rewards, observations = linear_rollout(env, params, reset_keys, horizon)
+        obs_squares = jnp.sum(observations**2, axis=-1)  # [horizon, batch]
         return jnp.stack([jnp.mean(jnp.sum(rewards, 0)), jnp.mean(jnp.sum(obs_squares, 0))])
 
     def make_inputs(seed: int) -> tuple[dict, jax.Array]:
@@ -165,6 +158,22 @@ def measure_pair(
     return result
 
 
+def linear_rollout(env, params: dict, reset_keys, steps: int):
+    """``steps`` steps of the linear tanh policy ``action = tanh(W obs + b)`` from
+    ``reset(reset_keys [batch])``: rewards ``[steps, batch]`` and observations reached
+    ``[steps, batch, obs]``."""
+    import jax
+    import jax.numpy as jnp
+
+    def one_step(states, _):
+        actions = jnp.tanh(states.obs @ params["W"].T + params["b"])  # [batch, action]
+        states = jax.vmap(env.step)(states, actions)
+        return states, (states.reward, states.obs)
+
+    states = jax.vmap(env.reset)(reset_keys)
+    return jax.lax.scan(one_step, states, None, length=steps)[1]
+
+
 DIVERGENCE_STEPS = 100
 """Steps over which the one-iteration MJX model is compared with the model's own solver."""
 
@@ -187,19 +196,10 @@ def solver_iteration_effect(env, make, params: dict, keys, steps: int) -> dict:
     native_env = make(solver_iterations=native)
 
     def rollout(model_env):
-        def run(params, keys):
-            states = jax.vmap(model_env.reset)(keys)
+        return jax.jit(lambda p, k: linear_rollout(model_env, p, k, steps))(params, keys)
 
-            def one_step(states, _):
-                actions = jnp.tanh(states.obs @ params["W"].T + params["b"])
-                states = jax.vmap(model_env.step)(states, actions)
-                return states, (states.reward, states.obs)
-
-            _, (rewards, observations) = jax.lax.scan(one_step, states, None, length=steps)
-            return rewards.sum(0), observations  # [batch], [steps, batch, obs]
-        return jax.jit(run)(params, keys)
-
-    (returns_one, obs_one), (returns_native, obs_native) = rollout(env), rollout(native_env)
+    (rewards_one, obs_one), (rewards_native, obs_native) = rollout(env), rollout(native_env)
+    returns_one, returns_native = rewards_one.sum(0), rewards_native.sum(0)  # [batch]
 
     def relative(step):
         gap = jnp.linalg.norm(obs_one[step] - obs_native[step], axis=-1)
