@@ -192,6 +192,10 @@ class BraxEnvironment(Environment):
         """The underlying ``brax.envs.base.PipelineEnv``."""
         return self._brax_env
 
+    def as_brax_env(self) -> Any:
+        """This environment as a ``brax.envs.Env``, for Brax's own trainers: Brax's own."""
+        return self._brax_env
+
     @property
     def ends_on_a_fall(self) -> bool:
         """Whether the env ends an episode when its torso leaves a healthy range (Brax's

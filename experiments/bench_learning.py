@@ -133,8 +133,7 @@ def mean_point(points: list[dict]) -> dict:
 
 def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
                   evals: int, seed: int) -> list[dict]:
-    raw = envs.make(env_name).unwrapped
-    env = raw.as_brax_env() if hasattr(raw, "as_brax_env") else raw.brax_env  # Playground: adapted
+    env = envs.make(env_name).unwrapped.as_brax_env()  # Brax's own, or Playground's adapted
     episode_length = envs.default_episode_length(env_name)
     curve = []
     started = time.perf_counter()
