@@ -204,7 +204,7 @@ def make(
     if episode_length is not None:
         check_episode_length(episode_length)
     if name in BRAX_ENV_NAMES:
-        check_solver_setting(check_brax_name_and_backend(name, backend), settings)
+        check_brax_name_and_backend(name, backend)
     raw_env = make_raw(name, backend=backend, **settings)
     if health_shaping:
         raw_env = HealthShaping(raw_env, health_shaping)
