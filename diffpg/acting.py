@@ -31,6 +31,10 @@ class Transitions(NamedTuple):
     termination: jax.Array  # [T, B] ended by the task: the next state has value 0
     truncation: jax.Array  # [T, B] ended by the time limit: bootstrap from next_obs
     next_obs: jax.Array  # [T, B, obs] observation reached, before any auto-reset
+    action_sensitivity: jax.Array | None = None
+    """[T, B] ``||(d next_obs / d a_t) v_t||`` along a standard-normal direction ``v_t``
+    (``unroll(..., measure_sensitivity=True)``; ``None`` otherwise): its square's mean is the
+    squared Frobenius norm of the dynamics' action Jacobian, large where contact is stiff."""
 
 
 def unroll(
@@ -46,6 +50,8 @@ def unroll(
     remat_segment: int = 0,
     record: Callable[[State], Any] | None = None,
     action_offsets: jax.Array | None = None,
+    cut_before: jax.Array | None = None,
+    measure_sensitivity: bool = False,
 ) -> tuple[State, Transitions] | tuple[State, Transitions, Any]:
     """Run ``steps`` steps of a batch of ``B`` environments (``env_state`` has leading axis B).
 
@@ -64,13 +70,24 @@ def unroll(
     unchanged; ``Transitions.raw_action`` includes them): the gradient of a function of the rollout
     with respect to them is its total derivative ``dR / du_t`` with respect to each raw action,
     through the dynamics and the later actions (per-step pathwise terms, ``estimators.ivw``).
+
+    ``cut_before [steps]`` or ``[steps, B]`` (0 or 1): where 1, the state entering that step is
+    cut from the gradient (``stop_gradient``), so gradients flow only inside the segments between
+    cuts (``estimators.ahac``). ``measure_sensitivity=True`` runs each step under ``jax.jvp``
+    along a random action direction and fills ``Transitions.action_sensitivity`` (not
+    differentiated).
     """
     step_batch = jax.vmap(env.step)
     if action_offsets is None:
         action_offsets = jnp.zeros((steps,), jnp.float32)  # broadcasts: nothing added
+    cuts = cut_before is not None
+    if not cuts:
+        cut_before = jnp.zeros((steps,), bool)  # unused
 
     def step(state, inputs):
-        step_key, offset = inputs
+        step_key, offset, cut = inputs
+        if cuts:
+            state = jax.tree.map(lambda x: _where_cut(cut, x), state)
         obs = state.obs
         mean, std = policy.distribution(params, normalize(obs_stats, obs))
         if deterministic:
@@ -78,7 +95,17 @@ def unroll(
         else:
             noise = jax.random.normal(step_key, mean.shape, mean.dtype)
         raw_action = mean + std * noise + offset
-        next_state = step_batch(state, policy.to_action(raw_action))
+        action = policy.to_action(raw_action)
+        sensitivity = None
+        if measure_sensitivity:
+            direction = jax.random.normal(jax.random.fold_in(step_key, 1), action.shape,
+                                          action.dtype)
+            next_state, tangent = jax.jvp(lambda a: step_batch(state, a), (action,),
+                                          (direction,))
+            sensitivity = jax.lax.stop_gradient(
+                jnp.linalg.norm(tangent.info["terminal_obs"], axis=-1))
+        else:
+            next_state = step_batch(state, action)
         info = next_state.info
         transition = Transitions(
             obs=obs,
@@ -89,12 +116,13 @@ def unroll(
             termination=info["termination"],
             truncation=info["truncation"],
             next_obs=info["terminal_obs"],
+            action_sensitivity=sensitivity,
         )
         if record is None:
             return next_state, transition
         return next_state, (transition, record(next_state))
 
-    inputs = (jax.random.split(key, steps), action_offsets)
+    inputs = (jax.random.split(key, steps), action_offsets, cut_before)
     if not remat_segment:
         end_state, outputs = jax.lax.scan(step, env_state, inputs)
     else:
@@ -113,6 +141,13 @@ def unroll(
         return end_state, outputs
     transitions, recorded = outputs
     return end_state, transitions, recorded
+
+
+def _where_cut(cut: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with its gradient stopped where ``cut`` (``[]`` or ``[B]``, broadcast on ``x``'s
+    leading axis) is set."""
+    cut = jnp.reshape(cut, cut.shape + (1,) * (x.ndim - cut.ndim))
+    return jnp.where(cut, jax.lax.stop_gradient(x), x)
 
 
 def repeat_states(env_state: State, repeats: int) -> State:

@@ -56,7 +56,8 @@ def with_solver_iterations(model: Any, iterations: int) -> Any:
 
 
 def guard_gradient(step: Callable, env_description: str, iterations: int) -> Callable:
-    """``step(state, action)`` unchanged forward; differentiating it raises a one-line error.
+    """``step(state, action)`` unchanged forward; differentiating it (either mode) raises a
+    one-line error.
 
     For a model with ``iterations`` > 1 solver iterations, whose step JAX cannot differentiate
     in reverse mode. The error names the setting and what works instead.
@@ -66,15 +67,14 @@ def guard_gradient(step: Callable, env_description: str, iterations: int) -> Cal
                f"{DIFFERENTIABLE_SOLVER_ITERATIONS}, or an estimator that does not differentiate "
                f"the physics (reinforce, ppo, critic_backprop)")
 
-    @jax.custom_vjp
+    # A custom JVP: reverse mode linearises through it, and forward mode (AHAC's stiffness
+    # probe) reaches it directly, so both stop here with the message.
+    @jax.custom_jvp
     def guarded(state, action):
         return step(state, action)
 
-    def forward(state, action):
-        return step(state, action), None
-
-    def backward(_, cotangent):
+    @guarded.defjvp
+    def differentiated(primals, tangents):
         raise ValueError(message)
 
-    guarded.defvjp(forward, backward)
     return guarded

@@ -12,6 +12,7 @@ import jax
 from conftest import LinearQuadraticProblem, learn
 
 from diffpg import estimators
+from diffpg.estimators.ahac import AhacSettings, make_ahac
 from diffpg.estimators.critic_backprop import CriticBackpropSettings, make_critic_backprop
 from diffpg.estimators.reinforce import PpoSettings, ReinforceSettings, make_reinforce
 from diffpg.estimators.shac import ShacSettings, make_shac
@@ -72,6 +73,14 @@ def _shac_exact_value(window):
     return build
 
 
+def _ahac_exact_value(gradient_horizon):
+    def build(lqr):
+        settings = AhacSettings(horizon=lqr.horizon, discount=lqr.discount, finite_horizon=True,
+                                horizon_min=1, initial_horizon=gradient_horizon, adapt=False)
+        return make_ahac(lqr.env, lqr.policy, settings, lqr.exact_value_function()), None
+    return build
+
+
 def _named(name):
     def build(lqr):
         return estimators.make(name, lqr.env, lqr.policy, horizon=lqr.horizon,
@@ -105,6 +114,9 @@ def _cases() -> list[Case]:
             Case("bptt", problem, _named("bptt"), 400, PATHWISE_ERROR),
             Case("shac:window=1 (exact V)", problem, _shac_exact_value(1), 400, PATHWISE_ERROR),
             Case("shac:window=5 (exact V)", problem, _shac_exact_value(5), 400, PATHWISE_ERROR),
+            # segments of 3 steps: the last one is shorter unless 3 divides the horizon
+            Case("ahac:initial_horizon=3 (exact V)", problem, _ahac_exact_value(3), 400,
+                 PATHWISE_ERROR),
             Case("critic_backprop (exact Q)", problem, _critic_backprop_exact_q, 400,
                  PATHWISE_ERROR),
             # Mixes of both kinds, unbiased by cross-fitting (their weights lean pathwise here).

@@ -81,7 +81,8 @@ __all__ = [
 
 # The built-in estimators register themselves when imported, in this order (which is also the
 # order of ``diffpg compare``'s default list).
-for _module in ("reinforce", "critic_backprop", "shac", "sapo", "alpha_order", "ivw", "ddcg"):
+for _module in ("reinforce", "critic_backprop", "shac", "sapo", "ahac", "alpha_order", "ivw",
+                "ddcg"):
     importlib.import_module(f"diffpg.estimators.{_module}")
 
 

@@ -1,0 +1,266 @@
+"""AHAC: SHAC with a gradient horizon that adapts to the stiffness of the dynamics (Georgiev et
+al., ICML 2024, "Adaptive Horizon Actor-Critic for Policy Learning in Contact-Rich
+Differentiable Simulation").
+
+One estimate simulates ``horizon`` steps (the longest gradient horizon ``H_max``) and cuts the
+gradient every ``H`` steps, ``horizon_min <= H <= horizon``: each segment of ``H`` steps is a
+short-horizon SHAC objective bootstrapped by the critics at its end. With ``w_t`` the
+episode-wise discounts (``returns.segment_discounts``) and ``end_t = 1`` at the last step of a
+segment, the objective per environment is::
+
+    sum_t w_t r_t  +  sum_t w_t gamma (trunc_t + end_t (1 - done_t)) V(s'_t)
+
+(``segmented_return``): value 0 at true termination, the critics' value of the state reached
+(before auto-reset) at a time-limit truncation and at each segment's end. ``V`` is the smallest
+of ``critic_members`` value critics, fitted by ``update`` to TD(lambda) targets without a target
+network (AHAC's twin critics).
+
+``H`` adapts to the **stiffness** of the dynamics. Each step measures
+``c_t = ||(d s'_t / d a_t) v_t||`` along a standard-normal action direction ``v_t`` (one
+``jax.jvp`` per step, ``acting.unroll(measure_sensitivity=True)``): ``E[c_t^2]`` is the squared
+Frobenius norm of the dynamics' action Jacobian, the ``||grad f||`` of AHAC's constraint, which
+AHAC approximates by contact forces over accelerations. AHAC maximises the objective subject to
+the stiffness accumulated along a gradient path staying below a threshold ``C``:
+``H c <= C``, with ``c`` the batch's mean ``c_t``. ``update`` takes one dual step
+(``adapt_horizon``): with the diminishing value ``log H`` of a longer horizon, the Lagrangian
+``log H - phi (H c / C - 1)`` is maximised by ``H = C / (phi c)`` (clipped to the range), and the
+multiplier rises while the constraint is violated::
+
+    phi <- max(phi_min, phi + dual_learning_rate (H c / C - 1)),   H <- clip(C / (phi c))
+
+With a constant stiffness the horizon settles at ``clip(C / c)`` (``phi -> 1``, stable for
+``dual_learning_rate < 2``). ``stiffness_threshold=None`` calibrates ``C`` on the first batch to
+``initial_horizon * c``: the horizon then grows where the dynamics get smoother than at the start
+and shrinks where they get stiffer.
+
+Differences from AHAC's code, by design: ``H`` cuts every environment at the same steps (the
+scan's shapes are static), and the critics are fitted for a fixed number of passes (SHAC's), not
+to early stopping. The estimate is of ``grad J`` itself; the trainer scales it as SHAC's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffpg import returns
+from diffpg.acting import unroll
+from diffpg.critics import (
+    CriticState,
+    ValueEnsemble,
+    ValueFunction,
+    init_critic_state,
+    make_critic_optimizer,
+    make_mlp_value_function,
+    make_value_ensemble,
+)
+from diffpg.estimators.base import (
+    Batch,
+    Estimate,
+    Estimator,
+    check_bool,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+)
+from diffpg.estimators.registry import register
+from diffpg.estimators.shac import ShacSettings, fit_value_critic
+from diffpg.normalization import RunningStatistics, normalize
+from diffpg.policy import Params, Policy
+from envs.core import Environment, State
+
+SMALLEST_MULTIPLIER = 1e-3
+"""``phi_min``: keeps ``C / (phi c)`` finite when the constraint has long been slack."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AhacSettings:
+    """Backpropagation through the simulator with a gradient horizon adapted to the dynamics'
+    stiffness, bootstrapped by twin value critics (AHAC, Georgiev et al. 2024)."""
+
+    horizon: int = 32
+    """Steps simulated per estimate: the longest gradient horizon ``H_max``."""
+    horizon_min: int = 8
+    """The shortest gradient horizon (AHAC's 8)."""
+    initial_horizon: int = 8
+    """The gradient horizon before the first update (AHAC starts at its minimum)."""
+    adapt: bool = True
+    """Adapt the horizon in ``update``; False keeps ``initial_horizon`` (comparisons)."""
+    stiffness_threshold: float | None = None
+    """``C``: the stiffness allowed along one gradient path (sum of ``c_t``); None calibrates it
+    on the first batch to ``initial_horizon`` times the mean ``c_t``."""
+    dual_learning_rate: float = 0.1
+    """Step of the multiplier ``phi`` per update (stable below 2)."""
+    discount: float = 0.99
+    td_lambda: float = 0.95
+    finite_horizon: bool = False
+    """The objective ends at the horizon (comparisons), as SHAC's setting of that name."""
+    critic_members: int = 2
+    """Value critics; the bootstrap is their minimum."""
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)
+    critic_learning_rate: float = 2e-3
+    critic_betas: tuple[float, float] = (0.7, 0.95)
+    critic_iterations: int = 16
+    critic_minibatches: int = 4
+    target_critic_keep: float = 0.0
+    """0: no target network (AHAC); above 0, SHAC's Polyak-averaged target."""
+
+    def __post_init__(self):
+        self.as_shac()  # checks horizon, discount, td_lambda and the critic's settings
+        check_positive_int("horizon_min", self.horizon_min)
+        check_positive_int("initial_horizon", self.initial_horizon)
+        if not self.horizon_min <= self.initial_horizon <= self.horizon:
+            raise ValueError(
+                f"initial_horizon={self.initial_horizon} must lie in [horizon_min, horizon] = "
+                f"[{self.horizon_min}, {self.horizon}]")
+        check_bool("adapt", self.adapt)
+        if self.stiffness_threshold is not None:
+            check_positive("stiffness_threshold", self.stiffness_threshold)
+        check_positive("dual_learning_rate", self.dual_learning_rate)
+        check_positive_int("critic_members", self.critic_members)
+        check_unit_interval("target_critic_keep", self.target_critic_keep)
+
+    def as_shac(self) -> ShacSettings:
+        """The critic fit's settings."""
+        return ShacSettings(
+            horizon=self.horizon, discount=self.discount, td_lambda=self.td_lambda,
+            finite_horizon=self.finite_horizon, critic_hidden_sizes=self.critic_hidden_sizes,
+            critic_learning_rate=self.critic_learning_rate, critic_betas=self.critic_betas,
+            critic_iterations=self.critic_iterations,
+            critic_minibatches=self.critic_minibatches,
+            target_critic_keep=self.target_critic_keep,
+        )
+
+
+class AhacState(NamedTuple):
+    critic: CriticState
+    gradient_horizon: jax.Array  # [] H, a whole number in [horizon_min, horizon]
+    multiplier: jax.Array  # [] phi
+    stiffness_threshold: jax.Array  # [] C (0 until calibrated)
+
+
+def adapt_horizon(multiplier: jax.Array, gradient_horizon: jax.Array, stiffness: jax.Array,
+                  threshold: jax.Array, settings: AhacSettings) -> tuple[jax.Array, jax.Array]:
+    """One dual step of the module docstring: ``(phi, H)`` from the horizon ``H`` the batch was
+    simulated with and its mean stiffness ``c`` (``[]`` each). A non-finite or zero ``c``
+    leaves both unchanged."""
+    usable = jnp.isfinite(stiffness) & (stiffness > 0)
+    c = jnp.where(usable, stiffness, 1.0)
+    violation = gradient_horizon * c / threshold - 1.0
+    new_multiplier = jnp.maximum(SMALLEST_MULTIPLIER,
+                                 multiplier + settings.dual_learning_rate * violation)
+    new_horizon = jnp.clip(jnp.round(threshold / (new_multiplier * c)),
+                           settings.horizon_min, settings.horizon)
+    return (jnp.where(usable, new_multiplier, multiplier),
+            jnp.where(usable, new_horizon, gradient_horizon))
+
+
+def segment_ends(gradient_horizon: jax.Array, steps: int) -> jax.Array:
+    """``end [steps]``: 1 at the last step of each segment of ``H`` steps (and at the last step)."""
+    t = jnp.arange(steps)
+    return ((t + 1) % gradient_horizon == 0) | (t == steps - 1)
+
+
+def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
+                     next_value: jax.Array, end: jax.Array, discount: float,
+                     final_bootstrap: bool) -> jax.Array:
+    """The objective of the module docstring per environment ``[B]``.
+
+    ``reward``, ``done``, ``truncation``, ``next_value = V(s'_t)`` ``[T, B]``; ``end [T]``: the
+    segments' last steps. ``final_bootstrap=False`` (a finite-horizon objective) counts no value
+    at the last step.
+    """
+    weights = returns.segment_discounts(done, discount, jnp.ones(reward.shape[1:]))
+    bootstrap = truncation + end[:, None] * (1.0 - done)
+    if not final_bootstrap:
+        bootstrap = bootstrap.at[-1].set(0.0)
+    return jnp.sum(weights * (reward + discount * bootstrap * next_value), axis=0)
+
+
+def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSettings(),
+              value_function: ValueFunction | None = None) -> Estimator:
+    """Build the AHAC estimator (see the module docstring).
+
+    ``value_function`` replaces the learned twin critics (e.g. an exact one in tests).
+    """
+    shac_settings = settings.as_shac()
+    if value_function is None:
+        critics = make_value_ensemble(make_mlp_value_function(
+            policy.observation_size, settings.critic_hidden_sizes,
+            time_scale=settings.horizon if settings.finite_horizon else None),
+            settings.critic_members)
+    else:
+        critics = ValueEnsemble(value_function.init, value_function.apply,
+                                lambda p, obs, steps_left: value_function.apply(
+                                    p, obs, steps_left)[None])
+    optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
+    threshold = settings.stiffness_threshold or 0.0
+
+    def init(key: jax.Array, policy_params: Params) -> AhacState:
+        del policy_params
+        return AhacState(init_critic_state(critics.init(key), optimizer),
+                         jnp.asarray(settings.initial_horizon, jnp.float32),
+                         jnp.asarray(1.0, jnp.float32), jnp.asarray(threshold, jnp.float32))
+
+    def estimate(params: Params, obs_stats: RunningStatistics, state: AhacState,
+                 env_state: State, key: jax.Array) -> Estimate:
+        target = jax.lax.stop_gradient(state.critic.target_params)
+        steps = settings.horizon
+        gradient_horizon = state.gradient_horizon.astype(jnp.int32)
+        t = jnp.arange(steps)
+        cut_before = (t > 0) & (t % gradient_horizon == 0)
+        end = segment_ends(gradient_horizon, steps)
+        steps_left = (steps - 1 - t)[:, None]  # after each step (a finite horizon's critic)
+
+        def objective(p):
+            end_state, tr = unroll(env, policy, p, obs_stats, env_state, key, steps,
+                                   cut_before=cut_before, measure_sensitivity=True)
+            value = critics.apply(target, normalize(obs_stats, tr.next_obs),
+                                  jnp.broadcast_to(steps_left, tr.reward.shape))
+            totals = segmented_return(tr.reward, tr.done, tr.truncation, value,
+                                      end.astype(tr.reward.dtype), settings.discount,
+                                      final_bootstrap=not settings.finite_horizon)
+            return jnp.mean(totals), (end_state, tr)
+
+        grad, (end_state, tr) = jax.grad(objective, has_aux=True)(params)
+        rewards = returns.segment_discounts(tr.done, settings.discount,
+                                            jnp.ones(tr.reward.shape[1:])) * tr.reward
+        return Estimate(grad, Batch(jax.lax.stop_gradient(tr)),
+                        jax.lax.stop_gradient(end_state),
+                        {"objective": jnp.mean(jnp.sum(rewards, axis=0)),
+                         "gradient_horizon": state.gradient_horizon})
+
+    def update(params, obs_stats, state: AhacState, batch, key):
+        del params
+        tr = batch.transitions
+        critic, metrics = fit_value_critic(critics, optimizer, shac_settings, obs_stats,
+                                           state.critic, tr._replace(action_sensitivity=None),
+                                           key, predict=critics.apply_each)
+        finite = jnp.isfinite(tr.action_sensitivity)
+        stiffness = (jnp.sum(jnp.where(finite, tr.action_sensitivity, 0.0))
+                     / jnp.maximum(jnp.sum(finite), 1))
+        calibrated = jnp.where(state.stiffness_threshold > 0, state.stiffness_threshold,
+                               settings.initial_horizon * stiffness)
+        multiplier, gradient_horizon = state.multiplier, state.gradient_horizon
+        if settings.adapt:
+            multiplier, gradient_horizon = adapt_horizon(
+                multiplier, gradient_horizon, stiffness, calibrated, settings)
+        metrics = metrics | {"stiffness": stiffness, "gradient_horizon": gradient_horizon,
+                             "stiffness_multiplier": multiplier}
+        return AhacState(critic, gradient_horizon, multiplier, calibrated), metrics
+
+    return Estimator(init, estimate, update, settings)
+
+
+def _comparison(horizon: int) -> dict:
+    """The comparison's AHAC: a fixed gradient horizon of up to 4 steps (SHAC's comparison
+    window), the objective ending at the horizon."""
+    shortest = min(4, horizon)
+    return {"finite_horizon": True, "horizon_min": shortest, "initial_horizon": shortest,
+            "adapt": False}
+
+
+register("ahac", AhacSettings, make_ahac, comparison=_comparison)
