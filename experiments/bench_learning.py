@@ -106,14 +106,24 @@ def run_diffpg(learner: str, env_name: str, num_envs: int, horizon: int, steps: 
                             eval_envs=16, seeds=seeds, estimator_options=options, **overrides)
     curve = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        train(settings, Path(folder), on_log=lambda row: curve.append({
+    def record(row):
+        curve.append({
             "env_steps": row["env_steps"], "seconds": time.perf_counter() - started,
             "reward": row["eval/episode_reward"],
             "ci95": row.get("eval/episode_reward_ci95", 0.0),
             "seeds": [row[f"eval/episode_reward/seed_{i}"] for i in range(seeds)]
-            if seeds > 1 else [row["eval/episode_reward"]]}))
+            if seeds > 1 else [row["eval/episode_reward"]]})
+        report_progress(learner, curve[-1])
+
+    with tempfile.TemporaryDirectory() as folder:
+        train(settings, Path(folder), on_log=record)
     return curve
+
+
+def report_progress(learner: str, point: dict) -> None:
+    """One line per evaluation on stderr, so that a long benchmark shows where it is."""
+    print(f"{learner}: {float(point['reward']):,.0f} at {int(point['env_steps']):,} env steps "
+          f"({point['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
 
 def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
@@ -146,6 +156,7 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
         curve.append({"env_steps": int(step) * steps_per_report,
                       "seconds": time.perf_counter() - started,
                       "reward": float(metrics["eval/episode_reward"])})
+        report_progress(f"{algorithm} seed {seed}", curve[-1])
 
     if algorithm == "brax_apg":
         from brax.training.agents.apg import train as apg
