@@ -80,13 +80,10 @@ def unroll(
     step_batch = jax.vmap(env.step)
     if action_offsets is None:
         action_offsets = jnp.zeros((steps,), jnp.float32)  # broadcasts: nothing added
-    cuts = cut_before is not None
-    if not cuts:
-        cut_before = jnp.zeros((steps,), bool)  # unused
 
     def step(state, inputs):
-        step_key, offset, cut = inputs
-        if cuts:
+        step_key, offset, cut = inputs  # cut: None without cut_before (an empty pytree)
+        if cut is not None:
             state = jax.tree.map(lambda x: _where_cut(cut, x), state)
         obs = state.obs
         mean, std = policy.distribution(params, normalize(obs_stats, obs))
