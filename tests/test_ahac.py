@@ -49,13 +49,16 @@ def test_segmented_return_matches_a_plain_loop(gradient_horizon, final_bootstrap
     end = np.asarray(segment_ends(jnp.asarray(gradient_horizon), steps))
     expected_ends = [(t + 1) % gradient_horizon == 0 or t == steps - 1 for t in range(steps)]
     np.testing.assert_array_equal(end, expected_ends)
-    got = segmented_return(jnp.asarray(reward), jnp.asarray(done, float),
-                           jnp.asarray(truncation, float), jnp.asarray(next_value),
-                           jnp.asarray(end, float), 0.9, final_bootstrap)
+    got, rewards = segmented_return(jnp.asarray(reward), jnp.asarray(done, float),
+                              jnp.asarray(truncation, float), jnp.asarray(next_value),
+                              jnp.asarray(end, float), 0.9, final_bootstrap)
     # float32 sums of 2T terms of order 1: rounding error up to a few eps per term
     float32_error = 2 * steps * 4 * np.finfo(np.float32).eps * np.abs(reward).max()
     np.testing.assert_allclose(got, _plain_segmented_return(
         reward, done, truncation, next_value, end, 0.9, final_bootstrap),
+        rtol=0, atol=float32_error)
+    np.testing.assert_allclose(rewards, _plain_segmented_return(  # the values' part left out
+        reward, done, truncation, np.zeros_like(next_value), end, 0.9, final_bootstrap),
         rtol=0, atol=float32_error)
 
 

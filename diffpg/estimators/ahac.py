@@ -67,7 +67,7 @@ from diffpg.estimators.base import (
     check_unit_interval,
 )
 from diffpg.estimators.registry import register
-from diffpg.estimators.shac import ShacSettings, fit_value_critic
+from diffpg.estimators.shac import ShacSettings, fit_value_critic, shac_settings_of
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
 from envs.core import Environment, State
@@ -125,14 +125,7 @@ class AhacSettings:
 
     def as_shac(self) -> ShacSettings:
         """The critic fit's settings."""
-        return ShacSettings(
-            horizon=self.horizon, discount=self.discount, td_lambda=self.td_lambda,
-            finite_horizon=self.finite_horizon, critic_hidden_sizes=self.critic_hidden_sizes,
-            critic_learning_rate=self.critic_learning_rate, critic_betas=self.critic_betas,
-            critic_iterations=self.critic_iterations,
-            critic_minibatches=self.critic_minibatches,
-            target_critic_keep=self.target_critic_keep,
-        )
+        return shac_settings_of(self)
 
 
 class AhacState(NamedTuple):
@@ -166,8 +159,9 @@ def segment_ends(gradient_horizon: jax.Array, steps: int) -> jax.Array:
 
 def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
                      next_value: jax.Array, end: jax.Array, discount: float,
-                     final_bootstrap: bool) -> jax.Array:
-    """The objective of the module docstring per environment ``[B]``.
+                     final_bootstrap: bool) -> tuple[jax.Array, jax.Array]:
+    """The objective of the module docstring per environment ``[B]``, and its rewards' part
+    ``sum_t w_t r_t`` ``[B]``.
 
     ``reward``, ``done``, ``truncation``, ``next_value = V(s'_t)`` ``[T, B]``; ``end [T]``: the
     segments' last steps. ``final_bootstrap=False`` (a finite-horizon objective) counts no value
@@ -177,7 +171,8 @@ def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
     bootstrap = truncation + end[:, None] * (1.0 - done)
     if not final_bootstrap:
         bootstrap = bootstrap.at[-1].set(0.0)
-    return jnp.sum(weights * (reward + discount * bootstrap * next_value), axis=0)
+    rewards = jnp.sum(weights * reward, axis=0)
+    return rewards + jnp.sum(weights * discount * bootstrap * next_value, axis=0), rewards
 
 
 def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSettings(),
@@ -220,25 +215,22 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
                                    cut_before=cut_before, measure_sensitivity=True)
             value = critics.apply(target, normalize(obs_stats, tr.next_obs),
                                   jnp.broadcast_to(steps_left, tr.reward.shape))
-            totals = segmented_return(tr.reward, tr.done, tr.truncation, value,
-                                      end.astype(tr.reward.dtype), settings.discount,
-                                      final_bootstrap=not settings.finite_horizon)
-            return jnp.mean(totals), (end_state, tr)
+            totals, rewards = segmented_return(tr.reward, tr.done, tr.truncation, value,
+                                               end.astype(tr.reward.dtype), settings.discount,
+                                               final_bootstrap=not settings.finite_horizon)
+            return jnp.mean(totals), (end_state, tr, jnp.mean(rewards))
 
-        grad, (end_state, tr) = jax.grad(objective, has_aux=True)(params)
-        rewards = returns.segment_discounts(tr.done, settings.discount,
-                                            jnp.ones(tr.reward.shape[1:])) * tr.reward
+        grad, (end_state, tr, objective_value) = jax.grad(objective, has_aux=True)(params)
         return Estimate(grad, Batch(jax.lax.stop_gradient(tr)),
                         jax.lax.stop_gradient(end_state),
-                        {"objective": jnp.mean(jnp.sum(rewards, axis=0)),
+                        {"objective": jax.lax.stop_gradient(objective_value),
                          "gradient_horizon": state.gradient_horizon})
 
     def update(params, obs_stats, state: AhacState, batch, key):
         del params
         tr = batch.transitions
         critic, metrics = fit_value_critic(critics, optimizer, shac_settings, obs_stats,
-                                           state.critic, tr._replace(action_sensitivity=None),
-                                           key, predict=critics.apply_each)
+                                           state.critic, tr, key, predict=critics.apply_each)
         finite = jnp.isfinite(tr.action_sensitivity)
         stiffness = (jnp.sum(jnp.where(finite, tr.action_sensitivity, 0.0))
                      / jnp.maximum(jnp.sum(finite), 1))
@@ -248,8 +240,8 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
         if settings.adapt:
             multiplier, gradient_horizon = adapt_horizon(
                 multiplier, gradient_horizon, stiffness, calibrated, settings)
-        metrics = metrics | {"stiffness": stiffness, "gradient_horizon": gradient_horizon,
-                             "stiffness_multiplier": multiplier}
+        # (the horizon the batch's gradient used is the estimate's "gradient_horizon")
+        metrics = metrics | {"stiffness": stiffness, "stiffness_multiplier": multiplier}
         return AhacState(critic, gradient_horizon, multiplier, calibrated), metrics
 
     return Estimator(init, estimate, update, settings)

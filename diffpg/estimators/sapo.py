@@ -52,6 +52,7 @@ from diffpg.estimators.shac import (
     ShacSettings,
     fit_value_critic,
     largest_window_at_most,
+    shac_settings_of,
     windowed_gradient,
 )
 from diffpg.normalization import RunningStatistics, normalize
@@ -101,15 +102,7 @@ class SapoSettings:
 
     def as_shac(self) -> ShacSettings:
         """The windowed gradient's and the critic fit's settings."""
-        return ShacSettings(
-            horizon=self.horizon, window=self.window, discount=self.discount,
-            td_lambda=self.td_lambda, finite_horizon=self.finite_horizon,
-            critic_hidden_sizes=self.critic_hidden_sizes,
-            critic_learning_rate=self.critic_learning_rate, critic_betas=self.critic_betas,
-            critic_iterations=self.critic_iterations,
-            critic_minibatches=self.critic_minibatches,
-            target_critic_keep=self.target_critic_keep,
-        )
+        return shac_settings_of(self)
 
 
 class SapoState(NamedTuple):

@@ -151,6 +151,14 @@ class BpttSettings:
         )
 
 
+def shac_settings_of(settings) -> ShacSettings:
+    """The ``ShacSettings`` of an estimator built on SHAC's windows and critic fit (SAPO, AHAC):
+    each of SHAC's settings that ``settings`` also has, by name; SHAC's defaults for the rest."""
+    shac_names = {field.name for field in dataclasses.fields(ShacSettings)}
+    return ShacSettings(**{field.name: getattr(settings, field.name)
+                           for field in dataclasses.fields(settings) if field.name in shac_names})
+
+
 def check_remat_segment(segment: int, window: int) -> None:
     if not isinstance(segment, int) or segment < 0 or (segment and window % segment):
         raise ValueError(f"remat_segment={segment!r} must be 0 (off) or a divisor of the "
