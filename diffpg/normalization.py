@@ -25,14 +25,20 @@ def init_statistics(size: int) -> RunningStatistics:
     return RunningStatistics(jnp.zeros(()), jnp.zeros(size), jnp.zeros(size))
 
 
-def update_statistics(stats: RunningStatistics, batch: jax.Array) -> RunningStatistics:
+def update_statistics(stats: RunningStatistics, batch: jax.Array,
+                      include: jax.Array | None = None) -> RunningStatistics:
     """Merge a batch ``[..., size]`` into ``stats`` (Chan et al. 1979 pairwise update).
 
-    Rows with a non-finite entry (a physics blow-up) are left out, so they cannot poison the
-    statistics; a batch with no finite row leaves ``stats`` unchanged.
+    ``include`` (bool, broadcastable to ``batch.shape[:-1]``; default: every row) selects the
+    rows to merge. Rows with a non-finite entry (a physics blow-up) are always left out, so they
+    cannot poison the statistics; a batch with no row left leaves ``stats`` unchanged.
     """
+    if include is not None:
+        include = jnp.reshape(jnp.broadcast_to(include, batch.shape[:-1]), (-1, 1))
     batch = jnp.reshape(batch, (-1, stats.mean.shape[-1]))
     finite = jnp.all(jnp.isfinite(batch), axis=1, keepdims=True)
+    if include is not None:
+        finite = finite & include
     batch = jnp.where(finite, batch, 0.0)
     batch_count = jnp.sum(finite).astype(stats.count.dtype)
     safe_count = jnp.maximum(batch_count, 1.0)

@@ -36,6 +36,7 @@ import tyro
 
 import envs
 from diffpg import configs, estimators
+from diffpg.acting import Transitions
 from diffpg.acting import evaluate as evaluate_policy
 from diffpg.devices import batch_sharding, check_devices, replicated
 from diffpg.estimators.base import (
@@ -319,6 +320,15 @@ def check_memory(settings: TrainSettings, env) -> None:
             f"{available * settings.devices / 2**30:,.1f} GiB are available; lower num_envs")
 
 
+def did_not_blow_up(transitions: Transitions) -> jax.Array:
+    """``[1, B, ...]`` whether each environment's rollout stayed finite (``obs`` and
+    ``next_obs`` over all ``T`` steps). A physics blow-up grows through finite but absurd states
+    (joint angles of 1e5 rad) before it reaches inf or NaN; leaving out every row of an
+    environment that blew up keeps those states out of the observation statistics."""
+    finite = jnp.isfinite(transitions.obs) & jnp.isfinite(transitions.next_obs)
+    return jnp.all(finite, axis=(0, -1), keepdims=True)[..., 0]
+
+
 def batch_diagnostics(policy: Policy, params: Params, obs_stats: RunningStatistics,
                       estimate: estimators.Estimate) -> dict[str, jax.Array]:
     """What tells why a run is stuck, from the batch an estimate simulated (docs/diagnostics.md):
@@ -429,7 +439,8 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
                                                     key_update)
         obs_stats = state.obs_stats
         if settings.normalize_observations:
-            obs_stats = update_statistics(obs_stats, estimate.batch.transitions.obs)
+            obs_stats = update_statistics(obs_stats, estimate.batch.transitions.obs,
+                                          include=did_not_blow_up(estimate.batch.transitions))
         new_state = TrainState(params, opt_state, obs_stats, estimator_state, env_state, key,
                                state.update + 1,
                                state.env_steps + settings.num_envs * horizon)

@@ -79,6 +79,19 @@ def test_running_statistics_match_numpy_and_start_as_identity():
     np.testing.assert_allclose(normalize(stats, flat[0]), expected, rtol=1e-3)
 
 
+def test_running_statistics_leave_out_excluded_and_non_finite_rows():
+    data = np.random.default_rng(1).normal(size=(6, 3, 2)).astype(np.float32)  # [T, B, size]
+    data[4, 1] = 1e9  # environment 1 blows up: absurd, then NaN
+    data[5, 1] = np.nan
+    include = np.isfinite(data).all(axis=(0, 2))[None]  # [1, B]
+    stats = update_statistics(init_statistics(2), data, include=include)
+    kept = data[:, [0, 2]].reshape(-1, 2)
+    np.testing.assert_allclose(stats.mean, kept.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.sum_sq_dev, kept.var(0) * len(kept), rtol=1e-4)
+    without = update_statistics(init_statistics(2), data)  # drops the NaN row only
+    assert np.all(np.abs(without.mean) > 1e7)
+
+
 # ----------------------------------------------------------------------------- bad settings
 
 
