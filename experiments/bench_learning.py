@@ -26,8 +26,8 @@ env's configuration (``diffpg.configs``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
+from diffpg.configs import config_for, default_estimator  # noqa: E402
 from diffpg.options import parse_spec  # noqa: E402
 from diffpg.runs import train  # noqa: E402
 from diffpg.stats import mean_confidence_half_width  # noqa: E402
@@ -66,10 +67,20 @@ minibatches, 16 epochs, discount 0.995, learning rate 1e-3, entropy cost 1e-2, r
 2,048 envs, minibatches of 1,024)."""
 
 
+PPO_HALFCHEETAH = PPO_LOCOMOTION | {
+    "unroll_length": 20, "epochs": 8, "discount": 0.95, "entropy_cost": 1e-3,
+    "reward_scaling": 1.0}
+"""Brax's published halfcheetah settings (``notebooks/training.ipynb``: unroll 20, 8 epochs,
+discount 0.95, learning rate 3e-4, entropy cost 1e-3, no reward scaling; 32 minibatches of 512
+of its 2,048 envs), with 8 minibatches of the CPU's env count."""
+
+
 def ppo_settings(env_name: str) -> dict:
     """The PPO configuration both implementations run on ``env_name``."""
     if env_name.startswith(envs.playground.PREFIX):
         return PPO_PLAYGROUND_DM_CONTROL
+    if env_name == "halfcheetah":
+        return PPO_HALFCHEETAH
     return PPO_INVERTED_PENDULUM if "pendulum" in env_name else PPO_LOCOMOTION
 
 
@@ -77,13 +88,14 @@ BRAX_INITIAL_LOG_STD = float(np.log(np.log(2.0) + 1e-3))
 """Brax's PPO policy starts with std softplus(0) + 0.001; diffpg's starts there too."""
 
 
-def run_diffpg(learner: str, env_name: str, num_envs: int, horizon: int, steps: int,
-               evals: int, seeds: int) -> list[dict]:
+def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, horizon: int,
+               steps: int, evals: int, seeds: int, out: Path) -> list[dict]:
     """A diffpg learner: an estimator spec ``name`` or ``name:key=value,...`` (its settings, or
-    training settings such as ``init_log_std``)."""
+    training settings such as ``init_log_std``). Its run folder (settings, metrics, the last
+    checkpoint, for ``diffpg eval`` and ``diffpg video``) is ``out/runs/<learner>``."""
     estimator, options = parse_spec(learner)
     trainer_fields = {field.name for field in dataclasses.fields(TrainSettings)}
-    overrides = {k: v for k, v in options.items() if k in trainer_fields}
+    overrides = {"backend": backend} | {k: v for k, v in options.items() if k in trainer_fields}
     options = {k: v for k, v in options.items() if k not in trainer_fields}
     PPO = ppo_settings(env_name)
     if estimator == "ppo":
@@ -115,9 +127,13 @@ def run_diffpg(learner: str, env_name: str, num_envs: int, horizon: int, steps: 
             if seeds > 1 else [row["eval/episode_reward"]]})
         report_progress(learner, curve[-1])
 
-    with tempfile.TemporaryDirectory() as folder:
-        train(settings, Path(folder), on_log=record)
+    train(settings, out / "runs" / run_folder_name(learner), on_log=record)
     return curve
+
+
+def run_folder_name(learner: str) -> str:
+    """``learner`` in the characters a folder name keeps everywhere."""
+    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", re.sub("[\"']", "", learner.replace(":", "-")))
 
 
 def report_progress(learner: str, point: dict) -> None:
@@ -126,10 +142,10 @@ def report_progress(learner: str, point: dict) -> None:
           f"({point['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
 
-def run_brax(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
-             evals: int, seeds: int) -> list[dict]:
+def run_brax(algorithm: str, env_name: str, backend: str | None, num_envs: int, horizon: int,
+             steps: int, evals: int, seeds: int) -> list[dict]:
     """Brax's trainer once per seed; the curve is the mean over seeds (seconds: summed)."""
-    runs = [run_brax_seed(algorithm, env_name, num_envs, horizon, steps, evals, seed)
+    runs = [run_brax_seed(algorithm, env_name, backend, num_envs, horizon, steps, evals, seed)
             for seed in range(seeds)]
     return [mean_point([run[i] for run in runs]) for i in range(min(map(len, runs)))]
 
@@ -141,9 +157,10 @@ def mean_point(points: list[dict]) -> dict:
             "seeds": rewards}
 
 
-def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, steps: int,
-                  evals: int, seed: int) -> list[dict]:
-    env = envs.make(env_name).unwrapped.as_brax_env()  # Brax's own, or Playground's adapted
+def run_brax_seed(algorithm: str, env_name: str, backend: str | None, num_envs: int,
+                  horizon: int, steps: int, evals: int, seed: int) -> list[dict]:
+    # Brax's own env (on diffpg's backend), or Playground's adapted
+    env = envs.make(env_name, backend=backend).unwrapped.as_brax_env()
     episode_length = envs.default_episode_length(env_name)
     curve = []
     started = time.perf_counter()
@@ -190,12 +207,20 @@ def run_brax_seed(algorithm: str, env_name: str, num_envs: int, horizon: int, st
     return curve
 
 
+def configured_backend(env_name: str) -> str | None:
+    """The backend ``diffpg train --env env_name`` runs on, so Brax's trainers run there too."""
+    return config_for(env_name, default_estimator(env_name)).trainer.get("backend")
+
+
 def main() -> None:
     common.supply_brax_trainer_api()
     parser = common.parser("bench_learning", __doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
     parser.add_argument("--env", default=None)
     parser.add_argument("--num-envs", type=int, default=None)
+    parser.add_argument("--backend", default=None,
+                        help="Brax physics backend of every learner (default: the env's "
+                             "configured one, else its measured default)")
     parser.add_argument("--horizon", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="env steps per learner")
     parser.add_argument("--evals", type=int, default=5)
@@ -207,13 +232,16 @@ def main() -> None:
     env_name = arguments.env or ("ant" if arguments.gpu else "inverted_pendulum")
     num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
     steps = arguments.steps or (50_000_000 if arguments.gpu else 200_000)
+    backend = arguments.backend or configured_backend(env_name)
     out = common.prepare_output(arguments.out, arguments.overwrite)
 
     curves = {}
     for learner in arguments.learners:
-        runner = run_brax if learner.startswith("brax_") else run_diffpg
-        curves[learner] = runner(learner, env_name, num_envs, arguments.horizon, steps,
-                                 arguments.evals, arguments.seeds)
+        sizes = (num_envs, arguments.horizon, steps, arguments.evals, arguments.seeds)
+        if learner.startswith("brax_"):
+            curves[learner] = run_brax(learner, env_name, backend, *sizes)
+        else:
+            curves[learner] = run_diffpg(learner, env_name, backend, *sizes, out)
         print(learner, [(c["env_steps"], round(c["seconds"]), round(c["reward"], 1))
                         for c in curves[learner]], flush=True)
 
@@ -242,7 +270,7 @@ def main() -> None:
     horizons = {learner: ppo_settings(env_name)["unroll_length"] if learner.endswith("ppo")
                 else arguments.horizon
                 for learner in curves}
-    header = (f"{env_name}, {num_envs} envs, horizon " + ", ".join(
+    header = (f"{env_name} ({backend or 'default'} backend), {num_envs} envs, horizon " + ", ".join(
         f"{h} ({learner})" for learner, h in horizons.items()) + f", ~{steps} env steps each, "
               f"{arguments.seeds} seed(s); rewards are means over seeds, bands their 95% CI")
     table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "final_per_seed",
@@ -251,7 +279,7 @@ def main() -> None:
     print(table)
     for name, value in targets.items():
         print(f"{name}: {value:.3g}")
-    common.write_json(out / "results.json", {"env": env_name, "num_envs": num_envs,
+    common.write_json(out / "results.json", {"env": env_name, "backend": backend, "num_envs": num_envs,
                                              "curves": curves, "rows": rows,
                                              "targets": targets})
     plot(curves, out / "learning.png", header)
