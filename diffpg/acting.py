@@ -168,14 +168,21 @@ def evaluate(
     num_episodes: int,
     *,
     deterministic: bool,
-) -> jax.Array:
-    """Undiscounted return of one episode from each of ``num_episodes`` fresh starts ``[N]``.
+) -> tuple[jax.Array, jax.Array]:
+    """Undiscounted return of one episode from each of ``num_episodes`` fresh starts ``[N]``,
+    and whether the physics blew up in it ``[N]`` (bool).
 
     Each environment runs for ``env.episode_length`` steps; only the rewards of its first
-    episode count (an early termination ends it).
+    episode count (an early termination ends it). A blow-up (a non-finite reward or
+    observation) ends the episode too: its return is the sum of the rewards before it.
     """
     key_reset, key_noise = jax.random.split(key)
     starts = jax.vmap(env.reset)(jax.random.split(key_reset, num_episodes))
     _, transitions = unroll(env, policy, params, obs_stats, starts, key_noise,
                             env.episode_length, deterministic=deterministic)
-    return jnp.sum(first_episode_mask(transitions.done) * transitions.reward, axis=0)
+    finite = (jnp.isfinite(transitions.reward)
+              & jnp.all(jnp.isfinite(transitions.next_obs), axis=-1))  # [T, N]
+    first_episode = first_episode_mask(transitions.done) > 0
+    counted = first_episode & (jnp.cumprod(finite, axis=0) > 0)
+    blew_up = jnp.any(first_episode & ~finite, axis=0)
+    return jnp.sum(jnp.where(counted, transitions.reward, 0.0), axis=0), blew_up

@@ -474,10 +474,11 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
             return evaluate_policy(eval_env, policy, state.params, state.obs_stats, key,
                                    settings.eval_envs, deterministic=deterministic)
 
-        deterministic = episode_returns(True)
+        deterministic, blew_up = episode_returns(True)
         return {"eval/episode_reward": jnp.mean(deterministic),
                 "eval/episode_reward_std": jnp.std(deterministic),
-                "eval/stochastic_episode_reward": jnp.mean(episode_returns(False))}
+                "eval/blown_up_share": jnp.mean(blew_up),
+                "eval/stochastic_episode_reward": jnp.mean(episode_returns(False)[0])}
 
     if settings.seeds == 1:
         def init_run() -> TrainState:

@@ -139,6 +139,8 @@ def _run_until_done(arguments, rng, out, log) -> None:
             assert process.returncode == -signal.SIGKILL, (process.returncode, stderr[-2000:])
         if checkpoint_updates(out):
             command = _command("train", "--resume", str(out))
+        else:  # stopped before its first checkpoint: nothing to resume, start it again
+            command = _command(arguments[0], "--overwrite", *arguments[1:])
     raise AssertionError(f"the run never finished: {log}")
 
 

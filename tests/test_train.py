@@ -369,6 +369,9 @@ def test_nan_from_the_physics_is_skipped_and_training_continues(estimator):
     assert any(np.any(a != b) for a, b in zip(params, _params(start), strict=True))
     stats = state.obs_stats  # the states before each NaN (1e9) are left out with it
     assert np.all(np.abs(stats.mean) < 10) and np.all(np.isfinite(stats.sum_sq_dev))
+    evaluation = trainer.evaluate(state, jax.random.PRNGKey(3))  # blown-up episodes end there
+    assert float(evaluation["eval/blown_up_share"]) > 0
+    assert np.isfinite(float(evaluation["eval/episode_reward"]))
     assert np.isfinite(float(metrics["training/critic_loss"]))
 
 
