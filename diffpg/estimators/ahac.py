@@ -53,9 +53,6 @@ from diffpg.critics import (
     ValueEnsemble,
     ValueFunction,
     init_critic_state,
-    make_critic_optimizer,
-    make_mlp_value_function,
-    make_value_ensemble,
 )
 from diffpg.estimators.base import (
     Batch,
@@ -64,10 +61,13 @@ from diffpg.estimators.base import (
     check_bool,
     check_positive,
     check_positive_int,
-    check_unit_interval,
 )
 from diffpg.estimators.registry import register
-from diffpg.estimators.shac import ShacSettings, fit_value_critic, shac_settings_of
+from diffpg.estimators.shac import (
+    EnsembleCriticSettings,
+    fit_value_critic,
+    make_ensemble_critic,
+)
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
 from envs.core import Environment, State
@@ -77,7 +77,7 @@ SMALLEST_MULTIPLIER = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
-class AhacSettings:
+class AhacSettings(EnsembleCriticSettings):
     """Backpropagation through the simulator with a gradient horizon adapted to the dynamics'
     stiffness, bootstrapped by twin value critics (AHAC, Georgiev et al. 2024)."""
 
@@ -94,22 +94,9 @@ class AhacSettings:
     on the first batch to ``initial_horizon`` times the mean ``c_t``."""
     dual_learning_rate: float = 0.1
     """Step of the multiplier ``phi`` per update (stable below 2)."""
-    discount: float = 0.99
-    td_lambda: float = 0.95
-    finite_horizon: bool = False
-    """The objective ends at the horizon (comparisons), as SHAC's setting of that name."""
-    critic_members: int = 2
-    """Value critics; the bootstrap is their minimum."""
-    critic_hidden_sizes: tuple[int, ...] = (64, 64)
-    critic_learning_rate: float = 2e-3
-    critic_betas: tuple[float, float] = (0.7, 0.95)
-    critic_iterations: int = 16
-    critic_minibatches: int = 4
-    target_critic_keep: float = 0.0
-    """0: no target network (AHAC); above 0, SHAC's Polyak-averaged target."""
 
     def __post_init__(self):
-        self.as_shac()  # checks horizon, discount, td_lambda and the critic's settings
+        super().__post_init__()
         check_positive_int("horizon_min", self.horizon_min)
         check_positive_int("initial_horizon", self.initial_horizon)
         if not self.horizon_min <= self.initial_horizon <= self.horizon:
@@ -120,12 +107,6 @@ class AhacSettings:
         if self.stiffness_threshold is not None:
             check_positive("stiffness_threshold", self.stiffness_threshold)
         check_positive("dual_learning_rate", self.dual_learning_rate)
-        check_positive_int("critic_members", self.critic_members)
-        check_unit_interval("target_critic_keep", self.target_critic_keep)
-
-    def as_shac(self) -> ShacSettings:
-        """The critic fit's settings."""
-        return shac_settings_of(self)
 
 
 class AhacState(NamedTuple):
@@ -182,16 +163,11 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
     ``value_function`` replaces the learned twin critics (e.g. an exact one in tests).
     """
     shac_settings = settings.as_shac()
-    if value_function is None:
-        critics = make_value_ensemble(make_mlp_value_function(
-            policy.observation_size, settings.critic_hidden_sizes,
-            time_scale=settings.horizon if settings.finite_horizon else None),
-            settings.critic_members)
-    else:
+    critics, optimizer = make_ensemble_critic(policy.observation_size, settings)
+    if value_function is not None:
         critics = ValueEnsemble(value_function.init, value_function.apply,
                                 lambda p, obs, steps_left: value_function.apply(
                                     p, obs, steps_left)[None])
-    optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
     threshold = settings.stiffness_threshold or 0.0
 
     def init(key: jax.Array, policy_params: Params) -> AhacState:

@@ -36,23 +36,19 @@ from diffpg.acting import Transitions
 from diffpg.critics import (
     CriticState,
     init_critic_state,
-    make_critic_optimizer,
-    make_mlp_value_function,
-    make_value_ensemble,
 )
 from diffpg.estimators.base import (
     Estimate,
     Estimator,
     check_bool,
     check_positive,
-    check_positive_int,
 )
 from diffpg.estimators.registry import register
 from diffpg.estimators.shac import (
-    ShacSettings,
+    EnsembleCriticSettings,
     fit_value_critic,
     largest_window_at_most,
-    shac_settings_of,
+    make_ensemble_critic,
     windowed_gradient,
 )
 from diffpg.normalization import RunningStatistics, normalize
@@ -61,18 +57,12 @@ from envs.core import Environment, State
 
 
 @dataclasses.dataclass(frozen=True)
-class SapoSettings:
+class SapoSettings(EnsembleCriticSettings):
     """Maximum-entropy backpropagation through windows of the simulation, with twin critics and
     a learned temperature (SAPO, Xing et al. 2024)."""
 
-    horizon: int = 32
-    """Steps simulated per estimate."""
     window: int | None = None
     """Steps a gradient flows through before it is cut; None means the whole horizon."""
-    discount: float = 0.99
-    td_lambda: float = 0.95
-    finite_horizon: bool = False
-    """The objective ends at the horizon (comparisons), as SHAC's setting of that name."""
     initial_temperature: float = 0.1
     """alpha at the start: the weight of the entropy bonus."""
     learn_temperature: bool = True
@@ -80,29 +70,15 @@ class SapoSettings:
     target_entropy: float | None = None
     """Entropy per step the temperature aims for; None: -action_size (SAPO's default)."""
     temperature_learning_rate: float = 5e-3
-    critic_members: int = 2
-    """Value critics; the bootstrap is their minimum."""
-    critic_hidden_sizes: tuple[int, ...] = (64, 64)
-    critic_learning_rate: float = 2e-3
-    critic_betas: tuple[float, float] = (0.7, 0.95)
-    critic_iterations: int = 16
-    critic_minibatches: int = 4
-    target_critic_keep: float = 0.0
-    """0: no target network (SAPO); above 0, SHAC's Polyak-averaged target."""
 
     def __post_init__(self):
-        self.as_shac()  # checks horizon, window, discount, td_lambda and the critic's settings
+        super().__post_init__()  # also checks window against horizon
         check_positive("initial_temperature", self.initial_temperature)
         check_bool("learn_temperature", self.learn_temperature)
         if self.target_entropy is not None and not math.isfinite(self.target_entropy):
             raise ValueError(f"target_entropy={self.target_entropy!r} must be a finite number "
                              "or None")
         check_positive("temperature_learning_rate", self.temperature_learning_rate)
-        check_positive_int("critic_members", self.critic_members)
-
-    def as_shac(self) -> ShacSettings:
-        """The windowed gradient's and the critic fit's settings."""
-        return shac_settings_of(self)
 
 
 class SapoState(NamedTuple):
@@ -127,11 +103,7 @@ def make_sapo(env: Environment, policy: Policy,
               settings: SapoSettings = SapoSettings()) -> Estimator:
     """Build the SAPO estimator (see the module docstring)."""
     shac_settings = settings.as_shac()
-    critics = make_value_ensemble(
-        make_mlp_value_function(policy.observation_size, settings.critic_hidden_sizes,
-                                time_scale=settings.horizon if settings.finite_horizon else None),
-        settings.critic_members)
-    critic_optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
+    critics, critic_optimizer = make_ensemble_critic(policy.observation_size, settings)
     temperature_optimizer = optax.adam(settings.temperature_learning_rate, b1=0.7, b2=0.95)
     target_entropy = (-float(policy.action_size) if settings.target_entropy is None
                       else settings.target_entropy)

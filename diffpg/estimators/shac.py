@@ -29,17 +29,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from diffpg import returns
 from diffpg.acting import unroll
 from diffpg.critics import (
     CriticState,
+    ValueEnsemble,
     ValueFunction,
     explained_variance,
     fit_mean_squared_error,
     init_critic_state,
     make_critic_optimizer,
     make_mlp_value_function,
+    make_value_ensemble,
     update_target,
 )
 from diffpg.estimators.base import (
@@ -149,6 +152,49 @@ class BpttSettings:
             horizon=self.horizon, discount=self.discount, critic=False, finite_horizon=True,
             remat_segment=self.remat_segment,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleCriticSettings:
+    """The settings of the estimators that bootstrap SHAC's return with the smallest of several
+    value critics and no target network (SAPO, AHAC): SHAC's return and critic fit, with
+    ``critic_members`` critics. Each estimator's settings extend these."""
+
+    horizon: int = 32
+    """Steps simulated per estimate."""
+    discount: float = 0.99
+    td_lambda: float = 0.95
+    """lambda of the critics' TD(lambda) targets."""
+    finite_horizon: bool = False
+    """The objective ends at the horizon (comparisons), as SHAC's setting of that name."""
+    critic_members: int = 2
+    """Value critics; the bootstrap is their minimum."""
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)
+    critic_learning_rate: float = 2e-3
+    critic_betas: tuple[float, float] = (0.7, 0.95)
+    critic_iterations: int = 16
+    critic_minibatches: int = 4
+    target_critic_keep: float = 0.0
+    """0: no target network (SAPO's and AHAC's choice); above 0, SHAC's Polyak-averaged target."""
+
+    def __post_init__(self):
+        self.as_shac()  # checks horizon, discount, td_lambda and the critic fit's settings
+        check_positive_int("critic_members", self.critic_members)
+
+    def as_shac(self) -> ShacSettings:
+        """The windowed gradient's and the critic fit's settings."""
+        return shac_settings_of(self)
+
+
+def make_ensemble_critic(observation_size: int, settings: EnsembleCriticSettings
+                         ) -> tuple[ValueEnsemble, optax.GradientTransformation]:
+    """``settings.critic_members`` MLP value critics (minimum over members) and their optimizer;
+    the critics see the steps left when ``settings.finite_horizon``."""
+    critics = make_value_ensemble(
+        make_mlp_value_function(observation_size, settings.critic_hidden_sizes,
+                                time_scale=settings.horizon if settings.finite_horizon else None),
+        settings.critic_members)
+    return critics, make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
 
 
 def shac_settings_of(settings) -> ShacSettings:
