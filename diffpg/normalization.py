@@ -33,13 +33,11 @@ def update_statistics(stats: RunningStatistics, batch: jax.Array,
     rows to merge. Rows with a non-finite entry (a physics blow-up) are always left out, so they
     cannot poison the statistics; a batch with no row left leaves ``stats`` unchanged.
     """
-    if include is not None:
-        include = jnp.reshape(jnp.broadcast_to(include, batch.shape[:-1]), (-1, 1))
-    batch = jnp.reshape(batch, (-1, stats.mean.shape[-1]))
-    finite = jnp.all(jnp.isfinite(batch), axis=1, keepdims=True)
+    finite = jnp.all(jnp.isfinite(batch), axis=-1)  # [...]
     if include is not None:
         finite = finite & include
-    batch = jnp.where(finite, batch, 0.0)
+    finite = jnp.reshape(finite, (-1, 1))
+    batch = jnp.where(finite, jnp.reshape(batch, (-1, stats.mean.shape[-1])), 0.0)
     batch_count = jnp.sum(finite).astype(stats.count.dtype)
     safe_count = jnp.maximum(batch_count, 1.0)
     batch_mean = jnp.sum(batch, axis=0) / safe_count

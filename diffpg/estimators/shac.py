@@ -182,8 +182,12 @@ class EnsembleCriticSettings:
         check_positive_int("critic_members", self.critic_members)
 
     def as_shac(self) -> ShacSettings:
-        """The windowed gradient's and the critic fit's settings."""
-        return shac_settings_of(self)
+        """The windowed gradient's and the critic fit's settings: each of SHAC's settings that
+        these settings also have, by name; SHAC's defaults for the rest."""
+        shac_names = {field.name for field in dataclasses.fields(ShacSettings)}
+        return ShacSettings(**{field.name: getattr(self, field.name)
+                               for field in dataclasses.fields(self)
+                               if field.name in shac_names})
 
 
 def make_ensemble_critic(observation_size: int, settings: EnsembleCriticSettings
@@ -195,14 +199,6 @@ def make_ensemble_critic(observation_size: int, settings: EnsembleCriticSettings
                                 time_scale=settings.horizon if settings.finite_horizon else None),
         settings.critic_members)
     return critics, make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
-
-
-def shac_settings_of(settings) -> ShacSettings:
-    """The ``ShacSettings`` of an estimator built on SHAC's windows and critic fit (SAPO, AHAC):
-    each of SHAC's settings that ``settings`` also has, by name; SHAC's defaults for the rest."""
-    shac_names = {field.name for field in dataclasses.fields(ShacSettings)}
-    return ShacSettings(**{field.name: getattr(settings, field.name)
-                           for field in dataclasses.fields(settings) if field.name in shac_names})
 
 
 def check_remat_segment(segment: int, window: int) -> None:
