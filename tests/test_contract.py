@@ -124,6 +124,14 @@ def _lqr_and_policy():
          "clip_ratio"),
         (lambda: partial(estimators.make, "ppo", *_lqr_and_policy(), advantage="gae",
                          baseline="none"), "baseline"),
+        # the settings SAPO and AHAC share (EnsembleCriticSettings), through each of them
+        *[(lambda name=name, bad=bad: partial(estimators.make, name, *_lqr_and_policy(), **bad),
+           next(iter(bad)))
+          for name in ("sapo", "ahac")
+          for bad in ({"critic_members": 0}, {"discount": 1.5}, {"critic_learning_rate": -1.0},
+                      {"target_critic_keep": 2.0}, {"horizon": 0})],
+        (lambda: partial(estimators.make, "sapo", *_lqr_and_policy(), horizon=10, window=3),
+         "window"),
     ],
 )
 def test_bad_settings_raise_clear_errors_before_compiling(call, message):
