@@ -101,7 +101,7 @@ def check_name(name: str) -> None:
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
-          health_shaping: float = 0.0, **settings: Any) -> None:
+          health_shaping: float = 0.0, anticipate_jumps: bool = False, **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
     episode length, backend, health shaping (a number >= 0, above 0 only for
     ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
@@ -116,6 +116,7 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     if health_shaping and name not in FALLING_ENV_NAMES:
         raise ValueError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
                          f"allowed envs: {list(FALLING_ENV_NAMES)}")
+    _check_anticipate_jumps(anticipate_jumps, health_shaping)
     if name in ANALYTIC_ENV_CLASSES:
         make_raw(name, backend=backend, **settings)
         return
@@ -131,6 +132,14 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+
+
+def _check_anticipate_jumps(anticipate_jumps: bool, health_shaping: float) -> None:
+    if not isinstance(anticipate_jumps, bool):
+        raise ValueError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
+    if anticipate_jumps and not health_shaping:
+        raise ValueError("anticipate_jumps=True changes health_shaping's warning and needs "
+                         "health_shaping > 0")
 
 
 def _check_no_backend(name: str, backend: str | None) -> None:
@@ -179,7 +188,7 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 
 def make(
     name: str, episode_length: int | None = None, backend: str | None = None,
-    health_shaping: float = 0.0, **settings: Any
+    health_shaping: float = 0.0, anticipate_jumps: bool = False, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -191,6 +200,8 @@ def make(
             measured default for that env.
         health_shaping: above 0, the reward gains ``HealthShaping``'s differentiable warning of
             a fall with this weight (envs that end on a fall only; a training device).
+        anticipate_jumps: the warning measures the margin below a maximum height at the
+            torso's ballistic apex (``HealthShaping``); needs ``health_shaping``.
         **settings: keyword arguments of the env's constructor.
 
     Returns:
@@ -206,8 +217,9 @@ def make(
     if name in BRAX_ENV_NAMES:
         check_brax_name_and_backend(name, backend)
     raw_env = make_raw(name, backend=backend, **settings)
+    _check_anticipate_jumps(anticipate_jumps, health_shaping)
     if health_shaping:
-        raw_env = HealthShaping(raw_env, health_shaping)
+        raw_env = HealthShaping(raw_env, health_shaping, anticipate_jumps=anticipate_jumps)
     if episode_length is None:
         episode_length = int(raw_env.default_episode_length)
     return TimeLimitAutoReset(raw_env, episode_length)

@@ -203,19 +203,28 @@ class BraxEnvironment(Environment):
         return (hasattr(self._brax_env, "_healthy_z_range")
                 and bool(getattr(self._brax_env, "_terminate_when_unhealthy", False)))
 
-    def health_margins(self, state: State) -> jax.Array:
+    def health_margins(self, state: State, anticipate_jumps: bool = False) -> jax.Array:
         """How far ``state`` is inside each finite bound of the env's healthy ranges ``[k]``
         (positive: healthy; 0 on the boundary): the torso's height above its minimum (and below
         its maximum, where finite), in metres, and for the planar walkers (hopper, walker2d) its
         pitch inside its range, in radians. The quantities and ranges are the ones Brax's
-        ``step`` tests to end the episode."""
+        ``step`` tests to end the episode.
+
+        ``anticipate_jumps=True`` measures the margin below the maximum height at the torso's
+        ballistic apex, ``z + max(v_z, 0)^2 / (2 g)`` (``v_z`` its vertical velocity, ``g``
+        the model's gravity), where a jump started now will take it: a jump out of the range
+        is then seen at take-off rather than at the top of its flight."""
         if not self.ends_on_a_fall:
             raise ValueError(f"env {self.name!r} does not end on a fall; health margins exist "
                              f"for {list(FALLING_ENV_NAMES)}")
         brax_env, pipeline_state = self._brax_env, state.pipeline_state
         height = pipeline_state.x.pos[0, 2]
         low, high = brax_env._healthy_z_range
-        margins = [height - low] + ([high - height] if high != float("inf") else [])
+        top = height
+        if anticipate_jumps:
+            rising = jax.nn.relu(pipeline_state.xd.vel[0, 2])
+            top = height + rising**2 / (2.0 * abs(float(brax_env.sys.gravity[2])))
+        margins = [height - low] + ([high - top] if high != float("inf") else [])
         if hasattr(brax_env, "_healthy_angle_range"):
             pitch = pipeline_state.q[2]
             low, high = brax_env._healthy_angle_range

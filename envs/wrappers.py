@@ -193,22 +193,30 @@ class HealthShaping(Wrapper):
     bound at the boundary (DiffRL's hopper reward is shaped so). Its gradient lets a pathwise
     estimator see a fall coming, which the constant healthy reward and the non-differentiable
     end of the episode hide. A training device: evaluate on the unshaped env. The shaping is
-    recorded in ``metrics["health_shaping"]``.
+    recorded in ``metrics["health_shaping"]``. ``anticipate_jumps`` measures the margin below
+    a maximum height at the torso's ballistic apex (``env.health_margins``), so that a jump out
+    of the healthy range is penalised from its take-off.
     """
 
-    def __init__(self, env: Environment, weight: float, tolerance: float = 0.1):
+    def __init__(self, env: Environment, weight: float, tolerance: float = 0.1,
+                 anticipate_jumps: bool = False):
         if not getattr(env, "ends_on_a_fall", False):
             raise ValueError(f"health_shaping={weight!r} needs an env that ends on a fall "
                              "(ant, hopper, humanoid, walker2d)")
         for name, value in (("health_shaping", weight), ("health_tolerance", tolerance)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number")
+        if not isinstance(anticipate_jumps, bool):
+            raise ValueError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
         super().__init__(env)
         self.weight, self.tolerance = float(weight), float(tolerance)
+        self.anticipate_jumps = anticipate_jumps
 
     def penalty(self, state: State) -> jax.Array:
         """``weight * sum_i (max(tolerance - m_i, 0) / tolerance)^2`` at ``state``."""
-        short = jax.nn.relu(self.tolerance - self._env.health_margins(state)) / self.tolerance
+        margins = (self._env.health_margins(state, anticipate_jumps=True)
+                   if self.anticipate_jumps else self._env.health_margins(state))
+        short = jax.nn.relu(self.tolerance - margins) / self.tolerance
         return self.weight * jnp.sum(short**2)
 
     def reset(self, key: jax.Array) -> State:

@@ -66,3 +66,49 @@ def test_hopper_margins_and_an_upright_hopper_is_not_penalised():
 def test_shaping_where_nothing_falls_or_with_a_bad_weight_is_refused(make):
     with pytest.raises(ValueError, match="health_shaping="):
         make()
+
+
+def test_anticipated_margin_is_measured_at_the_torsos_ballistic_apex():
+    """The ant's torso rising at v_z will top out v_z^2 / 2g higher: the margin below its
+    maximum height (1.0 m) is measured there; falling or at rest, the apex is where it is."""
+    ant = envs.make_raw("ant")
+    state = ant.reset(jax.random.PRNGKey(0))
+    height = float(state.pipeline_state.x.pos[0, 2])
+
+    def with_vertical_velocity(v_z):
+        velocity = state.pipeline_state.xd.vel.at[0, 2].set(v_z)
+        return state.replace(pipeline_state=state.pipeline_state.replace(
+            xd=state.pipeline_state.xd.replace(vel=velocity)))
+
+    rising, falling = with_vertical_velocity(2.0), with_vertical_velocity(-2.0)
+    np.testing.assert_allclose(ant.health_margins(rising, anticipate_jumps=True),
+                               [height - 0.2, 1.0 - (height + 2.0**2 / (2 * 9.81))], rtol=1e-5)
+    np.testing.assert_allclose(ant.health_margins(falling, anticipate_jumps=True),
+                               ant.health_margins(falling), rtol=1e-6)
+    np.testing.assert_allclose(ant.health_margins(rising), [height - 0.2, 1.0 - height],
+                               rtol=1e-6)
+    # The warning's gradient reaches the take-off velocity: d margin / d v_z = -v_z / g.
+    gradient = jax.grad(lambda v: ant.health_margins(with_vertical_velocity(v),
+                                                     anticipate_jumps=True)[1])(2.0)
+    assert float(gradient) == pytest.approx(-2.0 / 9.81, rel=1e-5)
+
+
+def test_anticipate_jumps_reaches_the_margins_and_needs_health_shaping():
+    class _Asked(_Margins):
+        def health_margins(self, state, anticipate_jumps=False):
+            return state - jnp.array([0.0, 1.0 if anticipate_jumps else 0.0])
+
+    margins = jnp.array([0.5, 1.05])
+    plain = envs.HealthShaping(_Asked(), weight=2.0)
+    anticipating = envs.HealthShaping(_Asked(), weight=2.0, anticipate_jumps=True)
+    assert float(plain.penalty(margins)) == 0.0
+    # float32: 1.05 - 1.0 carries an error of ~1.2e-7 on 0.05 (2.4e-6 relative), doubled by the
+    # square.
+    assert float(anticipating.penalty(margins)) == pytest.approx(2.0 * (0.05 / 0.1) ** 2,
+                                                                  rel=1e-5)
+    for make in (lambda: envs.check("ant", anticipate_jumps=True),
+                 lambda: envs.make("ant", anticipate_jumps=True),
+                 lambda: settings_for(env="ant", anticipate_jumps=True),
+                 lambda: envs.HealthShaping(_Margins(), weight=1.0, anticipate_jumps="yes")):
+        with pytest.raises(ValueError, match="anticipate_jumps="):
+            make()
