@@ -67,6 +67,14 @@ def _ahac(num_envs, actor_hidden_sizes, critic_hidden_sizes=(64, 64), critic_lea
     return config | {"estimator": config["estimator"] | settings}
 
 
+def _sapo(num_envs, actor_hidden_sizes, critic_hidden_sizes=(64, 64)):
+    """SAPO's published choices (etaoxing/mineral, REFERENCES: SiLU with LayerNorm, global-norm
+    clip 0.5, critic learning rate 5e-4, twin critics without a target network) on SHAC's
+    per-task sizes."""
+    config = _ahac(num_envs, actor_hidden_sizes, critic_hidden_sizes, critic_learning_rate=5e-4)
+    return config | {"trainer": config["trainer"] | {"activation": "silu", "grad_clip": 0.5}}
+
+
 def _brax_ppo(unroll_length, minibatches, epochs, discount, entropy_cost, num_envs):
     """Brax's published PPO settings (notebooks/training.ipynb) with the batch of ``num_envs``
     environments (CPU sizes: Brax's own runs use thousands) cut into ``minibatches``."""
@@ -80,9 +88,12 @@ SHAC_SOURCE = "SHAC's {task}.yaml (NVlabs/DiffRL examples/cfg/shac)"
 CONFIGS: dict[str, EnvConfig] = {
     "ant": EnvConfig(
         estimators={"shac": _shac(64, (128, 64, 32)),
+                    "sapo": _sapo(64, (128, 64, 32)),
+                    "ahac": _ahac(64, (128, 64, 32)),
                     "ppo": _brax_ppo(5, 8, 4, 0.97, 1e-2, num_envs=256)},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="ant") + "; PPO: Brax's ant settings"),
+        source=SHAC_SOURCE.format(task="ant") + "; SAPO: its published SHAC2 settings with "
+               "SHAC's ant sizes; AHAC: SHAC's sizes and rates; PPO: Brax's ant settings"),
     "hopper": EnvConfig(
         trainer={"health_shaping": 2.0},
         estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4),
