@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from envs import mjx
 from envs.core import Environment, State
@@ -155,6 +156,7 @@ class BraxEnvironment(Environment):
             warnings.filterwarnings("ignore", message="Brax System, piplines and environments")
             self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
         self.default_episode_length = DEFAULT_EPISODE_LENGTH[name]
+        self.gravity  # noqa: B018 (read now, outside any trace, from the concrete model)
         self._step = self._brax_env.step
         if self.backend == "mjx":
             #: The model's own solver iterations, before diffpg set ``solver_iterations``.
@@ -196,6 +198,11 @@ class BraxEnvironment(Environment):
         """This environment as a ``brax.envs.Env``, for Brax's own trainers: Brax's own."""
         return self._brax_env
 
+    @functools.cached_property
+    def gravity(self) -> float:
+        """The model's gravitational acceleration, m/s^2 (positive)."""
+        return abs(float(np.asarray(self._brax_env.sys.gravity)[2]))
+
     @property
     def ends_on_a_fall(self) -> bool:
         """Whether the env ends an episode when its torso leaves a healthy range (Brax's
@@ -223,7 +230,7 @@ class BraxEnvironment(Environment):
         top = height
         if anticipate_jumps:
             rising = jax.nn.relu(pipeline_state.xd.vel[0, 2])
-            top = height + rising**2 / (2.0 * abs(float(brax_env.sys.gravity[2])))
+            top = height + rising**2 / (2.0 * self.gravity)
         margins = [height - low] + ([high - top] if high != float("inf") else [])
         if hasattr(brax_env, "_healthy_angle_range"):
             pitch = pipeline_state.q[2]

@@ -87,6 +87,12 @@ def test_anticipated_margin_is_measured_at_the_torsos_ballistic_apex():
                                ant.health_margins(falling), rtol=1e-6)
     np.testing.assert_allclose(ant.health_margins(rising), [height - 0.2, 1.0 - height],
                                rtol=1e-6)
+    # Compiled as training compiles it (the model's arrays are traced there), the shaped step
+    # gives the reward of the eager one.
+    shaped = envs.make("ant", health_shaping=2.0, anticipate_jumps=True)
+    start, action = shaped.reset(jax.random.PRNGKey(1)), jnp.full(shaped.action_size, 0.5)
+    assert float(jax.jit(shaped.step)(start, action).reward) == pytest.approx(
+        float(shaped.step(start, action).reward), abs=1e-4)
     # The warning's gradient reaches the take-off velocity: d margin / d v_z = -v_z / g.
     gradient = jax.grad(lambda v: ant.health_margins(with_vertical_velocity(v),
                                                      anticipate_jumps=True)[1])(2.0)
