@@ -10,8 +10,14 @@ env steps per second (``B * T`` per call or update) and as ratios:
 * ``brax_apg_training``: Brax's own APG trainer at the same horizon, batch and backend (its
   ``training/sps`` of the last epoch, compilation excluded).
 
-Each diffpg row is timed over ``--repeats`` calls after one compiling call. Targets (issue 5):
+Each diffpg row is timed over ``--repeats`` calls after one compiling call. Targets:
 SHAC training >= 1/4 of ``simulate`` and >= 1.0x Brax APG.
+
+A second table breaks one SHAC update of the env's configuration (``diffpg train --env ENV``,
+its policy and critic sizes) into its parts, each compiled and timed alone: the rollout's
+forward pass, the windowed gradient (forward and reverse), the critic's fit (its passes of
+sequential minibatch steps), the whole update, and, once per ``updates_per_call`` updates, an
+evaluation and a checkpoint.
 
     python experiments/bench_throughput.py                       # CPU: hopper, 64 x 32
     python experiments/bench_throughput.py --gpu                 # GPU: ant, 2048 x 32
@@ -20,6 +26,7 @@ SHAC training >= 1/4 of ``simulate`` and >= 1.0x Brax APG.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
-from diffpg import estimators  # noqa: E402
+from diffpg import estimators, runs  # noqa: E402
 from diffpg.acting import unroll  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402
@@ -45,6 +52,50 @@ def seconds_per_call(function, *args, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         jax.block_until_ready(function(*args))
     return first, (time.perf_counter() - started) / repeats
+
+
+def update_breakdown(env_name: str, num_envs: int, horizon: int, repeats: int,
+                     key: jax.Array) -> list[dict]:
+    """Seconds of each part of one SHAC update with the env's configuration (module docstring).
+    """
+    settings = settings_for(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
+                            updates=1000, updates_per_call=1)
+    trainer = make_trainer(settings)
+    state = trainer.init_run()
+    estimator, policy = trainer.estimator, trainer.policy
+    estimate = jax.jit(estimator.estimate)
+    parts = {
+        "rollout (forward only)": (jax.jit(lambda s, k: unroll(
+            trainer.env, policy, s.params, s.obs_stats, s.env_state, k, horizon)[1].next_obs),
+            (state, key)),
+        "windowed gradient (forward + reverse)": (
+            lambda s, k: estimate(s.params, s.obs_stats, s.estimator_state, s.env_state, k).grad,
+            (state, key)),
+    }
+    # the critic fits the batch of the estimate (args made when its turn comes, so that the
+    # gradient's row includes its compilation)
+    parts["critic fit"] = (jax.jit(lambda s, b, k: estimator.update(
+        s.params, s.obs_stats, s.estimator_state, b, k)), lambda: (state, estimate(
+            state.params, state.obs_stats, state.estimator_state, state.env_state, key).batch,
+            key))
+    parts["whole update"] = (trainer.run_updates, (state,))
+    parts["evaluation (per call)"] = (trainer.evaluate, (state, key))
+    rows = []
+    for what, (function, args) in parts.items():
+        args = args() if callable(args) else args
+        compile_s, seconds = seconds_per_call(function, *args, repeats=repeats)
+        rows.append({"part": what, "seconds": seconds, "compile_s": compile_s})
+    with tempfile.TemporaryDirectory() as folder:
+        with runs.checkpoint_manager(Path(folder), writing=True) as manager:
+            started = time.perf_counter()
+            for update in range(repeats):
+                runs.save_checkpoint(manager, state._replace(update=state.update + update), [])
+            rows.append({"part": "checkpoint (per call)",
+                         "seconds": (time.perf_counter() - started) / repeats, "compile_s": 0.0})
+    whole = next(row["seconds"] for row in rows if row["part"] == "whole update")
+    for row in rows:
+        row["share_of_update"] = row["seconds"] / whole
+    return rows
 
 
 def brax_apg_sps(env, num_envs: int, horizon: int, updates: int) -> tuple[float, float]:
@@ -136,13 +187,19 @@ def main() -> None:
                                                        / rate["brax_apg_training"])
     for name, value in targets.items():
         print(f"{name}: {value:.3f}")
+    breakdown = update_breakdown(env_name, num_envs, horizon, repeats, key)
+    breakdown_table = common.format_table(breakdown, ["part", "seconds", "share_of_update",
+                                                      "compile_s"])
+    print(f"\none SHAC update of {env_name}'s configuration, {num_envs} envs x {horizon} steps:")
+    print(breakdown_table)
     common.write_json(out / "results.json", {
         "env": env_name, "backend": env.unwrapped.backend, "num_envs": num_envs,
         "horizon": horizon, "repeats": repeats, "rows": rows, "targets": targets,
-        "device": str(jax.devices()[0]),
+        "update_breakdown": breakdown, "device": str(jax.devices()[0]),
     })
     (out / "report.md").write_text(f"# Throughput\n\n{header}\n\n{table}\n\n" + "\n".join(
-        f"- {k}: {v:.3f}" for k, v in targets.items()) + "\n")
+        f"- {k}: {v:.3f}" for k, v in targets.items()) + "\n\n## One SHAC update\n\n"
+        + breakdown_table + "\n")
 
 
 if __name__ == "__main__":
