@@ -87,6 +87,8 @@ class TrainSettings:
     """With health_shaping: warn of a jump out of the healthy height range at take-off, by
     measuring the margin at the torso's ballistic apex z + max(v_z, 0)^2 / 2g (the ant's falls
     are such jumps: BENCHMARKS.md section 2d)."""
+    health_tolerance: float = envs.HEALTH_TOLERANCE
+    """With health_shaping: how far inside a healthy bound its warning starts (m or rad)."""
     estimator: Annotated[str, tyro.conf.Suppress] = configs.DEFAULT_ESTIMATOR
     """Estimator name (diffpg.estimators.names())."""
     estimator_settings: Annotated[Any, tyro.conf.arg(constructor_factory=estimator_choices)] = None
@@ -170,7 +172,7 @@ class TrainSettings:
                              f"num_envs a multiple of {self.minibatches * self.devices}")
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
-                   self.anticipate_jumps, **self.env_settings)
+                   self.anticipate_jumps, self.health_tolerance, **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
             raise ValueError(f"horizon={self.horizon} is longer than the episode (episode_length="
@@ -366,8 +368,10 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
         def make_env(health_shaping: float):
             return envs.make(settings.env, episode_length=settings.episode_length,
                              backend=settings.backend, health_shaping=health_shaping,
-                             anticipate_jumps=settings.anticipate_jumps and bool(health_shaping),
-                             **settings.env_settings)
+                             **(shaping if health_shaping else {}), **settings.env_settings)
+
+        shaping = {"anticipate_jumps": settings.anticipate_jumps,
+                   "health_tolerance": settings.health_tolerance}
 
         env = make_env(settings.health_shaping)
         eval_env = make_env(0.0) if settings.health_shaping else env

@@ -43,7 +43,12 @@ from envs.brax_envs import (  # noqa: E402
     check_solver_setting,
 )
 from envs.core import Environment, State  # noqa: E402
-from envs.wrappers import HealthShaping, TimeLimitAutoReset, check_episode_length  # noqa: E402
+from envs.wrappers import (  # noqa: E402
+    HEALTH_TOLERANCE,
+    HealthShaping,
+    TimeLimitAutoReset,
+    check_episode_length,
+)
 
 
 def _mujoco_warning(message: str) -> None:
@@ -63,6 +68,7 @@ __all__ = [
     "BRAX_ENV_NAMES",
     "Environment",
     "FALLING_ENV_NAMES",
+    "HEALTH_TOLERANCE",
     "HealthShaping",
     "State",
     "TimeLimitAutoReset",
@@ -101,7 +107,8 @@ def check_name(name: str) -> None:
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
-          health_shaping: float = 0.0, anticipate_jumps: bool = False, **settings: Any) -> None:
+          health_shaping: float = 0.0, anticipate_jumps: bool = False,
+          health_tolerance: float = HEALTH_TOLERANCE, **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
     episode length, backend, health shaping (a number >= 0, above 0 only for
     ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
@@ -116,7 +123,7 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     if health_shaping and name not in FALLING_ENV_NAMES:
         raise ValueError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
                          f"allowed envs: {list(FALLING_ENV_NAMES)}")
-    _check_anticipate_jumps(anticipate_jumps, health_shaping)
+    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
     if name in ANALYTIC_ENV_CLASSES:
         make_raw(name, backend=backend, **settings)
         return
@@ -134,12 +141,19 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
         raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
 
 
-def _check_anticipate_jumps(anticipate_jumps: bool, health_shaping: float) -> None:
+def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
+                           health_tolerance: float) -> None:
+    """``anticipate_jumps`` and ``health_tolerance`` change ``health_shaping``'s warning."""
     if not isinstance(anticipate_jumps, bool):
         raise ValueError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
-    if anticipate_jumps and not health_shaping:
-        raise ValueError("anticipate_jumps=True changes health_shaping's warning and needs "
-                         "health_shaping > 0")
+    if not (isinstance(health_tolerance, int | float) and math.isfinite(health_tolerance)
+            and health_tolerance > 0):
+        raise ValueError(f"health_tolerance={health_tolerance!r} must be a positive number")
+    for name, value, default in (("anticipate_jumps", anticipate_jumps, False),
+                                 ("health_tolerance", health_tolerance, HEALTH_TOLERANCE)):
+        if value != default and not health_shaping:
+            raise ValueError(f"{name}={value!r} changes health_shaping's warning and needs "
+                             "health_shaping > 0")
 
 
 def _check_no_backend(name: str, backend: str | None) -> None:
@@ -188,7 +202,8 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 
 def make(
     name: str, episode_length: int | None = None, backend: str | None = None,
-    health_shaping: float = 0.0, anticipate_jumps: bool = False, **settings: Any
+    health_shaping: float = 0.0, anticipate_jumps: bool = False,
+    health_tolerance: float = HEALTH_TOLERANCE, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -202,6 +217,8 @@ def make(
             a fall with this weight (envs that end on a fall only; a training device).
         anticipate_jumps: the warning measures the margin below a maximum height at the
             torso's ballistic apex (``HealthShaping``); needs ``health_shaping``.
+        health_tolerance: how far inside a healthy bound the warning starts (metres or
+            radians; ``HealthShaping``'s ``tolerance``); needs ``health_shaping``.
         **settings: keyword arguments of the env's constructor.
 
     Returns:
@@ -217,9 +234,10 @@ def make(
     if name in BRAX_ENV_NAMES:
         check_brax_name_and_backend(name, backend)
     raw_env = make_raw(name, backend=backend, **settings)
-    _check_anticipate_jumps(anticipate_jumps, health_shaping)
+    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
     if health_shaping:
-        raw_env = HealthShaping(raw_env, health_shaping, anticipate_jumps=anticipate_jumps)
+        raw_env = HealthShaping(raw_env, health_shaping, tolerance=health_tolerance,
+                                anticipate_jumps=anticipate_jumps)
     if episode_length is None:
         episode_length = int(raw_env.default_episode_length)
     return TimeLimitAutoReset(raw_env, episode_length)

@@ -43,7 +43,10 @@ import jax.numpy as jnp
 
 from envs.core import Environment, State
 
-__all__ = ["HealthShaping", "TimeLimitAutoReset", "Wrapper"]
+__all__ = ["HEALTH_TOLERANCE", "HealthShaping", "TimeLimitAutoReset", "Wrapper"]
+
+HEALTH_TOLERANCE = 0.1
+"""How far inside a healthy bound ``HealthShaping``'s warning starts by default (m or rad)."""
 
 #: Keys this wrapper adds to ``State.info``.
 WRAPPER_INFO_KEYS = (
@@ -198,7 +201,7 @@ class HealthShaping(Wrapper):
     of the healthy range is penalised from its take-off.
     """
 
-    def __init__(self, env: Environment, weight: float, tolerance: float = 0.1,
+    def __init__(self, env: Environment, weight: float, tolerance: float = HEALTH_TOLERANCE,
                  anticipate_jumps: bool = False):
         if not getattr(env, "ends_on_a_fall", False):
             raise ValueError(f"health_shaping={weight!r} needs an env that ends on a fall "

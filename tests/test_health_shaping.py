@@ -118,3 +118,19 @@ def test_anticipate_jumps_reaches_the_margins_and_needs_health_shaping():
                  lambda: envs.HealthShaping(_Margins(), weight=1.0, anticipate_jumps="yes")):
         with pytest.raises(ValueError, match="anticipate_jumps="):
             make()
+    for make in (lambda: settings_for(env="ant", health_tolerance=0.2),
+                 lambda: settings_for(env="ant", health_shaping=1.0, health_tolerance=0.0),
+                 lambda: envs.make("ant", health_shaping=1.0, health_tolerance=float("inf"))):
+        with pytest.raises(ValueError, match="health_tolerance="):
+            make()
+
+
+def test_training_shapes_with_the_runs_weight_tolerance_and_anticipation():
+    from diffpg.training import make_trainer
+
+    trainer = make_trainer(settings_for(env="ant", health_shaping=2.0, anticipate_jumps=True,
+                                        health_tolerance=0.25, num_envs=2, updates=1,
+                                        updates_per_call=1))
+    shaping = trainer.env.env
+    assert isinstance(shaping, envs.HealthShaping)
+    assert (shaping.weight, shaping.tolerance, shaping.anticipate_jumps) == (2.0, 0.25, True)
