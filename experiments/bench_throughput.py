@@ -154,7 +154,8 @@ def main() -> None:
     rows.append({"what": "bptt_gradient", "compile_s": first, "env_steps_per_s": steps / per_call})
 
     settings = settings_for(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
-                            updates=1000, updates_per_call=repeats, eval_envs=1)
+                            updates=100 * repeats, updates_per_call=repeats,
+                            eval_envs=1)
     trainer = make_trainer(settings)
     state = trainer.init_run()
     started = time.perf_counter()
