@@ -145,6 +145,12 @@ def save_settings(settings: TrainSettings, run_dir: Path) -> None:
         _write_atomically(run_dir / "settings.json", json.dumps(settings.to_json(), indent=2))
 
 
+SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
+"""Training settings added after run folders were first written: a ``settings.json`` without
+them is read with their defaults, which are the behaviour before they existed. Any other
+missing setting makes the file invalid."""
+
+
 def load_settings(run_dir: Path) -> TrainSettings:
     path = run_dir / "settings.json"
     if not run_dir.is_dir():
@@ -155,7 +161,8 @@ def load_settings(run_dir: Path) -> TrainSettings:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
             raise ValueError("it does not hold an object of settings")
-        missing = [f for f in TrainSettings.__dataclass_fields__ if f not in values]
+        missing = [f for f in TrainSettings.__dataclass_fields__
+                   if f not in values and f not in SETTINGS_ADDED_LATER]
         if missing:
             raise ValueError(f"it lacks the setting(s) {missing}")
         return TrainSettings.from_json(values)

@@ -273,6 +273,26 @@ def test_a_damaged_settings_file_is_one_line_naming_it(tmp_path, capsys, content
     assert message in error and "settings.json" in error and len(error.strip().splitlines()) == 1
 
 
+def test_a_run_written_before_a_setting_existed_reads_with_its_default(tmp_path):
+    """A settings.json written before a setting was added (diffpg.runs.SETTINGS_ADDED_LATER)
+    loads with that setting's default, the behaviour the run had; its other settings unchanged."""
+    import json
+
+    from diffpg.runs import SETTINGS_ADDED_LATER, load_settings
+    from diffpg.training import TrainSettings
+
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    written = load_settings(out)
+    values = json.loads((out / "settings.json").read_text())
+    for name in SETTINGS_ADDED_LATER:
+        del values[name]
+    (out / "settings.json").write_text(json.dumps(values))
+    assert load_settings(out) == written
+    for name in SETTINGS_ADDED_LATER:
+        assert getattr(load_settings(out), name) == TrainSettings.__dataclass_fields__[name].default
+
+
 def test_an_unknown_setting_in_settings_json_is_named(tmp_path, capsys):
     import json
 
