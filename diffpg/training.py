@@ -365,13 +365,13 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     """
     eval_env = env
     if env is None:
+        shaping = {"anticipate_jumps": settings.anticipate_jumps,
+                   "health_tolerance": settings.health_tolerance}
+
         def make_env(health_shaping: float):
             return envs.make(settings.env, episode_length=settings.episode_length,
                              backend=settings.backend, health_shaping=health_shaping,
                              **(shaping if health_shaping else {}), **settings.env_settings)
-
-        shaping = {"anticipate_jumps": settings.anticipate_jumps,
-                   "health_tolerance": settings.health_tolerance}
 
         env = make_env(settings.health_shaping)
         eval_env = make_env(0.0) if settings.health_shaping else env

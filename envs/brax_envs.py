@@ -156,7 +156,9 @@ class BraxEnvironment(Environment):
             warnings.filterwarnings("ignore", message="Brax System, piplines and environments")
             self._brax_env = brax_envs.get_environment(name, backend=self.backend, **kwargs)
         self.default_episode_length = DEFAULT_EPISODE_LENGTH[name]
-        self.gravity  # noqa: B018 (read now, outside any trace, from the concrete model)
+        #: The model's gravitational acceleration, m/s^2 (positive), read once from the concrete
+        #: model (inside a compiled step its arrays are traced).
+        self.gravity = abs(float(np.asarray(self._brax_env.sys.gravity)[2]))
         self._step = self._brax_env.step
         if self.backend == "mjx":
             #: The model's own solver iterations, before diffpg set ``solver_iterations``.
@@ -197,11 +199,6 @@ class BraxEnvironment(Environment):
     def as_brax_env(self) -> Any:
         """This environment as a ``brax.envs.Env``, for Brax's own trainers: Brax's own."""
         return self._brax_env
-
-    @functools.cached_property
-    def gravity(self) -> float:
-        """The model's gravitational acceleration, m/s^2 (positive)."""
-        return abs(float(np.asarray(self._brax_env.sys.gravity)[2]))
 
     @property
     def ends_on_a_fall(self) -> bool:
