@@ -202,10 +202,10 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
         )
     if settings.policy_checkpoint is not None:
         from diffpg.runs import load_settings
+        from diffpg.training import make_policy
 
-        hidden_sizes = load_settings(Path(settings.policy_checkpoint)).hidden_sizes
-        return env, make_gaussian_mlp_policy(env.observation_size, env.action_size,
-                                             hidden_sizes=hidden_sizes), False
+        # The run's own network (activation, layer norm, sizes), not the comparison's.
+        return env, make_policy(load_settings(Path(settings.policy_checkpoint)), env), False
     if settings.env == "lqr":
         policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
                                              init_gain_scale=0.5)

@@ -281,6 +281,16 @@ class Trainer(NamedTuple):
     ``evaluate`` are vmapped over it and return per-seed metrics ``[seeds]``)."""
 
 
+def make_policy(settings: TrainSettings, env) -> Policy:
+    """The run's policy on ``env``, built from every policy setting of ``settings`` (the one
+    definition, so that whoever reloads a run's parameters applies them to the same network)."""
+    return make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                    hidden_sizes=settings.hidden_sizes,
+                                    activation=settings.activation,
+                                    layer_norm=settings.layer_norm,
+                                    init_log_std=settings.init_log_std)
+
+
 def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     """The actor's optimiser; ``apply_if_finite`` skips an update whose gradient is not finite."""
     steps = settings.updates * settings.epochs * settings.minibatches
@@ -375,11 +385,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
 
         env = make_env(settings.health_shaping)
         eval_env = make_env(0.0) if settings.health_shaping else env
-    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
-                                      hidden_sizes=settings.hidden_sizes,
-                                      activation=settings.activation,
-                                      layer_norm=settings.layer_norm,
-                                      init_log_std=settings.init_log_std)
+    policy = make_policy(settings, env)
     estimator_settings = settings.resolved_estimator_settings
     estimator = estimators.make(settings.estimator, env, policy,
                                 **dataclasses.asdict(estimator_settings))

@@ -236,6 +236,28 @@ def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
     assert "trained on env='pendulum'" in capsys.readouterr().err
 
 
+def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
+    """A run trained with a non-default activation and without layer norm: the comparison's
+    policy, with the parameters and statistics it loads, gives the trained policy's actions."""
+    from diffpg.compare import CompareSettings, load_trained_policy, make_env_and_policy
+
+    settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(8, 8), activation="relu",
+                             layer_norm=False)
+    run = tmp_path / "run"
+    trained = train(settings, run)
+    trainer = make_trainer(settings)
+    compare = CompareSettings(env="pendulum", policy_checkpoint=str(run), sweep="none",
+                              horizon=4, hidden_sizes=(32, 32))
+    _, policy, _ = make_env_and_policy(compare)
+    params, obs_stats = load_trained_policy(run)
+    observations = jax.random.normal(jax.random.PRNGKey(3), (5, trainer.env.observation_size))
+    for a, b in zip(policy.distribution(params, observations),
+                    trainer.policy.distribution(trained.params, observations), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(obs_stats.mean), np.asarray(trained.obs_stats.mean))
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_bit_exactly_from_its_last_checkpoint(tmp_path):
     """SIGKILL a training process at an arbitrary point after its first checkpoint; ``--resume``
