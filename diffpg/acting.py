@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 class Transitions(NamedTuple):
@@ -124,7 +124,7 @@ def unroll(
         end_state, outputs = jax.lax.scan(step, env_state, inputs)
     else:
         if steps % remat_segment:
-            raise ValueError(f"remat_segment={remat_segment} must divide steps={steps}")
+            raise SettingError(f"remat_segment={remat_segment} must divide steps={steps}")
 
         @jax.checkpoint
         def segment(state, segment_inputs):

@@ -2,18 +2,20 @@
 
 Options come from the settings dataclasses through tyro, with the documentation written under
 each field as their help; on ``diffpg train`` the estimator is a subcommand with its own
-settings (``diffpg train --env hopper shac --window 16``). A user error (bad setting, existing
-output folder) prints one line naming the setting and exits with status 2, without a traceback.
+settings (``diffpg train --env hopper shac --window 16``). A user error (``envs.core.SettingError``:
+a bad setting, an existing output folder) prints one line naming the setting and exits with
+status 2, without a traceback; any other exception is a defect and keeps its traceback (status 1).
 ``diffpg --import MODULE ...`` imports MODULE first (a user's estimators registering themselves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
 import threading
-import time
+import traceback
 
 # MuJoCo's MJX imports NVIDIA Warp when it is installed (the playground extra brings it), which
 # adds about a second to every command's start and another to its exit. diffpg runs MJX on its
@@ -23,7 +25,6 @@ sys.modules.setdefault("warp", None)
 from pathlib import Path  # noqa: E402
 
 from diffpg.command_line import (  # noqa: E402
-    CommandLineError,
     parse_compare_command,
     parse_run_command,
     parse_train_command,
@@ -32,8 +33,15 @@ from diffpg.devices import (  # noqa: E402
     barrier,
     initialize_distributed_from_environment,
     is_primary,
-    process_count,
 )
+from diffpg.folders import (  # noqa: E402
+    Interrupted,
+    interruptions,
+    output_folder,
+    remove_files,
+    run_lock,
+)
+from envs.core import SettingError  # noqa: E402
 
 COMMANDS = {
     "compare": "variance, bias and cost of every estimator, against the horizon",
@@ -47,40 +55,32 @@ USAGE = ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] 
          + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items()))
 
 
-def _prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path:
-    if out is None and process_count() > 1:
-        raise ValueError("out is required when several processes run one command (each would "
-                         "name its own default folder)")
-    if out is None:
-        out = Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file, not a folder; choose another --out")
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
-        raise ValueError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
-                         "write into it, or choose another --out")
-    return out
-
-
 def run_compare(argv: list[str]) -> Path:
     from tqdm import tqdm
 
     from diffpg.compare import run_comparison
-    from diffpg.report import write_outputs
+    from diffpg.report import OUTPUT_FILES, write_outputs
 
     settings, out, overwrite = parse_compare_command(argv)
-    out = _prepare_output(out, overwrite, f"compare-{settings.env}")
-    barrier("diffpg: output folder checked")
-    total = len(settings.points) * (len(settings.specs) + 1 + settings.per_step)
-    with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
-              disable=not is_primary()) as bar:
-        def progress(message: str) -> None:
-            bar.set_description(message)
-            bar.update(1)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(output_folder(out, overwrite, f"compare-{settings.env}"))
+        if is_primary():
+            stack.enter_context(run_lock(out))
+            remove_files(out, OUTPUT_FILES)  # --overwrite: no earlier result beside the new one
+        guard = stack.enter_context(interruptions())
+        barrier("diffpg: output folder checked")
+        total = len(settings.points) * (len(settings.specs) + 1 + settings.per_step)
+        with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
+                  disable=not is_primary()) as bar:
+            def progress(message: str) -> None:
+                bar.set_description(message)
+                bar.update(1)
 
-        results = run_comparison(settings, progress=progress)
-    if not is_primary():
-        return out
-    written = write_outputs(results, out)
+            results = run_comparison(settings, progress=progress)
+        if not is_primary():
+            return out
+        with guard.critical():  # a signal waits until every file is written
+            written = write_outputs(results, out)
     print(f"wrote {len(written)} files to {out}:")
     for path in written:
         print(f"  {path}")
@@ -89,14 +89,20 @@ def run_compare(argv: list[str]) -> Path:
 
 
 def run_train(argv: list[str]) -> Path:
+    settings, out, overwrite, resume, sizes = parse_train_command(argv)
+    if resume:
+        return _train_into(settings, out, resume, sizes)
+    with output_folder(out, overwrite, f"train-{settings.env}-{settings.estimator}") as out:
+        return _train_into(settings, out, resume, sizes)
+
+
+def _train_into(settings, out: Path, resume: bool, sizes: str) -> Path:
+    """Train into the checked folder ``out``, with a progress bar and a last line of results."""
     from tqdm import tqdm
 
     from diffpg.configs import config_for
     from diffpg.runs import train
 
-    settings, out, overwrite, resume, sizes = parse_train_command(argv)
-    if not resume:
-        out = _prepare_output(out, overwrite, f"train-{settings.env}-{settings.estimator}")
     barrier("diffpg: output folder checked")
     source = (config_for(settings.env, settings.estimator, sizes).source
               or "no configuration for this env") + f", {sizes} sizes"
@@ -120,10 +126,10 @@ def run_train(argv: list[str]) -> Path:
     try:
         state = train(settings, out, resume=resume, on_log=on_log, on_start=on_start)
     except KeyboardInterrupt as interruption:
+        raise SystemExit(_interrupted(interruption, out)) from None
+    finally:  # before any message: a bar closed later would print itself after it
         if bar is not None:
             bar.close()
-        raise SystemExit(_interrupted(interruption, out)) from None
-    bar.close()
     if is_primary():
         print(f"{int(state.update.ravel()[0])} updates, {int(state.env_steps.ravel()[0])} env "
               f"steps; run folder: {out}")
@@ -148,8 +154,6 @@ def _interrupted(interruption: KeyboardInterrupt, out: Path) -> int:
 def _terminate(signum, frame):
     """SIGTERM, outside a run's own handling (while compiling, say): as a SIGINT would."""
     del frame
-    from diffpg.runs import Interrupted
-
     raise Interrupted(signum)
 
 
@@ -166,7 +170,7 @@ def run_video(argv: list[str]) -> None:
 
     command = parse_run_command(argv, "diffpg video", video=True)
     if command.every < 1:
-        raise ValueError(f"every={command.every} must be a positive integer")
+        raise SettingError(f"every={command.every} must be a positive integer")
     print(f"wrote {video_of_run(command.run_dir, command.out, command.every)}")
 
 
@@ -179,7 +183,7 @@ def import_user_modules(argv: list[str]) -> list[str]:
     while argv and (argv[0] == "--import" or argv[0].startswith("--import=")):
         if argv[0] == "--import":
             if len(argv) < 2:
-                raise ValueError("--import needs a module name")
+                raise SettingError("--import needs a module name")
             name, argv = argv[1], argv[2:]
         else:
             name, argv = argv[0].split("=", 1)[1], argv[1:]
@@ -188,8 +192,12 @@ def import_user_modules(argv: list[str]) -> list[str]:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise ValueError(f"--import {name}: {error}") from error
+            raise SettingError(f"--import {name}: {error}") from error
     return argv
+
+
+def _name(command: str) -> str:
+    return f"diffpg {command}" if command != "diffpg" else "diffpg"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if argv else 2
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
-            raise ValueError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
+            raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
         initialize_distributed_from_environment()
         RUNNERS[command](argv)
-    except (ValueError, CommandLineError) as error:
-        name = f"diffpg {command}" if command != "diffpg" else "diffpg"
-        print(f"{name}: error: {error}", file=sys.stderr)
+    except SettingError as error:  # a bad setting (CommandLineError too): one line
+        print(f"{_name(command)}: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:
         print(f"diffpg {command}: stopped: {error}", file=sys.stderr)
@@ -220,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         signum = getattr(interruption, "signum", signal.SIGINT)
         print(f"\ndiffpg {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
+    except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
+        traceback.print_exc()
+        print(f"{_name(command)}: error: the {type(error).__name__} above is not a bad setting: "
+              "a defect in diffpg or in a module given with --import", file=sys.stderr)
+        return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

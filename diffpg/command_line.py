@@ -17,6 +17,8 @@ from typing import Any, Literal, TypeVar
 import tyro
 import tyro._errors as tyro_errors
 
+from envs.core import SettingError
+
 T = TypeVar("T")
 
 CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.OmitSubcommandPrefixes,
@@ -25,7 +27,7 @@ CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.OmitSubcommandPrefixes,
 subcommands by their own name (``shac``), and options in any order around a subcommand."""
 
 
-class CommandLineError(ValueError):
+class CommandLineError(SettingError):
     """A command line that does not parse; its message is one line."""
 
 

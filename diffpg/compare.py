@@ -36,6 +36,7 @@ from diffpg.stats import (
     reference_from_samples,
     variance_trace,
 )
+from envs.core import SettingError
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
 STIFFNESS_ENVS = ("contact", "curling")
@@ -125,33 +126,33 @@ class CompareSettings:
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise SettingError(f"{name}={value!r} must be a positive integer")
         check_devices(self.devices, self.num_envs)
         if self.devices > 1 and self.sweep == "batch":
-            raise ValueError("sweep='batch' changes num_envs per point; allowed with devices=1")
+            raise SettingError("sweep='batch' changes num_envs per point; allowed with devices=1")
         if self.num_estimates < 2:
-            raise ValueError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
+            raise SettingError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
         if self.critic_warmup < 0:
-            raise ValueError(f"critic_warmup={self.critic_warmup} must be >= 0")
+            raise SettingError(f"critic_warmup={self.critic_warmup} must be >= 0")
         if self.sweep not in SWEEPS:
-            raise ValueError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
+            raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         if self.reference not in ("auto", "exact"):
             EstimatorSpec.parse(self.reference)
         if self.sweep == "stiffness" and self.env not in STIFFNESS_ENVS:
-            raise ValueError(f"sweep='stiffness' needs an env with a stiffness setting "
-                             f"({' or '.join(STIFFNESS_ENVS)}), not env={self.env!r}")
+            raise SettingError(f"sweep='stiffness' needs an env with a stiffness setting "
+                               f"({' or '.join(STIFFNESS_ENVS)}), not env={self.env!r}")
         if self.reference == "exact" and self.env != "lqr":
-            raise ValueError("reference='exact' exists only for env='lqr'; allowed: auto or an "
-                             "unbiased estimator's spec")
+            raise SettingError("reference='exact' exists only for env='lqr'; allowed: auto or an "
+                               "unbiased estimator's spec")
         if not 0.0 <= self.discount <= 1.0:
-            raise ValueError(f"discount={self.discount} must be in [0, 1]")
+            raise SettingError(f"discount={self.discount} must be in [0, 1]")
         if self.policy_checkpoint is not None:
             from diffpg.runs import load_settings
 
             run = load_settings(Path(self.policy_checkpoint))
             if run.env != self.env:
-                raise ValueError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
-                                 f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
+                raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
+                                   f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
 
     @property
     def horizons(self) -> tuple[int, ...]:
@@ -195,7 +196,7 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
     if longest > env.episode_length:
         what = (f"the batch sweep's longest trajectory ({longest} steps = batch_budget / 2)"
                 if settings.sweep == "batch" else f"horizon={longest}")
-        raise ValueError(
+        raise SettingError(
             f"{what} is longer than the episode (episode_length={env.episode_length}); "
             f"allowed: 1..{env.episode_length}"
             + ("; lower batch_budget or raise episode_length" if settings.sweep == "batch" else "")

@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from envs.core import SettingError
+
 DEFAULT_ESTIMATOR = "shac"
 """The estimator a run trains with when neither the user nor the env's configuration names one."""
 
@@ -143,7 +145,7 @@ CONFIGS: dict[str, EnvConfig] = {
 
 def check_sizes(sizes: str) -> None:
     if sizes not in SIZES:
-        raise ValueError(f"sizes={sizes!r} is not allowed; allowed values: {list(SIZES)}")
+        raise SettingError(f"sizes={sizes!r} is not allowed; allowed values: {list(SIZES)}")
 
 
 def config_for(env: str, estimator: str, sizes: str = "cpu") -> ResolvedConfig:

@@ -22,20 +22,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from envs.core import SettingError
+
 
 def check_devices(devices: Any, num_envs: int) -> None:
     """``devices`` must be a positive integer, available, and split ``num_envs`` evenly."""
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ValueError(f"devices={devices!r} must be a positive integer")
+        raise SettingError(f"devices={devices!r} must be a positive integer")
     if devices == 1:
         return
     available = jax.device_count()
     if devices > available:
-        raise ValueError(f"devices={devices} but only {available} are available; allowed: "
-                         f"1..{available}")
+        raise SettingError(f"devices={devices} but only {available} are available; allowed: "
+                           f"1..{available}")
     if num_envs % devices:
-        raise ValueError(f"num_envs={num_envs} does not split over devices={devices}; allowed: "
-                         f"a multiple of {devices}")
+        raise SettingError(f"num_envs={num_envs} does not split over devices={devices}; allowed: "
+                           f"a multiple of {devices}")
 
 
 def batch_mesh(devices: int) -> Mesh:
@@ -105,8 +107,8 @@ def initialize_distributed_from_environment() -> None:
         processes = int(os.environ["DIFFPG_NUM_PROCESSES"])
         process_id = int(os.environ["DIFFPG_PROCESS_ID"])
     except (KeyError, ValueError) as error:
-        raise ValueError("DIFFPG_COORDINATOR_ADDRESS is set: DIFFPG_NUM_PROCESSES and "
-                         "DIFFPG_PROCESS_ID must be integers too") from error
+        raise SettingError("DIFFPG_COORDINATOR_ADDRESS is set: DIFFPG_NUM_PROCESSES and "
+                           "DIFFPG_PROCESS_ID must be integers too") from error
     # CPU processes need a collectives library to all-reduce between them (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=processes, process_id=process_id)

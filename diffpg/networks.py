@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from envs.core import SettingError
+
 ACTIVATIONS = {
     "elu": nn.elu,
     "relu": nn.relu,
@@ -21,9 +23,9 @@ ACTIVATIONS = {
 
 
 def check_activation(name: str) -> None:
-    """Raise a ValueError naming the allowed activations if ``name`` is not one."""
+    """Raise a SettingError naming the allowed activations if ``name`` is not one."""
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is not known; allowed: {sorted(ACTIVATIONS)}")
+        raise SettingError(f"activation={name!r} is not known; allowed: {sorted(ACTIVATIONS)}")
 
 
 class MLP(nn.Module):

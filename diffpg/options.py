@@ -7,6 +7,8 @@ import ast
 from collections.abc import Iterable
 from typing import Any
 
+from envs.core import SettingError
+
 
 def parse_value(text: str) -> Any:
     """A Python literal (number, bool, None, tuple, string in quotes), else the text itself."""
@@ -23,7 +25,7 @@ def parse_options(items: Iterable[str], setting: str) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{setting}: {item!r} must be written key=value")
+            raise SettingError(f"{setting}: {item!r} must be written key=value")
         options[key.strip()] = parse_value(value.strip())
     return options
 

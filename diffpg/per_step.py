@@ -39,7 +39,7 @@ from diffpg.dynamics import step_jacobians
 from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 KINDS = ("pathwise", "score_function")
 """The estimators decomposed: BPTT's and REINFORCE's (reward-to-go) terms."""
@@ -53,10 +53,10 @@ def step_terms(kind: str, env: Environment, policy: Policy, params: Params,
     """The per-step terms ``g_t [T, P]`` of one estimate of ``kind`` (see the module docstring)
     from the ``B`` states ``start_states``; ``baseline`` applies to the score function."""
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} is not allowed; allowed values: {list(KINDS)}")
+        raise SettingError(f"kind={kind!r} is not allowed; allowed values: {list(KINDS)}")
     if baseline not in BASELINES:
-        raise ValueError(f"baseline={baseline!r} is not allowed; allowed values: "
-                         f"{list(BASELINES)}")
+        raise SettingError(f"baseline={baseline!r} is not allowed; allowed values: "
+                           f"{list(BASELINES)}")
     flat, unflatten = ravel_pytree(params)
 
     if kind == "pathwise":
@@ -102,7 +102,7 @@ def variance_by_step(samples: np.ndarray) -> dict[str, np.ndarray | float]:
     (``own_t``) and ``total`` (``tr Var(g)`` of the summed estimate; ``sum_t c_t`` equals it)."""
     samples = np.asarray(samples, np.float64)
     if samples.ndim != 3 or samples.shape[0] < 2:
-        raise ValueError(f"samples has shape {samples.shape}; expected [K >= 2, T, P]")
+        raise SettingError(f"samples has shape {samples.shape}; expected [K >= 2, T, P]")
     centred = samples - samples.mean(axis=0)
     total = centred.sum(axis=1)  # [K, P]: the summed estimate, centred
     scale = 1.0 / (samples.shape[0] - 1)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from diffpg.networks import MLP, check_activation
+from envs.core import SettingError
 
 Params = Any
 
@@ -145,4 +146,4 @@ def make_linear_gaussian_policy(
 def _check_sizes(observation_size: int, action_size: int) -> None:
     for name, value in (("observation_size", observation_size), ("action_size", action_size)):
         if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+            raise SettingError(f"{name}={value!r} must be a positive integer")

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from envs.core import SettingError
+
 
 class ReplayData(NamedTuple):
     """Transitions; every field has leading axis ``[N]`` (``[capacity]`` inside the buffer)."""
@@ -48,8 +50,8 @@ def add(buffer: ReplayBuffer, batch: ReplayData) -> ReplayBuffer:
     capacity = buffer.data.reward.shape[0]
     count = batch.reward.shape[0]
     if count > capacity:
-        raise ValueError(f"a batch of {count} transitions does not fit a buffer of capacity "
-                         f"{capacity}; allowed: capacity >= transitions per estimate")
+        raise SettingError(f"a batch of {count} transitions does not fit a buffer of capacity "
+                           f"{capacity}; allowed: capacity >= transitions per estimate")
     indices = (buffer.position + jnp.arange(count)) % capacity
     data = jax.tree.map(lambda stored, new: stored.at[indices].set(new.astype(stored.dtype)),
                         buffer.data, batch)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
+from diffpg.folders import atomic_path  # noqa: E402
 
 TABLE_COLUMNS = (
     "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
@@ -50,34 +51,48 @@ def rows(results: dict) -> list[dict]:
     return table
 
 
+OUTPUT_FILES = ("results.json", "table.csv", SAMPLES_FILE, "report.md", "bias_and_cosine.png",
+                "per_step_variance.png", "variance_vs_horizon.png", "variance_vs_stiffness.png",
+                "variance_vs_batch.png")
+"""Every file a comparison may write (what ``--overwrite`` removes before a new one runs)."""
+
+
 def write_outputs(results: dict, out_dir: Path) -> list[Path]:
-    """Write every output file of a comparison into ``out_dir``; returns their paths."""
+    """Write every output file of a comparison into ``out_dir``; returns their paths. Each file
+    is written under a temporary name and renamed into place (``folders.atomic_path``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = results.get("samples")
     results = {k: v for k, v in results.items() if k != "samples"} | {
         "environment": environment_description()}
-    written = [out_dir / "results.json", out_dir / "table.csv"]
+    written = []
+
+    def write(name: str, writer) -> None:
+        with atomic_path(out_dir / name) as temporary:
+            writer(temporary)
+        written.append(out_dir / name)
+
     if samples is not None:
         results["samples_file"] = SAMPLES_FILE
-        save_samples(samples, out_dir / SAMPLES_FILE)
-        written.append(out_dir / SAMPLES_FILE)
-    written[0].write_text(json.dumps(results, indent=2))
-    with written[1].open("w", newline="") as handle:
+        write(SAMPLES_FILE, lambda path: save_samples(samples, path))
+    write("results.json", lambda path: path.write_text(json.dumps(results, indent=2)))
+    write("table.csv", lambda path: _write_table(results, path))
+    plots = []
+    if len(results["results"]) > 1:
+        plots.append((f"variance_vs_{results['settings']['sweep']}.png", _plot_against_sweep))
+    plots.append(("bias_and_cosine.png", _plot_bias_and_cosine))
+    if "per_step" in results["results"][-1]:
+        plots.append(("per_step_variance.png", _plot_per_step))
+    for name, plot in plots:
+        write(name, lambda path, plot=plot: plot(results, path))
+    write("report.md", lambda path: path.write_text(_markdown(results, [n for n, _ in plots])))
+    return written
+
+
+def _write_table(results: dict, path: Path) -> None:
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=("sweep_value",) + TABLE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows(results))
-    plots = []
-    if len(results["results"]) > 1:
-        name = results["settings"]["sweep"]
-        plots.append(_plot_against_sweep(results, out_dir / f"variance_vs_{name}.png"))
-    plots.append(_plot_bias_and_cosine(results, out_dir / "bias_and_cosine.png"))
-    if "per_step" in results["results"][-1]:
-        plots.append(_plot_per_step(results, out_dir / "per_step_variance.png"))
-    written += plots
-    report = out_dir / "report.md"
-    report.write_text(_markdown(results, [p.name for p in plots]))
-    written.append(report)
-    return written
 
 
 def _labels(results):

@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +38,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.devices import barrier, is_primary
+from diffpg.folders import (
+    disk_space,
+    interruptions,
+    is_disk_full,
+    remove_files,
+    run_lock,
+    write_atomically,
+)
 from diffpg.training import (
     Trainer,
     TrainSettings,
@@ -51,12 +54,14 @@ from diffpg.training import (
     select_seed,
     summarize_seeds,
 )
+from envs.core import SettingError
 
 KEPT_CHECKPOINTS = 2
 PLOT_EVERY_SECONDS = 30.0
 """The learning-curve PNG is redrawn at most this often (and at the end); metrics.csv every call."""
-RUN_FILES = ("settings.json", "settings.json.tmp", "metrics.csv", "metrics.csv.tmp",
-             "learning_curve.png", "checkpoints", "tensorboard")
+RUN_FILES = ("settings.json", ".settings.partial.json", "settings.json.tmp", "metrics.csv",
+             "metrics.csv.tmp", "learning_curve.png", ".learning_curve.partial.png",
+             "checkpoints", "tensorboard", "policy.gif")
 """What a run writes into its folder (and what overwriting a run removes)."""
 DIGEST_SUFFIX = ".sha256"
 """``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
@@ -67,82 +72,12 @@ class TrainingStopped(RuntimeError):
     """A run stopped itself (too many non-finite updates in a row); its checkpoint is kept."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped a run (``signum``); raised between saves, never inside one."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# ----------------------------------------------------------------------------- the folder
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Own ``run_dir`` while the block runs: ``.lock`` holds this process's pid and host under
-    an exclusive ``flock``, which the system releases when the process ends, however it ends.
-    Another live owner is a ``ValueError``; the lock file of a process that is gone is taken
-    over, with a message."""
-    path = run_dir / ".lock"
-    with disk_space(run_dir, "the run folder's lock"):
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = ""
-            for _ in range(20):  # the owner writes its name right after it takes the lock
-                owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
-                if owner:
-                    break
-                time.sleep(0.05)
-            raise ValueError(f"run folder {str(run_dir)!r} is in use by "
-                             f"{owner or 'another process'}; wait for it to finish or choose "
-                             "another --out") from None
-        previous = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
-        if previous:
-            print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
-                  file=sys.stderr)
-        os.ftruncate(descriptor, 0)
-        with disk_space(run_dir, "the run folder's lock"):
-            os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-    finally:
-        os.close(descriptor)  # releases the flock
-
-
-def _is_disk_full(error: BaseException) -> bool:
-    return ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
-            or "No space left" in str(error) or "RESOURCE_EXHAUSTED" in str(error))
-
-
-@contextlib.contextmanager
-def disk_space(run_dir: Path, what: str) -> Iterator[None]:
-    """A full disk while writing ``what`` becomes one line naming the folder and what was lost."""
-    try:
-        yield
-    except Exception as error:
-        if not _is_disk_full(error):
-            raise
-        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
-        raise ValueError(f"no space left on the device of {str(run_dir)!r} ({free:,} bytes free) "
-                         f"while writing {what}; free some space, then --resume (or start "
-                         "again with --overwrite)") from None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+# ----------------------------------------------------------------------------- the run's files
 
 
 def save_settings(settings: TrainSettings, run_dir: Path) -> None:
     with disk_space(run_dir, "settings.json"):
-        _write_atomically(run_dir / "settings.json", json.dumps(settings.to_json(), indent=2))
+        write_atomically(run_dir / "settings.json", json.dumps(settings.to_json(), indent=2))
 
 
 SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
@@ -154,32 +89,27 @@ missing setting makes the file invalid."""
 def load_settings(run_dir: Path) -> TrainSettings:
     path = run_dir / "settings.json"
     if not run_dir.is_dir():
-        raise ValueError(f"run={str(run_dir)!r} is not a folder")
+        raise SettingError(f"run={str(run_dir)!r} is not a folder")
     if not path.exists():
-        raise ValueError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
+        raise SettingError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
-            raise ValueError("it does not hold an object of settings")
+            raise SettingError("it does not hold an object of settings")
         missing = [f for f in TrainSettings.__dataclass_fields__
                    if f not in values and f not in SETTINGS_ADDED_LATER]
         if missing:
-            raise ValueError(f"it lacks the setting(s) {missing}")
+            raise SettingError(f"it lacks the setting(s) {missing}")
         return TrainSettings.from_json(values)
     except (ValueError, TypeError) as error:
         lines = str(error).strip().splitlines() or [type(error).__name__]
-        raise ValueError(f"{str(path)!r} is not valid: {lines[0]}") from None
+        raise SettingError(f"{str(path)!r} is not valid: {lines[0]}") from None
 
 
 def clear_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
     otherwise outrank the new run's, and its metrics would mix with them."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    remove_files(run_dir, RUN_FILES)
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
@@ -293,7 +223,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     except Exception as error:
         for leftover in folder.glob("*.orbax-checkpoint-tmp*"):  # nothing half-written stays
             shutil.rmtree(leftover, ignore_errors=True)
-        if _is_disk_full(error):
+        if is_disk_full(error):
             # Orbax's unfinished writes report the same failure again when they are collected.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             last = checkpoint_updates(folder.parent)
@@ -305,7 +235,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     if not is_primary():
         return
     with disk_space(folder.parent, "a checkpoint digest"):
-        _write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _digest(folder / str(update)))
+        write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _digest(folder / str(update)))
     kept = {str(step) for step in manager.all_steps()}
     for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
         if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
@@ -318,11 +248,11 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
     metrics rows, and the newer ones that could not (``(update, reason)``: corrupt, or their
     digest does not match).
 
-    Raises ``ValueError`` naming the newest checkpoint when none restores.
+    Raises ``SettingError`` naming the newest checkpoint when none restores.
     """
     updates = checkpoint_updates(run_dir)
     if not updates:
-        raise ValueError(f"run={str(run_dir)!r} has no checkpoint to resume from")
+        raise SettingError(f"run={str(run_dir)!r} has no checkpoint to resume from")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
     folder = run_dir / "checkpoints"
     failed: list[tuple[int, str]] = []
@@ -341,8 +271,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
                 lines = str(error).strip().splitlines() or [""]
                 failed.append((update, f"{type(error).__name__}: {lines[0][:200]}"))
     newest, reason = failed[0]
-    raise ValueError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
-                     "it is corrupt or from other settings, and no older checkpoint restores")
+    raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
+                       "it is corrupt or from other settings, and no older checkpoint restores")
 
 
 def set_aside(run_dir: Path, update: int) -> Path:
@@ -355,51 +285,6 @@ def set_aside(run_dir: Path, update: int) -> Path:
     (folder / str(update)).rename(target)
     (folder / f"{update}{DIGEST_SUFFIX}").unlink(missing_ok=True)
     return target
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class _Interruptions:
-    """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``."""
-
-    def __init__(self):
-        self.deferring = False
-        self.pending: int | None = None
-
-    def handle(self, signum, frame):
-        del frame
-        if self.deferring:
-            self.pending = signum
-        else:
-            raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        """A save: a signal waits until it is complete."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending is not None:
-            raise Interrupted(self.pending)
-
-
-@contextlib.contextmanager
-def interruptions() -> Iterator[_Interruptions]:
-    """Route SIGINT and SIGTERM to ``Interrupted`` while the block runs (main thread only;
-    elsewhere nothing is installed and ``critical`` does nothing)."""
-    guard = _Interruptions()
-    if threading.current_thread() is not threading.main_thread():
-        yield guard
-        return
-    previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield guard
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -554,7 +439,7 @@ def load_run(run_dir: Path, seed_index: int | None = None) -> tuple[Trainer, Tra
     if seed_index is None or seeds == 1:
         return trainer, state
     if not 0 <= seed_index < seeds:
-        raise ValueError(f"seed_index={seed_index} must be in 0..{seeds - 1}")
+        raise SettingError(f"seed_index={seed_index} must be in 0..{seeds - 1}")
     return trainer, select_seed(state, seed_index)
 
 

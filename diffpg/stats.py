@@ -30,6 +30,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as scipy_stats
 
+from envs.core import SettingError
+
 RESOLUTION_LEVEL = 0.001
 """Family-wise false-positive rate of "bias resolved" for an unbiased estimator."""
 
@@ -101,7 +103,7 @@ def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     samples = np.asarray(samples, np.float64)
     good = samples[np.all(np.isfinite(samples), axis=1)]
     if good.shape[0] < 2:
-        raise ValueError("the reference estimator gave fewer than 2 finite estimates")
+        raise SettingError("the reference estimator gave fewer than 2 finite estimates")
     return good.mean(axis=0), good.std(axis=0, ddof=1) / np.sqrt(good.shape[0])
 
 

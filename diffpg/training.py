@@ -23,6 +23,7 @@ This module does no file input or output.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -56,7 +57,7 @@ from diffpg.normalization import (
 from diffpg.options import parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
 from diffpg.stats import mean_confidence_half_width
-from envs.core import State
+from envs.core import SettingError, State
 
 
 def estimator_choices():
@@ -141,8 +142,8 @@ class TrainSettings:
         settings_class = estimators.registration(self.estimator).settings_class
         if self.estimator_settings is not None and type(self.estimator_settings) is not (
                 settings_class):
-            raise ValueError(f"estimator_settings must be a {settings_class.__name__} for "
-                             f"estimator={self.estimator!r}, not {self.estimator_settings!r}")
+            raise SettingError(f"estimator_settings must be a {settings_class.__name__} for "
+                               f"estimator={self.estimator!r}, not {self.estimator_settings!r}")
         for name in ("num_envs", "updates", "updates_per_call", "epochs", "minibatches",
                      "eval_envs", "seeds", "max_consecutive_nonfinite"):
             check_positive_int(name, getattr(self, name))
@@ -152,31 +153,36 @@ class TrainSettings:
         check_betas("betas", self.betas)
         check_hidden_sizes("hidden_sizes", self.hidden_sizes)
         check_activation(self.activation)
-        if not isinstance(self.init_log_std, int | float) or not math.isfinite(self.init_log_std):
-            raise ValueError(f"init_log_std={self.init_log_std!r} must be a finite number")
+        low, high = (math.log(float(np.finfo(np.float32).tiny)),
+                     math.log(float(np.finfo(np.float32).max)))
+        if (not isinstance(self.init_log_std, int | float) or isinstance(self.init_log_std, bool)
+                or not low <= self.init_log_std <= high):
+            raise SettingError(f"init_log_std={self.init_log_std!r} must be a number in "
+                               f"[{low:.1f}, {high:.1f}] (its exp, the standard deviation, is "
+                               "then a finite, non-zero float32)")
         if self.episode_length is not None:
             check_positive_int("episode_length", self.episode_length)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
+            raise SettingError(f"seed={self.seed!r} must be an integer")
         check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
-            raise ValueError(f"final_learning_rate={self.final_learning_rate} must be in "
-                             f"[0, learning_rate={self.learning_rate}]")
+            raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "
+                               f"[0, learning_rate={self.learning_rate}]")
         if self.updates % self.updates_per_call:
-            raise ValueError(f"updates={self.updates} is not a multiple of updates_per_call="
-                             f"{self.updates_per_call} (each call runs that many); allowed: a "
-                             f"multiple of {self.updates_per_call}")
+            raise SettingError(f"updates={self.updates} is not a multiple of updates_per_call="
+                               f"{self.updates_per_call} (each call runs that many); allowed: a "
+                               f"multiple of {self.updates_per_call}")
         if self.minibatches > 1 and self.num_envs % (self.minibatches * self.devices):
-            raise ValueError(f"num_envs={self.num_envs} does not split into minibatches="
-                             f"{self.minibatches} (on devices={self.devices}); allowed: "
-                             f"num_envs a multiple of {self.minibatches * self.devices}")
+            raise SettingError(f"num_envs={self.num_envs} does not split into minibatches="
+                               f"{self.minibatches} (on devices={self.devices}); allowed: "
+                               f"num_envs a multiple of {self.minibatches * self.devices}")
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
                    self.anticipate_jumps, self.health_tolerance, **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
-            raise ValueError(f"horizon={self.horizon} is longer than the episode (episode_length="
-                             f"{episode_length}); allowed: 1..{episode_length}")
+            raise SettingError(f"horizon={self.horizon} is longer than the episode (episode_length="
+                               f"{episode_length}); allowed: 1..{episode_length}")
 
     @property
     def resolved_estimator_settings(self):
@@ -215,7 +221,7 @@ class TrainSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(known)}")
+            raise SettingError(f"unknown training setting(s) {unknown}; allowed: {sorted(known)}")
         nested = values.get("estimator_settings")
         if isinstance(nested, Mapping):
             values["estimator_settings"] = estimators.make_settings(
@@ -242,7 +248,7 @@ def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.es
                                                                      "estimator_settings"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ValueError(f"unknown training setting(s) {unknown}; allowed: {sorted(allowed)}")
+        raise SettingError(f"unknown training setting(s) {unknown}; allowed: {sorted(allowed)}")
     trainer = dict(estimators.registration(estimator).trainer) | dict(config.trainer) | overrides
     estimator_values = estimators.training_settings(estimator, **config.estimator)
     estimator_values |= shared | dict(estimator_options or {})
@@ -291,6 +297,22 @@ def make_policy(settings: TrainSettings, env) -> Policy:
                                     init_log_std=settings.init_log_std)
 
 
+def keep_finite_parameters(params: Params, opt_state: optax.ApplyIfFiniteState,
+                           new_params: Params, new_opt_state: optax.ApplyIfFiniteState):
+    """``new_params`` and ``new_opt_state`` when every parameter is finite; else the previous
+    ones, with the step counted as non-finite (as ``apply_if_finite`` counts a non-finite
+    gradient): a finite gradient can still overflow float32 parameters."""
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+    skipped = opt_state._replace(notfinite_count=opt_state.notfinite_count + 1,
+                                 last_finite=jnp.array(False),
+                                 total_notfinite=opt_state.total_notfinite + 1)
+    # A gradient apply_if_finite already skipped is counted once, by it.
+    already_skipped = new_opt_state.total_notfinite > opt_state.total_notfinite
+    keep = finite | already_skipped
+    choose = functools.partial(jax.tree.map, lambda new, old: jnp.where(keep, new, old))
+    return choose(new_params, params), choose(new_opt_state, skipped)
+
+
 def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     """The actor's optimiser; ``apply_if_finite`` skips an update whose gradient is not finite."""
     steps = settings.updates * settings.epochs * settings.minibatches
@@ -330,7 +352,7 @@ def check_memory(settings: TrainSettings, env) -> None:
     needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
     available = available_memory_bytes()
     if available is not None and needed > available * settings.devices:
-        raise ValueError(
+        raise SettingError(
             f"num_envs={settings.num_envs} (x seeds={settings.seeds}, horizon={settings.horizon}) "
             f"needs at least {needed / 2**30:,.1f} GiB for the simulated states alone, and about "
             f"{available * settings.devices / 2**30:,.1f} GiB are available; lower num_envs")
@@ -392,9 +414,9 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     check_memory(settings, env)
     reusing = settings.epochs * settings.minibatches > 1
     if reusing and estimator.reuse is None:
-        raise ValueError(f"estimator={settings.estimator!r} (with these settings) cannot reuse a "
-                         f"batch; allowed: epochs=1 and minibatches=1, not epochs="
-                         f"{settings.epochs}, minibatches={settings.minibatches}")
+        raise SettingError(f"estimator={settings.estimator!r} (with these settings) cannot reuse a "
+                           f"batch; allowed: epochs=1 and minibatches=1, not epochs="
+                           f"{settings.epochs}, minibatches={settings.minibatches}")
     optimizer = make_optimizer(settings)
     horizon = estimator_settings.horizon
 
@@ -409,8 +431,11 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     def optimizer_step(params, opt_state, grad):
         # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
         loss_grad = jax.tree.map(lambda g: -g / horizon, grad)
-        updates, opt_state = optimizer.update(loss_grad, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.global_norm(loss_grad)
+        updates, new_opt_state = optimizer.update(loss_grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params, new_opt_state = keep_finite_parameters(params, opt_state, new_params,
+                                                           new_opt_state)
+        return new_params, new_opt_state, optax.global_norm(loss_grad)
 
     def reuse_batch(params, opt_state, state, batch, key):
         """``epochs`` passes of ``minibatches`` steps, each on a share of the environments."""

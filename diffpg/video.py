@@ -15,8 +15,10 @@ import jax
 import numpy as np
 
 from diffpg.acting import unroll
+from diffpg.folders import atomic_path, check_writable
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
+from envs.core import SettingError
 
 
 def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatistics,
@@ -166,6 +168,7 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
     seed ``seed_index`` of a multi-seed run)."""
     from diffpg.runs import load_run
 
+    out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index)
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.obs_stats,
@@ -173,5 +176,22 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
     settings = trainer.settings
     title = (f"{settings.env} ({settings.estimator}), {Path(run_dir).resolve().name}, "
              f"update {int(np.ravel(state.update)[0])}")
-    return save_gif(trainer.env, positions, rewards, out or run_dir / "policy.gif", every=every,
-                    title=title, progress=True)
+    with atomic_path(out) as temporary:  # a stopped save leaves the earlier GIF, if any
+        save_gif(trainer.env, positions, rewards, temporary, every=every, title=title,
+                 progress=True)
+    return out
+
+
+def check_video_path(out: Path) -> Path:
+    """``out`` if a GIF can be written there, checked before any work; else one line naming
+    ``--out``."""
+    out = Path(out)
+    if out.is_dir():
+        raise SettingError(f"out={str(out)!r} is a folder; give a file name ending in .gif")
+    if out.suffix.lower() != ".gif":
+        raise SettingError(f"out={str(out)!r} must end in .gif (the only format written)")
+    if not out.parent.is_dir():
+        raise SettingError(f"out={str(out)!r}: its folder {str(out.parent)!r} does not exist "
+                           "(or is a file); create it or choose another --out")
+    check_writable(out.parent)
+    return out

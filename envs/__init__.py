@@ -42,7 +42,7 @@ from envs.brax_envs import (  # noqa: E402
     check_brax_name_and_backend,
     check_solver_setting,
 )
-from envs.core import Environment, State  # noqa: E402
+from envs.core import Environment, SettingError, State  # noqa: E402
 from envs.wrappers import (  # noqa: E402
     HEALTH_TOLERANCE,
     HealthShaping,
@@ -98,12 +98,12 @@ def names() -> tuple[str, ...]:
 
 
 def check_name(name: str) -> None:
-    """``ValueError`` naming ``env`` unless ``make`` knows ``name`` (for a Playground name: also
+    """``SettingError`` naming ``env`` unless ``make`` knows ``name`` (for a Playground name: also
     when Playground is not installed or a robot's assets are missing, saying what to do)."""
     if isinstance(name, str) and name.startswith(playground.PREFIX):
         playground.check_name(name)
     elif not isinstance(name, str) or name not in tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES:
-        raise ValueError(f"env={name!r} is not known; allowed values: {list(names())}")
+        raise SettingError(f"env={name!r} is not known; allowed values: {list(names())}")
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
@@ -112,17 +112,17 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
     episode length, backend, health shaping (a number >= 0, above 0 only for
     ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
-    costs nothing to build, also checks their values). Raises ``ValueError`` naming the
+    costs nothing to build, also checks their values). Raises ``SettingError`` naming the
     setting."""
     check_name(name)
     if episode_length is not None:
         check_episode_length(episode_length)
     if not (isinstance(health_shaping, int | float) and math.isfinite(health_shaping)
             and health_shaping >= 0):
-        raise ValueError(f"health_shaping={health_shaping!r} must be a number >= 0")
+        raise SettingError(f"health_shaping={health_shaping!r} must be a number >= 0")
     if health_shaping and name not in FALLING_ENV_NAMES:
-        raise ValueError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
-                         f"allowed envs: {list(FALLING_ENV_NAMES)}")
+        raise SettingError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
+                           f"allowed envs: {list(FALLING_ENV_NAMES)}")
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
     if name in ANALYTIC_ENV_CLASSES:
         make_raw(name, backend=backend, **settings)
@@ -138,27 +138,27 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
                if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
 
 
 def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
                            health_tolerance: float) -> None:
     """``anticipate_jumps`` and ``health_tolerance`` change ``health_shaping``'s warning."""
     if not isinstance(anticipate_jumps, bool):
-        raise ValueError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
+        raise SettingError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
     if not (isinstance(health_tolerance, int | float) and math.isfinite(health_tolerance)
             and health_tolerance > 0):
-        raise ValueError(f"health_tolerance={health_tolerance!r} must be a positive number")
+        raise SettingError(f"health_tolerance={health_tolerance!r} must be a positive number")
     for name, value, default in (("anticipate_jumps", anticipate_jumps, False),
                                  ("health_tolerance", health_tolerance, HEALTH_TOLERANCE)):
         if value != default and not health_shaping:
-            raise ValueError(f"{name}={value!r} changes health_shaping's warning and needs "
-                             "health_shaping > 0")
+            raise SettingError(f"{name}={value!r} changes health_shaping's warning and needs "
+                               "health_shaping > 0")
 
 
 def _check_no_backend(name: str, backend: str | None) -> None:
     if backend is not None:
-        raise ValueError(
+        raise SettingError(
             f"backend={backend!r} given for environment {name!r}; backend is only for Brax "
             f"environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})")
 
@@ -194,8 +194,8 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
         allowed = [p for p in inspect.signature(env_class).parameters if p != "self"]
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
-            raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
-                             f"{allowed}")
+            raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
+                               f"{allowed}")
         return env_class(**settings)
     return BraxEnvironment(name, backend=check_brax_name_and_backend(name, backend), **settings)
 
@@ -225,7 +225,7 @@ def make(
         ``TimeLimitAutoReset`` around the raw env: ``reset(key)``, ``step(state, action)``.
 
     Raises:
-        ValueError: unknown ``name``, ``backend`` for an analytic env or not a Brax backend,
+        SettingError: unknown ``name``, ``backend`` for an analytic env or not a Brax backend,
             or ``episode_length`` <= 0; all raised before anything compiles.
     """
     check_name(name)

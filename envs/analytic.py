@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 __all__ = [
     "CartPoleSwingUp",
@@ -65,9 +65,9 @@ __all__ = [
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    """Raise ``ValueError`` naming the setting, its value and what is allowed, unless ``ok``."""
+    """Raise ``SettingError`` naming the setting, its value and what is allowed, unless ``ok``."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: {name} must be {allowed}")
+        raise SettingError(f"{name}={value!r} is invalid: {name} must be {allowed}")
 
 
 def _real(value: Any) -> float | None:
@@ -111,7 +111,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _float_array(name: str, value: Any, shape: tuple[int, ...], allowed: str) -> np.ndarray:
-    """``value`` as a finite float64 numpy array of exactly ``shape`` (else ``ValueError``)."""
+    """``value`` as a finite float64 numpy array of exactly ``shape`` (else ``SettingError``)."""
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -152,7 +152,7 @@ class _AnalyticEnv(Environment):
         """The ``State`` whose raw physical state is ``physical_state [state_size]``."""
         x = jnp.asarray(physical_state)
         if x.shape != (self._state_size,):
-            raise ValueError(
+            raise SettingError(
                 f"physical_state has shape {x.shape}; {type(self).__name__} expects "
                 f"({self._state_size},)"
             )
@@ -166,7 +166,7 @@ class _AnalyticEnv(Environment):
     def step(self, state: State, action: jax.Array) -> State:
         action = jnp.asarray(action)
         if action.shape != (self.action_size,):
-            raise ValueError(
+            raise SettingError(
                 f"action has shape {action.shape}; {type(self).__name__} expects "
                 f"({self.action_size},)"
             )
@@ -336,7 +336,7 @@ def _check_linear_gaussian_policy(env: LinearQuadratic, gain, bias, std):
     gain, bias, std = jnp.asarray(gain), jnp.asarray(bias), jnp.asarray(std)
     for name, value, shape in (("gain", gain, (m, n)), ("bias", bias, (m,)), ("std", std, (m,))):
         if value.shape != shape:
-            raise ValueError(f"{name} has shape {value.shape}; the policy needs {shape}")
+            raise SettingError(f"{name} has shape {value.shape}; the policy needs {shape}")
     return gain, bias, std
 
 
@@ -424,7 +424,7 @@ def lqr_expected_return(
     mean = env.init_mean if init_mean is None else jnp.asarray(init_mean)
     cov = jnp.diag(env.init_std**2) if init_cov is None else jnp.asarray(init_cov)
     if mean.shape != (n,) or cov.shape != (n, n):
-        raise ValueError(
+        raise SettingError(
             f"init_mean/init_cov have shapes {mean.shape}/{cov.shape}; expected ({n},)/({n}, {n})"
         )
     return _discounted_gaussian_return(env, gain, bias, std, mean, cov, int(horizon), discount)
@@ -462,12 +462,12 @@ def lqr_value(
         "a Python int >= 0",
     )
     if isinstance(steps_left, int | np.integer) and steps_left > max_steps:
-        raise ValueError(
+        raise SettingError(
             f"steps_left={steps_left} exceeds max_steps={max_steps}; pass a larger max_steps"
         )
     x = jnp.asarray(state)
     if x.shape != (env.observation_size,):
-        raise ValueError(f"state has shape {x.shape}; expected ({env.observation_size},)")
+        raise SettingError(f"state has shape {x.shape}; expected ({env.observation_size},)")
     zero_cov = jnp.zeros((x.shape[0], x.shape[0]), x.dtype)
     return _discounted_gaussian_return(
         env, gain, bias, std, x, zero_cov, int(max_steps), discount, active_steps=steps_left
@@ -496,7 +496,7 @@ def lqr_q_value(
     """
     x, u = jnp.asarray(state), jnp.asarray(action)
     if u.shape != (env.action_size,):
-        raise ValueError(f"action has shape {u.shape}; expected ({env.action_size},)")
+        raise SettingError(f"action has shape {u.shape}; expected ({env.action_size},)")
     next_state = env.A @ x + env.B @ u
     future = lqr_value(
         env, gain, bias, std, next_state, steps_left - 1, discount, max_steps=max_steps

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from envs import mjx
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 __all__ = [
     "BACKENDS",
@@ -102,25 +102,25 @@ def check_solver_setting(backend: str, settings: Mapping[str, Any]) -> None:
     if "solver_iterations" not in settings:
         return
     if backend != "mjx":
-        raise ValueError(f"solver_iterations={settings['solver_iterations']!r} applies to "
-                         f"backend='mjx' only (MuJoCo's constraint solver), not "
-                         f"backend={backend!r}")
+        raise SettingError(f"solver_iterations={settings['solver_iterations']!r} applies to "
+                           f"backend='mjx' only (MuJoCo's constraint solver), not "
+                           f"backend={backend!r}")
     mjx.check_solver_iterations(settings["solver_iterations"])
 
 
 def check_brax_name_and_backend(name: str, backend: str | None) -> str:
     """Validate ``name``/``backend`` without building anything; returns the backend to use.
 
-    Raises ``ValueError`` naming the setting, the bad value and the allowed values.
+    Raises ``SettingError`` naming the setting, the bad value and the allowed values.
     """
     if name not in BRAX_ENV_NAMES:
-        raise ValueError(f"name={name!r} is not a Brax environment; allowed: {BRAX_ENV_NAMES}")
+        raise SettingError(f"name={name!r} is not a Brax environment; allowed: {BRAX_ENV_NAMES}")
     if backend is None:
         return DEFAULT_BACKEND[name]
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not a Brax backend; allowed: {BACKENDS}")
+        raise SettingError(f"backend={backend!r} is not a Brax backend; allowed: {BACKENDS}")
     if backend not in SUPPORTED_BACKENDS[name]:
-        raise ValueError(
+        raise SettingError(
             f"backend={backend!r} is not available for Brax env {name!r}; "
             f"allowed: {SUPPORTED_BACKENDS[name]}"
         )
@@ -219,8 +219,8 @@ class BraxEnvironment(Environment):
         the model's gravity), where a jump started now will take it: a jump out of the range
         is then seen at take-off rather than at the top of its flight."""
         if not self.ends_on_a_fall:
-            raise ValueError(f"env {self.name!r} does not end on a fall; health margins exist "
-                             f"for {list(FALLING_ENV_NAMES)}")
+            raise SettingError(f"env {self.name!r} does not end on a fall; health margins exist "
+                               f"for {list(FALLING_ENV_NAMES)}")
         brax_env, pipeline_state = self._brax_env, state.pipeline_state
         height = pipeline_state.x.pos[0, 2]
         low, high = brax_env._healthy_z_range

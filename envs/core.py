@@ -28,7 +28,13 @@ import abc
 import jax
 from brax.envs.base import State
 
-__all__ = ["Environment", "State"]
+__all__ = ["Environment", "SettingError", "State"]
+
+
+class SettingError(ValueError):
+    """A value a user chose (a setting, an option, an input file) that is not allowed. Its
+    message is one line naming the setting and the allowed values; the command line prints it
+    alone, where any other exception keeps its traceback (a bug is not a bad setting)."""
 
 
 class Environment(abc.ABC):

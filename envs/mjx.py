@@ -25,6 +25,8 @@ from typing import Any
 
 import jax
 
+from envs.core import SettingError
+
 __all__ = [
     "DIFFERENTIABLE_SOLVER_ITERATIONS",
     "check_solver_iterations",
@@ -38,10 +40,10 @@ DIFFERENTIABLE_SOLVER_ITERATIONS = 1
 
 
 def check_solver_iterations(value: Any) -> int:
-    """``value`` as an int >= 1, or ``ValueError`` naming ``solver_iterations``."""
+    """``value`` as an int >= 1, or ``SettingError`` naming ``solver_iterations``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"solver_iterations={value!r} must be an int >= 1 "
-                         f"({DIFFERENTIABLE_SOLVER_ITERATIONS}: differentiable)")
+        raise SettingError(f"solver_iterations={value!r} must be an int >= 1 "
+                           f"({DIFFERENTIABLE_SOLVER_ITERATIONS}: differentiable)")
     return value
 
 
@@ -75,6 +77,6 @@ def guard_gradient(step: Callable, env_description: str, iterations: int) -> Cal
 
     @guarded.defjvp
     def differentiated(primals, tangents):
-        raise ValueError(message)
+        raise SettingError(message)
 
     return guarded

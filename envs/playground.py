@@ -39,7 +39,7 @@ from typing import Any
 import jax
 
 from envs import mjx
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 __all__ = ["EXTRA", "PREFIX", "PlaygroundEnvironment", "check_name", "check_settings",
            "default_episode_length", "installed", "task_names"]
@@ -110,17 +110,17 @@ def _menagerie_path() -> Any:
 
 def check_name(name: str) -> str:
     """Playground's task name for ``name`` (``"playground:TASK"``), or a one-line
-    ``ValueError``: Playground not installed, an unknown task, or a robot whose Menagerie
+    ``SettingError``: Playground not installed, an unknown task, or a robot whose Menagerie
     assets are missing."""
     task = name.removeprefix(PREFIX)
     if not installed():
-        raise ValueError(f"env {name!r} needs MuJoCo Playground: {EXTRA}")
+        raise SettingError(f"env {name!r} needs MuJoCo Playground: {EXTRA}")
     if name not in task_names():
-        raise ValueError(f"env {name!r} is not a Playground environment; allowed: "
-                         f"{list(task_names())}")
+        raise SettingError(f"env {name!r} is not a Playground environment; allowed: "
+                           f"{list(task_names())}")
     if _needs_menagerie(task) and not _menagerie_path().exists():
         path = _menagerie_path()
-        raise ValueError(
+        raise SettingError(
             f"env {name!r} loads its robot from the MuJoCo Menagerie, not found at {path}; "
             f"on a machine with internet: git clone https://github.com/google-deepmind/"
             f"mujoco_menagerie {path}")
@@ -132,7 +132,7 @@ def _default_config(task: str) -> Any:
 
 
 def check_settings(name: str, settings: dict[str, Any]) -> str:
-    """Playground's task name for ``name``, or a one-line ``ValueError`` naming the setting:
+    """Playground's task name for ``name``, or a one-line ``SettingError`` naming the setting:
     the name (``check_name``), ``solver_iterations``, a key that is not in the task's config,
     or an ``impl`` other than ``"jax"``. Cheap: reads the task's config, builds no model."""
     task = check_name(name)
@@ -141,11 +141,11 @@ def check_settings(name: str, settings: dict[str, Any]) -> str:
     allowed = sorted(_default_config(task).keys())
     unknown = sorted(set(settings) - set(allowed) - {"solver_iterations"})
     if unknown:
-        raise ValueError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
-                         f"{allowed + ['solver_iterations']}")
+        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
+                           f"{allowed + ['solver_iterations']}")
     if settings.get("impl", "jax") != "jax":
-        raise ValueError(f"impl={settings['impl']!r}: diffpg runs Playground on MJX's JAX "
-                         f"implementation only; allowed: 'jax'")
+        raise SettingError(f"impl={settings['impl']!r}: diffpg runs Playground on MJX's JAX "
+                           f"implementation only; allowed: 'jax'")
     return task
 
 
@@ -179,8 +179,8 @@ class PlaygroundEnvironment(Environment):
         self.native_solver_iterations = mjx.solver_iterations(self._env.mjx_model)
         self._env._mjx_model = mjx.with_solver_iterations(self._env.mjx_model, solver_iterations)
         if mjx.solver_iterations(self._env.mjx_model) != solver_iterations:
-            raise ValueError(f"env {name!r}: solver_iterations={solver_iterations} could not be set "
-                             f"on this Playground environment's model")
+            raise SettingError(f"env {name!r}: solver_iterations={solver_iterations} could not be set "
+                               f"on this Playground environment's model")
         self.default_episode_length = int(self._env._config.episode_length)
         self._step = self._playground_step
         if solver_iterations != mjx.DIFFERENTIABLE_SOLVER_ITERATIONS:

@@ -41,7 +41,7 @@ from typing import final
 import jax
 import jax.numpy as jnp
 
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 __all__ = ["HEALTH_TOLERANCE", "HealthShaping", "TimeLimitAutoReset", "Wrapper"]
 
@@ -63,11 +63,11 @@ WRAPPER_INFO_KEYS = (
 
 
 def check_episode_length(episode_length: int) -> int:
-    """Return ``episode_length`` as an int, or raise ``ValueError`` if it is not >= 1."""
+    """Return ``episode_length`` as an int, or raise ``SettingError`` if it is not >= 1."""
     if isinstance(episode_length, bool) or not isinstance(episode_length, int):
-        raise ValueError(f"episode_length must be a positive int, got {episode_length!r}")
+        raise SettingError(f"episode_length must be a positive int, got {episode_length!r}")
     if episode_length <= 0:
-        raise ValueError(f"episode_length must be >= 1, got episode_length={episode_length}")
+        raise SettingError(f"episode_length must be >= 1, got episode_length={episode_length}")
     return episode_length
 
 
@@ -204,13 +204,13 @@ class HealthShaping(Wrapper):
     def __init__(self, env: Environment, weight: float, tolerance: float = HEALTH_TOLERANCE,
                  anticipate_jumps: bool = False):
         if not getattr(env, "ends_on_a_fall", False):
-            raise ValueError(f"health_shaping={weight!r} needs an env that ends on a fall "
-                             "(ant, hopper, humanoid, walker2d)")
+            raise SettingError(f"health_shaping={weight!r} needs an env that ends on a fall "
+                               "(ant, hopper, humanoid, walker2d)")
         for name, value in (("health_shaping", weight), ("health_tolerance", tolerance)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}={value!r} must be a positive number")
+                raise SettingError(f"{name}={value!r} must be a positive number")
         if not isinstance(anticipate_jumps, bool):
-            raise ValueError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
+            raise SettingError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
         super().__init__(env)
         self.weight, self.tolerance = float(weight), float(tolerance)
         self.anticipate_jumps = anticipate_jumps

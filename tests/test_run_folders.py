@@ -358,6 +358,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path
     (["--learning-rate", "inf"], "learning_rate"),
     (["--grad-clip", "nan"], "grad_clip"),
     (["--final-learning-rate", "nan"], "final_learning_rate"),
+    (["--learning-rate", "1e39"], "learning_rate=1e+39 must be a positive number at most"),
+    (["--init-log-std", "100"], "init_log_std=100.0 must be a number in [-87.3, 88.7]"),
+    (["--init-log-std", "-100"], "init_log_std"),
 ])
 def test_settings_that_would_surprise_are_refused_before_compiling(tmp_path, capsys, arguments,
                                                                     message):

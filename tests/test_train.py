@@ -199,6 +199,37 @@ def test_a_non_finite_gradient_never_reaches_the_parameters():
     assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
 
 
+def test_a_finite_gradient_that_would_overflow_the_parameters_is_skipped_and_counted():
+    """A learning rate float32 holds, whose Adam steps (each about the learning rate in size)
+    overflow the parameters at the third: that step and the next are skipped and counted, and
+    the parameters stay finite."""
+    from diffpg.estimators.base import FLOAT32_MAX
+    from diffpg.training import keep_finite_parameters
+
+    rate = FLOAT32_MAX / 2.5
+    settings = settings_for(env="pendulum", updates=25, learning_rate=rate,
+                            final_learning_rate=rate)
+    optimizer = make_optimizer(settings)
+    params = {"w": jnp.ones(3)}
+    opt_state = optimizer.init(params)
+    changed = []
+    for _ in range(4):
+        grad = {"w": jnp.array([1.0, -2.0, 0.5])}
+        updates, new_opt_state = optimizer.update(grad, opt_state, params)
+        before = params
+        params, opt_state = keep_finite_parameters(params, opt_state,
+                                                   optax_apply(params, updates), new_opt_state)
+        assert np.all(np.isfinite(params["w"]))
+        changed.append(bool(np.any(params["w"] != before["w"])))
+    assert changed == [True, True, False, False]
+    assert int(opt_state.total_notfinite) == 2 and not bool(opt_state.last_finite)
+    np.testing.assert_allclose(np.abs(params["w"]), 2 * rate, rtol=1e-3)
+
+
+def optax_apply(params, updates):
+    return jax.tree.map(lambda p, u: p + u, params, updates)
+
+
 def test_a_corrupt_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, capsys):
     settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(16,))

@@ -132,3 +132,37 @@ def test_diffpg_import_registers_a_module_s_estimators(tmp_path, monkeypatch, ca
             estimators.unregister("imported")
     assert cli.main(["--import", "no_such_module", "train"]) == 2
     assert "no_such_module" in capsys.readouterr().err
+
+
+def make_shape_bug(env, policy, settings: RunningBaselineSettings) -> Estimator:
+    """The running-baseline estimator with a bug: its estimate stacks arrays of two shapes."""
+    working = make_running_baseline(env, policy, settings)
+
+    def estimate(params, obs_stats, state, env_state, key):
+        jnp.stack([jnp.zeros(2), jnp.zeros(3)])  # ValueError: the arrays' shapes differ
+        return working.estimate(params, obs_stats, state, env_state, key)
+
+    return working._replace(estimate=estimate)
+
+
+def test_a_user_estimator_s_bug_keeps_its_traceback_and_a_bad_setting_stays_one_line(
+        tmp_path, capsys):
+    """A bug is not a bad setting: the user's ValueError prints its traceback (status 1) and a
+    line saying so; the same estimator's own settings check is still a one-line error."""
+    estimators.register("shape_bug", RunningBaselineSettings, make_shape_bug)
+    try:
+        train = ["train", "--env", "pendulum", "--updates", "2", "--updates-per-call", "2",
+                 "--num-envs", "4", "--eval-envs", "2", "--hidden-sizes", "16",
+                 "--out", str(tmp_path / "run"), "shape_bug", "--horizon", "4"]
+        assert cli.main(train + ["--baseline-rate", "2"]) == 2
+        error = capsys.readouterr().err
+        assert "baseline_rate=2" in error and "Traceback" not in error
+        assert len(error.strip().splitlines()) == 1
+        assert cli.main(train) == 1
+        error = capsys.readouterr().err
+        assert "Traceback" in error and "ValueError" in error
+        assert error.strip().splitlines()[-1].endswith(
+            "the ValueError above is not a bad setting: a defect in diffpg or in a module "
+            "given with --import")
+    finally:
+        estimators.unregister("shape_bug")

@@ -60,6 +60,7 @@ from diffpg.estimators.registry import (
     registration,
     unregister,
 )
+from envs.core import SettingError
 
 __all__ = [
     "Batch",
@@ -92,7 +93,7 @@ def make_settings(name: str, **settings: Any):
     fields = {f.name for f in dataclasses.fields(settings_class)}
     unknown = sorted(set(settings) - fields)
     if unknown:
-        raise ValueError(
+        raise SettingError(
             f"estimator {name!r} has no setting(s) {unknown}; allowed settings: {sorted(fields)}"
         )
     return settings_class(**settings)
@@ -120,12 +121,12 @@ def make(name: str, env, policy, **settings: Any) -> Estimator:
     """
     settings_object = make_settings(name, **settings)
     if policy.action_size != env.action_size:
-        raise ValueError(
+        raise SettingError(
             f"policy action_size={policy.action_size} does not match the environment's "
             f"action_size={env.action_size}"
         )
     if policy.observation_size != env.observation_size:
-        raise ValueError(
+        raise SettingError(
             f"policy observation_size={policy.observation_size} does not match the environment's "
             f"observation_size={env.observation_size}"
         )

@@ -70,7 +70,7 @@ from diffpg.estimators.shac import (
 )
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 SMALLEST_MULTIPLIER = 1e-3
 """``phi_min``: keeps ``C / (phi c)`` finite when the constraint has long been slack."""
@@ -100,7 +100,7 @@ class AhacSettings(EnsembleCriticSettings):
         check_positive_int("horizon_min", self.horizon_min)
         check_positive_int("initial_horizon", self.initial_horizon)
         if not self.horizon_min <= self.initial_horizon <= self.horizon:
-            raise ValueError(
+            raise SettingError(
                 f"initial_horizon={self.initial_horizon} must lie in [horizon_min, horizon] = "
                 f"[{self.horizon_min}, {self.horizon}]")
         check_bool("adapt", self.adapt)

@@ -6,11 +6,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from diffpg.acting import Transitions
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params
-from envs.core import State
+from envs.core import SettingError, State
 
 EstimatorState = Any
 """Whatever an estimator carries between calls (critics, replay buffers, adaptive horizons...):
@@ -77,48 +78,55 @@ def learns_nothing(params, obs_stats, state, batch, key):
 
 def check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+        raise SettingError(f"{name}={value!r} must be a positive integer")
 
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
     upper_ok = value <= 1.0 if closed_right else value < 1.0
     if not isinstance(value, int | float) or not (0.0 <= value and upper_ok):
         interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"{name}={value!r} must be a number in {interval}")
+        raise SettingError(f"{name}={value!r} must be a number in {interval}")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest number a run computes with (float32); a setting above it would be inf there."""
 
 
 def check_positive(name: str, value: Any) -> None:
-    """A finite number above 0 (rejects inf and NaN)."""
+    """A number above 0 and finite in float32, the precision runs compute in (rejects inf, NaN
+    and values such as 1e39 that become inf on the device)."""
     if (not isinstance(value, int | float) or isinstance(value, bool) or not value > 0
-            or value == float("inf")):
-        raise ValueError(f"{name}={value!r} must be a finite positive number")
+            or not value <= FLOAT32_MAX):
+        raise SettingError(f"{name}={value!r} must be a positive number at most {FLOAT32_MAX:.4g} "
+                           "(finite in float32)")
 
 
 def check_non_negative(name: str, value: Any) -> None:
-    """A finite number of at least 0 (rejects inf and NaN)."""
+    """A number of at least 0, finite in float32 (rejects inf and NaN)."""
     if (not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0
-            or value == float("inf")):
-        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+            or not value <= FLOAT32_MAX):
+        raise SettingError(f"{name}={value!r} must be a number >= 0 and at most "
+                           f"{FLOAT32_MAX:.4g} (finite in float32)")
 
 
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
+        raise SettingError(f"{name}={value!r} must be true or false")
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {list(allowed)}")
+        raise SettingError(f"{name}={value!r} is not allowed; allowed values: {list(allowed)}")
 
 
 def check_hidden_sizes(name: str, value: Any) -> None:
     if not isinstance(value, tuple) or not all(
             isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
-        raise ValueError(f"{name}={value!r} must be a tuple of positive integers")
+        raise SettingError(f"{name}={value!r} must be a tuple of positive integers")
 
 
 def check_betas(name: str, value: Any) -> None:
     if not (isinstance(value, tuple) and len(value) == 2
             and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
                     for b in value)):
-        raise ValueError(f"{name}={value!r} must be two numbers in [0, 1)")
+        raise SettingError(f"{name}={value!r} must be two numbers in [0, 1)")

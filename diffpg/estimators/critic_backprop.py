@@ -55,7 +55,7 @@ from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
 from diffpg.replay import ReplayBuffer, ReplayData, add, init_replay, sample
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +87,12 @@ class CriticBackpropSettings:
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
         if not isinstance(self.replay_capacity, int) or self.replay_capacity < 0:
-            raise ValueError(f"replay_capacity={self.replay_capacity!r} must be an integer >= 0 "
-                             "(0: no replay buffer)")
+            raise SettingError(f"replay_capacity={self.replay_capacity!r} must be an integer >= 0 "
+                               "(0: no replay buffer)")
         check_positive_int("replay_batch_size", self.replay_batch_size)
         if self.replay_capacity and self.finite_horizon:
-            raise ValueError("finite_horizon=True needs each transition's steps left, which the "
-                             "replay buffer does not keep; allowed: replay_capacity=0 with it")
+            raise SettingError("finite_horizon=True needs each transition's steps left, which the "
+                               "replay buffer does not keep; allowed: replay_capacity=0 with it")
         check_unit_interval("discount", self.discount)
         check_positive("critic_learning_rate", self.critic_learning_rate)
         check_positive_int("critic_iterations", self.critic_iterations)

@@ -52,7 +52,7 @@ from diffpg.estimators.ivw import Rollouts, mixed_estimate
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,9 @@ class DdcgSettings:
         check_unit_interval("discount", self.discount)
         check_positive_int("rollouts_per_state", self.rollouts_per_state)
         if self.rollouts_per_state < 3:
-            raise ValueError(f"rollouts_per_state={self.rollouts_per_state} must be at least 3 "
-                             "(each rollout's test takes a variance over the other rollouts of "
-                             "its state)")
+            raise SettingError(f"rollouts_per_state={self.rollouts_per_state} must be at least 3 "
+                               "(each rollout's test takes a variance over the other rollouts of "
+                               "its state)")
         check_positive("smoothness_threshold", self.smoothness_threshold)
         check_bool("cross_fit", self.cross_fit)
 

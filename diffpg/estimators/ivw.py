@@ -59,7 +59,7 @@ from diffpg.estimators.registry import register
 from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +149,8 @@ def step_means(policy: Policy, params: Params, obs_stats: RunningStatistics, rol
     num = tr.reward.shape[1]
     num_states = num // pool
     if num_states < 2:
-        raise ValueError(f"the per-step weights are cross-fitted between two halves of the start "
-                         f"states: a batch of {num_states} start state(s) needs at least 2")
+        raise SettingError(f"the per-step weights are cross-fitted between two halves of the start "
+                           f"states: a batch of {num_states} start state(s) needs at least 2")
     half = (jnp.arange(num) // pool >= num_states // 2)[None, :]  # [1, n]
     groups = jnp.concatenate([~half, half]).astype(tr.reward.dtype)  # [2, n]
     mask = jnp.ones((num,)) if mask is None else mask

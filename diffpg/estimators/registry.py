@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from diffpg.estimators.base import Estimator
+from envs.core import SettingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,16 +72,16 @@ def register(
     registering a name again (otherwise an error).
     """
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise ValueError(f"estimator name={name!r} must be a Python identifier")
+        raise SettingError(f"estimator name={name!r} must be a Python identifier")
     if name in _REGISTRY and not replace:
-        raise ValueError(f"estimator name={name!r} is already registered; pass replace=True to "
-                         "register it again")
+        raise SettingError(f"estimator name={name!r} is already registered; pass replace=True to "
+                           "register it again")
     if not dataclasses.is_dataclass(settings_class) or not isinstance(settings_class, type):
-        raise ValueError(f"settings_class={settings_class!r} must be a dataclass type")
+        raise SettingError(f"settings_class={settings_class!r} must be a dataclass type")
     for other in _REGISTRY.values():
         if other.name != name and (issubclass(settings_class, other.settings_class)
                                    or issubclass(other.settings_class, settings_class)):
-            raise ValueError(
+            raise SettingError(
                 f"settings_class {settings_class.__name__} is (or derives from) the class of "
                 f"estimator {other.name!r}, {other.settings_class.__name__}: give each estimator "
                 "its own class (derive both from a common base), so that a settings object "
@@ -88,15 +89,15 @@ def register(
     fields = {f.name for f in dataclasses.fields(settings_class)}
     missing = {"horizon", "discount"} - fields
     if missing:
-        raise ValueError(f"settings_class {settings_class.__name__} lacks the field(s) "
-                         f"{sorted(missing)} every estimator has")
+        raise SettingError(f"settings_class {settings_class.__name__} lacks the field(s) "
+                           f"{sorted(missing)} every estimator has")
     if not callable(constructor):
-        raise ValueError(f"constructor={constructor!r} must be callable")
+        raise SettingError(f"constructor={constructor!r} must be callable")
     training = dict(training or {})
     unknown = sorted(set(training) - fields)
     if unknown:
-        raise ValueError(f"training settings {unknown} are not fields of "
-                         f"{settings_class.__name__}; allowed: {sorted(fields)}")
+        raise SettingError(f"training settings {unknown} are not fields of "
+                           f"{settings_class.__name__}; allowed: {sorted(fields)}")
     description = " ".join((settings_class.__doc__ or "").split()).split(". ")[0].rstrip(".")
     registration = Registration(name, settings_class, constructor, comparison or _no_change,
                                 training, dict(trainer or {}), bool(reference), description)
@@ -117,7 +118,7 @@ def names() -> list[str]:
 
 def registration(name: str) -> Registration:
     if name not in _REGISTRY:
-        raise ValueError(f"estimator={name!r} is not known; allowed values: {names()}")
+        raise SettingError(f"estimator={name!r} is not known; allowed values: {names()}")
     return _REGISTRY[name]
 
 
@@ -126,5 +127,5 @@ def reference_estimator() -> str:
     for name, entry in _REGISTRY.items():
         if entry.reference:
             return name
-    raise ValueError("no registered estimator is declared a reference (register(..., "
-                     "reference=True)); give --reference an estimator spec")
+    raise SettingError("no registered estimator is declared a reference (register(..., "
+                       "reference=True)); give --reference an estimator spec")

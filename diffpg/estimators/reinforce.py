@@ -86,7 +86,7 @@ from diffpg.estimators.base import (
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 BASELINES = ("none", "batch_mean", "leave_one_out", "value", "optimal")
 ADVANTAGES = ("monte_carlo", "gae")
@@ -134,8 +134,8 @@ class ScoreFunctionSettings:
         check_choice("baseline", self.baseline, BASELINES)
         check_choice("advantage", self.advantage, ADVANTAGES)
         if self.advantage == "gae" and self.baseline != "value":
-            raise ValueError(f"advantage='gae' needs the value critic: baseline='value', not "
-                             f"baseline={self.baseline!r}")
+            raise SettingError(f"advantage='gae' needs the value critic: baseline='value', not "
+                               f"baseline={self.baseline!r}")
         check_unit_interval("gae_lambda", self.gae_lambda)
         check_positive("clip_ratio", self.clip_ratio)
         check_non_negative("entropy_cost", self.entropy_cost)
@@ -226,7 +226,7 @@ def _ratio_and_return(policy, params, obs, transitions, settings, weights, behav
         step_ratio = jnp.ones_like(weighted_reward)
     else:
         if not settings.reward_to_go:
-            raise ValueError("importance weights need reward_to_go=True (per-decision weights)")
+            raise SettingError("importance weights need reward_to_go=True (per-decision weights)")
         log_ratio = policy.log_prob(jax.lax.stop_gradient(params), obs, transitions.raw_action)
         log_ratio = log_ratio - behaviour_log_prob
         step_ratio = jnp.exp(returns.episode_cumsum(log_ratio, transitions.done))
@@ -253,7 +253,7 @@ def _score_gradient(policy, params, obs, raw_action, coefficient, per_rollout=Fa
 def _pool_size(settings: ScoreFunctionSettings, num_rollouts: int) -> int:
     pool = settings.rollouts_per_state if settings.rollouts_per_state > 1 else num_rollouts
     if settings.baseline in ("leave_one_out", "optimal") and pool < 2:
-        raise ValueError(
+        raise SettingError(
             f"baseline={settings.baseline!r} needs at least 2 rollouts per pool, got {pool}: "
             "use a batch of 2 or more states or rollouts_per_state >= 2"
         )
@@ -277,9 +277,9 @@ def _baseline(kind, psi, weights, value_baseline, pool) -> jax.Array:
         return _leave_one_out_sum(psi, pool) / (pool - 1)
     if kind == "value":
         if value_baseline is None:
-            raise ValueError("baseline='value' needs value_baseline")
+            raise SettingError("baseline='value' needs value_baseline")
         return weights * value_baseline
-    raise ValueError(f"baseline={kind!r} is not allowed; allowed values: {list(BASELINES)}")
+    raise SettingError(f"baseline={kind!r} is not allowed; allowed values: {list(BASELINES)}")
 
 
 def _optimal_baseline_gradient(policy, params, obs, transitions, psi, step_ratio, pool,

@@ -53,7 +53,7 @@ from diffpg.estimators.shac import (
 )
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,8 @@ class SapoSettings(EnsembleCriticSettings):
         check_positive("initial_temperature", self.initial_temperature)
         check_bool("learn_temperature", self.learn_temperature)
         if self.target_entropy is not None and not math.isfinite(self.target_entropy):
-            raise ValueError(f"target_entropy={self.target_entropy!r} must be a finite number "
-                             "or None")
+            raise SettingError(f"target_entropy={self.target_entropy!r} must be a finite number "
+                               "or None")
         check_positive("temperature_learning_rate", self.temperature_learning_rate)
 
 

@@ -60,7 +60,7 @@ from diffpg.estimators.base import (
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
+from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ShacSettings:
         if self.window is not None:
             check_positive_int("window", self.window)
             if self.horizon % self.window:
-                raise ValueError(
+                raise SettingError(
                     f"window={self.window} must divide horizon={self.horizon} "
                     f"(allowed windows: divisors of {self.horizon})"
                 )
@@ -203,8 +203,8 @@ def make_ensemble_critic(observation_size: int, settings: EnsembleCriticSettings
 
 def check_remat_segment(segment: int, window: int) -> None:
     if not isinstance(segment, int) or segment < 0 or (segment and window % segment):
-        raise ValueError(f"remat_segment={segment!r} must be 0 (off) or a divisor of the "
-                         f"differentiated window of {window} steps")
+        raise SettingError(f"remat_segment={segment!r} must be 0 (off) or a divisor of the "
+                           f"differentiated window of {window} steps")
 
 
 def make_shac(

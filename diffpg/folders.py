@@ -1,0 +1,228 @@
+"""Output folders, the same discipline for every command that writes (train, compare, video).
+
+* ``prepare_output`` / ``output_folder``: the folder chosen, refused in one line when it
+  cannot be used (a file, a dangling link, under a file, not writable, a folder of earlier
+  results without ``--overwrite``), all **before** any work is done;
+* ``run_lock``: one process owns a folder while it writes (``.lock``, under ``flock``);
+* ``disk_space``: a full disk is one line naming the folder and what was being written;
+* ``write_atomically`` / ``atomic_path``: a file is written under a temporary name and renamed
+  into place, so a reader sees the old file or the new one, never half of one;
+* ``interruptions``: SIGINT and SIGTERM become ``Interrupted`` (exit status 128 + signal),
+  held back while a write is in progress (``critical()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from diffpg.devices import process_count
+from envs.core import SettingError
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a command (``signum``); raised between writes, never inside
+    one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own ``run_dir`` while the block runs: ``.lock`` holds this process's pid and host under
+    an exclusive ``flock``, which the system releases when the process ends, however it ends.
+    Another live owner is a ``SettingError``; the lock file of a process that is gone is taken
+    over, with a message."""
+    path = run_dir / ".lock"
+    with disk_space(run_dir, "the run folder's lock"):
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = ""
+            for _ in range(20):  # the owner writes its name right after it takes the lock
+                owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+                if owner:
+                    break
+                time.sleep(0.05)
+            raise SettingError(f"run folder {str(run_dir)!r} is in use by "
+                               f"{owner or 'another process'}; wait for it to finish or choose "
+                               "another --out") from None
+        previous = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+        if previous:
+            print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
+                  file=sys.stderr)
+        os.ftruncate(descriptor, 0)
+        with disk_space(run_dir, "the run folder's lock"):
+            os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
+            or "No space left" in str(error) or "RESOURCE_EXHAUSTED" in str(error))
+
+
+@contextlib.contextmanager
+def disk_space(run_dir: Path, what: str) -> Iterator[None]:
+    """A full disk while writing ``what`` becomes one line naming the folder and what was lost."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+        raise SettingError(f"no space left on the device of {str(run_dir)!r} ({free:,} bytes free) "
+                           f"while writing {what}; free some space, then run again (a training "
+                           "run: --resume, or start again with --overwrite)") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path (same folder, same extension) to write; renamed to ``path`` when the
+    block completes, removed when it fails."""
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        with disk_space(path.parent, path.name):
+            yield temporary
+            temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """One line, before any work, when ``folder`` (which exists) cannot take a new file."""
+    probe = folder / f".diffpg-write-test-{os.getpid()}"
+    try:
+        with disk_space(folder, "a first test file"):
+            probe.write_bytes(b"")
+    except OSError as error:
+        raise SettingError(f"out={str(folder)!r} is not writable ({error.strerror}); choose "
+                           "another --out") from None
+    probe.unlink(missing_ok=True)
+
+
+def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path:
+    """The output folder, created and checked writable: ``out``, or
+    ``runs/<default_name>-<timestamp>``. A folder that holds files is refused unless
+    ``overwrite`` (the command then removes what it writes itself, under its lock, with
+    ``remove_files``). Errors are one line naming ``--out``."""
+    if out is None and process_count() > 1:
+        raise SettingError("out is required when several processes run one command (each would "
+                           "name its own default folder)")
+    if out is None:
+        out = Path("runs") / f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise SettingError(f"out={str(out)!r} is a file, not a folder; choose another --out")
+    if out.is_symlink() and not out.exists():
+        raise SettingError(f"out={str(out)!r} is a link to nothing; choose another --out")
+    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
+        raise SettingError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
+                           "write into it, or choose another --out")
+    try:
+        with disk_space(out.parent if out.parent.exists() else Path("."), str(out)):
+            out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SettingError(f"out={str(out)!r} is under a file, not a folder; choose another "
+                           "--out") from None
+    except FileNotFoundError:
+        raise SettingError(f"out={str(out)!r} cannot be created (the working directory is "
+                           "gone?); choose another --out") from None
+    except PermissionError:
+        raise SettingError(f"out={str(out)!r} cannot be created (permission denied); choose "
+                           "another --out") from None
+    check_writable(out)
+    return out
+
+
+@contextlib.contextmanager
+def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Iterator[Path]:
+    """``prepare_output``'s folder for the block; a folder the block created is removed again
+    when the block fails before writing anything into it (a bad setting leaves no trace)."""
+    created = out is None or not out.exists()
+    path = prepare_output(out, overwrite, default_name)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                if not any(p.name != ".lock" for p in path.iterdir()):
+                    (path / ".lock").unlink(missing_ok=True)
+                    path.rmdir()
+        raise
+
+
+def remove_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Remove the files and folders ``names`` of ``folder`` that exist."""
+    for name in names:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+class _Interruptions:
+    """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``."""
+
+    def __init__(self):
+        self.deferring = False
+        self.pending: int | None = None
+
+    def handle(self, signum, frame):
+        del frame
+        if self.deferring:
+            self.pending = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """A save: a signal waits until it is complete."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
+
+
+@contextlib.contextmanager
+def interruptions() -> Iterator[_Interruptions]:
+    """Route SIGINT and SIGTERM to ``Interrupted`` while the block runs (main thread only;
+    elsewhere nothing is installed and ``critical`` does nothing)."""
+    guard = _Interruptions()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield guard
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,137 @@
+"""Every command that writes keeps its results whole: the output is checked before any work, one
+process owns a folder, ``--overwrite`` leaves no earlier result beside the new one, and a signal
+never leaves half a result (``diffpg.folders``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from conftest import compiles
+
+from diffpg import cli
+from diffpg.folders import run_lock
+
+SMALL_COMPARE = ["compare", "--env", "lqr", "--estimators", "bptt", "--sweep", "none",
+                 "--horizon", "2", "--num-estimates", "2", "--num-envs", "2",
+                 "--critic-warmup", "0"]
+
+
+def _one_line(capsys, *expected: str) -> str:
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error, error
+    for text in expected:
+        assert text in error, error
+    return error
+
+
+@pytest.mark.parametrize("where", ["under a file", "a dangling link", "a file"])
+def test_compare_checks_its_output_folder_before_any_work(tmp_path, capsys, monkeypatch, where):
+    from diffpg import compare
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    out = {"under a file": tmp_path / "file" / "out", "a dangling link": tmp_path / "link",
+           "a file": tmp_path / "file"}[where]
+    computed = []
+    monkeypatch.setattr(compare, "run_comparison", lambda *args, **kw: computed.append(args))
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 2
+    _one_line(capsys, "out=")
+    assert computed == []
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_compare_into_a_folder_in_use_is_refused(tmp_path, capsys, monkeypatch):
+    from diffpg import compare
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "results.json").write_text("another process's")
+    computed = []
+    monkeypatch.setattr(compare, "run_comparison", lambda *args, **kw: computed.append(args))
+    with run_lock(out):
+        assert cli.main(SMALL_COMPARE + ["--out", str(out), "--overwrite"]) == 2
+    _one_line(capsys, "is in use by process")
+    assert computed == [] and (out / "results.json").read_text() == "another process's"
+
+
+def test_overwrite_leaves_no_earlier_result_beside_the_new_one(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("variance_vs_horizon.png", "samples.npz", "results.json"):
+        (out / name).write_text("earlier")
+    (out / "notes.txt").write_text("the user's own")
+    assert cli.main(SMALL_COMPARE + ["--out", str(out), "--overwrite"]) == 0
+    assert not (out / "variance_vs_horizon.png").exists()  # one point: no sweep plot this time
+    assert json.loads((out / "results.json").read_text())["settings"]["horizon"] == 2
+    assert (out / "notes.txt").read_text() == "the user's own"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_signal_while_compare_writes_waits_until_every_file_is_written(tmp_path, capsys,
+                                                                         monkeypatch):
+    from diffpg import report
+
+    markdown = report._markdown
+
+    def interrupted_while_writing(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return markdown(*args)
+
+    monkeypatch.setattr(report, "_markdown", interrupted_while_writing)
+    out = tmp_path / "out"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 128 + signal.SIGINT
+    assert "interrupted (SIGINT)" in capsys.readouterr().err
+    for name in ("results.json", "table.csv", "samples.npz", "bias_and_cosine.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    assert not [p for p in out.iterdir() if ".partial" in p.name]
+
+
+def test_a_compare_stopped_before_writing_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    from diffpg import compare
+
+    def interrupted(settings, progress):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(compare, "run_comparison", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("policy.mp4", "must end in .gif"),
+    ("missing/policy.gif", "does not exist"),
+    ("", "is a folder"),
+])
+def test_video_checks_its_output_before_any_work(tmp_path, capsys, name, message):
+    with compiles() as compiled:
+        assert cli.main(["video", str(tmp_path / "run"), "--out", str(tmp_path / name)]) == 2
+    _one_line(capsys, message)
+    assert compiled == []
+
+
+def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, monkeypatch):
+    from diffpg import video
+    from diffpg.runs import train
+    from diffpg.training import settings_for
+
+    run = tmp_path / "run"
+    train(settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=2, horizon=4,
+                       eval_envs=2, hidden_sizes=(8,)), run)
+    gif = tmp_path / "policy.gif"
+    gif.write_bytes(b"GIF89a earlier")
+
+    def stopped_half_way(env, positions, rewards, path, **options):
+        path.write_bytes(b"GIF89a half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video, "save_gif", stopped_half_way)
+    assert cli.main(["video", str(run), "--out", str(gif)]) == 128 + signal.SIGINT
+    assert gif.read_bytes() == b"GIF89a earlier"
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
