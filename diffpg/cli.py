@@ -35,7 +35,6 @@ from diffpg.devices import (  # noqa: E402
     is_primary,
 )
 from diffpg.folders import (  # noqa: E402
-    Interrupted,
     interruptions,
     output_folder,
     remove_files,
@@ -55,7 +54,7 @@ USAGE = ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] 
          + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items()))
 
 
-def run_compare(argv: list[str]) -> Path:
+def run_compare(argv: list[str], guard) -> Path:
     from tqdm import tqdm
 
     from diffpg.compare import run_comparison
@@ -67,12 +66,12 @@ def run_compare(argv: list[str]) -> Path:
         if is_primary():
             stack.enter_context(run_lock(out))
             remove_files(out, OUTPUT_FILES)  # --overwrite: no earlier result beside the new one
-        guard = stack.enter_context(interruptions())
         barrier("diffpg: output folder checked")
         total = len(settings.points) * (len(settings.specs) + 1 + settings.per_step)
         with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
                   disable=not is_primary()) as bar:
             def progress(message: str) -> None:
+                guard.check()  # a signal whose first exception was dropped stops here
                 bar.set_description(message)
                 bar.update(1)
 
@@ -88,15 +87,15 @@ def run_compare(argv: list[str]) -> Path:
     return out
 
 
-def run_train(argv: list[str]) -> Path:
+def run_train(argv: list[str], guard) -> Path:
     settings, out, overwrite, resume, sizes = parse_train_command(argv)
     if resume:
-        return _train_into(settings, out, resume, sizes)
+        return _train_into(settings, out, resume, sizes, guard)
     with output_folder(out, overwrite, f"train-{settings.env}-{settings.estimator}") as out:
-        return _train_into(settings, out, resume, sizes)
+        return _train_into(settings, out, resume, sizes, guard)
 
 
-def _train_into(settings, out: Path, resume: bool, sizes: str) -> Path:
+def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
     """Train into the checked folder ``out``, with a progress bar and a last line of results."""
     from tqdm import tqdm
 
@@ -110,6 +109,7 @@ def _train_into(settings, out: Path, resume: bool, sizes: str) -> Path:
 
     def on_start() -> None:  # the settings and sizes are valid: say what runs, show progress
         nonlocal bar
+        guard.check()  # a signal whose first exception was dropped stops here
         if is_primary():
             print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} "
                   f"envs x {settings.horizon} steps, {settings.updates} updates (defaults: "
@@ -126,7 +126,8 @@ def _train_into(settings, out: Path, resume: bool, sizes: str) -> Path:
     try:
         state = train(settings, out, resume=resume, on_log=on_log, on_start=on_start)
     except KeyboardInterrupt as interruption:
-        raise SystemExit(_interrupted(interruption, out)) from None
+        interruption.kept = _what_is_kept(out)  # said on the one line main prints
+        raise
     finally:  # before any message: a bar closed later would print itself after it
         if bar is not None:
             bar.close()
@@ -136,28 +137,19 @@ def _train_into(settings, out: Path, resume: bool, sizes: str) -> Path:
     return out
 
 
-def _interrupted(interruption: KeyboardInterrupt, out: Path) -> int:
-    """One line on what an interruption left, and its exit status (128 + the signal)."""
+def _what_is_kept(out: Path) -> str:
+    """What an interrupted training run left in ``out``, for the line that reports it."""
     from diffpg.runs import checkpoint_updates
 
-    signum = getattr(interruption, "signum", signal.SIGINT)
     kept = checkpoint_updates(out) if out.exists() else []
     if kept:
-        what = (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
+        return (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
                 f"--resume {out}")
-    else:
-        what = "before the first checkpoint: nothing to resume, start again"
-    print(f"\ndiffpg train: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
-    return 128 + signum
+    return "before the first checkpoint: nothing to resume, start again"
 
 
-def _terminate(signum, frame):
-    """SIGTERM, outside a run's own handling (while compiling, say): as a SIGINT would."""
-    del frame
-    raise Interrupted(signum)
-
-
-def run_eval(argv: list[str]) -> None:
+def run_eval(argv: list[str], guard) -> None:
+    del guard
     from diffpg.runs import evaluate_run
 
     command = parse_run_command(argv, "diffpg eval")
@@ -165,7 +157,8 @@ def run_eval(argv: list[str]) -> None:
         print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
 
 
-def run_video(argv: list[str]) -> None:
+def run_video(argv: list[str], guard) -> None:
+    del guard
     from diffpg.video import video_of_run
 
     command = parse_run_command(argv, "diffpg video", video=True)
@@ -205,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "diffpg"
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stack = contextlib.ExitStack()
     try:
+        # SIGINT and SIGTERM stop every command from here on with one line (interruptions()).
+        guard = stack.enter_context(interruptions())
         argv = import_user_modules(argv)
         if not argv or argv[0] in ("-h", "--help"):
             print(USAGE, end="")
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if command not in RUNNERS:
             raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
         initialize_distributed_from_environment()
-        RUNNERS[command](argv)
+        RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)
         return 2
@@ -225,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
-        print(f"\ndiffpg {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        kept = getattr(interruption, "kept", None)
+        print(f"\ndiffpg {command}: interrupted ({signal.Signals(signum).name})"
+              + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 128 + signum
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
         traceback.print_exc()
@@ -233,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               "a defect in diffpg or in a module given with --import", file=sys.stderr)
         return 1
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        stack.close()
     return 0
 
 

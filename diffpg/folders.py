@@ -187,7 +187,11 @@ def remove_files(folder: Path, names: tuple[str, ...]) -> None:
 
 
 class _Interruptions:
-    """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``."""
+    """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``.
+
+    A signal is also remembered (``pending``): Python drops an exception raised while it runs a
+    garbage-collection callback (JAX has one, busy in a command's first seconds), so ``check()``
+    and the end of every ``critical()`` raise it again."""
 
     def __init__(self):
         self.deferring = False
@@ -195,10 +199,14 @@ class _Interruptions:
 
     def handle(self, signum, frame):
         del frame
-        if self.deferring:
-            self.pending = signum
-        else:
+        self.pending = signum
+        if not self.deferring:
             raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a signal came (and its first exception was dropped)."""
+        if self.pending is not None:
+            raise Interrupted(self.pending)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -208,8 +216,7 @@ class _Interruptions:
             yield
         finally:
             self.deferring = False
-        if self.pending is not None:
-            raise Interrupted(self.pending)
+        self.check()
 
 
 @contextlib.contextmanager

@@ -135,3 +135,50 @@ def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, mo
     assert cli.main(["video", str(run), "--out", str(gif)]) == 128 + signal.SIGINT
     assert gif.read_bytes() == b"GIF89a earlier"
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+
+
+def test_a_signal_whose_exception_was_dropped_still_stops_the_command(tmp_path, capsys,
+                                                                      monkeypatch):
+    """Python drops an exception raised inside a garbage-collection callback (JAX's, busy in a
+    command's first seconds): the signal is remembered, and the command stops at its next
+    progress point with one line and status 130 instead of running to the end."""
+    from diffpg import compare
+
+    real = compare.run_comparison
+
+    def interrupted_in_a_callback(settings, progress):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # dropped, as Python does in a gc callback
+        return real(settings, progress)
+
+    monkeypatch.setattr(compare, "run_comparison", interrupted_in_a_callback)
+    out = tmp_path / "out"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 128 + signal.SIGINT
+    error = capsys.readouterr().err
+    assert "interrupted (SIGINT)" in error and "Traceback" not in error
+    assert not out.exists()
+
+
+def test_a_dropped_signal_stops_training_before_its_first_call(tmp_path, capsys, monkeypatch):
+    from diffpg import runs
+
+    real = runs.train
+
+    def interrupted_while_starting(settings, run_dir, **options):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return real(settings, run_dir, **options)
+
+    monkeypatch.setattr(runs, "train", interrupted_while_starting)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--env", "pendulum", "--updates", "2", "--updates-per-call", "2",
+                     "--out", str(out)]) == 128 + signal.SIGTERM
+    error = capsys.readouterr().err
+    assert "interrupted (SIGTERM); before the first checkpoint: nothing to resume" in error
+    assert not (out / "metrics.csv").exists()  # stopped before the first training call
