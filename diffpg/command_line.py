@@ -158,8 +158,27 @@ def parse_train_command(argv: list[str]):
                 raise CommandLineError(f"{field.name} cannot change when resuming (the run has "
                                        f"{field.name}={kept!r}); allowed to change: "
                                        f"{', '.join(CHANGEABLE_ON_RESUME)}")
+        check_resume(Path(resume), settings.updates, command.out, command.overwrite)
     out = Path(resume) if resume is not None else command.out
     return settings, out, command.overwrite, resume is not None, command.sizes
+
+
+def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool) -> None:
+    """What ``--resume RUN`` cannot be combined with: another ``--out`` (the run continues in
+    its own folder), ``--overwrite``, or fewer ``--updates`` than its newest checkpoint has
+    done (settings.json would then disagree with its checkpoints)."""
+    from diffpg.runs import checkpoint_updates
+
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise CommandLineError(f"out={str(out)!r} cannot be given with resume={str(run_dir)!r}: "
+                               "a run continues in its own folder; leave out --out")
+    if overwrite:
+        raise CommandLineError("overwrite cannot be given with resume (resuming keeps the run); "
+                               "leave out one of them")
+    done = checkpoint_updates(run_dir)
+    if done and updates < done[-1]:
+        raise CommandLineError(f"updates={updates} is below the {done[-1]} updates the run has "
+                               f"done (its newest checkpoint); allowed: updates >= {done[-1]}")
 
 
 def parse_compare_command(argv: list[str]):

@@ -27,8 +27,9 @@ from jax.flatten_util import ravel_pytree
 import envs
 from diffpg import estimators, per_step
 from diffpg.devices import check_devices, shard_batch, to_host
+from diffpg.estimators.base import check_hidden_sizes, check_positive_int
 from diffpg.normalization import RunningStatistics, init_statistics
-from diffpg.options import parse_options, parse_spec
+from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import (
     bootstrap_interval,
@@ -119,10 +120,17 @@ class CompareSettings:
     seed: int = 0
 
     def __post_init__(self):
-        envs.check(self.env, self.episode_length, self.backend,
-                   **parse_options(self.env_options, "env_options"))
+        env_options = parse_options(self.env_options, "env_options")
+        check_not_owned(env_options, {"episode_length": "--episode-length",
+                                      "backend": "--backend"}, "env_options")
+        envs.check(self.env, self.episode_length, self.backend, **env_options)
         for spec in self.estimators:
-            EstimatorSpec.parse(spec)
+            check_not_owned(dict(EstimatorSpec.parse(spec).overrides),
+                            {"horizon": "the comparison's --horizon (or its sweep)",
+                             "discount": "the comparison's --discount"},
+                            f"estimator spec {spec!r}")
+        check_hidden_sizes("hidden_sizes", self.hidden_sizes)
+        check_seed("seed", self.seed)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -137,7 +145,15 @@ class CompareSettings:
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         if self.reference not in ("auto", "exact"):
-            EstimatorSpec.parse(self.reference)
+            check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides),
+                            {"horizon": "the comparison's --horizon (or its sweep)",
+                             "discount": "the comparison's --discount"},
+                            f"reference={self.reference!r}")
+        if self.batch_budget is not None:
+            check_positive_int("batch_budget", self.batch_budget)
+            if self.sweep == "batch" and not self.points:
+                raise SettingError(f"batch_budget={self.batch_budget} holds no batch of n >= 2 "
+                                   "trajectories of equal length; allowed: an even number")
         if self.sweep == "stiffness" and self.env not in STIFFNESS_ENVS:
             raise SettingError(f"sweep='stiffness' needs an env with a stiffness setting "
                                f"({' or '.join(STIFFNESS_ENVS)}), not env={self.env!r}")

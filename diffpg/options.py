@@ -34,3 +34,19 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     """``"name:key=value,key=value"`` -> ``("name", {"key": value, ...})``."""
     name, _, rest = text.strip().partition(":")
     return name, parse_options(filter(None, rest.split(",")), f"estimator spec {text!r}")
+
+
+def check_not_owned(options: dict[str, Any], owners: dict[str, str], where: str) -> None:
+    """A one-line error when ``options`` (given in ``where``) sets a value that an option of
+    its own owns; ``owners`` maps each such key to the option to use instead."""
+    for key in options:
+        if key in owners:
+            raise SettingError(f"{where} sets {key}, which {owners[key]} sets; use {owners[key]}")
+
+
+def check_seed(name: str, value: Any, offsets: int = 0) -> None:
+    """An integer that JAX's key takes (int64), also after adding up to ``offsets`` to it."""
+    if (not isinstance(value, int) or isinstance(value, bool)
+            or not -(2**63) <= value <= 2**63 - 1 - offsets):
+        raise SettingError(f"{name}={value!r} must be an integer in [-2**63, 2**63 - 1 - "
+                           f"{offsets}] (a 64-bit seed{', plus the seeds after it' if offsets else ''})")

@@ -54,7 +54,7 @@ from diffpg.normalization import (
     normalize,
     update_statistics,
 )
-from diffpg.options import parse_options
+from diffpg.options import check_not_owned, check_seed, parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
 from diffpg.stats import mean_confidence_half_width
 from envs.core import SettingError, State
@@ -162,8 +162,11 @@ class TrainSettings:
                                "then a finite, non-zero float32)")
         if self.episode_length is not None:
             check_positive_int("episode_length", self.episode_length)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise SettingError(f"seed={self.seed!r} must be an integer")
+        check_seed("seed", self.seed, offsets=self.seeds)  # seeds seed..seed+seeds (eval: +1)
+        check_not_owned(self.env_settings, {
+            name: "--" + name.replace("_", "-") for name in (
+                "episode_length", "backend", "health_shaping", "anticipate_jumps",
+                "health_tolerance")}, "env_options")
         check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "

@@ -163,6 +163,24 @@ def test_runs_stopped_by_any_signal_at_random_moments_resume_without_gap_or_repe
         assert _tensorboard_steps(out / "tensorboard") == [int(r["env_steps"]) for r in expected]
 
 
+def test_resume_refuses_what_it_cannot_do_and_leaves_the_run_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), *SMALL, "--updates", "4",
+                     "--updates-per-call", "2", "shac", "--horizon", "8"]) == 0
+    capsys.readouterr()
+    before = (out / "settings.json").read_text()
+    for arguments, message in [
+        (["--updates", "2"], "updates=2 is below the 4 updates the run has done"),
+        (["--out", str(tmp_path / "other")], "cannot be given with resume"),
+        (["--overwrite"], "overwrite cannot be given with resume"),
+    ]:
+        assert cli.main(["train", "--resume", str(out), *arguments]) == 2, arguments
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+    assert (out / "settings.json").read_text() == before
+    assert not (tmp_path / "other").exists()
+
+
 def test_an_interrupted_run_says_what_it_kept(tmp_path, monkeypatch, capsys):
     """A signal between calls stops the run with one line naming the checkpoint kept and the
     exit status 128 + signal; before the first checkpoint it says there is nothing to resume."""

@@ -166,6 +166,15 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--estimators", "shac:window=3", "--horizon", "8"], "window"),
         (["--sweep", "stiffness"], "sweep='stiffness' needs an env with a stiffness setting"),
         (["--env", "contact", "--sweep", "stiffness", "--stiffnesses", "10,1e9"], "stiffness"),
+        (["--estimators", "bptt:horizon=2"], "sets horizon, which the comparison's --horizon"),
+        (["--estimators", "shac:discount=0.5"], "sets discount"),
+        (["--reference", "reinforce:horizon=3", "--env", "pendulum"], "sets horizon"),
+        (["--env-options", "episode_length=3"], "sets episode_length, which --episode-length"),
+        (["--env", "pendulum", "--env-options", "backend=spring"], "sets backend"),
+        (["--sweep", "batch", "--batch-budget", "1"], "batch_budget=1 holds no batch"),
+        (["--sweep", "batch", "--batch-budget", "0"], "batch_budget"),
+        (["--env", "pendulum", "--hidden-sizes", "0"], "hidden_sizes"),
+        (["--seed", str(2**64)], "seed="),
     ],
 )
 def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):
