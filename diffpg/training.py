@@ -348,17 +348,27 @@ def available_memory_bytes() -> int | None:
 
 def check_memory(settings: TrainSettings, env) -> None:
     """Refuse, before compiling, a batch whose simulated states alone cannot fit: every step of
-    the horizon keeps the batch's states for the reverse pass (a lower bound of what a run needs).
-    """
+    the horizon keeps the batch's states for the reverse pass (a lower bound of what a run needs),
+    and an evaluation's ``eval_envs`` episodes run at once."""
     state = jax.eval_shape(lambda: env.reset(jax.random.PRNGKey(0)))  # traced: compiles nothing
     per_env = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
-    needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
     available = available_memory_bytes()
-    if available is not None and needed > available * settings.devices:
+    if available is None:
+        return
+    available *= settings.devices
+    needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
+    if needed > available:
         raise SettingError(
             f"num_envs={settings.num_envs} (x seeds={settings.seeds}, horizon={settings.horizon}) "
             f"needs at least {needed / 2**30:,.1f} GiB for the simulated states alone, and about "
-            f"{available * settings.devices / 2**30:,.1f} GiB are available; lower num_envs")
+            f"{available / 2**30:,.1f} GiB are available; lower num_envs")
+    # An evaluation steps eval_envs episodes at once, holding a state and its successor.
+    needed = per_env * settings.eval_envs * settings.seeds * 2
+    if needed > available:
+        raise SettingError(
+            f"eval_envs={settings.eval_envs} (x seeds={settings.seeds}) needs at least "
+            f"{needed / 2**30:,.1f} GiB for the evaluation's states alone, and about "
+            f"{available / 2**30:,.1f} GiB are available; lower eval_envs")
 
 
 def did_not_blow_up(transitions: Transitions) -> jax.Array:
