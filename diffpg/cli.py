@@ -16,31 +16,10 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
-# MuJoCo's MJX imports NVIDIA Warp when it is installed (the playground extra brings it), which
-# adds about a second to every command's start and another to its exit. diffpg runs MJX on its
-# JAX implementation only, so the program does not load Warp (a library user's process is left
-# alone: this is the command line's own choice).
-sys.modules.setdefault("warp", None)
-from pathlib import Path  # noqa: E402
-
-from diffpg.command_line import (  # noqa: E402
-    parse_compare_command,
-    parse_run_command,
-    parse_train_command,
-)
-from diffpg.devices import (  # noqa: E402
-    barrier,
-    initialize_distributed_from_environment,
-    is_primary,
-)
-from diffpg.folders import (  # noqa: E402
-    interruptions,
-    output_folder,
-    remove_files,
-    run_lock,
-)
-from envs.core import SettingError  # noqa: E402
+# Only the standard library is imported here: ``run`` takes SIGINT and SIGTERM before jax, brax
+# and the rest load (seconds), and the functions import what they use.
 
 COMMANDS = {
     "compare": "variance, bias and cost of every estimator, against the horizon",
@@ -48,16 +27,38 @@ COMMANDS = {
     "eval": "evaluate the latest checkpoint of a training run",
     "video": "an animated GIF of a training run's latest policy (offline, matplotlib)",
 }
-USAGE = ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n\n"
-         "Policy-gradient estimators (REINFORCE, PPO, critic backprop, BPTT, SHAC) compared on the "
-         "same policy and states, and trained in one loop.\n\ncommands:\n"
-         + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items()))
+
+
+def usage() -> str:
+    """The top-level help: the commands, every registered estimator with its description, and
+    every environment."""
+    import textwrap
+
+    import envs
+    from diffpg import estimators
+
+    def wrapped(text: str, indent: str, hanging: str | None = None) -> str:
+        return textwrap.fill(text, 100, initial_indent=indent,
+                             subsequent_indent=indent if hanging is None else hanging) + "\n"
+
+    return ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n\n"
+            + wrapped("Policy-gradient estimators compared on the same policy and states, and "
+                      "trained in one loop.", "") + "\ncommands:\n"
+            + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items())
+            + "\nestimators (diffpg train ESTIMATOR ..., diffpg compare --estimators NAME ...):\n"
+            + "".join(wrapped(f"{name:16s}{estimators.registration(name).description}", "  ",
+                              " " * 18)
+                      for name in estimators.names())
+            + "\nenvironments (--env NAME):\n" + wrapped(", ".join(envs.names()), "  "))
 
 
 def run_compare(argv: list[str], guard) -> Path:
     from tqdm import tqdm
 
+    from diffpg.command_line import parse_compare_command
     from diffpg.compare import run_comparison
+    from diffpg.devices import barrier, is_primary
+    from diffpg.folders import output_folder, remove_files, run_lock
     from diffpg.report import OUTPUT_FILES, write_outputs
 
     settings, out, overwrite = parse_compare_command(argv)
@@ -88,6 +89,9 @@ def run_compare(argv: list[str], guard) -> Path:
 
 
 def run_train(argv: list[str], guard) -> Path:
+    from diffpg.command_line import parse_train_command
+    from diffpg.folders import output_folder
+
     settings, out, overwrite, resume, sizes = parse_train_command(argv)
     if resume:
         return _train_into(settings, out, resume, sizes, guard)
@@ -100,6 +104,7 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
     from tqdm import tqdm
 
     from diffpg.configs import config_for
+    from diffpg.devices import barrier, is_primary
     from diffpg.runs import train
 
     barrier("diffpg: output folder checked")
@@ -150,6 +155,7 @@ def _what_is_kept(out: Path) -> str:
 
 def run_eval(argv: list[str], guard) -> None:
     del guard
+    from diffpg.command_line import parse_run_command
     from diffpg.runs import evaluate_run
 
     command = parse_run_command(argv, "diffpg eval")
@@ -159,7 +165,9 @@ def run_eval(argv: list[str], guard) -> None:
 
 def run_video(argv: list[str], guard) -> None:
     del guard
+    from diffpg.command_line import parse_run_command
     from diffpg.video import video_of_run
+    from envs.core import SettingError
 
     command = parse_run_command(argv, "diffpg video", video=True)
     if command.every < 1:
@@ -173,6 +181,8 @@ RUNNERS = {"compare": run_compare, "train": run_train, "eval": run_eval, "video"
 def import_user_modules(argv: list[str]) -> list[str]:
     """Import the modules named by leading ``--import MODULE`` options (from the working
     directory too); returns the remaining arguments."""
+    from envs.core import SettingError
+
     while argv and (argv[0] == "--import" or argv[0].startswith("--import=")):
         if argv[0] == "--import":
             if len(argv) < 2:
@@ -193,8 +203,13 @@ def _name(command: str) -> str:
     return f"diffpg {command}" if command != "diffpg" else "diffpg"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, received: list[int] | None = None) -> int:
+    """Run one command; returns its exit status. ``received``: signals ``run`` took while the
+    program was loading, acted on as soon as the command's own handling is in place."""
+    from diffpg.devices import initialize_distributed_from_environment
+    from diffpg.folders import interruptions
     from diffpg.runs import TrainingStopped
+    from envs.core import SettingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "diffpg"
@@ -202,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGINT and SIGTERM stop every command from here on with one line (interruptions()).
         guard = stack.enter_context(interruptions())
+        if received:
+            guard.pending = received[0]
+        guard.check()
         argv = import_user_modules(argv)
         if not argv or argv[0] in ("-h", "--help"):
-            print(USAGE, end="")
+            print(usage(), end="")
             return 0 if argv else 2
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
@@ -215,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_name(command)}: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:
-        print(f"diffpg {command}: stopped: {error}", file=sys.stderr)
+        print(f"{_name(command)}: stopped: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
         kept = getattr(interruption, "kept", None)
-        print(f"\ndiffpg {command}: interrupted ({signal.Signals(signum).name})"
+        print(f"\n{_name(command)}: interrupted ({signal.Signals(signum).name})"
               + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 128 + signum
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
@@ -234,12 +252,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``diffpg`` program: ``main``, then an exit during which SIGINT and SIGTERM are
-    ignored. Everything is written when ``main`` returns; the interpreter's own shutdown (about
-    a second, tearing down XLA and MuJoCo's Warp) would otherwise die of a late signal with no
-    message, though nothing is lost."""
-    status = main()
-    if threading.current_thread() is threading.main_thread():
+    """The ``diffpg`` program. SIGINT and SIGTERM are taken first, before the libraries load (a
+    signal then stops the command with one line as soon as it starts); then ``diffpg.setup()``
+    and ``main``, then an exit during which both signals are ignored. Everything is written when
+    ``main`` returns; the interpreter's own shutdown (about a second, tearing down XLA) would
+    otherwise die of a late signal with no message, though nothing is lost."""
+    received: list[int] = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda signum, frame: received.append(signum))
+    # MuJoCo's MJX imports NVIDIA Warp when it is installed (the playground extra brings it),
+    # which adds about a second to every command's start and another to its exit. diffpg runs
+    # MJX on its JAX implementation only, so the program does not load Warp (a library user's
+    # process is left alone: this is the command line's own choice).
+    sys.modules.setdefault("warp", None)
+    import diffpg
+
+    diffpg.setup()
+    status = main(received=received)
+    if main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
     sys.exit(status)

@@ -17,11 +17,12 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 from jax.flatten_util import ravel_pytree
 
 import envs
@@ -73,17 +74,17 @@ class SweepPoint(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
-    env: str = "lqr"
-    """Environment name (``envs.names()``)."""
+    env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = "lqr"
     backend: str | None = None
     """Brax physics backend; None: the env's measured default."""
     env_options: tuple[str, ...] = ()
     """Environment settings as key=value (e.g. start=0.8 for the contact env)."""
     episode_length: int | None = None
     """Time limit; None: the env's default (at least the largest horizon)."""
-    estimators: tuple[str, ...] = ()
-    """Estimator specs: ``name`` or ``name:key=value,...`` (e.g. ``reinforce:baseline=none`` or
-    ``shac:window=2``); none given: every registered estimator."""
+    estimators: Annotated[tuple[str, ...], tyro.conf.arg(help=(
+        "Estimator specs: name or name:key=value,... (e.g. reinforce:baseline=none or "
+        "shac:window=2); none given: every registered estimator. Built in: "
+        + ", ".join(estimators.names()) + "."))] = ()
     num_estimates: int = 64
     """K independent estimates per estimator (vmapped)."""
     num_envs: int = 16
@@ -91,6 +92,7 @@ class CompareSettings:
     horizon: int = 16
     """Horizon of the main table (and the largest of the horizon sweep)."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     sweep: str = "horizon"
     """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact stiffness of an env
     that has one (``STIFFNESS_ENVS``) over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's
@@ -104,6 +106,7 @@ class CompareSettings:
     """auto (exact on the LQR, else the registered reference estimator), exact, or an estimator
     spec (an unbiased one: its mean over reference_estimates estimates is the reference)."""
     reference_estimates: int = 1024
+    """Estimates averaged into the reference gradient (when no exact one exists)."""
     critic_warmup: int = 200
     """Estimates run before measuring, to fit the critics to the fixed policy."""
     hidden_sizes: tuple[int, ...] = (32, 32)
@@ -118,6 +121,7 @@ class CompareSettings:
     gradients by time step on the same rollouts (``diffpg.per_step``, K = num_estimates), with
     the closed-loop step Jacobians' largest singular values along the trajectory (analytic envs)."""
     seed: int = 0
+    """Seed of the policy's initial parameters, the start states and every estimate's keys."""
 
     def __post_init__(self):
         env_options = parse_options(self.env_options, "env_options")

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on by default, and quiet XLA logs.
+"""JAX's persistent compilation cache and quiet XLA logs (both turned on by ``diffpg.setup()``).
 
 Brax physics takes tens of seconds to compile on a CPU; cached executables make the second run of a
 command start in seconds. The directory is ``$DIFFPG_CACHE_DIR`` if set, else
@@ -32,11 +32,6 @@ def quiet_xla_logs() -> None:
             pass
 
 
-quiet_xla_logs()  # before jax loads, when this module is the first to import it
-
-import jax  # noqa: E402
-
-
 def default_cache_dir() -> str | None:
     configured = os.environ.get("DIFFPG_CACHE_DIR")
     if configured is not None:
@@ -50,6 +45,8 @@ def enable_compilation_cache(directory: str | None = "default", min_compile_secs
     Only compilations slower than ``min_compile_secs`` are stored. Returns the directory used, or
     ``None`` when caching is off.
     """
+    import jax
+
     if directory == "default":
         directory = default_cache_dir()
     if directory is None:

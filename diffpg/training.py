@@ -73,8 +73,8 @@ def estimator_choices():
 class TrainSettings:
     """Every setting of a training run (resolved: ``settings_for`` layers the defaults)."""
 
-    env: str = "cartpole_swingup"
-    """Environment name (envs.names())."""
+    env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = (
+        "cartpole_swingup")
     env_options: tuple[str, ...] = ()
     """Environment constructor settings as key=value (e.g. velocity_cost=0.01 for pendulum)."""
     backend: str | None = None
@@ -106,6 +106,8 @@ class TrainSettings:
     minibatches: int = 1
     """Optimiser steps per pass, each on a share of the batch's environments."""
     learning_rate: float = 2e-3
+    """The actor's Adam learning rate at the first update (it decays linearly to
+    final_learning_rate)."""
     final_learning_rate: float = 1e-5
     """Linear decay target of the actor's learning rate (equal to learning_rate: constant)."""
     betas: tuple[float, float] = (0.7, 0.95)
@@ -126,6 +128,7 @@ class TrainSettings:
     eval_envs: int = 16
     """Episodes per evaluation (each from its own start)."""
     seed: int = 0
+    """Seed of the run's keys (policy, critics, environments, exploration; evaluation: seed + 1)."""
     devices: int = 1
     """Devices the environment batch is split over (data parallel; num_envs must divide evenly).
     On one CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices."""

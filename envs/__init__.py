@@ -20,13 +20,7 @@ import inspect
 import io
 import logging
 import math
-import os
-
-# XLA C++ log lines (e.g. CPU feature notes when loading cached executables) are noise to users;
-# set TF_CPP_MIN_LOG_LEVEL yourself to see them. Must precede the first jax import.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from typing import Any  # noqa: E402
+from typing import Any
 
 # Brax imports MuJoCo's MJX, which prints (to stdout) that its optional Warp backend is missing:
 # noise for every diffpg command. Imported once here with that output discarded.
@@ -60,7 +54,11 @@ def _mujoco_warning(message: str) -> None:
     logging.getLogger("mujoco").log(level, message)
 
 
-mujoco.set_mju_user_warning(_mujoco_warning)
+def route_mujoco_warnings() -> None:
+    """Send MuJoCo's warnings to the ``mujoco`` logger (process-wide; ``diffpg.setup()`` calls
+    it): without it MuJoCo prints them and appends them to a ``MUJOCO_LOG.TXT`` in the working
+    directory."""
+    mujoco.set_mju_user_warning(_mujoco_warning)
 
 __all__ = [
     "ANALYTIC_ENV_CLASSES",
@@ -76,6 +74,7 @@ __all__ = [
     "check_name",
     "default_episode_length",
     "make",
+    "route_mujoco_warnings",
     "make_raw",
     "names",
 ]

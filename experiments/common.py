@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-import diffpg  # noqa: F401  (turns on the persistent compilation cache)
-from diffpg.compare import sample_gradients
-from diffpg.report import environment_description
+import diffpg
+
+diffpg.setup()  # the persistent compilation cache, quiet XLA and MuJoCo logs, as the commands
+
+from diffpg.compare import sample_gradients  # noqa: E402
+from diffpg.report import environment_description  # noqa: E402
 
 __all__ = ["environment_description", "format_table", "parser", "prepare_output", "sample_gradients",
            "supply_brax_trainer_api", "write_json"]

@@ -7,6 +7,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax: no XLA log lines in reports
 
+import diffpg  # noqa: E402
+
+diffpg.setup()  # the command line's process-wide setup: the compilation cache above all
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

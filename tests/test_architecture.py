@@ -4,6 +4,9 @@ estimator (they read what each estimator declares)."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from diffpg import estimators
@@ -56,3 +59,25 @@ def test_comparison_and_training_name_no_estimator():
         named = {node.value for node in ast.walk(tree)
                  if isinstance(node, ast.Constant) and node.value in names}
         assert not named, f"diffpg/{module} names estimators {sorted(named)}"
+
+
+def test_importing_diffpg_and_envs_changes_nothing_in_the_process():
+    """No environment variable, JAX setting, signal handler or stubbed module changes on import
+    (the command line's process-wide setup is ``diffpg.setup()``, called by ``cli.run``)."""
+    script = (
+        "import os, signal, sys, jax\n"
+        "environment, configuration = dict(os.environ), dict(jax.config.values)\n"
+        "handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]\n"
+        "import diffpg, envs, diffpg.cli, diffpg.runs, diffpg.compare\n"
+        "assert dict(os.environ) == environment, 'environment'\n"
+        # (options JAX's own submodules register as they load are new, not changed)
+        "changed = {k for k, v in configuration.items() if jax.config.values[k] != v}\n"
+        "assert not changed, changed\n"
+        "assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers\n"
+        "assert sys.modules.get('warp', 'absent') is not None, 'warp stubbed'\n"
+        "diffpg.setup(cache_dir=None)\n"
+        "assert os.environ['TF_CPP_MIN_LOG_LEVEL'] == '3'\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=environment | {"PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -415,6 +415,7 @@ def test_commands_print_their_own_output_and_nothing_else(tmp_path):
     assert done.returncode == 0 and done.stderr == "" and done.stdout.startswith("usage: diffpg")
     cache = tmp_path / "cache"
     script = ("import jax, diffpg, envs, jax.numpy as jnp\n"
+              "diffpg.setup()\n"
               "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
               "env = envs.make('inverted_pendulum')\n"
               "print(float(jax.jit(lambda x: jnp.sin(x).sum() + 1.25)(jnp.ones(3))))\n")

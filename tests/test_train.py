@@ -482,3 +482,53 @@ def test_the_training_call_compiles_once(estimator):
     state, _ = trainer.run_updates(trainer.init_run())
     trainer.run_updates(state)
     assert trainer.run_updates._cache_size() == 1
+
+
+def _options_without_a_description(text: str) -> list[str]:
+    """The options of a tyro help text whose entry says nothing beyond its default."""
+    import re
+
+    entries, current = [], None
+    for line in text.splitlines():
+        inner = line.strip().strip("│").strip()  # with or without the box of a terminal
+        match = re.match(r"(--?[a-zA-Z][\w.-]*)(.*)", inner)
+        if match:
+            current = [match.group(1), match.group(2)]
+            entries.append(current)
+        elif current is not None and inner.strip() and not inner.strip().startswith(("─", "╭")):
+            current[1] += "  " + inner.strip()
+    missing = []
+    for name, rest in entries:
+        if name in ("-h", "--help"):
+            continue
+        described = re.sub(r"^\s*\S*\s{2,}|^\s*\S+$", "", rest)  # the metavar (e.g. INT)
+        described = re.sub(r"\(default: [^)]*\)", "", described).strip()
+        if not described:
+            missing.append(name)
+    return missing
+
+
+def _builtin_estimators():
+    from diffpg import estimators
+
+    return estimators.names()
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["compare"]]
+                         + [["train", name] for name in _builtin_estimators()])
+def test_help_names_every_estimator_and_env_and_describes_every_option(command, capsys):
+    import envs
+    from diffpg import estimators
+
+    if command:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--help"])
+        assert exit_info.value.code == 0
+    else:
+        assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    flat = " ".join(text.replace("│", " ").split())
+    if len(command) < 2:  # an estimator's own help lists its settings only
+        for name in [*estimators.names(), *envs.names()]:
+            assert name in flat, name
+    assert _options_without_a_description(text) == []

@@ -51,6 +51,7 @@ class AlphaOrderSettings:
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     baseline: str = "leave_one_out"
     """Baseline of the zeroth-order part: none, batch_mean or leave_one_out."""
     confidence_sigmas: float = 3.0

@@ -66,13 +66,17 @@ class CriticBackpropSettings:
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     deterministic: bool = False
     """Differentiate through the mean action (DDPG) instead of the sampled one (SAC)."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64)
     critic_learning_rate: float = 1e-3
+    """Adam learning rate of the critic(s)."""
     critic_betas: tuple[float, float] = (0.9, 0.999)
     critic_iterations: int = 8
+    """Passes over the batch per critic fit."""
     critic_minibatches: int = 4
+    """Minibatches per pass of a critic fit (one Adam step each)."""
     target_critic_keep: float = 0.9
     """``target <- keep * target + (1 - keep) * critic`` after each estimate's critic fit."""
     finite_horizon: bool = False

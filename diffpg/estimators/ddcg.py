@@ -63,6 +63,7 @@ class DdcgSettings:
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     rollouts_per_state: int = 4
     """Rollouts from each start state: the test's sample (and the leave-one-out pool); >= 3."""
     smoothness_threshold: float = 3.0

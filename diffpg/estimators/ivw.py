@@ -70,6 +70,7 @@ class IvwSettings:
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     baseline: str = "leave_one_out"
     """Baseline of the score-function terms: none or leave_one_out."""
     rollouts_per_state: int = 1

@@ -98,7 +98,9 @@ def register(
     if unknown:
         raise SettingError(f"training settings {unknown} are not fields of "
                            f"{settings_class.__name__}; allowed: {sorted(fields)}")
-    description = " ".join((settings_class.__doc__ or "").split()).split(". ")[0].rstrip(".")
+    # The docstring's first paragraph, whole (a split at ". " would cut "Xu et al. 2022").
+    description = " ".join((settings_class.__doc__ or "").strip().split("\n\n")[0].split())
+    description = description.rstrip(".")
     registration = Registration(name, settings_class, constructor, comparison or _no_change,
                                 training, dict(trainer or {}), bool(reference), description)
     _REGISTRY[name] = registration

@@ -124,9 +124,11 @@ class ScoreFunctionSettings:
     value_hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layers of the value critic's MLP (baseline='value')."""
     value_learning_rate: float = 1e-3
+    """Adam learning rate of the value critic."""
     value_iterations: int = 8
     """Passes over the batch per fit of the value critic."""
     value_minibatches: int = 4
+    """Minibatches per pass of a value-critic fit (one Adam step each)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)

@@ -70,6 +70,7 @@ class SapoSettings(EnsembleCriticSettings):
     target_entropy: float | None = None
     """Entropy per step the temperature aims for; None: -action_size (SAPO's default)."""
     temperature_learning_rate: float = 5e-3
+    """Adam learning rate of the entropy temperature (log alpha)."""
 
     def __post_init__(self):
         super().__post_init__()  # also checks window against horizon

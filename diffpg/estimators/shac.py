@@ -73,6 +73,7 @@ class ShacSettings:
     window: int | None = None
     """Steps a gradient flows through before it is cut (SHAC's h); None means the whole horizon."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     td_lambda: float = 0.95
     """lambda of the critic's TD(lambda) targets."""
     critic: bool = True
@@ -82,9 +83,12 @@ class ShacSettings:
     sees the steps left and its targets end there too. False: SHAC's training (bootstrap there)."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64)
     critic_learning_rate: float = 2e-3
+    """Adam learning rate of the critic(s)."""
     critic_betas: tuple[float, float] = (0.7, 0.95)
     critic_iterations: int = 16
+    """Passes over the batch per critic fit."""
     critic_minibatches: int = 4
+    """Minibatches per pass of a critic fit (one Adam step each)."""
     target_critic_keep: float = 0.2
     """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
     remat_segment: int = 0
@@ -138,6 +142,7 @@ class BpttSettings:
     horizon: int = 32
     """Steps differentiated through, with no critic: the full-horizon pathwise gradient (APG)."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     remat_segment: int = 0
     """Rematerialise the differentiated scan in segments of this many steps (0: off); trades
     one extra forward pass for memory (diffpg.rollout.rollout)."""
@@ -163,6 +168,7 @@ class EnsembleCriticSettings:
     horizon: int = 32
     """Steps simulated per estimate."""
     discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     td_lambda: float = 0.95
     """lambda of the critics' TD(lambda) targets."""
     finite_horizon: bool = False
@@ -171,9 +177,12 @@ class EnsembleCriticSettings:
     """Value critics; the bootstrap is their minimum."""
     critic_hidden_sizes: tuple[int, ...] = (64, 64)
     critic_learning_rate: float = 2e-3
+    """Adam learning rate of the critic(s)."""
     critic_betas: tuple[float, float] = (0.7, 0.95)
     critic_iterations: int = 16
+    """Passes over the batch per critic fit."""
     critic_minibatches: int = 4
+    """Minibatches per pass of a critic fit (one Adam step each)."""
     target_critic_keep: float = 0.0
     """0: no target network (SAPO's and AHAC's choice); above 0, SHAC's Polyak-averaged target."""
 
