@@ -112,3 +112,30 @@ def initialize_distributed_from_environment() -> None:
     # CPU processes need a collectives library to all-reduce between them (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=processes, process_id=process_id)
+
+
+def environment_description() -> dict:
+    """What produced a result, recorded beside it (a run's settings.json, a comparison's
+    results.json): package versions, Python, the device and platform, and the git commit of
+    diffpg's source when it is a git checkout (``None`` otherwise)."""
+    import platform
+    import subprocess
+    from pathlib import Path
+
+    import brax
+    import flax
+    import optax
+
+    import diffpg
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(diffpg.__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "diffpg": diffpg.__version__, "commit": commit or None, "jax": jax.__version__,
+        "brax": brax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "python": platform.python_version(), "device": str(jax.devices()[0]),
+        "device_count": jax.device_count(), "platform": jax.default_backend(),
+    }

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 from pathlib import Path
 
-import jax
 import matplotlib
 import numpy as np
 
@@ -15,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
+from diffpg.devices import environment_description  # noqa: E402
 from diffpg.folders import atomic_path  # noqa: E402
 
 TABLE_COLUMNS = (
@@ -24,21 +23,6 @@ TABLE_COLUMNS = (
     "cosine_to_reference", "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
     "compile_seconds", "seconds_per_estimate",
 )
-
-
-def environment_description() -> dict:
-    """Versions and device, recorded with every result."""
-    import brax
-    import flax
-    import optax
-
-    import diffpg
-
-    return {
-        "diffpg": diffpg.__version__, "jax": jax.__version__, "brax": brax.__version__,
-        "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version(),
-        "device": str(jax.devices()[0]), "platform": jax.default_backend(),
-    }
 
 
 def rows(results: dict) -> list[dict]:

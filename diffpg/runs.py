@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffpg.devices import barrier, is_primary
+from diffpg.devices import barrier, environment_description, is_primary
 from diffpg.folders import (
     disk_space,
     interruptions,
@@ -76,8 +76,11 @@ class TrainingStopped(RuntimeError):
 
 
 def save_settings(settings: TrainSettings, run_dir: Path) -> None:
+    """``settings.json``: the resolved settings, and under ``"environment"`` the versions,
+    commit and device of the process that wrote it (the last session of a resumed run)."""
+    values = settings.to_json() | {"environment": environment_description()}
     with disk_space(run_dir, "settings.json"):
-        write_atomically(run_dir / "settings.json", json.dumps(settings.to_json(), indent=2))
+        write_atomically(run_dir / "settings.json", json.dumps(values, indent=2))
 
 
 SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
@@ -100,6 +103,7 @@ def load_settings(run_dir: Path) -> TrainSettings:
                    if f not in values and f not in SETTINGS_ADDED_LATER]
         if missing:
             raise SettingError(f"it lacks the setting(s) {missing}")
+        values.pop("environment", None)  # a record of what wrote it, not a setting
         return TrainSettings.from_json(values)
     except (ValueError, TypeError) as error:
         lines = str(error).strip().splitlines() or [type(error).__name__]

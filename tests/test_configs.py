@@ -55,6 +55,8 @@ def test_settings_json_records_the_resolved_values(tmp_path):
     assert values["estimator_settings"]["horizon"] == 4  # given
     assert values["estimator_settings"]["entropy_cost"] == 0.01  # PPO's training declaration
     assert values["learning_rate"] == 3e-4 and values["epochs"] == 4  # PPO's trainer declaration
+    environment = values.pop("environment")  # what wrote it: versions, commit, device
+    assert environment["jax"] and environment["device"] and "commit" in environment
     assert set(values) == {f.name for f in dataclasses.fields(TrainSettings)}
 
 
