@@ -357,7 +357,7 @@ def run_comparison(settings: CompareSettings,
             jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs)), settings.devices)
         # Keys depend on what is computed, not on its position in the run: a point (or an
         # estimator) gives the same numbers in any sweep or list that contains it.
-        key_point = jax.random.fold_in(key_run, _digest((point.horizon, point.env_settings,
+        key_point = jax.random.fold_in(key_run, _key_number((point.horizon, point.env_settings,
                                                           point.num_envs)))
         where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:
@@ -371,7 +371,7 @@ def run_comparison(settings: CompareSettings,
             estimator = estimators.make(spec.name, env, policy,
                                         **estimator_settings(spec, settings, horizon))
             ref_samples, _ = sample_gradients(estimator, params, start_states,
-                                              jax.random.fold_in(key_point, _digest("reference")),
+                                              jax.random.fold_in(key_point, _key_number("reference")),
                                               settings.reference_estimates, 0,
                                               obs_stats=obs_stats)
             reference, reference_se = reference_from_samples(ref_samples)
@@ -385,7 +385,7 @@ def run_comparison(settings: CompareSettings,
             estimator = estimators.make(spec.name, env, policy,
                                         **estimator_settings(spec, settings, horizon))
             samples, timing = sample_gradients(
-                estimator, params, start_states, jax.random.fold_in(key_point, _digest(spec.label)),
+                estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
                 settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
             stats = gradient_statistics(samples, reference, reference_se)
             stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
@@ -408,7 +408,7 @@ def run_comparison(settings: CompareSettings,
             if progress:
                 progress(f"{where}: per-step variance")
             entry["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
-                                          jax.random.fold_in(key_point, _digest("per_step")),
+                                          jax.random.fold_in(key_point, _key_number("per_step")),
                                           horizon, settings)
         results.append(entry)
     return {
@@ -469,7 +469,7 @@ def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
     result = {}
     for kind in per_step.KINDS:
         samples = per_step.sample_step_terms(kind, env, policy, params, stats, start_states,
-                                             jax.random.fold_in(key, _digest(kind)), horizon,
+                                             jax.random.fold_in(key, _key_number(kind)), horizon,
                                              settings.discount, settings.num_estimates)
         split = per_step.variance_by_step(samples)
         result[kind] = {"contribution": split["contribution"].tolist(),
@@ -481,7 +481,7 @@ def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
     return result
 
 
-def _digest(value) -> int:
+def _key_number(value) -> int:
     """A stable 31-bit number for ``value`` (its repr), to fold into a key."""
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
 

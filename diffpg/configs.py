@@ -102,10 +102,9 @@ CONFIGS: dict[str, EnvConfig] = {
                     "ahac": _ahac(256, (128, 64, 32), critic_learning_rate=2e-4,
                                   initial_horizon=32)},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="hopper") + "; health_shaping 2: measured here (3 seeds, "
-               "4M steps: 1,141 against 585 without; BENCHMARKS.md section 2); AHAC: SHAC's "
-               "sizes and rates, its critics without a target network, starting at H = 32 "
-               "(3 seeds, 4M steps: 960 against 504 starting at 8; section 2e)"),
+        source=SHAC_SOURCE.format(task="hopper") + "; health_shaping 2: measured here, ahead "
+               "of none (BENCHMARKS.md section 2); AHAC: SHAC's sizes and rates, its critics "
+               "without a target network, starting at H = 32 (ahead of 8; section 2e)"),
     "halfcheetah": EnvConfig(
         estimators={"shac": _shac(64, (128, 64, 32)),
                     "ppo": _brax_ppo(20, 8, 8, 0.95, 1e-3, num_envs=256)},

@@ -194,7 +194,7 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def _digest(folder: Path) -> str:
+def _folder_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
@@ -239,7 +239,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     if not is_primary():
         return
     with disk_space(folder.parent, "a checkpoint digest"):
-        write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _digest(folder / str(update)))
+        write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _folder_sha256(folder / str(update)))
     kept = {str(step) for step in manager.all_steps()}
     for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
         if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
@@ -263,7 +263,7 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             digest_file = folder / f"{update}{DIGEST_SUFFIX}"
-            if digest_file.exists() and digest_file.read_text() != _digest(folder / str(update)):
+            if digest_file.exists() and digest_file.read_text() != _folder_sha256(folder / str(update)):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
             try:

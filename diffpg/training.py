@@ -549,7 +549,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
         # Every seed is evaluated on the same starts and noise (common random numbers).
         run, evaluate_all = jax.vmap(run_updates), jax.vmap(evaluate, (0, None))
     if settings.devices == 1:
-        # init_run jitted: one cached executable instead of many small eager compiles (Ant: 14 s).
+        # init_run jitted: one cached executable instead of many small eager compiles.
         return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run),
                        jax.jit(evaluate_all), jax.jit(init_run))
 
