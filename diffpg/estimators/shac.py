@@ -93,7 +93,7 @@ class ShacSettings:
     """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
     remat_segment: int = 0
     """Rematerialise each differentiated window in segments of this many steps (0: off); trades
-    one extra forward pass for memory (diffpg.rollout.rollout)."""
+    one extra forward pass for memory (``diffpg.acting.unroll``)."""
     termination_gradient: bool = False
     """At a termination (a fall), add ``gamma w_t (V(s'_t) - stop_gradient(V(s'_t)))``: the value
     still counts 0, but the gradient of the critic's value of the state reached flows into the
@@ -145,7 +145,7 @@ class BpttSettings:
     """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     remat_segment: int = 0
     """Rematerialise the differentiated scan in segments of this many steps (0: off); trades
-    one extra forward pass for memory (diffpg.rollout.rollout)."""
+    one extra forward pass for memory (``diffpg.acting.unroll``)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
