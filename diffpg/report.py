@@ -271,29 +271,42 @@ def _markdown(results: dict, plots: list[str]) -> str:
            f" ({settings['reference_estimates']} estimates, standard error included in the "
            "bias resolution)") + ".",
         "",
-        "Definitions: variance = trace of the covariance of one estimate; bias = |mean - "
-        "reference|, \"resolved\" when a coordinate's t-score exceeds the Bonferroni threshold "
-        "at family-wise level 0.001, else \"not resolved\" (the data cannot tell it from zero); "
-        "detection limit = the bias norm above which a bias in any direction is resolved with "
-        "probability above about 1/2 (a \"not resolved\" bias may be this large); "
-        "SNR = |mean| / sqrt(variance); cosines against the reference (see `diffpg.stats`).",
+        "Columns (one estimate g is one estimator's gradient from the batch of start states; "
+        "over the estimates, mean = their average; see `diffpg.stats`):",
+        "",
+        "- **norm of mean** |mean|: compare it with the reference's norm, given under the table;",
+        "- **mean norm**: the average of |g|, larger than |mean| by the noise (so an unbiased but "
+        "noisy estimator's mean norm exceeds the reference's norm);",
+        "- **variance**: trace of the covariance of one estimate, E|g - mean|^2;",
+        "- **relative bias**: |mean - reference| / |reference|; **bias resolved**: yes when a "
+        "coordinate's t-score exceeds the Bonferroni threshold at family-wise level 0.001, else "
+        "the data cannot tell the bias from zero;",
+        "- **detection limit (relative)**: the relative bias above which a bias in any direction "
+        "is resolved with probability above about 1/2 (a bias not resolved may be this large);",
+        "- **cosine (mean)**: cosine between mean and reference; **pairwise cosine**: the average "
+        "cosine between two different estimates (1: every estimate points the same way);",
+        "- **SNR**: |mean| / sqrt(variance); **non-finite**: share of estimates with an inf or NaN;",
+        "- **compile s**, **s / estimate**: compilation time, and time per estimate after it.",
         "",
         f"## At horizon T = {final['horizon']}" + (
             f", {settings['sweep']} = {final['sweep_value']:g}"
             if settings["sweep"] not in ("none", "horizon") else ""),
         "",
-        "| estimator | mean norm | variance | relative bias | bias resolved | detection limit "
-        "(relative) | cosine (mean) | pairwise cosine | SNR | non-finite | compile s | "
-        "s / estimate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimator | norm of mean | mean norm | variance | relative bias | bias resolved | "
+        "detection limit (relative) | cosine (mean) | pairwise cosine | SNR | non-finite | "
+        "compile s | s / estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, s in final["estimators"].items():
         cells = [label] + [_format(s.get(k)) for k in (
-            "mean_norm", "variance_trace", "relative_bias", "bias_resolved",
+            "norm_of_mean", "mean_norm", "variance_trace", "relative_bias", "bias_resolved",
             "relative_bias_detection_limit", "cosine_to_reference", "mean_pairwise_cosine",
             "snr", "nonfinite_fraction",
             "compile_seconds", "seconds_per_estimate")]
         lines.append("| " + " | ".join(cells) + " |")
+    reference = final.get("reference")
+    if reference:
+        lines += ["", f"Reference ({reference['kind']}): norm {_format(reference['norm'])}."]
     lines += _per_step_markdown(results)
     lines += ["", "## Reading", ""] + [f"- {s}" for s in _reading(results)] + [""]
     for plot in plots:

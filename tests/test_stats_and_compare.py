@@ -87,6 +87,9 @@ def test_compare_command_writes_a_report(tmp_path, capsys):
     assert [r["horizon"] for r in results["results"]] == [1, 2, 4]
     assert set(results["results"][0]["estimators"]) == {"reinforce:baseline=none", "bptt"}
     assert "jax" in results["environment"]
+    report = (out / "report.md").read_text()  # every column defined, the reference's norm given
+    assert "| estimator | norm of mean | mean norm |" in report and "**pairwise cosine**:" in report
+    assert "Reference (exact): norm " in report
     # The same seed gives the same numbers.
     again = tmp_path / "again"
     cli.main(["compare", "--estimators", "reinforce:baseline=none", "bptt",
