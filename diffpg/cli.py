@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         print(f"\n{_name(command)}: interrupted ({signal.Signals(signum).name})"
               + (f"; {kept}" if kept else ""), file=sys.stderr)
         return 128 + signum
+    except BrokenPipeError:  # the reader of the output went away (``diffpg eval RUN | head``)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
         traceback.print_exc()
         print(f"{_name(command)}: error: the {type(error).__name__} above is not a bad setting: "

@@ -246,6 +246,22 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
             digest.unlink()
 
 
+def _shapes_match(state_folder: Path, abstract: Any) -> bool:
+    """Whether the arrays stored in ``state_folder`` have the shapes of ``abstract`` (compared
+    as multisets; ``True`` when the metadata cannot be read: the restore then reports it)."""
+    try:
+        with _quiet_orbax():
+            metadata = ocp.StandardCheckpointer().metadata(state_folder)
+    except Exception:  # orbax raises many types for unreadable files
+        return True
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    stored = [tuple(leaf.shape) for leaf in jax.tree.leaves(
+        tree, is_leaf=lambda x: hasattr(x, "shape")) if hasattr(leaf, "shape")]
+    wanted = [tuple(leaf.shape) for leaf in jax.tree.leaves(abstract)]
+    return not stored or sorted(stored) == sorted(wanted)
+
+
 def restore_checkpoint(run_dir: Path, template: TrainState,
                        ) -> tuple[TrainState, list[dict], list[tuple[int, str]]]:
     """The newest checkpoint that restores into the structure of ``template``: its state and
@@ -265,6 +281,12 @@ def restore_checkpoint(run_dir: Path, template: TrainState,
             digest_file = folder / f"{update}{DIGEST_SUFFIX}"
             if digest_file.exists() and digest_file.read_text() != _folder_sha256(folder / str(update)):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
+                continue
+            if not _shapes_match(folder / str(update) / "state", abstract):
+                # Checked first: orbax's failed restore of mismatched shapes leaves its
+                # background threads printing tracebacks at exit.
+                failed.append((update, "its arrays' shapes differ from those the run's settings "
+                                       "build (was settings.json changed?)"))
                 continue
             try:
                 restored = manager.restore(update, args=ocp.args.Composite(

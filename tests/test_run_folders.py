@@ -320,6 +320,23 @@ def test_an_unknown_setting_in_settings_json_is_named(tmp_path, capsys):
     assert "learning_rat" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_other_shapes_is_one_line_without_orbax_s_tracebacks(tmp_path):
+    """settings.json edited to another network: eval says so in one line, and orbax's
+    background threads print nothing at exit (their tracebacks once followed by the
+    thousand)."""
+    import json
+
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    values = json.loads((out / "settings.json").read_text()) | {"hidden_sizes": [8]}
+    (out / "settings.json").write_text(json.dumps(values))
+    done = subprocess.run(_command("eval", str(out)), env=_environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert "shapes differ" in done.stderr
+
+
 # ----------------------------------------------------------------------------- 6. disk full
 
 
