@@ -228,8 +228,16 @@ def interruptions() -> Iterator[_Interruptions]:
         yield guard
         return
     previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook = sys.unraisablehook
+
+    def unraisable(report):  # Python dropped an Interrupted (in a gc callback): kept as pending
+        if not isinstance(report.exc_value, Interrupted):
+            previous_hook(report)
+
+    sys.unraisablehook = unraisable
     try:
         yield guard
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
