@@ -159,7 +159,8 @@ def run_eval(argv: list[str], guard) -> None:
     from diffpg.runs import evaluate_run
 
     command = parse_run_command(argv, "diffpg eval")
-    for name, value in evaluate_run(command.run_dir).items():
+    for name, value in evaluate_run(command.run_dir, command.episodes, command.seed,
+                                    command.checkpoint).items():
         print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
 
 

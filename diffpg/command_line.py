@@ -205,10 +205,17 @@ def parse_run_command(argv: list[str], prog: str, video: bool = False):
 
     @dataclasses.dataclass(frozen=True)
     class EvalCommand:
-        """Evaluate the latest checkpoint of a training run (with the run's evaluation key)."""
+        """Evaluate a checkpoint of a training run (the latest, with the run's evaluation key:
+        its last logged evaluation again, unless told otherwise)."""
 
         run_dir: tyro.conf.Positional[Path]
         """A training run's folder."""
+        episodes: int | None = None
+        """Episodes to evaluate, each from its own start (default: the run's eval_envs)."""
+        seed: int | None = None
+        """Seed of the evaluation's starts and keys (default: the run's own, seed + 1)."""
+        checkpoint: int | None = None
+        """Update of the checkpoint to evaluate (default: the newest that restores)."""
 
     @dataclasses.dataclass(frozen=True)
     class VideoCommand:

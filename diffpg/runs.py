@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.devices import barrier, environment_description, is_primary
+from diffpg.estimators.base import check_positive_int
 from diffpg.folders import (
     disk_space,
     interruptions,
@@ -46,6 +48,7 @@ from diffpg.folders import (
     run_lock,
     write_atomically,
 )
+from diffpg.options import check_seed
 from diffpg.training import (
     Trainer,
     TrainSettings,
@@ -262,17 +265,23 @@ def _shapes_match(state_folder: Path, abstract: Any) -> bool:
     return not stored or sorted(stored) == sorted(wanted)
 
 
-def restore_checkpoint(run_dir: Path, template: TrainState,
+def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None = None,
                        ) -> tuple[TrainState, list[dict], list[tuple[int, str]]]:
-    """The newest checkpoint that restores into the structure of ``template``: its state and
-    metrics rows, and the newer ones that could not (``(update, reason)``: corrupt, or their
-    digest does not match).
+    """The newest checkpoint that restores into the structure of ``template`` (with ``update``:
+    that one only): its state and metrics rows, and the newer ones that could not
+    (``(update, reason)``: corrupt, or their digest does not match).
 
-    Raises ``SettingError`` naming the newest checkpoint when none restores.
+    Raises ``SettingError`` naming the newest checkpoint when none restores, or ``update`` when
+    the run has no such checkpoint.
     """
     updates = checkpoint_updates(run_dir)
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint to resume from")
+    if update is not None:
+        if update not in updates:
+            raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "
+                               f"allowed: {updates}")
+        updates = [update]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
     folder = run_dir / "checkpoints"
     failed: list[tuple[int, str]] = []
@@ -453,11 +462,17 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def load_run(run_dir: Path, seed_index: int | None = None) -> tuple[Trainer, TrainState]:
-    """The trainer of a saved run and its newest readable checkpoint; with ``seed_index``, the
-    state of that seed alone (leading seed axis removed) when the run trained several."""
-    trainer = make_trainer(load_settings(run_dir))
-    state, _, unreadable = restore_checkpoint(run_dir, trainer.init_run())
+def load_run(run_dir: Path, seed_index: int | None = None, checkpoint: int | None = None,
+             eval_envs: int | None = None) -> tuple[Trainer, TrainState]:
+    """The trainer of a saved run and its newest readable checkpoint (``checkpoint``: the one
+    of that update); with ``seed_index``, the state of that seed alone (leading seed axis
+    removed) when the run trained several; ``eval_envs`` replaces the run's episodes per
+    evaluation."""
+    settings = load_settings(run_dir)
+    if eval_envs is not None:
+        settings = dataclasses.replace(settings, eval_envs=eval_envs)  # validated again
+    trainer = make_trainer(settings)
+    state, _, unreadable = restore_checkpoint(run_dir, trainer.init_run(), checkpoint)
     for update, reason in unreadable:
         print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); using "
               f"the one of update {_count(state.update)}", file=sys.stderr)
@@ -469,9 +484,17 @@ def load_run(run_dir: Path, seed_index: int | None = None) -> tuple[Trainer, Tra
     return trainer, select_seed(state, seed_index)
 
 
-def evaluate_run(run_dir: Path) -> dict:
-    """Reload a run's latest checkpoint and evaluate it with the run's own evaluation key."""
-    trainer, state = load_run(run_dir)
+def evaluate_run(run_dir: Path, episodes: int | None = None, seed: int | None = None,
+                 checkpoint: int | None = None) -> dict:
+    """Reload a run's checkpoint (the newest; ``checkpoint``: that update's) and evaluate it on
+    ``episodes`` episodes (default: the run's ``eval_envs``) with the key of ``seed`` (default:
+    the run's own evaluation key, ``seed + 1``, which repeats its last logged evaluation)."""
+    if seed is not None:
+        check_seed("seed", seed)
+    if episodes is not None:
+        check_positive_int("episodes", episodes)
+    trainer, state = load_run(run_dir, checkpoint=checkpoint, eval_envs=episodes)
     settings = trainer.settings
-    evaluation = trainer.evaluate(state, jax.random.PRNGKey(settings.seed + 1))
+    key = jax.random.PRNGKey(settings.seed + 1 if seed is None else seed)
+    evaluation = trainer.evaluate(state, key)
     return {"update": _count(state.update)} | summarize_seeds(evaluation, settings.seeds)

@@ -163,6 +163,31 @@ def test_eval_of_a_saved_run_returns_the_logged_reward(tmp_path, capsys):
     assert Image.open(out / "policy.gif").n_frames == 4
 
 
+def test_eval_chooses_its_episodes_seed_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--env", "pendulum", "--updates", "4", "--updates-per-call", "2",
+                     "--num-envs", "4", "--horizon", "8", "--eval-envs", "2",
+                     "--hidden-sizes", "16", "--out", str(out)]) == 0
+    with (out / "metrics.csv").open() as handle:
+        logged = {int(r["update"]): float(r["eval/episode_reward"]) for r in csv.DictReader(handle)}
+    # The checkpoint of update 2 with the run's own key: that update's logged evaluation.
+    first = evaluate_run(out, checkpoint=2)
+    assert first["update"] == 2
+    assert first["eval/episode_reward"] == pytest.approx(logged[2], rel=1e-6)
+    # Other starts: another number, the same one twice.
+    other = evaluate_run(out, episodes=3, seed=7)
+    assert other == evaluate_run(out, episodes=3, seed=7)
+    assert other["update"] == 4 and other["eval/episode_reward"] != pytest.approx(logged[4])
+    capsys.readouterr()
+    for arguments, message in [(["--checkpoint", "3"], "checkpoint=3 is not one of the run's "
+                                                      "checkpoints; allowed: [2, 4]"),
+                               (["--episodes", "0"], "episodes=0"),
+                               (["--seed", str(2**64)], "seed=")]:
+        assert cli.main(["eval", str(out), *arguments]) == 2, arguments
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--env", "nowhere"], "env='nowhere'"),
     (["--num-envs", "0"], "num_envs"),
