@@ -404,6 +404,32 @@ def batch_diagnostics(policy: Policy, params: Params, obs_stats: RunningStatisti
     return metrics
 
 
+class _Parts(NamedTuple):
+    """What every inner step of a run uses, built once by ``make_trainer``."""
+
+    settings: TrainSettings
+    env: Any  # training env (with the settings' health shaping)
+    eval_env: Any  # evaluation env (the task's own reward)
+    policy: Policy
+    estimator: estimators.Estimator
+    optimizer: optax.GradientTransformation
+    horizon: int  # steps per update
+
+
+def make_envs(settings: TrainSettings) -> tuple[Any, Any]:
+    """The training env (with ``health_shaping``) and the evaluation env (without)."""
+    shaping = {"anticipate_jumps": settings.anticipate_jumps,
+               "health_tolerance": settings.health_tolerance}
+
+    def make_env(health_shaping: float):
+        return envs.make(settings.env, episode_length=settings.episode_length,
+                         backend=settings.backend, health_shaping=health_shaping,
+                         **(shaping if health_shaping else {}), **settings.env_settings)
+
+    env = make_env(settings.health_shaping)
+    return env, (make_env(0.0) if settings.health_shaping else env)
+
+
 def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     """Build env, policy, estimator and the compiled update and evaluation functions.
 
@@ -411,151 +437,167 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     instrumented environments), for training and evaluation. Otherwise training runs on the
     settings' env with its ``health_shaping`` and evaluation on the same env without it.
     """
-    eval_env = env
-    if env is None:
-        shaping = {"anticipate_jumps": settings.anticipate_jumps,
-                   "health_tolerance": settings.health_tolerance}
-
-        def make_env(health_shaping: float):
-            return envs.make(settings.env, episode_length=settings.episode_length,
-                             backend=settings.backend, health_shaping=health_shaping,
-                             **(shaping if health_shaping else {}), **settings.env_settings)
-
-        env = make_env(settings.health_shaping)
-        eval_env = make_env(0.0) if settings.health_shaping else env
+    env, eval_env = make_envs(settings) if env is None else (env, env)
     policy = make_policy(settings, env)
     estimator_settings = settings.resolved_estimator_settings
     estimator = estimators.make(settings.estimator, env, policy,
                                 **dataclasses.asdict(estimator_settings))
     check_memory(settings, env)
-    reusing = settings.epochs * settings.minibatches > 1
-    if reusing and estimator.reuse is None:
+    if settings.epochs * settings.minibatches > 1 and estimator.reuse is None:
         raise SettingError(f"estimator={settings.estimator!r} (with these settings) cannot reuse a "
                            f"batch; allowed: epochs=1 and minibatches=1, not epochs="
                            f"{settings.epochs}, minibatches={settings.minibatches}")
-    optimizer = make_optimizer(settings)
-    horizon = estimator_settings.horizon
+    parts = _Parts(settings, env, eval_env, policy, estimator, make_optimizer(settings),
+                   estimator_settings.horizon)
+    return compile_over_seeds_and_devices(parts)
 
-    def init(key: jax.Array) -> TrainState:
-        key_policy, key_estimator, key_env, key_run = jax.random.split(key, 4)
-        params = policy.init(key_policy)
-        env_state = jax.vmap(env.reset)(jax.random.split(key_env, settings.num_envs))
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(params, optimizer.init(params), init_statistics(env.observation_size),
-                          estimator.init(key_estimator, params), env_state, key_run, zero, zero)
 
-    def optimizer_step(params, opt_state, grad):
-        # Minimise -J / horizon: SHAC's actor loss is the per-step mean.
-        loss_grad = jax.tree.map(lambda g: -g / horizon, grad)
-        updates, new_opt_state = optimizer.update(loss_grad, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params, new_opt_state = keep_finite_parameters(params, opt_state, new_params,
-                                                           new_opt_state)
-        return new_params, new_opt_state, optax.global_norm(loss_grad)
+def init_state(parts: _Parts, key: jax.Array) -> TrainState:
+    """A run's state at update 0: fresh parameters, optimiser, statistics and environments."""
+    settings, env, policy = parts.settings, parts.env, parts.policy
+    key_policy, key_estimator, key_env, key_run = jax.random.split(key, 4)
+    params = policy.init(key_policy)
+    env_state = jax.vmap(env.reset)(jax.random.split(key_env, settings.num_envs))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(params, parts.optimizer.init(params), init_statistics(env.observation_size),
+                      parts.estimator.init(key_estimator, params), env_state, key_run, zero, zero)
 
-    def reuse_batch(params, opt_state, state, batch, key):
-        """``epochs`` passes of ``minibatches`` steps, each on a share of the environments."""
-        num_envs = batch.transitions.reward.shape[1]
-        size = num_envs // settings.minibatches
 
-        def one_step(carry, inputs):
-            params, opt_state = carry
-            indices, step_key = inputs
-            minibatch = jax.tree.map(lambda x: x[:, indices], batch)
-            grad, metrics = estimator.reuse(params, state.obs_stats, state.estimator_state,
-                                            minibatch, step_key)
-            params, opt_state, norm = optimizer_step(params, opt_state, grad)
-            return (params, opt_state), (norm, metrics)
+def optimizer_step(parts: _Parts, params: Params, opt_state, grad: Params):
+    """One actor step on ``grad`` (an ascent direction of J): minimises -J / horizon, SHAC's
+    per-step actor loss; a step that would make a parameter non-finite is skipped."""
+    loss_grad = jax.tree.map(lambda g: -g / parts.horizon, grad)
+    updates, new_opt_state = parts.optimizer.update(loss_grad, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    new_params, new_opt_state = keep_finite_parameters(params, opt_state, new_params,
+                                                       new_opt_state)
+    return new_params, new_opt_state, optax.global_norm(loss_grad)
 
-        def one_epoch(carry, epoch_key):
-            key_order, key_steps = jax.random.split(epoch_key)
-            order = jax.random.permutation(key_order, num_envs).reshape(settings.minibatches, size)
-            return jax.lax.scan(one_step, carry, (order, jax.random.split(
-                key_steps, settings.minibatches)))
 
-        (params, opt_state), (norms, metrics) = jax.lax.scan(
-            one_epoch, (params, opt_state), jax.random.split(key, settings.epochs))
-        return params, opt_state, norms, jax.tree.map(jnp.mean, metrics)
+def reuse_batch(parts: _Parts, params: Params, opt_state, state: TrainState, batch,
+                key: jax.Array):
+    """``epochs`` passes of ``minibatches`` steps, each on a share of the environments."""
+    settings = parts.settings
+    num_envs = batch.transitions.reward.shape[1]
+    size = num_envs // settings.minibatches
 
-    def one_update(state: TrainState, _) -> tuple[TrainState, dict]:
-        key, key_estimate, key_update, key_reuse, key_reset = jax.random.split(state.key, 5)
-        estimate = estimator.estimate(state.params, state.obs_stats, state.estimator_state,
-                                      state.env_state, key_estimate)
-        env_state, env_resets = reset_nonfinite_envs(env, estimate.env_state, key_reset)
-        if reusing:
-            params, opt_state, norms, metrics = reuse_batch(state.params, state.opt_state, state,
-                                                            estimate.batch, key_reuse)
-            metrics = {f"training/{k}": v for k, v in metrics.items()}
-        else:
-            params, opt_state, norms = optimizer_step(state.params, state.opt_state,
-                                                      estimate.grad)
-            metrics = {}
-        estimator_state, learned = estimator.update(state.params, state.obs_stats,
-                                                    state.estimator_state, estimate.batch,
-                                                    key_update)
-        obs_stats = state.obs_stats
-        if settings.normalize_observations:
-            obs_stats = update_statistics(obs_stats, estimate.batch.transitions.obs,
-                                          include=did_not_blow_up(estimate.batch.transitions))
-        new_state = TrainState(params, opt_state, obs_stats, estimator_state, env_state, key,
-                               state.update + 1,
-                               state.env_steps + settings.num_envs * horizon)
-        norms = jnp.ravel(norms)
-        finite_norms = jnp.where(jnp.isfinite(norms), norms, jnp.nan)
-        metrics |= {
-            "training/grad_norm": jnp.nanmean(finite_norms),
-            "training/grad_norm_max": jnp.nanmax(finite_norms),
-            "training/objective_per_step": estimate.metrics["objective"] / horizon,
-            "training/nonfinite_env_resets": env_resets,
-        }
-        if settings.grad_clip is not None:
-            metrics["training/clipped_share"] = jnp.mean(norms > settings.grad_clip)
-        metrics |= {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
-        metrics |= {f"training/{k}": v for k, v in learned.items()}
-        metrics |= batch_diagnostics(policy, state.params, state.obs_stats, estimate)
-        return new_state, metrics
+    def one_step(carry, inputs):
+        params, opt_state = carry
+        indices, step_key = inputs
+        minibatch = jax.tree.map(lambda x: x[:, indices], batch)
+        grad, metrics = parts.estimator.reuse(params, state.obs_stats, state.estimator_state,
+                                              minibatch, step_key)
+        params, opt_state, norm = optimizer_step(parts, params, opt_state, grad)
+        return (params, opt_state), (norm, metrics)
 
-    def run_updates(state: TrainState) -> tuple[TrainState, dict]:
-        state, metrics = jax.lax.scan(one_update, state, None, settings.updates_per_call)
-        grad_norm_max = jnp.nanmax(metrics.pop("training/grad_norm_max"))
-        metrics = jax.tree.map(jnp.nanmean, metrics)  # skipped updates are counted apart
-        metrics["training/grad_norm_max"] = grad_norm_max
-        # apply_if_finite counts the steps it skipped (and the ones in a row, for diffpg.runs).
-        metrics["training/nonfinite_updates"] = state.opt_state.total_notfinite
-        return state, metrics
+    def one_epoch(carry, epoch_key):
+        key_order, key_steps = jax.random.split(epoch_key)
+        order = jax.random.permutation(key_order, num_envs).reshape(settings.minibatches, size)
+        return jax.lax.scan(one_step, carry, (order, jax.random.split(
+            key_steps, settings.minibatches)))
 
-    def evaluate(state: TrainState, key: jax.Array) -> dict:
-        """Undiscounted return of one episode per eval env, deterministic and stochastic."""
-        def episode_returns(deterministic: bool):
-            return evaluate_policy(eval_env, policy, state.params, state.obs_stats, key,
-                                   settings.eval_envs, deterministic=deterministic)
+    (params, opt_state), (norms, metrics) = jax.lax.scan(
+        one_epoch, (params, opt_state), jax.random.split(key, settings.epochs))
+    return params, opt_state, norms, jax.tree.map(jnp.mean, metrics)
 
-        deterministic, blew_up = episode_returns(True)
-        return {"eval/episode_reward": jnp.mean(deterministic),
-                "eval/episode_reward_std": jnp.std(deterministic),
-                "eval/blown_up_share": jnp.mean(blew_up),
-                "eval/stochastic_episode_reward": jnp.mean(episode_returns(False)[0])}
 
+def one_update(parts: _Parts, state: TrainState, _=None) -> tuple[TrainState, dict]:
+    """Estimate on a fresh batch, step the actor (or reuse the batch for several steps), update
+    the estimator's own state (critics) and the observation statistics."""
+    settings = parts.settings
+    key, key_estimate, key_update, key_reuse, key_reset = jax.random.split(state.key, 5)
+    estimate = parts.estimator.estimate(state.params, state.obs_stats, state.estimator_state,
+                                        state.env_state, key_estimate)
+    env_state, env_resets = reset_nonfinite_envs(parts.env, estimate.env_state, key_reset)
+    if settings.epochs * settings.minibatches > 1:
+        params, opt_state, norms, reused = reuse_batch(parts, state.params, state.opt_state,
+                                                       state, estimate.batch, key_reuse)
+    else:
+        params, opt_state, norms = optimizer_step(parts, state.params, state.opt_state,
+                                                  estimate.grad)
+        reused = {}
+    estimator_state, learned = parts.estimator.update(state.params, state.obs_stats,
+                                                      state.estimator_state, estimate.batch,
+                                                      key_update)
+    obs_stats = state.obs_stats
+    if settings.normalize_observations:
+        obs_stats = update_statistics(obs_stats, estimate.batch.transitions.obs,
+                                      include=did_not_blow_up(estimate.batch.transitions))
+    new_state = TrainState(params, opt_state, obs_stats, estimator_state, env_state, key,
+                           state.update + 1, state.env_steps + settings.num_envs * parts.horizon)
+    metrics = {f"training/{k}": v for k, v in reused.items()} | update_metrics(
+        parts, norms, estimate, env_resets) | {f"training/{k}": v for k, v in learned.items()}
+    metrics |= batch_diagnostics(parts.policy, state.params, state.obs_stats, estimate)
+    return new_state, metrics
+
+
+def update_metrics(parts: _Parts, norms: jax.Array, estimate: estimators.Estimate,
+                   env_resets: jax.Array) -> dict[str, jax.Array]:
+    """The actor step's metrics: gradient norms (of the finite steps), the share clipped, the
+    objective per step, environments reset, and the estimate's own metrics."""
+    norms = jnp.ravel(norms)
+    finite_norms = jnp.where(jnp.isfinite(norms), norms, jnp.nan)
+    metrics = {
+        "training/grad_norm": jnp.nanmean(finite_norms),
+        "training/grad_norm_max": jnp.nanmax(finite_norms),
+        "training/objective_per_step": estimate.metrics["objective"] / parts.horizon,
+        "training/nonfinite_env_resets": env_resets,
+    }
+    if parts.settings.grad_clip is not None:
+        metrics["training/clipped_share"] = jnp.mean(norms > parts.settings.grad_clip)
+    return metrics | {f"training/{k}": v for k, v in estimate.metrics.items() if k != "objective"}
+
+
+def run_updates(parts: _Parts, state: TrainState) -> tuple[TrainState, dict]:
+    """``updates_per_call`` updates as one ``lax.scan``; metrics averaged over them."""
+    state, metrics = jax.lax.scan(functools.partial(one_update, parts), state, None,
+                                  parts.settings.updates_per_call)
+    grad_norm_max = jnp.nanmax(metrics.pop("training/grad_norm_max"))
+    metrics = jax.tree.map(jnp.nanmean, metrics)  # skipped updates are counted apart
+    metrics["training/grad_norm_max"] = grad_norm_max
+    # apply_if_finite counts the steps it skipped (and the ones in a row, for diffpg.runs).
+    metrics["training/nonfinite_updates"] = state.opt_state.total_notfinite
+    return state, metrics
+
+
+def evaluate(parts: _Parts, state: TrainState, key: jax.Array) -> dict:
+    """Undiscounted return of one episode per eval env, deterministic and stochastic."""
+    def episode_returns(deterministic: bool):
+        return evaluate_policy(parts.eval_env, parts.policy, state.params, state.obs_stats, key,
+                               parts.settings.eval_envs, deterministic=deterministic)
+
+    deterministic, blew_up = episode_returns(True)
+    return {"eval/episode_reward": jnp.mean(deterministic),
+            "eval/episode_reward_std": jnp.std(deterministic),
+            "eval/blown_up_share": jnp.mean(blew_up),
+            "eval/stochastic_episode_reward": jnp.mean(episode_returns(False)[0])}
+
+
+def compile_over_seeds_and_devices(parts: _Parts) -> Trainer:
+    """The ``Trainer``: the run's functions vmapped over ``seeds`` (when above 1) and compiled,
+    their environment batch split over ``devices`` (when above 1)."""
+    settings = parts.settings
+    init = functools.partial(init_state, parts)
+    run, evaluate_one = functools.partial(run_updates, parts), functools.partial(evaluate, parts)
     if settings.seeds == 1:
         def init_run() -> TrainState:
             return init(jax.random.PRNGKey(settings.seed))
 
-        run, evaluate_all = run_updates, evaluate
+        evaluate_all = evaluate_one
     else:
         def init_run() -> TrainState:
             seeds = settings.seed + jnp.arange(settings.seeds)
             return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
 
         # Every seed is evaluated on the same starts and noise (common random numbers).
-        run, evaluate_all = jax.vmap(run_updates), jax.vmap(evaluate, (0, None))
+        run, evaluate_all = jax.vmap(run), jax.vmap(evaluate_one, (0, None))
+    pieces = (settings, parts.env, parts.policy, parts.estimator, parts.optimizer, init)
     if settings.devices == 1:
         # init_run jitted: one cached executable instead of many small eager compiles.
-        return Trainer(settings, env, policy, estimator, optimizer, init, jax.jit(run),
-                       jax.jit(evaluate_all), jax.jit(init_run))
-
+        return Trainer(*pieces, jax.jit(run), jax.jit(evaluate_all), jax.jit(init_run))
     state_sharding, everywhere = shard_over_batch(jax.eval_shape(init_run), settings)
     return Trainer(
-        settings, env, policy, estimator, optimizer, init,
+        *pieces,
         jax.jit(run, in_shardings=(state_sharding,), out_shardings=(state_sharding, everywhere)),
         jax.jit(evaluate_all, in_shardings=(state_sharding, everywhere), out_shardings=everywhere),
         jax.jit(init_run, out_shardings=state_sharding),
