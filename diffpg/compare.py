@@ -105,10 +105,12 @@ class CompareSettings:
     reference: str = "auto"
     """auto (exact on the LQR, else the registered reference estimator), exact, or an estimator
     spec (an unbiased one: its mean over reference_estimates estimates is the reference)."""
-    reference_estimates: int = 1024
-    """Estimates averaged into the reference gradient (when no exact one exists)."""
-    critic_warmup: int = 200
-    """Estimates run before measuring, to fit the critics to the fixed policy."""
+    reference_estimates: int | None = None
+    """Estimates averaged into the reference gradient (when no exact one exists); None: 16 x
+    num_estimates (1,024 at the default 64)."""
+    critic_warmup: int | None = None
+    """Estimates run before measuring, to fit the critics to the fixed policy; None: 200 x
+    num_estimates / 64, rounded up (200 at the default 64)."""
     hidden_sizes: tuple[int, ...] = (32, 32)
     """Hidden layers of the MLP policy (non-LQR envs)."""
     policy_checkpoint: str | None = None
@@ -137,6 +139,8 @@ class CompareSettings:
         check_seed("seed", self.seed)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
             value = getattr(self, name)
+            if value is None and name == "reference_estimates":
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise SettingError(f"{name}={value!r} must be a positive integer")
         check_devices(self.devices, self.num_envs)
@@ -144,8 +148,9 @@ class CompareSettings:
             raise SettingError("sweep='batch' changes num_envs per point; allowed with devices=1")
         if self.num_estimates < 2:
             raise SettingError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
-        if self.critic_warmup < 0:
-            raise SettingError(f"critic_warmup={self.critic_warmup} must be >= 0")
+        if self.critic_warmup is not None and (not isinstance(self.critic_warmup, int)
+                                               or self.critic_warmup < 0):
+            raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         if self.reference not in ("auto", "exact"):
@@ -173,6 +178,16 @@ class CompareSettings:
             if run.env != self.env:
                 raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
                                    f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
+
+    def resolved(self) -> CompareSettings:
+        """These settings with the sizes that follow num_estimates filled in (a small
+        comparison is small throughout): reference_estimates = 16 x num_estimates, critic_warmup
+        = 200 x num_estimates / 64 rounded up, where not given."""
+        return dataclasses.replace(
+            self,
+            reference_estimates=self.reference_estimates or 16 * self.num_estimates,
+            critic_warmup=(self.critic_warmup if self.critic_warmup is not None
+                           else -(-200 * self.num_estimates // 64)))
 
     @property
     def horizons(self) -> tuple[int, ...]:
@@ -273,13 +288,14 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     memory, which for per-sample estimators such as the optimal baseline grows with K; when the
     device runs out of memory the chunk is halved and the same estimates run again);
     ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's; none:
-    raw observations). Returns flat samples ``[K, P]`` and timings: compile seconds and seconds
-    per estimate (wall time / K).
+    raw observations). Returns flat samples ``[K, P]`` and timings: compile seconds, seconds
+    per estimate (wall time / K) and the warm-up's seconds (compiling included).
     """
     if obs_stats is None:
         obs_stats = init_statistics(jax.tree.leaves(start_states.obs)[0].shape[-1])
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
+    warmup_started = time.perf_counter()
     if warmup and learns(state):
         def warm_step(carry, step_key):
             state, starts = carry
@@ -291,6 +307,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
         state = jax.jit(lambda s, starts, k: jax.lax.scan(
             warm_step, (s, starts), jax.random.split(k, warmup))[0][0])(
             state, start_states, key_warm)
+        jax.block_until_ready(state)
+    warmup_seconds = time.perf_counter() - warmup_started
 
     def flat_estimate(state, starts, estimate_key):
         grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
@@ -314,7 +332,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
                 raise
             batch_size = max(1, batch_size // 2)
     return samples, {"compile_seconds": compile_seconds,
-                     "seconds_per_estimate": run_seconds / num_estimates}
+                     "seconds_per_estimate": run_seconds / num_estimates,
+                     "warmup_seconds": warmup_seconds}
 
 
 def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
@@ -332,6 +351,7 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
 def run_comparison(settings: CompareSettings,
                    progress: Callable[[str], None] | None = None) -> dict:
     """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point)."""
+    settings = settings.resolved()
     points = settings.points
     # Every env of the sweep is built (and so validated) once, before anything compiles.
     built = [make_env_and_policy(settings, dict(p.env_settings)) for p in points]
@@ -362,6 +382,7 @@ def run_comparison(settings: CompareSettings,
         where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
         if progress:
             progress(f"{where}: reference ({reference_kind})")
+        reference_started = time.perf_counter()
         if reference_kind == "exact":
             reference = np.asarray(ravel_pytree(exact_lqr_gradient(
                 env, params, start_states, horizon, settings.discount))[0], np.float64)
@@ -375,6 +396,7 @@ def run_comparison(settings: CompareSettings,
                                               settings.reference_estimates, 0,
                                               obs_stats=obs_stats)
             reference, reference_se = reference_from_samples(ref_samples)
+        reference_seconds = time.perf_counter() - reference_started
         point_samples = {"reference": reference, "reference_standard_error": reference_se}
         if reference_kind != "exact":
             point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
@@ -401,7 +423,8 @@ def run_comparison(settings: CompareSettings,
             "env_settings": dict(point.env_settings),
             "num_envs": point.num_envs,
             "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
-                          "standard_error_norm": float(np.linalg.norm(reference_se))},
+                          "standard_error_norm": float(np.linalg.norm(reference_se)),
+                          "seconds": reference_seconds},
             "estimators": per_estimator,
         }
         if settings.per_step:

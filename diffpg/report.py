@@ -21,7 +21,7 @@ TABLE_COLUMNS = (
     "relative_variance", "bias", "bias_noise", "bias_max_t", "bias_resolved", "relative_bias",
     "bias_detection_limit", "relative_bias_detection_limit",
     "cosine_to_reference", "mean_cosine_to_reference", "mean_pairwise_cosine", "snr", "nonfinite_fraction",
-    "compile_seconds", "seconds_per_estimate",
+    "compile_seconds", "seconds_per_estimate", "warmup_seconds",
 )
 
 
@@ -306,7 +306,12 @@ def _markdown(results: dict, plots: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     reference = final.get("reference")
     if reference:
-        lines += ["", f"Reference ({reference['kind']}): norm {_format(reference['norm'])}."]
+        cost = (f", {settings['reference_estimates']} estimates in {reference['seconds']:.3g} s"
+                if reference["kind"] != "exact" and "seconds" in reference else "")
+        warmup = sum(s.get("warmup_seconds", 0.0) for s in final["estimators"].values())
+        lines += ["", f"Reference ({reference['kind']}): norm {_format(reference['norm'])}{cost}. "
+                      f"Critics warmed up by {settings['critic_warmup']} estimates before "
+                      f"measuring, {warmup:.3g} s in all at this point (not in the columns)."]
     lines += _per_step_markdown(results)
     lines += ["", "## Reading", ""] + [f"- {s}" for s in _reading(results)] + [""]
     for plot in plots:

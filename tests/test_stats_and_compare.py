@@ -189,6 +189,22 @@ def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, mess
     assert not out.exists()
 
 
+def test_the_reference_and_the_warm_up_follow_num_estimates():
+    """A small comparison is small throughout: 16 reference estimates and 200/64 warm-up
+    rounds per measured estimate, unless given (the default 64 keeps 1,024 and 200)."""
+    default = CompareSettings().resolved()
+    assert (default.reference_estimates, default.critic_warmup) == (1024, 200)
+    small = CompareSettings(num_estimates=8).resolved()
+    assert (small.reference_estimates, small.critic_warmup) == (128, 25)
+    given = CompareSettings(num_estimates=8, reference_estimates=50, critic_warmup=0).resolved()
+    assert (given.reference_estimates, given.critic_warmup) == (50, 0)
+    # From the command line too (its defaults are not the default instance's resolved sizes).
+    from diffpg.command_line import parse_compare_command
+
+    parsed = parse_compare_command(["--num-estimates", "8"])[0].resolved()
+    assert (parsed.reference_estimates, parsed.critic_warmup) == (128, 25)
+
+
 def test_compare_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "existing"
     out.mkdir()
