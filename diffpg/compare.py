@@ -153,6 +153,11 @@ class CompareSettings:
             raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
+        for text in self.estimators:  # every spec's settings, at every horizon of the sweep
+            spec = EstimatorSpec.parse(text)
+            for point in self.points:
+                estimators.make_settings(spec.name,
+                                         **estimator_settings(spec, self, point.horizon))
         if self.reference not in ("auto", "exact"):
             check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides),
                             {"horizon": "the comparison's --horizon (or its sweep)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 
+import pytest
 from conftest import compiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,3 +93,59 @@ def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
     assert len(message.strip().splitlines()) == 1, message
     assert compiled == [], f"{invalid}: compiled before the error"
     assert not out.exists()
+
+
+INVALID_COMPARE = st.one_of(
+    _option(["--num-estimates", "--num-envs", "--horizon", "--reference-estimates",
+             "--devices", "--batch-budget"],
+            st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"))),
+    _option(["--discount"], st.one_of(UNIT_INTERVAL_VIOLATION, st.just("nan"))),
+    _option(["--critic-warmup"], st.sampled_from(["-1", "x", "1.5"])),
+    _option(["--seed"], st.sampled_from(["x", str(2**63), str(-(2**63) - 1)])),
+    _option(["--sweep"], NAME.filter(lambda n: n not in ("horizon", "none", "batch", "stiffness"))),
+    NAME.filter(lambda n: n not in _known_envs()).map(_one("--env")),
+    NAME.filter(lambda n: n not in _known_estimators()).map(lambda n: ["--estimators", n]),
+    st.sampled_from([["--estimators", "bptt:horizon=2"], ["--estimators", "shac:window=3"],
+                     ["--estimators", "reinforce:baseline=bogus"], ["--reference", "exact"],
+                     ["--reference", "nope"], ["--hidden-sizes", "0"],
+                     ["--env-options", "episode_length=3"], ["--env-options", "bogus=1"],
+                     ["--sweep", "stiffness"], ["--sweep", "batch", "--batch-budget", "1"],
+                     ["--policy-checkpoint", "/nonexistent/run"], ["--horizon", "5000"]]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(invalid=INVALID_COMPARE)
+def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory):
+    """The same property for ``diffpg compare``: exit status 2, one line, nothing compiled,
+    nothing written."""
+    from diffpg.compare import CompareSettings
+
+    CompareSettings()  # the command line's defaults (building the LQR compiles a little, once)
+    out = tmp_path_factory.mktemp("compare") / "never"
+    stderr = io.StringIO()
+    with (compiles() as compiled, contextlib.redirect_stderr(stderr),
+          contextlib.redirect_stdout(io.StringIO())):
+        try:
+            status = cli.main(["compare", "--env", "pendulum", "--estimators", "bptt",
+                               "--sweep", "none", "--horizon", "4", "--out", str(out), *invalid])
+        except SystemExit as exit_info:
+            status = exit_info.code
+    message = stderr.getvalue()
+    assert status == 2, (invalid, message)
+    assert "Traceback" not in message and "error" in message, message
+    assert len(message.strip().splitlines()) == 1, message
+    assert compiled == [], f"{invalid}: compiled before the error"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arguments", [
+    ["eval"], ["eval", "/nonexistent/run"], ["eval", "."], ["video", "/nonexistent/run"],
+    ["eval", "/nonexistent/run", "--episodes", "0"], ["video", "/nonexistent/run", "--every", "0"],
+    ["nonsense"], ["--import"], ["train", "--resume", "/nonexistent/run"],
+])
+def test_bad_input_to_every_command_is_one_line(arguments, capsys):
+    status = cli.main(arguments)
+    error = capsys.readouterr().err
+    assert status == 2, (arguments, error)
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
