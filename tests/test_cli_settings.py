@@ -78,20 +78,26 @@ def _known_estimators():
 @given(invalid=INVALID)
 def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "never"
+    # A setting that slipped through would train 2 updates only (and fail below).
+    _assert_refused_cleanly(["train", "--env", "pendulum", "--updates", "2",
+                             "--updates-per-call", "2", "--out", str(out), *invalid], out)
+
+
+def _assert_refused_cleanly(arguments: list[str], out) -> None:
+    """The command exits with status 2 and one line of error, having compiled and written
+    nothing."""
     stderr = io.StringIO()
     with (compiles() as compiled, contextlib.redirect_stderr(stderr),
           contextlib.redirect_stdout(io.StringIO())):
         try:
-            # A setting that slipped through would train 2 updates only (and fail below).
-            status = cli.main(["train", "--env", "pendulum", "--updates", "2",
-                               "--updates-per-call", "2", "--out", str(out), *invalid])
+            status = cli.main(arguments)
         except SystemExit as exit_info:  # argparse rejects what it cannot convert
             status = exit_info.code
     message = stderr.getvalue()
-    assert status == 2, (invalid, message)
+    assert status == 2, (arguments, message)
     assert "Traceback" not in message and "error" in message, message
     assert len(message.strip().splitlines()) == 1, message
-    assert compiled == [], f"{invalid}: compiled before the error"
+    assert compiled == [], f"{arguments}: compiled before the error"
     assert not out.exists()
 
 
@@ -123,20 +129,8 @@ def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory)
 
     CompareSettings()  # the command line's defaults (building the LQR compiles a little, once)
     out = tmp_path_factory.mktemp("compare") / "never"
-    stderr = io.StringIO()
-    with (compiles() as compiled, contextlib.redirect_stderr(stderr),
-          contextlib.redirect_stdout(io.StringIO())):
-        try:
-            status = cli.main(["compare", "--env", "pendulum", "--estimators", "bptt",
-                               "--sweep", "none", "--horizon", "4", "--out", str(out), *invalid])
-        except SystemExit as exit_info:
-            status = exit_info.code
-    message = stderr.getvalue()
-    assert status == 2, (invalid, message)
-    assert "Traceback" not in message and "error" in message, message
-    assert len(message.strip().splitlines()) == 1, message
-    assert compiled == [], f"{invalid}: compiled before the error"
-    assert not out.exists()
+    _assert_refused_cleanly(["compare", "--env", "pendulum", "--estimators", "bptt", "--sweep",
+                             "none", "--horizon", "4", "--out", str(out), *invalid], out)
 
 
 @pytest.mark.parametrize("arguments", [
