@@ -362,10 +362,7 @@ def run_comparison(settings: CompareSettings,
     built = [make_env_and_policy(settings, dict(p.env_settings)) for p in points]
     point_envs = [env for env, _, _ in built]
     _, policy, has_exact = built[0]
-    specs = settings.specs
-    for spec in specs:
-        for point in points:
-            estimators.make_settings(spec.name, **estimator_settings(spec, settings, point.horizon))
+    specs = settings.specs  # their settings were validated with the comparison's
     key = jax.random.PRNGKey(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
     params, obs_stats = policy.init(key_params), None
@@ -388,22 +385,12 @@ def run_comparison(settings: CompareSettings,
         if progress:
             progress(f"{where}: reference ({reference_kind})")
         reference_started = time.perf_counter()
-        if reference_kind == "exact":
-            reference = np.asarray(ravel_pytree(exact_lqr_gradient(
-                env, params, start_states, horizon, settings.discount))[0], np.float64)
-            reference_se = np.zeros_like(reference)
-        else:
-            spec = EstimatorSpec.parse(reference_kind)
-            estimator = estimators.make(spec.name, env, policy,
-                                        **estimator_settings(spec, settings, horizon))
-            ref_samples, _ = sample_gradients(estimator, params, start_states,
-                                              jax.random.fold_in(key_point, _key_number("reference")),
-                                              settings.reference_estimates, 0,
-                                              obs_stats=obs_stats)
-            reference, reference_se = reference_from_samples(ref_samples)
+        reference, reference_se, ref_samples = _reference_gradient(
+            reference_kind, env, policy, params, obs_stats, start_states,
+            jax.random.fold_in(key_point, _key_number("reference")), horizon, settings)
         reference_seconds = time.perf_counter() - reference_started
         point_samples = {"reference": reference, "reference_standard_error": reference_se}
-        if reference_kind != "exact":
+        if ref_samples is not None:
             point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
         per_estimator = {}
         for spec in specs:
@@ -414,12 +401,7 @@ def run_comparison(settings: CompareSettings,
             samples, timing = sample_gradients(
                 estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
                 settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
-            stats = gradient_statistics(samples, reference, reference_se)
-            stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
-            # Variance relative to the squared gradient: comparable across objectives (batch sweep).
-            stats["relative_variance"] = (stats.get("variance_trace") or float("nan")) / max(
-                float(reference @ reference), 1e-300)
-            per_estimator[spec.label] = stats | timing
+            per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
             point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
         samples_per_point.append(point_samples)
         entry = {
@@ -446,6 +428,33 @@ def run_comparison(settings: CompareSettings,
         "results": results,
         "samples": samples_per_point,
     }
+
+
+def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,
+                        key: jax.Array, horizon: int, settings: CompareSettings):
+    """The reference gradient ``[P]`` at one sweep point, its standard error ``[P]`` and the
+    samples it averages ``[R, P]`` (``None`` for the exact, closed-form one on the LQR)."""
+    if kind == "exact":
+        reference = np.asarray(ravel_pytree(exact_lqr_gradient(
+            env, params, start_states, horizon, settings.discount))[0], np.float64)
+        return reference, np.zeros_like(reference), None
+    spec = EstimatorSpec.parse(kind)
+    estimator = estimators.make(spec.name, env, policy,
+                                **estimator_settings(spec, settings, horizon))
+    samples, _ = sample_gradients(estimator, params, start_states, key,
+                                  settings.reference_estimates, 0, obs_stats=obs_stats)
+    return (*reference_from_samples(samples), samples)
+
+
+def _statistics(samples, reference, reference_se) -> dict:
+    """``gradient_statistics`` of one estimator's samples, with the bootstrap interval of the
+    variance and the variance relative to the squared reference (comparable across objectives,
+    as the batch sweep's)."""
+    stats = gradient_statistics(samples, reference, reference_se)
+    stats["variance_trace_interval"] = bootstrap_interval(samples, variance_trace)
+    stats["relative_variance"] = (stats.get("variance_trace") or float("nan")) / max(
+        float(reference @ reference), 1e-300)
+    return stats
 
 
 SAMPLES_FILE = "samples.npz"
