@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 from diffpg.devices import barrier, environment_description, is_primary
 from diffpg.estimators.base import check_positive_int
 from diffpg.folders import (
+    atomic_path,
     disk_space,
     interruptions,
     is_disk_full,
@@ -62,10 +63,11 @@ from envs.core import SettingError
 KEPT_CHECKPOINTS = 2
 PLOT_EVERY_SECONDS = 30.0
 """The learning-curve PNG is redrawn at most this often (and at the end); metrics.csv every call."""
-RUN_FILES = ("settings.json", ".settings.partial.json", "settings.json.tmp", "metrics.csv",
-             "metrics.csv.tmp", "learning_curve.png", ".learning_curve.partial.png",
-             "checkpoints", "tensorboard", "policy.gif")
-"""What a run writes into its folder (and what overwriting a run removes)."""
+RUN_FILES = ("settings.json", ".settings.partial.json", "metrics.csv", ".metrics.partial.csv",
+             "learning_curve.png", ".learning_curve.partial.png", "checkpoints", "tensorboard",
+             "policy.gif", ".policy.partial.gif", "settings.json.tmp", "metrics.csv.tmp")
+"""What a run writes into its folder (and what overwriting a run removes; the partial files
+are what a write cut short by SIGKILL leaves, the ``.tmp`` ones those of older versions)."""
 DIGEST_SUFFIX = ".sha256"
 """``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
 orbax has no checksum of its own, and a flipped byte in an array file restores silently."""
@@ -82,8 +84,7 @@ def save_settings(settings: TrainSettings, run_dir: Path) -> None:
     """``settings.json``: the resolved settings, and under ``"environment"`` the versions,
     commit and device of the process that wrote it (the last session of a resumed run)."""
     values = settings.to_json() | {"environment": environment_description()}
-    with disk_space(run_dir, "settings.json"):
-        write_atomically(run_dir / "settings.json", json.dumps(values, indent=2))
+    write_atomically(run_dir / "settings.json", json.dumps(values, indent=2))
 
 
 SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
@@ -122,13 +123,10 @@ def clear_run(run_dir: Path) -> None:
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """Replace ``metrics.csv`` atomically (a new file renamed over the old one)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    temporary = run_dir / "metrics.csv.tmp"
-    with disk_space(run_dir, "metrics.csv"):
-        with temporary.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        temporary.replace(run_dir / "metrics.csv")
+    with atomic_path(run_dir / "metrics.csv") as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 @contextlib.contextmanager
@@ -241,8 +239,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     barrier("diffpg: checkpoint saved")
     if not is_primary():
         return
-    with disk_space(folder.parent, "a checkpoint digest"):
-        write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _folder_sha256(folder / str(update)))
+    write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _folder_sha256(folder / str(update)))
     kept = {str(step) for step in manager.all_steps()}
     for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
         if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
@@ -457,8 +454,8 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
-    with disk_space(path.parent, path.name):
-        figure.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
     plt.close(figure)
 
 
