@@ -312,10 +312,9 @@ def keep_finite_parameters(params: Params, opt_state: optax.ApplyIfFiniteState,
     skipped = opt_state._replace(notfinite_count=opt_state.notfinite_count + 1,
                                  last_finite=jnp.array(False),
                                  total_notfinite=opt_state.total_notfinite + 1)
-    # A gradient apply_if_finite already skipped is counted once, by it.
-    already_skipped = new_opt_state.total_notfinite > opt_state.total_notfinite
-    keep = finite | already_skipped
-    choose = functools.partial(jax.tree.map, lambda new, old: jnp.where(keep, new, old))
+    # A gradient apply_if_finite skipped left the parameters as they were (finite): it alone
+    # counts that step.
+    choose = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     return choose(new_params, params), choose(new_opt_state, skipped)
 
 
