@@ -72,6 +72,11 @@ class SweepPoint(NamedTuple):
     num_envs: int
 
 
+COMPARISON_OWNS = {"horizon": "the comparison's --horizon (or its sweep)",
+                   "discount": "the comparison's --discount"}
+"""Estimator settings the comparison sets itself (its objective J_T), with the option to use."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
     env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = "lqr"
@@ -130,11 +135,6 @@ class CompareSettings:
         check_not_owned(env_options, {"episode_length": "--episode-length",
                                       "backend": "--backend"}, "env_options")
         envs.check(self.env, self.episode_length, self.backend, **env_options)
-        for spec in self.estimators:
-            check_not_owned(dict(EstimatorSpec.parse(spec).overrides),
-                            {"horizon": "the comparison's --horizon (or its sweep)",
-                             "discount": "the comparison's --discount"},
-                            f"estimator spec {spec!r}")
         check_hidden_sizes("hidden_sizes", self.hidden_sizes)
         check_seed("seed", self.seed)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
@@ -155,13 +155,12 @@ class CompareSettings:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         for text in self.estimators:  # every spec's settings, at every horizon of the sweep
             spec = EstimatorSpec.parse(text)
+            check_not_owned(dict(spec.overrides), COMPARISON_OWNS, f"estimator spec {text!r}")
             for point in self.points:
                 estimators.make_settings(spec.name,
                                          **estimator_settings(spec, self, point.horizon))
         if self.reference not in ("auto", "exact"):
-            check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides),
-                            {"horizon": "the comparison's --horizon (or its sweep)",
-                             "discount": "the comparison's --discount"},
+            check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides), COMPARISON_OWNS,
                             f"reference={self.reference!r}")
         if self.batch_budget is not None:
             check_positive_int("batch_budget", self.batch_budget)
