@@ -201,19 +201,26 @@ def fit_mean_squared_error(
     key: jax.Array,
     iterations: int,
     minibatches: int,
+    weights: jax.Array | None = None,
 ) -> tuple[CriticState, jax.Array]:
     """Regress ``predict(params, *inputs)`` on constant ``targets`` by mean squared error.
 
     ``inputs`` and ``targets`` have leading axes ``[T, B]``, flattened into one batch of examples
-    (``fit_regression`` then shuffles them into minibatches). Returns the new state and the loss.
+    (``fit_regression`` then shuffles them into minibatches). ``weights [T, B]`` (default all 1)
+    weigh the examples: each minibatch's loss is ``mean_i(u_i (V_i - y_i)^2)`` with
+    ``u = weights / mean(weights)`` over the whole batch, so that equal weights give the plain
+    mean squared error. Returns the new state and the loss.
     """
+    if weights is not None:
+        weights = weights / jnp.mean(weights)
     data = jax.lax.stop_gradient(
-        jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (inputs, targets))
+        jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (inputs, targets, weights))
     )
 
     def loss_fn(params, batch):
-        batch_inputs, batch_targets = batch
-        return jnp.mean(jnp.square(predict(params, *batch_inputs) - batch_targets))
+        batch_inputs, batch_targets, batch_weights = batch
+        squared_errors = jnp.square(predict(params, *batch_inputs) - batch_targets)
+        return jnp.mean(squared_errors if batch_weights is None else batch_weights * squared_errors)
 
     return fit_regression(critic_state, loss_fn, data, optimizer, key, iterations, minibatches)
 

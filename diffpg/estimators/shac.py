@@ -104,11 +104,16 @@ class ShacSettings:
     """Also fit the critic to value 0 at the states where episodes terminated (their true
     value: nothing follows), so that the gradient ``termination_gradient`` takes there is
     learned rather than extrapolated from the states before the fall. Off in SHAC."""
+    critic_fall_weight: float = 1.0
+    """Weight, in the critic's regression, of the steps whose episode terminates later in the same
+    window (the states before a fall), the other steps weighing 1: falls are rare, and a critic fit
+    to every step alike values the states before one as if no fall followed. 1 in SHAC."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
         check_bool("termination_gradient", self.termination_gradient)
         check_bool("fit_terminal_values", self.fit_terminal_values)
+        check_positive("critic_fall_weight", self.critic_fall_weight)
         if self.window is not None:
             check_positive_int("window", self.window)
             if self.horizon % self.window:
@@ -365,6 +370,13 @@ def make_bptt(
     return make_shac(env, policy, settings.as_shac())._replace(settings=settings)
 
 
+def steps_before_a_fall(tr) -> jax.Array:
+    """``[T, B]``: 1 at the steps whose episode terminates (a fall, not a time limit) at that step
+    or later in the window, else 0: the reward-to-go of ``termination``, which an episode piece
+    holds at most once."""
+    return returns.reward_to_go(tr.termination, tr.done)
+
+
 def fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr, key,
                      predict=None):
     """TD(lambda) targets from the target critic, then regression, then the target update.
@@ -383,6 +395,9 @@ def fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr,
         tr.reward, next_value, tr.termination, tr.done, settings.discount, settings.td_lambda
     )
     inputs = (normalize(obs_stats, tr.obs), steps_left + 1)
+    weights = None
+    if settings.critic_fall_weight != 1.0:
+        weights = 1.0 + (settings.critic_fall_weight - 1.0) * steps_before_a_fall(tr)
     # Before fitting: how much of the fresh targets' variance the critic already explains.
     explained = explained_variance(value_function.apply(critic.params, *inputs), targets)
     if settings.fit_terminal_values:
@@ -393,9 +408,10 @@ def fit_value_critic(value_function, optimizer, settings, obs_stats, critic, tr,
             jnp.where(terminated, normalize(obs_stats, tr.next_obs), inputs[0]),
             jnp.where(tr.termination > 0, steps_left, inputs[1])))
         targets = jnp.concatenate([targets, jnp.where(tr.termination > 0, 0.0, targets)])
+        weights = None if weights is None else jnp.concatenate([weights, weights])
     critic, loss = fit_mean_squared_error(
         critic, predict or value_function.apply, inputs, targets,
-        optimizer, key, settings.critic_iterations, settings.critic_minibatches,
+        optimizer, key, settings.critic_iterations, settings.critic_minibatches, weights=weights,
     )
     return update_target(critic, settings.target_critic_keep), {
         "critic_loss": loss, "critic_explained_variance": explained}
