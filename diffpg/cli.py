@@ -58,25 +58,40 @@ def run_compare(argv: list[str], guard) -> Path:
     from diffpg.command_line import parse_compare_command
     from diffpg.compare import run_comparison
     from diffpg.devices import barrier, is_primary
-    from diffpg.folders import output_folder, remove_files, run_lock
-    from diffpg.report import OUTPUT_FILES, write_outputs
+    from diffpg.folders import check_writable, output_folder, remove_files, run_lock
+    from diffpg.report import OUTPUT_FILES, write_outputs, write_results
 
-    settings, out, overwrite = parse_compare_command(argv)
+    settings, out, overwrite, finished = parse_compare_command(argv)
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(output_folder(out, overwrite, f"compare-{settings.env}"))
+        if finished is None:
+            out = stack.enter_context(output_folder(out, overwrite, f"compare-{settings.env}"))
+        else:
+            check_writable(out)
         if is_primary():
             stack.enter_context(run_lock(out))
-            remove_files(out, OUTPUT_FILES)  # --overwrite: no earlier result beside the new one
+            if finished is None:
+                remove_files(out, OUTPUT_FILES)  # --overwrite: no earlier result beside the new one
         barrier("diffpg: output folder checked")
-        total = len(settings.points) * (len(settings.specs) + 1 + settings.per_step)
-        with tqdm(total=total, desc="compare", unit="task", file=sys.stderr,
-                  disable=not is_primary()) as bar:
+        tasks_per_point = len(settings.specs) + 1 + settings.per_step
+        with tqdm(total=len(settings.points) * tasks_per_point, desc="compare", unit="task",
+                  file=sys.stderr, disable=not is_primary(),
+                  initial=len(finished or ()) * tasks_per_point) as bar:
             def progress(message: str) -> None:
                 guard.check()  # a signal whose first exception was dropped stops here
                 bar.set_description(message)
                 bar.update(1)
 
-            results = run_comparison(settings, progress=progress)
+            def keep(results: dict) -> None:  # each finished point, kept if the run stops
+                if is_primary() and not results["complete"]:
+                    with guard.critical():
+                        write_results(results, out)
+
+            try:
+                results = run_comparison(settings, progress=progress, finished=finished or (),
+                                         on_point=keep)
+            except KeyboardInterrupt as interruption:
+                interruption.kept = _comparison_kept(out)  # said on the one line main prints
+                raise
         if not is_primary():
             return out
         with guard.critical():  # a signal waits until every file is written
@@ -86,6 +101,19 @@ def run_compare(argv: list[str], guard) -> Path:
         print(f"  {path}")
     print((out / "report.md").read_text().split("## Reading")[0].split("## At horizon")[-1])
     return out
+
+
+def _comparison_kept(out: Path) -> str:
+    """What a stopped comparison left in ``out``, for the line that reports it."""
+    import json
+
+    try:
+        results = json.loads((out / "results.json").read_text())
+        done, total = results["finished_points"], results["total_points"]
+    except (OSError, ValueError, KeyError):
+        return "no sweep point had finished: nothing is kept"
+    return (f"{done} of {total} sweep points are kept in {out}: continue with diffpg compare "
+            f"--resume {out}")
 
 
 def run_train(argv: list[str], guard) -> Path:

@@ -182,7 +182,8 @@ def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool)
 
 
 def parse_compare_command(argv: list[str]):
-    """``diffpg compare`` arguments -> ``(settings, out, overwrite)``."""
+    """``diffpg compare`` arguments -> ``(settings, out, overwrite, resume)``; with ``--resume
+    DIR`` the settings are DIR's own (``compare.load_finished_points``) and ``out`` is DIR."""
     from diffpg.compare import CompareSettings
 
     @dataclasses.dataclass(frozen=True)
@@ -195,9 +196,24 @@ def parse_compare_command(argv: list[str]):
         """Output folder (default: runs/compare-ENV-TIMESTAMP)."""
         overwrite: bool = False
         """Write into --out even if it holds files."""
+        resume: Path | None = None
+        """A stopped comparison's folder: compute the sweep points it has not finished, with its
+        own settings (give no other option), and write its report."""
 
     command = parse(CompareCommand, argv, "diffpg compare")
-    return command.settings, command.out, command.overwrite
+    if command.resume is None:
+        return command.settings, command.out, command.overwrite, None
+    given = [name for name, value in (("out", command.out), ("overwrite", command.overwrite))
+             if value] + [field.name for field in dataclasses.fields(CompareSettings)
+                          if getattr(command.settings, field.name)
+                          != getattr(CompareSettings(), field.name)]
+    if given:
+        raise CommandLineError(f"{given[0]} cannot be given with resume={str(command.resume)!r}: "
+                               "a resumed comparison keeps its folder and its settings")
+    from diffpg.compare import load_finished_points
+
+    settings, finished = load_finished_points(command.resume)
+    return settings, command.resume, False, finished
 
 
 def parse_run_command(argv: list[str], prog: str, video: bool = False):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -353,15 +354,22 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
 
 
 def run_comparison(settings: CompareSettings,
-                   progress: Callable[[str], None] | None = None) -> dict:
-    """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point)."""
+                   progress: Callable[[str], None] | None = None,
+                   finished: tuple[tuple[dict, dict], ...] = (),
+                   on_point: Callable[[dict], None] | None = None) -> dict:
+    """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point).
+
+    ``finished``: the ``(entry, samples)`` of the first sweep points from an earlier run of the
+    same settings that stopped (``load_finished_points``); they are kept, not recomputed. Each
+    point's keys depend only on what it computes, so the result is the one an uninterrupted run
+    gives. ``on_point(results)`` is called after each point with the results so far (the same
+    dict, ``complete`` false until the last point).
+    """
     settings = settings.resolved()
     points = settings.points
     # Every env of the sweep is built (and so validated) once, before anything compiles.
     built = [make_env_and_policy(settings, dict(p.env_settings)) for p in points]
-    point_envs = [env for env, _, _ in built]
     _, policy, has_exact = built[0]
-    specs = settings.specs  # their settings were validated with the comparison's
     key = jax.random.PRNGKey(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
     params, obs_stats = policy.init(key_params), None
@@ -370,63 +378,101 @@ def run_comparison(settings: CompareSettings,
     reference_kind = settings.reference
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else estimators.reference_estimator()
+    check_finished_points(finished, settings, reference_kind)
 
-    results, samples_per_point = [], []
-    for point, env in zip(points, point_envs, strict=True):
-        horizon = point.horizon
+    entries = [entry for entry, _ in finished]
+    samples_per_point = [samples for _, samples in finished]
+
+    def results() -> dict:
+        return {
+            "settings": dataclasses.asdict(settings),
+            "reference_kind": reference_kind,
+            "num_parameters": int(ravel_pytree(params)[0].shape[0]),
+            "finished_points": len(entries),
+            "total_points": len(points),
+            "complete": len(entries) == len(points),
+            "results": list(entries),
+            "samples": list(samples_per_point),
+        }
+
+    for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
         start_states = shard_batch(
             jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs)), settings.devices)
         # Keys depend on what is computed, not on its position in the run: a point (or an
         # estimator) gives the same numbers in any sweep or list that contains it.
         key_point = jax.random.fold_in(key_run, _key_number((point.horizon, point.env_settings,
                                                           point.num_envs)))
-        where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
-        if progress:
-            progress(f"{where}: reference ({reference_kind})")
-        reference_started = time.perf_counter()
-        reference, reference_se, ref_samples = _reference_gradient(
-            reference_kind, env, policy, params, obs_stats, start_states,
-            jax.random.fold_in(key_point, _key_number("reference")), horizon, settings)
-        reference_seconds = time.perf_counter() - reference_started
-        point_samples = {"reference": reference, "reference_standard_error": reference_se}
-        if ref_samples is not None:
-            point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
-        per_estimator = {}
-        for spec in specs:
-            if progress:
-                progress(f"{where}: {spec.label}")
-            estimator = estimators.make(spec.name, env, policy,
-                                        **estimator_settings(spec, settings, horizon))
-            samples, timing = sample_gradients(
-                estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
-                settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
-            per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
-            point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
+        entry, point_samples = _compare_at_point(
+            settings, point, env, policy, params, obs_stats, start_states, key_point,
+            reference_kind, progress or (lambda message: None))
+        entries.append(entry)
         samples_per_point.append(point_samples)
-        entry = {
-            "sweep_value": point.value,
-            "horizon": horizon,
-            "env_settings": dict(point.env_settings),
-            "num_envs": point.num_envs,
-            "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
-                          "standard_error_norm": float(np.linalg.norm(reference_se)),
-                          "seconds": reference_seconds},
-            "estimators": per_estimator,
-        }
-        if settings.per_step:
-            if progress:
-                progress(f"{where}: per-step variance")
-            entry["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
-                                          jax.random.fold_in(key_point, _key_number("per_step")),
-                                          horizon, settings)
-        results.append(entry)
-    return {
-        "settings": dataclasses.asdict(settings),
-        "reference_kind": reference_kind,
-        "num_parameters": int(ravel_pytree(params)[0].shape[0]),
-        "results": results,
-        "samples": samples_per_point,
+        if on_point:
+            on_point(results())
+    return results()
+
+
+def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy: Policy, params,
+                      obs_stats, start_states, key_point: jax.Array, reference_kind: str,
+                      progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """One sweep point: the reference gradient, then each estimator's samples and statistics
+    (and the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
+    horizon = point.horizon
+    where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
+    progress(f"{where}: reference ({reference_kind})")
+    reference_started = time.perf_counter()
+    reference, reference_se, ref_samples = _reference_gradient(
+        reference_kind, env, policy, params, obs_stats, start_states,
+        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings)
+    reference_seconds = time.perf_counter() - reference_started
+    point_samples = {"reference": reference, "reference_standard_error": reference_se}
+    if ref_samples is not None:
+        point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
+    per_estimator = {}
+    for spec in settings.specs:
+        progress(f"{where}: {spec.label}")
+        estimator = estimators.make(spec.name, env, policy,
+                                    **estimator_settings(spec, settings, horizon))
+        samples, timing = sample_gradients(
+            estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
+            settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
+        per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
+        point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
+    entry = {
+        "sweep_value": point.value,
+        "horizon": horizon,
+        "env_settings": dict(point.env_settings),
+        "num_envs": point.num_envs,
+        "reference": {"kind": reference_kind, "norm": float(np.linalg.norm(reference)),
+                      "standard_error_norm": float(np.linalg.norm(reference_se)),
+                      "seconds": reference_seconds},
+        "estimators": per_estimator,
     }
+    if settings.per_step:
+        progress(f"{where}: per-step variance")
+        entry["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
+                                      jax.random.fold_in(key_point, _key_number("per_step")),
+                                      horizon, settings)
+    return entry, point_samples
+
+
+def check_finished_points(finished, settings: CompareSettings, reference_kind: str | None = None
+                          ) -> None:
+    """The kept points of a stopped comparison must be the first of this one's sweep, with its
+    estimators (and ``reference_kind``, when given); anything else is another comparison's."""
+    points = settings.points
+    if len(finished) > len(points):
+        raise SettingError(f"the folder holds {len(finished)} sweep points; this comparison has "
+                           f"{len(points)}")
+    labels = {spec.label for spec in settings.specs}
+    for (entry, _), point in zip(finished, points, strict=False):
+        if (entry["sweep_value"] != point.value or entry["horizon"] != point.horizon
+                or set(entry["estimators"]) != labels
+                or entry["reference"]["kind"] != (reference_kind or entry["reference"]["kind"])):
+            raise SettingError(
+                f"the folder's point {entry['sweep_value']:g} (estimators "
+                f"{sorted(entry['estimators'])}, reference {entry['reference']['kind']}) is not "
+                f"this comparison's (estimators {sorted(labels)}, reference {reference_kind})")
 
 
 def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,
@@ -496,6 +542,35 @@ def load_samples(run_dir: Path | str) -> list[dict]:
             else:
                 point[key] = arrays[name]
     return points
+
+
+def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[dict, dict], ...]]:
+    """The settings and the finished sweep points (``run_comparison``'s ``finished``) of the
+    comparison in ``run_dir``: what ``diffpg compare --resume`` continues."""
+    results_path, samples_path = run_dir / "results.json", run_dir / SAMPLES_FILE
+    for path in (results_path, samples_path):
+        if not path.is_file():
+            raise SettingError(f"resume={str(run_dir)!r} has no {path.name}: not a diffpg "
+                               "compare folder")
+    try:
+        results = json.loads(results_path.read_text())
+        values = {name: tuple(value) if isinstance(value, list) else value
+                  for name, value in results["settings"].items()}
+        settings = CompareSettings(**values)
+        samples: list[dict] = [{} for _ in results["results"]]
+        with np.load(samples_path) as arrays:
+            for name in arrays.files:
+                index, _, key = name.partition("/")
+                samples[int(index.removeprefix("point"))][key] = arrays[name]
+    except SettingError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OSError, EOFError,
+            zipfile.BadZipFile) as error:
+        raise SettingError(f"resume={str(run_dir)!r}: its results.json or {SAMPLES_FILE} is not "
+                           f"a diffpg comparison's ({type(error).__name__}: {error})") from None
+    finished = tuple(zip(results["results"], samples, strict=True))
+    check_finished_points(finished, settings)
+    return settings, finished
 
 
 def _per_step(env, policy, params, obs_stats, start_states, key, horizon,

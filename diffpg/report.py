@@ -41,24 +41,37 @@ OUTPUT_FILES = ("results.json", "table.csv", SAMPLES_FILE, "report.md", "bias_an
 """Every file a comparison may write (what ``--overwrite`` removes before a new one runs)."""
 
 
-def write_outputs(results: dict, out_dir: Path) -> list[Path]:
-    """Write every output file of a comparison into ``out_dir``; returns their paths. Each file
-    is written under a temporary name and renamed into place (``folders.atomic_path``)."""
+def write_results(results: dict, out_dir: Path) -> list[Path]:
+    """Write a comparison's data, ``samples.npz`` then ``results.json`` (each under a temporary
+    name, renamed into place: ``folders.atomic_path``). Written after each
+    sweep point, so that a stopped comparison keeps what it finished. Returns the results as
+    written to results.json (without the samples, with the environment's description)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = results.get("samples")
-    results = {k: v for k, v in results.items() if k != "samples"} | {
+    written = {k: v for k, v in results.items() if k != "samples"} | {
         "environment": environment_description()}
-    written = []
+    if samples is not None:
+        written["samples_file"] = SAMPLES_FILE
+        with atomic_path(out_dir / SAMPLES_FILE) as temporary:
+            save_samples(samples, temporary)
+    with atomic_path(out_dir / "results.json") as temporary:
+        temporary.write_text(json.dumps(written, indent=2))
+    return written
+
+
+def write_outputs(results: dict, out_dir: Path) -> list[Path]:
+    """Write every output file of a comparison into ``out_dir`` (``write_results``, the table,
+    the plots and report.md); returns their paths. Each file is written under a temporary name
+    and renamed into place (``folders.atomic_path``)."""
+    samples = results.get("samples")
+    results = write_results(results, out_dir)
+    written = ([out_dir / SAMPLES_FILE] if samples is not None else []) + [out_dir / "results.json"]
 
     def write(name: str, writer) -> None:
         with atomic_path(out_dir / name) as temporary:
             writer(temporary)
         written.append(out_dir / name)
 
-    if samples is not None:
-        results["samples_file"] = SAMPLES_FILE
-        write(SAMPLES_FILE, lambda path: save_samples(samples, path))
-    write("results.json", lambda path: path.write_text(json.dumps(results, indent=2)))
     write("table.csv", lambda path: _write_table(results, path))
     plots = []
     if len(results["results"]) > 1:

@@ -95,7 +95,7 @@ def test_a_signal_while_compare_writes_waits_until_every_file_is_written(tmp_pat
 def test_a_compare_stopped_before_writing_leaves_no_folder(tmp_path, capsys, monkeypatch):
     from diffpg import compare
 
-    def interrupted(settings, progress):
+    def interrupted(settings, progress, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
@@ -104,6 +104,101 @@ def test_a_compare_stopped_before_writing_leaves_no_folder(tmp_path, capsys, mon
     assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
     assert not out.exists()
+
+
+SWEEP = ["compare", "--env", "lqr", "--estimators", "bptt", "reinforce", "--horizon", "4",
+         "--num-estimates", "2", "--num-envs", "2", "--critic-warmup", "0"]
+
+
+def _without_times(value):
+    """A comparison's results without what depends on the clock."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if "second" not in k}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def test_a_compare_stopped_mid_sweep_keeps_its_points_and_resume_finishes_it(tmp_path, capsys,
+                                                                             monkeypatch):
+    """SIGINT as the third of three sweep points starts: the two finished are kept (results.json
+    and samples.npz, marked incomplete) and the line says so; ``--resume`` computes the third
+    only, and gives what an uninterrupted comparison gives, number for number."""
+    import numpy as np
+
+    from diffpg import compare
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert cli.main(SWEEP + ["--out", str(whole)]) == 0
+    at_point = compare._compare_at_point
+    computed = []
+
+    def stop_at_the_third(settings, point, *args):
+        computed.append(point.horizon)
+        if len(computed) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return at_point(settings, point, *args)
+
+    monkeypatch.setattr(compare, "_compare_at_point", stop_at_the_third)
+    capsys.readouterr()
+    assert cli.main(SWEEP + ["--out", str(stopped)]) == 128 + signal.SIGINT
+    error = capsys.readouterr().err  # the progress bar, then one line
+    assert "Traceback" not in error
+    assert error.rstrip("\n").splitlines()[-1] == (
+        f"diffpg compare: interrupted (SIGINT); 2 of 3 sweep points are kept in {stopped}: "
+        f"continue with diffpg compare --resume {stopped}")
+    kept = json.loads((stopped / "results.json").read_text())
+    assert (kept["finished_points"], kept["total_points"], kept["complete"]) == (2, 3, False)
+    assert not (stopped / "report.md").exists()
+
+    computed.clear()
+    assert cli.main(["compare", "--resume", str(stopped)]) == 0
+    assert computed == [4]
+    resumed, expected = (json.loads((folder / "results.json").read_text())
+                         for folder in (stopped, whole))
+    assert resumed["complete"] and (stopped / "report.md").exists()
+    assert _without_times(resumed["results"]) == _without_times(expected["results"])
+    with np.load(stopped / "samples.npz") as a, np.load(whole / "samples.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--horizon", "8"], "horizon cannot be given with resume"),
+    (["--out", "elsewhere"], "out cannot be given with resume"),
+])
+def test_resume_keeps_the_comparisons_own_settings(tmp_path, capsys, extra, message):
+    out = tmp_path / "done"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert cli.main(["compare", "--resume", str(out)] + extra) == 2
+    _one_line(capsys, message)
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("damage", ["no results", "not json", "samples truncated",
+                                    "another comparison's points"])
+def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_path, capsys,
+                                                                         damage):
+    out = tmp_path / "done"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 0
+    results = out / "results.json"
+    if damage == "no results":
+        results.unlink()
+    elif damage == "not json":
+        results.write_text("{")
+    elif damage == "samples truncated":
+        (out / "samples.npz").write_bytes((out / "samples.npz").read_bytes()[:100])
+    else:
+        values = json.loads(results.read_text())
+        values["results"][0]["estimators"] = {"reinforce": {}}
+        results.write_text(json.dumps(values))
+    capsys.readouterr()
+    assert cli.main(["compare", "--resume", str(out)]) == 2
+    _one_line(capsys, f"resume={str(out)!r}" if damage != "another comparison's points"
+              else "is not this comparison's")
 
 
 @pytest.mark.parametrize(("name", "message"), [
@@ -148,7 +243,7 @@ def test_a_signal_whose_exception_was_dropped_still_stops_the_command(tmp_path, 
 
     real = compare.run_comparison
 
-    def interrupted_in_a_callback(settings, progress):
+    def interrupted_in_a_callback(settings, progress, **kwargs):
         fired = []
 
         def callback(phase, info):
@@ -163,7 +258,7 @@ def test_a_signal_whose_exception_was_dropped_still_stops_the_command(tmp_path, 
         finally:
             gc.callbacks.remove(callback)
         assert fired  # the command goes on: only the remembered signal can stop it
-        return real(settings, progress)
+        return real(settings, progress, **kwargs)
 
     monkeypatch.setattr(compare, "run_comparison", interrupted_in_a_callback)
     printed = []  # what Python would print as "Exception ignored in ..."
