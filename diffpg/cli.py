@@ -73,25 +73,29 @@ def run_compare(argv: list[str], guard) -> Path:
                 remove_files(out, OUTPUT_FILES)  # --overwrite: no earlier result beside the new one
         barrier("diffpg: output folder checked")
         tasks_per_point = len(settings.specs) + 1 + settings.per_step
-        with tqdm(total=len(settings.points) * tasks_per_point, desc="compare", unit="task",
-                  file=sys.stderr, disable=not is_primary(),
-                  initial=len(finished or ()) * tasks_per_point) as bar:
-            def progress(message: str) -> None:
-                guard.check()  # a signal whose first exception was dropped stops here
-                bar.set_description(message)
-                bar.update(1)
+        bar = []  # made with the first task, so that an error before any is one line
 
-            def keep(results: dict) -> None:  # each finished point, kept if the run stops
-                if is_primary() and not results["complete"]:
-                    with guard.critical():
-                        write_results(results, out)
+        def progress(message: str) -> None:
+            guard.check()  # a signal whose first exception was dropped stops here
+            if not bar:
+                bar.append(stack.enter_context(tqdm(
+                    total=len(settings.points) * tasks_per_point, desc="compare", unit="task",
+                    file=sys.stderr, disable=not is_primary(),
+                    initial=len(finished or ()) * tasks_per_point)))
+            bar[0].set_description(message)
+            bar[0].update(1)
 
-            try:
-                results = run_comparison(settings, progress=progress, finished=finished or (),
-                                         on_point=keep)
-            except KeyboardInterrupt as interruption:
-                interruption.kept = _comparison_kept(out)  # said on the one line main prints
-                raise
+        def keep(results: dict) -> None:  # each finished point, kept if the run stops
+            if is_primary() and not results["complete"]:
+                with guard.critical():
+                    write_results(results, out)
+
+        try:
+            results = run_comparison(settings, progress=progress, finished=finished or (),
+                                     on_point=keep)
+        except KeyboardInterrupt as interruption:
+            interruption.kept = _comparison_kept(out)  # said on the one line main prints
+            raise
         if not is_primary():
             return out
         with guard.critical():  # a signal waits until every file is written

@@ -28,7 +28,13 @@ from jax.flatten_util import ravel_pytree
 
 import envs
 from diffpg import estimators, per_step
-from diffpg.devices import check_devices, shard_batch, to_host
+from diffpg.devices import (
+    available_memory_bytes,
+    check_devices,
+    shard_batch,
+    state_bytes,
+    to_host,
+)
 from diffpg.estimators.base import check_hidden_sizes, check_positive_int
 from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
@@ -379,6 +385,9 @@ def run_comparison(settings: CompareSettings,
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else estimators.reference_estimator()
     check_finished_points(finished, settings, reference_kind)
+    num_parameters = int(ravel_pytree(params)[0].shape[0])
+    chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
+                                   estimated_reference=reference_kind != "exact")
 
     entries = [entry for entry, _ in finished]
     samples_per_point = [samples for _, samples in finished]
@@ -387,7 +396,7 @@ def run_comparison(settings: CompareSettings,
         return {
             "settings": dataclasses.asdict(settings),
             "reference_kind": reference_kind,
-            "num_parameters": int(ravel_pytree(params)[0].shape[0]),
+            "num_parameters": num_parameters,
             "finished_points": len(entries),
             "total_points": len(points),
             "complete": len(entries) == len(points),
@@ -404,7 +413,7 @@ def run_comparison(settings: CompareSettings,
                                                           point.num_envs)))
         entry, point_samples = _compare_at_point(
             settings, point, env, policy, params, obs_stats, start_states, key_point,
-            reference_kind, progress or (lambda message: None))
+            reference_kind, chunk_size, progress or (lambda message: None))
         entries.append(entry)
         samples_per_point.append(point_samples)
         if on_point:
@@ -414,7 +423,8 @@ def run_comparison(settings: CompareSettings,
 
 def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy: Policy, params,
                       obs_stats, start_states, key_point: jax.Array, reference_kind: str,
-                      progress: Callable[[str], None]) -> tuple[dict, dict]:
+                      chunk_size: int | None, progress: Callable[[str], None]
+                      ) -> tuple[dict, dict]:
     """One sweep point: the reference gradient, then each estimator's samples and statistics
     (and the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
     horizon = point.horizon
@@ -423,7 +433,7 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
     reference_started = time.perf_counter()
     reference, reference_se, ref_samples = _reference_gradient(
         reference_kind, env, policy, params, obs_stats, start_states,
-        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings)
+        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings, chunk_size)
     reference_seconds = time.perf_counter() - reference_started
     point_samples = {"reference": reference, "reference_standard_error": reference_se}
     if ref_samples is not None:
@@ -435,7 +445,8 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
                                     **estimator_settings(spec, settings, horizon))
         samples, timing = sample_gradients(
             estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
-            settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats)
+            settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats,
+            chunk_size=chunk_size)
         per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
         point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
     entry = {
@@ -454,6 +465,37 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
                                       jax.random.fold_in(key_point, _key_number("per_step")),
                                       horizon, settings)
     return entry, point_samples
+
+
+def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameters: int,
+                      estimated_reference: bool = True) -> int | None:
+    """How many estimates may run at once (``sample_gradients``' ``chunk_size``; ``None``: all),
+    from the memory available, before anything compiles; a size that cannot fit at all is a
+    one-line error naming it. One estimate keeps ``num_envs`` simulated states for each of its
+    ``horizon + 1`` steps for the reverse pass (a lower bound of what it needs; four times that is
+    allowed per estimate at once), and the samples are ``[K, P]`` float32 arrays, on the device
+    and on the host."""
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    available *= settings.devices
+    per_estimate = max(state_bytes(env) * point.num_envs * (point.horizon + 1)
+                       for env, point in zip(point_envs, settings.points, strict=True))
+    if per_estimate > available:
+        raise SettingError(
+            f"num_envs={settings.num_envs} x horizon={settings.horizon} needs at least "
+            f"{per_estimate / 2**30:,.1f} GiB for one estimate's simulated states, and about "
+            f"{available / 2**30:,.1f} GiB are available; lower num_envs or horizon")
+    for name in ("num_estimates", "reference_estimates")[:1 + estimated_reference]:
+        needed = 2 * getattr(settings, name) * num_parameters * 4
+        if needed > available:
+            raise SettingError(
+                f"{name}={getattr(settings, name)} gradients of {num_parameters} parameters need "
+                f"{needed / 2**30:,.1f} GiB, and about {available / 2**30:,.1f} GiB are "
+                f"available; lower {name}")
+    at_once = available // (4 * per_estimate)
+    largest = max(settings.num_estimates, settings.reference_estimates * estimated_reference)
+    return None if at_once >= largest else max(1, int(at_once))
 
 
 def check_finished_points(finished, settings: CompareSettings, reference_kind: str | None = None
@@ -476,7 +518,8 @@ def check_finished_points(finished, settings: CompareSettings, reference_kind: s
 
 
 def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,
-                        key: jax.Array, horizon: int, settings: CompareSettings):
+                        key: jax.Array, horizon: int, settings: CompareSettings,
+                        chunk_size: int | None = None):
     """The reference gradient ``[P]`` at one sweep point, its standard error ``[P]`` and the
     samples it averages ``[R, P]`` (``None`` for the exact, closed-form one on the LQR)."""
     if kind == "exact":
@@ -487,7 +530,8 @@ def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start
     estimator = estimators.make(spec.name, env, policy,
                                 **estimator_settings(spec, settings, horizon))
     samples, _ = sample_gradients(estimator, params, start_states, key,
-                                  settings.reference_estimates, 0, obs_stats=obs_stats)
+                                  settings.reference_estimates, 0, obs_stats=obs_stats,
+                                  chunk_size=chunk_size)
     return (*reference_from_samples(samples), samples)
 
 

@@ -16,6 +16,8 @@ primary one (process 0) writes files other than checkpoints, which orbax writes 
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -139,3 +141,26 @@ def environment_description() -> dict:
         "python": platform.python_version(), "device": str(jax.devices()[0]),
         "device_count": jax.device_count(), "platform": jax.default_backend(),
     }
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the first device can still take: the accelerator's own limit, or the host's
+    available memory (``/proc/meminfo``) for the CPU; ``None`` where neither can be read."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def state_bytes(env) -> int:
+    """Bytes of one environment's state (``env.reset``'s pytree), from its shapes: nothing is
+    compiled or run."""
+    state = jax.eval_shape(lambda: env.reset(jax.random.PRNGKey(0)))
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))

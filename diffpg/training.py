@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Annotated, Any, NamedTuple, Union
 
 import jax
@@ -39,7 +38,13 @@ import envs
 from diffpg import configs, estimators
 from diffpg.acting import Transitions
 from diffpg.acting import evaluate as evaluate_policy
-from diffpg.devices import batch_sharding, check_devices, replicated
+from diffpg.devices import (
+    available_memory_bytes,
+    batch_sharding,
+    check_devices,
+    replicated,
+    state_bytes,
+)
 from diffpg.estimators.base import (
     EstimatorState,
     check_betas,
@@ -332,28 +337,11 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     )
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the first device can still take: the accelerator's own limit, or the host's
-    available memory (``/proc/meminfo``) for the CPU; ``None`` where neither can be read."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_memory(settings: TrainSettings, env) -> None:
     """Refuse, before compiling, a batch whose simulated states alone cannot fit: every step of
     the horizon keeps the batch's states for the reverse pass (a lower bound of what a run needs),
     and an evaluation's ``eval_envs`` episodes run at once."""
-    state = jax.eval_shape(lambda: env.reset(jax.random.PRNGKey(0)))  # traced: compiles nothing
-    per_env = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+    per_env = state_bytes(env)
     available = available_memory_bytes()
     if available is None:
         return

@@ -116,7 +116,10 @@ INVALID_COMPARE = st.one_of(
                      ["--reference", "nope"], ["--hidden-sizes", "0"],
                      ["--env-options", "episode_length=3"], ["--env-options", "bogus=1"],
                      ["--sweep", "stiffness"], ["--sweep", "batch", "--batch-budget", "1"],
-                     ["--policy-checkpoint", "/nonexistent/run"], ["--horizon", "5000"]]),
+                     ["--policy-checkpoint", "/nonexistent/run"], ["--horizon", "5000"],
+                     # more than this machine's memory: the states of one estimate, the samples
+                     ["--num-envs", str(10**9)], ["--num-estimates", str(10**12)],
+                     ["--reference-estimates", str(10**12)]]),
 )
 
 

@@ -178,6 +178,10 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--sweep", "batch", "--batch-budget", "0"], "batch_budget"),
         (["--env", "pendulum", "--hidden-sizes", "0"], "hidden_sizes"),
         (["--seed", str(2**64)], "seed="),
+        # sizes beyond this machine's memory, refused before compiling
+        (["--num-envs", str(10**9)], "for one estimate's simulated states"),
+        (["--num-estimates", str(10**12)], "lower num_estimates"),
+        (["--env", "pendulum", "--reference-estimates", str(10**12)], "lower reference_estimates"),
     ],
 )
 def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):
@@ -185,7 +189,7 @@ def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, mess
     status = cli.main(["compare", "--out", str(out), *arguments])
     error = capsys.readouterr().err
     assert status == 2
-    assert message in error and "Traceback" not in error
+    assert message in error and "Traceback" not in error and len(error.splitlines()) == 1
     assert not out.exists()
 
 
@@ -317,3 +321,28 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
     samples, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
     assert tried == [32, 16, 8]
     np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_comparison_larger_than_memory_runs_its_estimates_a_few_at_a_time(monkeypatch):
+    """With memory for 4 x 2 estimates' simulated states (the allowance is 4 x each one's
+    states), a comparison of K = 8 runs them 2 at a time, and gives the samples of all at once."""
+    from diffpg import compare
+    from diffpg.devices import state_bytes
+
+    settings = CompareSettings(estimators=("bptt", "reinforce"), sweep="none", horizon=4,
+                               num_estimates=8, num_envs=4, critic_warmup=0)
+    expected = run_comparison(settings)["samples"][0]
+    env, _, _ = compare.make_env_and_policy(settings)
+    per_estimate = state_bytes(env) * settings.num_envs * (settings.horizon + 1)
+    monkeypatch.setattr(compare, "available_memory_bytes", lambda: 4 * per_estimate * 2 + 1)
+    sample_gradients, chunks = compare.sample_gradients, []
+
+    def recorded(*args, chunk_size=None, **kwargs):
+        chunks.append(chunk_size)
+        return sample_gradients(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(compare, "sample_gradients", recorded)
+    samples = run_comparison(settings)["samples"][0]
+    assert chunks == [2, 2]
+    for name in ("estimates/bptt", "estimates/reinforce"):
+        np.testing.assert_allclose(samples[name], expected[name], rtol=1e-5, atol=1e-6)
