@@ -291,3 +291,102 @@ def test_a_dropped_signal_stops_training_before_its_first_call(tmp_path, capsys,
     error = capsys.readouterr().err
     assert "interrupted (SIGTERM); before the first checkpoint: nothing to resume" in error
     assert not (out / "metrics.csv").exists()  # stopped before the first training call
+
+
+# ------------------------------------------------------------- signals at random moments
+
+
+def _subprocess(arguments: list[str], rng, stop_after: tuple[float, float]):
+    """Run ``diffpg ARGUMENTS`` in a new process; at a random moment in ``stop_after`` seconds
+    send it SIGINT, SIGTERM or SIGKILL. Returns ``(exit status, stderr)``; a clean stop is one
+    line and no traceback."""
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffpg.cli", *arguments], text=True,
+        env=os.environ | {"PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + rng.uniform(*stop_after)
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]))
+    _, stderr = process.communicate(timeout=600)
+    status = process.returncode
+    assert status in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGKILL), stderr
+    assert "Traceback" not in stderr, stderr[-2000:]
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        assert "interrupted" in stderr.rstrip("\n").splitlines()[-1], stderr[-2000:]
+    return status, stderr
+
+
+@pytest.mark.slow
+def test_comparisons_stopped_by_any_signal_at_random_moments_resume_to_the_same_result(tmp_path):
+    """Start a comparison, stop it with a random signal at a random moment, continue it
+    (``--resume`` once a point is kept, else start again), until one finishes: what it writes
+    is what an uninterrupted comparison writes, and at every stop the folder holds either
+    nothing or a readable, consistent part of it."""
+    import random
+
+    import numpy as np
+
+    from diffpg.compare import load_finished_points
+
+    arguments = ["compare", "--env", "lqr", "--estimators", "bptt", "reinforce", "--horizon",
+                 "8", "--num-estimates", "4", "--num-envs", "2", "--critic-warmup", "0"]
+    whole = tmp_path / "whole"
+    assert cli.main(arguments + ["--out", str(whole)]) == 0
+    expected = json.loads((whole / "results.json").read_text())
+    rng = random.Random(0)
+    for trial in range(1):
+        out, log = tmp_path / f"stopped-{trial}", []
+        command = arguments + ["--out", str(out)]
+        for _ in range(16):
+            status, _ = _subprocess(command, rng, (3.0, 25.0))
+            log.append(status)
+            if status == 0:
+                break
+            if (out / "results.json").exists():
+                settings, finished = load_finished_points(out)  # readable and consistent
+                assert 1 <= len(finished) <= len(settings.points), log
+                command = ["compare", "--resume", str(out)]
+            else:  # stopped before its first point: nothing kept, start again
+                command = arguments + ["--out", str(out), "--overwrite"]
+        else:
+            raise AssertionError(f"the comparison never finished: {log}")
+        resumed = json.loads((out / "results.json").read_text())
+        assert _without_times(resumed["results"]) == _without_times(expected["results"]), log
+        with np.load(out / "samples.npz") as a, np.load(whole / "samples.npz") as b:
+            for name in b.files:
+                np.testing.assert_array_equal(a[name], b[name])
+        assert (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_videos_stopped_by_any_signal_at_random_moments_keep_the_earlier_gif(tmp_path):
+    """``diffpg video`` stopped at random moments: the GIF at ``--out`` is the earlier one
+    until a run finishes, then a whole new one."""
+    import random
+
+    from PIL import Image
+
+    from diffpg.runs import train
+    from diffpg.training import settings_for
+
+    run = tmp_path / "run"
+    train(settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=2, horizon=4,
+                       eval_envs=2, hidden_sizes=(8,)), run)
+    gif = tmp_path / "policy.gif"
+    gif.write_bytes(b"GIF89a earlier")
+    rng, log = random.Random(1), []
+    for _ in range(12):
+        status, _ = _subprocess(["video", str(run), "--out", str(gif), "--every", "4"], rng,
+                                (1.0, 8.0))
+        log.append(status)
+        if status == 0:
+            break
+        assert gif.read_bytes() == b"GIF89a earlier", log
+    else:
+        raise AssertionError(f"the video never finished: {log}")
+    with Image.open(gif) as image:
+        assert image.n_frames > 1
