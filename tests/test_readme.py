@@ -36,3 +36,25 @@ def test_the_check_catches_a_changed_number(readme_numbers):
     assert readme_numbers.differences(written, "| shac | 35.9 | 2.2 | 0.0745 | yes |\n", 0.02)
     assert readme_numbers.differences(written, "| shac | 35.9 | 1.98 | 0.0745 | not resolved |\n",
                                       0.02)
+
+
+def test_every_test_the_guarantees_name_exists():
+    """The README's "Runs you can trust" table names a test for each guarantee
+    (``test_file.py::test_name``, or ``::test_name`` for the file named before it on the row):
+    each is a test function of that file."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Runs you can trust")[1].split("\n## ")[0]
+    named = []
+    for row in table.splitlines():
+        current = None
+        for file, name in re.findall(r"`(test_\w+\.py)?(?:::(\w+))?`", row):
+            current = file or current
+            if name:
+                named.append((current, name))
+    assert len(named) >= 20
+    for file, name in named:
+        source = (root / "tests" / file).read_text()
+        assert f"def {name}(" in source, f"README names {file}::{name}, which does not exist"
