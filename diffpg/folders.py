@@ -152,8 +152,8 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
     except FileNotFoundError:
         raise SettingError(f"out={str(out)!r} cannot be created (the working directory is "
                            "gone?); choose another --out") from None
-    except PermissionError:
-        raise SettingError(f"out={str(out)!r} cannot be created (permission denied); choose "
+    except OSError as error:  # permission denied, a read-only file system, ...
+        raise SettingError(f"out={str(out)!r} cannot be created ({error.strerror}); choose "
                            "another --out") from None
     check_writable(out)
     return out

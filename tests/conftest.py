@@ -214,3 +214,21 @@ def compiles():
         yield compiled
     finally:
         pxla.MeshComputation.compile = original
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str, read_only: bool = False):
+    """A tmpfs of ``size`` (``"2m"``) mounted at the new folder ``folder`` (read-only if asked):
+    a disk that fills up. Skips the test where mounting is not allowed."""
+    import subprocess
+
+    folder.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

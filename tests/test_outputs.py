@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import compiles
+from conftest import compiles, small_disk
 
 from diffpg import cli
 from diffpg.folders import run_lock
@@ -60,6 +60,20 @@ def test_a_compare_into_a_folder_in_use_is_refused(tmp_path, capsys, monkeypatch
     assert computed == [] and (out / "results.json").read_text() == "another process's"
 
 
+def test_a_train_into_a_comparisons_folder_in_use_is_refused(tmp_path, capsys):
+    """compare and train take the same lock: neither writes into a folder the other is using."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "results.json").write_text("a comparison's")
+    with run_lock(out):
+        assert cli.main(["train", "--env", "pendulum", "--num-envs", "2", "--horizon", "4",
+                         "--updates", "2", "--updates-per-call", "2", "--eval-envs", "2",
+                         "--out", str(out), "--overwrite"]) == 2
+    _one_line(capsys, "is in use by process")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert (out / "results.json").read_text() == "a comparison's"
+
+
 def test_overwrite_leaves_no_earlier_result_beside_the_new_one(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -104,6 +118,44 @@ def test_a_compare_stopped_before_writing_leaves_no_folder(tmp_path, capsys, mon
     assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["a read-only disk", "a folder on a read-only disk",
+                                   "a deleted working directory"])
+def test_compare_onto_a_folder_it_cannot_write_is_one_line_before_any_work(
+        tmp_path, capsys, monkeypatch, where):
+    import contextlib
+
+    from diffpg import compare
+
+    computed = []
+    monkeypatch.setattr(compare, "run_comparison", lambda *args, **kw: computed.append(args))
+    with contextlib.ExitStack() as stack:
+        if where == "a deleted working directory":
+            gone = tmp_path / "gone"
+            gone.mkdir()
+            monkeypatch.chdir(gone)
+            gone.rmdir()
+            arguments = SMALL_COMPARE  # the default folder, runs/compare-..., under the gone one
+        else:
+            disk = stack.enter_context(small_disk(tmp_path / "disk", "1m", read_only=True))
+            out = disk if where == "a read-only disk" else disk / "out"
+            arguments = SMALL_COMPARE + ["--out", str(out), "--overwrite"]
+        assert cli.main(arguments) == 2
+    _one_line(capsys, "out=", "choose another --out")
+    assert computed == []
+
+
+def test_a_disk_that_fills_up_during_a_compare_is_one_line_and_keeps_no_partial_file(
+        tmp_path, capsys):
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        (disk / "filler").write_bytes(b"\0" * 60_000)
+        out = disk / "out"
+        assert cli.main(SWEEP + ["--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error
+        assert "no space left on the device of" in error.rstrip("\n").splitlines()[-1], error
+        assert not [p for p in out.rglob("*") if ".partial" in p.name]
 
 
 SWEEP = ["compare", "--env", "lqr", "--estimators", "bptt", "reinforce", "--horizon", "4",

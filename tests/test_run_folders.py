@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compiles
+from conftest import compiles, small_disk
 
 from diffpg import cli
 from diffpg.runs import checkpoint_updates, evaluate_run, load_settings, train
@@ -340,19 +340,6 @@ def test_a_checkpoint_of_other_shapes_is_one_line_without_orbax_s_tracebacks(tmp
 # ----------------------------------------------------------------------------- 6. disk full
 
 
-@contextlib.contextmanager
-def _tmpfs(folder: Path, size: str):
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
 # Orbax's unfinished writes of the failed save end, when collected, with an exception nobody
 # can retrieve any more: expected here, and not this test's subject.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -360,7 +347,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path
     """A disk that fills up during a run, and one full before a run starts: one line naming the
     folder each time, no temporary folder left, settings.json whole; once space is freed the run
     resumes."""
-    with _tmpfs(tmp_path / "disk", "2m") as disk:
+    with small_disk(tmp_path / "disk", "2m") as disk:
         (disk / "filler").write_bytes(b"\0" * 1_550_000)
         out = disk / "run"
         arguments = ["train", *SMALL, "--updates", "200", "--updates-per-call", "2",
