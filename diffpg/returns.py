@@ -34,8 +34,8 @@ def reward_to_go(values: jax.Array, done: jax.Array, discount: float = 1.0) -> j
     """``psi_t = sum_{t' >= t, same episode} discount^(t' - t) values_{t'}``, ``[T, B]``.
 
     With ``values = w * reward`` (already discounted from the episode start) and ``discount = 1``
-    this is the reward-to-go that multiplies the score at step ``t`` in REINFORCE (causality,
-    seeds/002): actions cannot change rewards of the past, nor of a later episode. With the raw
+    this is the reward-to-go that multiplies the score at step ``t`` in REINFORCE (causality:
+    actions cannot change rewards of the past, nor of a later episode). With the raw
     rewards and ``discount = gamma`` it is the Monte-Carlo return from each step (value targets).
     """
 

@@ -1,5 +1,5 @@
 """Finding S4: at a fixed budget of n*k environment steps, does a policy-gradient estimate behave like
-n independent samples (trajectories) or like n*k (steps)? ("intuition 3", seeds/000.)
+n independent samples (trajectories) or like n*k (steps)?
 
 Setting: the LQR (double integrator, ``Q = I``, ``R = 0.1``) started *at rest at the origin*
 (``init_mean = 0``, ``init_std = 0``: every trajectory starts from the same state, so the only
@@ -27,9 +27,9 @@ use the **per-step average** objective (discount 1)::
 
 Estimators (``diffpg.estimators``): REINFORCE with reward-to-go and a leave-one-out baseline (the
 library's default), REINFORCE weighting every score by the *whole* return (``reward_to_go=False``,
-leave-one-out baseline: "reinforce all the actions that led to the win", the case intuition 3
-describes), and BPTT (pathwise). Statistics: ``diffpg.stats.gradient_statistics`` of ``--num-estimates``
-independent estimates against the exact gradient.
+leave-one-out baseline: "reinforce all the actions that led to the win", the case where one return
+multiplies every score), and BPTT (pathwise). Statistics: ``diffpg.stats.gradient_statistics``
+of ``--num-estimates`` independent estimates against the exact gradient.
 
 Run: ``python experiments/s4_batch_shape.py [--out DIR] [--overwrite]``.
 """

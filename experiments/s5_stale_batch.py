@@ -1,6 +1,6 @@
 """Finding S5: several gradient steps on one batch bias REINFORCE unless the data is importance-weighted.
 
-Claim under test (seeds/000 intuition 2, seeds/002 "importance sampling"): the score-function
+Claim under test (a common intuition about reusing a batch): the score-function
 estimate is unbiased only while the data comes from the policy being differentiated. After steps on
 the same batch, the unweighted estimate ``sum_t grad log pi_theta(u_t|s_t) (psi_t - b_t)`` at the new
 ``theta`` is biased; with per-decision importance weights ``rho_{0:t} = prod pi_theta / pi_theta0``

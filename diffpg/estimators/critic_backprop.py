@@ -13,7 +13,7 @@ error in ``dQ/da``. ``deterministic=True`` differentiates through the mean actio
 
 The critic is trained by ``update``, after the gradient is taken, by TD with a target network:
 ``y = r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` with fresh noise ``eps'`` (a
-semi-gradient, not a gradient of any loss, seeds/000), then Polyak averaging. The learned critic
+semi-gradient, not a gradient of any loss), then Polyak averaging. The learned critic
 ignores the time left, as SAC's does. Its data is either the estimate's own rollout
 (``replay_capacity=0``: on-policy, what a comparison on fixed states wants) or, as in SAC and DDPG,
 minibatches drawn from a replay buffer of the last ``replay_capacity`` transitions (off-policy:

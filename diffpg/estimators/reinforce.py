@@ -9,19 +9,19 @@ with the advantage ``A_t`` one of:
 * ``advantage="monte_carlo"``: ``A_t = psi_t - rho_{0:t} b_t`` where
 
   - ``psi_t`` is the episode's total discounted return (``reward_to_go=False``) or, by causality,
-    only the rewards from ``t`` on (``reward_to_go=True``, seeds/002), both weighted by ``w`` from
+    only the rewards from ``t`` on (``reward_to_go=True``), both weighted by ``w`` from
     the episode's start so that the estimate is of ``grad J`` itself;
-  - ``b_t`` is a baseline that must not depend on ``u_t`` (seeds/001, appendix B): ``none``;
+  - ``b_t`` is a baseline that must not depend on ``u_t`` (then ``E[g_t b_t] = 0``): ``none``;
     ``batch_mean`` (mean of ``psi_t`` over the batch: it contains the sample's own return, so the
     estimate is scaled by exactly ``1 - 1/n``, a bias kept for study); ``leave_one_out`` (mean
     over the *other* rollouts of the pool: unbiased, RLOO); ``value`` (``w_t V(s_t, steps left)``
     from a learned critic, fitted by ``update`` after the gradient is taken: unbiased);
     ``optimal`` (per parameter coordinate ``p``, ``b*_t[p] = E[g_t[p]^2 psi_t] / E[g_t[p]^2]``
-    with ``g = grad log pi``, seeds/001 appendix C, estimated leave-one-out so it stays
-    unbiased; costs per-sample scores, memory ``O(T * n * num_params)``; optimal only under that
-    appendix's simplification, one step at a time, and can lose to ``leave_one_out``);
+    with ``g = grad log pi`` (Greensmith et al. 2004), estimated leave-one-out so it stays
+    unbiased; costs per-sample scores, memory ``O(T * n * num_params)``; optimal only under the
+    simplification that treats each step apart, and can lose to ``leave_one_out``);
   - ``rho_{0:t} = prod_{t' <= t} pi_theta(u_t') / pi_behaviour(u_t')``: per-decision importance
-    weights for data collected by an older policy (seeds/002), with
+    weights for data collected by an older policy, with
     ``psi_t = sum_{t' >= t} rho_{0:t'} w_t' r_t'``; all ``rho = 1`` for fresh data
     (``score_function_gradient(..., behaviour_log_prob=...)``; ``experiments/s5_stale_batch.py``).
 
