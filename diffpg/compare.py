@@ -396,6 +396,8 @@ def run_comparison(settings: CompareSettings,
         return {
             "settings": dataclasses.asdict(settings),
             "reference_kind": reference_kind,
+            "families": {spec.label: estimators.registration(spec.name).family
+                         for spec in settings.specs},
             "num_parameters": num_parameters,
             "finished_points": len(entries),
             "total_points": len(points),

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
 from diffpg.devices import environment_description  # noqa: E402
+from diffpg.estimators import FAMILIES  # noqa: E402
 from diffpg.folders import atomic_path  # noqa: E402
 
 TABLE_COLUMNS = (
@@ -96,51 +97,85 @@ def _labels(results):
     return list(results["results"][0]["estimators"])
 
 
+def _by_family(results) -> dict[str, list[str]]:
+    """The estimators' labels grouped by the family each declared (``estimators.FAMILIES``
+    order; results written before families were recorded: one group)."""
+    families = results.get("families", {})
+    grouped: dict[str, list[str]] = {}
+    for family in (*FAMILIES, *sorted(set(families.values()) - set(FAMILIES))):
+        labels = [label for label in _labels(results) if families.get(label, "other") == family]
+        if labels:
+            grouped[family] = labels
+    return grouped
+
+
 SWEEP_AXIS = {"horizon": "horizon T (steps)", "stiffness": "wall stiffness (N/m)",
               "batch": "trajectories n per estimate (k = budget / n steps each)"}
+MARKERS = "osD^v<>ph*"
+
+
+def _title(results) -> str:
+    settings = results["settings"]
+    values = [entry["sweep_value"] for entry in results["results"]]
+    swept = (f"{settings['sweep']} {values[0]:g} to {values[-1]:g}" if len(values) > 1
+             else f"T = {results['results'][-1]['horizon']}")
+    return (f"{settings['env']}, {swept}: {settings['num_estimates']} estimates x "
+            f"{settings['num_envs']} start states each; reference: "
+            f"{results['results'][-1]['reference']['kind']}")
 
 
 def _plot_against_sweep(results, path: Path) -> Path:
-    horizons = [entry["sweep_value"] for entry in results["results"]]
+    """Small multiples: one row per family of estimators, columns variance, relative bias (with
+    each estimator's detection limit in its own colour and marker) and the mean's norm beside the
+    reference gradient's."""
+    values = [entry["sweep_value"] for entry in results["results"]]
     x_label = SWEEP_AXIS[results["settings"]["sweep"]]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label in _labels(results):
-        def series(key, label=label):
-            return [entry["estimators"][label].get(key) for entry in results["results"]]
-
-        variance = series("variance_trace")
-        low = [i[0] for i in series("variance_trace_interval")]
-        high = [i[1] for i in series("variance_trace_interval")]
-        if results["settings"]["sweep"] == "batch":  # objectives differ with k: normalise
-            squared_norms = [entry["reference"]["norm"] ** 2 for entry in results["results"]]
-            variance, low, high = ([v / n2 for v, n2 in zip(values, squared_norms, strict=True)]
-                                   for values in (variance, low, high))
-        line, = axes[0].plot(horizons, variance, marker="o", label=label)
-        axes[0].fill_between(horizons, low, high, color=line.get_color(), alpha=0.2)
-        bias_line, = axes[1].plot(horizons, series("relative_bias"), label=label)
-        resolved = series("bias_resolved")
-        axes[1].scatter(horizons, series("relative_bias"), color=bias_line.get_color(),
-                        facecolors=[bias_line.get_color() if r else "none" for r in resolved],
-                        zorder=3)
-        axes[1].plot(horizons, series("relative_bias_detection_limit"), linestyle=":",
-                     color=bias_line.get_color())
-        axes[2].plot(horizons, series("mean_norm"), marker="o", label=label)
     batch = results["settings"]["sweep"] == "batch"
-    axes[0].set(xscale="log", yscale="log", xlabel=x_label,
-                ylabel=("variance / |reference|^2" if batch
-                        else "trace of covariance of one estimate"),
-                title="Variance (90% bootstrap band)")
-    axes[1].set(xscale="log", yscale="log", xlabel=x_label,
-                ylabel="|mean - reference| / |reference|",
-                title="Relative bias (hollow: not resolved; dotted: detection limit)")
-    axes[2].set(xscale="log", yscale="log", xlabel=x_label,
-                ylabel="mean |g|", title="Gradient norm")
-    for axis in axes:
+    grouped = _by_family(results)
+    figure, axes = plt.subplots(len(grouped), 3, figsize=(15, 3.3 * len(grouped) + 0.8),
+                                sharex=True, sharey="col", squeeze=False)
+    squared_norms = [entry["reference"]["norm"] ** 2 for entry in results["results"]]
+    for row, (family, labels) in zip(axes, grouped.items(), strict=True):
+        for index, label in enumerate(labels):
+            def series(key, label=label):
+                return [entry["estimators"][label].get(key) for entry in results["results"]]
+
+            style = {"marker": MARKERS[index % len(MARKERS)], "color": f"C{index}"}
+            variance = series("variance_trace")
+            low = [i[0] for i in series("variance_trace_interval")]
+            high = [i[1] for i in series("variance_trace_interval")]
+            if batch:  # objectives differ with k: normalise
+                variance, low, high = ([v / n2 for v, n2 in zip(v_, squared_norms, strict=True)]
+                                       for v_ in (variance, low, high))
+            row[0].plot(values, variance, label=label, **style)
+            row[0].fill_between(values, low, high, color=style["color"], alpha=0.15)
+            bias = series("relative_bias")
+            resolved = series("bias_resolved")
+            row[1].plot(values, bias, color=style["color"], label=label)
+            row[1].scatter(values, bias, marker=style["marker"], color=style["color"],
+                           facecolors=[style["color"] if r else "none" for r in resolved],
+                           zorder=3)
+            row[1].plot(values, series("relative_bias_detection_limit"), linestyle=":",
+                        marker=style["marker"], markersize=3, color=style["color"])
+            row[2].plot(values, series("mean_norm"), label=label, **style)
+        row[2].plot(values, [entry["reference"]["norm"] for entry in results["results"]],
+                    color="black", linestyle="--", label="reference |grad J|")
+        row[0].set_ylabel(f"{family}\n" + ("variance / |reference|^2" if batch
+                                            else "trace of covariance"))
+        row[1].set_ylabel("|mean - reference| / |reference|")
+        row[2].set_ylabel("norm")
+        row[0].legend(fontsize=8, loc="best")
+        row[2].legend(fontsize=8, loc="best", handles=row[2].get_lines()[-1:])
+    axes[0][0].set_title("Variance of one estimate (90% bootstrap band)")
+    axes[0][1].set_title("Relative bias (hollow: not resolved; dotted: detection limit)")
+    axes[0][2].set_title("Norm of the mean estimate")
+    for axis in axes.ravel():
+        axis.set(xscale="log", yscale="log")
         axis.grid(True, which="both", alpha=0.3)
-        axis.set_xticks(horizons, [f"{h:g}" for h in horizons])
-    axes[0].legend(fontsize=8)
-    figure.suptitle(f"{results['settings']['env']}: {results['settings']['num_estimates']} "
-                    f"estimates x {results['settings']['num_envs']} start states each")
+        axis.set_xticks(values, [f"{v:g}" for v in values])
+    for axis in axes[-1]:
+        axis.set_xlabel(x_label)
+    figure.suptitle(_title(results))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -148,37 +183,48 @@ def _plot_against_sweep(results, path: Path) -> Path:
 
 
 def _plot_bias_and_cosine(results, path: Path) -> Path:
+    """At the sweep's last point, one row per estimator (grouped by family): the relative bias
+    on a log axis beside its sampling noise and detection limit, and how far the mean and a
+    single estimate point from the reference (``1 - cosine``, log axis: 0 is the same
+    direction)."""
     final = results["results"][-1]
-    labels = _labels(results)
+    grouped = _by_family(results)
+    labels = [label for group in grouped.values() for label in group]
+    names = [f"{label} ({family})" for family, group in grouped.items() for label in group]
     stats = [final["estimators"][label] for label in labels]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    positions = range(len(labels))
-    biases = [s.get("relative_bias") or 0.0 for s in stats]
-    noise = [(s.get("bias_noise") or 0.0) / max(final["reference"]["norm"], 1e-30)
-             for s in stats]
-    bars = axes[0].bar(positions, biases, color="tab:blue")
-    axes[0].scatter(positions, noise, color="black", marker="_", s=600, zorder=3,
-                    label="sampling noise (RMS)")
-    axes[0].scatter(positions, [s.get("relative_bias_detection_limit") or 0.0 for s in stats],
-                    color="tab:red", marker="_", s=600, zorder=3,
-                    label="detection limit (larger biases resolved with prob. > 1/2)")
+    figure, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.42 * len(labels)), sharey=True)
+    positions = np.arange(len(labels))[::-1]
+    reference_norm = max(final["reference"]["norm"], 1e-30)
+    tiny = 1e-8
+
+    def positive(values):
+        return [max(v or 0.0, tiny) for v in values]
+
+    biases = positive([s.get("relative_bias") for s in stats])
+    bars = axes[0].barh(positions, biases, color="tab:blue", height=0.6)
     for bar, s in zip(bars, stats, strict=True):
         if not s.get("bias_resolved"):
             bar.set_hatch("//")
             bar.set_alpha(0.5)
-    axes[0].set(ylabel="|mean - reference| / |reference|",
+    axes[0].scatter(positive([(s.get("bias_noise") or 0.0) / reference_norm for s in stats]),
+                    positions, color="black", marker="|", s=300, zorder=3,
+                    label="sampling noise (RMS)")
+    axes[0].scatter(positive([s.get("relative_bias_detection_limit") for s in stats]),
+                    positions, color="tab:red", marker="|", s=300, zorder=3,
+                    label="detection limit")
+    axes[0].set(xscale="log", xlabel="|mean - reference| / |reference|",
                 title=f"Relative bias at T={final['horizon']} (hatched: not resolved)")
-    axes[0].legend(fontsize=8)
-    axes[1].bar(positions, [s.get("cosine_to_reference") or 0.0 for s in stats],
-                color="tab:green", label="mean estimate")
-    axes[1].scatter(positions, [s.get("mean_cosine_to_reference") or 0.0 for s in stats],
-                    color="black", zorder=3, label="single estimate (mean)")
-    axes[1].set(ylim=(-1.05, 1.05), ylabel="cosine to reference",
-                title="Direction agreement with the reference")
-    axes[1].legend(fontsize=8)
+    axes[1].barh(positions, positive([1 - (s.get("cosine_to_reference") or 0.0) for s in stats]),
+                 color="tab:green", height=0.6, label="mean estimate")
+    axes[1].scatter(positive([1 - (s.get("mean_cosine_to_reference") or 0.0) for s in stats]),
+                    positions, color="black", zorder=3, label="one estimate (mean)")
+    axes[1].set(xscale="log", xlabel="1 - cosine to the reference (0: same direction)",
+                title=f"Direction at T={final['horizon']}")
+    axes[0].set_yticks(positions, names)
     for axis in axes:
-        axis.set_xticks(list(positions), labels, rotation=20, ha="right")
-        axis.grid(True, axis="y", alpha=0.3)
+        axis.grid(True, axis="x", which="both", alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
+    figure.suptitle(_title(results))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -20,6 +20,7 @@ from diffpg.compare import CompareSettings
 from diffpg.estimators import Batch, Estimate, Estimator
 from diffpg.normalization import normalize
 from diffpg.policy import make_gaussian_mlp_policy
+from envs.core import SettingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,8 @@ def test_a_user_estimator_runs_in_compare_and_train(user_estimator, tmp_path):
                      "--num-envs", "4", "--critic-warmup", "5", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert user_estimator in results["results"][0]["estimators"]
+    # Reports group estimators by the family each declared; undeclared: "other".
+    assert results["families"] == {user_estimator: "other", "bptt": "pathwise"}
     run = tmp_path / "train"
     assert cli.main(["train", "--env", "pendulum", "--updates", "4", "--updates-per-call", "2",
                      "--num-envs", "4", "--eval-envs", "2", "--hidden-sizes", "16",
@@ -113,6 +116,13 @@ def test_a_user_estimator_runs_in_compare_and_train(user_estimator, tmp_path):
     assert settings["estimator"] == user_estimator
     assert settings["estimator_settings"] == {"horizon": 8, "discount": 0.99,
                                               "baseline_rate": 0.5}
+
+
+def test_a_family_outside_the_known_ones_is_refused():
+    with pytest.raises(SettingError, match="family='gradient' is not allowed; allowed values"):
+        estimators.register("family_less", RunningBaselineSettings, make_running_baseline,
+                            family="gradient")
+    assert "family_less" not in estimators.names()
 
 
 def test_diffpg_import_registers_a_module_s_estimators(tmp_path, monkeypatch, capsys):

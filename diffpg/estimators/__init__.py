@@ -53,6 +53,7 @@ from typing import Any
 
 from diffpg.estimators.base import Batch, Estimate, Estimator, EstimatorState
 from diffpg.estimators.registry import (
+    FAMILIES,
     Registration,
     names,
     reference_estimator,
@@ -63,6 +64,7 @@ from diffpg.estimators.registry import (
 from envs.core import SettingError
 
 __all__ = [
+    "FAMILIES",
     "Batch",
     "Estimate",
     "Estimator",

@@ -231,4 +231,4 @@ def _comparison(horizon: int) -> dict:
             "adapt": False}
 
 
-register("ahac", AhacSettings, make_ahac, comparison=_comparison)
+register("ahac", AhacSettings, make_ahac, comparison=_comparison, family="pathwise")

@@ -126,4 +126,4 @@ def make_alpha_order(
     return Estimator(init, estimate, learns_nothing, settings)
 
 
-register("alpha_order", AlphaOrderSettings, make_alpha_order)
+register("alpha_order", AlphaOrderSettings, make_alpha_order, family="mixture")

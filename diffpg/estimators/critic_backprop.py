@@ -234,7 +234,7 @@ def make_critic_backprop(
     return Estimator(init, estimate, update, settings)
 
 
-register("critic_backprop", CriticBackpropSettings, make_critic_backprop,
+register("critic_backprop", CriticBackpropSettings, make_critic_backprop, family="critic",
          comparison=lambda horizon: {"finite_horizon": True},
          # Off-policy critic fitted on a replay buffer, as SAC and DDPG train it.
          training={"replay_capacity": 1 << 17, "replay_batch_size": 256,

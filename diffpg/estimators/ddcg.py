@@ -127,4 +127,4 @@ def make_ddcg(env: Environment, policy: Policy,
     return Estimator(init, estimate, learns_nothing, settings)
 
 
-register("ddcg", DdcgSettings, make_ddcg)
+register("ddcg", DdcgSettings, make_ddcg, family="mixture")

@@ -246,4 +246,4 @@ def make_ivw(env: Environment, policy: Policy, settings: IvwSettings = IvwSettin
     return Estimator(init, estimate, learns_nothing, settings)
 
 
-register("ivw", IvwSettings, make_ivw)
+register("ivw", IvwSettings, make_ivw, family="mixture")

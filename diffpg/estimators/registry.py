@@ -13,6 +13,7 @@ An estimator declares, in its own file, when it registers:
   ``TrainSettings`` fields, e.g. PPO's learning rate and epochs).
 * ``reference=True``: unbiased for the comparison objective on any environment, with nothing
   to learn first: the reference gradient of comparisons where no exact one exists.
+* ``family``: one of ``FAMILIES``, the kind of gradient it takes (reports group by it).
 
 Whether it has learned parts to warm up before a comparison is not declared: ``update`` says it
 (an estimator whose state holds no array learns nothing).
@@ -42,9 +43,15 @@ class Registration:
     trainer: Mapping[str, Any]
     reference: bool
     description: str
+    family: str = "other"
 
 
 _REGISTRY: dict[str, Registration] = {}
+
+FAMILIES = ("score function", "pathwise", "critic", "mixture", "other")
+"""The kinds of gradient estimators declare, in the order reports show them: the score
+function (REINFORCE and kin), the pathwise gradient through the dynamics (BPTT, SHAC and kin),
+the gradient through a learned critic, mixtures of these, and anything else."""
 
 
 def _no_change(horizon: int) -> dict[str, Any]:
@@ -61,15 +68,16 @@ def register(
     training: Mapping[str, Any] | None = None,
     trainer: Mapping[str, Any] | None = None,
     reference: bool = False,
+    family: str = "other",
     replace: bool = False,
 ) -> Registration:
     """Make estimator ``name`` available to ``make``, ``diffpg compare`` and ``diffpg train``.
 
     ``settings_class``: a frozen dataclass with at least ``horizon`` and ``discount`` fields
     (its docstring describes the estimator; the string under each field documents it);
-    ``constructor(env, policy, settings) -> Estimator``. ``comparison``, ``training`` and
-    ``trainer`` are the declarations in the module docstring. ``replace=True`` allows
-    registering a name again (otherwise an error).
+    ``constructor(env, policy, settings) -> Estimator``. ``comparison``, ``training``,
+    ``trainer``, ``reference`` and ``family`` are the declarations in the module docstring.
+    ``replace=True`` allows registering a name again (otherwise an error).
     """
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise SettingError(f"estimator name={name!r} must be a Python identifier")
@@ -91,6 +99,8 @@ def register(
     if missing:
         raise SettingError(f"settings_class {settings_class.__name__} lacks the field(s) "
                            f"{sorted(missing)} every estimator has")
+    if family not in FAMILIES:
+        raise SettingError(f"family={family!r} is not allowed; allowed values: {list(FAMILIES)}")
     if not callable(constructor):
         raise SettingError(f"constructor={constructor!r} must be callable")
     training = dict(training or {})
@@ -102,7 +112,8 @@ def register(
     description = " ".join((settings_class.__doc__ or "").strip().split("\n\n")[0].split())
     description = description.rstrip(".")
     registration = Registration(name, settings_class, constructor, comparison or _no_change,
-                                training, dict(trainer or {}), bool(reference), description)
+                                training, dict(trainer or {}), bool(reference), description,
+                                family)
     _REGISTRY[name] = registration
     return registration
 

@@ -439,8 +439,8 @@ register("reinforce", ReinforceSettings, make_reinforce,
          # On-policy actor with a learned value baseline on reward-to-go (A2C-like).
          training={"baseline": "value", "reward_to_go": True},
          # Leave-one-out REINFORCE is unbiased on any env and learns nothing first.
-         reference=True)
-register("ppo", PpoSettings, make_reinforce,
+         reference=True, family="score function")
+register("ppo", PpoSettings, make_reinforce, family="score function",
          # For comparisons: GAE for the finite-horizon objective, advantages not standardised
          # (unbiased with the true value; a learned critic's error is its bias).
          comparison=lambda horizon: {"finite_horizon": True, "normalize_advantages": False},

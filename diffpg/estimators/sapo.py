@@ -155,4 +155,4 @@ def _comparison(horizon: int) -> dict:
     return largest_window_at_most(4)(horizon) | {"learn_temperature": False}
 
 
-register("sapo", SapoSettings, make_sapo, comparison=_comparison)
+register("sapo", SapoSettings, make_sapo, comparison=_comparison, family="pathwise")

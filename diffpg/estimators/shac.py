@@ -428,5 +428,6 @@ def largest_window_at_most(limit: int):
     return comparison
 
 
-register("bptt", BpttSettings, make_bptt)
-register("shac", ShacSettings, make_shac, comparison=largest_window_at_most(4))
+register("bptt", BpttSettings, make_bptt, family="pathwise")
+register("shac", ShacSettings, make_shac, comparison=largest_window_at_most(4),
+         family="pathwise")
