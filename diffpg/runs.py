@@ -410,7 +410,9 @@ def _loop(trainer, state, rows, run_dir, checkpoints, events, guard, on_log, las
                 write_tensorboard(events, run_dir, [row])
         if primary and (finished or stopping
                         or time.perf_counter() - last_plot > PLOT_EVERY_SECONDS):
-            plot_learning_curve(rows, run_dir / "learning_curve.png")
+            plot_learning_curve(rows, run_dir / "learning_curve.png", title=(
+                f"{settings.env}, {settings.estimator}: {settings.num_envs} envs x "
+                f"{settings.horizon} steps, {settings.seeds} seed(s) ({run_dir.name})"))
             last_plot = time.perf_counter()
         if on_log:
             on_log(row)
@@ -429,9 +431,9 @@ def _count(counter: jax.Array) -> int:
     return int(np.ravel(counter)[0])
 
 
-def plot_learning_curve(rows: list[dict], path: Path) -> None:
+def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
     """Evaluation return against env steps and against wall-clock time (mean over seeds with
-    its 95% confidence interval when a run trains several)."""
+    its 95% confidence interval and each seed's own curve when a run trains several)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,11 +450,17 @@ def plot_learning_curve(rows: list[dict], path: Path) -> None:
     for axis, x, label in ((axes[0], steps, "env steps"), (axes[1], seconds, "wall-clock (s)")):
         if any(band):
             axis.fill_between(x, low, high, alpha=0.25, label="95% CI over seeds")
-        axis.plot(x, reward, marker="o", label="deterministic policy")
+        axis.plot(x, reward, marker="o", label="deterministic policy"
+                  + (" (mean over seeds)" if any(band) else ""))
+        for index, seed in enumerate(k for k in rows[-1] if k.startswith("eval/episode_reward/seed_")):
+            axis.plot(x, [float(r[seed]) for r in rows], color="C0", linewidth=0.7, alpha=0.5,
+                      label="each seed" if index == 0 else None)
         axis.plot(x, stochastic, marker=".", alpha=0.7, label="stochastic policy")
         axis.set(xlabel=label, ylabel="eval episode return")
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100)
