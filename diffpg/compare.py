@@ -189,6 +189,12 @@ class CompareSettings:
             if run.env != self.env:
                 raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
                                    f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
+            default_sizes = CompareSettings.__dataclass_fields__["hidden_sizes"].default
+            if tuple(self.hidden_sizes) not in (default_sizes, tuple(run.hidden_sizes)):
+                raise SettingError(
+                    f"hidden_sizes={tuple(self.hidden_sizes)} is not the network of "
+                    f"policy_checkpoint={self.policy_checkpoint!r} ({tuple(run.hidden_sizes)}), "
+                    "which is compared with its own network; drop --hidden-sizes")
 
     def resolved(self) -> CompareSettings:
         """These settings with the sizes that follow num_estimates filled in (a small

@@ -28,6 +28,7 @@ from diffpg.runs import (
 )
 from diffpg.training import TrainSettings, make_optimizer, make_trainer, select_seed, settings_for
 from diffpg.video import episode_states, save_gif
+from envs.core import SettingError
 
 
 def _params(state):
@@ -312,6 +313,10 @@ def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
                     trainer.policy.distribution(trained.params, observations), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(obs_stats.mean), np.asarray(trained.obs_stats.mean))
+    # Other hidden sizes asked for beside the checkpoint: one line naming the setting.
+    with pytest.raises(SettingError, match=r"hidden_sizes=\(16,\) is not the network of"):
+        CompareSettings(env="pendulum", policy_checkpoint=str(run), hidden_sizes=(16,))
+    CompareSettings(env="pendulum", policy_checkpoint=str(run), hidden_sizes=(8, 8))  # its own
 
 
 @pytest.mark.slow
