@@ -61,7 +61,11 @@ from diffpg.normalization import (
 )
 from diffpg.options import check_not_owned, check_seed, parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
-from diffpg.stats import mean_confidence_half_width
+from diffpg.stats import (
+    interquartile_mean,
+    interquartile_mean_interval,
+    mean_confidence_half_width,
+)
 from envs.core import SettingError, State
 
 
@@ -636,7 +640,9 @@ def select_seed(state: TrainState, index: int) -> TrainState:
 def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float]:
     """Per-seed metrics ``[seeds]`` -> their mean; for ``eval/`` metrics also the half-width of
     a 95% Student-t confidence interval of the mean (``NAME_ci95``) and each seed's value
-    (``NAME/seed_i``). ``training/nonfinite_updates`` is summed over seeds. One seed: as is."""
+    (``NAME/seed_i``); for the evaluation return also its interquartile mean over seeds with a
+    95% percentile-bootstrap interval (``_iqm``, ``_iqm_low``, ``_iqm_high``).
+    ``training/nonfinite_updates`` is summed over seeds. One seed: as is."""
     if seeds == 1:
         return {k: float(v) for k, v in values.items()}
     row = {}
@@ -649,4 +655,7 @@ def summarize_seeds(values: dict[str, jax.Array], seeds: int) -> dict[str, float
         if name.startswith("eval/") and not name.endswith("_std"):
             row[f"{name}_ci95"] = mean_confidence_half_width(value)
             row |= {f"{name}/seed_{i}": float(v) for i, v in enumerate(value)}
+        if name == "eval/episode_reward":
+            row[f"{name}_iqm"] = interquartile_mean(value)
+            row[f"{name}_iqm_low"], row[f"{name}_iqm_high"] = interquartile_mean_interval(value)
     return row

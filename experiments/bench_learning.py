@@ -40,7 +40,11 @@ import envs  # noqa: E402
 from diffpg.configs import config_for, default_estimator  # noqa: E402
 from diffpg.options import parse_spec  # noqa: E402
 from diffpg.runs import train  # noqa: E402
-from diffpg.stats import mean_confidence_half_width  # noqa: E402
+from diffpg.stats import (  # noqa: E402
+    interquartile_mean,
+    interquartile_mean_interval,
+    mean_confidence_half_width,
+)
 from diffpg.training import TrainSettings, settings_for  # noqa: E402
 
 PPO_INVERTED_PENDULUM = {
@@ -251,6 +255,9 @@ def main() -> None:
         rows.append({"learner": learner, "final_reward": final["reward"],
                      "final_ci95": final.get("ci95", 0.0),
                      "final_per_seed": " ".join(f"{r:.0f}" for r in final.get("seeds", [])),
+                     "final_iqm": interquartile_mean(final.get("seeds") or [final["reward"]]),
+                     "final_iqm_interval": "[{:.0f}, {:.0f}]".format(
+                         *interquartile_mean_interval(final.get("seeds") or [final["reward"]])),
                      "best_reward": max(c["reward"] for c in curve),
                      "env_steps": final["env_steps"], "seconds": final["seconds"]})
     targets = {}
@@ -273,7 +280,8 @@ def main() -> None:
     header = (f"{env_name} ({backend or 'default'} backend), {num_envs} envs, horizon " + ", ".join(
         f"{h} ({learner})" for learner, h in horizons.items()) + f", ~{steps} env steps each, "
               f"{arguments.seeds} seed(s); rewards are means over seeds, bands their 95% CI")
-    table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "final_per_seed",
+    table = common.format_table(rows, ["learner", "final_reward", "final_ci95", "final_iqm",
+                                       "final_iqm_interval", "final_per_seed",
                                        "best_reward", "env_steps", "seconds"])
     print(header)
     print(table)

@@ -346,3 +346,31 @@ def test_a_comparison_larger_than_memory_runs_its_estimates_a_few_at_a_time(monk
     assert chunks == [2, 2]
     for name in ("estimates/bptt", "estimates/reinforce"):
         np.testing.assert_allclose(samples[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_variance_interval_covers_the_true_variance_at_its_level():
+    """The 90% percentile-bootstrap interval of the variance's trace, over 200 independent
+    sets of 64 normal estimates of known covariance, covers the true trace in 90% of them up to
+    the percentile bootstrap's known undercoverage at this size (measured: 0.84; 0.8-0.95 is
+    allowed, about 6 binomial standard errors wide at 200 sets; a broken interval covers far less
+    or always)."""
+    from diffpg.stats import bootstrap_interval, variance_trace
+
+    rng = np.random.default_rng(0)
+    scales = np.array([1.0, 2.0, 0.5])
+    covered = 0
+    for trial in range(200):
+        samples = rng.normal(size=(64, 3)) * scales
+        low, high = bootstrap_interval(samples, variance_trace, seed=trial)
+        covered += low <= float(np.sum(scales**2)) <= high
+    assert 0.8 * 200 <= covered <= 0.95 * 200
+
+
+def test_interquartile_mean_trims_a_quarter_from_each_end():
+    from diffpg.stats import interquartile_mean, interquartile_mean_interval
+
+    assert interquartile_mean([1.0, 2.0, 3.0, 100.0]) == 2.5  # 1 and 100 trimmed
+    assert interquartile_mean([4.0, 5.0, 6.0]) == 5.0  # too few runs to trim: the mean
+    low, high = interquartile_mean_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0])
+    assert low <= interquartile_mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0]) <= high
+    assert high < 60  # the outlier does not carry the interval, as it would the mean's
