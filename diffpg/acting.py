@@ -31,10 +31,25 @@ class Transitions(NamedTuple):
     termination: jax.Array  # [T, B] ended by the task: the next state has value 0
     truncation: jax.Array  # [T, B] ended by the time limit: bootstrap from next_obs
     next_obs: jax.Array  # [T, B, obs] observation reached, before any auto-reset
-    action_sensitivity: jax.Array | None = None
-    """[T, B] ``||(d next_obs / d a_t) v_t||`` along a standard-normal direction ``v_t``
-    (``unroll(..., measure_sensitivity=True)``; ``None`` otherwise): its square's mean is the
-    squared Frobenius norm of the dynamics' action Jacobian, large where contact is stiff."""
+    measurement: Any = None
+    """``[T, ...]``: what a ``StepHook``'s own simulation measured at each step (``None``
+    without one); e.g. AHAC's action sensitivity."""
+
+
+class StepHook(NamedTuple):
+    """An estimator's change to every step of ``unroll``, which knows no estimator.
+
+    ``inputs``: a pytree with leading axis ``[steps]``; step ``t`` receives slice ``t``.
+    ``around(step, state, inputs_t, key) -> (next_state, transition)`` runs the step by calling
+    unroll's own ``step(state, key, offset=0.0, simulate=None)``, with the state it chooses
+    (AHAC cuts the gradient there), an ``offset`` added to the raw action (IVW differentiates
+    the return by it), or a ``simulate(state, action, key) -> (next_state, measurement)`` that
+    replaces the batch's environment step (AHAC measures the action Jacobian with a ``jvp``);
+    the measurement becomes ``Transitions.measurement``.
+    """
+
+    inputs: Any
+    around: Callable[..., tuple[State, Transitions]]
 
 
 def unroll(
@@ -49,9 +64,7 @@ def unroll(
     deterministic: bool = False,
     remat_segment: int = 0,
     record: Callable[[State], Any] | None = None,
-    action_offsets: jax.Array | None = None,
-    cut_before: jax.Array | None = None,
-    measure_sensitivity: bool = False,
+    hook: StepHook | None = None,
 ) -> tuple[State, Transitions] | tuple[State, Transitions, Any]:
     """Run ``steps`` steps of a batch of ``B`` environments (``env_state`` has leading axis B).
 
@@ -66,25 +79,11 @@ def unroll(
     ``O(steps / S + S)`` steps instead of ``O(steps)``) and recomputes each segment's forward
     pass once. The values and gradients are those of the plain scan.
 
-    ``action_offsets [steps, B, act]`` are added to the raw actions (zeros leave the rollout
-    unchanged; ``Transitions.raw_action`` includes them): the gradient of a function of the rollout
-    with respect to them is its total derivative ``dR / du_t`` with respect to each raw action,
-    through the dynamics and the later actions (per-step pathwise terms, ``estimators.ivw``).
-
-    ``cut_before [steps]`` or ``[steps, B]`` (0 or 1): where 1, the state entering that step is
-    cut from the gradient (``stop_gradient``), so gradients flow only inside the segments between
-    cuts (``estimators.ahac``). ``measure_sensitivity=True`` runs each step under ``jax.jvp``
-    along a random action direction and fills ``Transitions.action_sensitivity`` (not
-    differentiated).
+    ``hook``: an estimator's change to every step (``StepHook``); none by default.
     """
     step_batch = jax.vmap(env.step)
-    if action_offsets is None:
-        action_offsets = jnp.zeros((steps,), jnp.float32)  # broadcasts: nothing added
 
-    def step(state, inputs):
-        step_key, offset, cut = inputs  # cut: None without cut_before (an empty pytree)
-        if cut is not None:
-            state = jax.tree.map(lambda x: _where_cut(cut, x), state)
+    def own_step(state: State, step_key: jax.Array, offset=0.0, simulate=None):
         obs = state.obs
         mean, std = policy.distribution(params, normalize(obs_stats, obs))
         if deterministic:
@@ -93,18 +92,12 @@ def unroll(
             noise = jax.random.normal(step_key, mean.shape, mean.dtype)
         raw_action = mean + std * noise + offset
         action = policy.to_action(raw_action)
-        sensitivity = None
-        if measure_sensitivity:
-            direction = jax.random.normal(jax.random.fold_in(step_key, 1), action.shape,
-                                          action.dtype)
-            next_state, tangent = jax.jvp(lambda a: step_batch(state, a), (action,),
-                                          (direction,))
-            sensitivity = jax.lax.stop_gradient(
-                jnp.linalg.norm(tangent.info["terminal_obs"], axis=-1))
+        if simulate is None:
+            next_state, measurement = step_batch(state, action), None
         else:
-            next_state = step_batch(state, action)
+            next_state, measurement = simulate(state, action, step_key)
         info = next_state.info
-        transition = Transitions(
+        return next_state, Transitions(
             obs=obs,
             noise=noise,
             raw_action=raw_action,
@@ -113,13 +106,20 @@ def unroll(
             termination=info["termination"],
             truncation=info["truncation"],
             next_obs=info["terminal_obs"],
-            action_sensitivity=sensitivity,
+            measurement=measurement,
         )
+
+    def step(state, inputs):
+        step_key, hook_inputs = inputs  # hook_inputs: None without a hook (an empty pytree)
+        if hook is None:
+            next_state, transition = own_step(state, step_key)
+        else:
+            next_state, transition = hook.around(own_step, state, hook_inputs, step_key)
         if record is None:
             return next_state, transition
         return next_state, (transition, record(next_state))
 
-    inputs = (jax.random.split(key, steps), action_offsets, cut_before)
+    inputs = (jax.random.split(key, steps), None if hook is None else hook.inputs)
     if not remat_segment:
         end_state, outputs = jax.lax.scan(step, env_state, inputs)
     else:
@@ -138,13 +138,6 @@ def unroll(
         return end_state, outputs
     transitions, recorded = outputs
     return end_state, transitions, recorded
-
-
-def _where_cut(cut: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` with its gradient stopped where ``cut`` (``[]`` or ``[B]``, broadcast on ``x``'s
-    leading axis) is set."""
-    cut = jnp.reshape(cut, cut.shape + (1,) * (x.ndim - cut.ndim))
-    return jnp.where(cut, jax.lax.stop_gradient(x), x)
 
 
 def repeat_states(env_state: State, repeats: int) -> State:

@@ -12,8 +12,14 @@ import pytest
 
 import envs
 from diffpg import estimators
-from diffpg.acting import unroll
-from diffpg.estimators.ahac import AhacSettings, adapt_horizon, segment_ends, segmented_return
+from diffpg.acting import StepHook, unroll
+from diffpg.estimators.ahac import (
+    AhacSettings,
+    adapt_horizon,
+    measure_action_sensitivity,
+    segment_ends,
+    segmented_return,
+)
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy
 from diffpg.training import make_trainer, settings_for
@@ -95,9 +101,11 @@ def test_the_stiffness_probe_measures_the_action_jacobian():
     policy = make_linear_gaussian_policy(2, 2, init_log_std=0.0)
     params = policy.init(jax.random.PRNGKey(0))
     starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), 256))
+    measure = measure_action_sensitivity(env)
     _, tr = unroll(env, policy, params, init_statistics(2), starts, jax.random.PRNGKey(2), 8,
-                   measure_sensitivity=True)
-    squares = np.asarray(tr.action_sensitivity, np.float64).ravel() ** 2
+                   hook=StepHook(None, lambda step, state, _, key: step(state, key,
+                                                                          simulate=measure)))
+    squares = np.asarray(tr.measurement, np.float64).ravel() ** 2
     standard_error = squares.std(ddof=1) / np.sqrt(squares.size)
     assert abs(squares.mean() - np.sum(b**2)) < 4 * standard_error
 

@@ -17,7 +17,7 @@ network (AHAC's twin critics).
 
 ``H`` adapts to the **stiffness** of the dynamics. Each step measures
 ``c_t = ||(d s'_t / d a_t) v_t||`` along a standard-normal action direction ``v_t`` (one
-``jax.jvp`` per step, ``acting.unroll(measure_sensitivity=True)``): ``E[c_t^2]`` is the squared
+``jax.jvp`` per step, ``measure_action_sensitivity``): ``E[c_t^2]`` is the squared
 Frobenius norm of the dynamics' action Jacobian, the ``||grad f||`` of AHAC's constraint, which
 AHAC approximates by contact forces over accelerations. AHAC maximises the objective subject to
 the stiffness accumulated along a gradient path staying below a threshold ``C``:
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from diffpg import returns
-from diffpg.acting import unroll
+from diffpg.acting import StepHook, unroll
 from diffpg.critics import (
     CriticState,
     ValueEnsemble,
@@ -156,6 +156,32 @@ def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
     return rewards + jnp.sum(weights * discount * bootstrap * next_value, axis=0), rewards
 
 
+def measure_action_sensitivity(env: Environment):
+    """A ``simulate`` for a ``StepHook``: the batch's environment step, measuring
+    ``||(d next_obs / d a) v||`` ``[B]`` along a standard-normal direction ``v`` with one
+    ``jax.jvp`` (not differentiated): its square's mean is the squared Frobenius norm of the
+    dynamics' action Jacobian, large where contact is stiff."""
+    step_batch = jax.vmap(env.step)
+
+    def simulate(state: State, action: jax.Array, key: jax.Array):
+        direction = jax.random.normal(jax.random.fold_in(key, 1), action.shape, action.dtype)
+        next_state, tangent = jax.jvp(lambda a: step_batch(state, a), (action,), (direction,))
+        return next_state, jax.lax.stop_gradient(
+            jnp.linalg.norm(tangent.info["terminal_obs"], axis=-1))
+
+    return simulate
+
+
+def cut_gradient(cut: jax.Array, state: State) -> State:
+    """``state`` with its gradient stopped where ``cut`` (``[]`` or ``[B]``, broadcast on each
+    leaf's leading axis) is set: the gradient flows only inside the segments between cuts."""
+    def where(x):
+        mask = jnp.reshape(cut, cut.shape + (1,) * (x.ndim - cut.ndim))
+        return jnp.where(mask, jax.lax.stop_gradient(x), x)
+
+    return jax.tree.map(where, state)
+
+
 def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSettings(),
               value_function: ValueFunction | None = None) -> Estimator:
     """Build the AHAC estimator (see the module docstring).
@@ -169,6 +195,10 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
                                 lambda p, obs, steps_left: value_function.apply(
                                     p, obs, steps_left)[None])
     threshold = settings.stiffness_threshold or 0.0
+    measure = measure_action_sensitivity(env)
+
+    def cut_and_measure(step, state, cut, key):  # a StepHook: cut where a segment starts
+        return step(cut_gradient(cut, state), key, simulate=measure)
 
     def init(key: jax.Array, policy_params: Params) -> AhacState:
         del policy_params
@@ -188,7 +218,7 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
 
         def objective(p):
             end_state, tr = unroll(env, policy, p, obs_stats, env_state, key, steps,
-                                   cut_before=cut_before, measure_sensitivity=True)
+                                   hook=StepHook(cut_before, cut_and_measure))
             value = critics.apply(target, normalize(obs_stats, tr.next_obs),
                                   jnp.broadcast_to(steps_left, tr.reward.shape))
             totals, rewards = segmented_return(tr.reward, tr.done, tr.truncation, value,
@@ -207,8 +237,8 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
         tr = batch.transitions
         critic, metrics = fit_value_critic(critics, optimizer, shac_settings, obs_stats,
                                            state.critic, tr, key, predict=critics.apply_each)
-        finite = jnp.isfinite(tr.action_sensitivity)
-        stiffness = (jnp.sum(jnp.where(finite, tr.action_sensitivity, 0.0))
+        finite = jnp.isfinite(tr.measurement)
+        stiffness = (jnp.sum(jnp.where(finite, tr.measurement, 0.0))
                      / jnp.maximum(jnp.sum(finite), 1))
         calibrated = jnp.where(state.stiffness_threshold > 0, state.stiffness_threshold,
                                settings.initial_horizon * stiffness)

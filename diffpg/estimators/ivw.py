@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from diffpg import returns
-from diffpg.acting import Transitions, repeat_states, unroll
+from diffpg.acting import StepHook, Transitions, repeat_states, unroll
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -110,6 +110,12 @@ class StepMeans(NamedTuple):
     first_order_finite: jax.Array  # [2, T] bool: every F_k,i of the half's masked rollouts finite
 
 
+def _offset_actions(step, state, offset, key):
+    """A ``StepHook``: the step with ``offset [B, act]`` added to its raw action, so that the
+    return's gradient by the offsets is its total derivative by each raw action."""
+    return step(state, key, offset=offset)
+
+
 def simulate(env: Environment, policy: Policy, params: Params, obs_stats: RunningStatistics,
              start: State, key: jax.Array, horizon: int, discount: float, baseline: str,
              pool: int) -> Rollouts:
@@ -122,7 +128,7 @@ def simulate(env: Environment, policy: Policy, params: Params, obs_stats: Runnin
 
     def total_return(action_offsets):
         end, tr = unroll(env, policy, params, obs_stats, start, key, horizon,
-                         action_offsets=action_offsets)
+                         hook=StepHook(action_offsets, _offset_actions))
         weights = returns.segment_discounts(tr.done, discount)
         per_rollout = jnp.sum(weights * tr.reward, axis=0)
         return jnp.sum(per_rollout), (end, tr, weights, per_rollout)
