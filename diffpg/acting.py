@@ -9,6 +9,7 @@ too. The policy always sees observations normalised by statistics that are froze
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,6 +53,38 @@ class StepHook(NamedTuple):
     around: Callable[..., tuple[State, Transitions]]
 
 
+def policy_step(step_batch: Callable[[State, jax.Array], State], policy: Policy, params: Params,
+                obs_stats: RunningStatistics, deterministic: bool, state: State,
+                step_key: jax.Array, offset=0.0, simulate=None) -> tuple[State, Transitions]:
+    """One step of the batch: the policy's action on the normalised observation (``offset``
+    added to the raw action), then ``step_batch(state, action)``, or ``simulate(state, action,
+    step_key) -> (next_state, measurement)`` in its place (``StepHook``)."""
+    obs = state.obs
+    mean, std = policy.distribution(params, normalize(obs_stats, obs))
+    if deterministic:
+        noise = jnp.zeros_like(mean)
+    else:
+        noise = jax.random.normal(step_key, mean.shape, mean.dtype)
+    raw_action = mean + std * noise + offset
+    action = policy.to_action(raw_action)
+    if simulate is None:
+        next_state, measurement = step_batch(state, action), None
+    else:
+        next_state, measurement = simulate(state, action, step_key)
+    info = next_state.info
+    return next_state, Transitions(
+        obs=obs,
+        noise=noise,
+        raw_action=raw_action,
+        reward=next_state.reward,
+        done=next_state.done,
+        termination=info["termination"],
+        truncation=info["truncation"],
+        next_obs=info["terminal_obs"],
+        measurement=measurement,
+    )
+
+
 def unroll(
     env: Environment,
     policy: Policy,
@@ -81,33 +114,8 @@ def unroll(
 
     ``hook``: an estimator's change to every step (``StepHook``); none by default.
     """
-    step_batch = jax.vmap(env.step)
-
-    def own_step(state: State, step_key: jax.Array, offset=0.0, simulate=None):
-        obs = state.obs
-        mean, std = policy.distribution(params, normalize(obs_stats, obs))
-        if deterministic:
-            noise = jnp.zeros_like(mean)
-        else:
-            noise = jax.random.normal(step_key, mean.shape, mean.dtype)
-        raw_action = mean + std * noise + offset
-        action = policy.to_action(raw_action)
-        if simulate is None:
-            next_state, measurement = step_batch(state, action), None
-        else:
-            next_state, measurement = simulate(state, action, step_key)
-        info = next_state.info
-        return next_state, Transitions(
-            obs=obs,
-            noise=noise,
-            raw_action=raw_action,
-            reward=next_state.reward,
-            done=next_state.done,
-            termination=info["termination"],
-            truncation=info["truncation"],
-            next_obs=info["terminal_obs"],
-            measurement=measurement,
-        )
+    own_step = functools.partial(policy_step, jax.vmap(env.step), policy, params, obs_stats,
+                                 deterministic)
 
     def step(state, inputs):
         step_key, hook_inputs = inputs  # hook_inputs: None without a hook (an empty pytree)
