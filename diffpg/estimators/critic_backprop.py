@@ -24,6 +24,7 @@ rollout's states, so it estimates ``grad J`` of the current policy in both cases
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -113,6 +114,72 @@ class CriticBackpropState(NamedTuple):
     replay: ReplayBuffer | None
 
 
+def reparameterised_action(policy: Policy, deterministic: bool, params: Params,
+                           obs: jax.Array, noise: jax.Array) -> jax.Array:
+    """``f_theta(s, eps)``: the policy's action for standard-normal ``noise`` (its mode when
+    ``deterministic``), differentiable in ``params``."""
+    if deterministic:
+        return policy.mode(params, obs)
+    return policy.to_action(policy.raw_from_noise(params, obs, noise))
+
+
+def q_targets(q_function: QFunction, policy: Policy, settings: CriticBackpropSettings,
+              params: Params, critic: CriticState, next_obs: jax.Array, reward: jax.Array,
+              termination: jax.Array, steps_left: jax.Array, key: jax.Array) -> jax.Array:
+    """``r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` on normalised ``next_obs``, with
+    fresh noise ``eps'`` (nothing after the objective's last step with a finite horizon)."""
+    next_noise = jax.random.normal(key, next_obs.shape[:-1] + (policy.action_size,))
+    next_action = reparameterised_action(policy, settings.deterministic, params, next_obs,
+                                         next_noise)
+    next_q = q_function.apply(critic.target_params, next_obs, next_action, steps_left - 1)
+    continues = 1.0 - termination
+    if settings.finite_horizon:
+        continues = continues * (steps_left > 1)
+    return reward + settings.discount * continues * next_q
+
+
+def finite_rows(batch: ReplayData) -> tuple[ReplayData, jax.Array]:
+    """The replay minibatch with its non-finite rows zeroed, and which rows were finite ``[N]``:
+    a stored blow-up would stay in the buffer for a long time, so such rows are left out of the
+    loss instead of skipping steps."""
+    valid = jnp.ones_like(batch.reward, dtype=bool)
+    for leaf in batch:
+        valid &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+    return jax.tree.map(
+        lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), batch), valid
+
+
+def fit_q_on_replay(q_function: QFunction, optimizer, settings: CriticBackpropSettings,
+                    targets_of, obs_stats: RunningStatistics, critic: CriticState, replay,
+                    key: jax.Array) -> tuple[CriticState, jax.Array]:
+    """``critic_iterations x critic_minibatches`` critic steps on minibatches drawn from the
+    buffer, with ``targets_of(critic, next_obs, reward, termination, steps_left, key)`` (the
+    target critic's TD targets); returns the critic and the mean loss."""
+
+    def loss_fn(p, data):
+        obs, action, targets, valid = data
+        prediction = q_function.apply(p, obs, action, jnp.zeros_like(targets))
+        squared = jnp.where(valid, jnp.square(prediction - targets), 0.0)
+        return jnp.sum(squared) / jnp.maximum(jnp.sum(valid), 1)
+
+    def one_step(carry, step_key):
+        critic_params, opt_state = carry
+        key_sample, key_next = jax.random.split(step_key)
+        batch, valid = finite_rows(sample(replay, key_sample, settings.replay_batch_size))
+        obs, next_obs = normalize(obs_stats, batch.obs), normalize(obs_stats, batch.next_obs)
+        targets = jax.lax.stop_gradient(targets_of(
+            critic, next_obs, batch.reward, batch.termination, jnp.zeros_like(batch.reward),
+            key_next))
+        critic_params, opt_state, loss = regression_step(
+            loss_fn, optimizer, critic_params, opt_state, (obs, batch.action, targets, valid))
+        return (critic_params, opt_state), loss
+
+    steps = settings.critic_iterations * settings.critic_minibatches
+    (critic_params, opt_state), losses = jax.lax.scan(
+        one_step, (critic.params, critic.opt_state), jax.random.split(key, steps))
+    return critic._replace(params=critic_params, opt_state=opt_state), jnp.mean(losses)
+
+
 def make_critic_backprop(
     env: Environment,
     policy: Policy,
@@ -127,10 +194,7 @@ def make_critic_backprop(
         )
     optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
 
-    def action_from(p, obs, noise):
-        if settings.deterministic:
-            return policy.mode(p, obs)
-        return policy.to_action(policy.raw_from_noise(p, obs, noise))
+    action_from = functools.partial(reparameterised_action, policy, settings.deterministic)
 
     def init(key: jax.Array, policy_params: Params) -> CriticBackpropState:
         del policy_params
@@ -142,14 +206,8 @@ def make_critic_backprop(
         return CriticBackpropState(critic, replay)
 
     def td_targets(params, critic, next_obs, reward, termination, steps_left, key):
-        """``r + gamma (1 - term) Q_target(s', f_theta(s', eps'))`` on normalised ``next_obs``."""
-        next_noise = jax.random.normal(key, next_obs.shape[:-1] + (policy.action_size,))
-        next_action = action_from(params, next_obs, next_noise)
-        next_q = q_function.apply(critic.target_params, next_obs, next_action, steps_left - 1)
-        continues = 1.0 - termination
-        if settings.finite_horizon:
-            continues = continues * (steps_left > 1)
-        return reward + settings.discount * continues * next_q
+        return q_targets(q_function, policy, settings, params, critic, next_obs, reward,
+                         termination, steps_left, key)
 
     def fit_on_rollout(params, obs_stats, critic, tr: Transitions, key):
         key_next, key_fit = jax.random.split(key)
@@ -161,41 +219,6 @@ def make_critic_backprop(
             critic, q_function.apply, (obs, policy.to_action(tr.raw_action), steps_left),
             targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
         )
-
-    def fit_on_replay(params, obs_stats, critic, replay, key):
-        """Critic steps on minibatches drawn from the buffer, targets from the target critic."""
-        steps = settings.critic_iterations * settings.critic_minibatches
-
-        def one_step(carry, step_key):
-            critic_params, opt_state = carry
-            key_sample, key_next = jax.random.split(step_key)
-            batch = sample(replay, key_sample, settings.replay_batch_size)
-            # A stored blow-up (non-finite transition) would stay in the buffer for a long
-            # time: such rows are zeroed and left out of the loss instead of skipping steps.
-            valid = jnp.ones_like(batch.reward, dtype=bool)
-            for leaf in batch:
-                valid &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-            batch = jax.tree.map(
-                lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), batch)
-            obs, next_obs = normalize(obs_stats, batch.obs), normalize(obs_stats, batch.next_obs)
-            no_time = jnp.zeros_like(batch.reward)
-            targets = jax.lax.stop_gradient(td_targets(
-                params, critic, next_obs, batch.reward, batch.termination, no_time, key_next))
-
-            def loss_fn(p, data):
-                obs, action, targets, valid = data
-                prediction = q_function.apply(p, obs, action, jnp.zeros_like(targets))
-                squared = jnp.where(valid, jnp.square(prediction - targets), 0.0)
-                return jnp.sum(squared) / jnp.maximum(jnp.sum(valid), 1)
-
-            critic_params, opt_state, loss = regression_step(
-                loss_fn, optimizer, critic_params, opt_state, (obs, batch.action, targets, valid))
-            return (critic_params, opt_state), loss
-
-        carry = (critic.params, critic.opt_state)
-        (critic_params, opt_state), losses = jax.lax.scan(one_step, carry,
-                                                          jax.random.split(key, steps))
-        return critic._replace(params=critic_params, opt_state=opt_state), jnp.mean(losses)
 
     steps_left_per_step = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
 
@@ -227,7 +250,9 @@ def make_critic_backprop(
                               tr.termination, tr.next_obs)
             replay = add(state.replay, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]),
                                                     flat))
-            critic, loss = fit_on_replay(params, obs_stats, state.critic, replay, key)
+            critic, loss = fit_q_on_replay(
+                q_function, optimizer, settings, functools.partial(td_targets, params),
+                obs_stats, state.critic, replay, key)
         critic = update_target(critic, settings.target_critic_keep)
         return CriticBackpropState(critic, replay), {"critic_loss": loss}
 

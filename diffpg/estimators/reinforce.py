@@ -314,6 +314,86 @@ def _standardize(advantage: jax.Array) -> jax.Array:
     return (advantage - jnp.mean(advantage)) / (jnp.std(advantage) + 1e-8)
 
 
+def entropy_gradient(policy: Policy, params: Params, obs: jax.Array, entropy_cost: float
+                     ) -> Params:
+    """``entropy_cost * grad (1/n) sum_b sum_t H(pi(.|s_t))`` for ``obs [T, n, obs]``."""
+    def total_entropy(p):
+        _, std = policy.distribution(p, obs)
+        return jnp.sum(jnp.log(std)) / obs.shape[1]  # Gaussian entropy up to a constant
+
+    return jax.tree.map(lambda g: entropy_cost * g, jax.grad(total_entropy)(params))
+
+
+def gae_advantage(tr: Transitions, value: jax.Array, next_value: jax.Array,
+                  weights: jax.Array, settings: ScoreFunctionSettings
+                  ) -> tuple[jax.Array, jax.Array]:
+    """GAE advantages and their value targets ``[T, n]``: the TD(lambda) return ``G^lambda_t``
+    from the critic's ``next_value`` (0 after the objective's last step with a finite horizon)
+    and ``A_t = G^lambda_t - V(s_t)``, weighted by ``w_t`` for the finite-horizon objective."""
+    if settings.finite_horizon:  # nothing is left after the objective's last step
+        next_value = next_value.at[-1].set(0.0)
+    target = returns.td_lambda_targets(tr.reward, next_value, tr.termination, tr.done,
+                                       settings.discount, settings.gae_lambda)
+    advantage = target - value
+    return (weights * advantage if settings.finite_horizon else advantage), target
+
+
+def clipped_surrogate_gradient(policy: Policy, params: Params, obs: jax.Array,
+                               raw_action: jax.Array, old_log_prob: jax.Array,
+                               advantage: jax.Array, clip_ratio: float
+                               ) -> tuple[Params, jax.Array]:
+    """PPO's gradient at ``params`` of ``(1/n) sum min(rho A, clip(rho, 1 -+ eps) A)`` with
+    ``rho = pi_params(u | s) / pi_old(u | s)``, and the share of ratios outside the clip."""
+    def surrogate(p):
+        ratio = jnp.exp(policy.log_prob(p, obs, raw_action) - old_log_prob)
+        clipped = jnp.clip(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
+        return jnp.sum(jnp.minimum(ratio * advantage, clipped * advantage)) / obs.shape[1]
+
+    ratio = jnp.exp(policy.log_prob(params, obs, raw_action) - old_log_prob)
+    return jax.grad(surrogate)(params), jnp.mean(jnp.abs(ratio - 1.0) > clip_ratio)
+
+
+def make_value_baseline(policy: Policy, settings: ScoreFunctionSettings) -> ValueFunction:
+    """The value critic's MLP. The Monte-Carlo baseline's target is the return to the end of the
+    horizon (no bootstrap), which depends on the steps left: that critic sees them. GAE's critic
+    is the bootstrapped, time-independent V(s), unless the objective ends at the horizon."""
+    timeless = settings.advantage == "gae" and not settings.finite_horizon
+    return make_mlp_value_function(policy.observation_size, settings.value_hidden_sizes,
+                                   time_scale=None if timeless else settings.horizon)
+
+
+def fit_value_baseline(value_function: ValueFunction, optimizer, settings: ScoreFunctionSettings,
+                     steps_left: jax.Array, obs_stats: RunningStatistics, critic: CriticState,
+                     batch: Batch, key: jax.Array) -> tuple[CriticState, dict]:
+    """Regress the value critic on the batch's targets (``ReinforceExtras.value_target``), the
+    steps left ``steps_left [T, 1]`` as its time input; how much of their variance it explained
+    before fitting is a metric."""
+    obs = normalize(obs_stats, batch.transitions.obs)
+    steps = jnp.broadcast_to(steps_left, obs.shape[:-1])
+    targets = batch.extras.value_target
+    explained = explained_variance(value_function.apply(critic.params, obs, steps), targets)
+    critic, loss = fit_mean_squared_error(
+        critic, value_function.apply, (obs, steps), targets, optimizer,
+        key, settings.value_iterations, settings.value_minibatches)
+    return critic, {"value_loss": loss, "critic_explained_variance": explained}
+
+
+def reused_batch_gradient(policy: Policy, settings: ScoreFunctionSettings, params: Params,
+                          obs_stats: RunningStatistics, batch: Batch) -> tuple[Params, dict]:
+    """PPO's clipped surrogate at ``params`` on a batch collected earlier (its log-probabilities
+    and advantages in ``ReinforceExtras``), with the entropy term."""
+    tr, extras = batch
+    obs = normalize(obs_stats, tr.obs)
+    advantage = (_standardize(extras.advantage) if settings.normalize_advantages
+                 else extras.advantage)
+    grad, clipped_share = clipped_surrogate_gradient(
+        policy, params, obs, tr.raw_action, extras.log_prob, advantage, settings.clip_ratio)
+    if settings.entropy_cost:
+        grad = jax.tree.map(jnp.add, grad,
+                            entropy_gradient(policy, params, obs, settings.entropy_cost))
+    return grad, {"clipped_ratio_share": clipped_share}
+
+
 def make_reinforce(
     env: Environment,
     policy: Policy,
@@ -327,13 +407,7 @@ def make_reinforce(
     uses_value = settings.baseline == "value"
     gae = settings.advantage == "gae"
     if value_function is None:
-        # The Monte-Carlo baseline's target is the return to the end of the horizon (no
-        # bootstrap), which depends on the steps left: that critic sees them. GAE's critic is
-        # the bootstrapped, time-independent V(s), unless the objective ends at the horizon.
-        timeless = gae and not settings.finite_horizon
-        value_function = make_mlp_value_function(
-            policy.observation_size, settings.value_hidden_sizes,
-            time_scale=None if timeless else settings.horizon)
+        value_function = make_value_baseline(policy, settings)
     optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
     steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
 
@@ -346,19 +420,18 @@ def make_reinforce(
         steps = steps_left - 1 if after_step else steps_left
         return value_function.apply(critic.params, obs, jnp.broadcast_to(steps, obs.shape[:-1]))
 
-    def entropy_gradient(params, obs):
-        """``entropy_cost * grad (1/n) sum_b sum_t H(pi(.|s_t))``."""
-        def total_entropy(p):
-            _, std = policy.distribution(p, obs)
-            return jnp.sum(jnp.log(std)) / obs.shape[1]  # Gaussian entropy up to a constant
-
-        return jax.tree.map(lambda g: settings.entropy_cost * g, jax.grad(total_entropy)(params))
-
-    def gradient(params, obs, raw_action, coefficient):
-        grad = _score_gradient(policy, params, obs, raw_action, coefficient)
-        if settings.entropy_cost:
-            grad = jax.tree.map(jnp.add, grad, entropy_gradient(params, obs))
-        return grad
+    def advantage_and_target(params, obs_stats, critic, tr, obs, weights):
+        """The advantages ``[T, n]`` the scores are weighted by, and the critic's targets."""
+        if gae:
+            return gae_advantage(tr, value_of(critic, obs),
+                                 value_of(critic, normalize(obs_stats, tr.next_obs), True),
+                                 weights, settings)
+        if uses_value:  # the Monte-Carlo return from each step to the end of the horizon
+            return (monte_carlo_advantage(policy, params, obs, tr, settings, weights,
+                                          value_of(critic, obs)),
+                    returns.reward_to_go(tr.reward, tr.done, settings.discount))
+        return (monte_carlo_advantage(policy, params, obs, tr, settings, weights),
+                jnp.zeros_like(tr.reward))
 
     def estimate(params: Params, obs_stats: RunningStatistics, critic: CriticState | None,
                  env_state: State, key: jax.Array) -> Estimate:
@@ -368,67 +441,32 @@ def make_reinforce(
                                  settings.horizon)
         obs = normalize(obs_stats, tr.obs)
         weights = returns.segment_discounts(tr.done, settings.discount)
-        objective = jnp.mean(jnp.sum(weights * tr.reward, axis=0))
         log_prob = policy.log_prob(data_params, obs, tr.raw_action)
-        value_target = jnp.zeros_like(tr.reward)
-        if gae:
-            next_value = value_of(critic, normalize(obs_stats, tr.next_obs), after_step=True)
-            if settings.finite_horizon:  # nothing is left after the objective's last step
-                next_value = next_value.at[-1].set(0.0)
-            value_target = returns.td_lambda_targets(tr.reward, next_value, tr.termination,
-                                                     tr.done, settings.discount,
-                                                     settings.gae_lambda)
-            advantage = value_target - value_of(critic, obs)
-            if settings.finite_horizon:
-                advantage = weights * advantage
-        elif uses_value:
-            # Monte-Carlo return from each step to the end of the horizon.
-            value_target = returns.reward_to_go(tr.reward, tr.done, settings.discount)
-            advantage = monte_carlo_advantage(policy, params, obs, tr, settings, weights,
-                                              value_of(critic, obs))
-        if settings.baseline == "optimal":
+        if settings.baseline == "optimal":  # per coordinate: not one number per step
             grad, _ = score_function_gradient(policy, params, obs_stats, tr, settings)
-            advantage = jnp.zeros_like(tr.reward)  # per coordinate: not one number per step
+            advantage, value_target = jnp.zeros_like(tr.reward), jnp.zeros_like(tr.reward)
         else:
-            if not (gae or uses_value):
-                advantage = monte_carlo_advantage(policy, params, obs, tr, settings, weights)
+            advantage, value_target = advantage_and_target(params, obs_stats, critic, tr, obs,
+                                                           weights)
             coefficient = _standardize(advantage) if settings.normalize_advantages else advantage
-            grad = gradient(params, obs, tr.raw_action, jax.lax.stop_gradient(coefficient))
+            grad = _score_gradient(policy, params, obs, tr.raw_action,
+                                   jax.lax.stop_gradient(coefficient))
+            if settings.entropy_cost:
+                grad = jax.tree.map(jnp.add, grad, entropy_gradient(policy, params, obs,
+                                                                    settings.entropy_cost))
         end_state = jax.tree.map(lambda x: x[:: settings.rollouts_per_state], final_state)
         extras = jax.lax.stop_gradient(ReinforceExtras(log_prob, advantage, value_target))
+        objective = jnp.mean(jnp.sum(weights * tr.reward, axis=0))
         return Estimate(grad, Batch(tr, extras), end_state, {"objective": objective})
 
     def update(params, obs_stats, critic, batch, key):
         del params
-        obs = normalize(obs_stats, batch.transitions.obs)
-        steps = jnp.broadcast_to(steps_left, obs.shape[:-1])
-        targets = batch.extras.value_target
-        explained = explained_variance(value_function.apply(critic.params, obs, steps), targets)
-        critic, loss = fit_mean_squared_error(
-            critic, value_function.apply, (obs, steps), targets, optimizer,
-            key, settings.value_iterations, settings.value_minibatches)
-        return critic, {"value_loss": loss, "critic_explained_variance": explained}
+        return fit_value_baseline(value_function, optimizer, settings, steps_left, obs_stats,
+                                  critic, batch, key)
 
     def reuse(params, obs_stats, critic, batch, key):
-        """PPO's clipped surrogate at ``params`` on a batch collected earlier."""
         del critic, key
-        tr, extras = batch
-        obs = normalize(obs_stats, tr.obs)
-        advantage = extras.advantage
-        if settings.normalize_advantages:
-            advantage = _standardize(advantage)
-
-        def surrogate(p):
-            ratio = jnp.exp(policy.log_prob(p, obs, tr.raw_action) - extras.log_prob)
-            clipped = jnp.clip(ratio, 1.0 - settings.clip_ratio, 1.0 + settings.clip_ratio)
-            return jnp.sum(jnp.minimum(ratio * advantage, clipped * advantage)) / obs.shape[1]
-
-        grad = jax.grad(surrogate)(params)
-        if settings.entropy_cost:
-            grad = jax.tree.map(jnp.add, grad, entropy_gradient(params, obs))
-        ratio = jnp.exp(policy.log_prob(params, obs, tr.raw_action) - extras.log_prob)
-        clipped_share = jnp.mean(jnp.abs(ratio - 1.0) > settings.clip_ratio)
-        return grad, {"clipped_ratio_share": clipped_share}
+        return reused_batch_gradient(policy, settings, params, obs_stats, batch)
 
     can_reuse = settings.baseline != "optimal" and settings.rollouts_per_state == 1
     return Estimator(init, estimate, update if uses_value else learns_nothing, settings,
