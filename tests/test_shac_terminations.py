@@ -37,27 +37,34 @@ def _falling_batch(observation_size: int) -> Transitions:
                        truncation=zeros, next_obs=next_obs)
 
 
+def _critic_after_20_fits(**settings):
+    """SHAC's critic (LQR sizes, learning rate 1e-2, ``settings``) after 20 updates on the
+    falling batch: its value function ``obs -> V``, and the batch."""
+    env = envs.make("lqr")
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size)
+    batch, key = _falling_batch(env.observation_size), jax.random.PRNGKey(0)
+    params, stats = policy.init(key), init_statistics(env.observation_size)
+    estimator = estimators.make("shac", env, policy, horizon=T, critic_learning_rate=1e-2,
+                                **settings)
+    state = estimator.init(key, params)
+    update = jax.jit(estimator.update)
+    for i in range(20):
+        state, _ = update(params, stats, state, Batch(batch), jax.random.fold_in(key, i))
+    value = make_mlp_value_function(env.observation_size, (64, 64))
+    return (lambda obs: value.apply(state.params, obs, None)), batch
+
+
 def test_fit_terminal_values_teaches_the_critic_that_a_fall_is_worth_nothing():
     """After the same 20 critic updates on the same batch, the critic's mean |V| at the states
     episodes fell into: 4.0 without the setting (extrapolated from the states before the fall,
     whose values are about 7), 0.23 with it (measured); the test asks for a 4-fold drop, while
     the values before the fall stay positive."""
-    env = envs.make("lqr")
-    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size)
-    batch, key = _falling_batch(env.observation_size), jax.random.PRNGKey(0)
-    params, stats = policy.init(key), init_statistics(env.observation_size)
-    value = make_mlp_value_function(env.observation_size, (64, 64))
-    fallen = batch.next_obs[batch.termination > 0]
     at_fall, before = {}, {}
     for fit in (False, True):
-        estimator = estimators.make("shac", env, policy, horizon=T, critic_learning_rate=1e-2,
-                                    fit_terminal_values=fit)
-        state = estimator.init(key, params)
-        update = jax.jit(estimator.update)
-        for i in range(20):
-            state, _ = update(params, stats, state, Batch(batch), jax.random.fold_in(key, i))
-        at_fall[fit] = float(jnp.mean(jnp.abs(value.apply(state.params, fallen, None))))
-        before[fit] = float(jnp.mean(value.apply(state.params, batch.obs, None)))
+        value, batch = _critic_after_20_fits(fit_terminal_values=fit)
+        fallen = batch.next_obs[batch.termination > 0]
+        at_fall[fit] = float(jnp.mean(jnp.abs(value(fallen))))
+        before[fit] = float(jnp.mean(value(batch.obs)))
     assert at_fall[False] > 1.0
     assert at_fall[True] < at_fall[False] / 4
     assert before[True] > 1.0
@@ -119,21 +126,10 @@ def test_critic_fall_weight_lowers_the_values_before_a_fall():
     values them like the others; with them weighted 20x it values them lower (mean 6.9 -> 4.0,
     measured): the weight moves the fit toward what follows them. Ignoring the weight would give
     the same value twice."""
-    env = envs.make("lqr")
-    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size)
-    batch, key = _falling_batch(env.observation_size), jax.random.PRNGKey(0)
-    params, stats = policy.init(key), init_statistics(env.observation_size)
-    value = make_mlp_value_function(env.observation_size, (64, 64))
-    before = steps_before_a_fall(batch) > 0
     values = {}
     for weight in (1.0, 20.0):
-        estimator = estimators.make("shac", env, policy, horizon=T, critic_learning_rate=1e-2,
-                                    critic_fall_weight=weight)
-        state = estimator.init(key, params)
-        update = jax.jit(estimator.update)
-        for i in range(20):
-            state, _ = update(params, stats, state, Batch(batch), jax.random.fold_in(key, i))
-        values[weight] = float(jnp.mean(value.apply(state.params, batch.obs, None)[before]))
+        value, batch = _critic_after_20_fits(critic_fall_weight=weight)
+        values[weight] = float(jnp.mean(value(batch.obs)[steps_before_a_fall(batch) > 0]))
     assert values[20.0] < values[1.0]
 
 
