@@ -382,18 +382,20 @@ def run_comparison(settings: CompareSettings,
     # Every env of the sweep is built (and so validated) once, before anything compiles.
     built = [make_env_and_policy(settings, dict(p.env_settings)) for p in points]
     _, policy, has_exact = built[0]
+    reference_kind = settings.reference
+    if reference_kind == "auto":
+        reference_kind = "exact" if has_exact else estimators.reference_estimator()
+    check_finished_points(finished, settings, reference_kind)
+    # Sizes against the memory before anything compiles (the parameters' shapes are traced).
+    num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
+        jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
+    chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
+                                   estimated_reference=reference_kind != "exact")
     key = jax.random.PRNGKey(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
     params, obs_stats = policy.init(key_params), None
     if settings.policy_checkpoint is not None:
         params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint))
-    reference_kind = settings.reference
-    if reference_kind == "auto":
-        reference_kind = "exact" if has_exact else estimators.reference_estimator()
-    check_finished_points(finished, settings, reference_kind)
-    num_parameters = int(ravel_pytree(params)[0].shape[0])
-    chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
-                                   estimated_reference=reference_kind != "exact")
 
     entries = [entry for entry, _ in finished]
     samples_per_point = [samples for _, samples in finished]

@@ -283,12 +283,13 @@ class LinearQuadratic(_AnalyticEnv):
         )
         std_np = np.broadcast_to(std_np, (n,))
 
-        self.A = jnp.asarray(a_np, dtype=jnp.float32)
-        self.B = jnp.asarray(b_np, dtype=jnp.float32)
-        self.Q = jnp.asarray(q_np, dtype=jnp.float32)
-        self.R = jnp.asarray(r_np, dtype=jnp.float32)
-        self.init_mean = jnp.asarray(mean_np, dtype=jnp.float32)
-        self.init_std = jnp.asarray(std_np, dtype=jnp.float32)
+        # NumPy float32 constants: building the env compiles nothing (jnp ops take them as is).
+        self.A = np.asarray(a_np, dtype=np.float32)
+        self.B = np.asarray(b_np, dtype=np.float32)
+        self.Q = np.asarray(q_np, dtype=np.float32)
+        self.R = np.asarray(r_np, dtype=np.float32)
+        self.init_mean = np.asarray(mean_np, dtype=np.float32)
+        self.init_std = np.asarray(std_np, dtype=np.float32)
         self._state_size = n
         self._action_size = m
 
