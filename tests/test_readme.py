@@ -58,3 +58,18 @@ def test_every_test_the_guarantees_name_exists():
     for file, name in named:
         source = (root / "tests" / file).read_text()
         assert f"def {name}(" in source, f"README names {file}::{name}, which does not exist"
+
+
+def test_the_readmes_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's "Comparing and training from Python" block runs as written (in a fresh
+    folder: it writes runs/pendulum-shac) and prints a line per horizon and the updates done."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("<!-- tested: python-api -->")[1].split("<!-- end: python-api -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[:-1]] == ["1", "2", "4", "8"]
+    assert printed[-1] == "4 updates"
+    assert (tmp_path / "runs" / "pendulum-shac" / "metrics.csv").exists()
