@@ -20,7 +20,8 @@ import inspect
 import io
 import logging
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 # Brax imports MuJoCo's MJX, which prints (to stdout) that its optional Warp backend is missing:
 # noise for every diffpg command. Imported once here with that output discarded.
@@ -31,6 +32,7 @@ from envs import playground  # noqa: E402
 from envs.brax_envs import (  # noqa: E402
     BACKENDS,
     BRAX_ENV_NAMES,
+    DEFAULT_EPISODE_LENGTH,
     FALLING_ENV_NAMES,
     BraxEnvironment,
     check_brax_name_and_backend,
@@ -90,19 +92,111 @@ ANALYTIC_ENV_CLASSES: dict[str, str] = {
 }
 
 
+class EnvFamily(NamedTuple):
+    """One kind of environment ``make`` builds. Each function takes the env's name; ``FAMILIES``
+    is the table every function of this module loops over."""
+
+    names: Callable[[], tuple[str, ...]]
+    """The names it builds (those ``names()`` lists)."""
+    owns: Callable[[str], bool]
+    """Whether a name is this family's (a Playground name even when not installed)."""
+    check_settings: Callable[[str, str | None, dict[str, Any]], None]
+    """``(name, backend, settings)``: a ``SettingError`` naming what is wrong, cheaply."""
+    make: Callable[[str, str | None, dict[str, Any]], Environment]
+    """``(name, backend, settings) -> raw env`` (termination only, no time limit)."""
+    default_episode_length: Callable[[str], int]
+    check_name: Callable[[str], Any] = lambda name: None
+    """Refuses a name it owns but cannot build (Playground: not installed, assets missing)."""
+
+
+def _no_backend(name: str, backend: str | None) -> None:
+    if backend is not None:
+        raise SettingError(
+            f"backend={backend!r} given for environment {name!r}; backend is only for Brax "
+            f"environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})")
+
+
+def _analytic_class(name: str) -> type:
+    from envs import analytic  # lazy: the analytic module is optional at import time
+
+    return getattr(analytic, ANALYTIC_ENV_CLASSES[name])
+
+
+def _make_analytic(name: str, backend: str | None, settings: dict[str, Any]) -> Environment:
+    _no_backend(name, backend)
+    env_class = _analytic_class(name)
+    allowed = [p for p in inspect.signature(env_class).parameters if p != "self"]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
+                           f"{allowed}")
+    return env_class(**settings)
+
+
+def _check_brax(name: str, backend: str | None, settings: dict[str, Any]) -> None:
+    check_solver_setting(check_brax_name_and_backend(name, backend), settings)
+    from brax import envs as brax_envs
+
+    allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
+               if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+
+
+def _check_playground(name: str, backend: str | None, settings: dict[str, Any]) -> None:
+    _no_backend(name, backend)
+    playground.check_settings(name, settings)
+
+
+def _make_playground(name: str, backend: str | None, settings: dict[str, Any]) -> Environment:
+    _no_backend(name, backend)
+    return playground.PlaygroundEnvironment(name, **settings)
+
+
+FAMILIES: tuple[EnvFamily, ...] = (
+    EnvFamily(  # analytic: costs nothing to build, so building it is its check
+        names=lambda: tuple(ANALYTIC_ENV_CLASSES),
+        owns=lambda name: name in ANALYTIC_ENV_CLASSES,
+        check_settings=_make_analytic,
+        make=_make_analytic,
+        default_episode_length=lambda name: int(_analytic_class(name).default_episode_length)),
+    EnvFamily(  # Brax, on a physics backend
+        names=lambda: BRAX_ENV_NAMES,
+        owns=lambda name: name in BRAX_ENV_NAMES,
+        check_settings=_check_brax,
+        make=lambda name, backend, settings: BraxEnvironment(
+            name, backend=check_brax_name_and_backend(name, backend), **settings),
+        default_episode_length=lambda name: DEFAULT_EPISODE_LENGTH[name]),
+    EnvFamily(  # MuJoCo Playground ("playground:TASK", the playground extra)
+        names=playground.task_names,
+        owns=lambda name: name.startswith(playground.PREFIX),
+        check_settings=_check_playground,
+        make=_make_playground,
+        default_episode_length=playground.default_episode_length,
+        check_name=playground.check_name),
+)
+
+
 def names() -> tuple[str, ...]:
     """Every environment name ``make`` accepts: the analytic ones, Brax's, then Playground's
     (``"playground:TASK"``, when the ``playground`` extra is installed)."""
-    return tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES + playground.task_names()
+    return tuple(name for family in FAMILIES for name in family.names())
+
+
+def _family(name: str) -> EnvFamily:
+    """The family that builds ``name``; a ``SettingError`` naming ``env`` if none does."""
+    for family in FAMILIES if isinstance(name, str) else ():
+        if family.owns(name):
+            family.check_name(name)
+            return family
+    raise SettingError(f"env={name!r} is not known; allowed values: {list(names())}")
 
 
 def check_name(name: str) -> None:
     """``SettingError`` naming ``env`` unless ``make`` knows ``name`` (for a Playground name: also
     when Playground is not installed or a robot's assets are missing, saying what to do)."""
-    if isinstance(name, str) and name.startswith(playground.PREFIX):
-        playground.check_name(name)
-    elif not isinstance(name, str) or name not in tuple(ANALYTIC_ENV_CLASSES) + BRAX_ENV_NAMES:
-        raise SettingError(f"env={name!r} is not known; allowed values: {list(names())}")
+    _family(name)
 
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
@@ -113,7 +207,7 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
     ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
     costs nothing to build, also checks their values). Raises ``SettingError`` naming the
     setting."""
-    check_name(name)
+    family = _family(name)
     if episode_length is not None:
         check_episode_length(episode_length)
     if not (isinstance(health_shaping, int | float) and math.isfinite(health_shaping)
@@ -123,21 +217,7 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
         raise SettingError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
                            f"allowed envs: {list(FALLING_ENV_NAMES)}")
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
-    if name in ANALYTIC_ENV_CLASSES:
-        make_raw(name, backend=backend, **settings)
-        return
-    if name.startswith(playground.PREFIX):
-        _check_no_backend(name, backend)
-        playground.check_settings(name, settings)
-        return
-    check_solver_setting(check_brax_name_and_backend(name, backend), settings)
-    from brax import envs as brax_envs
-
-    allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
-               if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+    family.check_settings(name, backend, settings)
 
 
 def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
@@ -155,25 +235,9 @@ def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
                                "health_shaping > 0")
 
 
-def _check_no_backend(name: str, backend: str | None) -> None:
-    if backend is not None:
-        raise SettingError(
-            f"backend={backend!r} given for environment {name!r}; backend is only for Brax "
-            f"environments {BRAX_ENV_NAMES} (allowed backends: {BACKENDS})")
-
-
 def default_episode_length(name: str) -> int:
     """The time limit ``make(name)`` uses when none is given (nothing is built)."""
-    check_name(name)
-    if name in ANALYTIC_ENV_CLASSES:
-        from envs import analytic
-
-        return int(getattr(analytic, ANALYTIC_ENV_CLASSES[name]).default_episode_length)
-    if name.startswith(playground.PREFIX):
-        return playground.default_episode_length(name)
-    from envs.brax_envs import DEFAULT_EPISODE_LENGTH
-
-    return DEFAULT_EPISODE_LENGTH[name]
+    return _family(name).default_episode_length(name)
 
 
 def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environment:
@@ -181,22 +245,7 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 
     ``backend`` applies to Brax envs only; ``settings`` go to the env's constructor.
     """
-    check_name(name)
-    if name.startswith(playground.PREFIX):
-        _check_no_backend(name, backend)
-        return playground.PlaygroundEnvironment(name, **settings)
-    if name in ANALYTIC_ENV_CLASSES:
-        _check_no_backend(name, backend)
-        from envs import analytic  # lazy: the analytic module is optional at import time
-
-        env_class = getattr(analytic, ANALYTIC_ENV_CLASSES[name])
-        allowed = [p for p in inspect.signature(env_class).parameters if p != "self"]
-        unknown = sorted(set(settings) - set(allowed))
-        if unknown:
-            raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
-                               f"{allowed}")
-        return env_class(**settings)
-    return BraxEnvironment(name, backend=check_brax_name_and_backend(name, backend), **settings)
+    return _family(name).make(name, backend, settings)
 
 
 def make(
@@ -227,11 +276,8 @@ def make(
         SettingError: unknown ``name``, ``backend`` for an analytic env or not a Brax backend,
             or ``episode_length`` <= 0; all raised before anything compiles.
     """
-    check_name(name)
     if episode_length is not None:
         check_episode_length(episode_length)
-    if name in BRAX_ENV_NAMES:
-        check_brax_name_and_backend(name, backend)
     raw_env = make_raw(name, backend=backend, **settings)
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
     if health_shaping:
