@@ -89,13 +89,16 @@ SHAC_SOURCE = "SHAC's {task}.yaml (NVlabs/DiffRL examples/cfg/shac)"
 
 CONFIGS: dict[str, EnvConfig] = {
     "ant": EnvConfig(
+        default_estimator="ahac",
         estimators={"shac": _shac(64, (128, 64, 32)),
                     "sapo": _sapo(64, (128, 64, 32)),
                     "ahac": _ahac(64, (128, 64, 32)),
                     "ppo": _brax_ppo(5, 8, 4, 0.97, 1e-2, num_envs=256)},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="ant") + "; SAPO: its published SHAC2 settings with "
-               "SHAC's ant sizes; AHAC: SHAC's sizes and rates; PPO: Brax's ant settings"),
+        source=SHAC_SOURCE.format(task="ant") + "; AHAC (the default: ahead of SHAC and of "
+               "Brax's PPO at every evaluation, BENCHMARKS.md section 2d): SHAC's sizes and "
+               "rates; SAPO: its published SHAC2 settings with SHAC's ant sizes; PPO: Brax's ant "
+               "settings"),
     "hopper": EnvConfig(
         trainer={"health_shaping": 2.0},
         estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4),
