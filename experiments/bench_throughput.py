@@ -13,11 +13,11 @@ env steps per second (``B * T`` per call or update) and as ratios:
 Each diffpg row is timed over ``--repeats`` calls after one compiling call. Targets:
 SHAC training >= 1/4 of ``simulate`` and >= 1.0x Brax APG.
 
-A second table breaks one SHAC update of the env's configuration (``diffpg train --env ENV``,
-its policy and critic sizes) into its parts, each compiled and timed alone: the rollout's
-forward pass, the windowed gradient (forward and reverse), the critic's fit (its passes of
-sequential minibatch steps), the whole update, and, once per ``updates_per_call`` updates, an
-evaluation and a checkpoint.
+A second table breaks one update of the env's configuration (``diffpg train --env ENV
+ESTIMATOR``, its policy and critic sizes; ``--estimator``, default shac) into its parts, each
+compiled and timed alone: the rollout's forward pass, the estimator's gradient (forward and
+reverse), its critic's fit (passes of sequential minibatch steps), the whole update, and, once
+per ``updates_per_call`` updates, an evaluation and a checkpoint.
 
     python experiments/bench_throughput.py                       # CPU: hopper, 64 x 32
     python experiments/bench_throughput.py --gpu                 # GPU: ant, 2048 x 32
@@ -55,11 +55,10 @@ def seconds_per_call(function, *args, repeats: int) -> tuple[float, float]:
 
 
 def update_breakdown(env_name: str, num_envs: int, horizon: int, repeats: int,
-                     key: jax.Array) -> list[dict]:
-    """Seconds of each part of one SHAC update with the env's configuration (module docstring).
-    """
-    settings = settings_for(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
-                            updates=1000, updates_per_call=1)
+                     key: jax.Array, estimator_name: str = "shac") -> list[dict]:
+    """Seconds of each part of one update with the env's configuration (module docstring)."""
+    settings = settings_for(env=env_name, estimator=estimator_name, num_envs=num_envs,
+                            horizon=horizon, updates=1000, updates_per_call=1)
     trainer = make_trainer(settings)
     state = trainer.init_run()
     estimator, policy = trainer.estimator, trainer.policy
@@ -68,7 +67,7 @@ def update_breakdown(env_name: str, num_envs: int, horizon: int, repeats: int,
         "rollout (forward only)": (jax.jit(lambda s, k: unroll(
             trainer.env, policy, s.params, s.obs_stats, s.env_state, k, horizon)[1].next_obs),
             (state, key)),
-        "windowed gradient (forward + reverse)": (
+        "gradient (forward + reverse)": (
             lambda s, k: estimate(s.params, s.obs_stats, s.estimator_state, s.env_state, k).grad,
             (state, key)),
     }
@@ -121,6 +120,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-apg", action="store_true", help="leave Brax APG out")
+    parser.add_argument("--estimator", default="shac",
+                        help="estimator of the per-update breakdown (default: shac)")
     arguments = parser.parse_args()
     # Not inverted_pendulum: its reward is a constant 1 while alive, so its BPTT gradient is 0.
     env_name = arguments.env or ("ant" if arguments.gpu else "hopper")
@@ -188,18 +189,20 @@ def main() -> None:
                                                        / rate["brax_apg_training"])
     for name, value in targets.items():
         print(f"{name}: {value:.3f}")
-    breakdown = update_breakdown(env_name, num_envs, horizon, repeats, key)
+    breakdown = update_breakdown(env_name, num_envs, horizon, repeats, key, arguments.estimator)
     breakdown_table = common.format_table(breakdown, ["part", "seconds", "share_of_update",
                                                       "compile_s"])
-    print(f"\none SHAC update of {env_name}'s configuration, {num_envs} envs x {horizon} steps:")
+    print(f"\none {arguments.estimator} update of {env_name}'s configuration, {num_envs} envs x "
+          f"{horizon} steps:")
     print(breakdown_table)
     common.write_json(out / "results.json", {
         "env": env_name, "backend": env.unwrapped.backend, "num_envs": num_envs,
         "horizon": horizon, "repeats": repeats, "rows": rows, "targets": targets,
-        "update_breakdown": breakdown, "device": str(jax.devices()[0]),
+        "update_breakdown": breakdown, "breakdown_estimator": arguments.estimator,
+        "device": str(jax.devices()[0]),
     })
     (out / "report.md").write_text(f"# Throughput\n\n{header}\n\n{table}\n\n" + "\n".join(
-        f"- {k}: {v:.3f}" for k, v in targets.items()) + "\n\n## One SHAC update\n\n"
+        f"- {k}: {v:.3f}" for k, v in targets.items()) + f"\n\n## One {arguments.estimator} update\n\n"
         + breakdown_table + "\n")
 
 
