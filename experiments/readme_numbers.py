@@ -12,7 +12,7 @@ text exactly). Sections:
 * ``compare-sweep``: what the default run's horizon sweep says (variance growth, biases);
 * ``training``: ``diffpg train`` on cart-pole swing-up with every trainable estimator at its
   defaults, against doing nothing and against the fresh policy (minutes on a CPU);
-* ``ant``: SHAC on Brax's Ant for 100 updates on a CPU.
+* ``ant``: SHAC on Brax's Ant for 100 updates on a CPU (``diffpg train --env ant shac``).
 
     python experiments/readme_numbers.py                          # every section (~20 min, CPU)
     python experiments/readme_numbers.py --only compare-table compare-sweep
@@ -185,10 +185,11 @@ def _train_ant() -> str:
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        train(settings_for(env="ant", updates=100), Path(folder), on_log=rows.append)
+        train(settings_for(env="ant", estimator="shac", updates=100), Path(folder),
+              on_log=rows.append)
     seconds = time.perf_counter() - started
     compile_and_first = rows[0]["training/walltime"]
-    return (f"`diffpg train --env ant --updates 100` runs on a 2-core CPU in {seconds:.0f} s "
+    return (f"`diffpg train --env ant shac --updates 100` runs on a 2-core CPU in {seconds:.0f} s "
             f"({compile_and_first:.0f} s to the first evaluation, compilation included, then "
             f"about {np.median([r['training/sps'] for r in rows[1:]]):,.0f} env steps/s): "
             f"eval return {rows[0]['eval/episode_reward']:,.0f} after {rows[0]['update']} "
