@@ -114,13 +114,15 @@ def test_the_lock_of_a_process_that_is_gone_is_taken_over(tmp_path, capsys):
 
 
 def _run_until_done(arguments, rng, out, log) -> None:
-    """Start the run, stop it with a random signal at a random moment, resume, repeat until a
-    run finishes; every stop must leave one clear line, no traceback, no temporary folder."""
+    """Start the run, stop it with a random signal at a random moment (within a window that
+    grows with each attempt), resume, repeat until a run finishes; every stop must leave one
+    clear line, no traceback, no temporary folder."""
     command = _command(*arguments)
     for attempt in range(12):
         process = subprocess.Popen(command, env=_environment(), text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + rng.uniform(3.0, 12.0)
+        # The window grows with each attempt, so that a loaded machine still lets a run finish.
+        deadline = time.monotonic() + rng.uniform(3.0, 12.0 * 1.25**attempt)
         while process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if process.poll() is None:
