@@ -112,8 +112,8 @@ def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, 
                       "final_learning_rate": PPO["learning_rate"],
                       "hidden_sizes": PPO["policy_hidden_sizes"],
                       "init_log_std": BRAX_INITIAL_LOG_STD, "discount": PPO["discount"]}
-        options |= {k: PPO[k] for k in ("entropy_cost", "clip_ratio", "gae_lambda",
-                                        "value_hidden_sizes")}
+        options |= {k: PPO[k] for k in ("entropy_cost", "clip_ratio", "gae_lambda")}
+        options["critic_hidden_sizes"] = PPO["value_hidden_sizes"]
         if PPO["reward_scaling"] != 1.0:
             raise SystemExit(f"error: diffpg's ppo has no reward scaling; {env_name}'s PPO "
                              f"settings scale rewards by {PPO['reward_scaling']}")

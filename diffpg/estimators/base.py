@@ -130,3 +130,19 @@ def check_betas(name: str, value: Any) -> None:
             and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
                     for b in value)):
         raise SettingError(f"{name}={value!r} must be two numbers in [0, 1)")
+
+
+def check_critic_fit(settings: Any) -> None:
+    """The checks of the critic-fit settings, one vocabulary for every estimator that fits a
+    critic (SHAC and its successors, critic backprop, REINFORCE's and PPO's value critic):
+    ``critic_hidden_sizes``, ``critic_learning_rate``, ``critic_betas`` (Adam's),
+    ``critic_iterations`` (passes over the batch per fit), ``critic_minibatches`` (Adam steps per
+    pass) and, where the settings have a target network, ``target_critic_keep`` (its Polyak
+    weight)."""
+    check_hidden_sizes("critic_hidden_sizes", settings.critic_hidden_sizes)
+    check_positive("critic_learning_rate", settings.critic_learning_rate)
+    check_betas("critic_betas", settings.critic_betas)
+    check_positive_int("critic_iterations", settings.critic_iterations)
+    check_positive_int("critic_minibatches", settings.critic_minibatches)
+    if hasattr(settings, "target_critic_keep"):
+        check_unit_interval("target_critic_keep", settings.target_critic_keep)

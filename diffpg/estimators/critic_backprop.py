@@ -46,9 +46,7 @@ from diffpg.estimators.base import (
     Batch,
     Estimate,
     Estimator,
-    check_betas,
-    check_hidden_sizes,
-    check_positive,
+    check_critic_fit,
     check_positive_int,
     check_unit_interval,
 )
@@ -99,12 +97,7 @@ class CriticBackpropSettings:
             raise SettingError("finite_horizon=True needs each transition's steps left, which the "
                                "replay buffer does not keep; allowed: replay_capacity=0 with it")
         check_unit_interval("discount", self.discount)
-        check_positive("critic_learning_rate", self.critic_learning_rate)
-        check_positive_int("critic_iterations", self.critic_iterations)
-        check_positive_int("critic_minibatches", self.critic_minibatches)
-        check_unit_interval("target_critic_keep", self.target_critic_keep)
-        check_hidden_sizes("critic_hidden_sizes", self.critic_hidden_sizes)
-        check_betas("critic_betas", self.critic_betas)
+        check_critic_fit(self)
 
 
 class CriticBackpropState(NamedTuple):

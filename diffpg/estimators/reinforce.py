@@ -76,7 +76,7 @@ from diffpg.estimators.base import (
     Estimate,
     Estimator,
     check_choice,
-    check_hidden_sizes,
+    check_critic_fit,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -121,13 +121,15 @@ class ScoreFunctionSettings:
     """Weight of the policy's entropy added to the objective (0: the plain gradient)."""
     rollouts_per_state: int = 1
     """k rollouts from each start state; above 1 they form the leave-one-out pools."""
-    value_hidden_sizes: tuple[int, ...] = (64, 64)
+    critic_hidden_sizes: tuple[int, ...] = (64, 64)
     """Hidden layers of the value critic's MLP (baseline='value')."""
-    value_learning_rate: float = 1e-3
+    critic_learning_rate: float = 1e-3
     """Adam learning rate of the value critic."""
-    value_iterations: int = 8
+    critic_betas: tuple[float, float] = (0.7, 0.95)
+    """Adam's beta1 and beta2 for the value critic."""
+    critic_iterations: int = 8
     """Passes over the batch per fit of the value critic."""
-    value_minibatches: int = 4
+    critic_minibatches: int = 4
     """Minibatches per pass of a value-critic fit (one Adam step each)."""
 
     def __post_init__(self):
@@ -142,10 +144,7 @@ class ScoreFunctionSettings:
         check_positive("clip_ratio", self.clip_ratio)
         check_non_negative("entropy_cost", self.entropy_cost)
         check_positive_int("rollouts_per_state", self.rollouts_per_state)
-        check_hidden_sizes("value_hidden_sizes", self.value_hidden_sizes)
-        check_positive("value_learning_rate", self.value_learning_rate)
-        check_positive_int("value_iterations", self.value_iterations)
-        check_positive_int("value_minibatches", self.value_minibatches)
+        check_critic_fit(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +357,7 @@ def make_value_baseline(policy: Policy, settings: ScoreFunctionSettings) -> Valu
     horizon (no bootstrap), which depends on the steps left: that critic sees them. GAE's critic
     is the bootstrapped, time-independent V(s), unless the objective ends at the horizon."""
     timeless = settings.advantage == "gae" and not settings.finite_horizon
-    return make_mlp_value_function(policy.observation_size, settings.value_hidden_sizes,
+    return make_mlp_value_function(policy.observation_size, settings.critic_hidden_sizes,
                                    time_scale=None if timeless else settings.horizon)
 
 
@@ -374,7 +373,7 @@ def fit_value_baseline(value_function: ValueFunction, optimizer, settings: Score
     explained = explained_variance(value_function.apply(critic.params, obs, steps), targets)
     critic, loss = fit_mean_squared_error(
         critic, value_function.apply, (obs, steps), targets, optimizer,
-        key, settings.value_iterations, settings.value_minibatches)
+        key, settings.critic_iterations, settings.critic_minibatches)
     return critic, {"value_loss": loss, "critic_explained_variance": explained}
 
 
@@ -408,7 +407,7 @@ def make_reinforce(
     gae = settings.advantage == "gae"
     if value_function is None:
         value_function = make_value_baseline(policy, settings)
-    optimizer = make_critic_optimizer(settings.value_learning_rate, (0.7, 0.95))
+    optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
     steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
 
     def init(key: jax.Array, policy_params: Params) -> CriticState | None:

@@ -49,9 +49,8 @@ from diffpg.estimators.base import (
     Batch,
     Estimate,
     Estimator,
-    check_betas,
     check_bool,
-    check_hidden_sizes,
+    check_critic_fit,
     check_positive,
     check_positive_int,
     check_unit_interval,
@@ -123,12 +122,7 @@ class ShacSettings:
                 )
         check_unit_interval("discount", self.discount)
         check_unit_interval("td_lambda", self.td_lambda)
-        check_positive("critic_learning_rate", self.critic_learning_rate)
-        check_positive_int("critic_iterations", self.critic_iterations)
-        check_positive_int("critic_minibatches", self.critic_minibatches)
-        check_unit_interval("target_critic_keep", self.target_critic_keep)
-        check_hidden_sizes("critic_hidden_sizes", self.critic_hidden_sizes)
-        check_betas("critic_betas", self.critic_betas)
+        check_critic_fit(self)
         check_remat_segment(self.remat_segment, self.window_length)
 
     @property
