@@ -176,7 +176,7 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
 
 def _what_is_kept(out: Path) -> str:
     """What an interrupted training run left in ``out``, for the line that reports it."""
-    from diffpg.runs import checkpoint_updates
+    from diffpg.checkpoints import checkpoint_updates
 
     kept = checkpoint_updates(out) if out.exists() else []
     if kept:

@@ -117,7 +117,7 @@ def parse_train_command(argv: list[str]):
     settings, of which only ``CHANGEABLE_ON_RESUME`` may change.
     """
     from diffpg import configs, estimators
-    from diffpg.runs import load_settings
+    from diffpg.run_files import load_settings
     from diffpg.training import TrainSettings, settings_for
 
     @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool)
     """What ``--resume RUN`` cannot be combined with: another ``--out`` (the run continues in
     its own folder), ``--overwrite``, or fewer ``--updates`` than its newest checkpoint has
     done (settings.json would then disagree with its checkpoints)."""
-    from diffpg.runs import checkpoint_updates
+    from diffpg.checkpoints import checkpoint_updates
 
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise CommandLineError(f"out={str(out)!r} cannot be given with resume={str(run_dir)!r}: "

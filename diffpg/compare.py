@@ -183,7 +183,7 @@ class CompareSettings:
         if not 0.0 <= self.discount <= 1.0:
             raise SettingError(f"discount={self.discount} must be in [0, 1]")
         if self.policy_checkpoint is not None:
-            from diffpg.runs import load_settings
+            from diffpg.run_files import load_settings
 
             run = load_settings(Path(self.policy_checkpoint))
             if run.env != self.env:
@@ -254,7 +254,7 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
             + ("; lower batch_budget or raise episode_length" if settings.sweep == "batch" else "")
         )
     if settings.policy_checkpoint is not None:
-        from diffpg.runs import load_settings
+        from diffpg.run_files import load_settings
         from diffpg.training import make_policy
 
         # The run's own network (activation, layer norm, sizes), not the comparison's.

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import envs  # noqa: E402
-from diffpg import estimators, runs  # noqa: E402
+from diffpg import checkpoints, estimators  # noqa: E402
 from diffpg.acting import unroll  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402
@@ -85,10 +85,10 @@ def update_breakdown(env_name: str, num_envs: int, horizon: int, repeats: int,
         compile_s, seconds = seconds_per_call(function, *args, repeats=repeats)
         rows.append({"part": what, "seconds": seconds, "compile_s": compile_s})
     with tempfile.TemporaryDirectory() as folder:
-        with runs.checkpoint_manager(Path(folder), writing=True) as manager:
+        with checkpoints.checkpoint_manager(Path(folder), writing=True) as manager:
             started = time.perf_counter()
             for update in range(repeats):
-                runs.save_checkpoint(manager, state._replace(update=state.update + update), [])
+                checkpoints.save_checkpoint(manager, state._replace(update=state.update + update), [])
             rows.append({"part": "checkpoint (per call)",
                          "seconds": (time.perf_counter() - started) / repeats, "compile_s": 0.0})
     whole = next(row["seconds"] for row in rows if row["part"] == "whole update")

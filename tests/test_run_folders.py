@@ -20,7 +20,9 @@ import pytest
 from conftest import compiles, small_disk
 
 from diffpg import cli
-from diffpg.runs import checkpoint_updates, evaluate_run, load_settings, train
+from diffpg.checkpoints import checkpoint_updates
+from diffpg.run_files import load_settings
+from diffpg.runs import evaluate_run, train
 from diffpg.training import settings_for
 
 SMALL = ["--env", "pendulum", "--num-envs", "4", "--eval-envs", "2", "--hidden-sizes", "16"]
@@ -292,11 +294,11 @@ def test_a_damaged_settings_file_is_one_line_naming_it(tmp_path, capsys, content
 
 
 def test_a_run_written_before_a_setting_existed_reads_with_its_default(tmp_path):
-    """A settings.json written before a setting was added (diffpg.runs.SETTINGS_ADDED_LATER)
+    """A settings.json written before a setting was added (diffpg.run_files.SETTINGS_ADDED_LATER)
     loads with that setting's default, the behaviour the run had; its other settings unchanged."""
     import json
 
-    from diffpg.runs import SETTINGS_ADDED_LATER, load_settings
+    from diffpg.run_files import SETTINGS_ADDED_LATER, load_settings
     from diffpg.training import TrainSettings
 
     out = tmp_path / "run"
@@ -309,6 +311,28 @@ def test_a_run_written_before_a_setting_existed_reads_with_its_default(tmp_path)
     assert load_settings(out) == written
     for name in SETTINGS_ADDED_LATER:
         assert getattr(load_settings(out), name) == TrainSettings.__dataclass_fields__[name].default
+
+
+def test_a_run_written_with_the_value_critic_s_old_names_reads_with_the_shared_ones(tmp_path):
+    """REINFORCE's and PPO's value-critic settings were once ``value_*``; now every estimator
+    says ``critic_*`` (diffpg.run_files.ESTIMATOR_SETTINGS_RENAMED). A settings.json with the old
+    names, and without ``critic_betas`` (then fixed at Adam's 0.7, 0.95), reads as the same
+    settings."""
+    import json
+
+    from diffpg.run_files import ESTIMATOR_SETTINGS_RENAMED, load_settings
+
+    settings = _small(estimator="ppo", updates=2,
+                      estimator_options={"critic_learning_rate": 3e-4, "critic_iterations": 3})
+    values = settings.to_json()
+    nested = values["estimator_settings"]
+    for old, new in ESTIMATOR_SETTINGS_RENAMED.items():
+        nested[old] = nested.pop(new)
+    assert nested.pop("critic_betas") == (0.7, 0.95)
+    (tmp_path / "settings.json").write_text(json.dumps(values))
+    loaded = load_settings(tmp_path)
+    assert loaded.resolved_estimator_settings == settings.resolved_estimator_settings
+    assert loaded.resolved_estimator_settings.critic_learning_rate == 3e-4
 
 
 def test_an_unknown_setting_in_settings_json_is_named(tmp_path, capsys):

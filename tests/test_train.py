@@ -19,13 +19,8 @@ from conftest import compiles
 from PIL import Image
 
 from diffpg import cli
-from diffpg.runs import (
-    TrainingStopped,
-    checkpoint_updates,
-    evaluate_run,
-    restore_checkpoint,
-    train,
-)
+from diffpg.checkpoints import checkpoint_updates, restore_checkpoint
+from diffpg.runs import TrainingStopped, evaluate_run, train
 from diffpg.training import TrainSettings, make_optimizer, make_trainer, select_seed, settings_for
 from diffpg.video import episode_states, save_gif
 from envs.core import SettingError

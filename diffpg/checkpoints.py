@@ -1,0 +1,197 @@
+"""A training run's checkpoints: ``checkpoints/<update>/`` in the run folder, orbax
+``CheckpointManager`` checkpoints (the last ``KEPT_CHECKPOINTS``), each with two items: ``state``
+(the ``TrainState``) and ``history`` (every metrics row up to that update; orbax reserves the
+name ``metrics``). A checkpoint is the commit point of a call of ``run_updates``: what it holds is
+the run. ``checkpoints/<update>.sha256`` is the digest of its files, checked before restoring.
+
+Orbax writes each checkpoint to a temporary folder and renames it when complete; a full disk is
+one line naming the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from diffpg.devices import barrier, is_primary
+from diffpg.folders import disk_space, is_disk_full, write_atomically
+from diffpg.training import TrainState
+from envs.core import SettingError
+
+KEPT_CHECKPOINTS = 2
+DIGEST_SUFFIX = ".sha256"
+"""``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
+orbax has no checksum of its own, and a flipped byte in an array file restores silently."""
+
+
+def counter_value(counter: jax.Array) -> int:
+    """A step counter as an int (every seed of a multi-seed run has the same count)."""
+    return int(np.ravel(counter)[0])
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs warnings (through absl) for situations diffpg handles itself: leftovers of an
+    interrupted save, a step folder it cannot read. Errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def checkpoint_manager(run_dir: Path, writing: bool = False) -> ocp.CheckpointManager:
+    """Orbax's manager of ``run_dir/checkpoints``. Writing (the training run itself):
+    synchronous saves, the last ``KEPT_CHECKPOINTS`` kept, leftovers of interrupted saves cleaned
+    up. Otherwise read-only: it changes nothing (another process may be writing)."""
+    if writing:
+        options = ocp.CheckpointManagerOptions(max_to_keep=KEPT_CHECKPOINTS,
+                                               enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
+    else:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+    with _quiet_orbax():
+        return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options,
+                                     item_names=("state", "history"))
+
+
+def checkpoint_updates(run_dir: Path) -> list[int]:
+    """Updates at which checkpoints were completed, oldest first (an interrupted save leaves
+    only a temporary folder, which is not one)."""
+    if not (run_dir / "checkpoints").is_dir():
+        return []
+    with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
+        return sorted(manager.all_steps())
+
+
+def _folder_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _without_empty_arrays(tree: Any) -> Any:
+    """``tree`` with its zero-size arrays as ``None``: orbax cannot save an array of size 0
+    (MJX's state holds some, e.g. the activations of a model without activation dynamics)."""
+    return jax.tree.map(lambda leaf: None if getattr(leaf, "size", 1) == 0 else leaf, tree)
+
+
+def _with_empty_arrays(restored: Any, template: Any) -> Any:
+    """``restored`` with the zero-size arrays of ``template`` back where it holds ``None``."""
+    return jax.tree.map(lambda empty, leaf: empty if getattr(empty, "size", 1) == 0 else leaf,
+                        template, restored)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
+    """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
+    record the digest of its files. Every process calls it; the primary one writes the digest."""
+    update = counter_value(state.update)
+    folder = Path(manager.directory)
+    try:
+        with _quiet_orbax():
+            manager.save(update, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_without_empty_arrays(state)),
+                history=ocp.args.JsonSave({"rows": rows})))
+    except Exception as error:
+        for leftover in folder.glob("*.orbax-checkpoint-tmp*"):  # nothing half-written stays
+            shutil.rmtree(leftover, ignore_errors=True)
+        if is_disk_full(error):
+            # Orbax's unfinished writes report the same failure again when they are collected.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            last = checkpoint_updates(folder.parent)
+            with disk_space(folder.parent, f"the checkpoint of update {update} (the last "
+                            f"complete one is of update {last[-1] if last else 'none'})"):
+                raise
+        raise
+    barrier("diffpg: checkpoint saved")
+    if not is_primary():
+        return
+    write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _folder_sha256(folder / str(update)))
+    kept = {str(step) for step in manager.all_steps()}
+    for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
+        if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
+            digest.unlink()
+
+
+def _shapes_match(state_folder: Path, abstract: Any) -> bool:
+    """Whether the arrays stored in ``state_folder`` have the shapes of ``abstract`` (compared
+    as multisets; ``True`` when the metadata cannot be read: the restore then reports it)."""
+    try:
+        with _quiet_orbax():
+            metadata = ocp.StandardCheckpointer().metadata(state_folder)
+    except Exception:  # orbax raises many types for unreadable files
+        return True
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    stored = [tuple(leaf.shape) for leaf in jax.tree.leaves(
+        tree, is_leaf=lambda x: hasattr(x, "shape")) if hasattr(leaf, "shape")]
+    wanted = [tuple(leaf.shape) for leaf in jax.tree.leaves(abstract)]
+    return not stored or sorted(stored) == sorted(wanted)
+
+
+def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None = None,
+                       ) -> tuple[TrainState, list[dict], list[tuple[int, str]]]:
+    """The newest checkpoint that restores into the structure of ``template`` (with ``update``:
+    that one only): its state and metrics rows, and the newer ones that could not
+    (``(update, reason)``: corrupt, or their digest does not match).
+
+    Raises ``SettingError`` naming the newest checkpoint when none restores, or ``update`` when
+    the run has no such checkpoint.
+    """
+    updates = checkpoint_updates(run_dir)
+    if not updates:
+        raise SettingError(f"run={str(run_dir)!r} has no checkpoint to resume from")
+    if update is not None:
+        if update not in updates:
+            raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "
+                               f"allowed: {updates}")
+        updates = [update]
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
+    folder = run_dir / "checkpoints"
+    failed: list[tuple[int, str]] = []
+    with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
+        for update in reversed(updates):
+            digest_file = folder / f"{update}{DIGEST_SUFFIX}"
+            if digest_file.exists() and digest_file.read_text() != _folder_sha256(folder / str(update)):
+                failed.append((update, "its files do not match their recorded SHA-256 digest"))
+                continue
+            if not _shapes_match(folder / str(update) / "state", abstract):
+                # Checked first: orbax's failed restore of mismatched shapes leaves its
+                # background threads printing tracebacks at exit.
+                failed.append((update, "its arrays' shapes differ from those the run's settings "
+                                       "build (was settings.json changed?)"))
+                continue
+            try:
+                restored = manager.restore(update, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+                state = _with_empty_arrays(restored.state, template)
+                return state, list(restored.history["rows"]), failed
+            except Exception as error:  # orbax raises many types for corrupt or mismatched files
+                lines = str(error).strip().splitlines() or [""]
+                failed.append((update, f"{type(error).__name__}: {lines[0][:200]}"))
+    newest, reason = failed[0]
+    raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
+                       "it is corrupt or from other settings, and no older checkpoint restores")
+
+
+def set_aside(run_dir: Path, update: int) -> Path:
+    """Rename an unreadable checkpoint out of the way (``<update>.unreadable``): resuming can save
+    that update again, and nothing is deleted."""
+    folder = run_dir / "checkpoints"
+    target = folder / f"{update}.unreadable"
+    if target.exists():
+        shutil.rmtree(target)
+    (folder / str(update)).rename(target)
+    (folder / f"{update}{DIGEST_SUFFIX}").unlink(missing_ok=True)
+    return target

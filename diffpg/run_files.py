@@ -1,0 +1,113 @@
+"""The files of a training run's folder that are read as text: ``settings.json`` (the resolved
+settings and what wrote them), ``metrics.csv`` (one row per call of ``run_updates``, Brax's metric
+names) and ``tensorboard/`` (the same scalars, x axis env steps). Each is replaced atomically;
+on resume ``metrics.csv`` and the TensorBoard events are rewritten from the checkpoint's rows
+(``diffpg.checkpoints``), so they never show a gap or a repeat."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from diffpg.devices import environment_description
+from diffpg.folders import atomic_path, disk_space, remove_files, write_atomically
+from diffpg.training import TrainSettings
+from envs.core import SettingError
+
+RUN_FILES = ("settings.json", ".settings.partial.json", "metrics.csv", ".metrics.partial.csv",
+             "learning_curve.png", ".learning_curve.partial.png", "checkpoints", "tensorboard",
+             "policy.gif", ".policy.partial.gif", "settings.json.tmp", "metrics.csv.tmp")
+"""What a run writes into its folder (and what overwriting a run removes; the partial files
+are what a write cut short by SIGKILL leaves, the ``.tmp`` ones those of older versions)."""
+
+
+def save_settings(settings: TrainSettings, run_dir: Path) -> None:
+    """``settings.json``: the resolved settings, and under ``"environment"`` the versions,
+    commit and device of the process that wrote it (the last session of a resumed run)."""
+    values = settings.to_json() | {"environment": environment_description()}
+    write_atomically(run_dir / "settings.json", json.dumps(values, indent=2))
+
+
+SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
+"""Training settings added after run folders were first written: a ``settings.json`` without
+them is read with their defaults, which are the behaviour before they existed. Any other
+missing setting makes the file invalid."""
+
+ESTIMATOR_SETTINGS_RENAMED = {
+    "value_hidden_sizes": "critic_hidden_sizes", "value_learning_rate": "critic_learning_rate",
+    "value_iterations": "critic_iterations", "value_minibatches": "critic_minibatches",
+}
+"""Estimator settings written under an earlier name (REINFORCE's and PPO's value critic, now in
+the critic vocabulary every estimator shares): a ``settings.json`` with the old name is read
+with the new one."""
+
+
+def load_settings(run_dir: Path) -> TrainSettings:
+    path = run_dir / "settings.json"
+    if not run_dir.is_dir():
+        raise SettingError(f"run={str(run_dir)!r} is not a folder")
+    if not path.exists():
+        raise SettingError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise SettingError("it does not hold an object of settings")
+        missing = [f for f in TrainSettings.__dataclass_fields__
+                   if f not in values and f not in SETTINGS_ADDED_LATER]
+        if missing:
+            raise SettingError(f"it lacks the setting(s) {missing}")
+        values.pop("environment", None)  # a record of what wrote it, not a setting
+        nested = values.get("estimator_settings")
+        if isinstance(nested, dict):
+            values["estimator_settings"] = {ESTIMATOR_SETTINGS_RENAMED.get(k, k): v
+                                            for k, v in nested.items()}
+        return TrainSettings.from_json(values)
+    except (ValueError, TypeError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise SettingError(f"{str(path)!r} is not valid: {lines[0]}") from None
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
+    otherwise outrank the new run's, and its metrics would mix with them."""
+    remove_files(run_dir, RUN_FILES)
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """Replace ``metrics.csv`` atomically (a new file renamed over the old one)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(run_dir / "metrics.csv") as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@contextlib.contextmanager
+def tensorboard_writer(run_dir: Path, start_again: bool = False):
+    """The run's TensorBoard event file (one per training session); ``start_again`` first
+    removes every earlier event (they are rewritten from the checkpoint's rows)."""
+    from tensorboardX import SummaryWriter
+
+    folder = run_dir / "tensorboard"
+    if start_again and folder.exists():
+        shutil.rmtree(folder)
+    writer = SummaryWriter(str(folder), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def write_tensorboard(writer, run_dir: Path, rows: list[dict]) -> None:
+    """Add ``rows`` (their scalars, x axis env steps) to the event file, flushed."""
+    with disk_space(run_dir, "TensorBoard events"):
+        for row in rows:
+            for name, value in row.items():
+                if name not in ("update", "env_steps"):
+                    writer.add_scalar(name, value, row["env_steps"])
+        writer.flush()
