@@ -81,3 +81,22 @@ def test_importing_diffpg_and_envs_changes_nothing_in_the_process():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=environment | {"PYTHONPATH": str(PACKAGE.parent)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_project_s_own_envs_package_wins_over_diffpg_s(tmp_path):
+    """diffpg's environments are the top-level package ``envs``, a name research projects use
+    too. In a project folder with its own ``envs``, ``import envs`` is the project's, and the
+    ``diffpg`` command, whose imports do not start from the working directory, still finds its
+    own (it lists its environments)."""
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "__init__.py").write_text("OWNER = 'the project'\n")
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import envs; print(envs.OWNER)"], cwd=tmp_path,
+                          capture_output=True, text=True, env=environment)
+    assert done.returncode == 0 and done.stdout.strip() == "the project", done.stderr[-2000:]
+    command = Path(sys.executable).with_name("diffpg")  # the installed command
+    assert command.exists(), f"diffpg is not installed beside {sys.executable}"
+    done = subprocess.run([str(command), "train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "halfcheetah" in done.stdout and "the project" not in done.stdout
