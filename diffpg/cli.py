@@ -140,8 +140,9 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
     from diffpg.runs import train
 
     barrier("diffpg: output folder checked")
-    source = (config_for(settings.env, settings.estimator, sizes).source
-              or "no configuration for this env") + f", {sizes} sizes"
+    source = ("the run's own, resumed" if resume else
+              (config_for(settings.env, settings.estimator, sizes).source
+               or "no configuration for this env") + f", {sizes} sizes")
     bar = None
 
     def on_start() -> None:  # the settings and sizes are valid: say what runs, show progress
