@@ -145,15 +145,15 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
                or "no configuration for this env") + f", {sizes} sizes")
     bar = None
 
-    def on_start() -> None:  # the settings and sizes are valid: say what runs, show progress
+    def on_start(start: int) -> None:  # the settings are valid: say what runs, show progress
         nonlocal bar
         guard.check()  # a signal whose first exception was dropped stops here
         if is_primary():
             print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} "
                   f"envs x {settings.horizon} steps, {settings.updates} updates (defaults: "
                   f"{source}); run folder {out}", file=sys.stderr)
-        bar = tqdm(total=settings.updates, desc="train", unit="update", file=sys.stderr,
-                   disable=not is_primary())
+        bar = tqdm(total=settings.updates, initial=start, desc="train", unit="update",
+                   file=sys.stderr, disable=not is_primary())
 
     def on_log(row: dict) -> None:
         bar.n = row["update"]

@@ -62,15 +62,16 @@ class TrainingStopped(RuntimeError):
 
 def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
           on_log: Callable[[dict], None] | None = None,
-          on_start: Callable[[], None] | None = None,
+          on_start: Callable[[int], None] | None = None,
           stop_at_update: int | None = None, env=None) -> TrainState:
     """Train, logging and checkpointing into ``run_dir`` after every ``updates_per_call`` updates.
 
     ``resume=True`` continues from the newest readable checkpoint of ``run_dir`` (its metrics
     rows continue from that checkpoint's); otherwise whatever an earlier run left in ``run_dir``
-    is removed first. ``on_start()`` runs once the run has its initial state (restored or
-    fresh), before the training steps compile. ``stop_at_update`` stops early (as an interruption would),
-    leaving a resumable run. ``env`` replaces the settings' environment (``make_trainer``).
+    is removed first. ``on_start(update)`` runs once the run has its initial state (restored
+    or fresh: ``update`` is where it starts), before the training steps compile.
+    ``stop_at_update`` stops early (as an interruption would), leaving a resumable run. ``env``
+    replaces the settings' environment (``make_trainer``).
     Raises ``TrainingStopped`` after ``max_consecutive_nonfinite`` non-finite updates in a row,
     with the checkpoint saved, and ``Interrupted`` on SIGINT or SIGTERM, after any save in
     progress has finished.
@@ -88,7 +89,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
         guard = stack.enter_context(interruptions())
         state, rows = _start(trainer, run_dir, resume, primary)
         if on_start:
-            on_start()
+            on_start(counter_value(state.update))
         run = Run(trainer, run_dir, primary, guard, rows,
                   stack.enter_context(checkpoint_manager(run_dir, writing=True)))
         if primary:  # the checkpoint's rows are the run's history: the events are rebuilt

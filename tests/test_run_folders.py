@@ -429,8 +429,10 @@ def test_resume_with_more_updates_extends_the_run_and_nothing_else_changes(tmp_p
     out = tmp_path / "run"
     train(_small(updates=4), out)
     assert cli.main(["train", "--resume", str(out), "--updates", "8"]) == 0
-    # What runs is said as the run's own settings, not the sizes of a fresh command line.
-    assert "(defaults: the run's own, resumed)" in capsys.readouterr().err
+    # What runs is said as the run's own settings, not the sizes of a fresh command line, and
+    # the progress bar starts where the run does.
+    err = capsys.readouterr().err
+    assert "(defaults: the run's own, resumed)" in err and "| 4/8 [" in err
     assert checkpoint_updates(out) == [6, 8]
     assert [r["update"] for r in _rows(out)] == ["2", "4", "6", "8"]
     assert load_settings(out).updates == 8
