@@ -144,12 +144,15 @@ class Run:
     """Every metrics row so far (the newest checkpoint's history, then one per call)."""
     checkpoints: ocp.CheckpointManager
     events: Any = None
-    walltime: float = 0.0
-    """Seconds spent training and evaluating, over every session of the run."""
+    walltime: float = dataclasses.field(init=False)
+    """Seconds spent training and evaluating, over every session of the run (from ``rows``)."""
+    eval_key: jax.Array = dataclasses.field(init=False)
+    """The key of every evaluation, ``PRNGKey(seed + 1)``: each one sees the same episodes."""
     last_plot: float = dataclasses.field(default_factory=time.perf_counter)
 
     def __post_init__(self):
         self.walltime = float(self.rows[-1]["training/walltime"]) if self.rows else 0.0
+        self.eval_key = jax.random.PRNGKey(self.trainer.settings.seed + 1)
 
 
 def _train_one_call(run: Run, state: TrainState) -> tuple[TrainState, dict]:
@@ -159,8 +162,7 @@ def _train_one_call(run: Run, state: TrainState) -> tuple[TrainState, dict]:
     started = time.perf_counter()
     state, metrics = jax.block_until_ready(run.trainer.run_updates(state))
     training_seconds = time.perf_counter() - started
-    evaluation = jax.block_until_ready(
-        run.trainer.evaluate(state, jax.random.PRNGKey(settings.seed + 1)))
+    evaluation = jax.block_until_ready(run.trainer.evaluate(state, run.eval_key))
     run.walltime += time.perf_counter() - started
     row = {"update": counter_value(state.update), "env_steps": counter_value(state.env_steps),
            "training/walltime": run.walltime,
