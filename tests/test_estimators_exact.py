@@ -147,7 +147,10 @@ def relative_bias(samples, exact) -> tuple[float, float]:
 
 def test_critic_backprop_bias_with_a_learned_q_shrinks_with_training(lqr):
     """The learned critic's bias, measured with its standard error: large before fitting Q by TD
-    on the fixed policy's data, and after 300 fits below 20% with 3 standard errors to spare."""
+    on the fixed policy's data, and after 600 fits below 20% with 3 standard errors to spare.
+
+    The bias of a trained critic varies with its training's noise: over training seeds 1000 to
+    1003 it measured 0.06-0.21 after 300 fits and 0.04-0.08 after 600."""
     settings = CriticBackpropSettings(horizon=lqr.horizon, discount=lqr.discount,
                                       critic_learning_rate=3e-3, critic_iterations=16,
                                       finite_horizon=True)
@@ -156,13 +159,13 @@ def test_critic_backprop_bias_with_a_learned_q_shrinks_with_training(lqr):
     exact = lqr.exact_gradient()
     before, before_se = relative_bias(independent_estimates(estimator, lqr, 400, state=state),
                                       exact)
-    trained = learn(estimator, lqr, state, 300, seed=1000)
+    trained = learn(estimator, lqr, state, 600, seed=1000)
     after, after_se = relative_bias(independent_estimates(estimator, lqr, 400, state=trained),
                                     exact)
-    print(f"critic backprop relative bias: untrained {before:.3f} +- {before_se:.3f}, after 300 "
+    print(f"critic backprop relative bias: untrained {before:.3f} +- {before_se:.3f}, after 600 "
           f"TD fits {after:.3f} +- {after_se:.3f}")
     assert before - 3 * before_se > 0.5  # clearly biased before (measured: 1.16 +- 0.001)
-    assert after + 3 * after_se < 0.2  # bounded after (measured: 0.136 +- 0.001)
+    assert after + 3 * after_se < 0.2  # bounded after (measured: 0.039 +- 0.001)
 
 
 def test_alpha_order_weights_by_inverse_variance_and_falls_back_when_biased():
