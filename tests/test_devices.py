@@ -101,7 +101,8 @@ print("RESULTS" + json.dumps(results))
 
 @pytest.mark.slow
 def test_one_two_and_four_devices_give_the_same_parameters():
-    environment = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    environment = os.environ | {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                                + " --xla_force_host_platform_device_count=4",
                                 "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=environment, capture_output=True,
                           text=True, timeout=600)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_XLA_FLAGS
 
 TRAIN = ["train", "--env", "pendulum", "--updates", "4", "--updates-per-call", "2",
          "--num-envs", "8", "--eval-envs", "2", "--hidden-sizes", "16", "--devices", "2",
@@ -31,16 +32,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _environment(**extra) -> dict:
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith("DIFFPG_COORDINATOR") and k != "XLA_FLAGS"}
-    return environment | {"PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3"} | extra
+def _environment(forced_devices: int | None = None, **extra: str) -> dict:
+    """This process's environment without a coordinator, with the tests' compile flags, if
+    given ``forced_devices`` host devices, and ``extra``."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DIFFPG_COORDINATOR")}
+    flags = FAST_COMPILE_XLA_FLAGS + (f" --xla_force_host_platform_device_count={forced_devices}"
+                                      if forced_devices else "")
+    return environment | {"PYTHONPATH": os.getcwd(), "TF_CPP_MIN_LOG_LEVEL": "3",
+                          "XLA_FLAGS": flags} | extra
 
 
 def _one_process(arguments: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", "diffpg.cli", *arguments], capture_output=True,
-                          text=True, timeout=TIMEOUT, env=_environment(
-                              XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+                          text=True, timeout=TIMEOUT, env=_environment(forced_devices=2))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
