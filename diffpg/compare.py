@@ -51,6 +51,24 @@ SWEEPS = ("none", "horizon", "stiffness", "batch")
 STIFFNESS_ENVS = ("contact", "curling")
 """The envs with a ``stiffness`` setting (the stiffness sweep's)."""
 
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
+"""XLA:CPU options a comparison's programs compile with: XLA's loop emitters for fusions and
+LLVM's ``-O1``. A comparison compiles some 75 programs and runs each once, so compiling is most
+of its time on a CPU; these options halve it (BENCHMARKS.md section 4). A jaxlib that no longer
+knows them compiles with its defaults."""
+
+
+def compile_program(jitted, *args):
+    """``jitted`` lowered for ``args`` and compiled (with ``CPU_COMPILER_OPTIONS`` on a CPU)."""
+    lowered = jitted.lower(*args)
+    if jax.default_backend() == "cpu":
+        try:
+            return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+        except jax.errors.JaxRuntimeError as error:
+            if "compile option" not in str(error):
+                raise
+    return lowered.compile()
+
 
 class EstimatorSpec(NamedTuple):
     """An estimator name with setting overrides, written ``name`` or ``name:key=value,key=value``
@@ -321,9 +339,10 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
             return (estimator.update(params, obs_stats, state, batch, key_update)[0], starts), None
 
         # The start states go in as an argument: a constant cannot be split over processes.
-        state = jax.jit(lambda s, starts, k: jax.lax.scan(
-            warm_step, (s, starts), jax.random.split(k, warmup))[0][0])(
+        warm_up = compile_program(jax.jit(lambda s, starts, k: jax.lax.scan(
+            warm_step, (s, starts), jax.random.split(k, warmup))[0][0]),
             state, start_states, key_warm)
+        state = warm_up(state, start_states, key_warm)
         jax.block_until_ready(state)
     warmup_seconds = time.perf_counter() - warmup_started
 
@@ -357,8 +376,8 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
     """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
     compile seconds, run seconds)``."""
     started = time.perf_counter()
-    compiled = jax.jit(flat_estimates, static_argnums=3).lower(
-        state, start_states, keys, batch_size).compile()
+    compiled = compile_program(jax.jit(flat_estimates, static_argnums=3),
+                               state, start_states, keys, batch_size)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
