@@ -114,9 +114,12 @@ CONFIGS: dict[str, EnvConfig] = {
         gpu={"num_envs": 2048},
         source=SHAC_SOURCE.format(task="cheetah") + "; PPO: Brax's halfcheetah settings"),
     "walker2d": EnvConfig(
-        estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4)},
+        estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4),
+                    "ahac": _ahac(256, (128, 64, 32), critic_learning_rate=2e-4,
+                                  initial_horizon=32)},
         gpu={"num_envs": 2048},
-        source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall)"),
+        source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall), "
+               "without its health shaping"),
     "humanoid": EnvConfig(
         estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995),
                     "ppo": _brax_ppo(10, 8, 8, 0.97, 1e-3, num_envs=256)},
