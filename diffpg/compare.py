@@ -17,6 +17,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
@@ -314,6 +315,36 @@ def learns(state) -> bool:
     return bool(jax.tree.leaves(state))
 
 
+def warmup_program(estimator, params, obs_stats: RunningStatistics, rounds: int):
+    """The jitted warm-up ``(state, start_states, key) -> state``: ``rounds`` rounds of
+    ``estimate`` then ``update`` on the fixed policy ``params`` (a scan over split keys). The
+    start states go in as an argument: a constant cannot be split over processes."""
+    def warm_step(carry, step_key):
+        state, starts = carry
+        key_estimate, key_update = jax.random.split(step_key)
+        batch = estimator.estimate(params, obs_stats, state, starts, key_estimate).batch
+        return (estimator.update(params, obs_stats, state, batch, key_update)[0], starts), None
+
+    return jax.jit(lambda state, starts, key: jax.lax.scan(
+        warm_step, (state, starts), jax.random.split(key, rounds))[0][0])
+
+
+def estimates_program(estimator, params, obs_stats: RunningStatistics):
+    """The jitted ``(state, start_states, keys [K], batch_size) -> samples [K, P]``: one flat
+    gradient estimate per key, ``batch_size`` (static) vmapped at a time. The start states are
+    an argument, not a constant, so that their sharding (the batch split over devices,
+    ``diffpg.devices.shard_batch``) carries into the computation."""
+    def flat_estimate(state, starts, estimate_key):
+        grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
+        return ravel_pytree(grad)[0]
+
+    def flat_estimates(state, starts, keys, batch_size):
+        return jax.lax.map(lambda k: flat_estimate(state, starts, k), keys,
+                           batch_size=batch_size)
+
+    return jax.jit(flat_estimates, static_argnums=3)
+
+
 def sample_gradients(estimator, params, start_states, key, num_estimates, warmup,
                      chunk_size: int | None = None, obs_stats: RunningStatistics | None = None):
     """Warm up what the estimator learns on the fixed policy (``warmup`` rounds of ``estimate``
@@ -332,30 +363,11 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     state = estimator.init(key_init, params)
     warmup_started = time.perf_counter()
     if warmup and learns(state):
-        def warm_step(carry, step_key):
-            state, starts = carry
-            key_estimate, key_update = jax.random.split(step_key)
-            batch = estimator.estimate(params, obs_stats, state, starts, key_estimate).batch
-            return (estimator.update(params, obs_stats, state, batch, key_update)[0], starts), None
-
-        # The start states go in as an argument: a constant cannot be split over processes.
-        warm_up = compile_program(jax.jit(lambda s, starts, k: jax.lax.scan(
-            warm_step, (s, starts), jax.random.split(k, warmup))[0][0]),
-            state, start_states, key_warm)
-        state = warm_up(state, start_states, key_warm)
-        jax.block_until_ready(state)
+        warm_up = compile_program(warmup_program(estimator, params, obs_stats, warmup),
+                                  state, start_states, key_warm)
+        state = jax.block_until_ready(warm_up(state, start_states, key_warm))
     warmup_seconds = time.perf_counter() - warmup_started
-
-    def flat_estimate(state, starts, estimate_key):
-        grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
-        return ravel_pytree(grad)[0]
-
-    def flat_estimates(state, starts, keys, batch_size):
-        return jax.lax.map(lambda k: flat_estimate(state, starts, k), keys,
-                           batch_size=batch_size)
-
-    # The start states are an argument, not a constant, so that their sharding (the batch
-    # split over devices, diffpg.devices.shard_batch) carries into the computation.
+    flat_estimates = estimates_program(estimator, params, obs_stats)
     keys = jax.random.split(key_samples, num_estimates)
     batch_size = chunk_size or num_estimates
     while True:  # out of memory: the same estimates, half as many at a time
@@ -376,8 +388,7 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
     """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
     compile seconds, run seconds)``."""
     started = time.perf_counter()
-    compiled = compile_program(jax.jit(flat_estimates, static_argnums=3),
-                               state, start_states, keys, batch_size)
+    compiled = compile_program(flat_estimates, state, start_states, keys, batch_size)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
@@ -468,16 +479,28 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
     if ref_samples is not None:
         point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
     per_estimator = {}
-    for spec in settings.specs:
-        progress(f"{where}: {spec.label}")
-        estimator = estimators.make(spec.name, env, policy,
-                                    **estimator_settings(spec, settings, horizon))
-        samples, timing = sample_gradients(
+    built = [estimators.make(spec.name, env, policy, **estimator_settings(spec, settings, horizon))
+             for spec in settings.specs]
+
+    def sample(spec: EstimatorSpec, estimator):
+        return sample_gradients(
             estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
             settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats,
             chunk_size=chunk_size)
-        per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
-        point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
+
+    # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
+    # other traces or runs. Each estimator's keys are its own, so the samples do not change.
+    pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
+    try:
+        pending = [pool.submit(sample, spec, estimator)
+                   for spec, estimator in zip(settings.specs, built, strict=True)]
+        for spec, future in zip(settings.specs, pending, strict=True):
+            progress(f"{where}: {spec.label}")
+            samples, timing = future.result()
+            per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
+            point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
+    finally:  # stopped or failed: nothing more starts
+        pool.shutdown(wait=False, cancel_futures=True)
     entry = {
         "sweep_value": point.value,
         "horizon": horizon,

@@ -1,0 +1,136 @@
+"""Where a comparison's time goes: its programs' tracing, XLA compilation and runs, with XLA's
+default CPU options and with those ``diffpg compare`` compiles with (``CPU_COMPILER_OPTIONS``).
+
+Part 1 builds the programs of the default comparison (every estimator at every horizon of the
+sweep: the critics' warm-up where an estimator learns, and the estimates) in this process,
+without the persistent cache, and compiles each lowered program twice, once per set of options,
+then runs each compiled program once. Part 2 runs the whole ``diffpg compare`` command twice in
+fresh processes sharing one empty cache folder: cold, then warm.
+
+    python experiments/bench_compare_compile.py                       # the default comparison
+    python experiments/bench_compare_compile.py --estimators shac reinforce --skip-command
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import jax  # noqa: E402
+
+from diffpg import estimators  # noqa: E402
+from diffpg.compare import (  # noqa: E402
+    CPU_COMPILER_OPTIONS,
+    CompareSettings,
+    estimates_program,
+    estimator_settings,
+    learns,
+    make_env_and_policy,
+    warmup_program,
+)
+from diffpg.normalization import init_statistics  # noqa: E402
+
+OPTIONS = {"default": None, "diffpg": CPU_COMPILER_OPTIONS}
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def program_times(jitted, args: tuple) -> dict:
+    """Seconds to trace and lower ``jitted`` for ``args``, then per set of options to compile
+    it and to run it once."""
+    lowered, lower_s = timed(jitted.lower, *args)
+    row = {"trace_and_lower_s": lower_s}
+    for name, options in OPTIONS.items():
+        compiled, row[f"compile_{name}_s"] = timed(lowered.compile, options)
+        _, row[f"run_{name}_s"] = timed(lambda c: jax.block_until_ready(c(*args[:3])), compiled)
+    return row
+
+
+def programs_of_comparison(settings: CompareSettings) -> list[dict]:
+    """One row per (estimator, program): the summed times over the sweep's horizons."""
+    settings = settings.resolved()
+    env, policy, _ = make_env_and_policy(settings, {})
+    params = policy.init(jax.random.PRNGKey(0))
+    obs_stats = init_statistics(env.observation_size)
+    rows: dict[tuple[str, str], dict] = {}
+    for point in settings.points:
+        starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), point.num_envs))
+        keys = jax.random.split(jax.random.PRNGKey(2), settings.num_estimates)
+        for spec in settings.specs:
+            estimator = estimators.make(spec.name, env, policy,
+                                        **estimator_settings(spec, settings, point.horizon))
+            state = estimator.init(jax.random.PRNGKey(3), params)
+            programs = [("estimates", estimates_program(estimator, params, obs_stats),
+                         (state, starts, keys, settings.num_estimates))]
+            if learns(state):
+                programs.insert(0, ("warm-up", warmup_program(
+                    estimator, params, obs_stats, settings.critic_warmup),
+                    (state, starts, jax.random.PRNGKey(4))))
+            for program, jitted, args in programs:
+                times = program_times(jitted, args)
+                row = rows.setdefault((spec.label, program),
+                                      {"estimator": spec.label, "program": program, "count": 0})
+                row["count"] += 1
+                for name, value in times.items():
+                    row[name] = row.get(name, 0.0) + value
+        print(f"T={point.horizon}: {len(settings.specs)} estimators", file=sys.stderr, flush=True)
+    return list(rows.values())
+
+
+def whole_command(cache: str, out: Path, arguments: list[str]) -> dict:
+    """``diffpg compare`` in a fresh process: wall-clock and CPU seconds."""
+    environment = os.environ | {"DIFFPG_CACHE_DIR": cache,
+                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "diffpg.cli", "compare", "--out", str(out),
+                    "--overwrite", *arguments], env=environment, check=True,
+                   stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": time.perf_counter() - started,
+            "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+
+
+def main() -> None:
+    parser = common.parser("bench_compare_compile", __doc__.split("\n")[0])
+    parser.add_argument("--estimators", nargs="*", default=[])
+    parser.add_argument("--skip-command", action="store_true",
+                        help="only part 1 (the programs), not the whole command cold and warm")
+    arguments = parser.parse_args()
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+    settings = CompareSettings(estimators=tuple(arguments.estimators))
+    rows = programs_of_comparison(settings)
+    columns = ["estimator", "program", "count", "trace_and_lower_s", "compile_default_s",
+               "compile_diffpg_s", "run_default_s", "run_diffpg_s"]
+    total = {"estimator": "all", "program": "all"} | {
+        c: sum(row[c] for row in rows) for c in columns[2:]}
+    table = common.format_table(rows + [total], columns)
+    print(f"programs of the default comparison, {jax.devices()[0].platform}, options "
+          f"{CPU_COMPILER_OPTIONS}")
+    print(table)
+    commands = []
+    if not arguments.skip_command:
+        command_arguments = (["--estimators", *arguments.estimators]
+                             if arguments.estimators else [])
+        with tempfile.TemporaryDirectory() as cache:
+            for kind in ("cold", "warm"):
+                commands.append({"cache": kind} | whole_command(
+                    cache, out / f"compare_{kind}", command_arguments))
+        print(common.format_table(commands, ["cache", "wall_s", "cpu_s"]))
+    common.write_json(out / "results.json", {"options": CPU_COMPILER_OPTIONS, "programs": rows,
+                                             "total": total, "command": commands})
+
+
+if __name__ == "__main__":
+    main()
