@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import USER_XLA_FLAGS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "readme_numbers.py"
 
@@ -21,7 +22,13 @@ def readme_numbers():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("section", ["example", "compare-table"])
-def test_the_readme_shows_what_the_program_computes(readme_numbers, section):
+def test_the_readme_shows_what_the_program_computes(readme_numbers, section, monkeypatch):
+    """Each section computed as a user's process computes it: its subprocesses get the user's
+    XLA flags, not the tests' (a comparison compiles with its own options either way)."""
+    if USER_XLA_FLAGS is None:
+        monkeypatch.delenv("XLA_FLAGS")
+    else:
+        monkeypatch.setenv("XLA_FLAGS", USER_XLA_FLAGS)
     computed = readme_numbers.SECTIONS[section]()[section]
     written = readme_numbers.block(readme_numbers.README.read_text(), section)
     assert readme_numbers.differences(written, computed, rtol=0.02) == [], (
