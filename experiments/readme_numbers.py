@@ -10,6 +10,7 @@ text exactly). Sections:
   (computed with ``--sweep none``: every point's keys depend only on the point, so the table is
   the same as the sweep's last point);
 * ``compare-sweep``: what the default run's horizon sweep says (variance growth, biases);
+* ``compare-time``: the default run's wall-clock, cold and with the compilation cache warm;
 * ``training``: ``diffpg train`` on cart-pole swing-up with every trainable estimator at its
   defaults, against doing nothing and against the fresh policy (minutes on a CPU);
 * ``ant``: SHAC on Brax's Ant for 100 updates on a CPU (``diffpg train --env ant shac``).
@@ -171,6 +172,22 @@ def training() -> dict[str, str]:
     return {"training": text}
 
 
+def compare_time() -> dict[str, str]:
+    """The default ``diffpg compare`` timed in fresh processes: cold (an empty compilation
+    cache), then warm (``experiments/bench_compare_compile.py``'s measurement)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_compare_compile import whole_command
+
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        cold, warm = (whole_command(cache, Path(out) / kind, []) for kind in ("cold", "warm"))
+    return {"compare-time": (
+        f"On this 2-core CPU the default comparison took {cold['wall_s']:.0f} s the first time "
+        f"({cold['cpu_s']:.0f} s of CPU time, most of it compiling its programs) and "
+        f"{warm['wall_s']:.0f} s with the compilation cache warm.\n")}
+
+
 def ant() -> dict[str, str]:
     result = _train_ant()
     return {"ant": result}
@@ -198,7 +215,7 @@ def _train_ant() -> str:
 
 SECTIONS: dict[str, Callable[[], dict[str, str]]] = {
     "example": example, "compare-table": compare_table, "compare-sweep": compare_sweep,
-    "training": training, "ant": ant,
+    "compare-time": compare_time, "training": training, "ant": ant,
 }
 
 
