@@ -114,12 +114,14 @@ CONFIGS: dict[str, EnvConfig] = {
         gpu={"num_envs": 2048},
         source=SHAC_SOURCE.format(task="cheetah") + "; PPO: Brax's halfcheetah settings"),
     "walker2d": EnvConfig(
+        default_estimator="ahac",
         estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4),
                     "ahac": _ahac(256, (128, 64, 32), critic_learning_rate=2e-4,
                                   initial_horizon=32)},
         gpu={"num_envs": 2048},
         source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall), "
-               "without its health shaping"),
+               "without its health shaping; AHAC (the default: ahead of SHAC and of Brax's PPO at "
+               "2M env steps, BENCHMARKS.md section 2f) starting at H = 32"),
     "humanoid": EnvConfig(
         estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995),
                     "ppo": _brax_ppo(10, 8, 8, 0.97, 1e-3, num_envs=256)},

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -314,7 +315,7 @@ def plot(curves: dict, path: Path, title: str) -> None:
     axes[0].set(xlabel="env steps", ylabel="eval episode return")
     axes[1].set(xlabel="wall-clock incl. compilation (s)")
     axes[0].legend(fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(textwrap.fill(title, 130), fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
