@@ -11,11 +11,13 @@ status 2, without a traceback; any other exception is a defect and keeps its tra
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import signal
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 
 # Only the standard library is imported here: ``run`` takes SIGINT and SIGTERM before jax, brax
@@ -237,6 +239,23 @@ def _name(command: str) -> str:
     return f"diffpg {command}" if command != "diffpg" else "diffpg"
 
 
+def _free_interrupted_frames(interruption: BaseException) -> None:
+    """Free what the interrupted code held, its finalizers' complaints silenced. A signal can
+    land inside a library's half-built object (an asyncio event loop's constructor, whose
+    finalizer then fails) or leave a coroutine never awaited; after the one-line message, their
+    tracebacks and warnings at exit would be noise."""
+    unraisable_hook = sys.unraisablehook
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            traceback.clear_frames(interruption.__traceback__)
+            interruption.__traceback__ = None
+            gc.collect()
+        finally:
+            sys.unraisablehook = unraisable_hook
+
+
 def main(argv: list[str] | None = None, received: list[int] | None = None) -> int:
     """Run one command; returns its exit status. ``received``: signals ``run`` took while the
     program was loading, acted on as soon as the command's own handling is in place."""
@@ -274,6 +293,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         kept = getattr(interruption, "kept", None)
         print(f"\n{_name(command)}: interrupted ({signal.Signals(signum).name})"
               + (f"; {kept}" if kept else ""), file=sys.stderr)
+        _free_interrupted_frames(interruption)
         return 128 + signum
     except BrokenPipeError:  # the reader of the output went away (``diffpg eval RUN | head``)
         import os

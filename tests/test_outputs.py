@@ -345,6 +345,34 @@ def test_a_dropped_signal_stops_training_before_its_first_call(tmp_path, capsys,
     assert not (out / "metrics.csv").exists()  # stopped before the first training call
 
 
+def test_a_signal_inside_a_half_built_object_stops_with_one_line_and_no_finalizer_noise():
+    """A signal that lands inside a library's constructor (as in asyncio's event loop, which
+    orbax builds) leaves a half-built object whose finalizer fails, and a coroutine never
+    awaited: the command still ends with its one line, no traceback and no warning."""
+    import subprocess
+
+    script = (
+        "import signal, sys\n"
+        "from diffpg import cli\n"
+        "class HalfBuilt:\n"
+        "    def __init__(self):\n"
+        "        signal.raise_signal(signal.SIGTERM)\n"
+        "        self.closed = False\n"
+        "    def __del__(self):\n"
+        "        self.closed\n"
+        "async def never_awaited():\n"
+        "    pass\n"
+        "def video(argv, guard):\n"
+        "    pending = never_awaited()\n"
+        "    HalfBuilt()\n"
+        "cli.RUNNERS['video'] = video\n"
+        "sys.exit(cli.main(['video']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.getcwd()}, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.strip() == "diffpg video: interrupted (SIGTERM)", done.stderr
+
+
 # ------------------------------------------------------------- signals at random moments
 
 
