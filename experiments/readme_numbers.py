@@ -183,7 +183,7 @@ def compare_time() -> dict[str, str]:
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         cold, warm = (whole_command(cache, Path(out) / kind, []) for kind in ("cold", "warm"))
     return {"compare-time": (
-        f"On this 2-core CPU the default comparison took {cold['wall_s']:.0f} s the first time "
+        f"On a 2-core CPU the default comparison took {cold['wall_s']:.0f} s the first time "
         f"({cold['cpu_s']:.0f} s of CPU time, most of it compiling its programs) and "
         f"{warm['wall_s']:.0f} s with the compilation cache warm.\n")}
 
