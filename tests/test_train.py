@@ -447,9 +447,12 @@ def test_nan_from_the_physics_is_skipped_and_training_continues(estimator):
     assert any(np.any(a != b) for a, b in zip(params, _params(start), strict=True))
     stats = state.obs_stats  # the states before each NaN (1e9) are left out with it
     assert np.all(np.abs(stats.mean) < 10) and np.all(np.isfinite(stats.sum_sq_dev))
-    evaluation = trainer.evaluate(state, jax.random.PRNGKey(3))  # blown-up episodes end there
-    assert float(evaluation["eval/blown_up_share"]) > 0
-    assert np.isfinite(float(evaluation["eval/episode_reward"]))
+    # Blown-up episodes end there. One evaluation's 2 episodes meet no blow-up about one time
+    # in six (which depends on rounding, through sin(1e4 theta)): four evaluations, not one.
+    evaluations = [trainer.evaluate(state, jax.random.PRNGKey(key)) for key in range(3, 7)]
+    assert max(float(evaluation["eval/blown_up_share"]) for evaluation in evaluations) > 0
+    assert all(np.isfinite(float(evaluation["eval/episode_reward"]))
+               for evaluation in evaluations)
     assert np.isfinite(float(metrics["training/critic_loss"]))
 
 
