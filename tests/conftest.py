@@ -7,11 +7,14 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax: no XLA log lines in reports
 
-FAST_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
-"""XLA:CPU flags the tests compile with (before jax, and inherited by the tests' subprocesses):
-XLA's loop emitters for fusions and LLVM's -O1. The suite compiles hundreds of small programs
-and runs most of them briefly, so these halve its CPU time; results differ from the default
-flags' in rounding only."""
+from diffpg.compare import CPU_COMPILER_OPTIONS  # noqa: E402 (no backend starts on import)
+
+FAST_COMPILE_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}"
+                                  for name, value in CPU_COMPILER_OPTIONS.items())
+"""The comparison's XLA:CPU options as flags for every program the tests compile (set before
+any backend starts, and inherited by the tests' subprocesses): XLA's loop emitters for fusions
+and LLVM's -O1. The suite compiles hundreds of small programs and runs most of them briefly, so
+these halve its CPU time; results differ from the default flags' in rounding only."""
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
 """XLA_FLAGS as the tests found them: what a test of the user's own output runs with."""
 os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS or ''} {FAST_COMPILE_XLA_FLAGS}".strip()
