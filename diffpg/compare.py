@@ -300,14 +300,15 @@ def exact_lqr_gradient(env, params, start_states, horizon, discount):
 
     zero_cov = jnp.zeros((env.observation_size,) * 2)
 
-    def objective(p):
+    def objective(p, states):
         def from_state(x):
             return lqr_expected_return(env.unwrapped, p["gain"], p["bias"], jnp.exp(p["log_std"]),
                                        horizon, discount, x, zero_cov)
 
-        return jnp.mean(jax.vmap(from_state)(start_states.pipeline_state))
+        return jnp.mean(jax.vmap(from_state)(states))
 
-    return jax.grad(objective)(params)
+    # One program (which the compilation cache keeps), not one dispatch per operation.
+    return jax.jit(jax.grad(objective))(params, start_states.pipeline_state)
 
 
 def learns(state) -> bool:
