@@ -11,6 +11,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
 from diffpg.devices import environment_description  # noqa: E402
@@ -171,8 +172,10 @@ def _plot_against_sweep(results, path: Path) -> Path:
     axes[0][2].set_title("Norm of the mean estimate")
     for axis in axes.ravel():
         axis.set(xscale="log", yscale="log")
-        axis.grid(True, which="both", alpha=0.3)
+        axis.grid(True, which="major", alpha=0.3)
         axis.set_xticks(values, [f"{v:g}" for v in values])
+        axis.xaxis.set_minor_locator(ticker.NullLocator())
+        axis.yaxis.set_minor_locator(ticker.NullLocator())
     for axis in axes[-1]:
         axis.set_xlabel(x_label)
     figure.suptitle(_title(results))
