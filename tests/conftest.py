@@ -15,9 +15,17 @@ FAST_COMPILE_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}"
 any backend starts, and inherited by the tests' subprocesses): XLA's loop emitters for fusions
 and LLVM's -O1. The suite compiles hundreds of small programs and runs most of them briefly, so
 these halve its CPU time; results differ from the default flags' in rounding only."""
-USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-"""XLA_FLAGS as the tests found them: what a test of the user's own output runs with."""
-os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS or ''} {FAST_COMPILE_XLA_FLAGS}".strip()
+USER_XLA_FLAGS = os.environ.setdefault("DIFFPG_TESTS_USER_XLA_FLAGS",
+                                      os.environ.get("XLA_FLAGS", "")) or None
+"""XLA_FLAGS as the tests found them (kept for pytest-xdist's workers, which inherit the flags
+set below): what a test of the user's own output runs with."""
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+"""Under pytest-xdist (one worker per core): each worker's XLA runs its programs on one thread,
+so that the workers' thread pools do not contend for the same cores."""
+os.environ["XLA_FLAGS"] = " ".join(
+    flags for flags in (USER_XLA_FLAGS, FAST_COMPILE_XLA_FLAGS,
+                        ONE_THREAD_XLA_FLAGS if os.environ.get("PYTEST_XDIST_WORKER") else None)
+    if flags)
 
 import diffpg  # noqa: E402
 
