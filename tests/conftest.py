@@ -19,7 +19,7 @@ USER_XLA_FLAGS = os.environ.setdefault("DIFFPG_TESTS_USER_XLA_FLAGS",
                                       os.environ.get("XLA_FLAGS", "")) or None
 """XLA_FLAGS as the tests found them (kept for pytest-xdist's workers, which inherit the flags
 set below): what a test of the user's own output runs with."""
-ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ONE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false"
 """Under pytest-xdist (one worker per core): each worker's XLA runs its programs on one thread,
 so that the workers' thread pools do not contend for the same cores."""
 os.environ["XLA_FLAGS"] = " ".join(
