@@ -11,6 +11,7 @@ functions, and tyro reads their annotations as objects.)
 """
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -76,37 +77,44 @@ CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite")
 new total), and how it evaluates and stops. Everything else is the run's."""
 
 
-def option_value(argv: list[str], option: str) -> str | None:
-    """The value given to ``option`` (``--option VALUE`` or ``--option=VALUE``), if any."""
-    for index, token in enumerate(argv):
-        if token == option and index + 1 < len(argv):
-            return argv[index + 1]
-        if token.startswith(option + "="):
-            return token.split("=", 1)[1]
-    return None
+def _unvalidated(settings_class: type, **types: Any) -> type:
+    """A dataclass with ``settings_class``'s fields (names, types, defaults) and none of its
+    checks, some types replaced by ``types``: tyro reads a command line into it with the
+    grammar of the real class, before the defaults that depend on what it names are known."""
+    hints = typing.get_type_hints(settings_class, include_extras=True)
+    fields = []
+    for field in dataclasses.fields(settings_class):
+        default = ({"default": field.default} if field.default is not dataclasses.MISSING
+                   else {"default_factory": field.default_factory})
+        fields.append((field.name, types.get(field.name, hints[field.name]),
+                       dataclasses.field(**default)))
+    return dataclasses.make_dataclass(settings_class.__name__, fields, frozen=True)
 
 
-def _flags(*classes: type) -> set[str]:
-    """The options of boolean fields (``--x`` and ``--no-x``), which take no value."""
-    flags = set()
-    for settings_class in classes:
-        for field in dataclasses.fields(settings_class):
-            if field.type in (bool, "bool"):
-                name = field.name.replace("_", "-")
-                flags |= {f"--{name}", f"--no-{name}"}
-    return flags
+@dataclasses.dataclass(frozen=True)
+class _NoEstimatorNamed:
+    """The first reading's estimator when the command line names none."""
 
 
-def estimator_token(argv: list[str], names: list[str], flag_classes: tuple[type, ...]) -> str | None:
-    """The estimator subcommand named in ``argv``: the first token that is an estimator name
-    and not the value of the option before it."""
-    flags = _flags(*flag_classes) | {"-h", "--help"}
-    for index, token in enumerate(argv):
-        previous = argv[index - 1] if index else ""
-        takes_value = previous.startswith("-") and "=" not in previous and previous not in flags
-        if token in names and not takes_value:
-            return token
-    return None
+def _first_reading(command_class: type, argv: list[str]) -> tuple[Any, str | None]:
+    """``argv`` read by tyro into unvalidated copies of ``command_class`` and its settings
+    classes, without ``--help``: the command's options (``env``, ``sizes``, ``resume``...) as
+    given, and the estimator subcommand it names (None: none)."""
+    from diffpg import estimators
+    from diffpg.training import TrainSettings
+
+    names = estimators.names()
+    copies = {_unvalidated(estimators.registration(name).settings_class): name for name in names}
+    choices = typing.Union[tuple(  # noqa: UP007 (a Union built at run time)
+        [typing.Annotated[copy, tyro.conf.subcommand(name)] for copy, name in copies.items()]
+        + [typing.Annotated[_NoEstimatorNamed, tyro.conf.subcommand("(none)")]])]
+    settings_copy = _unvalidated(TrainSettings, estimator_settings=choices)
+    command_copy = _unvalidated(command_class, settings=settings_copy)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)
+                if f.default is not dataclasses.MISSING} | {"estimator_settings": _NoEstimatorNamed()}
+    command = parse(command_copy, [token for token in argv if token not in ("-h", "--help")],
+                    "diffpg train", default=command_copy(settings=settings_copy(**defaults)))
+    return command, copies.get(type(command.settings.estimator_settings))
 
 
 def parse_train_command(argv: list[str]):
@@ -116,7 +124,7 @@ def parse_train_command(argv: list[str]):
     estimator (``diffpg.training.settings_for``), or, with ``--resume RUN``, the run's own
     settings, of which only ``CHANGEABLE_ON_RESUME`` may change.
     """
-    from diffpg import configs, estimators
+    from diffpg import configs
     from diffpg.run_files import load_settings
     from diffpg.training import TrainSettings, settings_for
 
@@ -136,25 +144,21 @@ def parse_train_command(argv: list[str]):
         sizes: Literal["cpu", "gpu"] = "cpu"
         """Sizes of the env's configuration (diffpg/configs.py): cpu or gpu (more envs)."""
 
-    names = estimators.names()
-    resume = option_value(argv, "--resume")
+    given, named_estimator = _first_reading(TrainCommand, argv)
+    resume = given.resume
     if resume is not None:
         base = load_settings(Path(resume))
-        name = base.estimator
     else:
-        env = option_value(argv, "--env") or TrainSettings.env
-        sizes = option_value(argv, "--sizes") or "cpu"
-        configs.check_sizes(sizes)
-        classes = (TrainSettings, TrainCommand) + tuple(
-            estimators.registration(n).settings_class for n in names)
-        name = estimator_token(argv, names, classes) or configs.default_estimator(env)
-        base = settings_for(env, name, sizes=sizes)
+        env = given.settings.env
+        configs.check_sizes(given.sizes)
+        base = settings_for(env, named_estimator or configs.default_estimator(env),
+                            sizes=given.sizes)
     command = parse(TrainCommand, argv, "diffpg train", default=TrainCommand(settings=base))
     settings = command.settings
     if resume is not None:
         for field in dataclasses.fields(TrainSettings):
-            given, kept = getattr(settings, field.name), getattr(base, field.name)
-            if given != kept and field.name not in CHANGEABLE_ON_RESUME:
+            value, kept = getattr(settings, field.name), getattr(base, field.name)
+            if value != kept and field.name not in CHANGEABLE_ON_RESUME:
                 raise CommandLineError(f"{field.name} cannot change when resuming (the run has "
                                        f"{field.name}={kept!r}); allowed to change: "
                                        f"{', '.join(CHANGEABLE_ON_RESUME)}")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import envs
-from diffpg import cli, estimators
+from diffpg import cli, configs, estimators
 from diffpg.command_line import parse_train_command
 from diffpg.configs import CONFIGS, SIZES, config_for
 from diffpg.training import TrainSettings, settings_for
@@ -44,6 +44,19 @@ def test_the_command_line_overrides_the_configuration():
     assert gpu.num_envs == 2048 and gpu.resolved_estimator_settings.critic_learning_rate == 2e-4
     ppo, *_ = parse_train_command(["--env", "ant", "ppo"])  # Brax's published PPO settings
     assert (ppo.horizon, ppo.resolved_estimator_settings.discount, ppo.minibatches) == (5, 0.97, 8)
+
+
+def test_the_estimator_is_the_subcommand_not_an_options_value():
+    """What names the estimator is tyro's reading of the command line: a value that happens to
+    be an estimator's name (``--out ppo``) names none, and a flag before the subcommand takes no
+    value from it."""
+    settings, out, *_ = parse_train_command(["--out", "ppo", "--env", "ant"])
+    assert settings.estimator == configs.default_estimator("ant") and str(out) == "ppo"
+    ppo, *_ = parse_train_command(["--env", "ant", "--layer-norm", "ppo"])
+    assert ppo.estimator == "ppo" and ppo.num_envs == 256  # ppo's ant configuration
+    shac, *_ = parse_train_command(["--env", "ant", "--no-layer-norm", "shac", "--window", "8"])
+    assert (shac.estimator, shac.layer_norm, shac.resolved_estimator_settings.window) == (
+        "shac", False, 8)
 
 
 def test_settings_json_records_the_resolved_values(tmp_path):
