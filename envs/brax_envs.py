@@ -235,6 +235,20 @@ class BraxEnvironment(Environment):
             margins += [pitch - low, high - pitch]
         return jax.numpy.stack(margins)
 
+    def health_bound_names(self) -> tuple[str, ...]:
+        """The bounds ``health_margins`` measures, in its order: ``height_low`` (a sink),
+        ``height_high`` (a jump, where the range is bounded above), and for the planar walkers
+        ``pitch_low`` (leaning back) and ``pitch_high`` (leaning forward)."""
+        if not self.ends_on_a_fall:
+            raise SettingError(f"env {self.name!r} does not end on a fall; health margins exist "
+                               f"for {list(FALLING_ENV_NAMES)}")
+        names = ["height_low"]
+        if self._brax_env._healthy_z_range[1] != float("inf"):
+            names.append("height_high")
+        if hasattr(self._brax_env, "_healthy_angle_range"):
+            names += ["pitch_low", "pitch_high"]
+        return tuple(names)
+
     def body_segments(self, state: State) -> jax.Array:
         """``[..., links, 2, 3]`` (a state of any batch shape ``...``): each link's frame origin
         and the far end of a uniform rod through its centre of mass (origin + 2 R com_offset),

@@ -6,9 +6,11 @@ Trains one run (``diffpg.training`` with the env's configuration and the learner
 
 * **fall census**: ``--census-envs`` episodes of the raw task (no time limit, the stochastic
   policy) from fresh starts, for one episode length; for each episode that ends by a fall, which
-  healthy bound it crossed (``env.health_margins``: for the ant, the torso's height below its
-  minimum 0.2 m, a *sink*, or above its maximum 1.0 m, a *jump*) and the torso's uprightness
-  there (the world-z component of its local z axis: 1 upright, -1 on its back);
+  healthy bound it crossed (``env.health_margins`` and ``env.health_bound_names``: the torso's
+  height below its minimum, ``height_low``, a *sink*, or above its maximum, ``height_high``, a
+  *jump* (the ant's 0.2 m and 1.0 m); for hopper and walker2d also its pitch below or above its
+  range, ``pitch_low`` or ``pitch_high``) and the torso's uprightness there (the world-z
+  component of its local z axis: 1 upright, -1 on its back);
 * **critic before a fall**: the critic's value ``V(s_{t_f - k})`` k steps before each fall
   (k = 1, 8, 32) against the discounted reward actually collected from there to the fall
   (``sum_j gamma^j r``; the fall's value is 0), and the same on steps that no fall follows
@@ -25,6 +27,7 @@ Prints one line per probe, then the table, and writes ``results.json`` and ``rep
 
     python experiments/diagnose_falls.py --env ant --updates 1950 --probe-every 150
     python experiments/diagnose_falls.py --env ant --sizes gpu --updates 150 --probe-every 10
+    python experiments/diagnose_falls.py --env hopper --updates 488 --probe-every 122 --updates-per-call 61
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ def main() -> None:
                   "return_after": trainer.evaluate(after, key_eval)["eval/episode_reward"]}
         return found
 
-    bound_names = ["sink (height below its minimum)", "jump (height above its maximum)"]
+    bound_names = raw_env.health_bound_names()
     rows, state, started = [], trainer.init_run(), time.perf_counter()
     key = jax.random.PRNGKey(args.seed + 1000)
     for call in range(args.updates // args.updates_per_call + 1):
@@ -198,8 +201,6 @@ def main() -> None:
                "eval_return": float(found["return_before"]),
                "fall_share": float(fell.mean()),
                "mean_fall_step": float(found["fall_step"][fell].mean()) if fell.any() else None,
-               "sink_share_of_falls": float(np.mean(crossed == 0)) if fell.any() else None,
-               "jump_share_of_falls": float(np.mean(crossed == 1)) if fell.any() else None,
                "upright_at_fall": float(found["upright"][fell].mean()) if fell.any() else None,
                "on_back_share_of_falls": float(np.mean(found["upright"][fell] < 0))
                if fell.any() else None,
@@ -207,6 +208,8 @@ def main() -> None:
                "reward_per_step": float(found["reward_per_step"]),
                "value_alive": float(found["value_alive"]),
                "realised_alive": float(found["realised_alive"])}
+        for i, name in enumerate(bound_names):
+            row[f"falls_{name}"] = float(np.mean(crossed == i)) if fell.any() else None
         for i, k in enumerate(LOOKBACK):
             row[f"value_{k}_before_fall"] = float(np.nanmean(found["value_before"][:, i])) \
                 if fell.any() else None
@@ -216,16 +219,18 @@ def main() -> None:
                                               "return_after")}
         rows.append(row)
         print(f"update {row['update']:5d}  steps {row['env_steps']:>9,}  eval {row['eval_return']:7.0f}"
-              f"  falls {row['fall_share']:.2f} (sink {row['sink_share_of_falls']}, jump "
-              f"{row['jump_share_of_falls']}, on back {row['on_back_share_of_falls']}; steps on "
+              f"  falls {row['fall_share']:.2f} ("
+              + ", ".join(f"{name} {row[f'falls_{name}']}" for name in bound_names)
+              + f", on back {row['on_back_share_of_falls']}; steps on "
               f"back {row['on_back_step_share']:.2f})"
               f"  V/realised 1 before fall {row['value_1_before_fall']}/"
               f"{row['realised_1_before_fall']}  one update: window "
               f"{row['window_after'] - row['window_before']:+.3f}, return "
               f"{row['return_after'] - row['return_before']:+.0f}", flush=True)
 
-    columns = ["update", "env_steps", "eval_return", "fall_share", "sink_share_of_falls",
-               "jump_share_of_falls", "on_back_share_of_falls", "on_back_step_share",
+    columns = ["update", "env_steps", "eval_return", "fall_share",
+               *(f"falls_{name}" for name in bound_names), "on_back_share_of_falls",
+               "on_back_step_share",
                "reward_per_step", "value_8_before_fall",
                "realised_8_before_fall", "value_alive", "realised_alive", "window_before",
                "window_after", "return_before", "return_after"]

@@ -48,6 +48,7 @@ def test_hopper_margins_and_an_upright_hopper_is_not_penalised():
     state = shaped.reset(key)
     margins = shaped.unwrapped.health_margins(state)
     np.testing.assert_allclose(margins, [0.55, 0.2, 0.2], atol=0.02)
+    assert shaped.unwrapped.health_bound_names() == ("height_low", "pitch_low", "pitch_high")
     action = jnp.zeros(shaped.action_size)
     after, reference = jax.jit(shaped.step)(state, action), jax.jit(plain.step)(
         plain.reset(key), action)
@@ -87,6 +88,7 @@ def test_anticipated_margin_is_measured_at_the_torsos_ballistic_apex():
                                ant.health_margins(falling), rtol=1e-6)
     np.testing.assert_allclose(ant.health_margins(rising), [height - 0.2, 1.0 - height],
                                rtol=1e-6)
+    assert ant.health_bound_names() == ("height_low", "height_high")
     # Compiled as training compiles it (the model's arrays are traced there), the shaped step
     # gives the reward of the eager one.
     shaped = envs.make("ant", health_shaping=2.0, anticipate_jumps=True)
