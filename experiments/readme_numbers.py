@@ -13,9 +13,11 @@ text exactly). Sections:
 * ``compare-time``: the default run's wall-clock, cold and with the compilation cache warm;
 * ``training``: ``diffpg train`` on cart-pole swing-up with every trainable estimator at its
   defaults, against doing nothing and against the fresh policy (minutes on a CPU);
-* ``ant``: SHAC on Brax's Ant for 100 updates on a CPU (``diffpg train --env ant shac``).
+* ``ant``: SHAC on Brax's Ant for 100 updates on a CPU (``diffpg train --env ant shac``);
+* ``suite-time``: the test suite's wall-clock from a clean clone with an empty compilation cache,
+  and the quick tests' with the cache warm (about 20 minutes).
 
-    python experiments/readme_numbers.py                          # every section (~20 min, CPU)
+    python experiments/readme_numbers.py                          # every section (~40 min, CPU)
     python experiments/readme_numbers.py --only compare-table compare-sweep
     python experiments/readme_numbers.py --check --only example compare-table   # the test's check
 """
@@ -188,6 +190,34 @@ def compare_time() -> dict[str, str]:
         f"{warm['wall_s']:.0f} s with the compilation cache warm.\n")}
 
 
+def suite_time() -> dict[str, str]:
+    """The README's test command timed: ``pytest`` in a clean clone of this checkout's commit
+    with an empty compilation cache (this interpreter's packages), then the quick tests
+    (``-m "not slow"``) again with the cache it left."""
+    import tempfile
+
+    def timed_pytest(clone: Path, cache: Path, *options: str) -> tuple[float, str]:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               *options], cwd=clone, capture_output=True, text=True,
+                              env=os.environ | {"DIFFPG_CACHE_DIR": str(cache)})
+        if done.returncode:
+            raise SystemExit(f"pytest {' '.join(options)} failed in {clone}:\n"
+                             f"{done.stdout[-3000:]}")
+        return time.perf_counter() - started, re.search(r"(\d+) passed", done.stdout).group(1)
+
+    with tempfile.TemporaryDirectory() as folder:
+        clone, cache = Path(folder) / "clone", Path(folder) / "cache"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        whole, passed = timed_pytest(clone, cache)
+        quick, quick_passed = timed_pytest(clone, cache, "-m", "not slow")
+    return {"suite-time": (
+        f"`pytest` runs all {passed} tests in {whole / 60:.0f} minutes on {os.cpu_count()} cores "
+        f"from a clean clone with an empty compilation cache; `pytest -m \"not slow\"` leaves out "
+        f"the learning, Brax and multi-process tests for a quick loop ({quick_passed} tests, "
+        f"{quick / 60:.0f} minutes with the cache warm).\n")}
+
+
 def ant() -> dict[str, str]:
     result = _train_ant()
     return {"ant": result}
@@ -215,7 +245,7 @@ def _train_ant() -> str:
 
 SECTIONS: dict[str, Callable[[], dict[str, str]]] = {
     "example": example, "compare-table": compare_table, "compare-sweep": compare_sweep,
-    "compare-time": compare_time, "training": training, "ant": ant,
+    "compare-time": compare_time, "training": training, "ant": ant, "suite-time": suite_time,
 }
 
 
