@@ -91,9 +91,16 @@ def _unvalidated(settings_class: type, **types: Any) -> type:
     return dataclasses.make_dataclass(settings_class.__name__, fields, frozen=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class _NoEstimatorNamed:
-    """The first reading's estimator when the command line names none."""
+def _any_estimators_options(settings_classes: list[type]) -> type:
+    """The first reading's estimator when the command line names none: every option of every
+    estimator (what they share has one type), unchecked, since the options given then belong
+    to the env's configured estimator, known only after this reading (the second reading
+    checks them against it)."""
+    fields = {}
+    for settings_class in settings_classes:
+        for field in dataclasses.fields(_unvalidated(settings_class)):
+            fields.setdefault(field.name, (field.name, field.type, field))
+    return dataclasses.make_dataclass("NoEstimatorNamed", list(fields.values()), frozen=True)
 
 
 def _first_reading(command_class: type, argv: list[str]) -> tuple[Any, str | None]:
@@ -103,15 +110,16 @@ def _first_reading(command_class: type, argv: list[str]) -> tuple[Any, str | Non
     from diffpg import estimators
     from diffpg.training import TrainSettings
 
-    names = estimators.names()
-    copies = {_unvalidated(estimators.registration(name).settings_class): name for name in names}
+    classes = [estimators.registration(name).settings_class for name in estimators.names()]
+    copies = {_unvalidated(c): name for c, name in zip(classes, estimators.names(), strict=True)}
+    none_named = _any_estimators_options(classes)
     choices = typing.Union[tuple(  # noqa: UP007 (a Union built at run time)
         [typing.Annotated[copy, tyro.conf.subcommand(name)] for copy, name in copies.items()]
-        + [typing.Annotated[_NoEstimatorNamed, tyro.conf.subcommand("(none)")]])]
+        + [typing.Annotated[none_named, tyro.conf.subcommand("(none)")]])]
     settings_copy = _unvalidated(TrainSettings, estimator_settings=choices)
     command_copy = _unvalidated(command_class, settings=settings_copy)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)
-                if f.default is not dataclasses.MISSING} | {"estimator_settings": _NoEstimatorNamed()}
+                if f.default is not dataclasses.MISSING} | {"estimator_settings": none_named()}
     command = parse(command_copy, [token for token in argv if token not in ("-h", "--help")],
                     "diffpg train", default=command_copy(settings=settings_copy(**defaults)))
     return command, copies.get(type(command.settings.estimator_settings))
