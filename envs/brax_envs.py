@@ -218,22 +218,19 @@ class BraxEnvironment(Environment):
         ballistic apex, ``z + max(v_z, 0)^2 / (2 g)`` (``v_z`` its vertical velocity, ``g``
         the model's gravity), where a jump started now will take it: a jump out of the range
         is then seen at take-off rather than at the top of its flight."""
-        if not self.ends_on_a_fall:
-            raise SettingError(f"env {self.name!r} does not end on a fall; health margins exist "
-                               f"for {list(FALLING_ENV_NAMES)}")
         brax_env, pipeline_state = self._brax_env, state.pipeline_state
         height = pipeline_state.x.pos[0, 2]
-        low, high = brax_env._healthy_z_range
         top = height
         if anticipate_jumps:
             rising = jax.nn.relu(pipeline_state.xd.vel[0, 2])
             top = height + rising**2 / (2.0 * self.gravity)
-        margins = [height - low] + ([high - top] if high != float("inf") else [])
-        if hasattr(brax_env, "_healthy_angle_range"):
-            pitch = pipeline_state.q[2]
-            low, high = brax_env._healthy_angle_range
-            margins += [pitch - low, high - pitch]
-        return jax.numpy.stack(margins)
+        margin = {  # by bound name; a bound the env does not have is never evaluated
+            "height_low": lambda: height - brax_env._healthy_z_range[0],
+            "height_high": lambda: brax_env._healthy_z_range[1] - top,
+            "pitch_low": lambda: pipeline_state.q[2] - brax_env._healthy_angle_range[0],
+            "pitch_high": lambda: brax_env._healthy_angle_range[1] - pipeline_state.q[2],
+        }
+        return jax.numpy.stack([margin[name]() for name in self.health_bound_names()])
 
     def health_bound_names(self) -> tuple[str, ...]:
         """The bounds ``health_margins`` measures, in its order: ``height_low`` (a sink),
