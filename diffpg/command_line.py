@@ -91,14 +91,14 @@ def _unvalidated(settings_class: type, **types: Any) -> type:
     return dataclasses.make_dataclass(settings_class.__name__, fields, frozen=True)
 
 
-def _any_estimators_options(settings_classes: list[type]) -> type:
+def _any_estimators_options(unvalidated_classes: list[type]) -> type:
     """The first reading's estimator when the command line names none: every option of every
-    estimator (what they share has one type), unchecked, since the options given then belong
-    to the env's configured estimator, known only after this reading (the second reading
-    checks them against it)."""
+    estimator (``_unvalidated`` copies; what they share has one type), unchecked, since the
+    options given then belong to the env's configured estimator, known only after this
+    reading (the second reading checks them against it)."""
     fields = {}
-    for settings_class in settings_classes:
-        for field in dataclasses.fields(_unvalidated(settings_class)):
+    for settings_class in unvalidated_classes:
+        for field in dataclasses.fields(settings_class):
             fields.setdefault(field.name, (field.name, field.type, field))
     return dataclasses.make_dataclass("NoEstimatorNamed", list(fields.values()), frozen=True)
 
@@ -110,9 +110,9 @@ def _first_reading(command_class: type, argv: list[str]) -> tuple[Any, str | Non
     from diffpg import estimators
     from diffpg.training import TrainSettings
 
-    classes = [estimators.registration(name).settings_class for name in estimators.names()]
-    copies = {_unvalidated(c): name for c, name in zip(classes, estimators.names(), strict=True)}
-    none_named = _any_estimators_options(classes)
+    copies = {_unvalidated(estimators.registration(name).settings_class): name
+              for name in estimators.names()}
+    none_named = _any_estimators_options(list(copies))
     choices = typing.Union[tuple(  # noqa: UP007 (a Union built at run time)
         [typing.Annotated[copy, tyro.conf.subcommand(name)] for copy, name in copies.items()]
         + [typing.Annotated[none_named, tyro.conf.subcommand("(none)")]])]
