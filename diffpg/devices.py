@@ -122,11 +122,7 @@ def environment_description() -> dict:
     diffpg's source when it is a git checkout (``None`` otherwise)."""
     import platform
     import subprocess
-    from pathlib import Path
-
-    import brax
-    import flax
-    import optax
+    from importlib.metadata import version
 
     import diffpg
 
@@ -137,7 +133,7 @@ def environment_description() -> dict:
         commit = ""
     return {
         "diffpg": diffpg.__version__, "commit": commit or None, "jax": jax.__version__,
-        "brax": brax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "brax": version("brax"), "flax": version("flax"), "optax": version("optax"),
         "python": platform.python_version(), "device": str(jax.devices()[0]),
         "device_count": jax.device_count(), "platform": jax.default_backend(),
     }

@@ -15,21 +15,14 @@ batch). All arguments are checked before anything is built or compiled.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import logging
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-# Brax imports MuJoCo's MJX, which prints (to stdout) that its optional Warp backend is missing:
-# noise for every diffpg command. Imported once here with that output discarded.
-with contextlib.redirect_stdout(io.StringIO()):
-    import mujoco.mjx  # noqa: F401
-
-from envs import playground  # noqa: E402
-from envs.brax_envs import (  # noqa: E402
+from envs import playground
+from envs.brax_envs import (
     BACKENDS,
     BRAX_ENV_NAMES,
     DEFAULT_EPISODE_LENGTH,
@@ -38,8 +31,8 @@ from envs.brax_envs import (  # noqa: E402
     check_brax_name_and_backend,
     check_solver_setting,
 )
-from envs.core import Environment, SettingError, State  # noqa: E402
-from envs.wrappers import (  # noqa: E402
+from envs.core import Environment, SettingError, State, import_brax_envs
+from envs.wrappers import (
     HEALTH_TOLERANCE,
     HealthShaping,
     TimeLimitAutoReset,
@@ -60,6 +53,8 @@ def route_mujoco_warnings() -> None:
     """Send MuJoCo's warnings to the ``mujoco`` logger (process-wide; ``diffpg.setup()`` calls
     it): without it MuJoCo prints them and appends them to a ``MUJOCO_LOG.TXT`` in the working
     directory."""
+    import mujoco  # MuJoCo alone (0.2 s), not its MJX
+
     mujoco.set_mju_user_warning(_mujoco_warning)
 
 __all__ = [
@@ -135,8 +130,7 @@ def _make_analytic(name: str, backend: str | None, settings: dict[str, Any]) -> 
 
 def _check_brax(name: str, backend: str | None, settings: dict[str, Any]) -> None:
     check_solver_setting(check_brax_name_and_backend(name, backend), settings)
-    from brax import envs as brax_envs
-
+    brax_envs = import_brax_envs()
     allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
                if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
     unknown = sorted(set(settings) - set(allowed))

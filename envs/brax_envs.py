@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from envs import mjx
-from envs.core import Environment, SettingError, State
+from envs.core import Environment, SettingError, State, import_brax_envs
 
 __all__ = [
     "BACKENDS",
@@ -127,6 +127,12 @@ def check_brax_name_and_backend(name: str, backend: str | None) -> str:
     return backend
 
 
+def _converted(state: Any, state_class: type) -> Any:
+    """``state`` (Brax's ``State`` or ``envs.State``: the same fields) as a ``state_class``."""
+    return state_class(pipeline_state=state.pipeline_state, obs=state.obs, reward=state.reward,
+                       done=state.done, metrics=state.metrics, info=state.info)
+
+
 class BraxEnvironment(Environment):
     """One raw Brax environment (no time limit, no auto-reset), single instance.
 
@@ -137,8 +143,9 @@ class BraxEnvironment(Environment):
             physics step (``None``: 1, differentiable; see ``envs.mjx``).
         **kwargs: passed to the Brax environment's constructor (e.g. ``ctrl_cost_weight``).
 
-    ``reset(key) -> State`` and ``step(state, action [action_size]) -> State`` are Brax's own;
-    ``State.obs`` has shape ``[observation_size]``, ``reward`` and ``done`` are scalars.
+    ``reset(key) -> State`` and ``step(state, action [action_size]) -> State`` are Brax's own,
+    their states converted to ``envs.State`` (the same fields); ``State.obs`` has shape
+    ``[observation_size]``, ``reward`` and ``done`` are scalars.
     """
 
     def __init__(self, name: str, backend: str | None = None,
@@ -148,7 +155,8 @@ class BraxEnvironment(Environment):
         if solver_iterations is not None:
             check_solver_setting(self.backend, {"solver_iterations": solver_iterations})
         # Imported here so that importing ``envs`` does not pay for Brax/MuJoCo.
-        from brax import envs as brax_envs
+        brax_envs = import_brax_envs()
+        self._brax_state = brax_envs.State
 
         with warnings.catch_warnings():
             # Brax notes on every env it builds that its own physics pipelines are no longer
@@ -170,11 +178,11 @@ class BraxEnvironment(Environment):
 
     def reset(self, key: jax.Array) -> State:
         """Start an episode (Brax randomizes the initial pose from ``key``)."""
-        return self._brax_env.reset(key)
+        return _converted(self._brax_env.reset(key), State)
 
     def step(self, state: State, action: jax.Array) -> State:
         """One Brax step (``n_frames`` physics substeps) with ``action [action_size]``."""
-        return self._step(state, action)
+        return _converted(self._step(_converted(state, self._brax_state), action), State)
 
     @functools.cached_property
     def observation_size(self) -> int:

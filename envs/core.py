@@ -6,10 +6,12 @@ An environment is Brax's contract, for a single (unbatched) instance; batches ar
 * ``reset(key) -> State``: a fresh episode from a ``jax.random.key``/``PRNGKey``.
 * ``step(state, action) -> State``: one transition. ``action`` has shape ``[action_size]``.
 
-``State`` is Brax's own ``brax.envs.base.State`` (``pipeline_state``, ``obs [observation_size]``,
-``reward []``, ``done []``, ``metrics``, ``info``), so Brax environments and the analytic ones in
-this package are interchangeable. ``step`` must be differentiable with respect to ``state`` and
-``action`` wherever the dynamics are.
+``State`` has the fields of Brax's ``brax.envs.base.State`` (``pipeline_state``,
+``obs [observation_size]``, ``reward []``, ``done []``, ``metrics``, ``info``), so Brax environments
+(``envs.brax_envs`` converts at its boundary) and the analytic ones in this package are
+interchangeable. It is defined here rather than imported: importing Brax imports MuJoCo's MJX and
+its Warp bindings (about 5 s), which an analytic environment does not need. ``step`` must be
+differentiable with respect to ``state`` and ``action`` wherever the dynamics are.
 
 Raw environments only report *termination* (``done`` = 1 when the episode ends for a reason
 inside the task, e.g. a fall). Time limits and auto-reset are added by ``envs.wrappers``, which
@@ -24,11 +26,42 @@ records, after every step:
 from __future__ import annotations
 
 import abc
+import contextlib
+import io
+import sys
+from typing import Any
 
 import jax
-from brax.envs.base import State
+from flax import struct
 
-__all__ = ["Environment", "SettingError", "State"]
+__all__ = ["Environment", "SettingError", "State", "import_brax_envs"]
+
+
+@struct.dataclass
+class State:
+    """One environment instance's state: Brax's ``State`` fields, a pytree.
+
+    ``pipeline_state``: the simulator's state (Brax's physics state, an analytic env's array);
+    ``obs [observation_size]``; ``reward []`` of the step that led here; ``done []`` (1.0: the
+    episode ended); ``metrics``: per-step numbers to log; ``info``: anything else (the wrappers'
+    ``termination``, ``truncation``, ``terminal_obs``, ``steps``).
+    """
+
+    pipeline_state: Any
+    obs: jax.Array
+    reward: jax.Array
+    done: jax.Array
+    metrics: dict[str, jax.Array] = struct.field(default_factory=dict)
+    info: dict[str, Any] = struct.field(default_factory=dict)
+
+
+def import_brax_envs() -> Any:
+    """``brax.envs``, imported on first use with MuJoCo MJX's import-time console notes (e.g.
+    that its optional Warp backend is missing) discarded."""
+    if "brax.envs" not in sys.modules:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import brax.envs  # noqa: F401
+    return sys.modules["brax.envs"]
 
 
 class SettingError(ValueError):
