@@ -94,7 +94,7 @@ def run_compare(argv: list[str], guard) -> Path:
 
         try:
             results = run_comparison(settings, progress=progress, finished=finished or (),
-                                     on_point=keep)
+                                     on_point=keep, keep_programs=True)
         except KeyboardInterrupt as interruption:
             interruption.kept = _comparison_kept(out)  # said on the one line main prints
             raise

@@ -28,7 +28,7 @@ import tyro
 from jax.flatten_util import ravel_pytree
 
 import envs
-from diffpg import estimators, per_step
+from diffpg import estimators, per_step, program_cache
 from diffpg.devices import (
     available_memory_bytes,
     check_devices,
@@ -59,8 +59,21 @@ of its time on a CPU; these options halve it (BENCHMARKS.md section 4). A jaxlib
 knows them compiles with its defaults."""
 
 
-def compile_program(jitted, *args):
-    """``jitted`` lowered for ``args`` and compiled (with ``CPU_COMPILER_OPTIONS`` on a CPU)."""
+def compile_program(jitted, *args, description: dict | None = None):
+    """``jitted`` lowered for ``args`` and compiled (with ``CPU_COMPILER_OPTIONS`` on a CPU).
+
+    ``description``: everything besides ``args``' shapes that shapes the program (JSON-able);
+    given, the compiled program is kept across processes under it (``diffpg.program_cache``).
+    """
+    key = None
+    if description is not None:
+        key = program_cache.program_key(description | {
+            "args": program_cache.avals_fingerprint(args),
+            "compiler_options": CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}})
+    return program_cache.load_or_compile(key, lambda: _lower_and_compile(jitted, *args))
+
+
+def _lower_and_compile(jitted, *args):
     lowered = jitted.lower(*args)
     if jax.default_backend() == "cpu":
         try:
@@ -347,7 +360,8 @@ def estimates_program(estimator, params, obs_stats: RunningStatistics):
 
 
 def sample_gradients(estimator, params, start_states, key, num_estimates, warmup,
-                     chunk_size: int | None = None, obs_stats: RunningStatistics | None = None):
+                     chunk_size: int | None = None, obs_stats: RunningStatistics | None = None,
+                     description: dict | None = None):
     """Warm up what the estimator learns on the fixed policy (``warmup`` rounds of ``estimate``
     then ``update``, if its state holds anything), then ``num_estimates`` independent estimates.
 
@@ -355,17 +369,24 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     memory, which for per-sample estimators such as the optimal baseline grows with K; when the
     device runs out of memory the chunk is halved and the same estimates run again);
     ``obs_stats`` fixes the observation statistics the policy sees (a trained policy's; none:
-    raw observations). Returns flat samples ``[K, P]`` and timings: compile seconds, seconds
-    per estimate (wall time / K) and the warm-up's seconds (compiling included).
+    raw observations); ``description``: everything that shapes the estimator's programs
+    besides the arrays passed (its settings, the env's, the policy's: see
+    ``compile_program``), to keep them across processes (``None``: not kept). Returns flat
+    samples ``[K, P]`` and timings: compile seconds, seconds per estimate (wall time / K) and
+    the warm-up's seconds (compiling included).
     """
     if obs_stats is None:
         obs_stats = init_statistics(jax.tree.leaves(start_states.obs)[0].shape[-1])
+    if description is not None:  # the programs close over the parameters and statistics
+        description = description | {
+            "closed_over": program_cache.array_fingerprint((params, obs_stats))}
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
     warmup_started = time.perf_counter()
     if warmup and learns(state):
-        warm_up = compile_program(warmup_program(estimator, params, obs_stats, warmup),
-                                  state, start_states, key_warm)
+        warm_up = compile_program(
+            warmup_program(estimator, params, obs_stats, warmup), state, start_states, key_warm,
+            description=description and description | {"program": "warm-up", "rounds": warmup})
         state = jax.block_until_ready(warm_up(state, start_states, key_warm))
     warmup_seconds = time.perf_counter() - warmup_started
     flat_estimates = estimates_program(estimator, params, obs_stats)
@@ -374,7 +395,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     while True:  # out of memory: the same estimates, half as many at a time
         try:
             samples, compile_seconds, run_seconds = _compile_and_run(
-                flat_estimates, state, start_states, keys, batch_size)
+                flat_estimates, state, start_states, keys, batch_size,
+                description and description | {"program": "estimates", "at_once": batch_size})
             break
         except jax.errors.JaxRuntimeError as error:
             if "RESOURCE_EXHAUSTED" not in str(error) or batch_size == 1:
@@ -385,11 +407,12 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
                      "warmup_seconds": warmup_seconds}
 
 
-def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
+def _compile_and_run(flat_estimates, state, start_states, keys, batch_size, description):
     """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
     compile seconds, run seconds)``."""
     started = time.perf_counter()
-    compiled = compile_program(flat_estimates, state, start_states, keys, batch_size)
+    compiled = compile_program(flat_estimates, state, start_states, keys, batch_size,
+                               description=description)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
@@ -399,14 +422,19 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size):
 def run_comparison(settings: CompareSettings,
                    progress: Callable[[str], None] | None = None,
                    finished: tuple[tuple[dict, dict], ...] = (),
-                   on_point: Callable[[dict], None] | None = None) -> dict:
+                   on_point: Callable[[dict], None] | None = None,
+                   keep_programs: bool = False) -> dict:
     """Run the comparison; returns a JSON-ready dict (settings, statistics at each sweep point).
 
     ``finished``: the ``(entry, samples)`` of the first sweep points from an earlier run of the
     same settings that stopped (``load_finished_points``); they are kept, not recomputed. Each
     point's keys depend only on what it computes, so the result is the one an uninterrupted run
     gives. ``on_point(results)`` is called after each point with the results so far (the same
-    dict, ``complete`` false until the last point).
+    dict, ``complete`` false until the last point). ``keep_programs``: keep the compiled
+    estimators' programs across processes (``diffpg.program_cache``; what ``diffpg compare``
+    does), so that running the same comparison again neither traces nor compiles them. Off by
+    default: a program kept is keyed by the source files, which do not see a function replaced
+    in a running process (a notebook's, a test's).
     """
     settings = settings.resolved()
     points = settings.points
@@ -454,7 +482,7 @@ def run_comparison(settings: CompareSettings,
                                                           point.num_envs)))
         entry, point_samples = _compare_at_point(
             settings, point, env, policy, params, obs_stats, start_states, key_point,
-            reference_kind, chunk_size, progress or (lambda message: None))
+            reference_kind, chunk_size, progress or (lambda message: None), keep_programs)
         entries.append(entry)
         samples_per_point.append(point_samples)
         if on_point:
@@ -464,17 +492,20 @@ def run_comparison(settings: CompareSettings,
 
 def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy: Policy, params,
                       obs_stats, start_states, key_point: jax.Array, reference_kind: str,
-                      chunk_size: int | None, progress: Callable[[str], None]
-                      ) -> tuple[dict, dict]:
+                      chunk_size: int | None, progress: Callable[[str], None],
+                      keep_programs: bool = False) -> tuple[dict, dict]:
     """One sweep point: the reference gradient, then each estimator's samples and statistics
     (and the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
     horizon = point.horizon
     where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
     progress(f"{where}: reference ({reference_kind})")
     reference_started = time.perf_counter()
+    described = ({"comparison": dataclasses.asdict(settings), "point": point._asdict()}
+                 if keep_programs else None)
     reference, reference_se, ref_samples = _reference_gradient(
         reference_kind, env, policy, params, obs_stats, start_states,
-        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings, chunk_size)
+        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings, chunk_size,
+        described)
     reference_seconds = time.perf_counter() - reference_started
     point_samples = {"reference": reference, "reference_standard_error": reference_se}
     if ref_samples is not None:
@@ -487,7 +518,8 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
         return sample_gradients(
             estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
             settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats,
-            chunk_size=chunk_size)
+            chunk_size=chunk_size,
+            description=_estimator_description(described, spec.label, estimator))
 
     # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
     # other traces or runs. Each estimator's keys are its own, so the samples do not change.
@@ -572,9 +604,11 @@ def check_finished_points(finished, settings: CompareSettings, reference_kind: s
 
 def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,
                         key: jax.Array, horizon: int, settings: CompareSettings,
-                        chunk_size: int | None = None):
+                        chunk_size: int | None = None, description: dict | None = None):
     """The reference gradient ``[P]`` at one sweep point, its standard error ``[P]`` and the
-    samples it averages ``[R, P]`` (``None`` for the exact, closed-form one on the LQR)."""
+    samples it averages ``[R, P]`` (``None`` for the exact, closed-form one on the LQR).
+    ``description``: the comparison's and the point's, to keep the estimated reference's
+    programs (``sample_gradients``)."""
     if kind == "exact":
         reference = np.asarray(ravel_pytree(exact_lqr_gradient(
             env, params, start_states, horizon, settings.discount))[0], np.float64)
@@ -584,8 +618,20 @@ def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start
                                 **estimator_settings(spec, settings, horizon))
     samples, _ = sample_gradients(estimator, params, start_states, key,
                                   settings.reference_estimates, 0, obs_stats=obs_stats,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size,
+                                  description=_estimator_description(description, kind, estimator))
     return (*reference_from_samples(samples), samples)
+
+
+def _estimator_description(point_description: dict | None, label: str, estimator) -> dict | None:
+    """What shapes ``estimator``'s programs at a point: the point's description, its label and
+    its module's source; ``None`` (not kept) without a point description or when the module has
+    no source file to fingerprint (an estimator defined in a notebook or ``__main__``)."""
+    module = type(estimator).__module__
+    source = program_cache.module_fingerprint(module)
+    if point_description is None or source is None:
+        return None
+    return point_description | {"estimator": label, "estimator_module": source}
 
 
 def _statistics(samples, reference, reference_se) -> dict:

@@ -1,0 +1,184 @@
+"""Compiled programs kept across processes, under a key naming everything that shapes them.
+
+JAX's persistent compilation cache (``diffpg.compilation_cache``) skips XLA's compile in a new
+process, but not the Python tracing and the lowering to StableHLO that come before it, which JAX
+redoes in every process: for a comparison's 75 programs, about 28 s on 2 cores, half of a warm
+``diffpg compare``. This cache keeps the compiled executable itself
+(``jax.experimental.serialize_executable``) and loads it without tracing anything.
+
+It cannot check a loaded program against the code, so the key must name everything the program
+depends on. ``program_key(description)`` hashes the caller's ``description`` (the settings, sizes
+and which program: what the caller knows shapes it) with what no caller can vouch for: the source
+of every module of the ``diffpg`` and ``envs`` packages, the versions of jax, jaxlib, flax, optax
+and brax, the devices, and the settings that change how JAX traces or XLA compiles
+(``XLA_FLAGS``, x64, the default matmul precision). The caller adds the shapes of the program's
+inputs (``avals_fingerprint``), the values of the arrays it closes over (``array_fingerprint``) and the
+source of code from outside the packages it runs (``module_fingerprint``, e.g. an estimator
+registered from a user's file).
+
+Files live in ``<compilation cache>/programs/<key>.bin`` (no cache folder: nothing is kept); the
+least recently used are removed once the folder exceeds ``MAX_BYTES``. A file that cannot be read
+or loaded is compiled again and replaced; a program that cannot be serialized is simply not kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+MAX_BYTES = 2 * 2**30
+"""The programs folder's size beyond which the least recently used files are removed."""
+
+_PACKAGES = ("diffpg", "envs")
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "brax")
+
+
+def programs_dir() -> Path | None:
+    """``<JAX's compilation cache folder>/programs``, or ``None`` when that cache is off."""
+    directory = jax.config.jax_compilation_cache_dir
+    return Path(directory) / "programs" if directory else None
+
+
+@functools.cache
+def _package_sources_digest() -> str:
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def module_fingerprint(module_name: str) -> str | None:
+    """A digest of the source file of module ``module_name`` (e.g. an estimator registered from
+    outside the packages, whose code a program runs); ``None`` when it has none to read (a
+    notebook's ``__main__``): such code cannot be keyed, and its programs are not kept."""
+    path = getattr(sys.modules.get(module_name), "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
+
+
+def array_fingerprint(tree: Any) -> str:
+    """A digest of ``tree``'s structure and of its arrays' dtypes, shapes and values (for the
+    arrays a program closes over, e.g. the policy's parameters)."""
+    digest = hashlib.sha256(str(jax.tree.structure(tree)).encode())
+    for leaf in jax.tree.leaves(tree):
+        array = np.asarray(leaf)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def avals_fingerprint(args: Any) -> str:
+    """A digest of the shapes, dtypes and shardings of ``args`` (a program's inputs)."""
+    return hashlib.sha256(str([(jax.typeof(leaf), getattr(leaf, "sharding", None))
+                               for leaf in jax.tree.leaves(args)]
+                              + [jax.tree.structure(args)]).encode()).hexdigest()
+
+
+def program_key(description: dict) -> str:
+    """The cache key (hex) of a program described by ``description`` (JSON-able: what the caller
+    knows shapes the program), this process's code, library versions, devices and JAX settings."""
+    everything = {
+        "description": description,
+        "sources": _package_sources_digest(),
+        "versions": {name: _installed_version(name) for name in _VERSIONED},
+        "devices": [str(d.device_kind) for d in jax.devices()],
+        "backend": jax.default_backend(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "x64": bool(jax.config.jax_enable_x64),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+    text = json.dumps(everything, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
+    """The compiled program stored under ``key``, or ``compile_program()`` (then stored).
+
+    ``key=None`` or no cache folder: just ``compile_program()``. Anything that goes wrong reading
+    or writing the cache (a damaged file, a program XLA cannot serialize, a full disk) falls back
+    to compiling; it never changes what the program computes.
+    """
+    directory = programs_dir() if key is not None else None
+    if directory is None:
+        return compile_program()
+    path = directory / f"{key}.bin"
+    loaded = _load(path)
+    if loaded is not None:
+        return loaded
+    compiled = compile_program()
+    _store(path, compiled)
+    return compiled
+
+
+def _load(path: Path) -> Any | None:
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - damaged or from an incompatible build: compile again
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(path)  # recently used
+    return compiled
+
+
+def _store(path: Path, compiled: Any) -> None:
+    from jax.experimental import serialize_executable
+
+    temporary = None
+    try:
+        blob = pickle.dumps(serialize_executable.serialize(compiled))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
+            temporary = Path(file.name)
+            file.write(blob)
+        os.replace(temporary, path)  # whole or absent, also for a process reading it now
+    except Exception:  # noqa: BLE001 - not serializable here, or no room: just not kept
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        return
+    _remove_least_recently_used(path.parent, MAX_BYTES)
+
+
+def _remove_least_recently_used(directory: Path, max_bytes: int) -> None:
+    files = []
+    for path in directory.glob("*.bin"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size

@@ -1,0 +1,128 @@
+"""Compiled programs kept across processes (``diffpg.program_cache``): a kept program computes what
+a fresh compile does, a damaged file is compiled again, and the key follows what shapes a program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffpg import compare, program_cache
+from diffpg.compare import CompareSettings, run_comparison
+
+
+@pytest.fixture
+def programs(tmp_path, monkeypatch):
+    """A fresh programs folder, and a count of the programs traced and compiled."""
+    folder = tmp_path / "programs"
+    monkeypatch.setattr(program_cache, "programs_dir", lambda: folder)
+    compiled = []
+    compile_for_real = compare._lower_and_compile
+
+    def counting(jitted, *args):
+        compiled.append(jitted)
+        return compile_for_real(jitted, *args)
+
+    monkeypatch.setattr(compare, "_lower_and_compile", counting)
+    return folder, compiled
+
+
+def _program(scale):
+    return jax.jit(lambda x, key: scale * x + jax.random.normal(key, x.shape))
+
+
+def test_a_kept_program_is_loaded_not_compiled_and_computes_the_same(programs):
+    folder, compiled = programs
+    x, key = jnp.arange(4.0), jax.random.PRNGKey(3)
+    first = compare.compile_program(_program(2.0), x, key, description={"scale": 2.0})
+    assert len(compiled) == 1 and len(list(folder.glob("*.bin"))) == 1
+    # The same description loads the kept program: nothing traced or compiled.
+    again = compare.compile_program(_program(2.0), x, key, description={"scale": 2.0})
+    assert len(compiled) == 1
+    np.testing.assert_array_equal(np.asarray(again(x, key)), np.asarray(first(x, key)))
+    # Another description, or other input shapes, is another program.
+    compare.compile_program(_program(3.0), x, key, description={"scale": 3.0})
+    compare.compile_program(_program(2.0), jnp.arange(5.0), key, description={"scale": 2.0})
+    assert len(compiled) == 3 and len(list(folder.glob("*.bin"))) == 3
+    # No description: compiled every time, never kept.
+    compare.compile_program(_program(2.0), x, key)
+    assert len(compiled) == 4 and len(list(folder.glob("*.bin"))) == 3
+
+
+def test_a_damaged_program_file_is_compiled_again_and_replaced(programs):
+    folder, compiled = programs
+    x, key = jnp.arange(4.0), jax.random.PRNGKey(0)
+    expected = np.asarray(compare.compile_program(_program(2.0), x, key,
+                                                  description={"n": 1})(x, key))
+    (path,) = folder.glob("*.bin")
+    for damage in (b"", b"not a program", path.read_bytes()[: path.stat().st_size // 2]):
+        path.write_bytes(damage)
+        loaded = compare.compile_program(_program(2.0), x, key, description={"n": 1})
+        np.testing.assert_array_equal(np.asarray(loaded(x, key)), expected)
+    assert len(compiled) == 4
+    # The last compile replaced the damaged file: the next call loads it.
+    compare.compile_program(_program(2.0), x, key, description={"n": 1})
+    assert len(compiled) == 4
+
+
+def test_the_key_follows_the_description_the_flags_and_the_closed_over_values(monkeypatch):
+    key = program_cache.program_key({"a": 1})
+    assert program_cache.program_key({"a": 1}) == key
+    assert program_cache.program_key({"a": 2}) != key
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert program_cache.program_key({"a": 1}) != key
+    params = {"w": np.zeros(3, np.float32)}
+    assert (program_cache.array_fingerprint(params)
+            != program_cache.array_fingerprint({"w": np.ones(3, np.float32)}))
+    assert (program_cache.array_fingerprint(params)
+            != program_cache.array_fingerprint({"w": np.zeros(3, np.float64)}))
+    assert program_cache.module_fingerprint("no_such_module") is None
+
+
+def test_the_least_recently_used_programs_go_first_past_the_size_limit(tmp_path):
+    for age, name in enumerate(("old", "middle", "new")):
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1000 + age, 1000 + age))
+    program_cache._remove_least_recently_used(tmp_path, max_bytes=200)
+    assert sorted(p.stem for p in tmp_path.glob("*.bin")) == ["middle", "new"]
+
+
+def test_a_comparison_run_again_loads_every_program_and_gives_the_same_samples(programs):
+    """What ``diffpg compare`` does in a second process: the kept programs (the warm-up of the
+    critic, the estimates) load, nothing of the estimators compiles, the samples are the same;
+    without keeping programs the same comparison gives the same samples too."""
+    folder, compiled = programs
+    settings = CompareSettings(estimators=("reinforce", "shac"), horizon=2, num_envs=4,
+                               num_estimates=4, sweep="none", critic_warmup=2)
+    first = run_comparison(settings, keep_programs=True)
+    kept = len(list(folder.glob("*.bin")))
+    assert kept == 3 and len(compiled) == 3  # reinforce's estimates; shac's warm-up, estimates
+    second = run_comparison(settings, keep_programs=True)
+    assert len(compiled) == 3  # all loaded
+    plain = run_comparison(settings)
+    assert len(list(folder.glob("*.bin"))) == kept
+    for name in ("estimates/reinforce", "estimates/shac"):
+        np.testing.assert_array_equal(second["samples"][0][name], first["samples"][0][name])
+        np.testing.assert_array_equal(plain["samples"][0][name], first["samples"][0][name])
+
+
+def test_the_compare_command_keeps_its_programs_in_the_cache_folder(tmp_path):
+    """``diffpg compare`` keeps its programs under the compilation cache folder, and a second
+    process loads them (same results)."""
+    command = [sys.executable, "-m", "diffpg.cli", "compare", "--estimators", "reinforce",
+               "--horizon", "2", "--num-envs", "4", "--num-estimates", "4", "--sweep", "none"]
+    env = dict(os.environ, DIFFPG_CACHE_DIR=str(tmp_path / "cache"))
+    outputs = []
+    for run in ("a", "b"):
+        done = subprocess.run(command + ["--out", str(tmp_path / run)], capture_output=True,
+                              text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(np.load(tmp_path / run / "samples.npz")["point0/estimates/reinforce"])
+    assert len(list((tmp_path / "cache" / "programs").glob("*.bin"))) == 1
+    np.testing.assert_array_equal(outputs[0], outputs[1])
