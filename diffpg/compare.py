@@ -17,7 +17,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
@@ -395,8 +395,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     while True:  # out of memory: the same estimates, half as many at a time
         try:
             samples, compile_seconds, run_seconds = _compile_and_run(
-                flat_estimates, state, start_states, keys, batch_size,
-                description and description | {"program": "estimates", "at_once": batch_size})
+                flat_estimates, state, start_states, keys, batch_size, description=description
+                and description | {"program": "estimates", "at_once": batch_size})
             break
         except jax.errors.JaxRuntimeError as error:
             if "RESOURCE_EXHAUSTED" not in str(error) or batch_size == 1:
@@ -407,7 +407,7 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
                      "warmup_seconds": warmup_seconds}
 
 
-def _compile_and_run(flat_estimates, state, start_states, keys, batch_size, description):
+def _compile_and_run(flat_estimates, state, start_states, keys, batch_size, description=None):
     """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
     compile seconds, run seconds)``."""
     started = time.perf_counter()
@@ -473,67 +473,96 @@ def run_comparison(settings: CompareSettings,
             "samples": list(samples_per_point),
         }
 
-    for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
-        start_states = shard_batch(
-            jax.vmap(env.reset)(jax.random.split(key_states, point.num_envs)), settings.devices)
-        # Keys depend on what is computed, not on its position in the run: a point (or an
-        # estimator) gives the same numbers in any sweep or list that contains it.
-        key_point = jax.random.fold_in(key_run, _key_number((point.horizon, point.env_settings,
-                                                          point.num_envs)))
-        entry, point_samples = _compare_at_point(
-            settings, point, env, policy, params, obs_stats, start_states, key_point,
-            reference_kind, chunk_size, progress or (lambda message: None), keep_programs)
-        entries.append(entry)
-        samples_per_point.append(point_samples)
-        if on_point:
-            on_point(results())
+    # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
+    # other traces or runs. Every point's estimators are queued at once, so that the next point's
+    # start while the last of this one's finish. Each estimator's keys are its own, so the
+    # samples do not depend on the order.
+    pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
+    try:
+        queued = []
+        for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
+            start_states = shard_batch(jax.vmap(env.reset)(
+                jax.random.split(key_states, point.num_envs)), settings.devices)
+            # Keys depend on what is computed, not on its position in the run: a point (or an
+            # estimator) gives the same numbers in any sweep or list that contains it.
+            key_point = jax.random.fold_in(key_run, _key_number(
+                (point.horizon, point.env_settings, point.num_envs)))
+            at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
+                                    chunk_size, keep_programs)
+            queued.append((at_point, _queue_estimators(pool, settings, at_point)))
+        for at_point, pending in queued:
+            entry, point_samples = _compare_at_point(
+                settings, at_point, pending, reference_kind, progress or (lambda message: None))
+            entries.append(entry)
+            samples_per_point.append(point_samples)
+            if on_point:
+                on_point(results())
+    finally:  # stopped or failed: nothing more starts
+        pool.shutdown(wait=False, cancel_futures=True)
     return results()
 
 
-def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy: Policy, params,
-                      obs_stats, start_states, key_point: jax.Array, reference_kind: str,
-                      chunk_size: int | None, progress: Callable[[str], None],
-                      keep_programs: bool = False) -> tuple[dict, dict]:
-    """One sweep point: the reference gradient, then each estimator's samples and statistics
-    (and the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
-    horizon = point.horizon
+class _PointInputs(NamedTuple):
+    """What one sweep point's estimates are computed from."""
+
+    point: SweepPoint
+    env: Any
+    policy: Policy
+    params: Any
+    obs_stats: RunningStatistics | None
+    start_states: Any
+    key: jax.Array
+    chunk_size: int | None
+    keep_programs: bool
+
+    def description(self, settings: CompareSettings) -> dict | None:
+        """What shapes this point's programs besides the estimator (``None``: not kept)."""
+        if not self.keep_programs:
+            return None
+        return {"comparison": dataclasses.asdict(settings), "point": self.point._asdict()}
+
+
+def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs
+                      ) -> list[Future]:
+    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` (in
+    ``settings.specs`` order)."""
+    horizon = at.point.horizon
+
+    def sample(spec: EstimatorSpec):
+        estimator = estimators.make(spec.name, at.env, at.policy,
+                                    **estimator_settings(spec, settings, horizon))
+        return sample_gradients(
+            estimator, at.params, at.start_states,
+            jax.random.fold_in(at.key, _key_number(spec.label)), settings.num_estimates,
+            settings.critic_warmup, obs_stats=at.obs_stats, chunk_size=at.chunk_size,
+            description=_estimator_description(at.description(settings), spec.label, estimator))
+
+    return [pool.submit(sample, spec) for spec in settings.specs]
+
+
+def _compare_at_point(settings: CompareSettings, at: _PointInputs, pending: list[Future],
+                      reference_kind: str, progress: Callable[[str], None]) -> tuple[dict, dict]:
+    """One sweep point: the reference gradient, then each estimator's samples (``pending``, from
+    ``_queue_estimators``) and statistics (and the per-step split). Returns its results.json
+    entry and its samples (``save_samples``)."""
+    point, horizon = at.point, at.point.horizon
     where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
     progress(f"{where}: reference ({reference_kind})")
     reference_started = time.perf_counter()
-    described = ({"comparison": dataclasses.asdict(settings), "point": point._asdict()}
-                 if keep_programs else None)
     reference, reference_se, ref_samples = _reference_gradient(
-        reference_kind, env, policy, params, obs_stats, start_states,
-        jax.random.fold_in(key_point, _key_number("reference")), horizon, settings, chunk_size,
-        described)
+        reference_kind, at.env, at.policy, at.params, at.obs_stats, at.start_states,
+        jax.random.fold_in(at.key, _key_number("reference")), horizon, settings, at.chunk_size,
+        at.description(settings))
     reference_seconds = time.perf_counter() - reference_started
     point_samples = {"reference": reference, "reference_standard_error": reference_se}
     if ref_samples is not None:
         point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
     per_estimator = {}
-    built = [estimators.make(spec.name, env, policy, **estimator_settings(spec, settings, horizon))
-             for spec in settings.specs]
-
-    def sample(spec: EstimatorSpec, estimator):
-        return sample_gradients(
-            estimator, params, start_states, jax.random.fold_in(key_point, _key_number(spec.label)),
-            settings.num_estimates, settings.critic_warmup, obs_stats=obs_stats,
-            chunk_size=chunk_size,
-            description=_estimator_description(described, spec.label, estimator))
-
-    # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
-    # other traces or runs. Each estimator's keys are its own, so the samples do not change.
-    pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
-    try:
-        pending = [pool.submit(sample, spec, estimator)
-                   for spec, estimator in zip(settings.specs, built, strict=True)]
-        for spec, future in zip(settings.specs, pending, strict=True):
-            progress(f"{where}: {spec.label}")
-            samples, timing = future.result()
-            per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
-            point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
-    finally:  # stopped or failed: nothing more starts
-        pool.shutdown(wait=False, cancel_futures=True)
+    for spec, future in zip(settings.specs, pending, strict=True):
+        progress(f"{where}: {spec.label}")
+        samples, timing = future.result()
+        per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
+        point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
     entry = {
         "sweep_value": point.value,
         "horizon": horizon,
@@ -546,8 +575,8 @@ def _compare_at_point(settings: CompareSettings, point: SweepPoint, env, policy:
     }
     if settings.per_step:
         progress(f"{where}: per-step variance")
-        entry["per_step"] = _per_step(env, policy, params, obs_stats, start_states,
-                                      jax.random.fold_in(key_point, _key_number("per_step")),
+        entry["per_step"] = _per_step(at.env, at.policy, at.params, at.obs_stats, at.start_states,
+                                      jax.random.fold_in(at.key, _key_number("per_step")),
                                       horizon, settings)
     return entry, point_samples
 

@@ -31,6 +31,8 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -52,14 +54,31 @@ def programs_dir() -> Path | None:
     return Path(directory) / "programs" if directory else None
 
 
-@functools.cache
-def _package_sources_digest() -> str:
-    digest = hashlib.sha256()
+_IMPORTED_AT = time.time()
+"""When this process imported this module (about when it imported the packages' code)."""
+
+
+def _package_sources_digest() -> str | None:
+    """A digest of every source file of the packages; ``None`` when one changed after this
+    process started (the code it runs may then not be the code on disk)."""
+    files = []
     for package in _PACKAGES:
         root = Path(importlib.import_module(package).__file__).parent
         for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
+            stat = path.stat()
+            if stat.st_mtime > _IMPORTED_AT:
+                return None
+            files.append((str(path), str(path.relative_to(root)), stat.st_mtime_ns, stat.st_size))
+    return _digest_of(tuple(files))
+
+
+@functools.lru_cache(maxsize=4)
+def _digest_of(files: tuple[tuple[str, str, int, int], ...]) -> str:
+    """The digest of ``files`` (path, name, modification time, size), read once per version."""
+    digest = hashlib.sha256()
+    for path, name, _, _ in files:
+        digest.update(name.encode())
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
@@ -99,12 +118,16 @@ def avals_fingerprint(args: Any) -> str:
                               + [jax.tree.structure(args)]).encode()).hexdigest()
 
 
-def program_key(description: dict) -> str:
+def program_key(description: dict) -> str | None:
     """The cache key (hex) of a program described by ``description`` (JSON-able: what the caller
-    knows shapes the program), this process's code, library versions, devices and JAX settings."""
+    knows shapes the program), this process's code, library versions, devices and JAX settings;
+    ``None`` (keep nothing) when a source file changed since the process started."""
+    sources = _package_sources_digest()
+    if sources is None:
+        return None
     everything = {
         "description": description,
-        "sources": _package_sources_digest(),
+        "sources": sources,
         "versions": {name: _installed_version(name) for name in _VERSIONED},
         "devices": [str(d.device_kind) for d in jax.devices()],
         "backend": jax.default_backend(),
@@ -130,9 +153,28 @@ def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
     loaded = _load(path)
     if loaded is not None:
         return loaded
+    _listen_for_cache_hits()
+    hits_before = getattr(_jax_cache_hits, "count", 0)
     compiled = compile_program()
-    _store(path, compiled)
+    if getattr(_jax_cache_hits, "count", 0) == hits_before:
+        _store(path, compiled)
     return compiled
+
+
+_jax_cache_hits = threading.local()
+"""Per thread, how many compiles JAX's persistent cache answered. An executable it loaded
+serializes incompletely on XLA:CPU (the copy lacks some of its kernels: "Function ... not found"
+when it runs), so only a program this process compiled itself is kept; one JAX's cache holds is
+traced and loaded from there, as without this cache."""
+
+
+@functools.cache
+def _listen_for_cache_hits() -> None:
+    def count(event: str, **_: Any) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            _jax_cache_hits.count = getattr(_jax_cache_hits, "count", 0) + 1
+
+    jax.monitoring.register_event_listener(count)
 
 
 def _load(path: Path) -> Any | None:

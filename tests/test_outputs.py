@@ -185,11 +185,11 @@ def test_a_compare_stopped_mid_sweep_keeps_its_points_and_resume_finishes_it(tmp
     at_point = compare._compare_at_point
     computed = []
 
-    def stop_at_the_third(settings, point, *args):
-        computed.append(point.horizon)
+    def stop_at_the_third(settings, inputs, *args):
+        computed.append(inputs.point.horizon)
         if len(computed) == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return at_point(settings, point, *args)
+        return at_point(settings, inputs, *args)
 
     monkeypatch.setattr(compare, "_compare_at_point", stop_at_the_third)
     capsys.readouterr()

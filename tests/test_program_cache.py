@@ -18,9 +18,16 @@ from diffpg.compare import CompareSettings, run_comparison
 
 @pytest.fixture
 def programs(tmp_path, monkeypatch):
-    """A fresh programs folder, and a count of the programs traced and compiled."""
-    folder = tmp_path / "programs"
-    monkeypatch.setattr(program_cache, "programs_dir", lambda: folder)
+    """Empty caches (JAX's persistent one in a fresh folder, its programs folder, the in-memory
+    ones), and a count of the programs traced and compiled."""
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    original = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
+    jax_cache.reset_cache()
+    jax.clear_caches()
+    folder = tmp_path / "jax" / "programs"
+    assert program_cache.programs_dir() == folder
     compiled = []
     compile_for_real = compare._lower_and_compile
 
@@ -29,7 +36,9 @@ def programs(tmp_path, monkeypatch):
         return compile_for_real(jitted, *args)
 
     monkeypatch.setattr(compare, "_lower_and_compile", counting)
-    return folder, compiled
+    yield folder, compiled
+    jax.config.update("jax_compilation_cache_dir", original)
+    jax_cache.reset_cache()
 
 
 def _program(scale):
@@ -54,19 +63,19 @@ def test_a_kept_program_is_loaded_not_compiled_and_computes_the_same(programs):
     assert len(compiled) == 4 and len(list(folder.glob("*.bin"))) == 3
 
 
-def test_a_damaged_program_file_is_compiled_again_and_replaced(programs):
+def test_a_damaged_program_file_is_compiled_again_and_removed(programs):
     folder, compiled = programs
     x, key = jnp.arange(4.0), jax.random.PRNGKey(0)
     expected = np.asarray(compare.compile_program(_program(2.0), x, key,
                                                   description={"n": 1})(x, key))
     (path,) = folder.glob("*.bin")
-    for damage in (b"", b"not a program", path.read_bytes()[: path.stat().st_size // 2]):
+    kept = path.read_bytes()
+    for damage in (b"", b"not a program", kept[: len(kept) // 2]):
         path.write_bytes(damage)
         loaded = compare.compile_program(_program(2.0), x, key, description={"n": 1})
         np.testing.assert_array_equal(np.asarray(loaded(x, key)), expected)
-    assert len(compiled) == 4
-    # The last compile replaced the damaged file: the next call loads it.
-    compare.compile_program(_program(2.0), x, key, description={"n": 1})
+        # Compiled again (JAX's persistent cache answers: not kept, see below), file removed.
+        assert not path.exists()
     assert len(compiled) == 4
 
 
@@ -82,6 +91,9 @@ def test_the_key_follows_the_description_the_flags_and_the_closed_over_values(mo
     assert (program_cache.array_fingerprint(params)
             != program_cache.array_fingerprint({"w": np.zeros(3, np.float64)}))
     assert program_cache.module_fingerprint("no_such_module") is None
+    # A source file changed after the process started: its code may not be the file's.
+    monkeypatch.setattr(program_cache, "_IMPORTED_AT", 0.0)
+    assert program_cache.program_key({"a": 1}) is None
 
 
 def test_the_least_recently_used_programs_go_first_past_the_size_limit(tmp_path):
@@ -126,3 +138,21 @@ def test_the_compare_command_keeps_its_programs_in_the_cache_folder(tmp_path):
         outputs.append(np.load(tmp_path / run / "samples.npz")["point0/estimates/reinforce"])
     assert len(list((tmp_path / "cache" / "programs").glob("*.bin"))) == 1
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_a_program_loaded_from_jax_cache_is_not_kept(programs):
+    """JAX's persistent cache answers a compile that this process did not do: XLA:CPU serializes
+    such an executable without some of its kernels, so it is not kept (it failed when loaded:
+    "Function ... not found"); the comparison runs the same from either cache."""
+    folder, compiled = programs
+    settings = CompareSettings(estimators=("bptt",), horizon=2, num_envs=2, num_estimates=2,
+                               sweep="none", critic_warmup=0)
+    first = run_comparison(settings, keep_programs=True)
+    for _ in range(2):  # JAX's cache now holds the program; ours is emptied
+        for path in folder.glob("*.bin"):
+            path.unlink()
+        jax.clear_caches()
+        again = run_comparison(settings, keep_programs=True)
+        assert list(folder.glob("*.bin")) == []
+        np.testing.assert_array_equal(again["samples"][0]["estimates/bptt"],
+                                      first["samples"][0]["estimates/bptt"])

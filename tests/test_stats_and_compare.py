@@ -311,11 +311,11 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
     real = compare._compile_and_run
     tried = []
 
-    def small_device(flat_estimates, state, start_states, keys, batch_size):
+    def small_device(flat_estimates, state, start_states, keys, batch_size, **options):
         tried.append(batch_size)
         if batch_size > 8:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
-        return real(flat_estimates, state, start_states, keys, batch_size)
+        return real(flat_estimates, state, start_states, keys, batch_size, **options)
 
     monkeypatch.setattr(compare, "_compile_and_run", small_device)
     samples, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
