@@ -329,25 +329,32 @@ def learns(state) -> bool:
     return bool(jax.tree.leaves(state))
 
 
-def warmup_program(estimator, params, obs_stats: RunningStatistics, rounds: int):
+def warmup_program(estimator, params, obs_stats: RunningStatistics, rounds: int,
+                   name: str = "warm_up"):
     """The jitted warm-up ``(state, start_states, key) -> state``: ``rounds`` rounds of
     ``estimate`` then ``update`` on the fixed policy ``params`` (a scan over split keys). The
-    start states go in as an argument: a constant cannot be split over processes."""
+    start states go in as an argument: a constant cannot be split over processes. ``name``:
+    the compiled module's (``program_cache.module_name``)."""
     def warm_step(carry, step_key):
         state, starts = carry
         key_estimate, key_update = jax.random.split(step_key)
         batch = estimator.estimate(params, obs_stats, state, starts, key_estimate).batch
         return (estimator.update(params, obs_stats, state, batch, key_update)[0], starts), None
 
-    return jax.jit(lambda state, starts, key: jax.lax.scan(
-        warm_step, (state, starts), jax.random.split(key, rounds))[0][0])
+    def warm_up(state, starts, key):
+        return jax.lax.scan(warm_step, (state, starts), jax.random.split(key, rounds))[0][0]
+
+    warm_up.__name__ = name
+    return jax.jit(warm_up)
 
 
-def estimates_program(estimator, params, obs_stats: RunningStatistics):
+def estimates_program(estimator, params, obs_stats: RunningStatistics,
+                      name: str = "flat_estimates"):
     """The jitted ``(state, start_states, keys [K], batch_size) -> samples [K, P]``: one flat
     gradient estimate per key, ``batch_size`` (static) vmapped at a time. The start states are
     an argument, not a constant, so that their sharding (the batch split over devices,
-    ``diffpg.devices.shard_batch``) carries into the computation."""
+    ``diffpg.devices.shard_batch``) carries into the computation. ``name``: the compiled
+    module's (``program_cache.module_name``)."""
     def flat_estimate(state, starts, estimate_key):
         grad = estimator.estimate(params, obs_stats, state, starts, estimate_key).grad
         return ravel_pytree(grad)[0]
@@ -356,6 +363,7 @@ def estimates_program(estimator, params, obs_stats: RunningStatistics):
         return jax.lax.map(lambda k: flat_estimate(state, starts, k), keys,
                            batch_size=batch_size)
 
+    flat_estimates.__name__ = name
     return jax.jit(flat_estimates, static_argnums=3)
 
 
@@ -384,12 +392,15 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     state = estimator.init(key_init, params)
     warmup_started = time.perf_counter()
     if warmup and learns(state):
+        described = description and description | {"program": "warm-up", "rounds": warmup}
         warm_up = compile_program(
-            warmup_program(estimator, params, obs_stats, warmup), state, start_states, key_warm,
-            description=description and description | {"program": "warm-up", "rounds": warmup})
+            warmup_program(estimator, params, obs_stats, warmup,
+                           program_cache.module_name("warm_up", described)),
+            state, start_states, key_warm, description=described)
         state = jax.block_until_ready(warm_up(state, start_states, key_warm))
     warmup_seconds = time.perf_counter() - warmup_started
-    flat_estimates = estimates_program(estimator, params, obs_stats)
+    flat_estimates = estimates_program(estimator, params, obs_stats, program_cache.module_name(
+        "flat_estimates", description and description | {"program": "estimates"}))
     keys = jax.random.split(key_samples, num_estimates)
     batch_size = chunk_size or num_estimates
     while True:  # out of memory: the same estimates, half as many at a time

@@ -139,6 +139,15 @@ def program_key(description: dict) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def module_name(base: str, description: dict | None) -> str:
+    """``base`` with ``program_key(description)``'s first digits: the name of a program's jitted
+    function, and so of its compiled module, which JAX's persistent cache keys on. A program to
+    keep is then one JAX's cache has not seen, and is compiled here: an executable that cache
+    loaded serializes incompletely (below). ``base`` alone without a description or key."""
+    key = program_key(description) if description is not None else None
+    return base if key is None else f"{base}_{key[:16]}"
+
+
 def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
     """The compiled program stored under ``key``, or ``compile_program()`` (then stored).
 
@@ -164,8 +173,9 @@ def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
 _jax_cache_hits = threading.local()
 """Per thread, how many compiles JAX's persistent cache answered. An executable it loaded
 serializes incompletely on XLA:CPU (the copy lacks some of its kernels: "Function ... not found"
-when it runs), so only a program this process compiled itself is kept; one JAX's cache holds is
-traced and loaded from there, as without this cache."""
+when it runs), so only a program this process compiled itself is kept. ``module_name`` makes the
+programs to keep new to JAX's cache; one it answers all the same (its file here was removed while
+JAX's entry stayed) is traced and loaded from there, as without this cache."""
 
 
 @functools.cache

@@ -91,9 +91,15 @@ def test_the_key_follows_the_description_the_flags_and_the_closed_over_values(mo
     assert (program_cache.array_fingerprint(params)
             != program_cache.array_fingerprint({"w": np.zeros(3, np.float64)}))
     assert program_cache.module_fingerprint("no_such_module") is None
+    # The compiled module is named after the key, so that JAX's persistent cache, which keys on
+    # the module, has not seen a program to keep (it is compiled here, and serializes whole).
+    assert (program_cache.module_name("estimates", {"a": 1})
+            == "estimates_" + program_cache.program_key({"a": 1})[:16])
+    assert program_cache.module_name("estimates", None) == "estimates"
     # A source file changed after the process started: its code may not be the file's.
     monkeypatch.setattr(program_cache, "_IMPORTED_AT", 0.0)
     assert program_cache.program_key({"a": 1}) is None
+    assert program_cache.module_name("estimates", {"a": 1}) == "estimates"
 
 
 def test_the_least_recently_used_programs_go_first_past_the_size_limit(tmp_path):
