@@ -105,6 +105,9 @@ def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, 
     PPO = ppo_settings(env_name)
     if estimator == "ppo":
         horizon = PPO["unroll_length"]
+    # A learner's own horizon (e.g. shac:horizon=64) sets its env steps per update: the budget
+    # of env steps is kept, not the number of updates.
+    horizon = int(options.pop("horizon", horizon))
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
     if estimator == "ppo":

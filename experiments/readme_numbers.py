@@ -187,7 +187,7 @@ def compare_time() -> dict[str, str]:
     return {"compare-time": (
         f"On a 2-core CPU the default comparison took {cold['wall_s']:.0f} s the first time "
         f"({cold['cpu_s']:.0f} s of CPU time, most of it compiling its programs) and "
-        f"{warm['wall_s']:.0f} s with the compilation cache warm.\n")}
+        f"{warm['wall_s']:.0f} s the second time (its compiled programs kept).\n")}
 
 
 def suite_time() -> dict[str, str]:
