@@ -17,8 +17,12 @@ source of code from outside the packages it runs (``module_fingerprint``, e.g. a
 registered from a user's file).
 
 Files live in ``<compilation cache>/programs/<key>.bin`` (no cache folder: nothing is kept); the
-least recently used are removed once the folder exceeds ``MAX_BYTES``. A file that cannot be read
-or loaded is compiled again and replaced; a program that cannot be serialized is simply not kept.
+least recently used are removed once the folder exceeds ``MAX_BYTES``. Only programs this process
+compiled are kept: an executable JAX's persistent cache loaded serializes without some of its
+kernels on XLA:CPU (``module_name`` keeps the two caches apart). A file that cannot be read or
+loaded is removed and the program compiled again; a program that cannot be serialized is not
+kept; while a source file is newer than the process, nothing is. The files are pickles, to be
+trusted as the user's own ``__pycache__`` is: the folder should be writable by its user alone.
 """
 
 from __future__ import annotations
