@@ -485,9 +485,12 @@ def run_comparison(settings: CompareSettings,
         }
 
     # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
-    # other traces or runs. Every point's estimators are queued at once, so that the next point's
-    # start while the last of this one's finish. Each estimator's keys are its own, so the
+    # other traces or runs. In one process every point's estimators are queued at once, so that
+    # the next point's start while the last of this one's finish; processes of one run
+    # (jax.distributed) run each point's reference before its estimators, in the same order in
+    # every process, as their collectives need. Each estimator's keys are its own, so the
     # samples do not depend on the order.
+    queue_ahead = jax.process_count() == 1
     pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
     try:
         queued = []
@@ -500,10 +503,12 @@ def run_comparison(settings: CompareSettings,
                 (point.horizon, point.env_settings, point.num_envs)))
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, keep_programs)
-            queued.append((at_point, _queue_estimators(pool, settings, at_point)))
+            queued.append((at_point, _queue_estimators(pool, settings, at_point)
+                           if queue_ahead else None))
         for at_point, pending in queued:
             entry, point_samples = _compare_at_point(
-                settings, at_point, pending, reference_kind, progress or (lambda message: None))
+                settings, at_point, pending or (lambda at=at_point: _queue_estimators(
+                    pool, settings, at)), reference_kind, progress or (lambda message: None))
             entries.append(entry)
             samples_per_point.append(point_samples)
             if on_point:
@@ -551,11 +556,12 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
     return [pool.submit(sample, spec) for spec in settings.specs]
 
 
-def _compare_at_point(settings: CompareSettings, at: _PointInputs, pending: list[Future],
-                      reference_kind: str, progress: Callable[[str], None]) -> tuple[dict, dict]:
+def _compare_at_point(settings: CompareSettings, at: _PointInputs,
+                      pending: list[Future] | Callable[[], list[Future]], reference_kind: str,
+                      progress: Callable[[str], None]) -> tuple[dict, dict]:
     """One sweep point: the reference gradient, then each estimator's samples (``pending``, from
-    ``_queue_estimators``) and statistics (and the per-step split). Returns its results.json
-    entry and its samples (``save_samples``)."""
+    ``_queue_estimators``, or what queues them once the reference is done) and statistics (and
+    the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
     point, horizon = at.point, at.point.horizon
     where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
     progress(f"{where}: reference ({reference_kind})")
@@ -569,6 +575,8 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs, pending: list
     if ref_samples is not None:
         point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
     per_estimator = {}
+    if callable(pending):
+        pending = pending()
     for spec, future in zip(settings.specs, pending, strict=True):
         progress(f"{where}: {spec.label}")
         samples, timing = future.result()

@@ -125,7 +125,11 @@ def avals_fingerprint(args: Any) -> str:
 def program_key(description: dict) -> str | None:
     """The cache key (hex) of a program described by ``description`` (JSON-able: what the caller
     knows shapes the program), this process's code, library versions, devices and JAX settings;
-    ``None`` (keep nothing) when a source file changed since the process started."""
+    ``None`` (keep nothing) when a source file changed since the process started, or in a run of
+    several processes (``jax.distributed``: their programs share collectives, and one process
+    loading what another compiled broke them)."""
+    if jax.process_count() > 1:
+        return None
     sources = _package_sources_digest()
     if sources is None:
         return None
