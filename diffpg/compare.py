@@ -501,14 +501,19 @@ def run_comparison(settings: CompareSettings,
             # estimator) gives the same numbers in any sweep or list that contains it.
             key_point = jax.random.fold_in(key_run, _key_number(
                 (point.horizon, point.env_settings, point.num_envs)))
+            described = ({"comparison": dataclasses.asdict(settings), "point": point._asdict()}
+                         if keep_programs else None)
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
-                                    chunk_size, keep_programs)
-            queued.append((at_point, _queue_estimators(pool, settings, at_point)
-                           if queue_ahead else None))
-        for at_point, pending in queued:
+                                    chunk_size, described)
+            if queue_ahead:
+                pending = _queue_estimators(pool, settings, at_point)
+                queued.append((at_point, lambda pending=pending: pending))
+            else:
+                queued.append((at_point, lambda at=at_point: _queue_estimators(pool, settings, at)))
+        for at_point, start_estimators in queued:
             entry, point_samples = _compare_at_point(
-                settings, at_point, pending or (lambda at=at_point: _queue_estimators(
-                    pool, settings, at)), reference_kind, progress or (lambda message: None))
+                settings, at_point, start_estimators, reference_kind,
+                progress or (lambda message: None))
             entries.append(entry)
             samples_per_point.append(point_samples)
             if on_point:
@@ -529,13 +534,8 @@ class _PointInputs(NamedTuple):
     start_states: Any
     key: jax.Array
     chunk_size: int | None
-    keep_programs: bool
-
-    def description(self, settings: CompareSettings) -> dict | None:
-        """What shapes this point's programs besides the estimator (``None``: not kept)."""
-        if not self.keep_programs:
-            return None
-        return {"comparison": dataclasses.asdict(settings), "point": self.point._asdict()}
+    description: dict | None
+    """What shapes this point's programs besides the estimator (``None``: none is kept)."""
 
 
 def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs
@@ -551,17 +551,18 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
             estimator, at.params, at.start_states,
             jax.random.fold_in(at.key, _key_number(spec.label)), settings.num_estimates,
             settings.critic_warmup, obs_stats=at.obs_stats, chunk_size=at.chunk_size,
-            description=_estimator_description(at.description(settings), spec.label, estimator))
+            description=_estimator_description(at.description, spec.label, estimator))
 
     return [pool.submit(sample, spec) for spec in settings.specs]
 
 
 def _compare_at_point(settings: CompareSettings, at: _PointInputs,
-                      pending: list[Future] | Callable[[], list[Future]], reference_kind: str,
+                      start_estimators: Callable[[], list[Future]], reference_kind: str,
                       progress: Callable[[str], None]) -> tuple[dict, dict]:
-    """One sweep point: the reference gradient, then each estimator's samples (``pending``, from
-    ``_queue_estimators``, or what queues them once the reference is done) and statistics (and
-    the per-step split). Returns its results.json entry and its samples (``save_samples``)."""
+    """One sweep point: the reference gradient, then each estimator's samples (the futures
+    ``start_estimators()`` returns once the reference is done: ``_queue_estimators``' or those it
+    queued before) and statistics (and the per-step split). Returns its results.json entry and
+    its samples (``save_samples``)."""
     point, horizon = at.point, at.point.horizon
     where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
     progress(f"{where}: reference ({reference_kind})")
@@ -569,15 +570,13 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
     reference, reference_se, ref_samples = _reference_gradient(
         reference_kind, at.env, at.policy, at.params, at.obs_stats, at.start_states,
         jax.random.fold_in(at.key, _key_number("reference")), horizon, settings, at.chunk_size,
-        at.description(settings))
+        at.description)
     reference_seconds = time.perf_counter() - reference_started
     point_samples = {"reference": reference, "reference_standard_error": reference_se}
     if ref_samples is not None:
         point_samples["reference_estimates"] = np.asarray(ref_samples, np.float32)
     per_estimator = {}
-    if callable(pending):
-        pending = pending()
-    for spec, future in zip(settings.specs, pending, strict=True):
+    for spec, future in zip(settings.specs, start_estimators(), strict=True):
         progress(f"{where}: {spec.label}")
         samples, timing = future.result()
         per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
@@ -675,11 +674,11 @@ def _estimator_description(point_description: dict | None, label: str, estimator
     """What shapes ``estimator``'s programs at a point: the point's description, its label and
     its module's source; ``None`` (not kept) without a point description or when the module has
     no source file to fingerprint (an estimator defined in a notebook or ``__main__``)."""
-    module = type(estimator).__module__
-    source = program_cache.module_fingerprint(module)
-    if point_description is None or source is None:
+    if point_description is None:
         return None
-    return point_description | {"estimator": label, "estimator_module": source}
+    source = program_cache.module_fingerprint(type(estimator).__module__)
+    return None if source is None else point_description | {"estimator": label,
+                                                            "estimator_module": source}
 
 
 def _statistics(samples, reference, reference_se) -> dict:

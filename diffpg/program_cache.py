@@ -86,11 +86,16 @@ def _digest_of(files: tuple[tuple[str, str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def _installed_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+@functools.cache
+def _installed_versions() -> dict[str, str | None]:
+    """The versions of the libraries a program's code comes from (read once per process)."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def module_fingerprint(module_name: str) -> str | None:
@@ -136,7 +141,7 @@ def program_key(description: dict) -> str | None:
     everything = {
         "description": description,
         "sources": sources,
-        "versions": {name: _installed_version(name) for name in _VERSIONED},
+        "versions": _installed_versions(),
         "devices": [str(d.device_kind) for d in jax.devices()],
         "backend": jax.default_backend(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -175,16 +175,23 @@ def training() -> dict[str, str]:
     return {"training": text}
 
 
-def compare_time() -> dict[str, str]:
-    """The default ``diffpg compare`` timed in fresh processes: cold (an empty compilation
-    cache), then warm (``experiments/bench_compare_compile.py``'s measurement)."""
+def _compare_cold_and_warm(arguments: list[str]) -> tuple[dict, dict]:
+    """``diffpg compare ARGUMENTS`` timed in two fresh processes sharing a cache folder: cold
+    (the folder empty), then warm (``experiments/bench_compare_compile.py``'s measurement)."""
     import tempfile
 
     sys.path.insert(0, str(ROOT / "experiments"))
     from bench_compare_compile import whole_command
 
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
-        cold, warm = (whole_command(cache, Path(out) / kind, []) for kind in ("cold", "warm"))
+        cold = whole_command(cache, Path(out) / "cold", arguments)
+        warm = whole_command(cache, Path(out) / "warm", arguments)
+    return cold, warm
+
+
+def compare_time() -> dict[str, str]:
+    """The default ``diffpg compare`` timed, cold and warm."""
+    cold, warm = _compare_cold_and_warm([])
     return {"compare-time": (
         f"On a 2-core CPU the default comparison took {cold['wall_s']:.0f} s the first time "
         f"({cold['cpu_s']:.0f} s of CPU time, most of it compiling its programs) and "
@@ -197,15 +204,8 @@ ANT_COMPARISON = ["--env", "ant", "--horizon", "8", "--sweep", "none", "--num-es
 
 
 def ant_compare_time() -> dict[str, str]:
-    """The README's ant ``diffpg compare`` timed in fresh processes, cold and then warm."""
-    import tempfile
-
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from bench_compare_compile import whole_command
-
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
-        cold, warm = (whole_command(cache, Path(out) / kind, ANT_COMPARISON)
-                      for kind in ("cold", "warm"))
+    """The README's ant ``diffpg compare`` timed, cold and warm."""
+    cold, warm = _compare_cold_and_warm(ANT_COMPARISON)
     return {"ant-compare-time": (
         f"The ant comparison (`diffpg compare {' '.join(ANT_COMPARISON)}`) took "
         f"{cold['wall_s']:.0f} s on a 2-core CPU the first time ({cold['cpu_s']:.0f} s of CPU "
