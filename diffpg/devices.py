@@ -16,6 +16,7 @@ primary one (process 0) writes files other than checkpoints, which orbax writes 
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,26 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+BARRIER_TIMEOUT_S = 1800  # how long a process waits for the others at a barrier
+_barriers_reached = itertools.count()
+
+
 def barrier(name: str) -> None:
-    """Wait until every process reaches ``name`` (nothing to wait for in one process)."""
+    """Wait until every process reaches ``name`` (nothing to wait for in one process).
+
+    The processes first meet at the coordination service's barrier, which waits up to
+    ``BARRIER_TIMEOUT_S``, then run a collective over every device. The collectives between
+    CPU processes (Gloo) give up when a process is 30 s late the first time they connect, which a
+    loaded machine exceeds (one process still importing or compiling); after the first barrier
+    they connect with every process already there."""
     if jax.process_count() > 1:
+        from jax._src import distributed  # its client: the one JAX's own checkpointing waits on
         from jax.experimental import multihost_utils
 
+        client = getattr(distributed.global_state, "client", None)
+        if client is not None:
+            client.wait_at_barrier(f"{name} #{next(_barriers_reached)}",
+                                   timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
         multihost_utils.sync_global_devices(name)
 
 

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +50,34 @@ def _one_process(arguments: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _two_processes(arguments: list[str]) -> None:
+def _two_processes(arguments: list[str], program: tuple[str, ...] = ("-m", "diffpg.cli")) -> None:
+    """Run ``program arguments`` as processes 0 and 1 of one run; when one fails, the other is
+    stopped (it would wait for its partner until TIMEOUT) and both their errors are reported."""
     port = _free_port()
+    logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "diffpg.cli", *arguments], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, *program, *arguments], stdout=subprocess.DEVNULL, stderr=log, text=True,
         env=_environment(DIFFPG_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                          DIFFPG_NUM_PROCESSES="2", DIFFPG_PROCESS_ID=str(index)))
-        for index in range(2)]
+        for index, log in enumerate(logs)]
+    deadline = time.monotonic() + TIMEOUT
     try:
-        outputs = [process.communicate(timeout=TIMEOUT) for process in processes]
+        while (any(p.poll() is None for p in processes) and time.monotonic() < deadline
+               and not any(p.poll() for p in processes)):
+            time.sleep(0.2)
+        time.sleep(1 if any(p.poll() for p in processes) else 0)  # the partner's own error
     finally:
         for process in processes:  # never leave a process behind, whatever happened
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
+    failed = []
+    for index, (process, log) in enumerate(zip(processes, logs, strict=True)):
+        log.seek(0)
+        if process.returncode != 0:
+            failed.append(f"process {index} (exit {process.returncode}):\n{log.read()[-3000:]}")
+        log.close()
+    assert not failed, "\n".join(failed)  # every failing process's end: the first cause is there
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -93,3 +106,20 @@ def test_two_processes_train_and_compare_like_one_process_with_two_devices(tmp_p
                                    rtol=1e-4)
         np.testing.assert_allclose(tables[1][name]["variance_trace"],
                                    tables[0][name]["variance_trace"], rtol=1e-3)
+
+
+LATE_PROCESS = """
+import time
+import jax
+from diffpg import devices
+devices.initialize_distributed_from_environment()
+if jax.process_index() == 1:
+    time.sleep(40)  # later than the 30 s the CPU collectives wait for a process to connect
+devices.barrier("one process late")
+devices.barrier("both on time")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_late_by_more_than_the_collectives_timeout_still_meets_the_others():
+    _two_processes([], program=("-c", LATE_PROCESS))
