@@ -93,6 +93,14 @@ BRAX_INITIAL_LOG_STD = float(np.log(np.log(2.0) + 1e-3))
 """Brax's PPO policy starts with std softplus(0) + 0.001; diffpg's starts there too."""
 
 
+def learner_horizon(learner: str, env_name: str, default: int) -> int:
+    """The steps per rollout a learner runs: its own ``horizon=`` option, else PPO's unroll
+    length for ``ppo`` and ``brax_ppo``, else ``default`` (``--horizon``)."""
+    estimator, options = parse_spec(learner)
+    unroll = ppo_settings(env_name)["unroll_length"] if estimator.endswith("ppo") else default
+    return int(options.get("horizon", unroll))
+
+
 def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, horizon: int,
                steps: int, evals: int, seeds: int, out: Path) -> list[dict]:
     """A diffpg learner: an estimator spec ``name`` or ``name:key=value,...`` (its settings, or
@@ -103,11 +111,10 @@ def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, 
     overrides = {"backend": backend} | {k: v for k, v in options.items() if k in trainer_fields}
     options = {k: v for k, v in options.items() if k not in trainer_fields}
     PPO = ppo_settings(env_name)
-    if estimator == "ppo":
-        horizon = PPO["unroll_length"]
     # A learner's own horizon (e.g. shac:horizon=64) sets its env steps per update: the budget
     # of env steps is kept, not the number of updates.
-    horizon = int(options.pop("horizon", horizon))
+    horizon = learner_horizon(learner, env_name, horizon)
+    options.pop("horizon", None)
     updates = max(steps // (num_envs * horizon), evals)
     per_call = max(updates // evals, 1)
     if estimator == "ppo":
@@ -278,8 +285,7 @@ def main() -> None:
     if "shac" in curves and "brax_apg" in curves:
         targets["shac_final - apg_final (target > 0)"] = (curves["shac"][-1]["reward"]
                                                           - curves["brax_apg"][-1]["reward"])
-    horizons = {learner: ppo_settings(env_name)["unroll_length"] if learner.endswith("ppo")
-                else arguments.horizon
+    horizons = {learner: learner_horizon(learner, env_name, arguments.horizon)
                 for learner in curves}
     header = (f"{env_name} ({backend or 'default'} backend), {num_envs} envs, horizon " + ", ".join(
         f"{h} ({learner})" for learner, h in horizons.items()) + f", ~{steps} env steps each, "
