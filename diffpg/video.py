@@ -55,35 +55,35 @@ def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatis
 
 def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: int = 30,
              every: int = 1, title: str = "", progress: bool = False) -> Path:
-    """Draw every ``every``-th state and write ``path`` (GIF, Pillow writer); ``title`` heads
-    every frame, ``progress`` shows a progress bar of the frames drawn."""
+    """Draw every ``every``-th state and write ``path`` (an animated GIF, with Pillow);
+    ``title`` heads every frame, ``progress`` shows a progress bar of the frames drawn.
+
+    The file is written once every frame is drawn, and only then: an exception while drawing
+    (a Ctrl-C among them) leaves ``path`` untouched and reaches the caller as it was raised."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
+    from PIL import Image
+    from tqdm import tqdm
 
     figure, axis = plt.subplots(figsize=(4.8, 3.6))
     drawer = _drawer(env, positions)
     returns = np.concatenate([[0.0], np.cumsum(rewards)])
-    frames = range(0, len(positions), every)
-
-    def draw(index):
-        axis.clear()
-        drawer(axis, positions[index])
-        heading = f"{title}\n" if title else ""
-        axis.set_title(f"{heading}step {index}  return {returns[index]:.1f}", fontsize=9)
-
-    animation = FuncAnimation(figure, draw, frames=frames)
-    if progress:
-        from tqdm import tqdm
-
-        with tqdm(total=len(frames), desc="video", unit="frame", file=sys.stderr) as bar:
-            animation.save(str(path), writer=PillowWriter(fps=fps),
-                           progress_callback=lambda done, total: bar.update(1))
-    else:
-        animation.save(str(path), writer=PillowWriter(fps=fps))
-    plt.close(figure)
+    images = []
+    try:
+        for index in tqdm(range(0, len(positions), every), desc="video", unit="frame",
+                          file=sys.stderr, disable=not progress):
+            axis.clear()
+            drawer(axis, positions[index])
+            heading = f"{title}\n" if title else ""
+            axis.set_title(f"{heading}step {index}  return {returns[index]:.1f}", fontsize=9)
+            figure.canvas.draw()
+            images.append(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB"))
+    finally:
+        plt.close(figure)
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+                   duration=int(1000 / fps), loop=0)
     return path
 
 

@@ -470,3 +470,35 @@ def test_videos_stopped_by_any_signal_at_random_moments_keep_the_earlier_gif(tmp
         raise AssertionError(f"the video never finished: {log}")
     with Image.open(gif) as image:
         assert image.n_frames > 1
+
+
+@pytest.mark.parametrize("stop_at_frame", [0, 1])
+def test_a_gif_stopped_while_drawing_writes_nothing_and_passes_the_interruption_on(
+        tmp_path, monkeypatch, stop_at_frame):
+    """A Ctrl-C while the frames are drawn reaches the caller as itself and writes no file;
+    finished, the GIF has one frame per drawn state. (matplotlib's movie writers finish on the
+    way out of an exception: Pillow's wrote a partial GIF, or with no frame yet failed with an
+    IndexError that replaced the interruption.)"""
+    import numpy as np
+    from PIL import Image
+
+    from diffpg import video
+
+    drawn = []
+
+    def draw(axis, state):
+        if len(drawn) == stop_at_frame:
+            raise KeyboardInterrupt
+        drawn.append(state)
+        axis.plot([0, state[0]], [0, 1])
+
+    monkeypatch.setattr(video, "_drawer", lambda env, positions: draw)
+    path = tmp_path / "policy.gif"
+    with pytest.raises(KeyboardInterrupt):
+        video.save_gif(None, np.arange(6.0).reshape(3, 2), np.ones(2), path)
+    assert not path.exists()
+
+    stop_at_frame = None
+    video.save_gif(None, np.arange(6.0).reshape(3, 2), np.ones(2), path, fps=10)
+    with Image.open(path) as image:
+        assert image.n_frames == 3 and image.info["duration"] == 100
