@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,22 @@ def _with_empty_arrays(restored: Any, template: Any) -> Any:
                         template, restored)
 
 
+def _remove_unfinished_saves(folder: Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
+    """Remove the temporary folders of a failed save, again until none has come back for
+    ``settle_s`` (at most ``limit_s``): writes of the save still in flight in orbax's threads
+    create their folders anew after a removal."""
+    deadline, quiet_since = time.monotonic() + limit_s, time.monotonic()
+    while time.monotonic() < deadline:
+        leftovers = list(folder.glob("*.orbax-checkpoint-tmp*"))
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
+        if leftovers:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_s:
+            return
+        time.sleep(0.02)
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
     """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
     record the digest of its files. Every process calls it; the primary one writes the digest."""
@@ -104,8 +121,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
                 state=ocp.args.StandardSave(_without_empty_arrays(state)),
                 history=ocp.args.JsonSave({"rows": rows})))
     except Exception as error:
-        for leftover in folder.glob("*.orbax-checkpoint-tmp*"):  # nothing half-written stays
-            shutil.rmtree(leftover, ignore_errors=True)
+        _remove_unfinished_saves(folder)  # nothing half-written stays
         if is_disk_full(error):
             # Orbax's unfinished writes report the same failure again when they are collected.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
