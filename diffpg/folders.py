@@ -114,9 +114,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+WRITE_PROBE_PREFIX = ".diffpg-write-test-"
+"""The name of ``check_writable``'s short-lived probe file, before its process id."""
+
+
 def check_writable(folder: Path) -> None:
     """One line, before any work, when ``folder`` (which exists) cannot take a new file."""
-    probe = folder / f".diffpg-write-test-{os.getpid()}"
+    probe = folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
     try:
         with disk_space(folder, "a first test file"):
             probe.write_bytes(b"")
@@ -140,7 +144,9 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
         raise SettingError(f"out={str(out)!r} is a file, not a folder; choose another --out")
     if out.is_symlink() and not out.exists():
         raise SettingError(f"out={str(out)!r} is a link to nothing; choose another --out")
-    if out.exists() and any(p.name != ".lock" for p in out.iterdir()) and not overwrite:
+    if out.exists() and not overwrite and any(
+            p.name != ".lock" and not p.name.startswith(WRITE_PROBE_PREFIX) for p in out.iterdir()):
+        # another process of the same run may hold the lock or probe the folder at this moment
         raise SettingError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
                            "write into it, or choose another --out")
     try:

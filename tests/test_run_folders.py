@@ -480,3 +480,20 @@ def test_video_shows_progress_and_titles_its_frames(tmp_path, capsys, monkeypatc
     assert cli.main(["video", str(out), "--every", "50"]) == 0
     assert titles == ["pendulum (shac), run, update 2"]
     assert "video" in capsys.readouterr().err  # the progress bar
+
+
+def test_a_partner_processs_lock_and_write_probe_leave_the_folder_empty(tmp_path):
+    """The processes of one run prepare the same folder at once: the lock and the short-lived
+    write probe of one must not make the folder "not empty" for the other (a race that stopped
+    two-process runs); any other file still does."""
+    from diffpg.folders import WRITE_PROBE_PREFIX, prepare_output
+    from envs.core import SettingError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    (out / f"{WRITE_PROBE_PREFIX}12345").write_bytes(b"")
+    assert prepare_output(out, overwrite=False, default_name="unused") == out
+    (out / "settings.json").write_text("{}")
+    with pytest.raises(SettingError, match="exists and is not empty"):
+        prepare_output(out, overwrite=False, default_name="unused")
