@@ -130,6 +130,13 @@ def check_writable(folder: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` holds anything besides a lock and write probes (``run_lock``'s and
+    ``check_writable``'s, which another process of the same run may hold at this moment)."""
+    return any(p.name != ".lock" and not p.name.startswith(WRITE_PROBE_PREFIX)
+               for p in folder.iterdir())
+
+
 def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path:
     """The output folder, created and checked writable: ``out``, or
     ``runs/<default_name>-<timestamp>``. A folder that holds files is refused unless
@@ -144,9 +151,7 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
         raise SettingError(f"out={str(out)!r} is a file, not a folder; choose another --out")
     if out.is_symlink() and not out.exists():
         raise SettingError(f"out={str(out)!r} is a link to nothing; choose another --out")
-    if out.exists() and not overwrite and any(
-            p.name != ".lock" and not p.name.startswith(WRITE_PROBE_PREFIX) for p in out.iterdir()):
-        # another process of the same run may hold the lock or probe the folder at this moment
+    if out.exists() and not overwrite and _holds_files(out):
         raise SettingError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
                            "write into it, or choose another --out")
     try:
@@ -176,7 +181,7 @@ def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Itera
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                if not any(p.name != ".lock" for p in path.iterdir()):
+                if not _holds_files(path):
                     (path / ".lock").unlink(missing_ok=True)
                     path.rmdir()
         raise
