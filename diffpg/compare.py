@@ -52,32 +52,40 @@ SWEEPS = ("none", "horizon", "stiffness", "batch")
 STIFFNESS_ENVS = ("contact", "curling")
 """The envs with a ``stiffness`` setting (the stiffness sweep's)."""
 
-CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
-"""XLA:CPU options a comparison's programs compile with: XLA's loop emitters for fusions and
-LLVM's ``-O1``. A comparison compiles some 75 programs and runs each once, so compiling is most
-of its time on a CPU; these options halve it (BENCHMARKS.md section 4). A jaxlib that no longer
-knows them compiles with its defaults."""
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1,
+                        "xla_cpu_parallel_codegen_split_count": 1}
+"""XLA:CPU options a comparison's loops compile with (the critics' warm-up, run for hundreds of
+rounds): XLA's loop emitters for fusions, LLVM's ``-O1``, and one LLVM module per program. A
+comparison compiles some 75 programs and runs each once, so compiling is most of its time on a
+CPU; these options halve it (BENCHMARKS.md section 4). A jaxlib that no longer knows them
+compiles with its defaults."""
+
+CPU_RUN_ONCE_OPTIONS = CPU_COMPILER_OPTIONS | {"xla_backend_optimization_level": 0}
+"""XLA:CPU options for a program that runs once in a few milliseconds (the estimates): LLVM
+without optimisation, which compiles in less than half the CPU time and runs a few times
+slower (BENCHMARKS.md section 4)."""
 
 
-def compile_program(jitted, *args, description: dict | None = None):
-    """``jitted`` lowered for ``args`` and compiled (with ``CPU_COMPILER_OPTIONS`` on a CPU).
+def compile_program(jitted, *args, description: dict | None = None,
+                    cpu_options: dict = CPU_COMPILER_OPTIONS):
+    """``jitted`` lowered for ``args`` and compiled (with ``cpu_options`` on a CPU).
 
     ``description``: everything besides ``args``' shapes that shapes the program (JSON-able);
     given, the compiled program is kept across processes under it (``diffpg.program_cache``).
     """
+    options = cpu_options if jax.default_backend() == "cpu" else {}
     key = None
     if description is not None:
         key = program_cache.program_key(description | {
-            "args": program_cache.avals_fingerprint(args),
-            "compiler_options": CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}})
-    return program_cache.load_or_compile(key, lambda: _lower_and_compile(jitted, *args))
+            "args": program_cache.avals_fingerprint(args), "compiler_options": options})
+    return program_cache.load_or_compile(key, lambda: _lower_and_compile(jitted, args, options))
 
 
-def _lower_and_compile(jitted, *args):
+def _lower_and_compile(jitted, args, options: dict):
     lowered = jitted.lower(*args)
-    if jax.default_backend() == "cpu":
+    if options:
         try:
-            return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+            return lowered.compile(compiler_options=options)
         except jax.errors.JaxRuntimeError as error:
             if "compile option" not in str(error):
                 raise
@@ -320,8 +328,11 @@ def exact_lqr_gradient(env, params, start_states, horizon, discount):
 
         return jnp.mean(jax.vmap(from_state)(states))
 
-    # One program (which the compilation cache keeps), not one dispatch per operation.
-    return jax.jit(jax.grad(objective))(params, start_states.pipeline_state)
+    # One program (which the compilation cache keeps), not one dispatch per operation; it runs
+    # once, in milliseconds.
+    states = start_states.pipeline_state
+    return compile_program(jax.jit(jax.grad(objective)), params, states,
+                           cpu_options=CPU_RUN_ONCE_OPTIONS)(params, states)
 
 
 def learns(state) -> bool:
@@ -423,7 +434,7 @@ def _compile_and_run(flat_estimates, state, start_states, keys, batch_size, desc
     compile seconds, run seconds)``."""
     started = time.perf_counter()
     compiled = compile_program(flat_estimates, state, start_states, keys, batch_size,
-                               description=description)
+                               description=description, cpu_options=CPU_RUN_ONCE_OPTIONS)
     compile_seconds = time.perf_counter() - started
     started = time.perf_counter()
     samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))

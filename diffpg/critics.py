@@ -128,14 +128,28 @@ class CriticState(NamedTuple):
 
 
 def make_critic_optimizer(learning_rate: float, betas: tuple[float, float]) -> optax.GradientTransformation:
-    """Adam with SHAC's betas and a global-norm clip of 1, skipping non-finite updates."""
-    return optax.apply_if_finite(
+    """Adam with SHAC's betas and a global-norm clip of 1, skipping non-finite updates.
+
+    It works on the critic's parameters raveled into one vector (``optax.flatten``): the same
+    update, in a handful of operations instead of a handful per layer, which cuts a critic fit's
+    compile time by about a quarter (BENCHMARKS.md section 4).
+    """
+    adam = optax.apply_if_finite(
         optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adam(learning_rate, b1=betas[0], b2=betas[1]),
         ),
         max_consecutive_errors=1_000_000,
     )
+    flat = optax.flatten(adam)
+
+    def init(params):  # a critic without parameters (an exact one) has nothing to ravel
+        return flat.init(params) if jax.tree.leaves(params) else adam.init(params)
+
+    def update(updates, state, params=None):
+        return (flat if jax.tree.leaves(updates) else adam).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def init_critic_state(

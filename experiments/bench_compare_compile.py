@@ -1,5 +1,6 @@
 """Where a comparison's time goes: its programs' tracing, XLA compilation and runs, with XLA's
-default CPU options and with those ``diffpg compare`` compiles with (``CPU_COMPILER_OPTIONS``).
+default CPU options and with those ``diffpg compare`` compiles each with (``CPU_COMPILER_OPTIONS``
+for the warm-ups, ``CPU_RUN_ONCE_OPTIONS`` for the estimates).
 
 Part 1 builds the programs of the default comparison (every estimator at every horizon of the
 sweep: the critics' warm-up where an estimator learns, and the estimates) in this process,
@@ -28,6 +29,7 @@ import jax  # noqa: E402
 from diffpg import estimators  # noqa: E402
 from diffpg.compare import (  # noqa: E402
     CPU_COMPILER_OPTIONS,
+    CPU_RUN_ONCE_OPTIONS,
     CompareSettings,
     estimates_program,
     estimator_settings,
@@ -37,7 +39,8 @@ from diffpg.compare import (  # noqa: E402
 )
 from diffpg.normalization import init_statistics  # noqa: E402
 
-OPTIONS = {"default": None, "diffpg": CPU_COMPILER_OPTIONS}
+DIFFPG_OPTIONS = {"warm-up": CPU_COMPILER_OPTIONS, "estimates": CPU_RUN_ONCE_OPTIONS}
+"""The options ``diffpg compare`` compiles each kind of program with."""
 
 
 def timed(function, *args):
@@ -46,12 +49,12 @@ def timed(function, *args):
     return result, time.perf_counter() - started
 
 
-def program_times(jitted, args: tuple) -> dict:
-    """Seconds to trace and lower ``jitted`` for ``args``, then per set of options to compile
-    it and to run it once."""
+def program_times(jitted, args: tuple, program: str) -> dict:
+    """Seconds to trace and lower ``jitted`` for ``args``, then with XLA's default options and
+    with those ``diffpg compare`` uses for a ``program`` to compile it and to run it once."""
     lowered, lower_s = timed(jitted.lower, *args)
     row = {"trace_and_lower_s": lower_s}
-    for name, options in OPTIONS.items():
+    for name, options in {"default": None, "diffpg": DIFFPG_OPTIONS[program]}.items():
         compiled, row[f"compile_{name}_s"] = timed(lowered.compile, options)
         _, row[f"run_{name}_s"] = timed(lambda c: jax.block_until_ready(c(*args[:3])), compiled)
     return row
@@ -78,7 +81,7 @@ def programs_of_comparison(settings: CompareSettings) -> list[dict]:
                     estimator, params, obs_stats, settings.critic_warmup),
                     (state, starts, jax.random.PRNGKey(4))))
             for program, jitted, args in programs:
-                times = program_times(jitted, args)
+                times = program_times(jitted, args, program)
                 row = rows.setdefault((spec.label, program),
                                       {"estimator": spec.label, "program": program, "count": 0})
                 row["count"] += 1
@@ -116,8 +119,8 @@ def main() -> None:
     total = {"estimator": "all", "program": "all"} | {
         c: sum(row[c] for row in rows) for c in columns[2:]}
     table = common.format_table(rows + [total], columns)
-    print(f"programs of the default comparison, {jax.devices()[0].platform}, options "
-          f"{CPU_COMPILER_OPTIONS}")
+    print(f"programs of the default comparison, {jax.devices()[0].platform}, diffpg's options "
+          f"{DIFFPG_OPTIONS}")
     print(table)
     commands = []
     if not arguments.skip_command:
@@ -128,7 +131,7 @@ def main() -> None:
                 commands.append({"cache": kind} | whole_command(
                     cache, out / f"compare_{kind}", command_arguments))
         print(common.format_table(commands, ["cache", "wall_s", "cpu_s"]))
-    common.write_json(out / "results.json", {"options": CPU_COMPILER_OPTIONS, "programs": rows,
+    common.write_json(out / "results.json", {"options": DIFFPG_OPTIONS, "programs": rows,
                                              "total": total, "command": commands})
 
 

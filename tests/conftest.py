@@ -12,9 +12,10 @@ from diffpg.compare import CPU_COMPILER_OPTIONS  # noqa: E402 (no backend starts
 FAST_COMPILE_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}"
                                   for name, value in CPU_COMPILER_OPTIONS.items())
 """The comparison's XLA:CPU options as flags for every program the tests compile (set before
-any backend starts, and inherited by the tests' subprocesses): XLA's loop emitters for fusions
-and LLVM's -O1. The suite compiles hundreds of small programs and runs most of them briefly, so
-these halve its CPU time; results differ from the default flags' in rounding only."""
+any backend starts, and inherited by the tests' subprocesses): XLA's loop emitters for fusions,
+LLVM's -O1 and one LLVM module per program. The suite compiles hundreds of small programs and
+runs most of them briefly, so these halve its CPU time; results differ from the default flags'
+in rounding only."""
 USER_XLA_FLAGS = os.environ.setdefault("DIFFPG_TESTS_USER_XLA_FLAGS",
                                       os.environ.get("XLA_FLAGS", "")) or None
 """XLA_FLAGS as the tests found them (kept for pytest-xdist's workers, which inherit the flags
