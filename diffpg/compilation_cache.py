@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 _JAX_DEFAULT_LOG_LEVEL = "1"
@@ -39,6 +40,25 @@ def default_cache_dir() -> str | None:
     return str(Path.home() / ".cache" / "diffpg" / "jax")
 
 
+JAX_CACHE_ENTRY_WARNINGS = r"Error (reading|writing) persistent compilation cache entry"
+"""The warnings JAX's persistent cache gives for an entry it cannot read or write (it then
+compiles, or does not keep the program)."""
+
+
+def unusable_cache_folder(directory: Path) -> str | None:
+    """Why ``directory`` cannot hold a compilation cache (it is a file, a link loop, cannot be
+    created...), or ``None`` when it is a folder (writable or not: a read-only cache is read)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "is not a folder"
+    except OSError as error:
+        return f"cannot be created ({error.strerror or error})"
+    if not directory.is_dir():
+        return "is not a folder"
+    return None
+
+
 def enable_compilation_cache(directory: str | None = "default", min_compile_secs: float = 0.0):
     """Point JAX's persistent cache at ``directory`` (``"default"``: ``default_cache_dir()``).
 
@@ -53,6 +73,14 @@ def enable_compilation_cache(directory: str | None = "default", min_compile_secs
         directory = default_cache_dir()
     if directory is None:
         return None
+    problem = unusable_cache_folder(Path(directory))
+    if problem is not None:
+        print(f"diffpg: compilation cache {directory!r} {problem}; compiling without it "
+              "(set DIFFPG_CACHE_DIR to a folder, or to off)", file=sys.stderr)
+        return None
+    # A read-only (shared) cache still answers; JAX warns at every entry it cannot write or
+    # read, and compiles instead: an accelerator's failure is not the user's business.
+    warnings.filterwarnings("ignore", message=JAX_CACHE_ENTRY_WARNINGS)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -27,6 +27,7 @@ trusted as the user's own ``__pycache__`` is: the folder should be writable by i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -208,10 +209,12 @@ def _load(path: Path) -> Any | None:
         compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except FileNotFoundError:
         return None
-    except Exception:  # noqa: BLE001 - damaged or from an incompatible build: compile again
-        path.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - damaged, unreadable or from another build: compile again
+        with contextlib.suppress(OSError):  # a read-only (shared) cache keeps it
+            path.unlink(missing_ok=True)
         return None
-    os.utime(path)  # recently used
+    with contextlib.suppress(OSError):  # recently used; a read-only cache cannot say so
+        os.utime(path)
     return compiled
 
 
@@ -238,12 +241,13 @@ def _remove_least_recently_used(directory: Path, max_bytes: int) -> None:
     for path in directory.glob("*.bin"):
         try:
             stat = path.stat()
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or a link to nowhere
             continue
         files.append((stat.st_mtime, stat.st_size, path))
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files):
         if total <= max_bytes:
             break
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         total -= size

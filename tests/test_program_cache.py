@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_disk
 
 from diffpg import compare, program_cache
 from diffpg.compare import CompareSettings, run_comparison
+from diffpg.compilation_cache import unusable_cache_folder
 
 
 @pytest.fixture
@@ -167,3 +169,57 @@ def test_a_program_loaded_from_jax_cache_is_not_kept(programs):
         assert list(folder.glob("*.bin")) == []
         np.testing.assert_array_equal(again["samples"][0]["estimates/bptt"],
                                       first["samples"][0]["estimates/bptt"])
+
+
+def _tiny_compare(cache, out, estimators=("reinforce", "shac")):
+    """A small comparison in a new process with its caches in ``cache``."""
+    command = [sys.executable, "-m", "diffpg.cli", "compare", "--estimators", *estimators,
+               "--horizon", "2", "--num-envs", "4", "--num-estimates", "4", "--sweep", "none",
+               "--critic-warmup", "2", "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, DIFFPG_CACHE_DIR=str(cache)))
+
+
+def _messages(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not progress bars."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.strip() and "task" not in line]
+
+
+def test_a_read_only_cache_with_a_damaged_entry_is_read_silently(tmp_path):
+    """A shared, pre-built cache on a read-only file system: a command loads what it can,
+    compiles the rest (a damaged entry too), keeps nothing, and says nothing about it."""
+    with small_disk(tmp_path / "cache", "256m") as cache:
+        first = _tiny_compare(cache, tmp_path / "a")
+        assert first.returncode == 0, first.stderr[-2000:]
+        kept = sorted((cache / "programs").glob("*.bin"))
+        assert len(kept) == 3
+        kept[0].write_bytes(b"damaged")
+        remounted = subprocess.run(["mount", "-o", "remount,ro", str(cache)],
+                                   capture_output=True, text=True)
+        if remounted.returncode:
+            pytest.skip(f"cannot remount read-only here ({remounted.stderr.strip()})")
+        second = _tiny_compare(cache, tmp_path / "b")
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert _messages(second.stderr) == []
+        assert sorted((cache / "programs").glob("*.bin")) == kept  # nothing removed or added
+    for name in ("point0/estimates/reinforce", "point0/estimates/shac"):
+        np.testing.assert_array_equal(np.load(tmp_path / "b" / "samples.npz")[name],
+                                      np.load(tmp_path / "a" / "samples.npz")[name])
+
+
+def test_an_unusable_cache_folder_is_named_and_the_command_runs_without_it(tmp_path):
+    """A file, a folder under a file, a link loop: each is refused with its reason, and a
+    command whose cache folder is one says so in one line and runs."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert unusable_cache_folder(tmp_path / "file") == "is not a folder"
+    assert unusable_cache_folder(tmp_path / "loop_a") == "is not a folder"
+    assert unusable_cache_folder(tmp_path / "file" / "cache").startswith("cannot be created")
+    assert unusable_cache_folder(tmp_path / "new" / "cache") is None
+    done = _tiny_compare(tmp_path / "file", tmp_path / "out", estimators=("reinforce",))
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = _messages(done.stderr)
+    assert line.startswith(f"diffpg: compilation cache {str(tmp_path / 'file')!r} is not a folder")
+    assert (tmp_path / "out" / "samples.npz").exists()
