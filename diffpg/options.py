@@ -4,10 +4,36 @@ specs ``name:key=value,...`` for ``diffpg compare``: their values are Python lit
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from envs.core import SettingError
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""The largest number a run computes with (float32); a setting above it would be inf there."""
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""The smallest positive normal float32; a setting nearer 0 (but not 0) would be flushed to 0
+on the device."""
+
+
+def float32_problem(value: Any) -> str | None:
+    """Why the number ``value`` (or a number inside a tuple or list) does not survive float32,
+    the precision runs compute in: inf or NaN, beyond +-FLOAT32_MAX, or so near 0 that it
+    becomes 0; ``None`` when it does (and for anything that is not a number)."""
+    if isinstance(value, tuple | list):
+        return next(filter(None, map(float32_problem, value)), None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number"
+    if abs(value) > FLOAT32_MAX:
+        return f"is beyond float32's range (|x| <= {FLOAT32_MAX:.4g}; inf on the device)"
+    if value != 0 and abs(value) < FLOAT32_TINY:
+        return f"becomes 0 in float32 (allowed: 0 or |x| >= {FLOAT32_TINY:.4g})"
+    return None
 
 
 def parse_value(text: str) -> Any:
@@ -26,7 +52,11 @@ def parse_options(items: Iterable[str], setting: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SettingError(f"{setting}: {item!r} must be written key=value")
-        options[key.strip()] = parse_value(value.strip())
+        key, value = key.strip(), parse_value(value.strip())
+        problem = float32_problem(value)
+        if problem is not None:
+            raise SettingError(f"{setting}: {key}={value!r} {problem}")
+        options[key] = value
     return options
 
 

@@ -73,8 +73,8 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     ``stop_at_update`` stops early (as an interruption would), leaving a resumable run. ``env``
     replaces the settings' environment (``make_trainer``).
     Raises ``TrainingStopped`` after ``max_consecutive_nonfinite`` non-finite updates in a row,
-    with the checkpoint saved, and ``Interrupted`` on SIGINT or SIGTERM, after any save in
-    progress has finished.
+    or at the end of a run none of whose updates was finite, with the checkpoint saved; and
+    ``Interrupted`` on SIGINT or SIGTERM, after any save in progress has finished.
     """
     trainer = make_trainer(settings, env)
     # With several processes (diffpg.devices) every one trains; the primary one alone writes
@@ -174,12 +174,14 @@ def _train_one_call(run: Run, state: TrainState) -> tuple[TrainState, dict]:
 def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | None:
     """Commit a call: the checkpoint (with every row), then metrics.csv and the events, as one
     step a signal cannot cut; the learning curve at most every ``PLOT_EVERY_SECONDS``. Returns
-    why the run must stop after ``max_consecutive_nonfinite`` non-finite updates in a row (the
-    checkpoint saved), or ``None``."""
+    why the run must stop after ``max_consecutive_nonfinite`` non-finite updates in a row, or at
+    its end when no update was ever finite (the checkpoint saved), or ``None``."""
     settings = run.trainer.settings
     run.rows.append(row)
     in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
-    stopping = in_a_row >= settings.max_consecutive_nonfinite
+    steps = counter_value(state.update) * settings.epochs * settings.minibatches
+    never_finite = finished and in_a_row >= steps > 0  # a run too short to reach the limit
+    stopping = never_finite or in_a_row >= settings.max_consecutive_nonfinite
     with run.guard.critical():
         save_checkpoint(run.checkpoints, state, run.rows)
         if run.primary:
@@ -193,6 +195,10 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
         run.last_plot = time.perf_counter()
     if not stopping:
         return None
+    if never_finite:
+        return (f"every one of the run's {steps} optimiser steps had a non-finite gradient: "
+                "nothing was learned (the checkpoint holds the initial parameters); check the "
+                "environment's settings (env_options), learning_rate and horizon")
     return (f"the last {in_a_row} optimiser steps had non-finite gradients "
             f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped "
             f"at update {counter_value(state.update)}. The checkpoint there holds the last "

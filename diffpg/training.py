@@ -49,6 +49,7 @@ from diffpg.estimators.base import (
     EstimatorState,
     check_betas,
     check_hidden_sizes,
+    check_non_negative,
     check_positive,
     check_positive_int,
 )
@@ -160,6 +161,9 @@ class TrainSettings:
                      "eval_envs", "seeds", "max_consecutive_nonfinite"):
             check_positive_int(name, getattr(self, name))
         check_positive("learning_rate", self.learning_rate)
+        check_non_negative("final_learning_rate", self.final_learning_rate)
+        check_non_negative("health_shaping", self.health_shaping)
+        check_positive("health_tolerance", self.health_tolerance)
         if self.grad_clip is not None:
             check_positive("grad_clip", self.grad_clip)
         check_betas("betas", self.betas)

@@ -50,6 +50,12 @@ INVALID = st.one_of(
                      ["--env-options", "dt"], ["--env-options", "episode_length=3"],
                      ["--env-options", "backend=spring"],
                      ["--env-options", "health_shaping=1.0"]]),
+    # numbers float32 turns into inf or 0: the precision every run computes in
+    _option(["--env-options"], st.sampled_from(["max_torque=1e39", "dt=1e-46", "dt=-3.5e38",
+                                                "max_torque=(1.0,1e39)"])),
+    _option(["--learning-rate", "--final-learning-rate", "--grad-clip", "--health-tolerance"],
+            st.sampled_from(["1e-46", "1e-39"])),
+    _option(["--health-shaping"], st.sampled_from(["1e39", "1e-46", "-1", "nan"])),
     NAME.filter(lambda n: n not in _known_envs()).map(_one("--env")),
     NAME.filter(lambda n: n not in _known_estimators() and n != "h").map(lambda n: [n]),
     st.one_of(NAME, st.just("spring")).map(_one("--backend")),  # the env is analytic
@@ -113,6 +119,9 @@ INVALID_COMPARE = st.one_of(
     NAME.filter(lambda n: n not in _known_estimators()).map(lambda n: ["--estimators", n]),
     st.sampled_from([["--estimators", "bptt:horizon=2"], ["--estimators", "shac:window=3"],
                      ["--estimators", "reinforce:baseline=bogus"], ["--reference", "exact"],
+                     ["--estimators", "shac:critic_learning_rate=1e-46"],
+                     ["--estimators", "reinforce:discount=1e39"],
+                     ["--env-options", "dt=1e-46"], ["--env-options", "max_torque=1e39"],
                      ["--reference", "nope"], ["--hidden-sizes", "0"],
                      ["--env-options", "episode_length=3"], ["--env-options", "bogus=1"],
                      ["--sweep", "stiffness"], ["--sweep", "batch", "--batch-budget", "1"],
@@ -146,3 +155,15 @@ def test_bad_input_to_every_command_is_one_line(arguments, capsys):
     error = capsys.readouterr().err
     assert status == 2, (arguments, error)
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+
+
+@pytest.mark.parametrize("invalid", [
+    ["--env-options", "max_torque=1e39"], ["--env-options", "dt=1e-46"],
+    ["--health-shaping", "1e39"], ["--learning-rate", "1e-46"],
+    ["shac", "--critic-learning-rate", "1e-46"]])
+def test_numbers_that_float32_turns_into_inf_or_zero_are_refused(invalid, tmp_path):
+    """``max_torque=1e39`` trained with every update non-finite and ``dt=1e-46`` a frozen
+    pendulum: every number is checked in the precision the run uses."""
+    out = tmp_path / "never"
+    _assert_refused_cleanly(["train", "--env", "pendulum", "--updates", "2",
+                             "--updates-per-call", "2", "--out", str(out), *invalid], out)

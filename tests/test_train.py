@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -224,7 +225,7 @@ def test_a_finite_gradient_that_would_overflow_the_parameters_is_skipped_and_cou
     """A learning rate float32 holds, whose Adam steps (each about the learning rate in size)
     overflow the parameters at the third: that step and the next are skipped and counted, and
     the parameters stay finite."""
-    from diffpg.estimators.base import FLOAT32_MAX
+    from diffpg.options import FLOAT32_MAX
     from diffpg.training import keep_finite_parameters
 
     rate = FLOAT32_MAX / 2.5
@@ -468,6 +469,19 @@ def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(t
     restored, _, _ = restore_checkpoint(out, trainer.init_run())
     for a, b in zip(_params(restored), _params(trainer.init_run()), strict=True):
         np.testing.assert_array_equal(a, b)  # no non-finite update ever applied
+
+
+def test_a_run_too_short_to_reach_the_limit_still_stops_when_no_update_was_finite(tmp_path):
+    """Two updates, both non-finite, under a limit of 100 in a row: the run does not finish as
+    if it had trained (exit 0); it stops, naming the settings to check."""
+    settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    with pytest.raises(TrainingStopped, match="every one of the run's 2 optimiser steps.*"
+                                              "env_options"):
+        train(settings, tmp_path / "run", env=_InjectNaN(threshold=-2.0))
+    # One finite update among them is a run that trained: it finishes.
+    settings = dataclasses.replace(settings, updates=6)  # 13% of updates meet a blow-up
+    train(settings, tmp_path / "some", env=_InjectNaN(threshold=0.9999))
 
 
 def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path, capsys):

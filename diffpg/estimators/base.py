@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from diffpg.acting import Transitions
 from diffpg.normalization import RunningStatistics
+from diffpg.options import FLOAT32_MAX, FLOAT32_TINY, float32_problem
 from diffpg.policy import Params
 from envs.core import SettingError, State
 
@@ -88,25 +88,21 @@ def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> 
         raise SettingError(f"{name}={value!r} must be a number in {interval}")
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-"""The largest number a run computes with (float32); a setting above it would be inf there."""
-
-
 def check_positive(name: str, value: Any) -> None:
-    """A number above 0 and finite in float32, the precision runs compute in (rejects inf, NaN
-    and values such as 1e39 that become inf on the device)."""
+    """A number above 0 that float32, the precision runs compute in, keeps (rejects inf, NaN,
+    values such as 1e39 that become inf on the device and 1e-46 that become 0)."""
     if (not isinstance(value, int | float) or isinstance(value, bool) or not value > 0
-            or not value <= FLOAT32_MAX):
-        raise SettingError(f"{name}={value!r} must be a positive number at most {FLOAT32_MAX:.4g} "
-                           "(finite in float32)")
+            or float32_problem(value) is not None):
+        raise SettingError(f"{name}={value!r} must be a positive number in [{FLOAT32_TINY:.4g}, "
+                           f"{FLOAT32_MAX:.4g}] (a float32 that is neither 0 nor inf)")
 
 
 def check_non_negative(name: str, value: Any) -> None:
-    """A number of at least 0, finite in float32 (rejects inf and NaN)."""
+    """0, or a positive number as ``check_positive`` takes it."""
     if (not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0
-            or not value <= FLOAT32_MAX):
-        raise SettingError(f"{name}={value!r} must be a number >= 0 and at most "
-                           f"{FLOAT32_MAX:.4g} (finite in float32)")
+            or float32_problem(value) is not None):
+        raise SettingError(f"{name}={value!r} must be 0 or a number in [{FLOAT32_TINY:.4g}, "
+                           f"{FLOAT32_MAX:.4g}] (a float32 that is neither inf nor rounded to 0)")
 
 
 def check_bool(name: str, value: Any) -> None:
