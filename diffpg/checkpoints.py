@@ -28,8 +28,9 @@ from envs.core import SettingError
 
 KEPT_CHECKPOINTS = 2
 DIGEST_SUFFIX = ".sha256"
-"""``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>``:
-orbax has no checksum of its own, and a flipped byte in an array file restores silently."""
+"""``checkpoints/<update>.sha256`` holds the SHA-256 of the files of checkpoint ``<update>`` and
+their names: orbax has no checksum of its own, and a flipped byte in an array file restores
+silently."""
 
 
 def counter_value(counter: jax.Array) -> int:
@@ -74,12 +75,36 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def _folder_sha256(folder: Path) -> str:
+def _files_of(folder: Path) -> list[str]:
+    """The files under ``folder``, as sorted paths relative to it."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def _files_sha256(folder: Path, files: list[str]) -> str:
+    """The SHA-256 of ``files`` (paths relative to ``folder``): their names and contents."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
+    for name in files:
+        digest.update(name.encode())
+        digest.update((folder / name).read_bytes())
     return digest.hexdigest()
+
+
+def _digest_record(folder: Path) -> str:
+    """What ``<update>.sha256`` holds: the digest of the checkpoint's files, then their names,
+    one a line, so that a file added later (an editor's backup, a sync tool's) is not taken
+    for damage."""
+    files = _files_of(folder)
+    return "\n".join([_files_sha256(folder, files), *files]) + "\n"
+
+
+def _matches_its_digest(folder: Path, record: str) -> bool:
+    """Whether the files a digest record names are in ``folder`` with their contents (a
+    record of one line, from an earlier version, covers every file of the folder)."""
+    digest, *files = [line for line in record.splitlines() if line] or [""]
+    try:
+        return digest == _files_sha256(folder, files or _files_of(folder))
+    except OSError:  # a recorded file is gone
+        return False
 
 
 def _without_empty_arrays(tree: Any) -> Any:
@@ -133,7 +158,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     barrier("diffpg: checkpoint saved")
     if not is_primary():
         return
-    write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _folder_sha256(folder / str(update)))
+    write_atomically(folder / f"{update}{DIGEST_SUFFIX}", _digest_record(folder / str(update)))
     kept = {str(step) for step in manager.all_steps()}
     for digest in folder.glob(f"*{DIGEST_SUFFIX}"):
         if digest.name.removesuffix(DIGEST_SUFFIX) not in kept:
@@ -179,7 +204,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             digest_file = folder / f"{update}{DIGEST_SUFFIX}"
-            if digest_file.exists() and digest_file.read_text() != _folder_sha256(folder / str(update)):
+            if digest_file.exists() and not _matches_its_digest(folder / str(update),
+                                                                digest_file.read_text()):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
             if not _shapes_match(folder / str(update) / "state", abstract):

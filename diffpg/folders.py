@@ -101,11 +101,22 @@ def write_atomically(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
+def temporary_name(path: Path) -> Path:
+    """Where ``atomic_path`` writes ``path`` first: a hidden name in the same folder with the
+    same extension, unique to this process (two processes writing one file never share it)."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+PARTIAL_PATTERN = ".*.partial*"
+"""The names ``temporary_name`` gives (and older versions' ``.NAME.partial.EXT``): what a write
+cut short by SIGKILL leaves."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path (same folder, same extension) to write; renamed to ``path`` when the
-    block completes, removed when it fails."""
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    """A temporary path (``temporary_name``) to write; renamed to ``path`` when the block
+    completes, removed when it fails."""
+    temporary = temporary_name(path)
     try:
         with disk_space(path.parent, path.name):
             yield temporary
@@ -128,6 +139,23 @@ def check_writable(folder: Path) -> None:
         raise SettingError(f"out={str(folder)!r} is not writable ({error.strerror}); choose "
                            "another --out") from None
     probe.unlink(missing_ok=True)
+
+
+def check_file_writable(path: Path, option: str = "out") -> None:
+    """One line, before any work, when the file ``path`` (in a folder that exists) cannot be
+    written through ``atomic_path``: its temporary name and its own are tried (a name too long
+    with the temporary's prefix, a read-only or full folder), an existing file left as it is."""
+    probes = [temporary_name(path)] + ([] if path.exists() else [path])
+    for probe in probes:
+        try:
+            with disk_space(path.parent, "a first test file"):
+                probe.write_bytes(b"")
+        except OSError as error:
+            raise SettingError(f"{option}={str(path)!r} cannot be written ({error.strerror}); "
+                               f"choose another --{option}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
 
 
 def _holds_files(folder: Path) -> bool:
@@ -188,13 +216,14 @@ def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Itera
 
 
 def remove_files(folder: Path, names: tuple[str, ...]) -> None:
-    """Remove the files and folders ``names`` of ``folder`` that exist."""
+    """Remove the files and folders ``names`` (names or glob patterns) of ``folder`` that
+    exist."""
     for name in names:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+        for path in folder.glob(name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 class _Interruptions:

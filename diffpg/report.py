@@ -16,7 +16,7 @@ from matplotlib import ticker  # noqa: E402
 from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
 from diffpg.devices import environment_description  # noqa: E402
 from diffpg.estimators import FAMILIES  # noqa: E402
-from diffpg.folders import atomic_path  # noqa: E402
+from diffpg.folders import PARTIAL_PATTERN, atomic_path  # noqa: E402
 
 TABLE_COLUMNS = (
     "horizon", "estimator", "norm_of_mean", "mean_norm", "variance_trace", "variance_max",
@@ -39,8 +39,9 @@ def rows(results: dict) -> list[dict]:
 
 OUTPUT_FILES = ("results.json", "table.csv", SAMPLES_FILE, "report.md", "bias_and_cosine.png",
                 "per_step_variance.png", "variance_vs_horizon.png", "variance_vs_stiffness.png",
-                "variance_vs_batch.png")
-"""Every file a comparison may write (what ``--overwrite`` removes before a new one runs)."""
+                "variance_vs_batch.png", PARTIAL_PATTERN)
+"""Every file a comparison may write, names or glob patterns (what ``--overwrite`` removes before
+a new one runs; the partial files are what a write cut short by SIGKILL leaves)."""
 
 
 def write_results(results: dict, out_dir: Path) -> list[Path]:

@@ -15,15 +15,21 @@ import time
 from pathlib import Path
 
 from diffpg.devices import environment_description
-from diffpg.folders import atomic_path, disk_space, remove_files, write_atomically
+from diffpg.folders import (
+    PARTIAL_PATTERN,
+    atomic_path,
+    disk_space,
+    remove_files,
+    write_atomically,
+)
 from diffpg.training import TrainSettings
 from envs.core import SettingError
 
-RUN_FILES = ("settings.json", ".settings.partial.json", "metrics.csv", ".metrics.partial.csv",
-             "learning_curve.png", ".learning_curve.partial.png", "checkpoints", "tensorboard",
-             "policy.gif", ".policy.partial.gif", "settings.json.tmp", "metrics.csv.tmp")
-"""What a run writes into its folder (and what overwriting a run removes; the partial files
-are what a write cut short by SIGKILL leaves, the ``.tmp`` ones those of older versions)."""
+RUN_FILES = ("settings.json", "metrics.csv", "learning_curve.png", "checkpoints", "tensorboard",
+             "policy.gif", PARTIAL_PATTERN, "settings.json.tmp", "metrics.csv.tmp")
+"""What a run writes into its folder (names or glob patterns: what overwriting a run removes;
+the partial files are what a write cut short by SIGKILL leaves, the ``.tmp`` ones those of
+older versions)."""
 
 
 def save_settings(settings: TrainSettings, run_dir: Path) -> None:

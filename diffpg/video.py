@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from diffpg.acting import unroll
-from diffpg.folders import atomic_path, check_writable
+from diffpg.folders import atomic_path, check_file_writable
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
 from envs.core import SettingError
@@ -193,5 +193,5 @@ def check_video_path(out: Path) -> Path:
     if not out.parent.is_dir():
         raise SettingError(f"out={str(out)!r}: its folder {str(out.parent)!r} does not exist "
                            "(or is a file); create it or choose another --out")
-    check_writable(out.parent)
+    check_file_writable(out)
     return out

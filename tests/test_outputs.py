@@ -257,6 +257,8 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
     ("policy.mp4", "must end in .gif"),
     ("missing/policy.gif", "does not exist"),
     ("", "is a folder"),
+    # legal itself (249 characters), too long with the temporary name's prefix and suffix
+    ("p" * 245 + ".gif", "cannot be written (File name too long)"),
 ])
 def test_video_checks_its_output_before_any_work(tmp_path, capsys, name, message):
     with compiles() as compiled:
@@ -502,3 +504,29 @@ def test_a_gif_stopped_while_drawing_writes_nothing_and_passes_the_interruption_
     video.save_gif(None, np.arange(6.0).reshape(3, 2), np.ones(2), path, fps=10)
     with Image.open(path) as image:
         assert image.n_frames == 3 and image.info["duration"] == 100
+
+
+def test_two_processes_writing_one_file_at_once_each_write_it_whole(tmp_path):
+    """Two ``diffpg video`` of one run at once wrote one GIF through the same temporary name,
+    and one died with a traceback: each process now has its own."""
+    import subprocess
+
+    path = tmp_path / "shared.txt"
+    writer = ("import sys; from pathlib import Path; from diffpg.folders import write_atomically\n"
+              "for i in range(300): write_atomically(Path(sys.argv[1]), sys.argv[2] * 1000)")
+    processes = [subprocess.Popen([sys.executable, "-c", writer, str(path), letter],
+                                  stderr=subprocess.PIPE, text=True) for letter in "ab"]
+    for process in processes:
+        assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert path.read_text() in ("a" * 1000, "b" * 1000)
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
+
+
+def test_overwrite_removes_what_writes_cut_short_left(tmp_path):
+    from diffpg.folders import remove_files
+    from diffpg.run_files import RUN_FILES
+
+    for name in ("metrics.csv", ".metrics.partial-123.csv", ".settings.partial.json", "mine.txt"):
+        (tmp_path / name).write_text("x")
+    remove_files(tmp_path, RUN_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

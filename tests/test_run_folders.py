@@ -238,6 +238,24 @@ def test_a_bit_flipped_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_stray_file_inside_a_checkpoint_does_not_retire_it(tmp_path, capsys):
+    """An editor's backup, a sync tool's file or a GIF written there is not the checkpoint's:
+    its digest covers the files it recorded, so eval and resume keep using it; a recorded
+    file that goes missing is still damage."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    newest = out / "checkpoints" / "4"
+    (newest / ".sync-conflict").write_text("not the checkpoint's")
+    (newest / "state" / "notes.txt~").write_text("an editor's")
+    assert evaluate_run(out)["update"] == 4
+    assert "checkpoint 4" not in capsys.readouterr().err
+    recorded = next(p for p in sorted(newest.rglob("*")) if p.is_file() and "~" not in p.name
+                    and p.name != ".sync-conflict")
+    recorded.unlink()
+    assert evaluate_run(out)["update"] == 2
+    assert "checkpoint 4" in capsys.readouterr().err
+
+
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys):
     out = tmp_path / "run"
     train(_small(updates=4), out)
