@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.devices import barrier, is_primary
-from diffpg.folders import disk_space, is_disk_full, write_atomically
+from diffpg.folders import file_system_errors, is_storage_error, write_atomically
 from diffpg.training import TrainState
 from envs.core import SettingError
 
@@ -147,11 +147,11 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
                 history=ocp.args.JsonSave({"rows": rows})))
     except Exception as error:
         _remove_unfinished_saves(folder)  # nothing half-written stays
-        if is_disk_full(error):
+        if is_storage_error(error):
             # Orbax's unfinished writes report the same failure again when they are collected.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             last = checkpoint_updates(folder.parent)
-            with disk_space(folder.parent, f"the checkpoint of update {update} (the last "
+            with file_system_errors(folder.parent, f"the checkpoint of update {update} (the last "
                             f"complete one is of update {last[-1] if last else 'none'})"):
                 raise
         raise

@@ -4,7 +4,8 @@
   cannot be used (a file, a dangling link, under a file, not writable, a folder of earlier
   results without ``--overwrite``), all **before** any work is done;
 * ``run_lock``: one process owns a folder while it writes (``.lock``, under ``flock``);
-* ``disk_space``: a full disk is one line naming the folder and what was being written;
+* ``file_system_errors``: a write the file system refuses (full, over quota, past the file-size
+  limit, read-only...) is one line naming the folder, what was being written and what to do;
 * ``write_atomically`` / ``atomic_path``: a file is written under a temporary name and renamed
   into place, so a reader sees the old file or the new one, never half of one;
 * ``interruptions``: SIGINT and SIGTERM become ``Interrupted`` (exit status 128 + signal),
@@ -46,7 +47,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     Another live owner is a ``SettingError``; the lock file of a process that is gone is taken
     over, with a message."""
     path = run_dir / ".lock"
-    with disk_space(run_dir, "the run folder's lock"):
+    with file_system_errors(run_dir, "the run folder's lock"):
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -66,7 +67,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
                   file=sys.stderr)
         os.ftruncate(descriptor, 0)
-        with disk_space(run_dir, "the run folder's lock"):
+        with file_system_errors(run_dir, "the run folder's lock"):
             os.pwrite(descriptor, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         try:
             yield
@@ -76,23 +77,68 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(descriptor)  # releases the flock
 
 
-def is_disk_full(error: BaseException) -> bool:
-    return ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
-            or "No space left" in str(error) or "RESOURCE_EXHAUSTED" in str(error))
+STORAGE_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space or raise the quota"),
+    errno.EFBIG: ("a file reached the file-size limit", "raise the limit (ulimit -f)"),
+    errno.EROFS: ("the file system is read-only", "make it writable or choose another folder"),
+    errno.EACCES: ("permission denied", "make it writable or choose another folder"),
+    errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter folder"),
+}
+"""The file-system errors a write can meet however correct the program (errno: what happened,
+what to do); the library calls that write (orbax's TensorStore) report them in their own
+exception types, with the system's message or ``os_error_code='N'`` in the text."""
+
+
+def storage_problem(error: BaseException) -> tuple[str, str] | None:
+    """``(what happened, what to do)`` when ``error`` is one of ``STORAGE_ERRORS``, else
+    ``None``."""
+    text = str(error)
+    for code, problem in STORAGE_ERRORS.items():
+        if ((isinstance(error, OSError) and error.errno == code) or os.strerror(code) in text
+                or f"os_error_code='{code}'" in text):
+            return problem
+    if "RESOURCE_EXHAUSTED" in text:
+        return STORAGE_ERRORS[errno.ENOSPC]
+    return None
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether ``error`` is a write that failed for the file system's sake (``STORAGE_ERRORS``:
+    full, over quota or the file-size limit, read-only...), not the program's."""
+    return storage_problem(error) is not None
 
 
 @contextlib.contextmanager
-def disk_space(run_dir: Path, what: str) -> Iterator[None]:
-    """A full disk while writing ``what`` becomes one line naming the folder and what was lost."""
+def file_system_errors(run_dir: Path, what: str) -> Iterator[None]:
+    """A write of ``what`` that the file system refuses (``STORAGE_ERRORS``) becomes one line
+    naming the folder, what happened, what was being written and what to do."""
     try:
         yield
     except Exception as error:
-        if not is_disk_full(error):
+        problem = storage_problem(error)
+        if problem is None:
             raise
-        free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
-        raise SettingError(f"no space left on the device of {str(run_dir)!r} ({free:,} bytes free) "
-                           f"while writing {what}; free some space, then run again (a training "
-                           "run: --resume, or start again with --overwrite)") from None
+        happened, advice = problem
+        if happened.startswith("no space"):
+            free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+            happened += f" of {str(run_dir)!r} ({free:,} bytes free)"
+        else:
+            happened += f" in {str(run_dir)!r}"
+        raise SettingError(f"{happened} while writing {what}; {advice}, then run again (a "
+                           "training run: --resume, or start again with --overwrite)") from None
+
+
+def check_file_size_limit(largest_file_bytes: int, what: str) -> None:
+    """One line, before any work, when the process's file-size limit (``ulimit -f``) is below
+    ``largest_file_bytes``, the largest file the command will write (``what``)."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and limit < largest_file_bytes:
+        raise SettingError(f"the file-size limit (ulimit -f: {limit:,} bytes) is below {what} "
+                           f"(about {largest_file_bytes:,} bytes); raise it (ulimit -f "
+                           "unlimited) or make the run smaller")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -118,7 +164,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     completes, removed when it fails."""
     temporary = temporary_name(path)
     try:
-        with disk_space(path.parent, path.name):
+        with file_system_errors(path.parent, path.name):
             yield temporary
             temporary.replace(path)
     finally:
@@ -133,7 +179,7 @@ def check_writable(folder: Path) -> None:
     """One line, before any work, when ``folder`` (which exists) cannot take a new file."""
     probe = folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
     try:
-        with disk_space(folder, "a first test file"):
+        with file_system_errors(folder, "a first test file"):
             probe.write_bytes(b"")
     except OSError as error:
         raise SettingError(f"out={str(folder)!r} is not writable ({error.strerror}); choose "
@@ -148,7 +194,7 @@ def check_file_writable(path: Path, option: str = "out") -> None:
     probes = [temporary_name(path)] + ([] if path.exists() else [path])
     for probe in probes:
         try:
-            with disk_space(path.parent, "a first test file"):
+            with file_system_errors(path.parent, "a first test file"):
                 probe.write_bytes(b"")
         except OSError as error:
             raise SettingError(f"{option}={str(path)!r} cannot be written ({error.strerror}); "
@@ -183,7 +229,7 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
         raise SettingError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
                            "write into it, or choose another --out")
     try:
-        with disk_space(out.parent if out.parent.exists() else Path("."), str(out)):
+        with file_system_errors(out.parent if out.parent.exists() else Path("."), str(out)):
             out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise SettingError(f"out={str(out)!r} is under a file, not a folder; choose another "

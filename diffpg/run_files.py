@@ -18,7 +18,7 @@ from diffpg.devices import environment_description
 from diffpg.folders import (
     PARTIAL_PATTERN,
     atomic_path,
-    disk_space,
+    file_system_errors,
     remove_files,
     write_atomically,
 )
@@ -111,7 +111,7 @@ def tensorboard_writer(run_dir: Path, start_again: bool = False):
 
 def write_tensorboard(writer, run_dir: Path, rows: list[dict]) -> None:
     """Add ``rows`` (their scalars, x axis env steps) to the event file, flushed."""
-    with disk_space(run_dir, "TensorBoard events"):
+    with file_system_errors(run_dir, "TensorBoard events"):
         for row in rows:
             for name, value in row.items():
                 if name not in ("update", "env_steps"):

@@ -32,7 +32,13 @@ from diffpg.checkpoints import (
 )
 from diffpg.devices import barrier, is_primary
 from diffpg.estimators.base import check_positive_int
-from diffpg.folders import atomic_path, disk_space, interruptions, run_lock
+from diffpg.folders import (
+    atomic_path,
+    check_file_size_limit,
+    file_system_errors,
+    interruptions,
+    run_lock,
+)
 from diffpg.options import check_seed
 from diffpg.run_files import (
     clear_run,
@@ -81,12 +87,13 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     # the folder's files, and all of them write the checkpoints together.
     primary = is_primary()
     if primary:
-        with disk_space(run_dir, "the run folder"):
+        with file_system_errors(run_dir, "the run folder"):
             run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if primary:
             stack.enter_context(run_lock(run_dir))
         guard = stack.enter_context(interruptions())
+        check_file_size_limit(_checkpoint_bytes(trainer), "what a checkpoint of this run writes")
         state, rows = _start(trainer, run_dir, resume, primary)
         if on_start:
             on_start(counter_value(state.update))
@@ -105,6 +112,13 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             if stopped:
                 raise TrainingStopped(stopped)
         return state
+
+
+def _checkpoint_bytes(trainer: Trainer) -> int:
+    """About the largest file a checkpoint of the trainer's state writes (orbax may put every
+    array in one), with room for its metadata; from the state's shapes, nothing computed."""
+    shapes = jax.eval_shape(trainer.init_run)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)) + 2**20
 
 
 def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool):
