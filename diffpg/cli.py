@@ -226,11 +226,15 @@ def import_user_modules(argv: list[str]) -> list[str]:
             name, argv = argv[1], argv[2:]
         else:
             name, argv = argv[0].split("=", 1)[1], argv[1:]
+        if not name.strip() or name.startswith("."):
+            raise SettingError(f"--import {name!r}: needs a module's absolute name (a module on "
+                               "the path, or a .py file's name without .py in the working "
+                               "directory)")
         if "" not in sys.path:
             sys.path.insert(0, "")
         try:
             importlib.import_module(name)
-        except ImportError as error:
+        except (ImportError, ValueError) as error:  # ValueError: a relative name such as ".x"
             raise SettingError(f"--import {name}: {error}") from error
     return argv
 
@@ -326,6 +330,11 @@ def run() -> None:
     # MJX on its JAX implementation only, so the program does not load Warp (a library user's
     # process is left alone: this is the command line's own choice).
     sys.modules.setdefault("warp", None)
+    # A name the console cannot encode (a non-ASCII --out under PYTHONIOENCODING=ascii) is
+    # printed escaped: a finished run's last line must not fail it after everything is saved.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     import diffpg
 
     diffpg.setup()

@@ -32,6 +32,27 @@ class CommandLineError(SettingError):
     """A command line that does not parse; its message is one line."""
 
 
+class _OptionBeforeItsSubcommand(CommandLineError):
+    """An estimator's option (``trigger_flag``) came before the estimator's name
+    (``subcommand``); ``parse`` reads the command line again with the name first."""
+
+    def __init__(self, subcommand: str, trigger_flag: str):
+        super().__init__(f"{trigger_flag} comes before the estimator's name {subcommand!r}; put "
+                         f"the name first: {subcommand} {trigger_flag} ...")
+        self.subcommand, self.trigger_flag = subcommand, trigger_flag
+
+
+def _subcommand_first(argv: list[str], subcommand: str, flag: str) -> list[str] | None:
+    """``argv`` with ``subcommand`` (its first occurrence after ``flag``) moved to the front, or
+    ``None`` when it is not there."""
+    after = next((i for i, token in enumerate(argv)
+                  if token == flag or token.startswith(flag + "=")), None)
+    if after is None:
+        return None
+    at = next((i for i in range(after + 1, len(argv)) if argv[i] == subcommand), None)
+    return None if at is None else [subcommand, *argv[:at], *argv[at + 1:]]
+
+
 def _setting_name(argument) -> str:
     return argument.field.intern_name if argument is not None else ""
 
@@ -54,8 +75,15 @@ def _raise_one_line(event: Any) -> None:
     if isinstance(event, tyro_errors.MissingSubcommand):
         raise CommandLineError("expected one of: "
                                + ", ".join(event.subcommand_spec.parser_from_name))
+    if isinstance(event, tyro_errors.SubcommandConflict):
+        raise _OptionBeforeItsSubcommand(event.attempted, event.trigger_flag)
     if isinstance(event, tyro_errors.UnrecognizedArgs):
-        raise CommandLineError("unrecognized arguments: " + " ".join(event.tokens))
+        tokens = event.tokens
+        if any(t == "--estimator" or t.startswith("--estimator=") for t in tokens):
+            raise CommandLineError("unrecognized arguments: " + " ".join(tokens) + " (the "
+                                   "estimator is now a word of its own: diffpg train --env ENV "
+                                   "ESTIMATOR [its options])")
+        raise CommandLineError("unrecognized arguments: " + " ".join(tokens))
     raise CommandLineError(f"invalid command line ({type(event).__name__})")
 
 
@@ -64,6 +92,11 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
     try:
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
+    except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says
+        reordered = _subcommand_first(argv, error.subcommand, error.trigger_flag)
+        if reordered is None:
+            raise
+        return parse(command_class, reordered, prog, default)
     except ValueError as error:  # a dataclass's own validation, raised while building it
         if isinstance(error, CommandLineError):
             raise

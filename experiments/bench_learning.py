@@ -80,12 +80,21 @@ discount 0.95, learning rate 3e-4, entropy cost 1e-3, no reward scaling; 32 mini
 of its 2,048 envs), with 8 minibatches of the CPU's env count."""
 
 
+PPO_HUMANOID = PPO_LOCOMOTION | {
+    "unroll_length": 10, "epochs": 8, "entropy_cost": 1e-3, "reward_scaling": 0.1}
+"""Brax's published humanoid settings (``notebooks/training.ipynb``: unroll 10, 8 epochs,
+discount 0.97, learning rate 3e-4, entropy cost 1e-3, reward scaling 0.1; 32 minibatches of
+1,024 of its 2,048 envs), with 8 minibatches of the CPU's env count."""
+
+
 def ppo_settings(env_name: str) -> dict:
     """The PPO configuration both implementations run on ``env_name``."""
     if env_name.startswith(envs.playground.PREFIX):
         return PPO_PLAYGROUND_DM_CONTROL
     if env_name == "halfcheetah":
         return PPO_HALFCHEETAH
+    if env_name == "humanoid":
+        return PPO_HUMANOID
     return PPO_INVERTED_PENDULUM if "pendulum" in env_name else PPO_LOCOMOTION
 
 

@@ -149,6 +149,8 @@ def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory)
     ["eval"], ["eval", "/nonexistent/run"], ["eval", "."], ["video", "/nonexistent/run"],
     ["eval", "/nonexistent/run", "--episodes", "0"], ["video", "/nonexistent/run", "--every", "0"],
     ["nonsense"], ["--import"], ["train", "--resume", "/nonexistent/run"],
+    ["--import", "", "train"], ["--import=.relative", "train"],
+    ["train", "--estimator", "ppo"],
 ])
 def test_bad_input_to_every_command_is_one_line(arguments, capsys):
     status = cli.main(arguments)
@@ -167,3 +169,20 @@ def test_numbers_that_float32_turns_into_inf_or_zero_are_refused(invalid, tmp_pa
     out = tmp_path / "never"
     _assert_refused_cleanly(["train", "--env", "pendulum", "--updates", "2",
                              "--updates-per-call", "2", "--out", str(out), *invalid], out)
+
+
+def test_an_estimator_option_before_the_estimator_s_name_is_read_as_the_help_says():
+    """``--window 8 shac``: options go anywhere around the estimator's name; a name given as
+    another option's value (``--out shac``) is left where it is."""
+    from diffpg.command_line import parse_train_command
+
+    for argv in (["--env", "pendulum", "--window", "8", "shac", "--horizon", "16"],
+                 ["--env", "pendulum", "--window=8", "--out", "shac", "shac", "--horizon", "16"]):
+        settings, out, *_ = parse_train_command(argv)
+        assert settings.estimator == "shac" and settings.resolved_estimator_settings.window == 8
+    assert str(out) == "shac"
+
+
+def test_the_old_estimator_option_gets_a_hint(capsys):
+    assert cli.main(["train", "--env", "pendulum", "--estimator", "ppo"]) == 2
+    assert "the estimator is now a word of its own" in capsys.readouterr().err

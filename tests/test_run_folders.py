@@ -413,8 +413,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path
         assert checkpoint_updates(out)[-1] == kept[-1] + 2
 
 
-def _diffpg(arguments, limit_file_bytes=None):
-    """``diffpg ARGUMENTS`` in a new process (under a file-size limit if given)."""
+def _diffpg(arguments, limit_file_bytes=None, **environment):
+    """``diffpg ARGUMENTS`` in a new process (under a file-size limit if given, with
+    ``environment`` added to its variables)."""
     import resource
     import subprocess
     import sys
@@ -423,7 +424,19 @@ def _diffpg(arguments, limit_file_bytes=None):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, resource.RLIM_INFINITY))
 
     return subprocess.run([sys.executable, "-m", "diffpg.cli", *arguments], capture_output=True,
-                          text=True, timeout=600, preexec_fn=limit if limit_file_bytes else None)
+                          text=True, timeout=600, preexec_fn=limit if limit_file_bytes else None,
+                          env=os.environ | environment, errors="replace")
+
+
+def test_a_folder_name_the_console_cannot_encode_does_not_fail_a_finished_run(tmp_path):
+    """A non-ASCII --out under an ASCII console: the run's last line failed (exit 1, a
+    traceback) after everything was saved; a script would retry, or --overwrite the good run."""
+    out = tmp_path / "r\u00e9sultat"
+    done = _diffpg(["train", *SMALL, "--updates", "2", "--updates-per-call", "2", "--horizon",
+                    "4", "--out", str(out)], PYTHONIOENCODING="ascii")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "r\\xe9sultat" in done.stdout and "Traceback" not in done.stderr
+    assert checkpoint_updates(out) == [2]
 
 
 def test_a_file_size_limit_below_a_checkpoint_is_one_line_before_any_work(tmp_path):
