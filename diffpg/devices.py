@@ -156,19 +156,37 @@ def environment_description() -> dict:
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the first device can still take: the accelerator's own limit, or the host's
-    available memory (``/proc/meminfo``) for the CPU; ``None`` where neither can be read."""
+    """Memory the first device can still take: the accelerator's own limit, or for the CPU the
+    host's available memory (``/proc/meminfo``) within what the process's address-space limit
+    leaves; ``None`` where neither can be read."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        available = next(int(line.split()[1]) * 1024
+                         for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
         return None
-    return None
+    return min(available, _address_space_left())
+
+
+def _address_space_left() -> int:
+    """What the process's address-space limit (``ulimit -v``) leaves it beyond what it maps
+    now (unlimited: a huge number). XLA waits forever on an allocation this limit refuses."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit == resource.RLIM_INFINITY:
+        return 2**62
+    try:
+        mapped = next(int(line.split()[1]) * 1024
+                      for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        mapped = 0
+    return max(limit - mapped, 0)
 
 
 def state_bytes(env) -> int:

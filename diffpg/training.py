@@ -444,7 +444,33 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
                            f"{settings.epochs}, minibatches={settings.minibatches}")
     parts = _Parts(settings, env, eval_env, policy, estimator, make_optimizer(settings),
                    estimator_settings.horizon)
-    return compile_over_seeds_and_devices(parts)
+    trainer = compile_over_seeds_and_devices(parts)
+    check_state_memory(settings, trainer)
+    return trainer
+
+
+STATE_COPIES_WHILE_UPDATING = 3
+"""A lower bound of how many copies of the run's state an update holds at once: the state, the
+updated state, and gradients and optimiser moments as large as the parameters."""
+
+
+def check_state_memory(settings: TrainSettings, trainer: Trainer) -> None:
+    """Refuse, before anything is allocated or compiled, a run whose state (networks, critics,
+    optimiser state, replay buffer, environments: ``init_run``'s shapes) cannot fit, held
+    ``STATE_COPIES_WHILE_UPDATING`` times."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    shapes = jax.eval_shape(trainer.init_run)
+    state = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+    needed = STATE_COPIES_WHILE_UPDATING * state
+    if needed > available * settings.devices:
+        raise SettingError(
+            f"the run's state (networks of hidden_sizes={list(settings.hidden_sizes)}, critics, "
+            f"optimiser state, replay buffer and environments, x seeds={settings.seeds}) is "
+            f"{state / 2**30:,.1f} GiB, about {needed / 2**30:,.1f} GiB while updating, and "
+            f"about {available * settings.devices / 2**30:,.1f} GiB are available; lower "
+            "hidden_sizes, critic_hidden_sizes, the replay buffer's size, num_envs or seeds")
 
 
 def init_state(parts: _Parts, key: jax.Array) -> TrainState:

@@ -428,6 +428,26 @@ def _diffpg(arguments, limit_file_bytes=None, **environment):
                           env=os.environ | environment, errors="replace")
 
 
+def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_path):
+    """``ulimit -v`` below what the networks need: XLA waited forever on the refused allocation,
+    deaf to Ctrl-C; the limit counts in the memory check."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (6_000_000_000, resource.RLIM_INFINITY))
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--hidden-sizes",
+                           "20000", "20000", "--updates", "2", "--updates-per-call", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "error" in line]
+    assert "lower hidden_sizes" in line and not out.exists()
+
+
 def test_a_folder_name_the_console_cannot_encode_does_not_fail_a_finished_run(tmp_path):
     """A non-ASCII --out under an ASCII console: the run's last line failed (exit 1, a
     traceback) after everything was saved; a script would retry, or --overwrite the good run."""
@@ -481,6 +501,7 @@ def test_a_read_only_file_system_on_resume_is_one_line(tmp_path):
     (["--learning-rate", "1e39"], "learning_rate=1e+39 must be a positive number in"),
     (["--init-log-std", "100"], "init_log_std=100.0 must be a number in [-87.3, 88.7]"),
     (["--init-log-std", "-100"], "init_log_std"),
+    (["--hidden-sizes", "100000", "100000"], "lower hidden_sizes"),
 ])
 def test_settings_that_would_surprise_are_refused_before_compiling(tmp_path, capsys, arguments,
                                                                     message):
