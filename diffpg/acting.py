@@ -160,6 +160,15 @@ def first_episode_mask(done: jax.Array) -> jax.Array:
     return (ended_before == 0).astype(done.dtype)
 
 
+class Episodes(NamedTuple):
+    """What ``evaluate`` measures of its episodes, one entry each ``[N]``."""
+
+    returns: jax.Array
+    lengths: jax.Array
+    """Steps until the episode ended (a fall, a blow-up or the time limit)."""
+    blew_up: jax.Array
+
+
 def evaluate(
     env: Environment,
     policy: Policy,
@@ -169,9 +178,9 @@ def evaluate(
     num_episodes: int,
     *,
     deterministic: bool,
-) -> tuple[jax.Array, jax.Array]:
+) -> Episodes:
     """Undiscounted return of one episode from each of ``num_episodes`` fresh starts ``[N]``,
-    and whether the physics blew up in it ``[N]`` (bool).
+    its length in steps ``[N]`` and whether the physics blew up in it ``[N]`` (bool).
 
     Each environment runs for ``env.episode_length`` steps; only the rewards of its first
     episode count (an early termination ends it). A blow-up (a non-finite reward or
@@ -186,4 +195,5 @@ def evaluate(
     first_episode = first_episode_mask(transitions.done) > 0
     counted = first_episode & (jnp.cumprod(finite, axis=0) > 0)
     blew_up = jnp.any(first_episode & ~finite, axis=0)
-    return jnp.sum(jnp.where(counted, transitions.reward, 0.0), axis=0), blew_up
+    return Episodes(returns=jnp.sum(jnp.where(counted, transitions.reward, 0.0), axis=0),
+                    lengths=jnp.sum(counted, axis=0), blew_up=blew_up)

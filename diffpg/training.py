@@ -582,16 +582,18 @@ def run_updates(parts: _Parts, state: TrainState) -> tuple[TrainState, dict]:
 
 
 def evaluate(parts: _Parts, state: TrainState, key: jax.Array) -> dict:
-    """Undiscounted return of one episode per eval env, deterministic and stochastic."""
+    """Undiscounted return of one episode per eval env, deterministic and stochastic, and the
+    deterministic episodes' length."""
     def episode_returns(deterministic: bool):
         return evaluate_policy(parts.eval_env, parts.policy, state.params, state.obs_stats, key,
                                parts.settings.eval_envs, deterministic=deterministic)
 
-    deterministic, blew_up = episode_returns(True)
-    return {"eval/episode_reward": jnp.mean(deterministic),
-            "eval/episode_reward_std": jnp.std(deterministic),
-            "eval/blown_up_share": jnp.mean(blew_up),
-            "eval/stochastic_episode_reward": jnp.mean(episode_returns(False)[0])}
+    deterministic = episode_returns(True)
+    return {"eval/episode_reward": jnp.mean(deterministic.returns),
+            "eval/episode_reward_std": jnp.std(deterministic.returns),
+            "eval/episode_length": jnp.mean(deterministic.lengths),
+            "eval/blown_up_share": jnp.mean(deterministic.blew_up),
+            "eval/stochastic_episode_reward": jnp.mean(episode_returns(False).returns)}
 
 
 def compile_over_seeds_and_devices(parts: _Parts) -> Trainer:

@@ -471,6 +471,19 @@ def test_a_run_whose_updates_are_all_non_finite_stops_with_a_usable_checkpoint(t
         np.testing.assert_array_equal(a, b)  # no non-finite update ever applied
 
 
+def test_an_evaluation_reports_how_long_its_episodes_lasted():
+    """``eval/episode_length``: the time limit when nothing ends an episode, the steps before
+    a blow-up when one does (a fall ends it the same way)."""
+    settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
+                             horizon=8, eval_envs=2, hidden_sizes=(16,))
+    for env, expected in ((None, None), (_InjectNaN(threshold=-2.0), 1.0)):
+        trainer = make_trainer(settings, env)
+        evaluation = trainer.evaluate(trainer.init_run(), jax.random.PRNGKey(0))
+        limit = trainer.env.episode_length
+        assert float(evaluation["eval/episode_length"]) == (limit if expected is None
+                                                            else expected)
+
+
 def test_a_run_too_short_to_reach_the_limit_still_stops_when_no_update_was_finite(tmp_path):
     """Two updates, both non-finite, under a limit of 100 in a row: the run does not finish as
     if it had trained (exit 0); it stops, naming the settings to check."""
