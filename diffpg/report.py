@@ -159,7 +159,9 @@ def _plot_against_sweep(results, path: Path) -> Path:
                            zorder=3)
             row[1].plot(values, series("relative_bias_detection_limit"), linestyle=":",
                         marker=style["marker"], markersize=3, color=style["color"])
-            row[2].plot(values, series("mean_norm"), label=label, **style)
+            row[2].plot(values, series("norm_of_mean"), label=label, **style)
+            row[2].plot(values, series("mean_norm"), linestyle=":", color=style["color"],
+                        alpha=0.6, label=f"{label}: mean of the norms")
         row[2].plot(values, [entry["reference"]["norm"] for entry in results["results"]],
                     color="black", linestyle="--", label="reference |grad J|")
         row[0].set_ylabel(f"{family}\n" + ("variance / |reference|^2" if batch
@@ -170,7 +172,7 @@ def _plot_against_sweep(results, path: Path) -> Path:
         row[2].legend(fontsize=8, loc="best", handles=row[2].get_lines()[-1:])
     axes[0][0].set_title("Variance of one estimate (90% bootstrap band)")
     axes[0][1].set_title("Relative bias (hollow: not resolved; dotted: detection limit)")
-    axes[0][2].set_title("Norm of the mean estimate")
+    axes[0][2].set_title("Norm of the mean estimate (dotted: mean norm of one estimate)")
     for axis in axes.ravel():
         axis.set(xscale="log", yscale="log")
         axis.grid(True, which="major", alpha=0.3)
