@@ -43,7 +43,8 @@ def usage() -> str:
         return textwrap.fill(text, 100, initial_indent=indent,
                              subsequent_indent=indent if hanging is None else hanging) + "\n"
 
-    return ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n\n"
+    return ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n"
+            "       diffpg --version\n\n"
             + wrapped("Policy-gradient estimators compared on the same policy and states, and "
                       "trained in one loop.", "") + "\ncommands:\n"
             + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items())
@@ -281,6 +282,11 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         if not argv or argv[0] in ("-h", "--help"):
             print(usage(), end="")
             return 0 if argv else 2
+        if argv[0] in ("-V", "--version"):
+            import diffpg
+
+            print(f"diffpg {diffpg.__version__}")
+            return 0
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
             raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")

@@ -53,6 +53,40 @@ def _subcommand_first(argv: list[str], subcommand: str, flag: str) -> list[str] 
     return None if at is None else [subcommand, *argv[:at], *argv[at + 1:]]
 
 
+class _UnrecognizedArguments(CommandLineError):
+    """Tokens no option takes; ``parse`` adds the options they are closest to."""
+
+    def __init__(self, tokens: list[str], hint: str = ""):
+        super().__init__("unrecognized arguments: " + " ".join(tokens) + hint)
+        self.tokens = tokens
+
+
+def _option_names(command_class: type) -> set[str]:
+    """Every ``--option`` of ``command_class``: its dataclass fields, those of the dataclasses
+    inside it, and every registered estimator's settings (the subcommands' options)."""
+    from diffpg import estimators
+
+    names, classes = set(), [command_class] + [estimators.registration(name).settings_class
+                                               for name in estimators.names()]
+    while classes:
+        cls = classes.pop()
+        for field in dataclasses.fields(cls):
+            names.add("--" + field.name.replace("_", "-"))
+            if isinstance(field.type, type) and dataclasses.is_dataclass(field.type):
+                classes.append(field.type)
+    return names
+
+
+def _did_you_mean(tokens: list[str], command_class: type) -> str:
+    """`` (did you mean --window?)`` for the unrecognized ``--options`` near a known one."""
+    import difflib
+
+    known = sorted(_option_names(command_class))
+    guesses = [match for token in tokens if token.startswith("--")
+               for match in difflib.get_close_matches(token.split("=")[0], known, n=1)]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def _setting_name(argument) -> str:
     return argument.field.intern_name if argument is not None else ""
 
@@ -83,7 +117,7 @@ def _raise_one_line(event: Any) -> None:
             raise CommandLineError("unrecognized arguments: " + " ".join(tokens) + " (the "
                                    "estimator is now a word of its own: diffpg train --env ENV "
                                    "ESTIMATOR [its options])")
-        raise CommandLineError("unrecognized arguments: " + " ".join(tokens))
+        raise _UnrecognizedArguments(tokens)
     raise CommandLineError(f"invalid command line ({type(event).__name__})")
 
 
@@ -92,6 +126,9 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
     try:
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
+    except _UnrecognizedArguments as error:
+        raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class)
+                                     ) from None
     except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says
         reordered = _subcommand_first(argv, error.subcommand, error.trigger_flag)
         if reordered is None:

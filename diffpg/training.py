@@ -190,7 +190,8 @@ class TrainSettings:
         if self.updates % self.updates_per_call:
             raise SettingError(f"updates={self.updates} is not a multiple of updates_per_call="
                                f"{self.updates_per_call} (each call runs that many); allowed: a "
-                               f"multiple of {self.updates_per_call}")
+                               f"multiple of {self.updates_per_call}, or --updates-per-call set "
+                               f"to a divisor of {self.updates}")
         if self.minibatches > 1 and self.num_envs % (self.minibatches * self.devices):
             raise SettingError(f"num_envs={self.num_envs} does not split into minibatches="
                                f"{self.minibatches} (on devices={self.devices}); allowed: "

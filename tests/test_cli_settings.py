@@ -186,3 +186,22 @@ def test_an_estimator_option_before_the_estimator_s_name_is_read_as_the_help_say
 def test_the_old_estimator_option_gets_a_hint(capsys):
     assert cli.main(["train", "--env", "pendulum", "--estimator", "ppo"]) == 2
     assert "the estimator is now a word of its own" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arguments", "hint"), [
+    (["train", "--env", "pendulum", "shac", "--windw", "8"], "(did you mean --window?)"),
+    (["train", "--env", "pendulum", "--nmu-envs", "8"], "(did you mean --num-envs?)"),
+    (["compare", "--num-estimate", "3"], "(did you mean --num-estimates?)"),
+    (["train", "--env", "pendulum", "--updates", "20"], "--updates-per-call set to a divisor"),
+])
+def test_a_misspelt_option_or_a_near_miss_gets_a_hint(arguments, hint, capsys):
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert hint in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_version(capsys):
+    import diffpg
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"diffpg {diffpg.__version__}\n"
