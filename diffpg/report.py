@@ -369,6 +369,7 @@ def _markdown(results: dict, plots: list[str]) -> str:
             "snr", "nonfinite_fraction",
             "compile_seconds", "seconds_per_estimate")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _uninformative_lines(final["estimators"], results["reference_kind"])
     reference = final.get("reference")
     if reference:
         cost = (f", {settings['reference_estimates']} estimates in {reference['seconds']:.3g} s"
@@ -384,6 +385,27 @@ def _markdown(results: dict, plots: list[str]) -> str:
     environment = results["environment"]
     lines += ["## Run", "", "```", json.dumps(settings), json.dumps(environment), "```", ""]
     return "\n".join(lines)
+
+
+UNINFORMATIVE_DETECTION_LIMIT = 1.0
+"""A relative detection limit above this: a bias as large as the reference gradient itself
+could go unresolved, so the estimator's bias column says nothing."""
+
+
+def _uninformative_lines(estimators: dict, reference_kind: str) -> list[str]:
+    """Under the table, the estimators whose bias cannot be told at this sample size, with the
+    options that would lower their detection limit."""
+    flagged = {label: s["relative_bias_detection_limit"] for label, s in estimators.items()
+               if (s.get("relative_bias_detection_limit") or 0) > UNINFORMATIVE_DETECTION_LIMIT}
+    if not flagged:
+        return []
+    options = "--num-estimates" + (" or --reference-estimates" if reference_kind != "exact"
+                                   else "")
+    return ["", "**Uninformative at this sample size:** " + ", ".join(
+        f"{label} (detection limit {limit:.3g})" for label, limit in flagged.items())
+        + ": a bias as large as the reference gradient itself would go unresolved, so their "
+        f"bias columns distinguish nothing; more estimates ({options}) lower the limit, about "
+        "as 1/sqrt(n)."]
 
 
 def _reading(results: dict) -> list[str]:

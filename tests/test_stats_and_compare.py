@@ -405,3 +405,25 @@ def test_the_sweep_figure_draws_the_quantities_its_titles_name(tmp_path, monkeyp
         np.testing.assert_allclose(lines["reference |grad J|"],
                                    [entry["reference"]["norm"] for entry in results["results"]])
     assert sorted(checked) == ["bptt", "reinforce"]
+
+
+def test_a_detection_limit_above_one_is_flagged_with_the_options_that_lower_it(tmp_path,
+                                                                               capsys):
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--estimators", "reinforce", "bptt", "--num-estimates", "4",
+                     "--num-envs", "4", "--horizon", "2", "--sweep", "none",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"][-1]["estimators"]
+    flagged = [label for label, s in results.items()
+               if s["relative_bias_detection_limit"] > 1]
+    assert "reinforce" in flagged  # 4 estimates of REINFORCE resolve nothing on the LQR
+    (line,) = [line for line in printed.splitlines() if "Uninformative" in line]
+    assert all(f"{label} (detection limit" in line for label in flagged)
+    assert "--num-estimates" in line and "--reference-estimates" not in line  # exact reference
+    assert line in (out / "report.md").read_text()
+    from diffpg.report import _uninformative_lines
+
+    assert _uninformative_lines({"a": {"relative_bias_detection_limit": 0.5}}, "exact") == []
+    assert "--reference-estimates" in _uninformative_lines(
+        {"a": {"relative_bias_detection_limit": 5.0}}, "reinforce")[-1]
