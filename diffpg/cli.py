@@ -310,14 +310,29 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
+    except OSError as error:  # the file system refused a path or a write: not a defect
+        from diffpg.folders import storage_problem
+
+        problem = storage_problem(error)
+        if problem is None:
+            _print_defect(command, error)
+            return 1
+        where = f" at {error.filename!r}" if error.filename else ""
+        print(f"{_name(command)}: error: {problem[0]}{where}; {problem[1]}", file=sys.stderr)
+        return 2
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
-        traceback.print_exc()
-        print(f"{_name(command)}: error: the {type(error).__name__} above is not a bad setting: "
-              "a defect in diffpg or in a module given with --import", file=sys.stderr)
+        _print_defect(command, error)
         return 1
     finally:
         stack.close()
     return 0
+
+
+def _print_defect(command: str, error: BaseException) -> None:
+    """A bug (diffpg's or an imported module's): its traceback, and a line saying so."""
+    traceback.print_exception(error)
+    print(f"{_name(command)}: error: the {type(error).__name__} above is not a bad setting: "
+          "a defect in diffpg or in a module given with --import", file=sys.stderr)
 
 
 def run() -> None:

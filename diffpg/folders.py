@@ -83,7 +83,8 @@ STORAGE_ERRORS: dict[int, tuple[str, str]] = {
     errno.EFBIG: ("a file reached the file-size limit", "raise the limit (ulimit -f)"),
     errno.EROFS: ("the file system is read-only", "make it writable or choose another folder"),
     errno.EACCES: ("permission denied", "make it writable or choose another folder"),
-    errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter folder"),
+    errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter path"),
+    errno.ELOOP: ("a link loop", "remove the loop or choose another path"),
 }
 """The file-system errors a write can meet however correct the program (errno: what happened,
 what to do); the library calls that write (orbax's TensorStore) report them in their own
@@ -179,12 +180,20 @@ def check_writable(folder: Path) -> None:
     """One line, before any work, when ``folder`` (which exists) cannot take a new file."""
     probe = folder / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
     try:
-        with file_system_errors(folder, "a first test file"):
-            probe.write_bytes(b"")
+        probe.write_bytes(b"")
     except OSError as error:
-        raise SettingError(f"out={str(folder)!r} is not writable ({error.strerror}); choose "
-                           "another --out") from None
+        raise _cannot_write("out", folder, "is not writable", error) from None
     probe.unlink(missing_ok=True)
+
+
+def _cannot_write(option: str, path: Path, verb: str, error: OSError) -> SettingError:
+    """The one line for ``--option path`` that the file system refused: what happened (in
+    ``STORAGE_ERRORS``' words where it is one of them) and what to do."""
+    problem = storage_problem(error)
+    reason = problem[0] if problem else (error.strerror or str(error))
+    advice = (f"{problem[1]} or choose another --{option}" if problem
+              else f"choose another --{option}")
+    return SettingError(f"{option}={str(path)!r} {verb} ({reason}); {advice}")
 
 
 def check_file_writable(path: Path, option: str = "out") -> None:
@@ -194,11 +203,9 @@ def check_file_writable(path: Path, option: str = "out") -> None:
     probes = [temporary_name(path)] + ([] if path.exists() else [path])
     for probe in probes:
         try:
-            with file_system_errors(path.parent, "a first test file"):
-                probe.write_bytes(b"")
+            probe.write_bytes(b"")
         except OSError as error:
-            raise SettingError(f"{option}={str(path)!r} cannot be written ({error.strerror}); "
-                               f"choose another --{option}") from None
+            raise _cannot_write(option, path, "cannot be written", error) from None
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
@@ -229,17 +236,15 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
         raise SettingError(f"out={str(out)!r} exists and is not empty; pass --overwrite to "
                            "write into it, or choose another --out")
     try:
-        with file_system_errors(out.parent if out.parent.exists() else Path("."), str(out)):
-            out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise SettingError(f"out={str(out)!r} is under a file, not a folder; choose another "
                            "--out") from None
     except FileNotFoundError:
         raise SettingError(f"out={str(out)!r} cannot be created (the working directory is "
                            "gone?); choose another --out") from None
-    except OSError as error:  # permission denied, a read-only file system, ...
-        raise SettingError(f"out={str(out)!r} cannot be created ({error.strerror}); choose "
-                           "another --out") from None
+    except OSError as error:  # permission denied, a read-only file system, a full disk...
+        raise _cannot_write("out", out, "cannot be created", error) from None
     check_writable(out)
     return out
 

@@ -1,0 +1,100 @@
+"""File-system faults by class, crossed with every command: each is one line naming what to do
+(exit status 2), or a correct run where the command needs nothing the fault takes away (``eval``
+writes nothing); never a traceback, and never a folder the advice cannot continue.
+
+The faults are real: a tmpfs mounted read-only or filled up (skipped where mounting is not
+allowed), and a name longer than the file system takes. The file-size limit (``ulimit -f``) and
+the address-space limit are process-wide, so their tests run ``diffpg`` in a new process
+(``tests/test_run_folders.py``)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from conftest import small_disk
+
+from diffpg import cli
+
+TRAIN = ["--env", "pendulum", "--num-envs", "4", "--eval-envs", "2", "--hidden-sizes", "8",
+         "--horizon", "4", "--updates", "2", "--updates-per-call", "2"]
+COMPARE = ["compare", "--env", "lqr", "--estimators", "bptt", "--horizon", "2",
+           "--num-estimates", "2", "--num-envs", "2", "--sweep", "none"]
+FAULTS = ("read-only", "full", "name too long")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished two-update run, copied into each fault's folder."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(["train", *TRAIN, "--out", str(run)]) == 0
+    return run
+
+
+def _commands(folder, run):
+    """Each command, writing under ``folder`` (``run``: a finished run there)."""
+    return {
+        "train": ["train", *TRAIN, "--out", str(folder / "new")],
+        "train --resume": ["train", "--resume", str(run), "--updates", "4"],
+        "compare": [*COMPARE, "--out", str(folder / "comparison")],
+        "eval": ["eval", str(run)],
+        "video": ["video", str(run), "--out", str(folder / "policy.gif")],
+    }
+
+
+EXPECTED = {
+    # What each command does under each fault: 0 (it needs nothing the fault takes) or the words
+    # its one line must hold.
+    ("read-only", "train"): "read-only",
+    ("read-only", "train --resume"): "read-only",
+    ("read-only", "compare"): "read-only",
+    ("read-only", "eval"): 0,
+    ("read-only", "video"): "read-only",
+    ("full", "train"): "no space left",
+    ("full", "train --resume"): "no space left",
+    ("full", "compare"): "no space left",
+    ("full", "eval"): 0,
+    ("full", "video"): "no space left",
+    ("name too long", "train"): "too long",
+    ("name too long", "train --resume"): "too long",
+    ("name too long", "compare"): "too long",
+    ("name too long", "eval"): "too long",
+    ("name too long", "video"): "too long",
+}
+
+
+@pytest.mark.parametrize("command", ["train", "train --resume", "compare", "eval", "video"])
+@pytest.mark.parametrize("fault", FAULTS)
+def test_every_fault_class_is_one_line_for_every_command(fault, command, trained, tmp_path,
+                                                         capsys):
+    expected = EXPECTED[fault, command]
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        run = disk / "run"
+        shutil.copytree(trained, run)
+        folder = disk
+        if fault == "read-only":
+            remounted = subprocess.run(["mount", "-o", "remount,ro", str(disk)],
+                                       capture_output=True, text=True)
+            if remounted.returncode:
+                pytest.skip(f"cannot remount read-only here ({remounted.stderr.strip()})")
+        elif fault == "full":
+            with (disk / "filler").open("wb", buffering=0) as filler:
+                try:
+                    while True:
+                        filler.write(b"\0" * 4096)
+                except OSError:  # full
+                    pass
+        else:  # every name below it too long for the file system (255 bytes a name)
+            folder = disk / ("n" * 256)
+            run = folder / "run"
+        capsys.readouterr()
+        status = cli.main(_commands(folder, run)[command])
+        error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if "error" in line]
+    assert "Traceback" not in error, error
+    if expected == 0:
+        assert status == 0, error
+        return
+    assert status == 2, error
+    assert len(lines) == 1 and expected in lines[0].lower(), error
