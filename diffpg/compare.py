@@ -195,6 +195,9 @@ class CompareSettings:
             raise SettingError("sweep='batch' changes num_envs per point; allowed with devices=1")
         if self.num_estimates < 2:
             raise SettingError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
+        if self.reference_estimates is not None and self.reference_estimates < 2:
+            raise SettingError(f"reference_estimates={self.reference_estimates} must be at least "
+                               "2 (the reference's standard error)")
         if self.critic_warmup is not None and (not isinstance(self.critic_warmup, int)
                                                or self.critic_warmup < 0):
             raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")

@@ -61,6 +61,12 @@ def load_settings(run_dir: Path) -> TrainSettings:
         raise SettingError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
     try:
         values = json.loads(path.read_text())
+    except OSError as error:  # a folder, unreadable, ...
+        raise SettingError(f"{str(path)!r} cannot be read ({error.strerror or error}); "
+                           "restore the run's settings.json") from None
+    except ValueError as error:
+        raise SettingError(f"{str(path)!r} is not valid: {error}") from None
+    try:
         if not isinstance(values, dict):
             raise SettingError("it does not hold an object of settings")
         missing = [f for f in TrainSettings.__dataclass_fields__

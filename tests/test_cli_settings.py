@@ -128,7 +128,7 @@ INVALID_COMPARE = st.one_of(
                      ["--policy-checkpoint", "/nonexistent/run"], ["--horizon", "5000"],
                      # more than this machine's memory: the states of one estimate, the samples
                      ["--num-envs", str(10**9)], ["--num-estimates", str(10**12)],
-                     ["--reference-estimates", str(10**12)]]),
+                     ["--reference-estimates", str(10**12)], ["--reference-estimates", "1"]]),
 )
 
 

@@ -364,6 +364,19 @@ def test_an_unknown_setting_in_settings_json_is_named(tmp_path, capsys):
     assert "learning_rat" in capsys.readouterr().err
 
 
+def test_a_settings_file_replaced_by_a_folder_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    (out / "settings.json").unlink()
+    (out / "settings.json").mkdir()
+    for command in (["eval", str(out)], ["train", "--resume", str(out)],
+                    ["video", str(out), "--out", str(tmp_path / "x.gif")]):
+        assert cli.main(command) == 2, command
+        error = capsys.readouterr().err
+        assert "settings.json" in error and "cannot be read" in error, error
+        assert len(error.strip().splitlines()) == 1, error
+
+
 def test_a_checkpoint_of_other_shapes_is_one_line_without_orbax_s_tracebacks(tmp_path):
     """settings.json edited to another network: eval says so in one line, and orbax's
     background threads print nothing at exit (their tracebacks once followed by the
