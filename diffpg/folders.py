@@ -191,8 +191,11 @@ def _cannot_write(option: str, path: Path, verb: str, error: OSError) -> Setting
     ``STORAGE_ERRORS``' words where it is one of them) and what to do."""
     problem = storage_problem(error)
     reason = problem[0] if problem else (error.strerror or str(error))
-    advice = (f"{problem[1]} or choose another --{option}" if problem
-              else f"choose another --{option}")
+    advice = problem[1] if problem else ""
+    for general in ("another folder", "another path", "a shorter path"):
+        advice = advice.replace(general, f"{general.rsplit(' ', 1)[0]} --{option}")
+    if f"--{option}" not in advice:
+        advice = (f"{advice}, or " if advice else "") + f"choose another --{option}"
     return SettingError(f"{option}={str(path)!r} {verb} ({reason}); {advice}")
 
 

@@ -258,7 +258,7 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
     ("missing/policy.gif", "does not exist"),
     ("", "is a folder"),
     # legal itself (249 characters), too long with the temporary name's prefix and suffix
-    ("p" * 245 + ".gif", "cannot be written (File name too long)"),
+    ("p" * 245 + ".gif", "cannot be written (a file name is too long); choose a shorter --out"),
 ])
 def test_video_checks_its_output_before_any_work(tmp_path, capsys, name, message):
     with compiles() as compiled:
