@@ -110,11 +110,24 @@ def learner_horizon(learner: str, env_name: str, default: int) -> int:
     return int(options.get("horizon", unroll))
 
 
+class OutOfTime(Exception):
+    """A learner's wall-clock budget ran out: its curve stops at the evaluation that passed it."""
+
+
+def stop_past(deadline: float | None) -> None:
+    """Raise ``OutOfTime`` once ``time.perf_counter()`` is past ``deadline`` (None: never)."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OutOfTime
+
+
 def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, horizon: int,
-               steps: int, evals: int, seeds: int, out: Path) -> list[dict]:
+               steps: int, evals: int, seeds: int, out: Path,
+               deadline: float | None = None) -> list[dict]:
     """A diffpg learner: an estimator spec ``name`` or ``name:key=value,...`` (its settings, or
     training settings such as ``init_log_std``). Its run folder (settings, metrics, the last
-    checkpoint, for ``diffpg eval`` and ``diffpg video``) is ``out/runs/<learner>``."""
+    checkpoint, for ``diffpg eval`` and ``diffpg video``) is ``out/runs/<learner>``. With a
+    ``deadline`` (``time.perf_counter()``), the run stops at the first evaluation past it (its
+    schedule still the one of ``steps``)."""
     estimator, options = parse_spec(learner)
     trainer_fields = {field.name for field in dataclasses.fields(TrainSettings)}
     overrides = {"backend": backend} | {k: v for k, v in options.items() if k in trainer_fields}
@@ -150,8 +163,12 @@ def run_diffpg(learner: str, env_name: str, backend: str | None, num_envs: int, 
             "seeds": [row[f"eval/episode_reward/seed_{i}"] for i in range(seeds)]
             if seeds > 1 else [row["eval/episode_reward"]]})
         report_progress(learner, curve[-1])
+        stop_past(deadline)
 
-    train(settings, out / "runs" / run_folder_name(learner), on_log=record)
+    try:
+        train(settings, out / "runs" / run_folder_name(learner), on_log=record)
+    except OutOfTime:
+        pass
     return curve
 
 
@@ -182,7 +199,19 @@ def mean_point(points: list[dict]) -> dict:
 
 
 def run_brax_seed(algorithm: str, env_name: str, backend: str | None, num_envs: int,
-                  horizon: int, steps: int, evals: int, seed: int) -> list[dict]:
+                  horizon: int, steps: int, evals: int, seed: int,
+                  deadline: float | None = None) -> list[dict]:
+    """Brax's trainer on one seed (stopped at the first evaluation past ``deadline``)."""
+    try:
+        return _run_brax_seed(algorithm, env_name, backend, num_envs, horizon, steps, evals,
+                              seed, deadline)
+    except OutOfTime as stopped:
+        return stopped.args[0]
+
+
+def _run_brax_seed(algorithm: str, env_name: str, backend: str | None, num_envs: int,
+                   horizon: int, steps: int, evals: int, seed: int,
+                   deadline: float | None) -> list[dict]:
     # Brax's own env (on diffpg's backend), or Playground's adapted
     env = envs.make(env_name, backend=backend).unwrapped.as_brax_env()
     episode_length = envs.default_episode_length(env_name)
@@ -198,6 +227,10 @@ def run_brax_seed(algorithm: str, env_name: str, backend: str | None, num_envs: 
                       "seconds": time.perf_counter() - started,
                       "reward": float(metrics["eval/episode_reward"])})
         report_progress(f"{algorithm} seed {seed}", curve[-1])
+        try:
+            stop_past(deadline)
+        except OutOfTime:
+            raise OutOfTime(curve) from None
 
     if algorithm == "brax_apg":
         from brax.training.agents.apg import train as apg
