@@ -132,10 +132,14 @@ CONFIGS: dict[str, EnvConfig] = {
                "AHAC (the default: ahead of SHAC and of Brax's PPO at 2M env steps, BENCHMARKS.md "
                "section 2f) starting at H = 32"),
     "humanoid": EnvConfig(
+        default_estimator="ahac",
         estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995),
+                    "ahac": _ahac(64, (256, 128), (128, 128), 5e-4),
                     "ppo": _brax_ppo(10, 8, 8, 0.97, 1e-3, num_envs=256)},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="humanoid") + "; PPO: Brax's humanoid settings"),
+        source=SHAC_SOURCE.format(task="humanoid") + "; AHAC (the default: ahead of Brax's PPO "
+               "from its first evaluations, BENCHMARKS.md section 2i): SHAC's humanoid sizes and "
+               "rates, its critics without a target network; PPO: Brax's humanoid settings"),
     "humanoidstandup": EnvConfig(
         estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995)},
         gpu={"num_envs": 2048},
