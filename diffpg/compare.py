@@ -37,6 +37,7 @@ from diffpg.devices import (
     to_host,
 )
 from diffpg.estimators.base import check_hidden_sizes, check_positive_int
+from diffpg.folders import check_file_size_limit
 from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
@@ -620,7 +621,12 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
     one-line error naming it. One estimate keeps ``num_envs`` simulated states for each of its
     ``horizon + 1`` steps for the reverse pass (a lower bound of what it needs; four times that is
     allowed per estimate at once), and the samples are ``[K, P]`` float32 arrays, on the device
-    and on the host."""
+    and on the host. The samples file (every point's estimates, float32) must also fit the
+    process's file-size limit."""
+    per_point = (len(settings.specs) * settings.num_estimates
+                 + settings.reference_estimates * estimated_reference)
+    check_file_size_limit(len(settings.points) * per_point * num_parameters * 4 + 2**20,
+                          f"the comparison's {SAMPLES_FILE}")
     available = available_memory_bytes()
     if available is None:
         return None

@@ -98,3 +98,22 @@ def test_every_fault_class_is_one_line_for_every_command(fault, command, trained
         return
     assert status == 2, error
     assert len(lines) == 1 and expected in lines[0].lower(), error
+
+
+def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_work(tmp_path):
+    """``ulimit -f`` below the samples file a comparison will write: it failed after all its
+    work; now one line before any."""
+    import resource
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+
+    out = tmp_path / "comparison"
+    done = subprocess.run([sys.executable, "-m", "diffpg.cli", *COMPARE, "--num-estimates",
+                           "2000", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "error" in line]
+    assert "ulimit -f: 65,536 bytes" in line and "samples.npz" in line, line
+    assert not out.exists()
