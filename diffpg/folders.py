@@ -130,7 +130,8 @@ def file_system_errors(run_dir: Path, what: str) -> Iterator[None]:
                            "training run: --resume, or start again with --overwrite)") from None
 
 
-def check_file_size_limit(largest_file_bytes: int, what: str) -> None:
+def check_file_size_limit(largest_file_bytes: int, what: str,
+                          smaller: str = "make the run smaller") -> None:
     """One line, before any work, when the process's file-size limit (``ulimit -f``) is below
     ``largest_file_bytes``, the largest file the command will write (``what``)."""
     import resource
@@ -139,7 +140,7 @@ def check_file_size_limit(largest_file_bytes: int, what: str) -> None:
     if limit != resource.RLIM_INFINITY and limit < largest_file_bytes:
         raise SettingError(f"the file-size limit (ulimit -f: {limit:,} bytes) is below {what} "
                            f"(about {largest_file_bytes:,} bytes); raise it (ulimit -f "
-                           "unlimited) or make the run smaller")
+                           f"unlimited) or {smaller}")
 
 
 def write_atomically(path: Path, text: str) -> None:

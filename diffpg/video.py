@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from diffpg.acting import unroll
-from diffpg.folders import atomic_path, check_file_writable
+from diffpg.folders import atomic_path, check_file_size_limit, check_file_writable
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
 from envs.core import SettingError
@@ -162,6 +162,12 @@ def _rectangle(centre_x: float, width: float, height: float):
     return Rectangle((centre_x - width / 2, -height / 2), width, height, color="tab:grey")
 
 
+GIF_FRAME_BYTES_AT_LEAST = 2048
+"""Fewer bytes than any frame of ours takes in a GIF (a 480 x 360 drawing compresses to about
+5 KB): frames x this is a lower bound of the file, checked against the file-size limit before
+anything is drawn."""
+
+
 def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_index: int = 0,
                  episode_seed: int = 0) -> Path:
     """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy; the
@@ -170,6 +176,9 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
 
     out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index)
+    frames = -(-trainer.env.episode_length // every)
+    check_file_size_limit(frames * GIF_FRAME_BYTES_AT_LEAST, f"a GIF of {frames} frames",
+                          "draw fewer frames (--every)")
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.obs_stats,
         jax.random.PRNGKey(episode_seed), trainer.env.episode_length)

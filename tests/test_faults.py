@@ -117,3 +117,20 @@ def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_w
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f: 65,536 bytes" in line and "samples.npz" in line, line
     assert not out.exists()
+
+
+def test_a_file_size_limit_below_a_gif_is_one_line_before_drawing(trained, tmp_path):
+    import resource
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+
+    gif = tmp_path / "policy.gif"
+    done = subprocess.run([sys.executable, "-m", "diffpg.cli", "video", str(trained), "--out",
+                           str(gif)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "error" in line]
+    assert "ulimit -f" in line and "--every" in line and "frame/s" not in done.stderr  # no drawing
+    assert not gif.exists()
