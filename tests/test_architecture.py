@@ -100,3 +100,26 @@ def test_a_project_s_own_envs_package_wins_over_diffpg_s(tmp_path):
                           text=True, env=environment)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "halfcheetah" in done.stdout and "the project" not in done.stdout
+
+
+MAX_FUNCTION_LINES = 80
+"""The longest a library function may be, its docstring aside: a newcomer reads one at a time."""
+
+
+def _function_lengths(path: Path):
+    """``(name, lines)`` of every function in ``path``, its docstring not counted."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0]
+            documented = (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                          and isinstance(first.value.value, str))
+            start = first.end_lineno + 1 if documented else node.lineno
+            yield node.name, node.end_lineno - start + 1
+
+
+def test_no_library_function_is_longer_than_the_rule():
+    root = Path(__file__).resolve().parents[1]
+    long = [f"{path.relative_to(root)}::{name} ({lines} lines)"
+            for package in ("diffpg", "envs") for path in sorted((root / package).rglob("*.py"))
+            for name, lines in _function_lengths(path) if lines > MAX_FUNCTION_LINES]
+    assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
