@@ -312,7 +312,9 @@ def _plot_per_step(results: dict, path: Path) -> Path:
     return path
 
 
-def _format(value) -> str:
+def format_cell(value) -> str:
+    """A table cell of the comparison's report: 3 significant digits, "-" for none, a
+    resolution as "yes" or "not resolved"."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -363,7 +365,7 @@ def _markdown(results: dict, plots: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, s in final["estimators"].items():
-        cells = [label] + [_format(s.get(k)) for k in (
+        cells = [label] + [format_cell(s.get(k)) for k in (
             "norm_of_mean", "mean_norm", "variance_trace", "relative_bias", "bias_resolved",
             "relative_bias_detection_limit", "cosine_to_reference", "mean_pairwise_cosine",
             "snr", "nonfinite_fraction",
@@ -375,7 +377,7 @@ def _markdown(results: dict, plots: list[str]) -> str:
         cost = (f", {settings['reference_estimates']} estimates in {reference['seconds']:.3g} s"
                 if reference["kind"] != "exact" and "seconds" in reference else "")
         warmup = sum(s.get("warmup_seconds", 0.0) for s in final["estimators"].values())
-        lines += ["", f"Reference ({reference['kind']}): norm {_format(reference['norm'])}{cost}. "
+        lines += ["", f"Reference ({reference['kind']}): norm {format_cell(reference['norm'])}{cost}. "
                       f"Critics warmed up by {settings['critic_warmup']} estimates before "
                       f"measuring, {warmup:.3g} s in all at this point (not in the columns)."]
     lines += _per_step_markdown(results)

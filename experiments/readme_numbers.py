@@ -74,13 +74,13 @@ def _compare_results(sweep: str) -> dict:
 
 
 def _table(results: dict) -> str:
-    from diffpg.report import _format
+    from diffpg.report import format_cell
 
     final = results["results"][-1]["estimators"]
     lines = ["| estimator | mean norm | variance | relative bias | bias resolved | detection "
              "limit | cosine (mean) | SNR |", "|---|---|---|---|---|---|---|---|"]
     for label, s in final.items():
-        cells = [_format(s.get(k)) for k in ("mean_norm", "variance_trace", "relative_bias",
+        cells = [format_cell(s.get(k)) for k in ("mean_norm", "variance_trace", "relative_bias",
                                               "bias_resolved", "relative_bias_detection_limit",
                                               "cosine_to_reference", "snr")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
