@@ -6,6 +6,8 @@ the command line does first, and a script may do too: JAX's persistent compilati
 C++ log lines silenced, MuJoCo's warnings routed to the ``mujoco`` logger.
 """
 
+import logging
+
 __version__ = "0.1.0"
 
 
@@ -18,12 +20,17 @@ def setup(cache_dir: str | None = "default") -> None:
     * JAX's persistent compilation cache in ``cache_dir`` (``"default"``: ``$DIFFPG_CACHE_DIR``
       or ``~/.cache/diffpg/jax``; ``None`` or ``DIFFPG_CACHE_DIR=off``: no cache);
     * MuJoCo's warnings to the ``mujoco`` logger instead of the console and a ``MUJOCO_LOG.TXT``
-      in the working directory (``envs.route_mujoco_warnings``).
+      in the working directory (``envs.route_mujoco_warnings``);
+    * tensorboardX's warning for each non-finite metric silenced (such values are counted in
+      the metrics themselves).
     """
     from diffpg.compilation_cache import enable_compilation_cache, quiet_xla_logs
 
     quiet_xla_logs()
     enable_compilation_cache(cache_dir)
+    # A non-finite metric is recorded as it is (and counted); tensorboardX's warning about it,
+    # once per value, would bury the command's own line.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     import envs
 
     envs.route_mujoco_warnings()

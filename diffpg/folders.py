@@ -244,9 +244,14 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
     except (FileExistsError, NotADirectoryError):
         raise SettingError(f"out={str(out)!r} is under a file, not a folder; choose another "
                            "--out") from None
-    except FileNotFoundError:
-        raise SettingError(f"out={str(out)!r} cannot be created (the working directory is "
-                           "gone?); choose another --out") from None
+    except FileNotFoundError as error:
+        try:
+            os.getcwd()
+            reason = f"{error.strerror}: {error.filename}"
+        except FileNotFoundError:
+            reason = "the working directory is gone"
+        raise SettingError(f"out={str(out)!r} cannot be created ({reason}); choose another "
+                           "--out") from None
     except OSError as error:  # permission denied, a read-only file system, a full disk...
         raise _cannot_write("out", out, "cannot be created", error) from None
     check_writable(out)
