@@ -253,3 +253,10 @@ def small_disk(folder, size: str, read_only: bool = False):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def under_ulimit(option: str, value: int, command: list[str]) -> list[str]:
+    """``command`` run under the shell's ``ulimit option value`` (``-f``: file size in KiB,
+    ``-v``: address space in KiB): a limit set without forking the multithreaded test process
+    into Python code (``preexec_fn``)."""
+    return ["bash", "-c", f'ulimit {option} {value} && exec "$@"', "ulimit", *command]

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import small_disk
+from conftest import small_disk, under_ulimit
 
 from diffpg import cli
 
@@ -103,16 +103,12 @@ def test_every_fault_class_is_one_line_for_every_command(fault, command, trained
 def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_work(tmp_path):
     """``ulimit -f`` below the samples file a comparison will write: it failed after all its
     work; now one line before any."""
-    import resource
     import sys
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
-
     out = tmp_path / "comparison"
-    done = subprocess.run([sys.executable, "-m", "diffpg.cli", *COMPARE, "--num-estimates",
-                           "2000", "--out", str(out)], capture_output=True, text=True,
-                          timeout=300, preexec_fn=limit)
+    done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", *COMPARE,
+                                                  "--num-estimates", "2000", "--out", str(out)]),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f: 65,536 bytes" in line and "samples.npz" in line, line
@@ -120,16 +116,12 @@ def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_w
 
 
 def test_a_file_size_limit_below_a_gif_is_one_line_before_drawing(trained, tmp_path):
-    import resource
     import sys
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
-
     gif = tmp_path / "policy.gif"
-    done = subprocess.run([sys.executable, "-m", "diffpg.cli", "video", str(trained), "--out",
-                           str(gif)], capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit)
+    done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", "video",
+                                                  str(trained), "--out", str(gif)]),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f" in line and "--every" in line and "frame/s" not in done.stderr  # no drawing

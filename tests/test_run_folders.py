@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compiles, small_disk
+from conftest import compiles, small_disk, under_ulimit
 
 from diffpg import cli
 from diffpg.checkpoints import checkpoint_updates
@@ -429,33 +429,27 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_that_blocks_a_rerun(tmp_path
 def _diffpg(arguments, limit_file_bytes=None, **environment):
     """``diffpg ARGUMENTS`` in a new process (under a file-size limit if given, with
     ``environment`` added to its variables)."""
-    import resource
     import subprocess
     import sys
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, resource.RLIM_INFINITY))
-
-    return subprocess.run([sys.executable, "-m", "diffpg.cli", *arguments], capture_output=True,
-                          text=True, timeout=600, preexec_fn=limit if limit_file_bytes else None,
+    command = [sys.executable, "-m", "diffpg.cli", *arguments]
+    if limit_file_bytes:
+        command = under_ulimit("-f", limit_file_bytes // 1024, command)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env=os.environ | environment, errors="replace")
 
 
 def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_path):
     """``ulimit -v`` below what the networks need: XLA waited forever on the refused allocation,
     deaf to Ctrl-C; the limit counts in the memory check."""
-    import resource
     import subprocess
     import sys
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (6_000_000_000, resource.RLIM_INFINITY))
-
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--hidden-sizes",
-                           "20000", "20000", "--updates", "2", "--updates-per-call", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit)
+    done = subprocess.run(under_ulimit("-v", 6_000_000_000 // 1024, [
+        sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--hidden-sizes", "20000", "20000",
+        "--updates", "2", "--updates-per-call", "2", "--out", str(out)]),
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "lower hidden_sizes" in line and not out.exists()
