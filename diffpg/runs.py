@@ -53,6 +53,7 @@ from diffpg.training import (
     TrainSettings,
     TrainState,
     make_trainer,
+    run_state_bytes,
     select_seed,
     summarize_seeds,
 )
@@ -116,9 +117,8 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
 
 def _checkpoint_bytes(trainer: Trainer) -> int:
     """About the largest file a checkpoint of the trainer's state writes (orbax may put every
-    array in one), with room for its metadata; from the state's shapes, nothing computed."""
-    shapes = jax.eval_shape(trainer.init_run)
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)) + 2**20
+    array in one), with room for its metadata."""
+    return run_state_bytes(trainer) + 2**20
 
 
 def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool):

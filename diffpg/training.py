@@ -455,6 +455,13 @@ STATE_COPIES_WHILE_UPDATING = 3
 updated state, and gradients and optimiser moments as large as the parameters."""
 
 
+def run_state_bytes(trainer: Trainer) -> int:
+    """Bytes of the run's whole state (``init_run``'s shapes: nothing computed or allocated;
+    ``init_run`` is jitted, so its trace serves every later call)."""
+    shapes = jax.eval_shape(trainer.init_run)
+    return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
 def check_state_memory(settings: TrainSettings, trainer: Trainer) -> None:
     """Refuse, before anything is allocated or compiled, a run whose state (networks, critics,
     optimiser state, replay buffer, environments: ``init_run``'s shapes) cannot fit, held
@@ -462,8 +469,7 @@ def check_state_memory(settings: TrainSettings, trainer: Trainer) -> None:
     available = available_memory_bytes()
     if available is None:
         return
-    shapes = jax.eval_shape(trainer.init_run)
-    state = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+    state = run_state_bytes(trainer)
     needed = STATE_COPIES_WHILE_UPDATING * state
     if needed > available * settings.devices:
         raise SettingError(
