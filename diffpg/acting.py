@@ -35,6 +35,10 @@ class Transitions(NamedTuple):
     measurement: Any = None
     """``[T, ...]``: what a ``StepHook``'s own simulation measured at each step (``None``
     without one); e.g. AHAC's action sensitivity."""
+    survival_probability: Any = None
+    """``[T, B]``: the env's differentiable probability that the step did not end the episode
+    (``info["survival_probability"]``, ``envs.SoftTermination``); ``None`` where the env gives
+    none."""
 
 
 class StepHook(NamedTuple):
@@ -82,6 +86,7 @@ def policy_step(step_batch: Callable[[State, jax.Array], State], policy: Policy,
         truncation=info["truncation"],
         next_obs=info["terminal_obs"],
         measurement=measurement,
+        survival_probability=info.get("survival_probability"),
     )
 
 

@@ -30,6 +30,33 @@ def segment_discounts(
     return weights
 
 
+def survival(
+    survival_probability: jax.Array, done: jax.Array, restart: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """The probability of being alive before and after each step, ``[T, B]`` each.
+
+    ``survival_probability [T, B]``: ``p_t``, the probability that step ``t`` does not end the
+    episode. ``S_t = prod_{k <= t} p_k`` over the steps of the same episode piece, restarting at 1
+    after an episode ends (``done_t = 1``) and where ``restart [T]`` (or ``[T, B]``) is set (a new
+    objective starts at that step). Returns ``(S_{t-1}, S_t)``: what weights the reward of step
+    ``t`` (received before the step's fall) and what weights a value bootstrapped after it.
+    """
+    if restart is None:
+        restart = jnp.zeros(done.shape[:1], done.dtype)
+    restart = jnp.broadcast_to(restart.reshape(restart.shape + (1,) * (done.ndim - restart.ndim)),
+                               done.shape)
+
+    def step(alive, inputs):
+        probability, done_t, restart_t = inputs
+        before = jnp.where(restart_t > 0, 1.0, alive)
+        after = before * probability
+        return jnp.where(done_t > 0, 1.0, after), (before, after)
+
+    start = jnp.ones_like(survival_probability[0])
+    _, (before, after) = jax.lax.scan(step, start, (survival_probability, done, restart))
+    return before, after
+
+
 def reward_to_go(values: jax.Array, done: jax.Array, discount: float = 1.0) -> jax.Array:
     """``psi_t = sum_{t' >= t, same episode} discount^(t' - t) values_{t'}``, ``[T, B]``.
 

@@ -70,6 +70,12 @@ from diffpg.stats import (
 from envs.core import SettingError, State
 
 
+def pathwise_estimators() -> list[str]:
+    """The registered estimators that differentiate the return through the dynamics."""
+    return [name for name in estimators.names()
+            if estimators.registration(name).family == "pathwise"]
+
+
 def estimator_choices():
     """The registered estimators' settings classes as one type: on the command line, each is a
     subcommand named after its estimator (``diffpg train ... shac --window 16``)."""
@@ -100,6 +106,12 @@ class TrainSettings:
     are such jumps: BENCHMARKS.md section 2d)."""
     health_tolerance: float = envs.HEALTH_TOLERANCE
     """With health_shaping: how far inside a healthy bound its warning starts (m or rad)."""
+    soft_termination: float = 0.0
+    """Above 0: the pathwise estimators weight each training reward and bootstrapped value by
+    the probability of still being alive, each step going on with probability
+    prod_i sigmoid(margin_i / soft_termination) over the healthy margins (m or rad;
+    envs.SoftTermination): a fall's expected cost with a gradient. Envs that end on a fall;
+    evaluation keeps the task's episodes."""
     estimator: Annotated[str, tyro.conf.Suppress] = configs.DEFAULT_ESTIMATOR
     """Estimator name (diffpg.estimators.names())."""
     estimator_settings: Annotated[Any, tyro.conf.arg(constructor_factory=estimator_choices)] = None
@@ -164,6 +176,13 @@ class TrainSettings:
         check_non_negative("final_learning_rate", self.final_learning_rate)
         check_non_negative("health_shaping", self.health_shaping)
         check_positive("health_tolerance", self.health_tolerance)
+        check_non_negative("soft_termination", self.soft_termination)
+        family = estimators.registration(self.estimator).family
+        if self.soft_termination and family != "pathwise":
+            raise SettingError(f"soft_termination={self.soft_termination} weights a pathwise "
+                               f"estimator's return; estimator={self.estimator!r} is {family}; "
+                               f"allowed: soft_termination=0, or one of "
+                               f"{pathwise_estimators()}")
         if self.grad_clip is not None:
             check_positive("grad_clip", self.grad_clip)
         check_betas("betas", self.betas)
@@ -182,7 +201,7 @@ class TrainSettings:
         check_not_owned(self.env_settings, {
             name: "--" + name.replace("_", "-") for name in (
                 "episode_length", "backend", "health_shaping", "anticipate_jumps",
-                "health_tolerance")}, "env_options")
+                "health_tolerance", "soft_termination")}, "env_options")
         check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "
@@ -198,7 +217,8 @@ class TrainSettings:
                                f"num_envs a multiple of {self.minibatches * self.devices}")
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
-                   self.anticipate_jumps, self.health_tolerance, **self.env_settings)
+                   self.anticipate_jumps, self.health_tolerance, self.soft_termination,
+                   **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
             raise SettingError(f"horizon={self.horizon} is longer than the episode (episode_length="
@@ -259,7 +279,9 @@ def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.es
     2. the environment's configuration for that estimator at ``sizes`` (``cpu`` or ``gpu``;
        ``diffpg.configs``);
     3. the estimator's declarations (``diffpg.estimators.registry``: ``trainer`` and ``training``);
-    4. the defaults of ``TrainSettings`` and of the estimator's settings class.
+    4. the defaults of ``TrainSettings`` and of the estimator's settings class, except that a
+       default horizon longer than the env's episode becomes the episode's length (the LQR's
+       20 steps).
     """
     estimators.registration(estimator)
     config = configs.config_for(env, estimator, sizes)
@@ -272,6 +294,12 @@ def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.es
     trainer = dict(estimators.registration(estimator).trainer) | dict(config.trainer) | overrides
     estimator_values = estimators.training_settings(estimator, **config.estimator)
     estimator_values |= shared | dict(estimator_options or {})
+    if "horizon" not in estimator_values:
+        envs.check_name(env)
+        episode_length = trainer.get("episode_length") or envs.default_episode_length(env)
+        default_horizon = estimators.make_settings(estimator, **estimator_values).horizon
+        if default_horizon > episode_length:
+            estimator_values["horizon"] = episode_length
     return TrainSettings(env=env, estimator=estimator,
                          estimator_settings=estimators.make_settings(estimator, **estimator_values),
                          **trainer)
@@ -413,17 +441,20 @@ class _Parts(NamedTuple):
 
 
 def make_envs(settings: TrainSettings) -> tuple[Any, Any]:
-    """The training env (with ``health_shaping``) and the evaluation env (without)."""
+    """The training env (with ``health_shaping`` and ``soft_termination``) and the evaluation env
+    (without)."""
     shaping = {"anticipate_jumps": settings.anticipate_jumps,
-               "health_tolerance": settings.health_tolerance}
+               "health_tolerance": settings.health_tolerance} if settings.health_shaping else {}
 
-    def make_env(health_shaping: float):
+    def make_env(training: bool):
+        devices = {"health_shaping": settings.health_shaping, **shaping,
+                   "soft_termination": settings.soft_termination} if training else {}
         return envs.make(settings.env, episode_length=settings.episode_length,
-                         backend=settings.backend, health_shaping=health_shaping,
-                         **(shaping if health_shaping else {}), **settings.env_settings)
+                         backend=settings.backend, **devices, **settings.env_settings)
 
-    env = make_env(settings.health_shaping)
-    return env, (make_env(0.0) if settings.health_shaping else env)
+    env = make_env(training=True)
+    shaped = settings.health_shaping or settings.soft_termination
+    return env, (make_env(training=False) if shaped else env)
 
 
 def make_trainer(settings: TrainSettings, env=None) -> Trainer:

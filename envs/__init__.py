@@ -35,6 +35,7 @@ from envs.core import Environment, SettingError, State, import_brax_envs
 from envs.wrappers import (
     HEALTH_TOLERANCE,
     HealthShaping,
+    SoftTermination,
     TimeLimitAutoReset,
     check_episode_length,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "FALLING_ENV_NAMES",
     "HEALTH_TOLERANCE",
     "HealthShaping",
+    "SoftTermination",
     "State",
     "TimeLimitAutoReset",
     "check",
@@ -195,21 +197,23 @@ def check_name(name: str) -> None:
 
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
           health_shaping: float = 0.0, anticipate_jumps: bool = False,
-          health_tolerance: float = HEALTH_TOLERANCE, **settings: Any) -> None:
+          health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0,
+          **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
-    episode length, backend, health shaping (a number >= 0, above 0 only for
-    ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
+    episode length, backend, health shaping and soft termination (numbers >= 0, above 0 only
+    for ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
     costs nothing to build, also checks their values). Raises ``SettingError`` naming the
     setting."""
     family = _family(name)
     if episode_length is not None:
         check_episode_length(episode_length)
-    if not (isinstance(health_shaping, int | float) and math.isfinite(health_shaping)
-            and health_shaping >= 0):
-        raise SettingError(f"health_shaping={health_shaping!r} must be a number >= 0")
-    if health_shaping and name not in FALLING_ENV_NAMES:
-        raise SettingError(f"health_shaping={health_shaping!r} needs an env that ends on a fall; "
-                           f"allowed envs: {list(FALLING_ENV_NAMES)}")
+    for setting, value in (("health_shaping", health_shaping),
+                           ("soft_termination", soft_termination)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise SettingError(f"{setting}={value!r} must be a number >= 0")
+        if value and name not in FALLING_ENV_NAMES:
+            raise SettingError(f"{setting}={value!r} needs an env that ends on a fall; "
+                               f"allowed envs: {list(FALLING_ENV_NAMES)}")
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
     family.check_settings(name, backend, settings)
 
@@ -245,7 +249,7 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 def make(
     name: str, episode_length: int | None = None, backend: str | None = None,
     health_shaping: float = 0.0, anticipate_jumps: bool = False,
-    health_tolerance: float = HEALTH_TOLERANCE, **settings: Any
+    health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -261,6 +265,9 @@ def make(
             torso's ballistic apex (``HealthShaping``); needs ``health_shaping``.
         health_tolerance: how far inside a healthy bound the warning starts (metres or
             radians; ``HealthShaping``'s ``tolerance``); needs ``health_shaping``.
+        soft_termination: above 0, each step records a differentiable probability of going on,
+            ``SoftTermination`` with this width (metres or radians; envs that end on a fall
+            only; a training device for the pathwise estimators).
         **settings: keyword arguments of the env's constructor.
 
     Returns:
@@ -277,6 +284,8 @@ def make(
     if health_shaping:
         raw_env = HealthShaping(raw_env, health_shaping, tolerance=health_tolerance,
                                 anticipate_jumps=anticipate_jumps)
+    if soft_termination:
+        raw_env = SoftTermination(raw_env, soft_termination)
     if episode_length is None:
         episode_length = int(raw_env.default_episode_length)
     return TimeLimitAutoReset(raw_env, episode_length)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from envs.core import Environment, SettingError, State
 
-__all__ = ["HEALTH_TOLERANCE", "HealthShaping", "TimeLimitAutoReset", "Wrapper"]
+__all__ = ["HEALTH_TOLERANCE", "HealthShaping", "SoftTermination", "TimeLimitAutoReset", "Wrapper"]
 
 HEALTH_TOLERANCE = 0.1
 """How far inside a healthy bound ``HealthShaping``'s warning starts by default (m or rad)."""
@@ -232,3 +232,43 @@ class HealthShaping(Wrapper):
         penalty = self.penalty(next_state).astype(next_state.reward.dtype)
         return next_state.replace(reward=next_state.reward - penalty,
                                   metrics=next_state.metrics | {"health_shaping": -penalty})
+
+
+class SoftTermination(Wrapper):
+    """A differentiable probability that each step does not end the episode, recorded for the
+    pathwise estimators (``info["survival_probability"]``; the episode still ends as the task
+    says)::
+
+        p = prod_i sigmoid(m_i / width)
+
+    over the margins ``m_i`` inside the healthy ranges (``env.health_margins(state)``) of the
+    state reached: 1 far inside every range, 1/2 on a boundary. The estimators weight each
+    reward and bootstrapped value by the product of these probabilities since their objective
+    started (``diffpg.returns.survival``), so that a state near a fall costs, in expectation,
+    the value a fall would lose, with a gradient, where the hard end of an episode has none.
+    A training device: evaluate on the env without it.
+    """
+
+    def __init__(self, env: Environment, width: float):
+        if not getattr(env.unwrapped, "ends_on_a_fall", False):
+            raise SettingError(f"soft_termination={width!r} needs an env that ends on a fall "
+                               "(ant, hopper, humanoid, walker2d)")
+        if not (isinstance(width, int | float) and math.isfinite(width) and width > 0):
+            raise SettingError(f"soft_termination={width!r} must be a positive number")
+        super().__init__(env)
+        self.width = float(width)
+
+    def probability(self, state: State) -> jax.Array:
+        """``prod_i sigmoid(m_i / width)`` at ``state`` (a scalar)."""
+        margins = self.unwrapped.health_margins(state)
+        return jnp.exp(jnp.sum(jax.nn.log_sigmoid(margins / self.width)))
+
+    def reset(self, key: jax.Array) -> State:
+        state = self._env.reset(key)
+        return state.replace(info=state.info | {"survival_probability": jnp.ones_like(
+            state.reward)})
+
+    def step(self, state: State, action: jax.Array) -> State:
+        next_state = self._env.step(state, action)
+        probability = self.probability(next_state).astype(next_state.reward.dtype)
+        return next_state.replace(info=next_state.info | {"survival_probability": probability})

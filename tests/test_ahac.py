@@ -26,19 +26,27 @@ from diffpg.training import make_trainer, settings_for
 
 
 def _plain_segmented_return(reward, done, truncation, next_value, end, discount,
-                            final_bootstrap):
+                            final_bootstrap, survival_probability=None):
+    """The loop: with ``survival_probability``, each reward weighted by the probability of being
+    alive before its step and each value by that after it, from each segment's start."""
     steps, batch = reward.shape
+    if survival_probability is None:
+        survival_probability = np.ones((steps, batch))
     totals = np.zeros(batch)
     for b in range(batch):
-        weight = 1.0
+        weight, alive = 1.0, 1.0
         for t in range(steps):
-            totals[b] += weight * reward[t, b]
+            if t > 0 and end[t - 1]:
+                alive = 1.0
+            totals[b] += weight * alive * reward[t, b]
+            alive *= survival_probability[t, b]
             bootstrap = truncation[t, b] or (end[t] and not done[t, b])
             if t == steps - 1 and not final_bootstrap:
                 bootstrap = False
             if bootstrap:
-                totals[b] += weight * discount * next_value[t, b]
+                totals[b] += weight * alive * discount * next_value[t, b]
             weight = 1.0 if done[t, b] else weight * discount
+            alive = 1.0 if done[t, b] else alive
     return totals
 
 
@@ -66,6 +74,15 @@ def test_segmented_return_matches_a_plain_loop(gradient_horizon, final_bootstrap
     np.testing.assert_allclose(rewards, _plain_segmented_return(  # the values' part left out
         reward, done, truncation, np.zeros_like(next_value), end, 0.9, final_bootstrap),
         rtol=0, atol=float32_error)
+    survival_probability = rng.uniform(0.3, 1.0, (steps, batch))
+    weighted, task_rewards = segmented_return(
+        jnp.asarray(reward), jnp.asarray(done, float), jnp.asarray(truncation, float),
+        jnp.asarray(next_value), jnp.asarray(end, float), 0.9, final_bootstrap,
+        survival_probability=jnp.asarray(survival_probability))
+    np.testing.assert_allclose(weighted, _plain_segmented_return(
+        reward, done, truncation, next_value, end, 0.9, final_bootstrap, survival_probability),
+        rtol=0, atol=float32_error)
+    np.testing.assert_allclose(task_rewards, rewards, rtol=0, atol=float32_error)
 
 
 @pytest.mark.parametrize(("stiffness", "settles_at"), [

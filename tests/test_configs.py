@@ -46,6 +46,20 @@ def test_the_command_line_overrides_the_configuration():
     assert (ppo.horizon, ppo.resolved_estimator_settings.discount, ppo.minibatches) == (5, 0.97, 8)
 
 
+@pytest.mark.parametrize("estimator", estimators.names())
+def test_an_episode_shorter_than_the_default_horizon_caps_it(estimator):
+    """The LQR's episode is 20 steps: every estimator's default horizon (32 for most) becomes
+    20, a horizon the user gives is kept, and a longer episode lifts the cap."""
+    trained = estimators.make_settings(estimator, **estimators.training_settings(estimator))
+    assert settings_for("lqr", estimator).horizon == min(20, trained.horizon)
+    given, *_ = parse_train_command(["--env", "lqr", "--horizon", "8"])
+    assert given.horizon == 8
+    longer, *_ = parse_train_command(["--env", "lqr", "--episode-length", "100", "--horizon",
+                                      "64"])
+    assert (longer.horizon, longer.episode_length) == (64, 100)
+    assert settings_for("lqr", estimator, episode_length=100).horizon == trained.horizon
+
+
 def test_the_estimator_is_the_subcommand_not_an_options_value():
     """What names the estimator is tyro's reading of the command line: a value that happens to
     be an estimator's name (``--out ppo``) names none, and a flag before the subcommand takes no

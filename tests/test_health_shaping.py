@@ -1,5 +1,6 @@
 """``envs.HealthShaping``: the differentiable warning of a fall, exact in its formula, zero far
-from the healthy ranges' boundaries, and refused where an env does not end on a fall."""
+from the healthy ranges' boundaries, and refused where an env does not end on a fall; likewise
+``envs.SoftTermination``'s probability of going on."""
 
 from __future__ import annotations
 
@@ -136,3 +137,56 @@ def test_training_shapes_with_the_runs_weight_tolerance_and_anticipation():
     shaping = trainer.env.env
     assert isinstance(shaping, envs.HealthShaping)
     assert (shaping.weight, shaping.tolerance, shaping.anticipate_jumps) == (2.0, 0.25, True)
+
+
+def test_survival_probability_is_the_product_of_sigmoids_of_the_margins():
+    soft = envs.SoftTermination(_Margins(), width=0.05)
+    margins = jnp.array([0.5, 0.05, -0.02])
+    expected = np.prod(1.0 / (1.0 + np.exp(-np.array([0.5, 0.05, -0.02]) / 0.05)))
+    assert float(soft.probability(margins)) == pytest.approx(expected, rel=1e-5)
+    # d log p / d m_i = sigmoid(-m_i / width) / width: largest at the bound, ~0 far inside it
+    gradient = jax.grad(lambda m: jnp.log(soft.probability(m)))(margins)
+    np.testing.assert_allclose(
+        gradient, 1.0 / (1.0 + np.exp(np.array([0.5, 0.05, -0.02]) / 0.05)) / 0.05, rtol=1e-4)
+
+
+def test_hopper_records_its_survival_probability_and_the_estimators_read_it():
+    from diffpg.acting import unroll
+    from diffpg.normalization import init_statistics
+    from diffpg.policy import make_linear_gaussian_policy
+
+    env = envs.make("hopper", soft_termination=0.02)
+    state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), 2))
+    np.testing.assert_array_equal(state.info["survival_probability"], [1.0, 1.0])
+    policy = make_linear_gaussian_policy(env.observation_size, env.action_size)
+    params = policy.init(jax.random.PRNGKey(1))
+    _, tr = unroll(env, policy, params, init_statistics(env.observation_size), state,
+                   jax.random.PRNGKey(2), 2)
+    # upright: margins (0.55, 0.2, 0.2) at a 0.02 width, each sigmoid 1 - e^-10 or closer
+    assert tr.survival_probability.shape == (2, 2)
+    np.testing.assert_allclose(tr.survival_probability, 1.0, atol=1e-3)
+    assert unroll(envs.make("hopper"), policy, params, init_statistics(env.observation_size),
+                  jax.vmap(envs.make("hopper").reset)(jax.random.split(jax.random.PRNGKey(0), 2)),
+                  jax.random.PRNGKey(2), 1)[1].survival_probability is None
+
+
+@pytest.mark.parametrize(("make", "setting"), [
+    (lambda: envs.make("halfcheetah", soft_termination=0.05), "soft_termination="),
+    (lambda: envs.check("pendulum", soft_termination=0.05), "soft_termination="),
+    (lambda: envs.SoftTermination(_Margins(), width=0.0), "soft_termination="),
+    (lambda: settings_for(env="hopper", soft_termination=-1.0), "soft_termination="),
+    (lambda: settings_for(env="hopper", estimator="ppo", soft_termination=0.05),
+     "soft_termination=0.05 weights a pathwise"),
+])
+def test_soft_termination_where_nothing_falls_or_with_another_estimator_is_refused(make, setting):
+    with pytest.raises(ValueError, match=setting):
+        make()
+
+
+def test_training_weights_survival_and_evaluates_on_the_task():
+    from diffpg.training import make_envs
+
+    env, eval_env = make_envs(settings_for(env="hopper", estimator="ahac", soft_termination=0.03,
+                                           num_envs=2, updates=1, updates_per_call=1))
+    assert isinstance(env.env, envs.SoftTermination) and env.env.width == 0.03
+    assert not isinstance(eval_env.env, (envs.SoftTermination, envs.HealthShaping))

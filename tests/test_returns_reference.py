@@ -207,6 +207,30 @@ def ref_window_return(reward, done, truncation, next_value, end_value, start_wei
     return total, rewards, next_weight
 
 
+def ref_survival_window_return(x, survival_probability, final_bootstrap):
+    """``window_return``'s total with a survival probability ``p [T, B]``, written as the
+    expected return of an episode that ends after step ``t`` with probability ``1 - p_t`` (on
+    top of the task's ends): rewards weighted by the probability of being alive before their
+    step, values by the probability after it; the product over steps restarts at the window's
+    start and after each task's end, as the discount does."""
+    r, done, trunc = as64(x["reward"]), as64(x["done"]), as64(x["truncation"])
+    v, v_end, p = as64(x["next_value"]), as64(x["end_value"]), as64(survival_probability)
+    w = ref_segment_discounts(x["done"], DISCOUNT, x["start_weight"])
+    total = np.zeros(B)
+    for b in range(B):
+        alive = 1.0
+        for t in range(T):
+            may_bootstrap = final_bootstrap if t == T - 1 else 1.0
+            total[b] += w[t, b] * alive * r[t, b]
+            alive_after = alive * p[t, b]
+            total[b] += w[t, b] * alive_after * DISCOUNT * trunc[t, b] * may_bootstrap * v[t, b]
+            if t == T - 1:
+                total[b] += (w[t, b] * alive_after * DISCOUNT * (1.0 - done[t, b])
+                             * final_bootstrap * v_end[b])
+            alive = 1.0 if done[t, b] > 0 else alive_after
+    return total
+
+
 def call_window_return(x, final_bootstrap, discount=DISCOUNT, **overrides):
     x = {**x, **overrides}
     return jit_window_return(
@@ -344,6 +368,53 @@ def test_termination_gradient_is_zero_valued_with_the_critic_gradient_at_termina
     expected = w * DISCOUNT * (as64(x["truncation"]) * may_bootstrap + as64(x["termination"]))
     assert np.any(x["termination"] > 0)
     assert_close(gradient, expected)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("final_bootstrap", [0.0, 1.0])
+def test_survival_weights_the_window_return_as_an_expected_return(seed, final_bootstrap):
+    """With ``survival_probability`` the total is the loop's expected return, ``rewards`` (the
+    task's) is unchanged, and a probability of 1 everywhere changes nothing."""
+    x = make_window(seed)
+    arrays = {k: jnp.asarray(v) for k, v in x.items()}
+    probability = np.random.default_rng(seed + 100).uniform(0.3, 1.0, (T, B)).astype(np.float32)
+
+    def call(survival_probability):
+        return window_return(arrays["reward"], arrays["done"], arrays["truncation"],
+                             arrays["next_value"], arrays["end_value"], arrays["start_weight"],
+                             DISCOUNT, jnp.float32(final_bootstrap),
+                             survival_probability=survival_probability)
+
+    plain = call(None)
+    weighted = call(jnp.asarray(probability))
+    assert_close(weighted[0], ref_survival_window_return(x, probability, final_bootstrap))
+    assert_close(weighted[1], plain[1])
+    assert_close(weighted[2], plain[2])
+    for a, e in zip(call(jnp.ones((T, B))), plain, strict=True):
+        assert_close(a, e)
+    assert not np.allclose(as64(weighted[0]), as64(plain[0]))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_survival_restarts_after_an_episode_and_where_told(seed):
+    rng = np.random.default_rng(seed)
+    probability = rng.uniform(0.3, 1.0, (T, B)).astype(np.float32)
+    done = (rng.random((T, B)) < 0.3).astype(np.float32)
+    restart = (rng.random(T) < 0.3).astype(np.float32)
+    before, after = jax.jit(returns.survival)(probability, done, restart)
+    expected_before, expected_after = np.ones((T, B)), np.ones((T, B))
+    for b in range(B):
+        alive = 1.0
+        for t in range(T):
+            if restart[t]:
+                alive = 1.0
+            expected_before[t, b] = alive
+            alive *= float(probability[t, b])
+            expected_after[t, b] = alive
+            if done[t, b]:
+                alive = 1.0
+    assert_close(before, expected_before)
+    assert_close(after, expected_after)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

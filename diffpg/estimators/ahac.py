@@ -140,20 +140,30 @@ def segment_ends(gradient_horizon: jax.Array, steps: int) -> jax.Array:
 
 def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
                      next_value: jax.Array, end: jax.Array, discount: float,
-                     final_bootstrap: bool) -> tuple[jax.Array, jax.Array]:
+                     final_bootstrap: bool, survival_probability: jax.Array | None = None,
+                     ) -> tuple[jax.Array, jax.Array]:
     """The objective of the module docstring per environment ``[B]``, and its rewards' part
     ``sum_t w_t r_t`` ``[B]``.
 
     ``reward``, ``done``, ``truncation``, ``next_value = V(s'_t)`` ``[T, B]``; ``end [T]``: the
     segments' last steps. ``final_bootstrap=False`` (a finite-horizon objective) counts no value
-    at the last step.
+    at the last step. ``survival_probability [T, B]``, if given, weights rewards and values by
+    the probability of being alive (``shac.window_return``), restarting at each segment's start.
     """
     weights = returns.segment_discounts(done, discount, jnp.ones(reward.shape[1:]))
+    reward_weights = value_weights = weights
+    if survival_probability is not None:
+        segment_starts = jnp.concatenate([jnp.zeros(1, end.dtype), end[:-1]])
+        alive_before, alive_after = returns.survival(survival_probability, done, segment_starts)
+        reward_weights, value_weights = weights * alive_before, weights * alive_after
     bootstrap = truncation + end[:, None] * (1.0 - done)
     if not final_bootstrap:
         bootstrap = bootstrap.at[-1].set(0.0)
     rewards = jnp.sum(weights * reward, axis=0)
-    return rewards + jnp.sum(weights * discount * bootstrap * next_value, axis=0), rewards
+    weighted_rewards = (rewards if survival_probability is None
+                        else jnp.sum(reward_weights * reward, axis=0))
+    return (weighted_rewards + jnp.sum(value_weights * discount * bootstrap * next_value, axis=0),
+            rewards)
 
 
 def measure_action_sensitivity(env: Environment):
@@ -223,7 +233,8 @@ def make_ahac(env: Environment, policy: Policy, settings: AhacSettings = AhacSet
                                   jnp.broadcast_to(steps_left, tr.reward.shape))
             totals, rewards = segmented_return(tr.reward, tr.done, tr.truncation, value,
                                                end.astype(tr.reward.dtype), settings.discount,
-                                               final_bootstrap=not settings.finite_horizon)
+                                               final_bootstrap=not settings.finite_horizon,
+                                               survival_probability=tr.survival_probability)
             return jnp.mean(totals), (end_state, tr, jnp.mean(rewards))
 
         grad, (end_state, tr, objective_value) = jax.grad(objective, has_aux=True)(params)

@@ -290,6 +290,7 @@ def windowed_gradient(
             start_weight, settings.discount, final_bootstrap.astype(tr.reward.dtype),
             termination=tr.termination if settings.termination_gradient else None,
             bonus=None if reward_bonus is None else reward_bonus(p, tr),
+            survival_probability=tr.survival_probability,
         )
         aux = (end_state, next_weight, tr, jnp.mean(rewards_only))
         return jnp.mean(totals), aux
@@ -325,6 +326,7 @@ def window_return(
     final_bootstrap: jax.Array,
     termination: jax.Array | None = None,
     bonus: jax.Array | None = None,
+    survival_probability: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SHAC's bootstrapped return of one window, per environment.
 
@@ -340,21 +342,33 @@ def window_return(
     ``termination [T, B]`` given, ``total`` gains ``sum_t w_t gamma term_t (V(s'_t) - sg(V(s'_t)))``
     (``sg``: stop gradient): zero, with the critic's gradient at the states where episodes ended.
     With ``bonus [T, B]`` given, ``total`` gains ``sum_t w_t bonus_t`` (``rewards`` does not).
+    With ``survival_probability [T, B]`` given (``p_t``: a differentiable probability that step
+    ``t`` does not end the episode, ``returns.survival``), ``total`` weights each reward by
+    ``S_{t-1} = prod_{k < t} p_k`` and each value by ``S_t``, the product restarting at the
+    window's start and after each episode's end: a fall's expected cost, which the pathwise
+    gradient sees where the hard end of an episode has none (``rewards`` stays unweighted).
     """
     weights = returns.segment_discounts(done, discount, start_weight)
+    reward_weights = value_weights = weights
+    if survival_probability is not None:
+        alive_before, alive_after = returns.survival(survival_probability, done)
+        reward_weights, value_weights = weights * alive_before, weights * alive_after
     is_last_step = (jnp.arange(reward.shape[0]) == reward.shape[0] - 1)[:, None]
     bootstrap_allowed = jnp.where(is_last_step, final_bootstrap, 1.0)
     rewards = jnp.sum(weights * reward, axis=0)
     truncation_values = jnp.sum(
-        weights * discount * truncation * bootstrap_allowed * next_value, axis=0
+        value_weights * discount * truncation * bootstrap_allowed * next_value, axis=0
     )
-    end_values = weights[-1] * discount * (1.0 - done[-1]) * final_bootstrap * end_value
+    end_values = value_weights[-1] * discount * (1.0 - done[-1]) * final_bootstrap * end_value
     if termination is not None:
         zero_valued = next_value - jax.lax.stop_gradient(next_value)
-        end_values = end_values + jnp.sum(weights * discount * termination * zero_valued, axis=0)
+        end_values = end_values + jnp.sum(
+            value_weights * discount * termination * zero_valued, axis=0)
     next_weight = jnp.where(done[-1] > 0, 1.0, discount * weights[-1])
-    bonuses = 0.0 if bonus is None else jnp.sum(weights * bonus, axis=0)
-    return rewards + bonuses + truncation_values + end_values, rewards, next_weight
+    weighted_rewards = (rewards if survival_probability is None
+                        else jnp.sum(reward_weights * reward, axis=0))
+    bonuses = 0.0 if bonus is None else jnp.sum(reward_weights * bonus, axis=0)
+    return weighted_rewards + bonuses + truncation_values + end_values, rewards, next_weight
 
 
 def make_bptt(
