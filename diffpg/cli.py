@@ -231,12 +231,19 @@ def import_user_modules(argv: list[str]) -> list[str]:
             raise SettingError(f"--import {name!r}: needs a module's absolute name (a module on "
                                "the path, or a .py file's name without .py in the working "
                                "directory)")
+        if name.endswith(".py") or "/" in name or "\\" in name:
+            stem = Path(name).stem
+            raise SettingError(f"--import {name}: needs a module's name, not a file's path; from "
+                               f"the file's folder (or with it on PYTHONPATH): --import {stem}")
         if "" not in sys.path:
             sys.path.insert(0, "")
         try:
             importlib.import_module(name)
         except (ImportError, ValueError) as error:  # ValueError: a relative name such as ".x"
             raise SettingError(f"--import {name}: {error}") from error
+        except SyntaxError as error:
+            raise SettingError(f"--import {name}: {error.msg} ({error.filename}, line "
+                               f"{error.lineno})") from error
     return argv
 
 

@@ -77,13 +77,19 @@ def _option_names(command_class: type) -> set[str]:
     return names
 
 
+def _flag(token: str) -> str:
+    """``--name`` of ``--name`` or ``--name=value`` (any other token unchanged)."""
+    return token.split("=", 1)[0] if token.startswith("--") else token
+
+
 def _did_you_mean(tokens: list[str], command_class: type) -> str:
-    """`` (did you mean --window?)`` for the unrecognized ``--options`` near a known one."""
+    """`` (did you mean --window?)`` for the unrecognized ``--options`` near another known one."""
     import difflib
 
     known = sorted(_option_names(command_class))
-    guesses = [match for token in tokens if token.startswith("--")
-               for match in difflib.get_close_matches(token.split("=")[0], known, n=1)]
+    guesses = [next(iter(matches)) for token in tokens if token.startswith("--")
+               if (matches := [match for match in difflib.get_close_matches(_flag(token), known)
+                               if match != _flag(token)])]
     return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
@@ -127,6 +133,11 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
     except _UnrecognizedArguments as error:
+        repeated = [token for token in error.tokens if token.startswith("--")
+                    and sum(_flag(other) == _flag(token) for other in argv) > 1]
+        if repeated:
+            raise CommandLineError(f"{_flag(repeated[0])} is given twice, once before the "
+                                   "estimator's name and once after it; give it once") from None
         raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class)
                                      ) from None
     except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says

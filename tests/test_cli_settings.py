@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 import pytest
 from conftest import compiles
@@ -193,11 +194,27 @@ def test_the_old_estimator_option_gets_a_hint(capsys):
     (["train", "--env", "pendulum", "--nmu-envs", "8"], "(did you mean --num-envs?)"),
     (["compare", "--num-estimate", "3"], "(did you mean --num-estimates?)"),
     (["train", "--env", "pendulum", "--updates", "20"], "--updates-per-call set to a divisor"),
+    (["train", "--env", "pendulum", "shac", "--window", "4", "--env", "lqr"],
+     "--env is given twice, once before the estimator's name and once after it; give it once"),
+    (["train", "--env", "lqr", "--horizon", "40"],
+     "horizon=40 is longer than the episode (episode_length=20)"),
+    (["--import", "no/such_file.py", "train"], "--import no/such_file.py: needs a module's name, "
+     "not a file's path; from the file's folder (or with it on PYTHONPATH): --import such_file"),
 ])
 def test_a_misspelt_option_or_a_near_miss_gets_a_hint(arguments, hint, capsys):
     assert cli.main(arguments) == 2
     error = capsys.readouterr().err
     assert hint in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_an_imported_module_that_does_not_parse_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_estimator.py").write_text("x = (\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert cli.main(["--import", "broken_estimator", "train"]) == 2
+    error = capsys.readouterr().err
+    assert error.strip() == (f"diffpg: error: --import broken_estimator: '(' was never closed "
+                             f"({tmp_path / 'broken_estimator.py'}, line 1)"), error
 
 
 def test_version(capsys):
