@@ -55,6 +55,26 @@ def usage() -> str:
             + "\nenvironments (--env NAME):\n" + wrapped(", ".join(envs.names()), "  "))
 
 
+FOLDER_KINDS = {"a training run": ("settings.json", "checkpoints"),
+                "a comparison": ("results.json", "report.md")}
+"""What marks a folder as each command's output (``--overwrite`` replaces only its own kind)."""
+
+
+def check_same_kind(out: Path | None, kind: str) -> None:
+    """A one-line refusal to write ``kind`` (a key of ``FOLDER_KINDS``) into a folder that holds
+    another command's output: ``--overwrite`` would leave that output's files beside the new
+    ones."""
+    from envs.core import SettingError
+
+    if out is None or not out.is_dir():
+        return
+    for other, markers in FOLDER_KINDS.items():
+        found = [name for name in markers if other != kind and (out / name).exists()]
+        if found:
+            raise SettingError(f"out={str(out)!r} holds {other} ({found[0]}), which {kind} does "
+                               "not replace; choose another --out")
+
+
 def run_compare(argv: list[str], guard) -> Path:
     from tqdm import tqdm
 
@@ -65,6 +85,7 @@ def run_compare(argv: list[str], guard) -> Path:
     from diffpg.report import OUTPUT_FILES, write_outputs, write_results
 
     settings, out, overwrite, finished = parse_compare_command(argv)
+    check_same_kind(out, "a comparison")
     with contextlib.ExitStack() as stack:
         if finished is None:
             out = stack.enter_context(output_folder(out, overwrite, f"compare-{settings.env}"))
@@ -128,6 +149,7 @@ def run_train(argv: list[str], guard) -> Path:
     from diffpg.folders import output_folder
 
     settings, out, overwrite, resume, sizes = parse_train_command(argv)
+    check_same_kind(out, "a training run")
     if resume:
         return _train_into(settings, out, resume, sizes, guard)
     with output_folder(out, overwrite, f"train-{settings.env}-{settings.estimator}") as out:
@@ -285,6 +307,9 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         if received:
             guard.pending = received[0]
         guard.check()
+        if sys.stdout is None:  # started with its standard output closed (``diffpg ... >&-``)
+            raise SettingError("standard output is closed, so the command's results would be "
+                               "lost; send it to a file or a terminal (> FILE)")
         argv = import_user_modules(argv)
         if not argv or argv[0] in ("-h", "--help"):
             print(usage(), end="")

@@ -204,6 +204,11 @@ class CompareSettings:
             raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
+        labels = [EstimatorSpec.parse(text).label for text in self.estimators]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise SettingError(f"estimators: {repeated[0]} is given twice (each estimator's "
+                               "results are keyed by its spec); give it once")
         for text in self.estimators:  # every spec's settings, at every horizon of the sweep
             spec = EstimatorSpec.parse(text)
             check_not_owned(dict(spec.overrides), COMPARISON_OWNS, f"estimator spec {text!r}")

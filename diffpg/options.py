@@ -53,6 +53,9 @@ def parse_options(items: Iterable[str], setting: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SettingError(f"{setting}: {item!r} must be written key=value")
         key, value = key.strip(), parse_value(value.strip())
+        if key in options:
+            raise SettingError(f"{setting}: {key} is given twice ({key}={options[key]!r} and "
+                               f"{key}={value!r}); give it once")
         problem = float32_problem(value)
         if problem is not None:
             raise SettingError(f"{setting}: {key}={value!r} {problem}")

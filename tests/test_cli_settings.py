@@ -196,6 +196,10 @@ def test_the_old_estimator_option_gets_a_hint(capsys):
     (["train", "--env", "pendulum", "--updates", "20"], "--updates-per-call set to a divisor"),
     (["train", "--env", "pendulum", "shac", "--window", "4", "--env", "lqr"],
      "--env is given twice, once before the estimator's name and once after it; give it once"),
+    (["train", "--env", "pendulum", "--env-options", "max_torque=1", "max_torque=2"],
+     "env_options: max_torque is given twice (max_torque=1 and max_torque=2); give it once"),
+    (["compare", "--estimators", "shac:window=2", "reinforce", "shac:window=2"],
+     "estimators: shac:window=2 is given twice"),
     (["train", "--env", "lqr", "--horizon", "40"],
      "horizon=40 is longer than the episode (episode_length=20)"),
     (["--import", "no/such_file.py", "train"], "--import no/such_file.py: needs a module's name, "
@@ -215,6 +219,18 @@ def test_an_imported_module_that_does_not_parse_is_one_line(tmp_path, monkeypatc
     error = capsys.readouterr().err
     assert error.strip() == (f"diffpg: error: --import broken_estimator: '(' was never closed "
                              f"({tmp_path / 'broken_estimator.py'}, line 1)"), error
+
+
+def test_a_closed_standard_output_is_refused_before_any_work():
+    """``diffpg ... >&-``: Python's ``sys.stdout`` is None and every print would vanish."""
+    import subprocess
+
+    finished = subprocess.run(["bash", "-c", 'exec "$0" -m diffpg.cli --version >&-',
+                               sys.executable], capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert finished.stderr.strip() == ("diffpg: error: standard output is closed, so the "
+                                       "command's results would be lost; send it to a file or "
+                                       "a terminal (> FILE)")
 
 
 def test_version(capsys):

@@ -77,6 +77,25 @@ def test_overwrite_onto_a_longer_run_starts_a_fresh_one(tmp_path):
     assert evaluate_run(out)["update"] == 4 and load_settings(out).seed == 5
 
 
+@pytest.mark.parametrize(("marker", "arguments", "kind"), [
+    ("results.json", ["train", *SMALL, "--updates", "2", "--updates-per-call", "2"],
+     "a comparison (results.json), which a training run does not replace"),
+    ("settings.json", ["compare", "--num-estimates", "2"],
+     "a training run (settings.json), which a comparison does not replace"),
+])
+def test_overwrite_replaces_only_its_own_kind_of_folder(tmp_path, marker, arguments, kind,
+                                                        capsys):
+    """A comparison's folder is not a run's: overwriting one with the other would leave the
+    older command's files beside the new ones, so it is refused before any work."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / marker).write_text("{}")
+    assert cli.main([*arguments, "--out", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: out={str(out)!r} holds {kind}; choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == [marker]
+
+
 # ----------------------------------------------------------------------------- 2. one owner
 
 
