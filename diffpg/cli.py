@@ -293,7 +293,8 @@ def _free_interrupted_frames(interruption: BaseException) -> None:
 def main(argv: list[str] | None = None, received: list[int] | None = None) -> int:
     """Run one command; returns its exit status. ``received``: signals ``run`` took while the
     program was loading, acted on as soon as the command's own handling is in place."""
-    from diffpg.devices import initialize_distributed_from_environment
+    from diffpg.compilation_cache import default_cache_dir
+    from diffpg.devices import check_xla_flags, initialize_distributed_from_environment
     from diffpg.folders import interruptions
     from diffpg.runs import TrainingStopped
     from envs.core import SettingError
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
             raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
+        check_xla_flags(default_cache_dir())
         initialize_distributed_from_environment()
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line

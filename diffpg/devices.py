@@ -16,8 +16,12 @@ primary one (process 0) writes files other than checkpoints, which orbax writes 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,40 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from envs.core import SettingError
+
+
+def check_xla_flags(remember_in: str | None) -> None:
+    """A one-line ``SettingError`` for an ``XLA_FLAGS`` that XLA refuses.
+
+    XLA reads ``XLA_FLAGS`` when the first computation starts its backend and aborts the
+    process on a flag it does not know (a C++ fatal log line, no Python error). A child process
+    starts one first and its refusal becomes the error; a value that passed is remembered in
+    the folder ``remember_in`` (per value and jaxlib version; ``None``: not remembered), so the
+    child (about 2 s) runs once per value.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    if not flags:
+        return
+    import jaxlib
+
+    digest = hashlib.sha256(f"{jaxlib.__version__}\n{flags}".encode()).hexdigest()[:16]
+    marker = None if remember_in is None else Path(remember_in) / f"xla-flags-ok-{digest}"
+    if marker is not None and marker.exists():
+        return
+    started = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                             capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        lines = started.stderr.strip().splitlines()
+        named = [line for line in lines if "XLA_FLAGS" in line] or lines[-1:]
+        reason = named[0].split("] ", 1)[-1] if named else f"exit status {started.returncode}"
+        raise SettingError(f"XLA_FLAGS={flags!r} is refused by XLA ({reason}); correct it or "
+                           "unset XLA_FLAGS")
+    if marker is not None:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # a read-only cache: the check runs again next time
+            pass
 
 
 def check_devices(devices: Any, num_envs: int) -> None:

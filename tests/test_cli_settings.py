@@ -233,6 +233,23 @@ def test_a_closed_standard_output_is_refused_before_any_work():
                                        "a terminal (> FILE)")
 
 
+def test_an_xla_flag_that_xla_refuses_is_one_line_not_an_abort(tmp_path):
+    """XLA aborts a process whose XLA_FLAGS it does not know, with a C++ fatal log line."""
+    import os
+    import subprocess
+
+    environment = os.environ | {"XLA_FLAGS": "--xla_no_such_flag=1",
+                                "DIFFPG_CACHE_DIR": str(tmp_path)}
+    finished = subprocess.run([sys.executable, "-m", "diffpg.cli", "train", "--env", "pendulum"],
+                              capture_output=True, text=True, timeout=300, env=environment,
+                              cwd=tmp_path)
+    assert finished.returncode == 2
+    assert finished.stderr.strip() == (
+        "diffpg train: error: XLA_FLAGS='--xla_no_such_flag=1' is refused by XLA (Unknown flag "
+        "in XLA_FLAGS: --xla_no_such_flag=1); correct it or unset XLA_FLAGS"), finished.stderr
+    assert not list(tmp_path.glob("xla-flags-ok-*")) and not (tmp_path / "runs").exists()
+
+
 def test_version(capsys):
     import diffpg
 
