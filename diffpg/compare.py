@@ -777,8 +777,9 @@ def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[di
             for name in arrays.files:
                 index, _, key = name.partition("/")
                 samples[int(index.removeprefix("point"))][key] = arrays[name]
-    except SettingError:
-        raise
+    except SettingError as error:  # a saved setting that this version refuses
+        raise SettingError(f"resume={str(run_dir)!r}: its results.json holds a setting that is "
+                           f"not valid ({error})") from None
     except (ValueError, TypeError, KeyError, IndexError, OSError, EOFError,
             zipfile.BadZipFile) as error:
         raise SettingError(f"resume={str(run_dir)!r}: its results.json or {SAMPLES_FILE} is not "

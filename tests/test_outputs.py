@@ -231,7 +231,7 @@ def test_resume_keeps_the_comparisons_own_settings(tmp_path, capsys, extra, mess
 
 
 @pytest.mark.parametrize("damage", ["no results", "not json", "samples truncated",
-                                    "another comparison's points"])
+                                    "another comparison's points", "a setting not valid"])
 def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_path, capsys,
                                                                          damage):
     out = tmp_path / "done"
@@ -243,14 +243,20 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
         results.write_text("{")
     elif damage == "samples truncated":
         (out / "samples.npz").write_bytes((out / "samples.npz").read_bytes()[:100])
+    elif damage == "a setting not valid":
+        values = json.loads(results.read_text())
+        values["settings"]["num_estimates"] = 1
+        results.write_text(json.dumps(values))
     else:
         values = json.loads(results.read_text())
         values["results"][0]["estimators"] = {"reinforce": {}}
         results.write_text(json.dumps(values))
     capsys.readouterr()
     assert cli.main(["compare", "--resume", str(out)]) == 2
-    _one_line(capsys, f"resume={str(out)!r}" if damage != "another comparison's points"
-              else "is not this comparison's")
+    _one_line(capsys, {"another comparison's points": "is not this comparison's",
+                       "a setting not valid": f"resume={str(out)!r}: its results.json holds a "
+                       "setting that is not valid (num_estimates=1 must be at least 2"}.get(
+                           damage, f"resume={str(out)!r}"))
 
 
 @pytest.mark.parametrize(("name", "message"), [
