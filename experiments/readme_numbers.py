@@ -1,9 +1,10 @@
-"""Every number the README quotes, computed here and written into README.md between markers.
+"""Every number the README (and the docs it links) quotes, computed here and written between
+markers.
 
-README.md marks each generated block with ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``;
-this script recomputes the blocks and rewrites them in place (or, with ``--check``, compares
-them with a fresh computation and exits 1 where they differ: numbers within ``--rtol``, other
-text exactly). Sections:
+README.md and ``DOCUMENTS`` mark each generated block with ``<!-- generated: NAME -->`` and
+``<!-- end: NAME -->``; this script recomputes the blocks and rewrites them in place in the
+document that holds each (or, with ``--check``, compares them with a fresh computation and exits
+1 where they differ: numbers within ``--rtol``, other text exactly). Sections:
 
 * ``example``: the output of the README's first Python example (it runs the code itself);
 * ``compare-table``: the default ``diffpg compare`` run's table at its largest horizon
@@ -38,6 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCUMENTS = (README, ROOT / "docs" / "training.md")
+"""The documents that hold generated blocks."""
 NUMBER = re.compile(r"[-+]?\d[\d,]*\.?\d*(?:e[-+]?\d+)?")
 
 
@@ -45,8 +48,17 @@ def block(text: str, name: str) -> str:
     """The generated block ``name`` of ``text`` (between its markers)."""
     match = re.search(rf"<!-- generated: {name} -->\n(.*?)<!-- end: {name} -->", text, re.S)
     if match is None:
-        raise ValueError(f"README.md has no block <!-- generated: {name} -->")
+        raise ValueError(f"the document has no block <!-- generated: {name} -->")
     return match.group(1)
+
+
+def document_of(name: str) -> Path:
+    """The document of ``DOCUMENTS`` that holds block ``name``."""
+    for document in DOCUMENTS:
+        if f"<!-- generated: {name} -->" in document.read_text():
+            return document
+    raise ValueError(f"no document of {[str(d.relative_to(ROOT)) for d in DOCUMENTS]} has a "
+                     f"block <!-- generated: {name} -->")
 
 
 def replace_block(text: str, name: str, content: str) -> str:
@@ -305,23 +317,23 @@ def main() -> int:
     for name in chosen:
         print(f"computing {name} ...", file=sys.stderr, flush=True)
         computed |= SECTIONS[name]()
-    text = README.read_text()
     if arguments.check:
         problems = []
-        for name in chosen:
-            for section, content in computed.items():
-                if section == name:
-                    problems += [f"{name}: {p}" for p in
-                                 differences(block(text, section), content, arguments.rtol)]
+        for section, content in computed.items():
+            if section not in chosen:
+                continue
+            written = block(document_of(section).read_text(), section)
+            problems += [f"{section}: {p}" for p in
+                         differences(written, content, arguments.rtol)]
         for problem in problems:
             print(problem)
-        print("README.md agrees with the computation" if not problems
-              else f"README.md disagrees in {len(problems)} place(s)")
+        print("the documents agree with the computation" if not problems
+              else f"the documents disagree in {len(problems)} place(s)")
         return 1 if problems else 0
     for section, content in computed.items():
-        text = replace_block(text, section, content)
-    README.write_text(text)
-    print(f"rewrote {', '.join(computed)} in {README}")
+        document = document_of(section)
+        document.write_text(replace_block(document.read_text(), section, content))
+        print(f"rewrote {section} in {document.relative_to(ROOT)}")
     return 0
 
 

@@ -100,3 +100,21 @@ def test_the_readmes_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert [line.split()[0] for line in printed[:-1]] == ["1", "2", "4", "8"]
     assert printed[-1] == "4 updates"
     assert (tmp_path / "runs" / "pendulum-shac" / "metrics.csv").exists()
+
+
+def test_the_readme_is_short_and_every_link_of_it_and_of_docs_leads_to_a_file():
+    """A newcomer reads the README in ten minutes (<= 300 lines); the results, the details and
+    the reference live in docs/ and BENCHMARKS.md, and no moved section leaves a dead link."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    assert len(readme.read_text().splitlines()) <= 300
+    documents = [readme, root / "BENCHMARKS.md", *sorted((root / "docs").rglob("*.md"))]
+    dead = []
+    for document in documents:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text()):
+            if not target.startswith(("http://", "https://")) and not (
+                    document.parent / target).exists():
+                dead.append(f"{document.relative_to(root)} -> {target}")
+    assert dead == []
