@@ -39,7 +39,8 @@ def save_settings(settings: TrainSettings, run_dir: Path) -> None:
     write_atomically(run_dir / "settings.json", json.dumps(values, indent=2))
 
 
-SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance")
+SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance", "soft_termination",
+                        "anticipate_landings")
 """Training settings added after run folders were first written: a ``settings.json`` without
 them is read with their defaults, which are the behaviour before they existed. Any other
 missing setting makes the file invalid."""

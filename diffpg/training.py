@@ -106,6 +106,10 @@ class TrainSettings:
     are such jumps: BENCHMARKS.md section 2d)."""
     health_tolerance: float = envs.HEALTH_TOLERANCE
     """With health_shaping: how far inside a healthy bound its warning starts (m or rad)."""
+    anticipate_landings: bool = False
+    """With health_shaping: warn of a landing below the healthy height range in flight, by
+    measuring the torso's height above the lowest body (where it lands, the posture held; the
+    hopper's falls are such landings in a crouch: BENCHMARKS.md section 2)."""
     soft_termination: float = 0.0
     """Above 0: the pathwise estimators weight each training reward and bootstrapped value by
     the probability of still being alive, each step going on with probability
@@ -201,7 +205,7 @@ class TrainSettings:
         check_not_owned(self.env_settings, {
             name: "--" + name.replace("_", "-") for name in (
                 "episode_length", "backend", "health_shaping", "anticipate_jumps",
-                "health_tolerance", "soft_termination")}, "env_options")
+                "health_tolerance", "soft_termination", "anticipate_landings")}, "env_options")
         check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "
@@ -218,7 +222,7 @@ class TrainSettings:
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
                    self.anticipate_jumps, self.health_tolerance, self.soft_termination,
-                   **self.env_settings)
+                   self.anticipate_landings, **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
             raise SettingError(f"horizon={self.horizon} is longer than the episode (episode_length="
@@ -444,6 +448,7 @@ def make_envs(settings: TrainSettings) -> tuple[Any, Any]:
     """The training env (with ``health_shaping`` and ``soft_termination``) and the evaluation env
     (without)."""
     shaping = {"anticipate_jumps": settings.anticipate_jumps,
+               "anticipate_landings": settings.anticipate_landings,
                "health_tolerance": settings.health_tolerance} if settings.health_shaping else {}
 
     def make_env(training: bool):

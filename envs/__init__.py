@@ -198,7 +198,7 @@ def check_name(name: str) -> None:
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
           health_shaping: float = 0.0, anticipate_jumps: bool = False,
           health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0,
-          **settings: Any) -> None:
+          anticipate_landings: bool = False, **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
     episode length, backend, health shaping and soft termination (numbers >= 0, above 0 only
     for ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
@@ -214,19 +214,24 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
         if value and name not in FALLING_ENV_NAMES:
             raise SettingError(f"{setting}={value!r} needs an env that ends on a fall; "
                                f"allowed envs: {list(FALLING_ENV_NAMES)}")
-    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
+    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance,
+                           anticipate_landings)
     family.check_settings(name, backend, settings)
 
 
 def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
-                           health_tolerance: float) -> None:
-    """``anticipate_jumps`` and ``health_tolerance`` change ``health_shaping``'s warning."""
-    if not isinstance(anticipate_jumps, bool):
-        raise SettingError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
+                           health_tolerance: float, anticipate_landings: bool = False) -> None:
+    """``anticipate_jumps``, ``anticipate_landings`` and ``health_tolerance`` change
+    ``health_shaping``'s warning."""
+    for name, value in (("anticipate_jumps", anticipate_jumps),
+                        ("anticipate_landings", anticipate_landings)):
+        if not isinstance(value, bool):
+            raise SettingError(f"{name}={value!r} must be True or False")
     if not (isinstance(health_tolerance, int | float) and math.isfinite(health_tolerance)
             and health_tolerance > 0):
         raise SettingError(f"health_tolerance={health_tolerance!r} must be a positive number")
     for name, value, default in (("anticipate_jumps", anticipate_jumps, False),
+                                 ("anticipate_landings", anticipate_landings, False),
                                  ("health_tolerance", health_tolerance, HEALTH_TOLERANCE)):
         if value != default and not health_shaping:
             raise SettingError(f"{name}={value!r} changes health_shaping's warning and needs "
@@ -249,7 +254,8 @@ def make_raw(name: str, backend: str | None = None, **settings: Any) -> Environm
 def make(
     name: str, episode_length: int | None = None, backend: str | None = None,
     health_shaping: float = 0.0, anticipate_jumps: bool = False,
-    health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0, **settings: Any
+    health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0,
+    anticipate_landings: bool = False, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -265,6 +271,8 @@ def make(
             torso's ballistic apex (``HealthShaping``); needs ``health_shaping``.
         health_tolerance: how far inside a healthy bound the warning starts (metres or
             radians; ``HealthShaping``'s ``tolerance``); needs ``health_shaping``.
+        anticipate_landings: the warning measures the torso's height where it will land, the
+            posture held (``HealthShaping``); needs ``health_shaping``.
         soft_termination: above 0, each step records a differentiable probability of going on,
             ``SoftTermination`` with this width (metres or radians; envs that end on a fall
             only; a training device for the pathwise estimators).
@@ -280,10 +288,12 @@ def make(
     if episode_length is not None:
         check_episode_length(episode_length)
     raw_env = make_raw(name, backend=backend, **settings)
-    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance)
+    _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance,
+                           anticipate_landings)
     if health_shaping:
         raw_env = HealthShaping(raw_env, health_shaping, tolerance=health_tolerance,
-                                anticipate_jumps=anticipate_jumps)
+                                anticipate_jumps=anticipate_jumps,
+                                anticipate_landings=anticipate_landings)
     if soft_termination:
         raw_env = SoftTermination(raw_env, soft_termination)
     if episode_length is None:

@@ -215,7 +215,8 @@ class BraxEnvironment(Environment):
         return (hasattr(self._brax_env, "_healthy_z_range")
                 and bool(getattr(self._brax_env, "_terminate_when_unhealthy", False)))
 
-    def health_margins(self, state: State, anticipate_jumps: bool = False) -> jax.Array:
+    def health_margins(self, state: State, anticipate_jumps: bool = False,
+                       anticipate_landings: bool = False) -> jax.Array:
         """How far ``state`` is inside each finite bound of the env's healthy ranges ``[k]``
         (positive: healthy; 0 on the boundary): the torso's height above its minimum (and below
         its maximum, where finite), in metres, and for the planar walkers (hopper, walker2d) its
@@ -225,15 +226,24 @@ class BraxEnvironment(Environment):
         ``anticipate_jumps=True`` measures the margin below the maximum height at the torso's
         ballistic apex, ``z + max(v_z, 0)^2 / (2 g)`` (``v_z`` its vertical velocity, ``g``
         the model's gravity), where a jump started now will take it: a jump out of the range
-        is then seen at take-off rather than at the top of its flight."""
+        is then seen at take-off rather than at the top of its flight.
+
+        ``anticipate_landings=True`` measures the margin above the minimum height where the
+        torso will be when the lowest body touches the ground, the posture held: ``z -
+        max(min_i z_i, 0)`` over the bodies' origins (on the ground the same as ``z``): a
+        landing in a crouch too deep for the healthy range is then seen in flight, from the
+        moment the leg folds, rather than as the torso passes the minimum."""
         brax_env, pipeline_state = self._brax_env, state.pipeline_state
         height = pipeline_state.x.pos[0, 2]
+        bottom = height
+        if anticipate_landings:
+            bottom = height - jax.nn.relu(jax.numpy.min(pipeline_state.x.pos[:, 2]))
         top = height
         if anticipate_jumps:
             rising = jax.nn.relu(pipeline_state.xd.vel[0, 2])
             top = height + rising**2 / (2.0 * self.gravity)
         margin = {  # by bound name; a bound the env does not have is never evaluated
-            "height_low": lambda: height - brax_env._healthy_z_range[0],
+            "height_low": lambda: bottom - brax_env._healthy_z_range[0],
             "height_high": lambda: brax_env._healthy_z_range[1] - top,
             "pitch_low": lambda: pipeline_state.q[2] - brax_env._healthy_angle_range[0],
             "pitch_high": lambda: brax_env._healthy_angle_range[1] - pipeline_state.q[2],

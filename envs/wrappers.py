@@ -198,27 +198,33 @@ class HealthShaping(Wrapper):
     end of the episode hide. A training device: evaluate on the unshaped env. The shaping is
     recorded in ``metrics["health_shaping"]``. ``anticipate_jumps`` measures the margin below
     a maximum height at the torso's ballistic apex (``env.health_margins``), so that a jump out
-    of the healthy range is penalised from its take-off.
+    of the healthy range is penalised from its take-off; ``anticipate_landings`` the margin above
+    the minimum height where the torso will land, so that a crouch in flight is penalised from
+    when the leg folds.
     """
 
     def __init__(self, env: Environment, weight: float, tolerance: float = HEALTH_TOLERANCE,
-                 anticipate_jumps: bool = False):
+                 anticipate_jumps: bool = False, anticipate_landings: bool = False):
         if not getattr(env, "ends_on_a_fall", False):
             raise SettingError(f"health_shaping={weight!r} needs an env that ends on a fall "
                                "(ant, hopper, humanoid, walker2d)")
         for name, value in (("health_shaping", weight), ("health_tolerance", tolerance)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise SettingError(f"{name}={value!r} must be a positive number")
-        if not isinstance(anticipate_jumps, bool):
-            raise SettingError(f"anticipate_jumps={anticipate_jumps!r} must be True or False")
+        for name, value in (("anticipate_jumps", anticipate_jumps),
+                            ("anticipate_landings", anticipate_landings)):
+            if not isinstance(value, bool):
+                raise SettingError(f"{name}={value!r} must be True or False")
         super().__init__(env)
         self.weight, self.tolerance = float(weight), float(tolerance)
-        self.anticipate_jumps = anticipate_jumps
+        self.anticipate_jumps, self.anticipate_landings = anticipate_jumps, anticipate_landings
 
     def penalty(self, state: State) -> jax.Array:
         """``weight * sum_i (max(tolerance - m_i, 0) / tolerance)^2`` at ``state``."""
-        margins = (self._env.health_margins(state, anticipate_jumps=True)
-                   if self.anticipate_jumps else self._env.health_margins(state))
+        anticipations = {name: True for name, value in (
+            ("anticipate_jumps", self.anticipate_jumps),
+            ("anticipate_landings", self.anticipate_landings)) if value}
+        margins = self._env.health_margins(state, **anticipations)
         short = jax.nn.relu(self.tolerance - margins) / self.tolerance
         return self.weight * jnp.sum(short**2)
 

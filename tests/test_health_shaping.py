@@ -190,3 +190,54 @@ def test_training_weights_survival_and_evaluates_on_the_task():
                                            num_envs=2, updates=1, updates_per_call=1))
     assert isinstance(env.env, envs.SoftTermination) and env.env.width == 0.03
     assert not isinstance(eval_env.env, (envs.SoftTermination, envs.HealthShaping))
+
+
+def test_anticipated_landing_is_measured_where_the_lowest_body_touches_the_ground():
+    """A hopper lifted 0.5 m off its start: the plain margin above Brax's 0.7 m grows by 0.5,
+    the anticipated one is the standing hopper's (it lands as it stands); on the ground the
+    two agree, and in flight the margin falls one for one as the lowest body rises."""
+    hopper = envs.make_raw("hopper")
+    state = hopper.reset(jax.random.PRNGKey(0))
+    bodies = state.pipeline_state
+
+    def lifted(by):
+        positions = bodies.x.pos.at[:, 2].add(by)
+        return state.replace(pipeline_state=bodies.replace(x=bodies.x.replace(pos=positions)))
+
+    standing = hopper.health_margins(state)
+    np.testing.assert_allclose(hopper.health_margins(state, anticipate_landings=True), standing,
+                               atol=0.01)
+    in_flight = hopper.health_margins(lifted(0.5))
+    assert float(in_flight[0]) == pytest.approx(float(standing[0]) + 0.5, abs=1e-5)
+    np.testing.assert_allclose(hopper.health_margins(lifted(0.5), anticipate_landings=True),
+                               standing, atol=0.01)
+
+    def landing_margin(foot_height):
+        positions = bodies.x.pos.at[:, 2].add(0.5).at[-1, 2].set(foot_height)
+        return hopper.health_margins(state.replace(pipeline_state=bodies.replace(
+            x=bodies.x.replace(pos=positions))), anticipate_landings=True)[0]
+
+    assert float(jax.grad(landing_margin)(0.3)) == pytest.approx(-1.0)
+    shaped = envs.make("hopper", health_shaping=2.0, anticipate_landings=True)
+    assert shaped.env.anticipate_landings
+    for make in (lambda: envs.make("hopper", anticipate_landings=True),
+                 lambda: settings_for(env="ant", anticipate_landings=True),
+                 lambda: envs.HealthShaping(_Margins(), weight=1.0, anticipate_landings=1)):
+        with pytest.raises(ValueError, match="anticipate_landings="):
+            make()
+
+
+def test_a_run_folder_written_before_the_newest_settings_reads_with_their_defaults(tmp_path):
+    import json
+
+    from diffpg.run_files import SETTINGS_ADDED_LATER, load_settings, save_settings
+
+    settings = settings_for(env="hopper", num_envs=2, updates=1, updates_per_call=1)
+    save_settings(settings, tmp_path)
+    values = json.loads((tmp_path / "settings.json").read_text())
+    for name in ("soft_termination", "anticipate_landings", "anticipate_jumps",
+                 "health_tolerance"):
+        assert name in SETTINGS_ADDED_LATER
+        del values[name]
+    (tmp_path / "settings.json").write_text(json.dumps(values))
+    assert load_settings(tmp_path) == settings
