@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,37 @@ def _remove_unfinished_saves(folder: Path, settle_s: float = 0.2, limit_s: float
         time.sleep(0.02)
 
 
+def _is_closed_event_loop(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_event_loop_reports() -> None:
+    """From now on, Python's reports of ``RuntimeError("Event loop is closed")`` outside any
+    caller (``sys.excepthook``, ``sys.unraisablehook``) are dropped: when a save fails,
+    TensorStore's other pending writes finish on their own threads and try to wake orbax's event
+    loop, which the failure closed. Every other report is left as it was (installed once)."""
+    if getattr(sys.excepthook, "drops_closed_event_loop", False):
+        return
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, error, trace):
+        if not _is_closed_event_loop(error):
+            previous_excepthook(kind, error, trace)
+
+    def unraisablehook(report):
+        if not _is_closed_event_loop(report.exc_value):
+            previous_unraisablehook(report)
+
+    excepthook.drops_closed_event_loop = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
     """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
     record the digest of its files. Every process calls it; the primary one writes the digest."""
     update = counter_value(state.update)
     folder = Path(manager.directory)
+    _drop_closed_event_loop_reports()
     try:
         with _quiet_orbax():
             manager.save(update, args=ocp.args.Composite(
@@ -148,7 +175,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     except Exception as error:
         _remove_unfinished_saves(folder)  # nothing half-written stays
         if is_storage_error(error):
-            # Orbax's unfinished writes report the same failure again when they are collected.
+            # Orbax's unfinished writes report the same failure again when they are collected,
+            # and TensorStore's, finishing after orbax closed its event loop, report that.
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             last = checkpoint_updates(folder.parent)
             with file_system_errors(folder.parent, f"the checkpoint of update {update} (the last "
