@@ -25,3 +25,31 @@ def test_the_race_runs_every_learner_at_every_env_count_within_its_budget(tmp_pa
         (first,) = results["curves"][name]  # stopped at its first evaluation: past 1 ms
         assert first["env_steps"] > 0
     assert (out / "race.png").stat().st_size > 0 and (out / "report.md").exists()
+
+
+def test_fall_anatomy_reads_an_episode_s_last_steps_from_its_record():
+    """``fall_anatomy.summary`` on a made-up record of 3 bodies over 6 steps (the step that
+    ends an episode returns the next one's start, so the record holds one step fewer)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("fall_anatomy",
+                                                  EXPERIMENTS / "fall_anatomy.py")
+    anatomy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anatomy)
+    heights = np.array([[1.2, 0.6, 0.0], [1.5, 1.0, 0.4], [2.0, 1.6, 1.0], [1.4, 1.2, 0.9],
+                        [0.9, 0.7, 0.5]])
+    angles = np.zeros((5, 5))
+    angles[:, 2] = [0.0, 0.01, 0.02, 0.03, 0.04]  # pitch
+    angles[:, 3:] = [[-1.0, -0.5]] * 5  # two joints
+    found = anatomy.summary({"length": 6, "fell": True, "reward": np.arange(6.0),
+                             "heights": heights, "angles": angles,
+                             "speed": np.array([0.0, 1.0, 2.0, 3.0, 4.0])})
+    assert (found["length"], found["fell"], found["return"]) == (6, True, 15.0)
+    assert found["highest_torso"] == 2.0 and found["lowest_body"] == 0.0
+    assert found["reward_per_step_first_50"] == found["reward_per_step_last_50"] == 2.5
+    last = found["last_steps"]
+    assert [step["step"] for step in last] == [1, 2, 3, 4]  # LAST_STEPS before the end
+    assert last[-1] == {"step": 4, "torso_height": 0.9, "lowest_body": 0.5, "highest_body": 0.9,
+                        "pitch": 0.04, "joints": [-1.0, -0.5], "forward_velocity": 4.0}
