@@ -20,7 +20,7 @@ def setup(cache_dir: str | None = "default") -> None:
     * JAX's persistent compilation cache in ``cache_dir`` (``"default"``: ``$DIFFPG_CACHE_DIR``
       or ``~/.cache/diffpg/jax``; ``None`` or ``DIFFPG_CACHE_DIR=off``: no cache);
     * MuJoCo's warnings to the ``mujoco`` logger instead of the console and a ``MUJOCO_LOG.TXT``
-      in the working directory (``envs.route_mujoco_warnings``);
+      in the working directory (``diffpg.envs.route_mujoco_warnings``);
     * tensorboardX's warning for each non-finite metric silenced (such values are counted in
       the metrics themselves).
     """
@@ -31,6 +31,6 @@ def setup(cache_dir: str | None = "default") -> None:
     # A non-finite metric is recorded as it is (and counted); tensorboardX's warning about it,
     # once per value, would bury the command's own line.
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-    import envs
+    from diffpg import envs
 
     envs.route_mujoco_warnings()

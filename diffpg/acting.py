@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 
 class Transitions(NamedTuple):
@@ -37,7 +37,7 @@ class Transitions(NamedTuple):
     without one); e.g. AHAC's action sensitivity."""
     survival_probability: Any = None
     """``[T, B]``: the env's differentiable probability that the step did not end the episode
-    (``info["survival_probability"]``, ``envs.SoftTermination``); ``None`` where the env gives
+    (``info["survival_probability"]``, ``diffpg.envs.SoftTermination``); ``None`` where the env gives
     none."""
 
 

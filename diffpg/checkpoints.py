@@ -23,9 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.devices import barrier, is_primary
+from diffpg.envs.core import SettingError
 from diffpg.folders import file_system_errors, is_storage_error, write_atomically
 from diffpg.training import TrainState
-from envs.core import SettingError
 
 KEPT_CHECKPOINTS = 2
 DIGEST_SUFFIX = ".sha256"

@@ -2,7 +2,7 @@
 
 Options come from the settings dataclasses through tyro, with the documentation written under
 each field as their help; on ``diffpg train`` the estimator is a subcommand with its own
-settings (``diffpg train --env hopper shac --window 16``). A user error (``envs.core.SettingError``:
+settings (``diffpg train --env hopper shac --window 16``). A user error (``diffpg.envs.core.SettingError``:
 a bad setting, an existing output folder) prints one line naming the setting and exits with
 status 2, without a traceback; any other exception is a defect and keeps its traceback (status 1).
 ``diffpg --import MODULE ...`` imports MODULE first (a user's estimators registering themselves).
@@ -36,8 +36,7 @@ def usage() -> str:
     every environment."""
     import textwrap
 
-    import envs
-    from diffpg import estimators
+    from diffpg import envs, estimators
 
     def wrapped(text: str, indent: str, hanging: str | None = None) -> str:
         return textwrap.fill(text, 100, initial_indent=indent,
@@ -64,7 +63,7 @@ def check_same_kind(out: Path | None, kind: str) -> None:
     """A one-line refusal to write ``kind`` (a key of ``FOLDER_KINDS``) into a folder that holds
     another command's output: ``--overwrite`` would leave that output's files beside the new
     ones."""
-    from envs.core import SettingError
+    from diffpg.envs.core import SettingError
 
     if out is None or not out.is_dir():
         return
@@ -225,8 +224,8 @@ def run_eval(argv: list[str], guard) -> None:
 def run_video(argv: list[str], guard) -> None:
     del guard
     from diffpg.command_line import parse_run_command
+    from diffpg.envs.core import SettingError
     from diffpg.video import video_of_run
-    from envs.core import SettingError
 
     command = parse_run_command(argv, "diffpg video", video=True)
     if command.every < 1:
@@ -240,7 +239,7 @@ RUNNERS = {"compare": run_compare, "train": run_train, "eval": run_eval, "video"
 def import_user_modules(argv: list[str]) -> list[str]:
     """Import the modules named by leading ``--import MODULE`` options (from the working
     directory too); returns the remaining arguments."""
-    from envs.core import SettingError
+    from diffpg.envs.core import SettingError
 
     while argv and (argv[0] == "--import" or argv[0].startswith("--import=")):
         if argv[0] == "--import":
@@ -295,9 +294,9 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     program was loading, acted on as soon as the command's own handling is in place."""
     from diffpg.compilation_cache import default_cache_dir
     from diffpg.devices import check_xla_flags, initialize_distributed_from_environment
+    from diffpg.envs.core import SettingError
     from diffpg.folders import interruptions
     from diffpg.runs import TrainingStopped
-    from envs.core import SettingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = "diffpg"

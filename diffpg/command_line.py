@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import tyro
 import tyro._errors as tyro_errors
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 T = TypeVar("T")
 

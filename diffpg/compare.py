@@ -27,8 +27,7 @@ import numpy as np
 import tyro
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators, per_step, program_cache
+from diffpg import envs, estimators, per_step, program_cache
 from diffpg.devices import (
     available_memory_bytes,
     check_devices,
@@ -36,6 +35,7 @@ from diffpg.devices import (
     state_bytes,
     to_host,
 )
+from diffpg.envs.core import SettingError
 from diffpg.estimators.base import check_hidden_sizes, check_positive_int
 from diffpg.folders import check_file_size_limit
 from diffpg.normalization import RunningStatistics, init_statistics
@@ -47,7 +47,6 @@ from diffpg.stats import (
     reference_from_samples,
     variance_trace,
 )
-from envs.core import SettingError
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
 STIFFNESS_ENVS = ("contact", "curling")
@@ -326,7 +325,7 @@ def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: 
 
 def exact_lqr_gradient(env, params, start_states, horizon, discount):
     """``jax.grad`` of the closed-form ``J_T`` averaged over the given start states."""
-    from envs.analytic import lqr_expected_return
+    from diffpg.envs.analytic import lqr_expected_return
 
     zero_cov = jnp.zeros((env.observation_size,) * 2)
 

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 DEFAULT_ESTIMATOR = "shac"
 """The estimator a run trains with when neither the user nor the env's configuration names one."""

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 
 def check_xla_flags(remember_in: str | None) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from diffpg.devices import process_count
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 
 class Interrupted(KeyboardInterrupt):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 ACTIVATIONS = {
     "elu": nn.elu,

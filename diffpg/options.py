@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 """The largest number a run computes with (float32); a setting above it would be inf there."""

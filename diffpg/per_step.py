@@ -36,10 +36,10 @@ from jax.flatten_util import ravel_pytree
 from diffpg import returns
 from diffpg.acting import unroll
 from diffpg.dynamics import step_jacobians
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 KINDS = ("pathwise", "score_function")
 """The estimators decomposed: BPTT's and REINFORCE's (reward-to-go) terms."""

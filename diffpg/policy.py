@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from diffpg.envs.core import SettingError
 from diffpg.networks import MLP, check_activation
-from envs.core import SettingError
 
 Params = Any
 

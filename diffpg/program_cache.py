@@ -9,7 +9,7 @@ redoes in every process: for a comparison's 75 programs, about 28 s on 2 cores, 
 It cannot check a loaded program against the code, so the key must name everything the program
 depends on. ``program_key(description)`` hashes the caller's ``description`` (the settings, sizes
 and which program: what the caller knows shapes it) with what no caller can vouch for: the source
-of every module of the ``diffpg`` and ``envs`` packages, the versions of jax, jaxlib, flax, optax
+of every module of the ``diffpg`` and ``diffpg.envs`` packages, the versions of jax, jaxlib, flax, optax
 and brax, the devices, and the settings that change how JAX traces or XLA compiles
 (``XLA_FLAGS``, x64, the default matmul precision). The caller adds the shapes of the program's
 inputs (``avals_fingerprint``), the values of the arrays it closes over (``array_fingerprint``) and the
@@ -49,7 +49,7 @@ import numpy as np
 MAX_BYTES = 2 * 2**30
 """The programs folder's size beyond which the least recently used files are removed."""
 
-_PACKAGES = ("diffpg", "envs")
+_PACKAGES = ("diffpg", "diffpg.envs")
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "brax")
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 
 class ReplayData(NamedTuple):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from diffpg.devices import environment_description
+from diffpg.envs.core import SettingError
 from diffpg.folders import (
     PARTIAL_PATTERN,
     atomic_path,
@@ -23,7 +24,6 @@ from diffpg.folders import (
     write_atomically,
 )
 from diffpg.training import TrainSettings
-from envs.core import SettingError
 
 RUN_FILES = ("settings.json", "metrics.csv", "learning_curve.png", "checkpoints", "tensorboard",
              "policy.gif", PARTIAL_PATTERN, "settings.json.tmp", "metrics.csv.tmp")

@@ -31,6 +31,7 @@ from diffpg.checkpoints import (
     set_aside,
 )
 from diffpg.devices import barrier, is_primary
+from diffpg.envs.core import SettingError
 from diffpg.estimators.base import check_positive_int
 from diffpg.folders import (
     atomic_path,
@@ -57,7 +58,6 @@ from diffpg.training import (
     select_seed,
     summarize_seeds,
 )
-from envs.core import SettingError
 
 PLOT_EVERY_SECONDS = 30.0
 """The learning-curve PNG is redrawn at most this often (and at the end); metrics.csv every call."""

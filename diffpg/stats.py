@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as scipy_stats
 
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 RESOLUTION_LEVEL = 0.001
 """Family-wise false-positive rate of "bias resolved" for an unbiased estimator."""

@@ -34,8 +34,7 @@ import numpy as np
 import optax
 import tyro
 
-import envs
-from diffpg import configs, estimators
+from diffpg import configs, envs, estimators
 from diffpg.acting import Transitions
 from diffpg.acting import evaluate as evaluate_policy
 from diffpg.devices import (
@@ -45,6 +44,7 @@ from diffpg.devices import (
     replicated,
     state_bytes,
 )
+from diffpg.envs.core import SettingError, State
 from diffpg.estimators.base import (
     EstimatorState,
     check_betas,
@@ -67,7 +67,6 @@ from diffpg.stats import (
     interquartile_mean_interval,
     mean_confidence_half_width,
 )
-from envs.core import SettingError, State
 
 
 def pathwise_estimators() -> list[str]:

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from diffpg.acting import unroll
+from diffpg.envs.core import SettingError
 from diffpg.folders import atomic_path, check_file_size_limit, check_file_writable
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
-from envs.core import SettingError
 
 
 def episode_states(env, policy: Policy, params: Params, obs_stats: RunningStatistics,

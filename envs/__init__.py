@@ -1,12 +1,12 @@
-"""Environment registry: ``envs.make(name)`` builds any environment of this package.
+"""Environment registry: ``diffpg.envs.make(name)`` builds any environment of this package.
 
-* Analytic environments (``envs.analytic``, pure JAX, differentiable in closed form):
+* Analytic environments (``diffpg.envs.analytic``, pure JAX, differentiable in closed form):
   ``"lqr"``, ``"pendulum"``, ``"cartpole_swingup"``, ``"contact"``, ``"double_pendulum"``,
   ``"curling"``.
-* Brax environments (``envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
-  each with a physics ``backend`` (default: ``envs.brax_envs.DEFAULT_BACKEND[name]``);
-  ``backend="mjx"`` is differentiable (``envs.mjx``).
-* MuJoCo Playground environments (``envs.playground``, the ``playground`` extra):
+* Brax environments (``diffpg.envs.brax_envs``): ``"ant"``, ``"halfcheetah"``, ``"hopper"``, ...,
+  each with a physics ``backend`` (default: ``diffpg.envs.brax_envs.DEFAULT_BACKEND[name]``);
+  ``backend="mjx"`` is differentiable (``diffpg.envs.mjx``).
+* MuJoCo Playground environments (``diffpg.envs.playground``, the ``playground`` extra):
   ``"playground:CheetahRun"``, ``"playground:HopperHop"``, ... on MJX, differentiable.
 
 Every environment comes back wrapped in ``TimeLimitAutoReset`` (single instance; ``vmap`` to
@@ -21,8 +21,8 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from envs import playground
-from envs.brax_envs import (
+from diffpg.envs import playground
+from diffpg.envs.brax_envs import (
     BACKENDS,
     BRAX_ENV_NAMES,
     DEFAULT_EPISODE_LENGTH,
@@ -31,8 +31,8 @@ from envs.brax_envs import (
     check_brax_name_and_backend,
     check_solver_setting,
 )
-from envs.core import Environment, SettingError, State, import_brax_envs
-from envs.wrappers import (
+from diffpg.envs.core import Environment, SettingError, State, import_brax_envs
+from diffpg.envs.wrappers import (
     HEALTH_TOLERANCE,
     HealthShaping,
     SoftTermination,
@@ -78,7 +78,7 @@ __all__ = [
     "names",
 ]
 
-#: Analytic env name -> class name in ``envs.analytic`` (imported when first made).
+#: Analytic env name -> class name in ``diffpg.envs.analytic`` (imported when first made).
 ANALYTIC_ENV_CLASSES: dict[str, str] = {
     "lqr": "LinearQuadratic",
     "pendulum": "PendulumSwingUp",
@@ -114,7 +114,7 @@ def _no_backend(name: str, backend: str | None) -> None:
 
 
 def _analytic_class(name: str) -> type:
-    from envs import analytic  # lazy: the analytic module is optional at import time
+    from diffpg.envs import analytic  # lazy: the analytic module is optional at import time
 
     return getattr(analytic, ANALYTIC_ENV_CLASSES[name])
 

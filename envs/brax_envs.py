@@ -1,8 +1,8 @@
-"""Brax's own environments behind the ``envs.core.Environment`` contract.
+"""Brax's own environments behind the ``diffpg.envs.core.Environment`` contract.
 
 ``BraxEnvironment`` is a thin adapter: ``reset``/``step`` pass straight through to the raw
 ``brax.envs.get_environment(name, backend=...)`` environment, which already reports falls in
-``done`` and adds no time limit (``envs.wrappers.TimeLimitAutoReset`` does that). None of Brax's
+``done`` and adds no time limit (``diffpg.envs.wrappers.TimeLimitAutoReset`` does that). None of Brax's
 training wrappers are used.
 
 Backends (Brax's physics pipelines):
@@ -11,7 +11,7 @@ Backends (Brax's physics pipelines):
 * ``"positional"``: maximal coordinates with position-based constraint solving;
 * ``"spring"``: maximal coordinates with impulse/spring constraints (the cheapest);
 * ``"mjx"``: MuJoCo XLA, built with ``solver_iterations`` constraint-solver iterations
-  (default 1, the setting with which MJX's step is differentiable: ``envs.mjx``). With more,
+  (default 1, the setting with which MJX's step is differentiable: ``diffpg.envs.mjx``). With more,
   the env still simulates, and differentiating its step raises an error naming the setting.
 
 ``DEFAULT_BACKEND`` was chosen per environment from ``experiments/measure_brax_backends.py``
@@ -28,9 +28,8 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from envs import mjx
-from envs.core import Environment, SettingError, State, import_brax_envs
+from diffpg.envs import mjx
+from diffpg.envs.core import Environment, SettingError, State, import_brax_envs
 
 __all__ = [
     "BACKENDS",
@@ -128,7 +127,7 @@ def check_brax_name_and_backend(name: str, backend: str | None) -> str:
 
 
 def _converted(state: Any, state_class: type) -> Any:
-    """``state`` (Brax's ``State`` or ``envs.State``: the same fields) as a ``state_class``."""
+    """``state`` (Brax's ``State`` or ``diffpg.envs.State``: the same fields) as a ``state_class``."""
     return state_class(pipeline_state=state.pipeline_state, obs=state.obs, reward=state.reward,
                        done=state.done, metrics=state.metrics, info=state.info)
 
@@ -140,11 +139,11 @@ class BraxEnvironment(Environment):
         name: one of ``BRAX_ENV_NAMES``.
         backend: one of ``BACKENDS`` (``None``: ``DEFAULT_BACKEND[name]``).
         solver_iterations: ``backend="mjx"`` only: MuJoCo's constraint-solver iterations per
-            physics step (``None``: 1, differentiable; see ``envs.mjx``).
+            physics step (``None``: 1, differentiable; see ``diffpg.envs.mjx``).
         **kwargs: passed to the Brax environment's constructor (e.g. ``ctrl_cost_weight``).
 
     ``reset(key) -> State`` and ``step(state, action [action_size]) -> State`` are Brax's own,
-    their states converted to ``envs.State`` (the same fields); ``State.obs`` has shape
+    their states converted to ``diffpg.envs.State`` (the same fields); ``State.obs`` has shape
     ``[observation_size]``, ``reward`` and ``done`` are scalars.
     """
 
@@ -154,7 +153,7 @@ class BraxEnvironment(Environment):
         self.backend = check_brax_name_and_backend(name, backend)
         if solver_iterations is not None:
             check_solver_setting(self.backend, {"solver_iterations": solver_iterations})
-        # Imported here so that importing ``envs`` does not pay for Brax/MuJoCo.
+        # Imported here so that importing ``diffpg.envs`` does not pay for Brax/MuJoCo.
         brax_envs = import_brax_envs()
         self._brax_state = brax_envs.State
 

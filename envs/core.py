@@ -8,13 +8,13 @@ An environment is Brax's contract, for a single (unbatched) instance; batches ar
 
 ``State`` has the fields of Brax's ``brax.envs.base.State`` (``pipeline_state``,
 ``obs [observation_size]``, ``reward []``, ``done []``, ``metrics``, ``info``), so Brax environments
-(``envs.brax_envs`` converts at its boundary) and the analytic ones in this package are
+(``diffpg.envs.brax_envs`` converts at its boundary) and the analytic ones in this package are
 interchangeable. It is defined here rather than imported: importing Brax imports MuJoCo's MJX and
 its Warp bindings (about 5 s), which an analytic environment does not need. ``step`` must be
 differentiable with respect to ``state`` and ``action`` wherever the dynamics are.
 
 Raw environments only report *termination* (``done`` = 1 when the episode ends for a reason
-inside the task, e.g. a fall). Time limits and auto-reset are added by ``envs.wrappers``, which
+inside the task, e.g. a fall). Time limits and auto-reset are added by ``diffpg.envs.wrappers``, which
 records, after every step:
 
 * ``info['termination']``: 1.0 if the task ended the episode (value of the next state is 0);
@@ -73,7 +73,7 @@ class SettingError(ValueError):
 class Environment(abc.ABC):
     """Abstract single-instance environment (see the module docstring for the contract)."""
 
-    #: Default episode length (steps) used by ``envs.make`` when none is given.
+    #: Default episode length (steps) used by ``diffpg.envs.make`` when none is given.
     default_episode_length: int = 1000
 
     @abc.abstractmethod

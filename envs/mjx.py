@@ -24,8 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-
-from envs.core import SettingError
+from diffpg.envs.core import SettingError
 
 __all__ = [
     "DIFFERENTIABLE_SOLVER_ITERATIONS",

@@ -1,11 +1,11 @@
-"""MuJoCo Playground's environments behind the ``envs.core.Environment`` contract.
+"""MuJoCo Playground's environments behind the ``diffpg.envs.core.Environment`` contract.
 
-``envs.make("playground:CheetahRun")`` builds Playground's ``registry.load("CheetahRun")`` with
+``diffpg.envs.make("playground:CheetahRun")`` builds Playground's ``registry.load("CheetahRun")`` with
 MJX's JAX implementation (``impl="jax"``; Playground's default, Warp, is not differentiable by
-JAX) and one constraint-solver iteration (``envs.mjx``: MJX's step is then differentiable), and
+JAX) and one constraint-solver iteration (``diffpg.envs.mjx``: MJX's step is then differentiable), and
 adapts its ``State`` (``data``, ``obs``, ``reward``, ``done``, ``metrics``, ``info``) to Brax's
 (``pipeline_state`` = Playground's ``data``). Like every raw env it adds no time limit:
-``envs.make`` wraps it in ``TimeLimitAutoReset`` with Playground's own ``episode_length``.
+``diffpg.envs.make`` wraps it in ``TimeLimitAutoReset`` with Playground's own ``episode_length``.
 
 Installed with the ``playground`` extra (``pip install -e ".[playground]"``). The DM Control
 suite tasks (``CheetahRun``, ``HopperHop``, ``WalkerWalk``, ...) ship their models inside the
@@ -37,14 +37,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-
-from envs import mjx
-from envs.core import Environment, SettingError, State
+from diffpg.envs import mjx
+from diffpg.envs.core import Environment, SettingError, State
 
 __all__ = ["EXTRA", "PREFIX", "PlaygroundEnvironment", "check_name", "check_settings",
            "default_episode_length", "installed", "task_names"]
 
-#: How Playground env names are spelled in ``envs.make``: ``"playground:" + Playground's name``.
+#: How Playground env names are spelled in ``diffpg.envs.make``: ``"playground:" + Playground's name``.
 PREFIX = "playground:"
 
 #: The install command that provides MuJoCo Playground.
@@ -90,7 +89,7 @@ def _playground() -> Any:
 
 
 def task_names() -> tuple[str, ...]:
-    """Every Playground env as ``envs.make`` spells it (empty when Playground is not
+    """Every Playground env as ``diffpg.envs.make`` spells it (empty when Playground is not
     installed)."""
     if not installed():
         return ()
@@ -160,7 +159,7 @@ class PlaygroundEnvironment(Environment):
     Args:
         name: ``"playground:" + task`` (``task_names()``).
         solver_iterations: MJX constraint-solver iterations per physics step (1, the default:
-            differentiable; more: differentiating the step raises, see ``envs.mjx``).
+            differentiable; more: differentiating the step raises, see ``diffpg.envs.mjx``).
         **config_overrides: entries of Playground's config for this task
             (``registry.get_default_config(task)``), e.g. ``episode_length=500``.
 

@@ -1,4 +1,4 @@
-"""Time limit and auto-reset for single-instance environments (see ``envs.core``).
+"""Time limit and auto-reset for single-instance environments (see ``diffpg.envs.core``).
 
 ``TimeLimitAutoReset`` turns a raw environment, which only reports *termination*, into one with
 episodes of at most ``episode_length`` steps that restart by themselves, so a trainer can
@@ -40,8 +40,7 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
-
-from envs.core import Environment, SettingError, State
+from diffpg.envs.core import Environment, SettingError, State
 
 __all__ = ["HEALTH_TOLERANCE", "HealthShaping", "SoftTermination", "TimeLimitAutoReset", "Wrapper"]
 

@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import envs  # noqa: E402
+from diffpg import envs  # noqa: E402
 from diffpg.configs import config_for, default_estimator  # noqa: E402
 from diffpg.options import parse_spec  # noqa: E402
 from diffpg.runs import train  # noqa: E402

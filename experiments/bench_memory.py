@@ -27,7 +27,7 @@ import common  # noqa: E402
 CHILD = r"""
 import json, resource, sys, time
 import jax
-import envs
+from diffpg import envs
 from diffpg import estimators
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy

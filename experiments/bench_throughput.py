@@ -35,8 +35,11 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import envs  # noqa: E402
-from diffpg import checkpoints, estimators  # noqa: E402
+from diffpg import (  # noqa: E402
+    checkpoints,
+    envs,  # noqa: E402
+    estimators,
+)
 from diffpg.acting import unroll  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402

@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-import envs  # noqa: E402
+from diffpg import envs  # noqa: E402
 from diffpg.critics import make_mlp_value_function, make_value_ensemble  # noqa: E402
 from diffpg.normalization import normalize  # noqa: E402
 from diffpg.options import parse_spec  # noqa: E402

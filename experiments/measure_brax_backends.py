@@ -70,9 +70,9 @@ def measure_pair(
     """Measure one (env, backend) pair in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
+    from diffpg.envs.brax_envs import SUPPORTED_BACKENDS
 
-    import envs
-    from envs.brax_envs import SUPPORTED_BACKENDS
+    from diffpg import envs
 
     result: dict = {"env": env_name, "backend": backend, "batch": batch, "horizon": horizon}
     playground = env_name.startswith(envs.playground.PREFIX)
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from envs.brax_envs import BACKENDS, BRAX_ENV_NAMES
-    from envs.playground import PREFIX
+    from diffpg.envs.brax_envs import BACKENDS, BRAX_ENV_NAMES
+    from diffpg.envs.playground import PREFIX
 
     env_names = [name for name in args.envs.split(",") if name]
     backends = [name for name in args.backends.split(",") if name]

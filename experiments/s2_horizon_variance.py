@@ -48,8 +48,7 @@ import numpy as np
 from common import format_table, parser, prepare_output, sample_gradients, write_json
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.compare import CompareSettings
 from diffpg.dynamics import env_step_function, largest_lyapunov_exponent
 from diffpg.normalization import init_statistics

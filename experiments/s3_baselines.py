@@ -6,9 +6,9 @@ contains the sample's own return); ``leave_one_out`` is its unbiased version (RL
 
 Design (one policy, fixed start states, only the action noise random):
 
-* LQR (``envs.make("lqr")``, linear-Gaussian policy): the reference is the exact gradient of the
+* LQR (``diffpg.envs.make("lqr")``, linear-Gaussian policy): the reference is the exact gradient of the
   closed-form ``J_T`` (``diffpg.compare.exact_lqr_gradient``), so a bias is measured against truth.
-* Pendulum swing-up (``envs.make("pendulum")``, tanh-squashed MLP policy): no closed form; the
+* Pendulum swing-up (``diffpg.envs.make("pendulum")``, tanh-squashed MLP policy): no closed form; the
   reference is the mean of many BPTT estimates (pathwise, unbiased on these smooth dynamics, and an
   estimator different from every one tested), with its standard error folded into ``bias_noise``.
 * For each baseline, ``K`` independent estimates of ``B`` rollouts (``common.sample_gradients``; the
@@ -34,8 +34,7 @@ import numpy as np
 from common import format_table, parser, prepare_output, sample_gradients, write_json
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.compare import exact_lqr_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy

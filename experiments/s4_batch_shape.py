@@ -45,8 +45,7 @@ import numpy as np
 from common import format_table, parser, prepare_output, sample_gradients, write_json
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.compare import exact_lqr_gradient
 from diffpg.policy import make_linear_gaussian_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, variance_trace

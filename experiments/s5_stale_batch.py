@@ -47,7 +47,7 @@ import optax
 from common import format_table, parser, prepare_output, write_json
 from jax.flatten_util import ravel_pytree
 
-import envs
+from diffpg import envs
 from diffpg.acting import unroll
 from diffpg.compare import exact_lqr_gradient
 from diffpg.estimators.reinforce import ReinforceSettings, score_function_gradient

@@ -30,8 +30,7 @@ import numpy as np
 from common import format_table, parser, prepare_output, write_json
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators, returns
+from diffpg import envs, estimators, returns
 from diffpg.acting import unroll
 from diffpg.critics import make_mlp_value_function
 from diffpg.estimators.shac import window_return

@@ -36,12 +36,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from diffpg.envs.analytic import lqr_expected_return, lqr_q_value, lqr_value  # noqa: E402
 
-import envs  # noqa: E402
+from diffpg import envs  # noqa: E402
 from diffpg.critics import QFunction, ValueFunction  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_linear_gaussian_policy  # noqa: E402
-from envs.analytic import lqr_expected_return, lqr_q_value, lqr_value  # noqa: E402
 
 LQR_HORIZON = 10
 LQR_DISCOUNT = 0.95

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.acting import StepHook, unroll
 from diffpg.estimators.ahac import (
     AhacSettings,

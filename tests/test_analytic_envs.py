@@ -1,4 +1,4 @@
-"""Tests for the analytic environments in ``envs.analytic`` and the exact LQR returns."""
+"""Tests for the analytic environments in ``diffpg.envs.analytic`` and the exact LQR returns."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
-
-from envs.analytic import (
+from diffpg.envs.analytic import (
     CartPoleSwingUp,
     Curling,
     DoublePendulum,
@@ -19,6 +17,7 @@ from envs.analytic import (
     lqr_q_value,
     lqr_value,
 )
+from jax.flatten_util import ravel_pytree
 
 ENV_FACTORIES = {
     "lqr": LinearQuadratic,

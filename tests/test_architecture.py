@@ -12,21 +12,30 @@ from pathlib import Path
 from diffpg import estimators
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffpg"
+ENVS = PACKAGE.parent / "envs"
+"""The environments' folder, installed as ``diffpg.envs``."""
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if path.is_relative_to(ENVS):
+        parts = ("diffpg", "envs", *path.relative_to(ENVS).with_suffix("").parts)
+    else:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The diffpg modules ``path`` imports anywhere (module level or inside functions)."""
+    """The diffpg modules ``path`` imports anywhere (module level or inside functions);
+    ``from package import submodule`` imports the submodule."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [name for name in submodules if name in modules]
+            if len(names) < len(submodules):  # names defined in the module itself
+                names.append(node.module)
         else:
             continue
         found |= {name for name in names if name in modules}
@@ -34,7 +43,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def test_no_module_imports_a_module_that_imports_it_back():
-    paths = sorted(PACKAGE.rglob("*.py"))
+    paths = sorted([*PACKAGE.rglob("*.py"), *ENVS.rglob("*.py")])
     modules = {_module_name(path) for path in paths}
     graph = {_module_name(path): _imports(path, modules) for path in paths}
     # A package imports its submodules and they import the package's names: not a cycle of
@@ -83,23 +92,31 @@ def test_importing_diffpg_and_envs_changes_nothing_in_the_process():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_project_s_own_envs_package_wins_over_diffpg_s(tmp_path):
-    """diffpg's environments are the top-level package ``envs``, a name research projects use
-    too. In a project folder with its own ``envs``, ``import envs`` is the project's, and the
-    ``diffpg`` command, whose imports do not start from the working directory, still finds its
-    own (it lists its environments)."""
+def test_a_project_s_own_envs_package_is_the_project_s_and_diffpg_s_is_diffpg_envs(tmp_path):
+    """``envs`` is a name research projects use: diffpg's environments install as
+    ``diffpg.envs``, so in a project folder with its own ``envs`` package, ``import envs`` is
+    the project's while diffpg, as a library and as the ``diffpg`` command, uses its own (it
+    lists its environments); no bare ``envs`` is installed."""
     (tmp_path / "envs").mkdir()
     (tmp_path / "envs" / "__init__.py").write_text("OWNER = 'the project'\n")
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", "import envs; print(envs.OWNER)"], cwd=tmp_path,
-                          capture_output=True, text=True, env=environment)
-    assert done.returncode == 0 and done.stdout.strip() == "the project", done.stderr[-2000:]
+    script = ("import envs; import diffpg.training; from diffpg import envs as ours\n"
+              "print(envs.OWNER, 'halfcheetah' in ours.names())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, env=environment)
+    assert done.returncode == 0 and done.stdout.split() == ["the", "project", "True"], (
+        done.stderr[-2000:])
     command = Path(sys.executable).with_name("diffpg")  # the installed command
     assert command.exists(), f"diffpg is not installed beside {sys.executable}"
     done = subprocess.run([str(command), "train", "--help"], cwd=tmp_path, capture_output=True,
                           text=True, env=environment)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "halfcheetah" in done.stdout and "the project" not in done.stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, "-c", "import envs"], cwd=elsewhere,
+                          capture_output=True, text=True, env=environment)
+    assert done.returncode != 0 and "No module named 'envs'" in done.stderr
 
 
 MAX_FUNCTION_LINES = 80

@@ -70,7 +70,7 @@ INVALID = st.one_of(
 
 
 def _known_envs():
-    import envs
+    from diffpg import envs
 
     return envs.names()
 

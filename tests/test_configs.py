@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-import envs
-from diffpg import cli, configs, estimators
+from diffpg import cli, configs, envs, estimators
 from diffpg.command_line import parse_train_command
 from diffpg.configs import CONFIGS, SIZES, config_for
 from diffpg.training import TrainSettings, settings_for

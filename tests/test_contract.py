@@ -12,8 +12,7 @@ import pytest
 from conftest import compiles
 from contract import assert_follows_the_contract
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.normalization import init_statistics, normalize, update_statistics
 from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy
 

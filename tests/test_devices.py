@@ -38,7 +38,7 @@ for estimator in ("shac",):
         diff = np.abs(params[devices] - params[1]).max()
         results[f"{estimator}/{devices}/max_abs_diff"] = float(diff)
     results[f"{estimator}/update_size"] = float(np.abs(params[1]).max())
-import envs
+from diffpg import envs
 from diffpg import estimators
 from diffpg.compare import sample_gradients
 from diffpg.devices import shard_batch

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffpg.envs.core import Environment, State
+from diffpg.envs.wrappers import TimeLimitAutoReset
 
-import envs
-from envs.core import Environment, State
-from envs.wrappers import TimeLimitAutoReset
+from diffpg import envs
 
 
 class CounterEnv(Environment):
@@ -244,7 +244,7 @@ def test_bad_brax_backend_is_rejected_quickly():
 
 
 def test_make_analytic_env_if_available():
-    analytic = pytest.importorskip("envs.analytic")
+    analytic = pytest.importorskip("diffpg.envs.analytic")
     env = envs.make("lqr", episode_length=5)
     assert isinstance(env, TimeLimitAutoReset)
     assert isinstance(env.unwrapped, analytic.LinearQuadratic)
@@ -258,7 +258,7 @@ def test_make_analytic_env_if_available():
 # ~17 s on 2 idle CPU cores with the spring backend (not marked slow); minutes under load.
 @pytest.mark.slow
 def test_brax_inverted_pendulum_steps_and_differentiates():
-    from envs.brax_envs import DEFAULT_BACKEND, DEFAULT_EPISODE_LENGTH
+    from diffpg.envs.brax_envs import DEFAULT_BACKEND, DEFAULT_EPISODE_LENGTH
 
     env = envs.make("inverted_pendulum")
     assert env.unwrapped.backend == DEFAULT_BACKEND["inverted_pendulum"]

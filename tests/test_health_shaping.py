@@ -1,6 +1,6 @@
-"""``envs.HealthShaping``: the differentiable warning of a fall, exact in its formula, zero far
+"""``diffpg.envs.HealthShaping``: the differentiable warning of a fall, exact in its formula, zero far
 from the healthy ranges' boundaries, and refused where an env does not end on a fall; likewise
-``envs.SoftTermination``'s probability of going on."""
+``diffpg.envs.SoftTermination``'s probability of going on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffpg.envs.core import Environment
 
-import envs
+from diffpg import envs
 from diffpg.training import settings_for
-from envs.core import Environment
 
 
 class _Margins(Environment):

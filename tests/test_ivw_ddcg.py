@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from conftest import flatten
 
-import envs
-from diffpg import estimators, returns
+from diffpg import envs, estimators, returns
 from diffpg.acting import unroll
 from diffpg.estimators.ddcg import smoothness_test
 from diffpg.estimators.ivw import StepMeans, inverse_variance_mix, simulate, step_means

@@ -1,4 +1,4 @@
-"""MJX made differentiable (``envs.mjx``) and MuJoCo Playground behind ``envs.make``.
+"""MJX made differentiable (``diffpg.envs.mjx``) and MuJoCo Playground behind ``diffpg.envs.make``.
 
 Playground comes with the ``playground`` extra, which the README's test command installs: these
 tests fail, rather than skip, without it.
@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from diffpg.envs import mjx, playground
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy
 from diffpg.runs import train
 from diffpg.training import settings_for
-from envs import mjx, playground
 
 CHEETAH = "playground:CheetahRun"
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-import envs
-from diffpg import per_step
+from diffpg import envs, per_step
 from diffpg.compare import exact_lqr_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy

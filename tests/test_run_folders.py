@@ -622,8 +622,9 @@ def test_a_partner_processs_lock_and_write_probe_leave_the_folder_empty(tmp_path
     """The processes of one run prepare the same folder at once: the lock and the short-lived
     write probe of one must not make the folder "not empty" for the other (a race that stopped
     two-process runs); any other file still does."""
+    from diffpg.envs.core import SettingError
+
     from diffpg.folders import WRITE_PROBE_PREFIX, prepare_output
-    from envs.core import SettingError
 
     out = tmp_path / "run"
     out.mkdir()

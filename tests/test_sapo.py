@@ -61,7 +61,7 @@ def test_entropy_bonus_is_minus_the_log_density_of_the_squashed_action():
 
 
 def test_update_lowers_the_temperature_above_the_target_entropy_and_fits_both_critics():
-    import envs
+    from diffpg import envs
 
     env = envs.make("pendulum")
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size, hidden_sizes=(16,),

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-import envs
-from diffpg import estimators
+from diffpg import envs, estimators
 from diffpg.acting import Transitions
 from diffpg.critics import fit_mean_squared_error, init_critic_state, make_mlp_value_function
 from diffpg.estimators.base import Batch

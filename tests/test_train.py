@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import compiles
+from diffpg.envs.core import SettingError
 from PIL import Image
 
 from diffpg import cli
@@ -24,7 +25,6 @@ from diffpg.checkpoints import checkpoint_updates, restore_checkpoint
 from diffpg.runs import TrainingStopped, evaluate_run, train
 from diffpg.training import TrainSettings, make_optimizer, make_trainer, select_seed, settings_for
 from diffpg.video import episode_states, save_gif
-from envs.core import SettingError
 
 
 def _params(state):
@@ -403,7 +403,7 @@ class _InjectNaN:
     absurd observation (1e9), and its next step returns a NaN observation and reward."""
 
     def __init__(self, threshold: float):
-        import envs
+        from diffpg import envs
 
         self.env = envs.make("pendulum")
         self.threshold = threshold
@@ -572,8 +572,7 @@ def _builtin_estimators():
 @pytest.mark.parametrize("command", [[], ["train"], ["compare"]]
                          + [["train", name] for name in _builtin_estimators()])
 def test_help_names_every_estimator_and_env_and_describes_every_option(command, capsys):
-    import envs
-    from diffpg import estimators
+    from diffpg import envs, estimators
 
     if command:
         with pytest.raises(SystemExit) as exit_info:

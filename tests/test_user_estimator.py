@@ -12,15 +12,14 @@ import jax.numpy as jnp
 import pytest
 from conftest import assert_unbiased, independent_estimates, learn
 from contract import assert_follows_the_contract
+from diffpg.envs.core import SettingError
 
-import envs
-from diffpg import cli, estimators, returns
+from diffpg import cli, envs, estimators, returns
 from diffpg.acting import unroll
 from diffpg.compare import CompareSettings
 from diffpg.estimators import Batch, Estimate, Estimator
 from diffpg.normalization import normalize
 from diffpg.policy import make_gaussian_mlp_policy
-from envs.core import SettingError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ estimates on the same start states are
 ``jax.vmap(estimate, (None, None, None, None, 0))(params, stats, state, starts, keys)``: their
 mean is the estimator's expectation and their spread its variance (``diffpg.stats``).
 Estimators differ only in how they get ``grad``; policies (``diffpg.policy``), acting
-(``diffpg.acting``) and environments (``envs``) are shared.
+(``diffpg.acting``) and environments (``diffpg.envs``) are shared.
 
 The registry
 ------------
@@ -51,6 +51,7 @@ import dataclasses
 import importlib
 from typing import Any
 
+from diffpg.envs.core import SettingError
 from diffpg.estimators.base import Batch, Estimate, Estimator, EstimatorState
 from diffpg.estimators.registry import (
     FAMILIES,
@@ -61,7 +62,6 @@ from diffpg.estimators.registry import (
     registration,
     unregister,
 )
-from envs.core import SettingError
 
 __all__ = [
     "FAMILIES",

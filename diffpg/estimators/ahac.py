@@ -54,6 +54,7 @@ from diffpg.critics import (
     ValueFunction,
     init_critic_state,
 )
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -70,7 +71,6 @@ from diffpg.estimators.shac import (
 )
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 SMALLEST_MULTIPLIER = 1e-3
 """``phi_min``: keeps ``C / (phi c)`` finite when the constraint has long been slack."""

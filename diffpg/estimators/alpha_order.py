@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 
 from diffpg import returns
 from diffpg.acting import unroll
+from diffpg.envs.core import Environment, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -40,7 +41,6 @@ from diffpg.estimators.registry import register
 from diffpg.estimators.reinforce import ReinforceSettings, score_function_gradient
 from diffpg.normalization import RunningStatistics
 from diffpg.policy import Params, Policy
-from envs.core import Environment, State
 
 
 @dataclasses.dataclass(frozen=True)

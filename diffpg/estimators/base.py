@@ -8,10 +8,10 @@ from typing import Any, NamedTuple
 import jax
 
 from diffpg.acting import Transitions
+from diffpg.envs.core import SettingError, State
 from diffpg.normalization import RunningStatistics
 from diffpg.options import FLOAT32_MAX, FLOAT32_TINY, float32_problem
 from diffpg.policy import Params
-from envs.core import SettingError, State
 
 EstimatorState = Any
 """Whatever an estimator carries between calls (critics, replay buffers, adaptive horizons...):

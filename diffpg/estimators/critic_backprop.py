@@ -42,6 +42,7 @@ from diffpg.critics import (
     regression_step,
     update_target,
 )
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -54,7 +55,6 @@ from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
 from diffpg.replay import ReplayBuffer, ReplayData, add, init_replay, sample
-from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)

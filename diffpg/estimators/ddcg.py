@@ -39,6 +39,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Estimate,
     Estimator,
@@ -52,7 +53,6 @@ from diffpg.estimators.ivw import Rollouts, mixed_estimate
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)

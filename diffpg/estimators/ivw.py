@@ -45,6 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 from diffpg import returns
 from diffpg.acting import StepHook, Transitions, repeat_states, unroll
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -59,7 +60,6 @@ from diffpg.estimators.registry import register
 from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)

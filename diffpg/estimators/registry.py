@@ -26,8 +26,8 @@ import keyword
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from diffpg.envs.core import SettingError
 from diffpg.estimators.base import Estimator
-from envs.core import SettingError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,7 @@ from diffpg.critics import (
     make_critic_optimizer,
     make_mlp_value_function,
 )
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -86,7 +87,6 @@ from diffpg.estimators.base import (
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 BASELINES = ("none", "batch_mean", "leave_one_out", "value", "optimal")
 ADVANTAGES = ("monte_carlo", "gae")

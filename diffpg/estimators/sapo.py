@@ -37,6 +37,7 @@ from diffpg.critics import (
     CriticState,
     init_critic_state,
 )
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Estimate,
     Estimator,
@@ -53,7 +54,6 @@ from diffpg.estimators.shac import (
 )
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)

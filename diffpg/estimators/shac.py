@@ -45,6 +45,7 @@ from diffpg.critics import (
     make_value_ensemble,
     update_target,
 )
+from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.base import (
     Batch,
     Estimate,
@@ -59,7 +60,6 @@ from diffpg.estimators.base import (
 from diffpg.estimators.registry import register
 from diffpg.normalization import RunningStatistics, normalize
 from diffpg.policy import Params, Policy
-from envs.core import Environment, SettingError, State
 
 
 @dataclasses.dataclass(frozen=True)

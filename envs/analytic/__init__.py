@@ -1,6 +1,6 @@
 """Small differentiable environments written directly in JAX.
 
-They follow the contract in ``envs.core`` (single instance, Brax ``State``) and are cheap to
+They follow the contract in ``diffpg.envs.core`` (single instance, Brax ``State``) and are cheap to
 compile, so estimators can be tested and compared on them in seconds:
 
 ===================  ==========================  =====  ======  =======  ========================
@@ -33,12 +33,12 @@ action value are known in closed form: see ``lqr_expected_return``, ``lqr_value`
 them the reference for checking policy-gradient estimators.
 """
 
-from envs.analytic.cartpole import CartPoleSwingUp
-from envs.analytic.contact import WallContact
-from envs.analytic.curling import Curling
-from envs.analytic.double_pendulum import DoublePendulum
-from envs.analytic.lqr import LinearQuadratic, lqr_expected_return, lqr_q_value, lqr_value
-from envs.analytic.pendulum import PendulumSwingUp
+from diffpg.envs.analytic.cartpole import CartPoleSwingUp
+from diffpg.envs.analytic.contact import WallContact
+from diffpg.envs.analytic.curling import Curling
+from diffpg.envs.analytic.double_pendulum import DoublePendulum
+from diffpg.envs.analytic.lqr import LinearQuadratic, lqr_expected_return, lqr_q_value, lqr_value
+from diffpg.envs.analytic.pendulum import PendulumSwingUp
 
 __all__ = [
     "CartPoleSwingUp",

@@ -1,4 +1,4 @@
-"""The analytic environments' shared base: ``AnalyticEnv`` (the ``envs.core`` contract for a
+"""The analytic environments' shared base: ``AnalyticEnv`` (the ``diffpg.envs.core`` contract for a
 physical state vector), the integrator the mechanical ones use, and their settings checks."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from envs.core import Environment, SettingError, State
+from diffpg.envs.core import Environment, SettingError, State
 
 
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -6,8 +6,7 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
-
-from envs.analytic.base import AnalyticEnv, finite, non_negative, positive, require
+from diffpg.envs.analytic.base import AnalyticEnv, finite, non_negative, positive, require
 
 
 @final

@@ -9,9 +9,8 @@ from typing import Any, final
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from envs.analytic.base import AnalyticEnv, float_array, require
-from envs.core import SettingError
+from diffpg.envs.analytic.base import AnalyticEnv, float_array, require
+from diffpg.envs.core import SettingError
 
 _LQR_DT = 0.1
 

@@ -6,8 +6,7 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
-
-from envs.analytic.base import AnalyticEnv, non_negative, positive
+from diffpg.envs.analytic.base import AnalyticEnv, non_negative, positive
 
 
 @final
