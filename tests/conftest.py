@@ -43,6 +43,11 @@ from diffpg.critics import QFunction, ValueFunction  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
 from diffpg.policy import make_linear_gaussian_policy  # noqa: E402
 
+HANG_LIMIT_S = 1800
+"""How long a test's subprocess may run before it counts as hung. Each does seconds to a few
+minutes of work; the limit is for hangs only, so that no verdict depends on the machine's load
+(the suite once took 60 minutes of wall-clock on a loaded machine, 11 on an idle one)."""
+
 LQR_HORIZON = 10
 LQR_DISCOUNT = 0.95
 

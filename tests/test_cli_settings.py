@@ -8,7 +8,7 @@ import io
 import sys
 
 import pytest
-from conftest import compiles
+from conftest import HANG_LIMIT_S, compiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -226,7 +226,7 @@ def test_a_closed_standard_output_is_refused_before_any_work():
     import subprocess
 
     finished = subprocess.run(["bash", "-c", 'exec "$0" -m diffpg.cli --version >&-',
-                               sys.executable], capture_output=True, text=True, timeout=120)
+                               sys.executable], capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert finished.returncode == 2
     assert finished.stderr.strip() == ("diffpg: error: standard output is closed, so the "
                                        "command's results would be lost; send it to a file or "
@@ -241,7 +241,7 @@ def test_an_xla_flag_that_xla_refuses_is_one_line_not_an_abort(tmp_path):
     environment = os.environ | {"XLA_FLAGS": "--xla_no_such_flag=1",
                                 "DIFFPG_CACHE_DIR": str(tmp_path)}
     finished = subprocess.run([sys.executable, "-m", "diffpg.cli", "train", "--env", "pendulum"],
-                              capture_output=True, text=True, timeout=300, env=environment,
+                              capture_output=True, text=True, timeout=HANG_LIMIT_S, env=environment,
                               cwd=tmp_path)
     assert finished.returncode == 2
     assert finished.stderr.strip() == (

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import HANG_LIMIT_S
 
 from diffpg import estimators
 
@@ -105,7 +106,7 @@ def test_one_two_and_four_devices_give_the_same_parameters():
                                 + " --xla_force_host_platform_device_count=4",
                                 "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=environment, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.split("RESULTS")[-1])
     print(results)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import HANG_LIMIT_S
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -17,7 +19,7 @@ def test_the_race_runs_every_learner_at_every_env_count_within_its_budget(tmp_pa
     done = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "race.py"), "--env", "pendulum", "--learners", "shac",
          "--num-envs", "4", "8", "--seconds", "0.001", "--steps", "1024", "--evals", "4",
-         "--out", str(out)], capture_output=True, text=True, timeout=900)
+         "--out", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| shac | 4 |" in done.stdout and "| shac | 8 |" in done.stdout
     results = json.loads((out / "results.json").read_text())

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import small_disk, under_ulimit
+from conftest import HANG_LIMIT_S, small_disk, under_ulimit
 
 from diffpg import cli
 
@@ -108,7 +108,7 @@ def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_w
     out = tmp_path / "comparison"
     done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", *COMPARE,
                                                   "--num-estimates", "2000", "--out", str(out)]),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f: 65,536 bytes" in line and "samples.npz" in line, line
@@ -121,7 +121,7 @@ def test_a_file_size_limit_below_a_gif_is_one_line_before_drawing(trained, tmp_p
     gif = tmp_path / "policy.gif"
     done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", "video",
                                                   str(trained), "--out", str(gif)]),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f" in line and "--every" in line and "frame/s" not in done.stderr  # no drawing

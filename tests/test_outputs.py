@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import compiles, small_disk
+from conftest import HANG_LIMIT_S, compiles, small_disk
 
 from diffpg import cli
 from diffpg.folders import run_lock
@@ -376,7 +376,7 @@ def test_a_signal_inside_a_half_built_object_stops_with_one_line_and_no_finalize
         "cli.RUNNERS['video'] = video\n"
         "sys.exit(cli.main(['video']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=os.environ | {"PYTHONPATH": os.getcwd()}, timeout=120)
+                          env=os.environ | {"PYTHONPATH": os.getcwd()}, timeout=HANG_LIMIT_S)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert done.stderr.strip() == "diffpg video: interrupted (SIGTERM)", done.stderr
 
@@ -399,7 +399,7 @@ def _subprocess(arguments: list[str], rng, stop_after: tuple[float, float]):
         time.sleep(0.05)
     if process.poll() is None:
         process.send_signal(rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL]))
-    _, stderr = process.communicate(timeout=600)
+    _, stderr = process.communicate(timeout=HANG_LIMIT_S)
     status = process.returncode
     assert status in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGKILL), stderr
     assert "Traceback" not in stderr, stderr[-2000:]
@@ -523,7 +523,7 @@ def test_two_processes_writing_one_file_at_once_each_write_it_whole(tmp_path):
     processes = [subprocess.Popen([sys.executable, "-c", writer, str(path), letter],
                                   stderr=subprocess.PIPE, text=True) for letter in "ab"]
     for process in processes:
-        assert process.wait(timeout=300) == 0, process.stderr.read()
+        assert process.wait(timeout=HANG_LIMIT_S) == 0, process.stderr.read()
     assert path.read_text() in ("a" * 1000, "b" * 1000)
     assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_disk
+from conftest import HANG_LIMIT_S, small_disk
 
 from diffpg import compare, program_cache
 from diffpg.compare import CompareSettings, run_comparison
@@ -146,7 +146,7 @@ def test_the_compare_command_keeps_its_programs_in_the_cache_folder(tmp_path):
     outputs = []
     for run in ("a", "b"):
         done = subprocess.run(command + ["--out", str(tmp_path / run)], capture_output=True,
-                              text=True, env=env, timeout=600)
+                              text=True, env=env, timeout=HANG_LIMIT_S)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(np.load(tmp_path / run / "samples.npz")["point0/estimates/reinforce"])
     assert len(list((tmp_path / "cache" / "programs").glob("*.bin"))) == 1
@@ -176,7 +176,7 @@ def _tiny_compare(cache, out, estimators=("reinforce", "shac")):
     command = [sys.executable, "-m", "diffpg.cli", "compare", "--estimators", *estimators,
                "--horizon", "2", "--num-envs", "4", "--num-estimates", "4", "--sweep", "none",
                "--critic-warmup", "2", "--out", str(out)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_LIMIT_S,
                           env=dict(os.environ, DIFFPG_CACHE_DIR=str(cache)))
 
 

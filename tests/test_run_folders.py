@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compiles, small_disk, under_ulimit
+from conftest import HANG_LIMIT_S, compiles, small_disk, under_ulimit
 
 from diffpg import cli
 from diffpg.checkpoints import checkpoint_updates
@@ -108,7 +108,7 @@ def test_of_two_runs_started_together_on_one_folder_one_is_refused(tmp_path):
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for _ in range(2)]
     try:
-        outputs = [process.communicate(timeout=300) for process in processes]
+        outputs = [process.communicate(timeout=HANG_LIMIT_S) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
@@ -149,7 +149,7 @@ def _run_until_done(arguments, rng, out, log) -> None:
         if process.poll() is None:
             signum = rng.choice([signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
             process.send_signal(signum)
-        _, stderr = process.communicate(timeout=300)
+        _, stderr = process.communicate(timeout=HANG_LIMIT_S)
         log.append((attempt, process.returncode))
         assert not list((out / "checkpoints").glob("*.orbax-checkpoint-tmp*")) or \
             process.returncode == -signal.SIGKILL, "a signal interrupted a save"
@@ -407,7 +407,7 @@ def test_a_checkpoint_of_other_shapes_is_one_line_without_orbax_s_tracebacks(tmp
     values = json.loads((out / "settings.json").read_text()) | {"hidden_sizes": [8]}
     (out / "settings.json").write_text(json.dumps(values))
     done = subprocess.run(_command("eval", str(out)), env=_environment(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
     assert "shapes differ" in done.stderr
@@ -454,7 +454,7 @@ def _diffpg(arguments, limit_file_bytes=None, **environment):
     command = [sys.executable, "-m", "diffpg.cli", *arguments]
     if limit_file_bytes:
         command = under_ulimit("-f", limit_file_bytes // 1024, command)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
+    return subprocess.run(command, capture_output=True, text=True, timeout=HANG_LIMIT_S,
                           env=os.environ | environment, errors="replace")
 
 
@@ -484,7 +484,7 @@ def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_pat
     done = subprocess.run(under_ulimit("-v", 6_000_000_000 // 1024, [
         sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--hidden-sizes", "20000", "20000",
         "--updates", "2", "--updates-per-call", "2", "--out", str(out)]),
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "lower hidden_sizes" in line and not out.exists()
