@@ -1,9 +1,9 @@
 """Videos of a policy, drawn with matplotlib and written as an animated GIF (offline, no CDN).
 
-Analytic envs are drawn from their raw state (pendulum, cart-pole, contact, LQR phase plane);
-Brax envs as a side view (x, z) of their bodies, each a rod from its frame origin through its
-centre of mass, following the root body. One environment is simulated for one episode with the
-deterministic policy.
+Each env draws itself (its ``frame_drawer``, ``diffpg.envs.drawing``): the analytic envs from
+their raw state, the physics engines' as a side view of their bodies; any other env as its
+state's phase plane. One environment is simulated for one episode with the deterministic
+policy.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from diffpg.acting import unroll
+from diffpg.envs import drawing
 from diffpg.envs.core import SettingError
 from diffpg.folders import atomic_path, check_file_size_limit, check_file_writable
 from diffpg.normalization import RunningStatistics
@@ -88,78 +89,11 @@ def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: i
 
 
 def _drawer(env, positions: np.ndarray):
-    """A function ``(axis, positions_t)`` drawing one frame of ``env``."""
+    """A function ``(axis, positions_t)`` drawing one frame of ``env``: the env's own
+    ``frame_drawer`` (``diffpg.envs.drawing``), else its state's phase plane."""
     raw = getattr(env, "unwrapped", env)  # the env inside TimeLimitAutoReset
-    kind = type(raw).__name__
-    if kind == "PendulumSwingUp":
-        length = raw.length
-
-        def draw(axis, x):
-            tip = (length * np.sin(x[0]), length * np.cos(x[0]))
-            axis.plot([0, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
-            axis.plot(*tip, "o", color="tab:red", ms=12)
-            _square(axis, 1.3 * length, (0.0, 0.0))
-        return draw
-    if kind == "CartPoleSwingUp":
-        pole = 2.0 * raw.pole_com
-
-        def draw(axis, x):
-            cart, theta = x[0], x[2]
-            tip = (cart + pole * np.sin(theta), pole * np.cos(theta))
-            axis.add_patch(_rectangle(cart, 0.4, 0.2))
-            axis.plot([cart, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
-            axis.axhline(-0.1, color="grey", lw=1)
-            _square(axis, 1.4 * pole, (cart, 0.0))
-        return draw
-    if kind == "WallContact":
-        low = min(float(positions[:, 0].min()), raw.start) - 0.2
-        high = raw.wall + 0.3
-
-        def draw(axis, x):
-            axis.axvline(raw.wall, color="black", lw=4)
-            axis.plot([raw.target], [0], "x", color="tab:green", ms=10)
-            axis.plot([x[0]], [0], "o", color="tab:red", ms=14)
-            axis.set(xlim=(low, high), ylim=(-0.5, 0.5), yticks=[])
-        return draw
-    if positions.ndim == 4:  # Brax, MJX: [T, links, (origin, far end), 3]
-        parents = np.asarray(raw.link_parents) if hasattr(raw, "link_parents") else None
-        extent = 1.2 * max(float(np.ptp(positions[..., 2])), 1.0)
-
-        def draw(axis, pos):
-            x, z = pos[..., 0], pos[..., 2]  # [links, 2]: side view
-            for link in range(pos.shape[0]):
-                axis.plot(x[link], z[link], "-", color="tab:blue", lw=4, solid_capstyle="round")
-                if parents is not None and parents[link] >= 0:
-                    parent = parents[link]
-                    axis.plot([x[parent, 0], x[link, 0]], [z[parent, 0], z[link, 0]], ":",
-                              color="grey", lw=1)
-            axis.plot(x[:, 0], z[:, 0], "o", color="tab:red", ms=4)
-            axis.axhline(0.0, color="grey", lw=1)
-            centre = x[0, 0]
-            axis.set(xlim=(centre - extent, centre + extent), ylim=(-0.2 * extent, 1.4 * extent),
-                     aspect="equal", xlabel="x", ylabel="z")
-        return draw
-
-    def draw_phase_plane(axis, x):  # any other state vector: its first two coordinates
-        plane = np.c_[positions, np.zeros(len(positions))][:, :2]  # a 1-D state gets y = 0
-        axis.plot(plane[:, 0], plane[:, 1], "-", color="lightgrey")
-        axis.plot([plane[0, 0]], [plane[0, 1]], ".", color="grey")
-        point = np.r_[x, 0.0][:2]
-        axis.plot([point[0]], [point[1]], "o", color="tab:red", ms=10)
-        axis.plot([0], [0], "+", color="black", ms=12)
-        axis.set(xlabel="x[0]", ylabel="x[1]")
-    return draw_phase_plane
-
-
-def _square(axis, half_width: float, centre: tuple[float, float]) -> None:
-    axis.set(xlim=(centre[0] - half_width, centre[0] + half_width),
-             ylim=(centre[1] - half_width, centre[1] + half_width), aspect="equal")
-
-
-def _rectangle(centre_x: float, width: float, height: float):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((centre_x - width / 2, -height / 2), width, height, color="tab:grey")
+    frame_drawer = getattr(raw, "frame_drawer", None)
+    return frame_drawer(positions) if frame_drawer is not None else drawing.phase_plane(positions)
 
 
 GIF_FRAME_BYTES_AT_LEAST = 2048

@@ -282,5 +282,12 @@ class BraxEnvironment(Environment):
         """Each link's parent link (-1: the world)."""
         return tuple(int(p) for p in self._brax_env.sys.link_parents)
 
+    def frame_drawer(self, positions):
+        """The bodies from the side (``diffpg.envs.drawing.side_view``; ``positions``: the
+        episode's ``body_segments``)."""
+        from diffpg.envs import drawing
+
+        return drawing.side_view(positions, self.link_parents)
+
     def __repr__(self) -> str:
         return f"BraxEnvironment({self.name!r}, backend={self.backend!r})"

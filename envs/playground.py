@@ -257,5 +257,12 @@ class PlaygroundEnvironment(Environment):
 
         return _AsBraxEnv()
 
+    def frame_drawer(self, positions):
+        """The bodies from the side (``diffpg.envs.drawing.side_view``; ``positions``: the
+        episode's ``body_segments``)."""
+        from diffpg.envs import drawing
+
+        return drawing.side_view(positions, self.link_parents)
+
     def __repr__(self) -> str:
         return f"PlaygroundEnvironment({self.name!r})"

@@ -140,3 +140,16 @@ def test_no_library_function_is_longer_than_the_rule():
             for package in ("diffpg", "envs") for path in sorted((root / package).rglob("*.py"))
             for name, lines in _function_lengths(path) if lines > MAX_FUNCTION_LINES]
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_video_names_no_environment():
+    """How an environment looks is the environment's (``frame_drawer``, ``diffpg.envs.drawing``):
+    ``diffpg/video.py`` names no env class and no env."""
+    from diffpg import envs
+
+    source = (PACKAGE / "video.py").read_text()
+    classes = set(envs.ANALYTIC_ENV_CLASSES.values()) | {
+        "BraxEnvironment", "PlaygroundEnvironment"}
+    named = sorted(name for name in classes | set(envs.names())
+                   if f'"{name}"' in source or f"'{name}'" in source or name in source.split())
+    assert named == []

@@ -6,6 +6,8 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from diffpg.envs import drawing
 from diffpg.envs.analytic.base import (
     AnalyticEnv,
     non_negative,
@@ -133,4 +135,17 @@ class CartPoleSwingUp(AnalyticEnv):
         )
         return x_next, reward
 
+    def frame_drawer(self, positions):
+        """The cart and its pole from the side (``diffpg.envs.drawing``; ``positions
+        [T + 1, 4]``: the raw states)."""
+        pole = 2.0 * self.pole_com
 
+        def draw(axis, x):
+            cart, theta = x[0], x[2]
+            tip = (cart + pole * np.sin(theta), pole * np.cos(theta))
+            drawing.box(axis, cart, 0.4, 0.2)
+            axis.plot([cart, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
+            axis.axhline(-0.1, color="grey", lw=1)
+            drawing.square(axis, 1.4 * pole, (cart, 0.0))
+
+        return draw

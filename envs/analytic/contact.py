@@ -6,6 +6,7 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from diffpg.envs.analytic.base import (
     AnalyticEnv,
     finite,
@@ -158,3 +159,17 @@ class WallContact(AnalyticEnv):
                 p, v = jax.lax.fori_loop(0, self.substeps, substep, (x[0], x[1]))
         reward = -((p - self.target) ** 2 + self.action_cost * action[0] ** 2)
         return jnp.stack([p, v]), reward
+
+    def frame_drawer(self, positions):
+        """The point mass, its wall and its target on a line (``diffpg.envs.drawing``;
+        ``positions [T + 1, 2]``: the raw states)."""
+        low = min(float(np.min(positions[:, 0])), self.start) - 0.2
+        high = self.wall + 0.3
+
+        def draw(axis, x):
+            axis.axvline(self.wall, color="black", lw=4)
+            axis.plot([self.target], [0], "x", color="tab:green", ms=10)
+            axis.plot([x[0]], [0], "o", color="tab:red", ms=14)
+            axis.set(xlim=(low, high), ylim=(-0.5, 0.5), yticks=[])
+
+        return draw

@@ -6,6 +6,8 @@ from typing import final
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from diffpg.envs import drawing
 from diffpg.envs.analytic.base import AnalyticEnv, non_negative, positive
 
 
@@ -89,4 +91,15 @@ class PendulumSwingUp(AnalyticEnv):
         )
         return jnp.stack([next_theta, next_omega]), reward
 
+    def frame_drawer(self, positions):
+        """The pendulum from the front: a rod from the pivot to its bob (``diffpg.envs.drawing``;
+        ``positions [T + 1, 2]``: the raw states)."""
+        length = self.length
 
+        def draw(axis, x):
+            tip = (length * np.sin(x[0]), length * np.cos(x[0]))
+            axis.plot([0, tip[0]], [0, tip[1]], "-", color="tab:blue", lw=3)
+            axis.plot(*tip, "o", color="tab:red", ms=12)
+            drawing.square(axis, 1.3 * length, (0.0, 0.0))
+
+        return draw
