@@ -55,3 +55,20 @@ def test_fall_anatomy_reads_an_episode_s_last_steps_from_its_record():
     assert [step["step"] for step in last] == [1, 2, 3, 4]  # LAST_STEPS before the end
     assert last[-1] == {"step": 4, "torso_height": 0.9, "lowest_body": 0.5, "highest_body": 0.9,
                         "pitch": 0.04, "joints": [-1.0, -0.5], "forward_velocity": 4.0}
+
+
+def test_the_reverse_pass_profile_runs_and_counts_each_program_s_operations(tmp_path):
+    """``profile_reverse.py`` at tiny sizes on the pendulum: a row per program, the forward as
+    the unit, and the reverse step's program holding more operations than the forward's."""
+    out = tmp_path / "profile"
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "profile_reverse.py"), "--env", "pendulum",
+         "--num-envs", "4", "--horizon", "4", "--segments", "0", "1", "--repeats", "2",
+         "--out", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [row["program"] for row in results["rollout"]] == [
+        "forward rollout", "BPTT gradient", "BPTT gradient, remat every 1"]
+    assert results["rollout"][0]["x_forward"] == 1.0
+    forward, reverse = results["step"]
+    assert reverse["operations"] > forward["operations"] > 0

@@ -1,0 +1,135 @@
+"""Where a gradient through the physics goes: the reverse pass against the forward, from the
+compiled programs.
+
+For one env, ``--num-envs`` B and ``--horizon`` T, in one process (CPU seconds of the best of
+``--repeats`` calls, after a compiling call; ``time.process_time``, so another job on the
+machine moves the numbers less than wall-clock):
+
+* **rollout**: the forward ``unroll`` of T steps with the policy's sampled actions, and the
+  BPTT gradient of its mean return, plain and rematerialised every ``S`` steps
+  (``remat_segment``: the reverse pass recomputes the forward instead of reading saved
+  residuals; ``S = 1``: every step);
+* **one step**: one batched physics step, forward and its reverse (the gradient of a scalar of
+  the next state w.r.t. the state and the action), and the operations of each compiled program
+  by kind (XLA's optimised HLO: fusions, copies, transposes, gathers, scatters, loops...), so
+  that what the reverse pass adds is named from the program, not guessed.
+
+Prints two tables and writes ``results.json``::
+
+    python experiments/profile_reverse.py --env hopper
+    python experiments/profile_reverse.py --env ant --out runs/profile_reverse_ant
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from diffpg import envs  # noqa: E402
+from diffpg.acting import unroll  # noqa: E402
+from diffpg.normalization import init_statistics  # noqa: E402
+from diffpg.policy import make_gaussian_mlp_policy  # noqa: E402
+
+OPERATION = re.compile(r"= \S+ ([a-z][\w-]*)\(")
+"""An instruction's opcode in XLA's HLO text."""
+
+FREE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+"""Opcodes that move no data (left out of the counts)."""
+
+
+def cpu_seconds(function, *args, repeats: int) -> tuple[float, float]:
+    """(wall-clock of the compiling call, best CPU seconds of ``repeats`` later calls)."""
+    started = time.perf_counter()
+    jax.block_until_ready(function(*args))
+    compiling = time.perf_counter() - started
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        jax.block_until_ready(function(*args))
+        best = min(best, time.process_time() - started)
+    return compiling, best
+
+
+def operations(function, *args) -> collections.Counter:
+    """The compiled program's instructions by opcode (those that move data)."""
+    text = jax.jit(function).lower(*args).compile().as_text()
+    return collections.Counter(op for op in OPERATION.findall(text) if op not in FREE)
+
+
+def rollout_rows(env, num_envs: int, horizon: int, segments: list[int], repeats: int, key):
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                      hidden_sizes=(128, 64, 32))
+    params = policy.init(key)
+    stats = init_statistics(env.observation_size)
+    states = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+
+    def mean_return(p, remat_segment):
+        _, tr = unroll(env, policy, p, stats, states, key, horizon, remat_segment=remat_segment)
+        return jnp.mean(jnp.sum(tr.reward, axis=0))
+
+    programs = {"forward rollout": jax.jit(functools.partial(mean_return, remat_segment=0))}
+    for segment in segments:
+        name = "BPTT gradient" + (f", remat every {segment}" if segment else "")
+        programs[name] = jax.jit(jax.grad(functools.partial(mean_return, remat_segment=segment)))
+    rows = []
+    for name, program in programs.items():
+        compiling, seconds = cpu_seconds(program, params, repeats=repeats)
+        rows.append({"program": name, "cpu_s": seconds, "compile_s": compiling})
+    for row in rows:
+        row["x_forward"] = row["cpu_s"] / rows[0]["cpu_s"]
+    return rows
+
+
+def step_rows(env, num_envs: int, repeats: int, key):
+    states = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+    actions = jnp.zeros((num_envs, env.action_size))
+    step = jax.vmap(env.step)
+
+    def after(physics, action):
+        reached = step(states.replace(pipeline_state=physics), action)
+        return jnp.sum(reached.reward) + jnp.sum(reached.obs**2)
+
+    reverse = jax.grad(after, argnums=(0, 1))
+    rows = []
+    for name, function in (("one step, forward", after), ("one step, reverse", reverse)):
+        _, seconds = cpu_seconds(jax.jit(function), states.pipeline_state, actions,
+                                 repeats=repeats)
+        counts = operations(function, states.pipeline_state, actions)
+        rows.append({"program": name, "cpu_ms": 1e3 * seconds, "operations": sum(counts.values()),
+                     "most": ", ".join(f"{op} {n}" for op, n in counts.most_common(8))})
+    return rows
+
+
+def main() -> None:
+    parser = common.parser("profile_reverse", __doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="hopper")
+    parser.add_argument("--num-envs", type=int, default=64)
+    parser.add_argument("--horizon", type=int, default=32)
+    parser.add_argument("--segments", type=int, nargs="*", default=[0, 1, 8],
+                        help="remat_segment values of the BPTT gradient (0: none)")
+    parser.add_argument("--repeats", type=int, default=5)
+    arguments = parser.parse_args()
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+    env, key = envs.make(arguments.env), jax.random.PRNGKey(arguments.seed)
+    rollout = rollout_rows(env, arguments.num_envs, arguments.horizon, arguments.segments,
+                           arguments.repeats, key)
+    print(common.format_table(rollout, ["program", "cpu_s", "x_forward", "compile_s"]))
+    steps = step_rows(env, arguments.num_envs, arguments.repeats, key)
+    print(common.format_table(steps, ["program", "cpu_ms", "operations", "most"]))
+    common.write_json(out / "results.json", {"settings": vars(arguments) | {"out": str(out)},
+                                             "rollout": rollout, "step": steps})
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
