@@ -269,10 +269,26 @@ def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Itera
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
-                if not _holds_files(path):
+                if not _holds_files(path) and not _locked_by_another_process(path):
                     (path / ".lock").unlink(missing_ok=True)
                     path.rmdir()
         raise
+
+
+def _locked_by_another_process(folder: Path) -> bool:
+    """Whether another process holds ``folder``'s ``run_lock`` now (two commands started
+    together on one new folder: the one refused must not remove the folder the other runs in)."""
+    try:
+        descriptor = os.open(folder / ".lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def remove_files(folder: Path, names: tuple[str, ...]) -> None:

@@ -61,17 +61,18 @@ def test_a_compare_into_a_folder_in_use_is_refused(tmp_path, capsys, monkeypatch
 
 
 def test_a_train_into_a_comparisons_folder_in_use_is_refused(tmp_path, capsys):
-    """compare and train take the same lock: neither writes into a folder the other is using."""
+    """compare and train take the same lock: neither writes into a folder the other is using
+    (here a comparison still computing: its samples are kept, its results not yet written)."""
     out = tmp_path / "busy"
     out.mkdir()
-    (out / "results.json").write_text("a comparison's")
+    (out / "samples.npz").write_text("a comparison's")
     with run_lock(out):
         assert cli.main(["train", "--env", "pendulum", "--num-envs", "2", "--horizon", "4",
                          "--updates", "2", "--updates-per-call", "2", "--eval-envs", "2",
                          "--out", str(out), "--overwrite"]) == 2
     _one_line(capsys, "is in use by process")
-    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
-    assert (out / "results.json").read_text() == "a comparison's"
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz"]
+    assert (out / "samples.npz").read_text() == "a comparison's"
 
 
 def test_overwrite_leaves_no_earlier_result_beside_the_new_one(tmp_path):

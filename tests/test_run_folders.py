@@ -99,6 +99,27 @@ def test_overwrite_replaces_only_its_own_kind_of_folder(tmp_path, marker, argume
 # ----------------------------------------------------------------------------- 2. one owner
 
 
+def test_a_command_refused_a_new_folder_s_lock_leaves_the_folder_to_its_owner(tmp_path):
+    """Two commands started together on one new folder both create it; the one the lock
+    refuses used to remove it (it had created it and written nothing), under the other's run."""
+    import fcntl
+
+    from diffpg.envs.core import SettingError
+
+    from diffpg.folders import output_folder
+
+    out = tmp_path / "new"
+    with pytest.raises(SettingError), output_folder(out, False, "unused"):
+        owner = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # the other process's lock
+        fcntl.flock(owner, fcntl.LOCK_EX)
+        raise SettingError("refused: in use")
+    assert out.is_dir() and (out / ".lock").exists()
+    os.close(owner)
+    with pytest.raises(SettingError), output_folder(tmp_path / "alone", False, "unused"):
+        raise SettingError("a bad setting")
+    assert not (tmp_path / "alone").exists()  # nobody else's: no trace left
+
+
 @pytest.mark.slow
 def test_of_two_runs_started_together_on_one_folder_one_is_refused(tmp_path):
     out = tmp_path / "run"
