@@ -39,6 +39,7 @@ def test_the_command_line_overrides_the_configuration():
     assert settings.health_shaping == 2.0  # measured here (BENCHMARKS.md section 2)
     assert settings.resolved_estimator_settings.critic_learning_rate == 1e-3  # given
     assert settings.resolved_estimator_settings.target_critic_keep == 0.2
+    assert settings.resolved_estimator_settings.discount == 0.995  # measured (section 2)
     gpu, *_ = parse_train_command(["--env", "hopper", "--sizes", "gpu"])
     assert gpu.num_envs == 2048 and gpu.resolved_estimator_settings.critic_learning_rate == 2e-4
     ppo, *_ = parse_train_command(["--env", "ant", "ppo"])  # Brax's published PPO settings
