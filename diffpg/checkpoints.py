@@ -57,6 +57,7 @@ def checkpoint_manager(run_dir: Path, writing: bool = False) -> ocp.CheckpointMa
     synchronous saves, the last ``KEPT_CHECKPOINTS`` kept, leftovers of interrupted saves cleaned
     up. Otherwise read-only: it changes nothing (another process may be writing)."""
     if writing:
+        _drop_closed_event_loop_reports()
         options = ocp.CheckpointManagerOptions(max_to_keep=KEPT_CHECKPOINTS,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
@@ -144,7 +145,8 @@ def _drop_closed_event_loop_reports() -> None:
     """From now on, Python's reports of ``RuntimeError("Event loop is closed")`` outside any
     caller (``sys.excepthook``, ``sys.unraisablehook``) are dropped: when a save fails,
     TensorStore's other pending writes finish on their own threads and try to wake orbax's event
-    loop, which the failure closed. Every other report is left as it was (installed once)."""
+    loop, which the failure closed. Every other report is left as it was (installed once, by
+    the first writing ``checkpoint_manager``)."""
     if getattr(sys.excepthook, "drops_closed_event_loop", False):
         return
     previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
@@ -166,7 +168,6 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
     record the digest of its files. Every process calls it; the primary one writes the digest."""
     update = counter_value(state.update)
     folder = Path(manager.directory)
-    _drop_closed_event_loop_reports()
     try:
         with _quiet_orbax():
             manager.save(update, args=ocp.args.Composite(

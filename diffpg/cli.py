@@ -68,8 +68,8 @@ def check_same_kind(out: Path | None, kind: str) -> None:
     if out is None or not out.is_dir():
         return
     for other, markers in FOLDER_KINDS.items():
-        found = [name for name in markers if other != kind and (out / name).exists()]
-        if found:
+        found = [name for name in markers if (out / name).exists()]
+        if other != kind and found:
             raise SettingError(f"out={str(out)!r} holds {other} ({found[0]}), which {kind} does "
                                "not replace; choose another --out")
 

@@ -57,6 +57,19 @@ def survival(
     return before, after
 
 
+def survival_weighted(weights: jax.Array, survival_probability: jax.Array | None,
+                      done: jax.Array, restart: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """``(weights * S_{t-1}, weights * S_t)`` ``[T, B]``: an objective's weights for the reward
+    of each step and for a value bootstrapped after it, given the probability of going on
+    (``survival``'s products, restarting as it says); both ``weights`` when
+    ``survival_probability`` is ``None``."""
+    if survival_probability is None:
+        return weights, weights
+    alive_before, alive_after = survival(survival_probability, done, restart)
+    return weights * alive_before, weights * alive_after
+
+
 def reward_to_go(values: jax.Array, done: jax.Array, discount: float = 1.0) -> jax.Array:
     """``psi_t = sum_{t' >= t, same episode} discount^(t' - t) values_{t'}``, ``[T, B]``.
 

@@ -151,17 +151,14 @@ def segmented_return(reward: jax.Array, done: jax.Array, truncation: jax.Array,
     the probability of being alive (``shac.window_return``), restarting at each segment's start.
     """
     weights = returns.segment_discounts(done, discount, jnp.ones(reward.shape[1:]))
-    reward_weights = value_weights = weights
-    if survival_probability is not None:
-        segment_starts = jnp.concatenate([jnp.zeros(1, end.dtype), end[:-1]])
-        alive_before, alive_after = returns.survival(survival_probability, done, segment_starts)
-        reward_weights, value_weights = weights * alive_before, weights * alive_after
+    segment_starts = jnp.concatenate([jnp.zeros(1, end.dtype), end[:-1]])
+    reward_weights, value_weights = returns.survival_weighted(weights, survival_probability,
+                                                              done, segment_starts)
     bootstrap = truncation + end[:, None] * (1.0 - done)
     if not final_bootstrap:
         bootstrap = bootstrap.at[-1].set(0.0)
     rewards = jnp.sum(weights * reward, axis=0)
-    weighted_rewards = (rewards if survival_probability is None
-                        else jnp.sum(reward_weights * reward, axis=0))
+    weighted_rewards = jnp.sum(reward_weights * reward, axis=0)  # rewards without survival
     return (weighted_rewards + jnp.sum(value_weights * discount * bootstrap * next_value, axis=0),
             rewards)
 

@@ -349,10 +349,8 @@ def window_return(
     gradient sees where the hard end of an episode has none (``rewards`` stays unweighted).
     """
     weights = returns.segment_discounts(done, discount, start_weight)
-    reward_weights = value_weights = weights
-    if survival_probability is not None:
-        alive_before, alive_after = returns.survival(survival_probability, done)
-        reward_weights, value_weights = weights * alive_before, weights * alive_after
+    reward_weights, value_weights = returns.survival_weighted(weights, survival_probability,
+                                                              done)
     is_last_step = (jnp.arange(reward.shape[0]) == reward.shape[0] - 1)[:, None]
     bootstrap_allowed = jnp.where(is_last_step, final_bootstrap, 1.0)
     rewards = jnp.sum(weights * reward, axis=0)
@@ -365,8 +363,7 @@ def window_return(
         end_values = end_values + jnp.sum(
             value_weights * discount * termination * zero_valued, axis=0)
     next_weight = jnp.where(done[-1] > 0, 1.0, discount * weights[-1])
-    weighted_rewards = (rewards if survival_probability is None
-                        else jnp.sum(reward_weights * reward, axis=0))
+    weighted_rewards = jnp.sum(reward_weights * reward, axis=0)  # rewards without survival
     bonuses = 0.0 if bonus is None else jnp.sum(reward_weights * bonus, axis=0)
     return weighted_rewards + bonuses + truncation_values + end_values, rewards, next_weight
 
