@@ -276,8 +276,8 @@ def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool)
 
 def parse_compare_command(argv: list[str]):
     """``diffpg compare`` arguments -> ``(settings, out, overwrite, resume)``; with ``--resume
-    DIR`` the settings are DIR's own (``compare.load_finished_points``) and ``out`` is DIR."""
-    from diffpg.compare import CompareSettings
+    DIR`` the settings are DIR's own (``comparison_files.load_finished_points``) and ``out`` is DIR."""
+    from diffpg.comparison_settings import CompareSettings
 
     @dataclasses.dataclass(frozen=True)
     class CompareCommand:
@@ -303,7 +303,7 @@ def parse_compare_command(argv: list[str]):
     if given:
         raise CommandLineError(f"{given[0]} cannot be given with resume={str(command.resume)!r}: "
                                "a resumed comparison keeps its folder and its settings")
-    from diffpg.compare import load_finished_points
+    from diffpg.comparison_files import load_finished_points
 
     settings, finished = load_finished_points(command.resume)
     return settings, command.resume, False, finished

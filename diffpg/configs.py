@@ -19,6 +19,9 @@ from typing import Any
 
 from diffpg.envs.core import SettingError
 
+DEFAULT_ENV = "cartpole_swingup"
+"""The env ``diffpg train`` runs when none is named: SHAC's cart-pole swing-up."""
+
 DEFAULT_ESTIMATOR = "shac"
 """The estimator a run trains with when neither the user nor the env's configuration names one."""
 

@@ -251,3 +251,44 @@ def _remove_least_recently_used(directory: Path, max_bytes: int) -> None:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
         total -= size
+
+
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1,
+                        "xla_cpu_parallel_codegen_split_count": 1}
+"""XLA:CPU options a comparison's loops compile with (the critics' warm-up, run for hundreds of
+rounds): XLA's loop emitters for fusions, LLVM's ``-O1``, and one LLVM module per program. A
+comparison compiles some 75 programs and runs each once, so compiling is most of its time on a
+CPU; these options halve it (BENCHMARKS.md section 4). A jaxlib that no longer knows them
+compiles with its defaults."""
+
+
+CPU_RUN_ONCE_OPTIONS = CPU_COMPILER_OPTIONS | {"xla_backend_optimization_level": 0}
+"""XLA:CPU options for a program that runs once in a few milliseconds (the estimates): LLVM
+without optimisation, which compiles in less than half the CPU time and runs a few times
+slower (BENCHMARKS.md section 4)."""
+
+
+def compile_program(jitted, *args, description: dict | None = None,
+                    cpu_options: dict = CPU_COMPILER_OPTIONS):
+    """``jitted`` lowered for ``args`` and compiled (with ``cpu_options`` on a CPU).
+
+    ``description``: everything besides ``args``' shapes that shapes the program (JSON-able);
+    given, the compiled program is kept across processes under it (``program_key``).
+    """
+    options = cpu_options if jax.default_backend() == "cpu" else {}
+    key = None
+    if description is not None:
+        key = program_key(description | {
+            "args": avals_fingerprint(args), "compiler_options": options})
+    return load_or_compile(key, lambda: _lower_and_compile(jitted, args, options))
+
+
+def _lower_and_compile(jitted, args, options: dict):
+    lowered = jitted.lower(*args)
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as error:
+            if "compile option" not in str(error):
+                raise
+    return lowered.compile()

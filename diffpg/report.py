@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from diffpg.compare import SAMPLES_FILE, save_samples  # noqa: E402
+from diffpg.comparison_files import SAMPLES_FILE, save_samples  # noqa: E402
 from diffpg.devices import environment_description  # noqa: E402
 from diffpg.estimators import FAMILIES  # noqa: E402
 from diffpg.folders import PARTIAL_PATTERN, atomic_path  # noqa: E402

@@ -89,7 +89,7 @@ class TrainSettings:
     """Every setting of a training run (resolved: ``settings_for`` layers the defaults)."""
 
     env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = (
-        "cartpole_swingup")
+        configs.DEFAULT_ENV)
     env_options: tuple[str, ...] = ()
     """Environment constructor settings as key=value (e.g. velocity_cost=0.01 for pendulum)."""
     backend: str | None = None

@@ -8,6 +8,11 @@
   ``backend="mjx"`` is differentiable (``diffpg.envs.mjx``).
 * MuJoCo Playground environments (``diffpg.envs.playground``, the ``playground`` extra):
   ``"playground:CheetahRun"``, ``"playground:HopperHop"``, ... on MJX, differentiable.
+* A user's: ``register(name, EnvClass)`` (one file; ``diffpg --import MODULE`` brings it to
+  every command).
+
+What an env offers it declares on its class (``setting_names``, ``has_exact_return``, its
+``frame_drawer``), so that no command names an env.
 
 Every environment comes back wrapped in ``TimeLimitAutoReset`` (single instance; ``vmap`` to
 batch). All arguments are checked before anything is built or compiled.
@@ -71,11 +76,17 @@ __all__ = [
     "TimeLimitAutoReset",
     "check",
     "check_name",
+    "DEFAULT_ENV",
     "default_episode_length",
+    "has_exact_return",
     "make",
     "route_mujoco_warnings",
     "make_raw",
     "names",
+    "names_without_simulator",
+    "register",
+    "setting_names",
+    "unregister",
 ]
 
 #: Analytic env name -> class name in ``diffpg.envs.analytic`` (imported when first made).
@@ -102,6 +113,10 @@ class EnvFamily(NamedTuple):
     make: Callable[[str, str | None, dict[str, Any]], Environment]
     """``(name, backend, settings) -> raw env`` (termination only, no time limit)."""
     default_episode_length: Callable[[str], int]
+    setting_names: Callable[[str], tuple[str, ...]]
+    """The constructor settings ``make(name, **settings)`` accepts (nothing is built)."""
+    env_class: Callable[[str], type[Environment]]
+    """The class ``make`` builds, whose attributes declare what the env offers."""
     check_name: Callable[[str], Any] = lambda name: None
     """Refuses a name it owns but cannot build (Playground: not installed, assets missing)."""
 
@@ -119,25 +134,39 @@ def _analytic_class(name: str) -> type:
     return getattr(analytic, ANALYTIC_ENV_CLASSES[name])
 
 
-def _make_analytic(name: str, backend: str | None, settings: dict[str, Any]) -> Environment:
-    _no_backend(name, backend)
-    env_class = _analytic_class(name)
-    allowed = [p for p in inspect.signature(env_class).parameters if p != "self"]
+def _constructor_settings(env_class: Callable) -> tuple[str, ...]:
+    """The keyword settings of an env's constructor."""
+    return tuple(p for p in inspect.signature(env_class).parameters
+                 if p not in ("self", "kwargs", "backend"))
+
+
+def _check_setting_names(name: str, settings: dict[str, Any]) -> None:
+    allowed = list(setting_names(name))
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
                            f"{allowed}")
+
+
+def _make_from_class(env_class: type[Environment], name: str, backend: str | None,
+                     settings: dict[str, Any]) -> Environment:
+    """``env_class(**settings)`` after checking the names (a class's own checks its values)."""
+    _no_backend(name, backend)
+    _check_setting_names(name, settings)
     return env_class(**settings)
+
+
+def _make_analytic(name: str, backend: str | None, settings: dict[str, Any]) -> Environment:
+    return _make_from_class(_analytic_class(name), name, backend, settings)
+
+
+def _brax_setting_names(name: str) -> tuple[str, ...]:
+    return _constructor_settings(import_brax_envs()._envs[name]) + ("solver_iterations",)
 
 
 def _check_brax(name: str, backend: str | None, settings: dict[str, Any]) -> None:
     check_solver_setting(check_brax_name_and_backend(name, backend), settings)
-    brax_envs = import_brax_envs()
-    allowed = [p for p in inspect.signature(brax_envs._envs[name]).parameters
-               if p not in ("self", "kwargs", "backend")] + ["solver_iterations"]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: {allowed}")
+    _check_setting_names(name, settings)
 
 
 def _check_playground(name: str, backend: str | None, settings: dict[str, Any]) -> None:
@@ -150,28 +179,94 @@ def _make_playground(name: str, backend: str | None, settings: dict[str, Any]) -
     return playground.PlaygroundEnvironment(name, **settings)
 
 
+_REGISTERED: dict[str, type[Environment]] = {}
+"""Environments registered with ``register``: name -> class."""
+
+
+def _make_registered(name: str, backend: str | None, settings: dict[str, Any]) -> Environment:
+    return _make_from_class(_REGISTERED[name], name, backend, settings)
+
+
 FAMILIES: tuple[EnvFamily, ...] = (
     EnvFamily(  # analytic: costs nothing to build, so building it is its check
         names=lambda: tuple(ANALYTIC_ENV_CLASSES),
         owns=lambda name: name in ANALYTIC_ENV_CLASSES,
         check_settings=_make_analytic,
         make=_make_analytic,
-        default_episode_length=lambda name: int(_analytic_class(name).default_episode_length)),
+        default_episode_length=lambda name: int(_analytic_class(name).default_episode_length),
+        setting_names=lambda name: _constructor_settings(_analytic_class(name)),
+        env_class=_analytic_class),
     EnvFamily(  # Brax, on a physics backend
         names=lambda: BRAX_ENV_NAMES,
         owns=lambda name: name in BRAX_ENV_NAMES,
         check_settings=_check_brax,
         make=lambda name, backend, settings: BraxEnvironment(
             name, backend=check_brax_name_and_backend(name, backend), **settings),
-        default_episode_length=lambda name: DEFAULT_EPISODE_LENGTH[name]),
+        default_episode_length=lambda name: DEFAULT_EPISODE_LENGTH[name],
+        setting_names=_brax_setting_names,
+        env_class=lambda name: BraxEnvironment),
     EnvFamily(  # MuJoCo Playground ("playground:TASK", the playground extra)
         names=playground.task_names,
         owns=lambda name: name.startswith(playground.PREFIX),
         check_settings=_check_playground,
         make=_make_playground,
         default_episode_length=playground.default_episode_length,
+        setting_names=playground.setting_names,
+        env_class=lambda name: playground.PlaygroundEnvironment,
         check_name=playground.check_name),
+    EnvFamily(  # a user's, registered with ``register`` (e.g. ``diffpg --import MODULE``);
+        # like an analytic env, building it (its constructor's checks) is its check
+        names=lambda: tuple(_REGISTERED),
+        owns=lambda name: name in _REGISTERED,
+        check_settings=_make_registered,
+        make=_make_registered,
+        default_episode_length=lambda name: int(_REGISTERED[name].default_episode_length),
+        setting_names=lambda name: _constructor_settings(_REGISTERED[name]),
+        env_class=_REGISTERED.__getitem__),
 )
+
+DEFAULT_ENV = "lqr"
+"""The env a comparison runs when none is named: the linear-quadratic regulator, whose
+gradient is known exactly (``linear_gaussian_return``)."""
+
+
+def register(name: str, env_class: type[Environment]) -> None:
+    """Make ``make(name, **settings)`` build ``env_class(**settings)``, beside the built-in
+    envs, for every command (``diffpg --import MODULE`` imports a module that calls this).
+
+    ``env_class``: an ``Environment`` subclass whose constructor takes keyword settings,
+    checks their values (raising ``SettingError``) and is cheap: ``check`` builds it, as it
+    builds an analytic env, before anything compiles. Its class attributes declare what it
+    offers: ``default_episode_length``, ``linear_gaussian_return`` (an exact reference for
+    ``diffpg compare``), ``frame_drawer`` (``diffpg video``); a ``stiffness`` setting makes
+    ``diffpg compare --sweep stiffness`` apply.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SettingError(f"env name {name!r} must be a Python identifier (letters, digits, _)")
+    if name in names():
+        raise SettingError(f"env={name!r} exists already; allowed: a new name")
+    if not (isinstance(env_class, type) and issubclass(env_class, Environment)):
+        raise SettingError(f"env {name!r}: {env_class!r} is not a subclass of "
+                           "diffpg.envs.Environment")
+    _REGISTERED[name] = env_class
+
+
+def unregister(name: str) -> None:
+    """Remove an env added with ``register`` (built-in envs stay)."""
+    if name not in _REGISTERED:
+        raise SettingError(f"env={name!r} was not registered; registered: {list(_REGISTERED)}")
+    del _REGISTERED[name]
+
+
+def setting_names(name: str) -> tuple[str, ...]:
+    """The constructor settings ``make(name, **settings)`` accepts (nothing is built)."""
+    return _family(name).setting_names(name)
+
+
+def has_exact_return(name: str) -> bool:
+    """Whether env ``name`` knows the exact expected return of a linear-Gaussian policy
+    (``Environment.linear_gaussian_return``; nothing is built)."""
+    return _family(name).env_class(name).linear_gaussian_return is not None
 
 
 def names() -> tuple[str, ...]:
@@ -187,6 +282,13 @@ def _family(name: str) -> EnvFamily:
             family.check_name(name)
             return family
     raise SettingError(f"env={name!r} is not known; allowed values: {list(names())}")
+
+
+def names_without_simulator() -> tuple[str, ...]:
+    """The envs described without importing a simulator (the analytic and registered ones):
+    those an error message can search for a capability (``setting_names``,
+    ``has_exact_return``) in milliseconds."""
+    return (*ANALYTIC_ENV_CLASSES, *_REGISTERED)
 
 
 def check_name(name: str) -> None:

@@ -97,3 +97,10 @@ class Environment(abc.ABC):
     @property
     def unwrapped(self) -> Environment:
         return self
+
+    #: Optional: ``linear_gaussian_return(gain [m, n], bias [m], std [m], horizon, discount,
+    #: pipeline_state) -> []``, the exact expected return ``E[sum_{t<horizon} discount^t r_t]``
+    #: of the policy ``u = gain obs + bias + std eps`` from one state, differentiable in the
+    #: policy's parameters; ``None``: the env knows none in closed form. An env that has it gets
+    #: a linear policy and this return's gradient as the exact reference in ``diffpg compare``.
+    linear_gaussian_return = None

@@ -41,7 +41,7 @@ from diffpg.envs import mjx
 from diffpg.envs.core import Environment, SettingError, State
 
 __all__ = ["EXTRA", "PREFIX", "PlaygroundEnvironment", "check_name", "check_settings",
-           "default_episode_length", "installed", "task_names"]
+           "default_episode_length", "installed", "setting_names", "task_names"]
 
 #: How Playground env names are spelled in ``diffpg.envs.make``: ``"playground:" + Playground's name``.
 PREFIX = "playground:"
@@ -137,15 +137,21 @@ def check_settings(name: str, settings: dict[str, Any]) -> str:
     task = check_name(name)
     if "solver_iterations" in settings:
         mjx.check_solver_iterations(settings["solver_iterations"])
-    allowed = sorted(_default_config(task).keys())
-    unknown = sorted(set(settings) - set(allowed) - {"solver_iterations"})
+    allowed = setting_names(name)
+    unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise SettingError(f"env {name!r} has no setting(s) {unknown}; allowed settings: "
-                           f"{allowed + ['solver_iterations']}")
+                           f"{list(allowed)}")
     if settings.get("impl", "jax") != "jax":
         raise SettingError(f"impl={settings['impl']!r}: diffpg runs Playground on MJX's JAX "
                            f"implementation only; allowed: 'jax'")
     return task
+
+
+def setting_names(name: str) -> tuple[str, ...]:
+    """The settings of env ``name``: the keys of its task's config and ``solver_iterations``
+    (reads the config, builds no model)."""
+    return (*sorted(_default_config(check_name(name)).keys()), "solver_iterations")
 
 
 def default_episode_length(name: str) -> int:

@@ -27,17 +27,11 @@ import common  # noqa: E402
 import jax  # noqa: E402
 
 from diffpg import estimators  # noqa: E402
-from diffpg.compare import (  # noqa: E402
-    CPU_COMPILER_OPTIONS,
-    CPU_RUN_ONCE_OPTIONS,
-    CompareSettings,
-    estimates_program,
-    estimator_settings,
-    learns,
-    make_env_and_policy,
-    warmup_program,
-)
+from diffpg.compare import make_env_and_policy  # noqa: E402
+from diffpg.comparison_settings import CompareSettings, estimator_settings  # noqa: E402
 from diffpg.normalization import init_statistics  # noqa: E402
+from diffpg.program_cache import CPU_COMPILER_OPTIONS, CPU_RUN_ONCE_OPTIONS  # noqa: E402
+from diffpg.sampling import estimates_program, learns, warmup_program  # noqa: E402
 
 DIFFPG_OPTIONS = {"warm-up": CPU_COMPILER_OPTIONS, "estimates": CPU_RUN_ONCE_OPTIONS}
 """The options ``diffpg compare`` compiles each kind of program with."""

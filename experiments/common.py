@@ -17,8 +17,8 @@ import diffpg
 
 diffpg.setup()  # the persistent compilation cache, quiet XLA and MuJoCo logs, as the commands
 
-from diffpg.compare import sample_gradients  # noqa: E402
 from diffpg.report import environment_description  # noqa: E402
+from diffpg.sampling import sample_gradients  # noqa: E402
 
 __all__ = ["environment_description", "format_table", "parser", "prepare_output", "sample_gradients",
            "supply_brax_trainer_api", "write_json"]

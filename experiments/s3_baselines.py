@@ -7,7 +7,7 @@ contains the sample's own return); ``leave_one_out`` is its unbiased version (RL
 Design (one policy, fixed start states, only the action noise random):
 
 * LQR (``diffpg.envs.make("lqr")``, linear-Gaussian policy): the reference is the exact gradient of the
-  closed-form ``J_T`` (``diffpg.compare.exact_lqr_gradient``), so a bias is measured against truth.
+  closed-form ``J_T`` (``diffpg.compare.exact_gradient``), so a bias is measured against truth.
 * Pendulum swing-up (``diffpg.envs.make("pendulum")``, tanh-squashed MLP policy): no closed form; the
   reference is the mean of many BPTT estimates (pathwise, unbiased on these smooth dynamics, and an
   estimator different from every one tested), with its standard error folded into ``bias_noise``.
@@ -35,7 +35,7 @@ from common import format_table, parser, prepare_output, sample_gradients, write
 from jax.flatten_util import ravel_pytree
 
 from diffpg import envs, estimators
-from diffpg.compare import exact_lqr_gradient
+from diffpg.compare import exact_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
@@ -110,7 +110,7 @@ def run_env(env_name: str, args, key) -> tuple[list[dict], dict]:
 
     started = time.perf_counter()
     if env_name == "lqr":
-        reference = np.asarray(ravel_pytree(exact_lqr_gradient(
+        reference = np.asarray(ravel_pytree(exact_gradient(
             env, params, start_states, horizon, args.discount))[0], np.float64)
         reference_se = np.zeros_like(reference)
         reference_kind = "exact (closed form)"
@@ -172,7 +172,7 @@ def batch_size_sweep(args, key) -> list[dict]:
     rows = []
     for n in args.sweep_sizes:
         states = jax.tree.map(lambda x, n=n: x[:n], all_states)
-        reference = np.asarray(ravel_pytree(exact_lqr_gradient(
+        reference = np.asarray(ravel_pytree(exact_gradient(
             env, params, states, args.horizon, args.discount))[0], np.float64)
         for index, baseline in enumerate(("batch_mean", "leave_one_out")):
             estimator = estimators.make("reinforce", env, policy, horizon=args.horizon,

@@ -21,7 +21,7 @@ use the **per-step average** objective (discount 1)::
   fitted slope ``beta`` of ``log Var`` against ``log k`` says where an estimator sits; the effective
   number of independent samples is then ``n_eff ∝ n k^(1 - beta)``. The objective ``J_k`` still
   depends on ``k`` through the start-up transient (the first ~25 steps start from rest), which is why
-  the exact gradient of each ``J_k`` (``diffpg.compare.exact_lqr_gradient``) is reported too: the
+  the exact gradient of each ``J_k`` (``diffpg.compare.exact_gradient``) is reported too: the
   variance is compared to it via ``Var / |grad J_k|^2`` (relative variance), which removes the
   change of the gradient's scale with ``k``.
 
@@ -46,7 +46,7 @@ from common import format_table, parser, prepare_output, sample_gradients, write
 from jax.flatten_util import ravel_pytree
 
 from diffpg import envs, estimators
-from diffpg.compare import exact_lqr_gradient
+from diffpg.compare import exact_gradient
 from diffpg.policy import make_linear_gaussian_policy
 from diffpg.stats import bootstrap_interval, gradient_statistics, variance_trace
 
@@ -69,7 +69,7 @@ def measure(env, policy, params, variant, n, k, key, num_estimates):
     start_states = jax.vmap(env.reset)(jax.random.split(jax.random.fold_in(key, 7), n))
     samples, timing = sample_gradients(estimator, params, start_states, key, num_estimates, 0)
     samples = samples / k
-    exact = np.asarray(ravel_pytree(exact_lqr_gradient(env, params, start_states, k, 1.0))[0],
+    exact = np.asarray(ravel_pytree(exact_gradient(env, params, start_states, k, 1.0))[0],
                        np.float64) / k
     stats = gradient_statistics(samples, exact, np.zeros_like(exact))
     low, high = bootstrap_interval(samples, variance_trace)

@@ -11,7 +11,7 @@ Design (LQR, linear-Gaussian policy, fixed start states, exact gradient as the r
 
 * ``N`` independent batches, each ``B`` rollouts of ``T`` steps with ``theta_0``.
 * Step ``k = 0..m``: at ``theta_k`` compute (a) the unweighted and (b) the importance-weighted
-  estimate on the stale batch, and the exact ``grad J(theta_k)`` (``exact_lqr_gradient``); bias
+  estimate on the stale batch, and the exact ``grad J(theta_k)`` (``exact_gradient``); bias
   ``= |mean_batches(estimate - exact)|`` with ``noise = sqrt(sum_p Var_p / N)`` (resolved above
   2 x noise), relative to ``|mean exact|``.
 * Three ways of choosing ``theta_1..theta_m``:
@@ -49,7 +49,7 @@ from jax.flatten_util import ravel_pytree
 
 from diffpg import envs
 from diffpg.acting import unroll
-from diffpg.compare import exact_lqr_gradient
+from diffpg.compare import exact_gradient
 from diffpg.estimators.reinforce import ReinforceSettings, score_function_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy
@@ -86,7 +86,7 @@ def build(args, env, policy, params0, states):
         return ravel_pytree(tree)[0]
 
     def exact(params):
-        return flat(exact_lqr_gradient(env, params, states, args.horizon, args.discount))
+        return flat(exact_gradient(env, params, states, args.horizon, args.discount))
 
     def collect(key):
         _, data = unroll(env, policy, params0, stats, states, key, args.horizon)

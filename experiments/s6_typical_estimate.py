@@ -1,6 +1,6 @@
 """Finding S6's "typical estimate": how long the median estimate is along the true gradient.
 
-Reads a ``diffpg compare`` run folder's saved samples (``diffpg.compare.load_samples``) and
+Reads a ``diffpg compare`` run folder's saved samples (``diffpg.comparison_files.load_samples``) and
 prints, per sweep point and estimator, the median over estimates of ``g_k . ref / |ref|^2`` (1:
 the right length; below 1 the typical estimate falls short, Suh et al.'s empirical bias) with
 a percentile bootstrap 90% interval, the mean of the same projection, and the largest
@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from diffpg.compare import load_samples  # noqa: E402
+from diffpg.comparison_files import load_samples  # noqa: E402
 from diffpg.stats import bootstrap_interval  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before jax: no XLA log lines in reports
 
-from diffpg.compare import CPU_COMPILER_OPTIONS  # noqa: E402 (no backend starts on import)
+from diffpg.program_cache import CPU_COMPILER_OPTIONS  # noqa: E402 (no backend starts on import)
 
 FAST_COMPILE_XLA_FLAGS = " ".join(f"--{name}={str(value).lower()}"
                                   for name, value in CPU_COMPILER_OPTIONS.items())

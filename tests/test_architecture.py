@@ -4,7 +4,9 @@ estimator (they read what each estimator declares)."""
 from __future__ import annotations
 
 import ast
+import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +44,19 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def test_no_module_imports_a_module_that_imports_it_back():
+def _import_graph() -> dict[str, set[str]]:
+    """Each module of ``diffpg`` and ``diffpg.envs`` -> the modules of both it imports. A package
+    imports its submodules and they import the package's names: not a cycle of modules, so
+    edges to a package from its own submodules are left out."""
     paths = sorted([*PACKAGE.rglob("*.py"), *ENVS.rglob("*.py")])
     modules = {_module_name(path) for path in paths}
     graph = {_module_name(path): _imports(path, modules) for path in paths}
-    # A package imports its submodules and they import the package's names: not a cycle of
-    # modules, so edges to a package from its own submodules are left out.
-    for name, targets in graph.items():
-        graph[name] = {t for t in targets if not name.startswith(t + ".")}
+    return {name: {t for t in targets if not name.startswith(t + ".") and t != name}
+            for name, targets in graph.items()}
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    graph = _import_graph()
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for target in graph[start]:
@@ -61,6 +68,39 @@ def test_no_module_imports_a_module_that_imports_it_back():
     assert cycles == [], f"modules on an import cycle: {cycles}"
 
 
+def _drawn_floors() -> dict[str, int]:
+    """docs/architecture.md's floors drawing: module -> floor (``pkg.{a, b}`` is two modules)."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    drawing = text.split("## Floors", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    floors, floor = {}, None
+    for line in drawing.splitlines():
+        match = re.match(r"\s*(\d+)?\s+([\w.]+(?:\{[^}]*\})?)", line)
+        floor = int(match.group(1)) if match.group(1) else floor
+        spec = match.group(2)
+        prefix, _, group = spec.partition("{")
+        names = ([prefix + name for name in group.rstrip("}").split(", ")] if group
+                 else [spec])
+        floors.update({name: floor for name in names})
+    return floors
+
+
+def test_the_architecture_drawing_is_the_import_graph():
+    """docs/architecture.md draws every module of both packages on the floor its imports give it
+    (one more than the highest it imports from), and no module that does not exist."""
+    graph = _import_graph()
+
+    @functools.cache
+    def floor(module: str) -> int:
+        return 1 + max((floor(target) for target in graph[module]), default=-1)
+
+    computed = {module: floor(module) for module in graph}
+    drawn = _drawn_floors()
+    assert sorted(set(drawn) - set(computed)) == [], "drawn modules that do not exist"
+    assert sorted(set(computed) - set(drawn)) == [], "modules docs/architecture.md leaves out"
+    moved = {m: (drawn[m], computed[m]) for m in computed if drawn[m] != computed[m]}
+    assert moved == {}, f"module: (drawn floor, floor from its imports): {moved}"
+
+
 def test_comparison_and_training_name_no_estimator():
     names = set(estimators.names())
     for module in ("compare.py", "training.py", "runs.py", "cli.py", "command_line.py"):
@@ -68,6 +108,25 @@ def test_comparison_and_training_name_no_estimator():
         named = {node.value for node in ast.walk(tree)
                  if isinstance(node, ast.Constant) and node.value in names}
         assert not named, f"diffpg/{module} names estimators {sorted(named)}"
+
+
+ENV_CONFIGURATIONS = "configs.py"
+"""The one module that names envs: each env's measured training configuration."""
+
+
+def test_the_commands_and_training_name_no_env():
+    """Outside the per-env training configurations, diffpg reads what an env declares (an exact
+    return, a stiffness setting, a drawing: ``diffpg.envs``) instead of naming it, so a user's
+    registered env gets every capability it declares."""
+    from diffpg import envs
+
+    names = set(envs.names())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == ENV_CONFIGURATIONS:
+            continue
+        named = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Constant) and node.value in names}
+        assert not named, f"{path.relative_to(PACKAGE.parent)} names envs {sorted(named)}"
 
 
 def test_importing_diffpg_and_envs_changes_nothing_in_the_process():

@@ -41,7 +41,7 @@ for estimator in ("shac",):
     results[f"{estimator}/update_size"] = float(np.abs(params[1]).max())
 from diffpg import envs
 from diffpg import estimators
-from diffpg.compare import sample_gradients
+from diffpg.sampling import sample_gradients
 from diffpg.devices import shard_batch
 from diffpg.policy import make_gaussian_mlp_policy
 

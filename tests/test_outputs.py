@@ -419,7 +419,7 @@ def test_comparisons_stopped_by_any_signal_at_random_moments_resume_to_the_same_
 
     import numpy as np
 
-    from diffpg.compare import load_finished_points
+    from diffpg.comparison_files import load_finished_points
 
     arguments = ["compare", "--env", "lqr", "--estimators", "bptt", "reinforce", "--horizon",
                  "8", "--num-estimates", "4", "--num-envs", "2", "--critic-warmup", "0"]

@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from diffpg import envs, per_step
-from diffpg.compare import exact_lqr_gradient
+from diffpg.compare import exact_gradient
 from diffpg.normalization import init_statistics
 from diffpg.policy import make_linear_gaussian_policy
 from diffpg.stats import gradient_statistics
@@ -51,7 +51,7 @@ def test_the_terms_sum_to_an_unbiased_estimate_of_the_exact_gradient(kind):
                                        jax.random.fold_in(key, 2), HORIZON, DISCOUNT,
                                        NUM_ESTIMATES[kind])
     assert terms.shape == (NUM_ESTIMATES[kind], HORIZON, ravel_pytree(params)[0].shape[0])
-    exact = np.asarray(ravel_pytree(exact_lqr_gradient(env, params, starts, HORIZON,
+    exact = np.asarray(ravel_pytree(exact_gradient(env, params, starts, HORIZON,
                                                        DISCOUNT))[0], np.float64)
     summed = terms.sum(axis=1)
     assert gradient_statistics(summed, exact)["bias_resolved"] is False

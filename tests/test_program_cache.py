@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import HANG_LIMIT_S, small_disk
 
-from diffpg import compare, program_cache
+from diffpg import program_cache
 from diffpg.compare import CompareSettings, run_comparison
 from diffpg.compilation_cache import unusable_cache_folder
 
@@ -31,13 +31,13 @@ def programs(tmp_path, monkeypatch):
     folder = tmp_path / "jax" / "programs"
     assert program_cache.programs_dir() == folder
     compiled = []
-    compile_for_real = compare._lower_and_compile
+    compile_for_real = program_cache._lower_and_compile
 
     def counting(jitted, *args):
         compiled.append(jitted)
         return compile_for_real(jitted, *args)
 
-    monkeypatch.setattr(compare, "_lower_and_compile", counting)
+    monkeypatch.setattr(program_cache, "_lower_and_compile", counting)
     yield folder, compiled
     jax.config.update("jax_compilation_cache_dir", original)
     jax_cache.reset_cache()
@@ -50,31 +50,31 @@ def _program(scale):
 def test_a_kept_program_is_loaded_not_compiled_and_computes_the_same(programs):
     folder, compiled = programs
     x, key = jnp.arange(4.0), jax.random.PRNGKey(3)
-    first = compare.compile_program(_program(2.0), x, key, description={"scale": 2.0})
+    first = program_cache.compile_program(_program(2.0), x, key, description={"scale": 2.0})
     assert len(compiled) == 1 and len(list(folder.glob("*.bin"))) == 1
     # The same description loads the kept program: nothing traced or compiled.
-    again = compare.compile_program(_program(2.0), x, key, description={"scale": 2.0})
+    again = program_cache.compile_program(_program(2.0), x, key, description={"scale": 2.0})
     assert len(compiled) == 1
     np.testing.assert_array_equal(np.asarray(again(x, key)), np.asarray(first(x, key)))
     # Another description, or other input shapes, is another program.
-    compare.compile_program(_program(3.0), x, key, description={"scale": 3.0})
-    compare.compile_program(_program(2.0), jnp.arange(5.0), key, description={"scale": 2.0})
+    program_cache.compile_program(_program(3.0), x, key, description={"scale": 3.0})
+    program_cache.compile_program(_program(2.0), jnp.arange(5.0), key, description={"scale": 2.0})
     assert len(compiled) == 3 and len(list(folder.glob("*.bin"))) == 3
     # No description: compiled every time, never kept.
-    compare.compile_program(_program(2.0), x, key)
+    program_cache.compile_program(_program(2.0), x, key)
     assert len(compiled) == 4 and len(list(folder.glob("*.bin"))) == 3
 
 
 def test_a_damaged_program_file_is_compiled_again_and_removed(programs):
     folder, compiled = programs
     x, key = jnp.arange(4.0), jax.random.PRNGKey(0)
-    expected = np.asarray(compare.compile_program(_program(2.0), x, key,
+    expected = np.asarray(program_cache.compile_program(_program(2.0), x, key,
                                                   description={"n": 1})(x, key))
     (path,) = folder.glob("*.bin")
     kept = path.read_bytes()
     for damage in (b"", b"not a program", kept[: len(kept) // 2]):
         path.write_bytes(damage)
-        loaded = compare.compile_program(_program(2.0), x, key, description={"n": 1})
+        loaded = program_cache.compile_program(_program(2.0), x, key, description={"n": 1})
         np.testing.assert_array_equal(np.asarray(loaded(x, key)), expected)
         # Compiled again (JAX's persistent cache answers: not kept, see below), file removed.
         assert not path.exists()
@@ -122,7 +122,7 @@ def test_a_comparison_run_again_loads_every_program_and_gives_the_same_samples(p
                                num_estimates=4, sweep="none", critic_warmup=2)
 
     def estimators_programs():  # the reference, the LQR's exact gradient, is not kept
-        return [jitted for jitted in compiled if "exact_lqr_gradient" not in repr(jitted)]
+        return [jitted for jitted in compiled if "exact_gradient" not in repr(jitted)]
 
     first = run_comparison(settings, keep_programs=True)
     kept = len(list(folder.glob("*.bin")))

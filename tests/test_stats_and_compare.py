@@ -108,7 +108,7 @@ def test_saved_samples_reproduce_the_reported_statistics(tmp_path, env):
     """``samples.npz`` holds every estimate and the reference: ``load_samples`` gives them back
     per sweep point, and ``gradient_statistics`` on them recomputes results.json's numbers (exact
     reference on the LQR, an estimated one with its samples on the pendulum)."""
-    from diffpg.compare import load_samples
+    from diffpg.comparison_files import load_samples
 
     out = tmp_path / "run"
     assert cli.main(["compare", "--env", env, "--estimators", "reinforce", "bptt",
@@ -303,12 +303,12 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
     same keys and so the same samples."""
     import jax
 
-    from diffpg import compare, estimators
+    from diffpg import estimators, sampling
 
     estimator = estimators.make("bptt", lqr.env, lqr.policy, horizon=lqr.horizon)
     key = jax.random.PRNGKey(0)
-    expected, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
-    real = compare._compile_and_run
+    expected, _ = sampling.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
+    real = sampling._compile_and_run
     tried = []
 
     def small_device(flat_estimates, state, start_states, keys, batch_size, **options):
@@ -317,8 +317,8 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
         return real(flat_estimates, state, start_states, keys, batch_size, **options)
 
-    monkeypatch.setattr(compare, "_compile_and_run", small_device)
-    samples, _ = compare.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
+    monkeypatch.setattr(sampling, "_compile_and_run", small_device)
+    samples, _ = sampling.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
     assert tried == [32, 16, 8]
     np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-6)
 
@@ -326,7 +326,7 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
 def test_a_comparison_larger_than_memory_runs_its_estimates_a_few_at_a_time(monkeypatch):
     """With memory for 4 x 2 estimates' simulated states (the allowance is 4 x each one's
     states), a comparison of K = 8 runs them 2 at a time, and gives the samples of all at once."""
-    from diffpg import compare
+    from diffpg import compare, sampling
     from diffpg.devices import state_bytes
 
     settings = CompareSettings(estimators=("bptt", "reinforce"), sweep="none", horizon=4,
@@ -335,7 +335,7 @@ def test_a_comparison_larger_than_memory_runs_its_estimates_a_few_at_a_time(monk
     env, _, _ = compare.make_env_and_policy(settings)
     per_estimate = state_bytes(env) * settings.num_envs * (settings.horizon + 1)
     monkeypatch.setattr(compare, "available_memory_bytes", lambda: 4 * per_estimate * 2 + 1)
-    sample_gradients, chunks = compare.sample_gradients, []
+    sample_gradients, chunks = sampling.sample_gradients, []
 
     def recorded(*args, chunk_size=None, **kwargs):
         chunks.append(chunk_size)

@@ -126,6 +126,16 @@ class LinearQuadratic(AnalyticEnv):
     def _transition(self, x: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.A @ x + self.B @ action, self.reward_fn(x, action)
 
+    def linear_gaussian_return(self, gain: jax.Array, bias: jax.Array, std: jax.Array,
+                               horizon: int, discount: float | jax.Array,
+                               pipeline_state: jax.Array) -> jax.Array:
+        """``lqr_expected_return`` from the state ``pipeline_state = x [n]`` (a zero
+        covariance): the exact ``E[sum_{t<horizon} discount^t r_t]`` of ``u = gain x + bias +
+        std eps``, a scalar (the ``Environment`` capability)."""
+        size = self.observation_size
+        return lqr_expected_return(self, gain, bias, std, horizon, discount, pipeline_state,
+                                   jnp.zeros((size, size)))
+
 
 def _array_like(value: Any) -> bool:
     try:

@@ -1,0 +1,104 @@
+"""A ``diffpg compare`` folder's files: ``results.json`` (the settings and each sweep point's
+statistics, written by the command) and ``samples.npz`` (every raw gradient, ``save_samples``),
+read back by ``load_samples`` (for analysis) and ``load_finished_points`` (for ``--resume``)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from diffpg.comparison_settings import CompareSettings
+from diffpg.envs.core import SettingError
+
+SAMPLES_FILE = "samples.npz"
+"""The raw gradients of a comparison, beside its results.json (``load_samples`` reads them)."""
+
+
+def save_samples(samples_per_point: list[dict], path: Path) -> None:
+    """Write ``run_comparison``'s ``"samples"`` as one compressed ``.npz``: array
+    ``point{i}/{name}`` for sweep point ``i`` (the order of results.json's ``results``) and
+    ``name`` one of ``reference [P]``, ``reference_standard_error [P]`` (zeros for an exact
+    reference), ``reference_estimates [R, P]`` (an estimated reference's samples) and
+    ``estimates/{label} [K, P]`` (float32, one flat gradient per row, in
+    ``jax.flatten_util.ravel_pytree`` order of the policy's parameters)."""
+    arrays = {f"point{i}/{name}": value for i, point in enumerate(samples_per_point)
+              for name, value in point.items()}
+    np.savez_compressed(path, **arrays)
+
+
+def load_samples(run_dir: Path | str) -> list[dict]:
+    """The raw gradients of a ``diffpg compare`` run folder, per sweep point (in order): a dict
+    with ``sweep_value``, ``horizon``, ``reference [P]``, ``reference_standard_error [P]``,
+    ``reference_estimates [R, P]`` (only for an estimated reference) and ``estimates``:
+    ``{label: [K, P]}``. ``diffpg.stats.gradient_statistics(estimates[label], reference,
+    reference_standard_error)`` recomputes the run's statistics."""
+    run_dir = Path(run_dir)
+    results_path, samples_path = run_dir / "results.json", run_dir / SAMPLES_FILE
+    for path in (results_path, samples_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (a diffpg compare run folder holds "
+                                    f"results.json and {SAMPLES_FILE})")
+    results = json.loads(results_path.read_text())["results"]
+    points = [{"sweep_value": entry["sweep_value"], "horizon": entry["horizon"], "estimates": {}}
+              for entry in results]
+    with np.load(samples_path) as arrays:
+        for name in arrays.files:
+            index, _, key = name.partition("/")
+            point = points[int(index.removeprefix("point"))]
+            if key.startswith("estimates/"):
+                point["estimates"][key.removeprefix("estimates/")] = arrays[name]
+            else:
+                point[key] = arrays[name]
+    return points
+
+
+def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[dict, dict], ...]]:
+    """The settings and the finished sweep points (``run_comparison``'s ``finished``) of the
+    comparison in ``run_dir``: what ``diffpg compare --resume`` continues."""
+    results_path, samples_path = run_dir / "results.json", run_dir / SAMPLES_FILE
+    for path in (results_path, samples_path):
+        if not path.is_file():
+            raise SettingError(f"resume={str(run_dir)!r} has no {path.name}: not a diffpg "
+                               "compare folder")
+    try:
+        results = json.loads(results_path.read_text())
+        values = {name: tuple(value) if isinstance(value, list) else value
+                  for name, value in results["settings"].items()}
+        settings = CompareSettings(**values)
+        samples: list[dict] = [{} for _ in results["results"]]
+        with np.load(samples_path) as arrays:
+            for name in arrays.files:
+                index, _, key = name.partition("/")
+                samples[int(index.removeprefix("point"))][key] = arrays[name]
+    except SettingError as error:  # a saved setting that this version refuses
+        raise SettingError(f"resume={str(run_dir)!r}: its results.json holds a setting that is "
+                           f"not valid ({error})") from None
+    except (ValueError, TypeError, KeyError, IndexError, OSError, EOFError,
+            zipfile.BadZipFile) as error:
+        raise SettingError(f"resume={str(run_dir)!r}: its results.json or {SAMPLES_FILE} is not "
+                           f"a diffpg comparison's ({type(error).__name__}: {error})") from None
+    finished = tuple(zip(results["results"], samples, strict=True))
+    check_finished_points(finished, settings)
+    return settings, finished
+
+
+def check_finished_points(finished, settings: CompareSettings, reference_kind: str | None = None
+                          ) -> None:
+    """The kept points of a stopped comparison must be the first of this one's sweep, with its
+    estimators (and ``reference_kind``, when given); anything else is another comparison's."""
+    points = settings.points
+    if len(finished) > len(points):
+        raise SettingError(f"the folder holds {len(finished)} sweep points; this comparison has "
+                           f"{len(points)}")
+    labels = {spec.label for spec in settings.specs}
+    for (entry, _), point in zip(finished, points, strict=False):
+        if (entry["sweep_value"] != point.value or entry["horizon"] != point.horizon
+                or set(entry["estimators"]) != labels
+                or entry["reference"]["kind"] != (reference_kind or entry["reference"]["kind"])):
+            raise SettingError(
+                f"the folder's point {entry['sweep_value']:g} (estimators "
+                f"{sorted(entry['estimators'])}, reference {entry['reference']['kind']}) is not "
+                f"this comparison's (estimators {sorted(labels)}, reference {reference_kind})")

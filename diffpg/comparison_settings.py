@@ -1,0 +1,227 @@
+"""What ``diffpg compare`` computes, checked before anything is built: ``CompareSettings``
+(the environment, the estimators as specs ``name:key=value,...``, the objective ``J_T``, the
+sweep and its points, the sizes), ``EstimatorSpec`` and ``SweepPoint``. Every value is checked
+in ``CompareSettings.__post_init__``; a bad one is a ``SettingError`` naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import tyro
+
+from diffpg import envs, estimators
+from diffpg.devices import check_devices
+from diffpg.envs.core import SettingError
+from diffpg.estimators.base import check_hidden_sizes, check_positive_int
+from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
+
+SWEEPS = ("none", "horizon", "stiffness", "batch")
+
+
+class EstimatorSpec(NamedTuple):
+    """An estimator name with setting overrides, written ``name`` or ``name:key=value,key=value``
+    (values are Python literals)."""
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.overrides)
+
+    @classmethod
+    def parse(cls, text: str) -> EstimatorSpec:
+        name, overrides = parse_spec(text)
+        estimators.registration(name)  # a clear error for an unknown name
+        return cls(name, tuple(overrides.items()))
+
+
+class SweepPoint(NamedTuple):
+    value: float
+    horizon: int
+    env_settings: tuple[tuple[str, Any], ...]
+    num_envs: int
+
+
+COMPARISON_OWNS = {"horizon": "the comparison's --horizon (or its sweep)",
+                   "discount": "the comparison's --discount"}
+"""Estimator settings the comparison sets itself (its objective J_T), with the option to use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    env: Annotated[str, tyro.conf.arg(
+        help="Environment: " + ", ".join(envs.names()) + ".")] = envs.DEFAULT_ENV
+    backend: str | None = None
+    """Brax physics backend; None: the env's measured default."""
+    env_options: tuple[str, ...] = ()
+    """Environment settings as key=value (e.g. start=0.8 for the contact env)."""
+    episode_length: int | None = None
+    """Time limit; None: the env's default (at least the largest horizon)."""
+    estimators: Annotated[tuple[str, ...], tyro.conf.arg(help=(
+        "Estimator specs: name or name:key=value,... (e.g. reinforce:baseline=none or "
+        "shac:window=2); none given: every registered estimator. Built in: "
+        + ", ".join(estimators.names()) + "."))] = ()
+    num_estimates: int = 64
+    """K independent estimates per estimator (vmapped)."""
+    num_envs: int = 16
+    """Start states per estimate (each estimate averages over them)."""
+    horizon: int = 16
+    """Horizon of the main table (and the largest of the horizon sweep)."""
+    discount: float = 0.99
+    """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
+    sweep: str = "horizon"
+    """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact stiffness of an env
+    that has a ``stiffness`` setting over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's
+    empirical bias)."""
+    stiffnesses: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
+    """Contact stiffnesses of the stiffness sweep."""
+    batch_budget: int | None = None
+    """Env steps per estimate of the batch sweep (n trajectories x k steps at fixed n k);
+    None: num_envs * horizon. Points: n = 2, 4, 8, ... with k = budget / n <= episode length."""
+    reference: str = "auto"
+    """auto (exact on the LQR, else the registered reference estimator), exact, or an estimator
+    spec (an unbiased one: its mean over reference_estimates estimates is the reference)."""
+    reference_estimates: int | None = None
+    """Estimates averaged into the reference gradient (when no exact one exists); None: 16 x
+    num_estimates (1,024 at the default 64)."""
+    critic_warmup: int | None = None
+    """Estimates run before measuring, to fit the critics to the fixed policy; None: 200 x
+    num_estimates / 64, rounded up (200 at the default 64)."""
+    hidden_sizes: tuple[int, ...] = (32, 32)
+    """Hidden layers of the MLP policy (non-LQR envs)."""
+    policy_checkpoint: str | None = None
+    """A training run folder (diffpg train --out): compare the gradients at its latest policy
+    (with its observation statistics) instead of a fresh one; the env must be the run's."""
+    devices: int = 1
+    """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
+    per_step: bool = False
+    """Also split the variance of the pathwise (BPTT) and score-function (REINFORCE, leave-one-out)
+    gradients by time step on the same rollouts (``diffpg.per_step``, K = num_estimates), with
+    the closed-loop step Jacobians' largest singular values along the trajectory (analytic envs)."""
+    seed: int = 0
+    """Seed of the policy's initial parameters, the start states and every estimate's keys."""
+
+    def __post_init__(self):
+        env_options = parse_options(self.env_options, "env_options")
+        check_not_owned(env_options, {"episode_length": "--episode-length",
+                                      "backend": "--backend"}, "env_options")
+        envs.check(self.env, self.episode_length, self.backend, **env_options)
+        check_hidden_sizes("hidden_sizes", self.hidden_sizes)
+        check_seed("seed", self.seed)
+        for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
+            value = getattr(self, name)
+            if value is None and name == "reference_estimates":
+                continue
+            if not isinstance(value, int) or value <= 0:
+                raise SettingError(f"{name}={value!r} must be a positive integer")
+        check_devices(self.devices, self.num_envs)
+        if self.devices > 1 and self.sweep == "batch":
+            raise SettingError("sweep='batch' changes num_envs per point; allowed with devices=1")
+        if self.num_estimates < 2:
+            raise SettingError(f"num_estimates={self.num_estimates} must be at least 2 (variance)")
+        if self.reference_estimates is not None and self.reference_estimates < 2:
+            raise SettingError(f"reference_estimates={self.reference_estimates} must be at least "
+                               "2 (the reference's standard error)")
+        if self.critic_warmup is not None and (not isinstance(self.critic_warmup, int)
+                                               or self.critic_warmup < 0):
+            raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")
+        if self.sweep not in SWEEPS:
+            raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
+        labels = [EstimatorSpec.parse(text).label for text in self.estimators]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise SettingError(f"estimators: {repeated[0]} is given twice (each estimator's "
+                               "results are keyed by its spec); give it once")
+        for text in self.estimators:  # every spec's settings, at every horizon of the sweep
+            spec = EstimatorSpec.parse(text)
+            check_not_owned(dict(spec.overrides), COMPARISON_OWNS, f"estimator spec {text!r}")
+            for point in self.points:
+                estimators.make_settings(spec.name,
+                                         **estimator_settings(spec, self, point.horizon))
+        if self.reference not in ("auto", "exact"):
+            check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides), COMPARISON_OWNS,
+                            f"reference={self.reference!r}")
+        if self.batch_budget is not None:
+            check_positive_int("batch_budget", self.batch_budget)
+            if self.sweep == "batch" and not self.points:
+                raise SettingError(f"batch_budget={self.batch_budget} holds no batch of n >= 2 "
+                                   "trajectories of equal length; allowed: an even number")
+        if self.sweep == "stiffness" and "stiffness" not in envs.setting_names(self.env):
+            with_stiffness = [name for name in envs.names_without_simulator()
+                              if "stiffness" in envs.setting_names(name)]
+            raise SettingError(f"sweep='stiffness' needs an env with a stiffness setting "
+                               f"({' or '.join(with_stiffness)}), not env={self.env!r}")
+        if self.reference == "exact" and not envs.has_exact_return(self.env):
+            exact = [name for name in envs.names_without_simulator()
+                     if envs.has_exact_return(name)]
+            raise SettingError(f"reference='exact' exists only for an env with an exact return "
+                               f"({' or '.join(exact)}), not env={self.env!r}; allowed: auto or "
+                               "an unbiased estimator's spec")
+        if not 0.0 <= self.discount <= 1.0:
+            raise SettingError(f"discount={self.discount} must be in [0, 1]")
+        if self.policy_checkpoint is not None:
+            from diffpg.run_files import load_settings
+
+            run = load_settings(Path(self.policy_checkpoint))
+            if run.env != self.env:
+                raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
+                                   f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")
+            default_sizes = CompareSettings.__dataclass_fields__["hidden_sizes"].default
+            if tuple(self.hidden_sizes) not in (default_sizes, tuple(run.hidden_sizes)):
+                raise SettingError(
+                    f"hidden_sizes={tuple(self.hidden_sizes)} is not the network of "
+                    f"policy_checkpoint={self.policy_checkpoint!r} ({tuple(run.hidden_sizes)}), "
+                    "which is compared with its own network; drop --hidden-sizes")
+
+    def resolved(self) -> CompareSettings:
+        """These settings with the sizes that follow num_estimates filled in (a small
+        comparison is small throughout): reference_estimates = 16 x num_estimates, critic_warmup
+        = 200 x num_estimates / 64 rounded up, where not given."""
+        return dataclasses.replace(
+            self,
+            reference_estimates=self.reference_estimates or 16 * self.num_estimates,
+            critic_warmup=(self.critic_warmup if self.critic_warmup is not None
+                           else -(-200 * self.num_estimates // 64)))
+
+    @property
+    def horizons(self) -> tuple[int, ...]:
+        if self.sweep != "horizon":
+            return (self.horizon,)
+        values, h = [], 1
+        while h < self.horizon:
+            values.append(h)
+            h *= 2
+        return tuple(values) + (self.horizon,)
+
+    @property
+    def points(self) -> tuple[SweepPoint, ...]:
+        """The sweep's points: the value swept, the horizon and environment settings at each."""
+        if self.sweep == "stiffness":
+            return tuple(SweepPoint(s, self.horizon, (("stiffness", s),), self.num_envs)
+                         for s in self.stiffnesses)
+        if self.sweep == "batch":
+            budget = self.batch_budget or self.num_envs * self.horizon
+            points, n = [], 2  # leave-one-out baselines need two trajectories
+            while n <= budget:
+                if budget % n == 0:
+                    points.append(SweepPoint(n, budget // n, (), n))
+                n *= 2
+            return tuple(points)
+        return tuple(SweepPoint(h, h, (), self.num_envs) for h in self.horizons)
+
+    @property
+    def specs(self) -> tuple[EstimatorSpec, ...]:
+        """The estimators compared: those given, or every registered one."""
+        return tuple(EstimatorSpec.parse(s) for s in self.estimators or estimators.names())
+
+
+def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: int) -> dict:
+    """Settings that make the estimator target the comparison's objective ``J_T``, under the
+    spec's own overrides."""
+    return estimators.comparison_settings(spec.name, horizon, settings.discount,
+                                          **dict(spec.overrides))
