@@ -13,7 +13,7 @@ functions, and tyro reads their annotations as objects.)
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import tyro
 import tyro._errors as tyro_errors
@@ -21,6 +21,11 @@ import tyro._errors as tyro_errors
 from diffpg.envs.core import SettingError
 
 T = TypeVar("T")
+
+def _default_hint(meaning: str):
+    """The help's "(default: ...)" of an option whose default, None, means ``meaning``."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {meaning})")
+
 
 CONFIG = (tyro.conf.OmitArgPrefixes, tyro.conf.OmitSubcommandPrefixes,
           tyro.conf.CascadeSubcommandArgs)
@@ -224,11 +229,11 @@ def parse_train_command(argv: list[str]):
         --window 16`; without one, the env's configured estimator."""
 
         settings: TrainSettings
-        out: Path | None = None
-        """Run folder (default: runs/train-ENV-ESTIMATOR-TIMESTAMP)."""
+        out: Annotated[Path | None, _default_hint("runs/train-ENV-ESTIMATOR-TIMESTAMP")] = None
+        """Run folder."""
         overwrite: bool = False
         """Write into --out even if it holds files (an earlier run there is replaced)."""
-        resume: Path | None = None
+        resume: Annotated[Path | None, _default_hint("a new run")] = None
         """Continue RUN_DIR from its latest checkpoint, with its settings (--updates may grow)."""
         sizes: Literal["cpu", "gpu"] = "cpu"
         """Sizes of the env's configuration (diffpg/configs.py): cpu or gpu (more envs)."""
@@ -285,11 +290,11 @@ def parse_compare_command(argv: list[str]):
         results.json, table.csv, plots and report.md into --out."""
 
         settings: CompareSettings = CompareSettings()
-        out: Path | None = None
-        """Output folder (default: runs/compare-ENV-TIMESTAMP)."""
+        out: Annotated[Path | None, _default_hint("runs/compare-ENV-TIMESTAMP")] = None
+        """Output folder."""
         overwrite: bool = False
         """Write into --out even if it holds files."""
-        resume: Path | None = None
+        resume: Annotated[Path | None, _default_hint("a new comparison")] = None
         """A stopped comparison's folder: compute the sweep points it has not finished, with its
         own settings (give no other option), and write its report."""
 
@@ -319,12 +324,12 @@ def parse_run_command(argv: list[str], prog: str, video: bool = False):
 
         run_dir: tyro.conf.Positional[Path]
         """A training run's folder."""
-        episodes: int | None = None
-        """Episodes to evaluate, each from its own start (default: the run's eval_envs)."""
-        seed: int | None = None
-        """Seed of the evaluation's starts and keys (default: the run's own, seed + 1)."""
-        checkpoint: int | None = None
-        """Update of the checkpoint to evaluate (default: the newest that restores)."""
+        episodes: Annotated[int | None, _default_hint("the run's eval_envs")] = None
+        """Episodes to evaluate, each from its own start."""
+        seed: Annotated[int | None, _default_hint("the run's own, seed + 1")] = None
+        """Seed of the evaluation's starts and keys."""
+        checkpoint: Annotated[int | None, _default_hint("the newest that restores")] = None
+        """Update of the checkpoint to evaluate."""
 
     @dataclasses.dataclass(frozen=True)
     class VideoCommand:
@@ -332,8 +337,8 @@ def parse_run_command(argv: list[str], prog: str, video: bool = False):
 
         run_dir: tyro.conf.Positional[Path]
         """A training run's folder."""
-        out: Path | None = None
-        """GIF path (default: RUN_DIR/policy.gif)."""
+        out: Annotated[Path | None, _default_hint("RUN_DIR/policy.gif")] = None
+        """GIF path."""
         every: int = 1
         """Draw every N-th step (long episodes)."""
 

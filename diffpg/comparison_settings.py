@@ -75,9 +75,9 @@ class CompareSettings:
     discount: float = 0.99
     """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     sweep: str = "horizon"
-    """none; horizon: 1, 2, 4, ... up to ``horizon``; stiffness: the contact stiffness of an env
-    that has a ``stiffness`` setting over ``stiffnesses`` at ``horizon`` (Suh et al. 2022's
-    empirical bias)."""
+    """none; horizon: 1, 2, 4, ... up to horizon; stiffness: the contact stiffness of an env
+    that has a stiffness setting over stiffnesses at horizon (Suh et al. 2022's empirical
+    bias); batch: n trajectories of k steps at a fixed budget n k (batch_budget)."""
     stiffnesses: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4)
     """Contact stiffnesses of the stiffness sweep."""
     batch_budget: int | None = None
@@ -101,7 +101,7 @@ class CompareSettings:
     """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
     per_step: bool = False
     """Also split the variance of the pathwise (BPTT) and score-function (REINFORCE, leave-one-out)
-    gradients by time step on the same rollouts (``diffpg.per_step``, K = num_estimates), with
+    gradients by time step on the same rollouts (diffpg.per_step, K = num_estimates), with
     the closed-loop step Jacobians' largest singular values along the trajectory (analytic envs)."""
     seed: int = 0
     """Seed of the policy's initial parameters, the start states and every estimate's keys."""

@@ -86,7 +86,8 @@ def estimator_choices():
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Every setting of a training run (resolved: ``settings_for`` layers the defaults)."""
+    """Every setting of a training run: the command line's, else the env's configuration, else the
+    estimator's, else these defaults (diffpg.training.settings_for layers them)."""
 
     env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = (
         configs.DEFAULT_ENV)
@@ -333,9 +334,9 @@ class Trainer(NamedTuple):
     run_updates: Callable[[TrainState], tuple[TrainState, dict]]
     evaluate: Callable[[TrainState, jax.Array], dict]
     init_run: Callable[[], TrainState]
-    """The run's initial state: ``init(PRNGKey(seed))``, or with ``seeds > 1`` the states of
-    seeds ``seed + i`` stacked on a leading axis ``[seeds]`` (then ``run_updates`` and
-    ``evaluate`` are vmapped over it and return per-seed metrics ``[seeds]``)."""
+    """The run's initial state: init(PRNGKey(seed)), or with seeds > 1 the states of
+    seeds seed + i stacked on a leading axis [seeds] (then run_updates and
+    evaluate are vmapped over it and return per-seed metrics [seeds])."""
 
 
 def make_policy(settings: TrainSettings, env) -> Policy:

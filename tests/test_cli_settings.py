@@ -12,7 +12,7 @@ from conftest import HANG_LIMIT_S, compiles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diffpg import cli
+from diffpg import cli, estimators
 
 NOT_A_NUMBER = st.sampled_from(["abc", "", "1e", "--", "one"])
 NON_POSITIVE_INT = st.integers(max_value=0).map(str)
@@ -255,3 +255,24 @@ def test_version(capsys):
 
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out == f"diffpg {diffpg.__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["compare", "train", "eval", "video"]
+                         + [f"train {name}" for name in estimators.names()])
+def test_every_command_s_help_is_plain_text_with_one_default_per_option(command, capsys,
+                                                                         monkeypatch):
+    """--help shows no reST markup, an option whose None default means something says what
+    (not "(default: None)" beside it), and --sweep names every sweep."""
+    from diffpg.comparison_settings import SWEEPS
+
+    monkeypatch.setenv("COLUMNS", "250")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*command.split(), "--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text
+    lines = [line for line in text.splitlines() if "(default: None)" in line]
+    assert not [line for line in lines if line.count("(default:") > 1], lines
+    if command == "compare":
+        sweep = text.split("--sweep", 1)[1].split("\n│ --", 1)[0]
+        assert all(f"{name}:" in sweep or name == "none" for name in SWEEPS), sweep

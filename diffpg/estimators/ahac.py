@@ -82,18 +82,18 @@ class AhacSettings(EnsembleCriticSettings):
     stiffness, bootstrapped by twin value critics (AHAC, Georgiev et al. 2024)."""
 
     horizon: int = 32
-    """Steps simulated per estimate: the longest gradient horizon ``H_max``."""
+    """Steps simulated per estimate: the longest gradient horizon H_max."""
     horizon_min: int = 8
     """The shortest gradient horizon (AHAC's 8)."""
     initial_horizon: int = 8
     """The gradient horizon before the first update (AHAC starts at its minimum)."""
     adapt: bool = True
-    """Adapt the horizon in ``update``; False keeps ``initial_horizon`` (comparisons)."""
+    """Adapt the horizon in update; False keeps initial_horizon (comparisons)."""
     stiffness_threshold: float | None = None
-    """``C``: the stiffness allowed along one gradient path (sum of ``c_t``); None calibrates it
-    on the first batch to ``initial_horizon`` times the mean ``c_t``."""
+    """C: the stiffness allowed along one gradient path (sum of c_t); None calibrates it
+    on the first batch to initial_horizon times the mean c_t."""
     dual_learning_rate: float = 0.1
-    """Step of the multiplier ``phi`` per update (stable below 2)."""
+    """Step of the multiplier phi per update (stable below 2)."""
 
     def __post_init__(self):
         super().__post_init__()

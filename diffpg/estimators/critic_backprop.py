@@ -77,7 +77,7 @@ class CriticBackpropSettings:
     critic_minibatches: int = 4
     """Minibatches per pass of a critic fit (one Adam step each)."""
     target_critic_keep: float = 0.9
-    """``target <- keep * target + (1 - keep) * critic`` after each estimate's critic fit."""
+    """target <- keep * target + (1 - keep) * critic after each estimate's critic fit."""
     finite_horizon: bool = False
     """Learn the finite-horizon Q of the objective: the critic sees the steps left and TD targets
     stop bootstrapping at the horizon (for comparisons). False: SAC's time-independent critic."""

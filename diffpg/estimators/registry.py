@@ -32,12 +32,12 @@ from diffpg.estimators.base import Estimator
 
 @dataclasses.dataclass(frozen=True)
 class Registration:
-    """What ``register`` recorded for one estimator name."""
+    """What register recorded for one estimator name."""
 
     name: str
     settings_class: type
     constructor: Callable[..., Estimator]
-    """``(env, policy, settings) -> Estimator``."""
+    """(env, policy, settings) -> Estimator."""
     comparison: Callable[[int], dict[str, Any]]
     training: Mapping[str, Any]
     trainer: Mapping[str, Any]

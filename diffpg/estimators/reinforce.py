@@ -94,7 +94,7 @@ ADVANTAGES = ("monte_carlo", "gae")
 
 @dataclasses.dataclass(frozen=True)
 class ScoreFunctionSettings:
-    """Every setting of the score-function family (``ReinforceSettings`` and ``PpoSettings``
+    """Every setting of the score-function family (ReinforceSettings and PpoSettings
     differ only in their defaults; neither is an instance of the other)."""
 
     horizon: int = 32

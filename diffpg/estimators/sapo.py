@@ -66,7 +66,7 @@ class SapoSettings(EnsembleCriticSettings):
     initial_temperature: float = 0.1
     """alpha at the start: the weight of the entropy bonus."""
     learn_temperature: bool = True
-    """Adjust alpha towards ``target_entropy`` in ``update``; False keeps it fixed."""
+    """Adjust alpha towards target_entropy in update; False keeps it fixed."""
     target_entropy: float | None = None
     """Entropy per step the temperature aims for; None: -action_size (SAPO's default)."""
     temperature_learning_rate: float = 5e-3

@@ -89,19 +89,19 @@ class ShacSettings:
     critic_minibatches: int = 4
     """Minibatches per pass of a critic fit (one Adam step each)."""
     target_critic_keep: float = 0.2
-    """alpha in ``target <- alpha * target + (1 - alpha) * critic``."""
+    """alpha in target <- alpha * target + (1 - alpha) * critic."""
     remat_segment: int = 0
     """Rematerialise each differentiated window in segments of this many steps (0: off); trades
-    one extra forward pass for memory (``diffpg.acting.unroll``)."""
+    one extra forward pass for memory (diffpg.acting.unroll)."""
     termination_gradient: bool = False
-    """At a termination (a fall), add ``gamma w_t (V(s'_t) - stop_gradient(V(s'_t)))``: the value
+    """At a termination (a fall), add gamma w_t (V(s'_t) - stop_gradient(V(s'_t))): the value
     still counts 0, but the gradient of the critic's value of the state reached flows into the
     dynamics, a learned signal about the reward a fall loses, which a gradient through the
     dynamics cannot see (the episode's length is piecewise constant in the parameters). A
     surrogate, biased by design; off in SHAC."""
     fit_terminal_values: bool = False
     """Also fit the critic to value 0 at the states where episodes terminated (their true
-    value: nothing follows), so that the gradient ``termination_gradient`` takes there is
+    value: nothing follows), so that the gradient termination_gradient takes there is
     learned rather than extrapolated from the states before the fall. Off in SHAC."""
     critic_fall_weight: float = 1.0
     """Weight, in the critic's regression, of the steps whose episode terminates later in the same
@@ -144,7 +144,7 @@ class BpttSettings:
     """gamma, the discount of the objective J = E[sum_t gamma^t r_t]."""
     remat_segment: int = 0
     """Rematerialise the differentiated scan in segments of this many steps (0: off); trades
-    one extra forward pass for memory (``diffpg.acting.unroll``)."""
+    one extra forward pass for memory (diffpg.acting.unroll)."""
 
     def __post_init__(self):
         check_positive_int("horizon", self.horizon)
@@ -162,7 +162,7 @@ class BpttSettings:
 class EnsembleCriticSettings:
     """The settings of the estimators that bootstrap SHAC's return with the smallest of several
     value critics and no target network (SAPO, AHAC): SHAC's return and critic fit, with
-    ``critic_members`` critics. Each estimator's settings extend these."""
+    critic_members critics. Each estimator's settings extend these."""
 
     horizon: int = 32
     """Steps simulated per estimate."""
