@@ -9,7 +9,9 @@ document that holds each (or, with ``--check``, compares them with a fresh compu
 * ``example``: the output of the README's first Python example (it runs the code itself);
 * ``compare-table``: the default ``diffpg compare`` run's table at its largest horizon
   (computed with ``--sweep none``: every point's keys depend only on the point, so the table is
-  the same as the sweep's last point);
+  the same as the sweep's last point), under each XLA:CPU rounding of ``ROUNDINGS``: a cell
+  where they disagree gives their range, within which another CPU's run falls (``--check``
+  compares this process's table with the ranges);
 * ``compare-sweep``: what the default run's horizon sweep says (variance growth, biases);
 * ``compare-time``: the default run's wall-clock, cold and with its compiled programs kept;
 * ``ant-compare-time``: the README's ant comparison's wall-clock, cold and warm (about 6 minutes);
@@ -27,6 +29,7 @@ document that holds each (or, with ``--check``, compares them with a fresh compu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -85,26 +88,97 @@ def _compare_results(sweep: str) -> dict:
     return run_comparison(CompareSettings(sweep=sweep))
 
 
-def _table(results: dict) -> str:
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ROUNDINGS: dict[str, str | None] = {
+    "this CPU": None, "one thread": ONE_THREAD,
+    **{f"{isa}{threads}": f"--xla_cpu_max_isa={isa}" + (" " + ONE_THREAD if threads else "")
+       for isa in ("AVX2", "AVX", "SSE4_2") for threads in ("", ", one thread")},
+}
+"""XLA:CPU settings the default comparison's table is computed under (``XLA_FLAGS``; ``None``:
+XLA's defaults): each sums in another order (vector width, threads), as another CPU does, and a
+learned critic's 200-round warm-up amplifies the difference. The README gives, where they
+disagree, the 95% prediction interval of another rounding's value (``_cell``)."""
+
+TABLE_COLUMNS = ("mean_norm", "variance_trace", "relative_bias", "bias_resolved",
+                 "relative_bias_detection_limit", "cosine_to_reference", "snr")
+TABLE_HEADER = ("| estimator | mean norm | variance | relative bias | bias resolved | detection "
+                "limit | cosine (mean) | SNR |\n|---|---|---|---|---|---|---|---|\n")
+
+
+def in_a_new_process(expression: str, xla_flags: str | None):
+    """The JSON value of ``expression`` (Python, with this module imported as ``r`` after
+    ``diffpg.setup()``) evaluated in a new process under ``xla_flags`` (``None``: XLA's
+    defaults, whatever the caller's ``XLA_FLAGS``)."""
+    code = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nimport diffpg\ndiffpg.setup()\n"
+            f"import readme_numbers as r\nprint(json.dumps({expression}))\n")
+    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        environment["XLA_FLAGS"] = xla_flags
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)],
+                          capture_output=True, text=True, env=environment, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{expression} failed in a new process:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def final_statistics() -> dict[str, dict]:
+    """The default comparison's statistics at its largest horizon (``TABLE_COLUMNS`` per
+    estimator)."""
+    final = _compare_results("none")["results"][-1]["estimators"]
+    return {label: {c: s.get(c) for c in TABLE_COLUMNS} for label, s in final.items()}
+
+
+def _cell(values: list) -> str:
+    """One cell over the roundings: the value where they agree to 3 digits (within 2%);
+    else, for numbers, the 95% prediction interval of one more rounding's value, ``lo to hi``
+    (Student t with n - 1 degrees of freedom, ``mean +- t s sqrt(1 + 1/n)``, on the logarithm
+    of positive values); for verdicts, those seen, ``a / b``."""
+    from scipy import stats
+
     from diffpg.report import format_cell
 
-    final = results["results"][-1]["estimators"]
-    lines = ["| estimator | mean norm | variance | relative bias | bias resolved | detection "
-             "limit | cosine (mean) | SNR |", "|---|---|---|---|---|---|---|---|"]
-    for label, s in final.items():
-        cells = [format_cell(s.get(k)) for k in ("mean_norm", "variance_trace", "relative_bias",
-                                              "bias_resolved", "relative_bias_detection_limit",
-                                              "cosine_to_reference", "snr")]
+    cells = list(dict.fromkeys(format_cell(v) for v in values))
+    numeric = np.array([v for v in values if isinstance(v, float)])
+    if len(cells) == 1 or (len(numeric) == len(values) and np.allclose(
+            numeric, numeric[0], rtol=0.02, atol=0.0)):
+        return cells[0]
+    if len(numeric) < len(values):
+        return " / ".join(cells)
+    positive = bool(np.all(numeric > 0))
+    sample = np.log(numeric) if positive else numeric
+    half_width = (stats.t.ppf(0.975, len(sample) - 1) * sample.std(ddof=1)
+                  * np.sqrt(1 + 1 / len(sample)))
+    low, high = sample.mean() - half_width, sample.mean() + half_width
+    if positive:
+        low, high = np.exp(low), np.exp(high)
+    return f"{format_cell(float(low))} to {format_cell(float(high))}"
+
+
+def _table(per_rounding: list[dict[str, dict]]) -> str:
+    """The table at the largest horizon, each cell over the roundings (``_cell``)."""
+    lines = [TABLE_HEADER.rstrip("\n")]
+    for label in per_rounding[0]:
+        cells = [_cell([stats[label][column] for stats in per_rounding])
+                 for column in TABLE_COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare_table() -> dict[str, str]:
-    return {"compare-table": _table(_compare_results("none"))}
+    """The default comparison's table under every rounding of ``ROUNDINGS`` (one process
+    each): what another CPU computes falls inside its ranges."""
+    return {"compare-table": _table([in_a_new_process("r.final_statistics()", flags)
+                                     for flags in ROUNDINGS.values()])}
+
+
+def compare_table_here() -> dict[str, str]:
+    """The default comparison's table as this process computes it (what ``--check`` and the
+    README's test compare with the README's ranges)."""
+    return {"compare-table": _table([final_statistics()])}
 
 
 def compare_sweep() -> dict[str, str]:
-    """The default run (horizon sweep): its table and what the sweep shows."""
+    """What the default run's horizon sweep shows."""
     results = _compare_results("horizon")
     first, last = results["results"][0], results["results"][-1]
     growth = []
@@ -121,7 +195,7 @@ def compare_sweep() -> dict[str, str]:
             + ", ".join(growth) + ". At T = " + str(last["horizon"]) + " the bias is resolved for "
             + (", ".join(biased) if biased else "none") + " (relative to the exact gradient) and "
             "not resolved for " + ", ".join(unresolved) + ".\n")
-    return {"compare-table": _table(results), "compare-sweep": text}
+    return {"compare-sweep": text}
 
 
 def _train(estimator: str, **overrides) -> dict:
@@ -302,6 +376,55 @@ def differences(expected: str, found: str, rtol: float) -> list[str]:
     return problems
 
 
+def _cells(table: str) -> dict[str, list[str]]:
+    """A markdown table's rows by their first cell: the other cells."""
+    rows = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def table_differences(expected: str, found: str, rtol: float) -> list[str]:
+    """Where a computed table (``found``, one rounding) falls outside the README's (``expected``):
+    a number beyond ``rtol`` of the README's, or outside its ``lo to hi`` range widened by
+    ``rtol``; a verdict that is none of its ``a / b``; a row or header that differs."""
+    if expected.split("\n", 2)[:2] != found.split("\n", 2)[:2]:
+        return ["the table's header differs"]
+    rows, computed = _cells(expected), _cells(found)
+    if list(rows) != list(computed):
+        return [f"rows differ: README {list(rows)}, computed {list(computed)}"]
+    problems = []
+    for label, cells in rows.items():
+        for column, written, value in zip(TABLE_COLUMNS, cells, computed[label], strict=True):
+            if " to " in written:
+                low, high = (float(part) for part in written.split(" to "))
+                inside = low - rtol * abs(low) <= float(value) <= high + rtol * abs(high)
+                problem = None if inside else f"outside {written}"
+            elif " / " in written:
+                problem = None if value in written.split(" / ") else f"not one of {written}"
+            else:
+                found_differences = differences(written, value, rtol)
+                problem = found_differences[0] if found_differences else None
+            if problem:
+                problems.append(f"{label} {column}: {value} ({problem})")
+    return problems
+
+
+CHECKS: dict[str, tuple[Callable[[], dict[str, str]], Callable[[str, str, float], list[str]]]] = {
+    "compare-table": (compare_table_here, table_differences),
+}
+"""How ``--check`` (and the README's test) checks a section, where not by recomputing it and
+comparing numbers: what it computes, and how it compares that with the README's block."""
+
+
+def check_section(name: str, rtol: float) -> list[str]:
+    """The differences between section ``name``'s block and this process's computation."""
+    compute, compare = CHECKS.get(name, (SECTIONS[name], differences))
+    content = compute()[name]
+    return compare(block(document_of(name).read_text(), name), content, rtol)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None)
@@ -312,24 +435,21 @@ def main() -> int:
                         help="relative tolerance of numbers for --check (the README prints 3 "
                              "significant digits)")
     arguments = parser.parse_args()
-    chosen = arguments.only or [name for name in SECTIONS if name != "compare-table"]
-    computed: dict[str, str] = {}
-    for name in chosen:
-        print(f"computing {name} ...", file=sys.stderr, flush=True)
-        computed |= SECTIONS[name]()
+    chosen = arguments.only or list(SECTIONS)
     if arguments.check:
         problems = []
-        for section, content in computed.items():
-            if section not in chosen:
-                continue
-            written = block(document_of(section).read_text(), section)
-            problems += [f"{section}: {p}" for p in
-                         differences(written, content, arguments.rtol)]
+        for section in chosen:
+            print(f"checking {section} ...", file=sys.stderr, flush=True)
+            problems += [f"{section}: {p}" for p in check_section(section, arguments.rtol)]
         for problem in problems:
             print(problem)
         print("the documents agree with the computation" if not problems
               else f"the documents disagree in {len(problems)} place(s)")
         return 1 if problems else 0
+    computed: dict[str, str] = {}
+    for name in chosen:
+        print(f"computing {name} ...", file=sys.stderr, flush=True)
+        computed |= SECTIONS[name]()
     for section, content in computed.items():
         document = document_of(section)
         document.write_text(replace_block(document.read_text(), section, content))

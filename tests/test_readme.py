@@ -4,10 +4,6 @@ default ``diffpg compare`` run's table is the README's (``experiments/readme_num
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,24 +20,12 @@ def readme_numbers():
     return module
 
 
-def _computed_by_a_users_process(section: str) -> str:
-    """``readme_numbers``' ``section`` computed in a new process with the user's XLA flags, not
-    the tests' (whose one-thread Eigen, under pytest-xdist, changes the rounding of the learned
-    critics' warm-ups enough to move their rows)."""
-    code = ("import importlib.util, json, sys\n"
-            "import diffpg\n"
-            "diffpg.setup()\n"
-            "spec = importlib.util.spec_from_file_location('readme_numbers', sys.argv[1])\n"
-            "module = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(module)\n"
-            "print(json.dumps(module.SECTIONS[sys.argv[2]]()[sys.argv[2]]))\n")
-    environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if USER_XLA_FLAGS is not None:
-        environment["XLA_FLAGS"] = USER_XLA_FLAGS
-    done = subprocess.run([sys.executable, "-c", code, str(SCRIPT), section], text=True,
-                          capture_output=True, env=environment, cwd=SCRIPT.parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+def _checked_by_a_users_process(readme_numbers, section: str) -> list[str]:
+    """``readme_numbers``' check of ``section`` (its differences from the README) computed in a
+    new process with the user's XLA flags, not the tests' (whose one-thread Eigen, under
+    pytest-xdist, is another rounding)."""
+    return readme_numbers.in_a_new_process(f"r.check_section({section!r}, 0.02)",
+                                           USER_XLA_FLAGS)
 
 
 @pytest.mark.slow
@@ -49,11 +33,30 @@ def _computed_by_a_users_process(section: str) -> str:
 def test_the_readme_shows_what_the_program_computes(readme_numbers, section):
     """Each section computed as a user's process computes it (a comparison compiles with its
     own options either way)."""
-    computed = _computed_by_a_users_process(section)
-    written = readme_numbers.block(readme_numbers.README.read_text(), section)
-    assert readme_numbers.differences(written, computed, rtol=0.02) == [], (
-        f"README.md's {section} block is stale: run python experiments/readme_numbers.py "
-        f"--only {section}")
+    problems = _checked_by_a_users_process(readme_numbers, section)
+    assert problems == [], (
+        f"README.md's {section} block is stale ({problems}): run python "
+        f"experiments/readme_numbers.py --only {section}")
+
+
+def test_a_table_is_checked_against_the_ranges_other_roundings_gave(readme_numbers):
+    """A cell where the roundings disagreed holds the interval where another rounding lands (or
+    the verdicts seen): a computed value inside it (give or take the tolerance) passes, outside
+    it fails; other cells as numbers."""
+    header = readme_numbers.TABLE_HEADER
+    written = header + ("| ahac | 39.6 | 1.9 to 2.1 | 0.0111 to 0.0291 | yes / not resolved | "
+                        "0.0178 | 1 | 28 |\n")
+    inside = header + "| ahac | 39.7 | 2.14 | 0.02 | not resolved | 0.0178 | 1 | 28 |\n"
+    assert readme_numbers.table_differences(written, inside, 0.02) == []
+    outside = header + "| ahac | 39.6 | 2.2 | 0.05 | yes | 0.0178 | 1 | 30 |\n"
+    problems = readme_numbers.table_differences(written, outside, 0.02)
+    assert [p.split(":")[0] for p in problems] == ["ahac variance_trace", "ahac relative_bias",
+                                                   "ahac snr"]
+    assert readme_numbers.table_differences(written, inside.replace("ahac", "shac"), 0.02)
+    low, high = map(float, readme_numbers._cell([0.0291, 0.0111, 0.029]).split(" to "))
+    assert low < 0.0111 and high > 0.0291  # where one more rounding may land, not the sample's
+    assert readme_numbers._cell([2.0, 2.01]) == "2"
+    assert readme_numbers._cell([True, False]) == "yes / not resolved"
 
 
 def test_the_check_catches_a_changed_number(readme_numbers):
