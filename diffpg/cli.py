@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         if received:
             guard.pending = received[0]
         guard.check()
+        if sys.stderr is None:  # started with its error output closed (``diffpg ... 2>&-``)
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's, until it exits)
         if sys.stdout is None:  # started with its standard output closed (``diffpg ... >&-``)
             raise SettingError("standard output is closed, so the command's results would be "
                                "lost; send it to a file or a terminal (> FILE)")
@@ -339,8 +342,6 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         _free_interrupted_frames(interruption)
         return 128 + signum
     except BrokenPipeError:  # the reader of the output went away (``diffpg eval RUN | head``)
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
     except OSError as error:  # the file system refused a path or a write: not a defect

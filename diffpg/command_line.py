@@ -11,6 +11,7 @@ functions, and tyro reads their annotations as objects.)
 """
 
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -134,6 +135,9 @@ def _raise_one_line(event: Any) -> None:
 
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
     """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
+    narrowest = 20  # a terminal narrower than this makes tyro's help layout loop forever
+    if os.environ.get("COLUMNS", "").isdigit() and int(os.environ["COLUMNS"]) < narrowest:
+        os.environ["COLUMNS"] = str(narrowest)
     try:
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)

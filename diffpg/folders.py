@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -90,6 +91,17 @@ STORAGE_ERRORS: dict[int, tuple[str, str]] = {
 what to do); the library calls that write (orbax's TensorStore) report them in their own
 exception types, with the system's message or ``os_error_code='N'`` in the text."""
 
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file ``path``; ``OSError`` otherwise: missing
+    (``FileNotFoundError``), a folder, or a FIFO, socket or device, which would block a read or
+    never end (opened without blocking, checked, then read)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return file.read()
 
 def storage_problem(error: BaseException) -> tuple[str, str] | None:
     """``(what happened, what to do)`` when ``error`` is one of ``STORAGE_ERRORS``, else

@@ -40,7 +40,7 @@ def parse_value(text: str) -> Any:
     """A Python literal (number, bool, None, tuple, string in quotes), else the text itself."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, RecursionError, MemoryError):  # not a literal: the text
         return text
 
 

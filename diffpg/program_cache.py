@@ -20,7 +20,8 @@ Files live in ``<compilation cache>/programs/<key>.bin`` (no cache folder: nothi
 least recently used are removed once the folder exceeds ``MAX_BYTES``. Only programs this process
 compiled are kept: an executable JAX's persistent cache loaded serializes without some of its
 kernels on XLA:CPU (``module_name`` keeps the two caches apart). A file that cannot be read or
-loaded is removed and the program compiled again; a program that cannot be serialized is not
+loaded, or that holds another key's program (renamed or swapped: each file records its key), is
+removed and the program compiled again; a program that cannot be serialized is not
 kept; while a source file is newer than the process, nothing is. The files are pickles, to be
 trusted as the user's own ``__pycache__`` is: the folder should be writable by its user alone.
 """
@@ -45,6 +46,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from diffpg.folders import read_regular_file
 
 MAX_BYTES = 2 * 2**30
 """The programs folder's size beyond which the least recently used files are removed."""
@@ -205,7 +208,9 @@ def _load(path: Path) -> Any | None:
     from jax.experimental import serialize_executable
 
     try:
-        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        stored_key, payload, in_tree, out_tree = pickle.loads(read_regular_file(path))
+        if stored_key != path.stem:  # a file renamed, swapped or copied: another program
+            raise ValueError(f"{path.name} holds the program of key {stored_key}")
         compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
     except FileNotFoundError:
         return None
@@ -223,7 +228,7 @@ def _store(path: Path, compiled: Any) -> None:
 
     temporary = None
     try:
-        blob = pickle.dumps(serialize_executable.serialize(compiled))
+        blob = pickle.dumps((path.stem, *serialize_executable.serialize(compiled)))
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
             temporary = Path(file.name)

@@ -20,6 +20,7 @@ from diffpg.folders import (
     PARTIAL_PATTERN,
     atomic_path,
     file_system_errors,
+    read_regular_file,
     remove_files,
     write_atomically,
 )
@@ -61,8 +62,8 @@ def load_settings(run_dir: Path) -> TrainSettings:
     if not path.exists():
         raise SettingError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
     try:
-        values = json.loads(path.read_text())
-    except OSError as error:  # a folder, unreadable, ...
+        values = json.loads(read_regular_file(path))
+    except OSError as error:  # a folder, a FIFO, unreadable, ...
         raise SettingError(f"{str(path)!r} cannot be read ({error.strerror or error}); "
                            "restore the run's settings.json") from None
     except ValueError as error:

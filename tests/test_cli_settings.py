@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 
 import pytest
@@ -276,3 +277,34 @@ def test_every_command_s_help_is_plain_text_with_one_default_per_option(command,
     if command == "compare":
         sweep = text.split("--sweep", 1)[1].split("\n│ --", 1)[0]
         assert all(f"{name}:" in sweep or name == "none" for name in SWEEPS), sweep
+
+
+def test_a_literal_too_deep_to_parse_is_kept_as_text():
+    """An option value Python's parser cannot hold (thousands of nested operators) is text, so
+    its setting's own check names it (not a RecursionError)."""
+    from diffpg.options import parse_value
+
+    deep = "-" * 3000 + "1"
+    assert parse_value(deep) == deep
+
+
+def test_a_narrow_terminal_s_help_and_a_closed_error_output_still_work(tmp_path):
+    """COLUMNS=5 (where tyro's help layout would loop forever) prints the help; a run started
+    with its error output closed (2>&-) trains and prints its result line."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "diffpg.cli"]
+    done = subprocess.run([*command, "eval", "--help"], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"COLUMNS": "5"})
+    assert done.returncode == 0 and "usage: diffpg eval" in done.stdout
+    run = tmp_path / "run"
+    done = subprocess.run([*command, "train", "--env", "pendulum", "--horizon", "4",
+                           "--num-envs", "4", "--updates", "2", "--updates-per-call", "2",
+                           "--eval-envs", "2", "--hidden-sizes", "8", "--out", str(run)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          timeout=600, pass_fds=(), close_fds=True,
+                          preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0, done.stdout
+    assert "Traceback" not in done.stdout and "run folder" in done.stdout
+    assert (run / "checkpoints").is_dir()

@@ -81,6 +81,31 @@ def test_a_damaged_program_file_is_compiled_again_and_removed(programs):
     assert len(compiled) == 4
 
 
+def test_swapped_program_files_or_a_fifo_among_them_are_compiled_again(programs):
+    """Each file records the key it was kept under: two files swapped (or renamed) hold other
+    programs and are compiled again, not run; a FIFO in their place is not waited on."""
+    folder, compiled = programs
+    x, key = jnp.arange(4.0), jax.random.PRNGKey(0)
+    expected = {}
+    for scale in (2.0, 3.0):
+        expected[scale] = np.asarray(program_cache.compile_program(
+            _program(scale), x, key, description={"scale": scale})(x, key))
+    first, second = sorted(folder.glob("*.bin"))
+    first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+    first.write_bytes(second_bytes)
+    second.write_bytes(first_bytes)
+    for scale in (2.0, 3.0):
+        loaded = program_cache.compile_program(_program(scale), x, key,
+                                               description={"scale": scale})
+        np.testing.assert_array_equal(np.asarray(loaded(x, key)), expected[scale])
+    assert len(compiled) == 4
+    for path in folder.glob("*.bin"):
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+    loaded = program_cache.compile_program(_program(2.0), x, key, description={"scale": 2.0})
+    np.testing.assert_array_equal(np.asarray(loaded(x, key)), expected[2.0])
+
+
 def test_the_key_follows_the_description_the_flags_and_the_closed_over_values(monkeypatch):
     key = program_cache.program_key({"a": 1})
     assert program_cache.program_key({"a": 1}) == key
