@@ -126,16 +126,16 @@ CONFIGS: dict[str, EnvConfig] = {
         gpu={"num_envs": 2048},
         source=SHAC_SOURCE.format(task="cheetah") + "; PPO: Brax's halfcheetah settings"),
     "walker2d": EnvConfig(
-        default_estimator="ahac",
         trainer={"health_shaping": 2.0},
-        estimators={"shac": _shac(256, (128, 64, 32), critic_learning_rate=2e-4),
+        estimators={"shac": _with_estimator(_shac(128, (128, 64, 32), critic_learning_rate=2e-4),
+                                            horizon=64, discount=0.995),
                     "ahac": _ahac(256, (128, 64, 32), critic_learning_rate=2e-4,
                                   initial_horizon=32)},
         gpu={"num_envs": 2048},
-        source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall), "
-               "health shaping 2 included (ahead of none in the mean at 2, 3 and 4M env steps); "
-               "AHAC (the default: ahead of SHAC and of Brax's PPO at 2M env steps, BENCHMARKS.md "
-               "section 2f) starting at H = 32"),
+        source="hopper's (SHAC publishes no walker2d setting; both are planar hoppers that fall): "
+               "SHAC, 128 envs x 64 steps, discount 0.995, health shaping 2 (ahead of AHAC at "
+               "256 x 32 in the mean at every evaluation from 1.5M env steps, 1,707 against 535 "
+               "at 2.5M; BENCHMARKS.md section 2f); AHAC: starting at H = 32"),
     "humanoid": EnvConfig(
         default_estimator="ahac",
         estimators={"shac": _shac(64, (256, 128), (128, 128), 5e-4, 0.995),
