@@ -88,23 +88,26 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
 def exact_gradient(env, params, start_states, horizon, discount):
     """``jax.grad`` of the closed-form ``J_T`` averaged over the given start states, for a
     linear-Gaussian policy's ``params`` (``gain``, ``bias``, ``log_std``) on an env that knows
-    its return (``Environment.linear_gaussian_return``)."""
+    its return (``Environment.linear_gaussian_return``); traceable (inside ``jax.jit``)."""
     exact_return = env.unwrapped.linear_gaussian_return
     if exact_return is None:
         raise SettingError(f"{type(env.unwrapped).__name__} has no exact return "
                            "(linear_gaussian_return); allowed: an env that has one")
 
-    def objective(p, states):
+    def objective(p):
         def from_state(x):
             return exact_return(p["gain"], p["bias"], jnp.exp(p["log_std"]), horizon, discount, x)
 
-        return jnp.mean(jax.vmap(from_state)(states))
+        return jnp.mean(jax.vmap(from_state)(start_states.pipeline_state))
 
-    # One program (which the compilation cache keeps), not one dispatch per operation; it runs
-    # once, in milliseconds.
-    states = start_states.pipeline_state
-    return compile_program(jax.jit(jax.grad(objective)), params, states,
-                           cpu_options=CPU_RUN_ONCE_OPTIONS)(params, states)
+    return jax.grad(objective)(params)
+
+
+def _compiled_exact_gradient(env, params, start_states, horizon, discount):
+    """``exact_gradient`` as one program (kept by the cache), not one dispatch per operation."""
+    program = jax.jit(lambda p, states: exact_gradient(env, p, states, horizon, discount))
+    return compile_program(program, params, start_states,
+                           cpu_options=CPU_RUN_ONCE_OPTIONS)(params, start_states)
 
 
 def run_comparison(settings: CompareSettings,
@@ -319,7 +322,7 @@ def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start
     ``description``: the comparison's and the point's, to keep the estimated reference's
     programs (``sample_gradients``)."""
     if kind == "exact":
-        reference = np.asarray(ravel_pytree(exact_gradient(
+        reference = np.asarray(ravel_pytree(_compiled_exact_gradient(
             env, params, start_states, horizon, settings.discount))[0], np.float64)
         return reference, np.zeros_like(reference), None
     spec = EstimatorSpec.parse(kind)

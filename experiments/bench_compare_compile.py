@@ -6,7 +6,9 @@ Part 1 builds the programs of the default comparison (every estimator at every h
 sweep: the critics' warm-up where an estimator learns, and the estimates) in this process,
 without the persistent cache, and compiles each lowered program twice, once per set of options,
 then runs each compiled program once. Part 2 runs the whole ``diffpg compare`` command twice in
-fresh processes sharing one empty cache folder: cold, then warm.
+fresh processes sharing one empty cache folder: cold, then warm. ``--env``, ``--sweep``,
+``--horizon``, ``--num-envs``, ``--num-estimates`` and ``--critic-warmup`` change both parts'
+comparison from the default (``diffpg compare``'s options of the same names).
 
     python experiments/bench_compare_compile.py                       # the default comparison
     python experiments/bench_compare_compile.py --estimators shac reinforce --skip-command
@@ -23,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Part 1 times XLA's compilations, so this process keeps no persistent cache to load them from
+# (common's diffpg.setup() reads this; part 2's processes are given a cache folder of their own).
+os.environ["DIFFPG_CACHE_DIR"] = "off"
 import common  # noqa: E402
 import jax  # noqa: E402
 
@@ -35,6 +40,10 @@ from diffpg.sampling import estimates_program, learns, warmup_program  # noqa: E
 
 DIFFPG_OPTIONS = {"warm-up": CPU_COMPILER_OPTIONS, "estimates": CPU_RUN_ONCE_OPTIONS}
 """The options ``diffpg compare`` compiles each kind of program with."""
+
+COMPARISON_OPTIONS = {"env": str, "sweep": str, "horizon": int, "num_envs": int,
+                      "num_estimates": int, "critic_warmup": int}
+"""``CompareSettings`` fields this script's options of the same names set (default: not set)."""
 
 
 def timed(function, *args):
@@ -99,27 +108,39 @@ def whole_command(cache: str, out: Path, arguments: list[str]) -> dict:
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
 
 
+def comparison_options(arguments) -> dict:
+    """The ``COMPARISON_OPTIONS`` given on the command line, as ``CompareSettings`` fields."""
+    return {name: getattr(arguments, name) for name in COMPARISON_OPTIONS
+            if getattr(arguments, name) is not None}
+
+
 def main() -> None:
     parser = common.parser("bench_compare_compile", __doc__.split("\n")[0])
     parser.add_argument("--estimators", nargs="*", default=[])
     parser.add_argument("--skip-command", action="store_true",
                         help="only part 1 (the programs), not the whole command cold and warm")
+    for name, kind in COMPARISON_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help="the comparison's (default: diffpg compare's)")
     arguments = parser.parse_args()
     out = common.prepare_output(arguments.out, arguments.overwrite)
-    settings = CompareSettings(estimators=tuple(arguments.estimators))
+    options = comparison_options(arguments)
+    settings = CompareSettings(estimators=tuple(arguments.estimators), **options)
     rows = programs_of_comparison(settings)
     columns = ["estimator", "program", "count", "trace_and_lower_s", "compile_default_s",
                "compile_diffpg_s", "run_default_s", "run_diffpg_s"]
     total = {"estimator": "all", "program": "all"} | {
         c: sum(row[c] for row in rows) for c in columns[2:]}
     table = common.format_table(rows + [total], columns)
-    print(f"programs of the default comparison, {jax.devices()[0].platform}, diffpg's options "
-          f"{DIFFPG_OPTIONS}")
+    which = f"the comparison with {options}" if options else "the default comparison"
+    print(f"programs of {which}, {jax.devices()[0].platform}, diffpg's options {DIFFPG_OPTIONS}")
     print(table)
     commands = []
     if not arguments.skip_command:
         command_arguments = (["--estimators", *arguments.estimators]
                              if arguments.estimators else [])
+        for name, value in options.items():
+            command_arguments += ["--" + name.replace("_", "-"), str(value)]
         with tempfile.TemporaryDirectory() as cache:
             for kind in ("cold", "warm"):
                 commands.append({"cache": kind} | whole_command(

@@ -24,6 +24,8 @@ import common  # noqa: E402
 CHILD = r"""
 import json, sys, time
 started = time.perf_counter()
+import diffpg
+diffpg.setup()  # the persistent compilation cache in $DIFFPG_CACHE_DIR, as the commands
 import jax
 from diffpg.training import make_trainer, settings_for
 imported = time.perf_counter() - started

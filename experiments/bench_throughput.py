@@ -1,7 +1,8 @@
 """Throughput against the limit: simulation alone, a BPTT gradient, diffpg SHAC, Brax APG.
 
 For one Brax env, backend, batch ``B`` and horizon ``T``, measured in one process and reported as
-env steps per second (``B * T`` per call or update) and as ratios:
+env steps per second (``B * T`` per call or update) and as ratios (an analytic env, such as
+``pendulum``, runs too, with ``--skip-apg``):
 
 * ``simulate``: ``T`` steps of ``B`` envs with the policy's sampled actions, no gradient (the
   ceiling for anything that must simulate and act);
@@ -114,32 +115,31 @@ def brax_apg_sps(env, num_envs: int, horizon: int, updates: int) -> tuple[float,
     return float(sps[-1]), time.perf_counter() - started
 
 
-def main() -> None:
-    common.supply_brax_trainer_api()
+def parse_arguments():
+    """The command line: env, sizes, repeats and what to leave out."""
     parser = common.parser("bench_throughput", __doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="GPU size: ant, 2048 envs")
-    parser.add_argument("--env", default=None, help="Brax env (default: hopper; ant with --gpu)")
+    parser.add_argument("--env", default=None, help="Brax env (default: hopper; ant with --gpu), "
+                        "or an analytic env with --skip-apg")
     parser.add_argument("--num-envs", type=int, default=None)
     parser.add_argument("--horizon", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-apg", action="store_true", help="leave Brax APG out")
     parser.add_argument("--estimator", default="shac",
                         help="estimator of the per-update breakdown (default: shac)")
-    arguments = parser.parse_args()
-    # Not inverted_pendulum: its reward is a constant 1 while alive, so its BPTT gradient is 0.
-    env_name = arguments.env or ("ant" if arguments.gpu else "hopper")
-    num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
-    horizon, repeats = arguments.horizon, arguments.repeats
-    out = common.prepare_output(arguments.out, arguments.overwrite)
+    return parser.parse_args()
 
-    env = envs.make(env_name)
+
+def simulation_and_gradient_rows(env, num_envs: int, horizon: int, repeats: int,
+                                 key: jax.Array) -> list[dict]:
+    """The ``simulate`` and ``bptt_gradient`` rows: ``T`` steps of ``B`` envs from ``B`` fresh
+    starts with a fresh MLP policy, without and with BPTT's gradient; each row's
+    ``env_steps_per_s`` is ``B * T`` over the mean seconds of a call."""
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size)
-    key = jax.random.PRNGKey(arguments.seed)
     params = policy.init(key)
     starts = jax.vmap(env.reset)(jax.random.split(key, num_envs))
     stats = init_statistics(env.observation_size)
     steps = num_envs * horizon
-    rows = []
 
     def simulate(env_states, key):
         # Return what depends on the physics: a constant reward (inverted_pendulum's) alone
@@ -147,16 +147,19 @@ def main() -> None:
         end, transitions = unroll(env, policy, params, stats, env_states, key, horizon)
         return end.obs, transitions.reward, transitions.next_obs
 
-    simulate = jax.jit(simulate)
-    first, per_call = seconds_per_call(simulate, starts, key, repeats=repeats)
-    rows.append({"what": "simulate", "compile_s": first, "env_steps_per_s": steps / per_call})
-
+    first, per_call = seconds_per_call(jax.jit(simulate), starts, key, repeats=repeats)
+    rows = [{"what": "simulate", "compile_s": first, "env_steps_per_s": steps / per_call}]
     bptt = estimators.make("bptt", env, policy, horizon=horizon)
     bptt_state = bptt.init(key, params)
     gradient = jax.jit(lambda s, k: bptt.estimate(params, stats, bptt_state, s, k).grad)
     first, per_call = seconds_per_call(gradient, starts, key, repeats=repeats)
     rows.append({"what": "bptt_gradient", "compile_s": first, "env_steps_per_s": steps / per_call})
+    return rows
 
+
+def shac_training_row(env_name: str, num_envs: int, horizon: int, repeats: int) -> dict:
+    """The ``shac_training`` row: diffpg's training loop with SHAC, ``repeats`` updates per call;
+    ``compile_s`` is the first call (compilation included), the rate is from the second."""
     settings = settings_for(env=env_name, estimator="shac", num_envs=num_envs, horizon=horizon,
                             updates=100 * repeats, updates_per_call=repeats,
                             eval_envs=1)
@@ -168,28 +171,49 @@ def main() -> None:
     started = time.perf_counter()
     state, _ = jax.block_until_ready(trainer.run_updates(state))
     per_update = (time.perf_counter() - started) / repeats
-    rows.append({"what": "shac_training", "compile_s": first,
-                 "env_steps_per_s": steps / per_update})
+    return {"what": "shac_training", "compile_s": first,
+            "env_steps_per_s": num_envs * horizon / per_update}
 
-    if not arguments.skip_apg:
-        sps, wall = brax_apg_sps(env, num_envs, horizon, updates=3 * repeats)
-        rows.append({"what": "brax_apg_training", "compile_s": wall, "env_steps_per_s": sps})
 
+def compare_rates(rows: list[dict]) -> dict[str, float]:
+    """Adds ``vs_simulate`` (and ``vs_brax_apg`` where APG ran) to every row, each row's rate
+    over that row's; returns the targets' measured ratios for SHAC training."""
     rate = {row["what"]: row["env_steps_per_s"] for row in rows}
     for row in rows:
         row["vs_simulate"] = row["env_steps_per_s"] / rate["simulate"]
         if "brax_apg_training" in rate:
             row["vs_brax_apg"] = row["env_steps_per_s"] / rate["brax_apg_training"]
-    table = common.format_table(rows, ["what", "env_steps_per_s", "vs_simulate", "vs_brax_apg",
-                                       "compile_s"])
-    header = (f"{env_name} ({env.unwrapped.backend}), {num_envs} envs x {horizon} steps, "
-              f"{jax.devices()[0].platform}; compile_s for brax_apg is its whole run")
-    print(header)
-    print(table)
     targets = {"shac_vs_simulate (target >= 0.25)": rate["shac_training"] / rate["simulate"]}
     if "brax_apg_training" in rate:
         targets["shac_vs_brax_apg (target >= 1.0)"] = (rate["shac_training"]
                                                        / rate["brax_apg_training"])
+    return targets
+
+
+def main() -> None:
+    common.supply_brax_trainer_api()
+    arguments = parse_arguments()
+    # Not inverted_pendulum: its reward is a constant 1 while alive, so its BPTT gradient is 0.
+    env_name = arguments.env or ("ant" if arguments.gpu else "hopper")
+    num_envs = arguments.num_envs or (2048 if arguments.gpu else 64)
+    horizon, repeats = arguments.horizon, arguments.repeats
+    out = common.prepare_output(arguments.out, arguments.overwrite)
+
+    env = envs.make(env_name)
+    key = jax.random.PRNGKey(arguments.seed)
+    rows = simulation_and_gradient_rows(env, num_envs, horizon, repeats, key)
+    rows.append(shac_training_row(env_name, num_envs, horizon, repeats))
+    if not arguments.skip_apg:
+        sps, wall = brax_apg_sps(env, num_envs, horizon, updates=3 * repeats)
+        rows.append({"what": "brax_apg_training", "compile_s": wall, "env_steps_per_s": sps})
+    targets = compare_rates(rows)
+    table = common.format_table(rows, ["what", "env_steps_per_s", "vs_simulate", "vs_brax_apg",
+                                       "compile_s"])
+    backend = getattr(env.unwrapped, "backend", None)  # None: an analytic env
+    header = (f"{env_name} ({backend or 'analytic'}), {num_envs} envs x {horizon} steps, "
+              f"{jax.devices()[0].platform}; compile_s for brax_apg is its whole run")
+    print(header)
+    print(table)
     for name, value in targets.items():
         print(f"{name}: {value:.3f}")
     breakdown = update_breakdown(env_name, num_envs, horizon, repeats, key, arguments.estimator)
@@ -199,7 +223,7 @@ def main() -> None:
           f"{horizon} steps:")
     print(breakdown_table)
     common.write_json(out / "results.json", {
-        "env": env_name, "backend": env.unwrapped.backend, "num_envs": num_envs,
+        "env": env_name, "backend": backend, "num_envs": num_envs,
         "horizon": horizon, "repeats": repeats, "rows": rows, "targets": targets,
         "update_breakdown": breakdown, "breakdown_estimator": arguments.estimator,
         "device": str(jax.devices()[0]),

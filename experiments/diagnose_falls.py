@@ -134,7 +134,8 @@ def critic_value_function(settings, observation_size):
     return value_function
 
 
-def main() -> None:
+def parse_arguments():
+    """The command line: env, learner, sizes, the training length and the probes' schedule."""
     parser = common.parser(Path(__file__).stem, __doc__.split("\n\n")[0])
     parser.add_argument("--env", default="ant")
     parser.add_argument("--learner", default="shac", help="estimator spec, as bench_learning's")
@@ -143,23 +144,32 @@ def main() -> None:
     parser.add_argument("--updates-per-call", type=int, default=25)
     parser.add_argument("--probe-every", type=int, default=150, help="updates between probes")
     parser.add_argument("--census-envs", type=int, default=64)
-    args = parser.parse_args()
-    out = common.prepare_output(args.out, args.overwrite)
-    if args.probe_every % args.updates_per_call or args.updates % args.probe_every:
-        raise SystemExit("error: --probe-every must be a multiple of --updates-per-call and "
-                         "divide --updates")
+    return parser.parse_args()
 
+
+def run_settings(args) -> TrainSettings:
+    """The run's settings: the env's configuration for the learner's estimator at ``--sizes``,
+    with the learner spec's options (its training settings among them) and the run's length."""
     estimator, options = parse_spec(args.learner)
     trainer_fields = {field.name for field in dataclasses.fields(TrainSettings)}
     training = {k: options.pop(k) for k in list(options) if k in trainer_fields}
-    settings = settings_for(args.env, estimator, options, sizes=args.sizes, updates=args.updates,
-                            updates_per_call=args.updates_per_call, seed=args.seed, **training)
-    trainer = make_trainer(settings)
-    one_step = make_trainer(dataclasses.replace(settings, updates_per_call=1))
-    raw_env = envs.make_raw(args.env, backend=settings.backend)
+    return settings_for(args.env, estimator, options, sizes=args.sizes, updates=args.updates,
+                        updates_per_call=args.updates_per_call, seed=args.seed, **training)
+
+
+def make_probe(settings: TrainSettings, trainer, raw_env, census_envs: int):
+    """The jitted probe ``(state, key) -> dict`` of the module docstring: ``census``'s arrays
+    (the critic's value from its target parameters) and, for one more update from ``state``
+    (common random numbers), the window objective per step (``J / horizon``) and the
+    deterministic evaluation return, before and after."""
+    # The run's own trainer where its calls hold one update: the same program, traced once.
+    one_step = (trainer if settings.updates_per_call == 1 else
+                make_trainer(dataclasses.replace(settings, updates_per_call=1)))
     value_function = critic_value_function(settings, raw_env.observation_size)
     discount = settings.resolved_estimator_settings.discount
     horizon = settings.horizon
+
+    estimate = jax.jit(trainer.estimator.estimate)  # traced once for both window objectives
 
     @jax.jit
     def probe(state, key):
@@ -172,19 +182,84 @@ def main() -> None:
                                         normalize(state.obs_stats, obs), None)
 
         found = census(raw_env, trainer.policy, state.params, state.obs_stats, value, discount,
-                       key_census, args.census_envs, raw_env.default_episode_length)
+                       key_census, census_envs, raw_env.default_episode_length)
         after, _ = one_step.run_updates(state)
 
         def window_objective(s):
-            estimate = trainer.estimator.estimate(s.params, state.obs_stats, state.estimator_state,
-                                                  state.env_state, key_window)
-            return estimate.metrics["objective"] / horizon
+            return estimate(s.params, state.obs_stats, state.estimator_state, state.env_state,
+                            key_window).metrics["objective"] / horizon
 
         found |= {"window_before": window_objective(state), "window_after": window_objective(after),
                   "return_before": trainer.evaluate(state, key_eval)["eval/episode_reward"],
                   "return_after": trainer.evaluate(after, key_eval)["eval/episode_reward"]}
         return found
 
+    return probe
+
+
+def probe_row(found: dict, state, seconds: float, bound_names: tuple[str, ...]) -> dict:
+    """One probe's row: the run's progress, the census's shares and means over the episodes
+    that fell (None where none fell), the critic's values and the one update's before/after."""
+    fell = found["fell"]
+    crossed = np.argmin(found["margins"], axis=1)[fell]
+    row = {"update": int(state.update), "env_steps": int(state.env_steps),
+           "seconds": round(seconds, 1),
+           "eval_return": float(found["return_before"]),
+           "fall_share": float(fell.mean()),
+           "mean_fall_step": float(found["fall_step"][fell].mean()) if fell.any() else None,
+           "upright_at_fall": float(found["upright"][fell].mean()) if fell.any() else None,
+           "on_back_share_of_falls": float(np.mean(found["upright"][fell] < 0))
+           if fell.any() else None,
+           "on_back_step_share": float(found["on_back_step_share"]),
+           "reward_per_step": float(found["reward_per_step"]),
+           "value_alive": float(found["value_alive"]),
+           "realised_alive": float(found["realised_alive"])}
+    for i, name in enumerate(bound_names):
+        row[f"falls_{name}"] = float(np.mean(crossed == i)) if fell.any() else None
+    for i, k in enumerate(LOOKBACK):
+        row[f"value_{k}_before_fall"] = float(np.nanmean(found["value_before"][:, i])) \
+            if fell.any() else None
+        row[f"realised_{k}_before_fall"] = float(np.nanmean(found["realised_before"][:, i])) \
+            if fell.any() else None
+    row |= {k: float(found[k]) for k in ("window_before", "window_after", "return_before",
+                                          "return_after")}
+    return row
+
+
+def progress_line(row: dict, bound_names: tuple[str, ...]) -> str:
+    """One probe's row as the line printed while the run trains."""
+    return (f"update {row['update']:5d}  steps {row['env_steps']:>9,}  eval {row['eval_return']:7.0f}"
+            f"  falls {row['fall_share']:.2f} ("
+            + ", ".join(f"{name} {row[f'falls_{name}']}" for name in bound_names)
+            + f", on back {row['on_back_share_of_falls']}; steps on "
+            f"back {row['on_back_step_share']:.2f})"
+            f"  V/realised 1 before fall {row['value_1_before_fall']}/"
+            f"{row['realised_1_before_fall']}  one update: window "
+            f"{row['window_after'] - row['window_before']:+.3f}, return "
+            f"{row['return_after'] - row['return_before']:+.0f}")
+
+
+def table_columns(bound_names: tuple[str, ...]) -> list[str]:
+    """The columns of the printed and reported table."""
+    return ["update", "env_steps", "eval_return", "fall_share",
+            *(f"falls_{name}" for name in bound_names), "on_back_share_of_falls",
+            "on_back_step_share",
+            "reward_per_step", "value_8_before_fall",
+            "realised_8_before_fall", "value_alive", "realised_alive", "window_before",
+            "window_after", "return_before", "return_after"]
+
+
+def main() -> None:
+    args = parse_arguments()
+    out = common.prepare_output(args.out, args.overwrite)
+    if args.probe_every % args.updates_per_call or args.updates % args.probe_every:
+        raise SystemExit("error: --probe-every must be a multiple of --updates-per-call and "
+                         "divide --updates")
+
+    settings = run_settings(args)
+    trainer = make_trainer(settings)
+    raw_env = envs.make_raw(args.env, backend=settings.backend)
+    probe = make_probe(settings, trainer, raw_env, args.census_envs)
     bound_names = raw_env.health_bound_names()
     rows, state, started = [], trainer.init_run(), time.perf_counter()
     key = jax.random.PRNGKey(args.seed + 1000)
@@ -194,47 +269,10 @@ def main() -> None:
         if call * args.updates_per_call % args.probe_every:
             continue
         found = jax.tree.map(np.asarray, probe(state, jax.random.fold_in(key, call)))
-        fell = found["fell"]
-        crossed = np.argmin(found["margins"], axis=1)[fell]
-        row = {"update": int(state.update), "env_steps": int(state.env_steps),
-               "seconds": round(time.perf_counter() - started, 1),
-               "eval_return": float(found["return_before"]),
-               "fall_share": float(fell.mean()),
-               "mean_fall_step": float(found["fall_step"][fell].mean()) if fell.any() else None,
-               "upright_at_fall": float(found["upright"][fell].mean()) if fell.any() else None,
-               "on_back_share_of_falls": float(np.mean(found["upright"][fell] < 0))
-               if fell.any() else None,
-               "on_back_step_share": float(found["on_back_step_share"]),
-               "reward_per_step": float(found["reward_per_step"]),
-               "value_alive": float(found["value_alive"]),
-               "realised_alive": float(found["realised_alive"])}
-        for i, name in enumerate(bound_names):
-            row[f"falls_{name}"] = float(np.mean(crossed == i)) if fell.any() else None
-        for i, k in enumerate(LOOKBACK):
-            row[f"value_{k}_before_fall"] = float(np.nanmean(found["value_before"][:, i])) \
-                if fell.any() else None
-            row[f"realised_{k}_before_fall"] = float(np.nanmean(found["realised_before"][:, i])) \
-                if fell.any() else None
-        row |= {k: float(found[k]) for k in ("window_before", "window_after", "return_before",
-                                              "return_after")}
-        rows.append(row)
-        print(f"update {row['update']:5d}  steps {row['env_steps']:>9,}  eval {row['eval_return']:7.0f}"
-              f"  falls {row['fall_share']:.2f} ("
-              + ", ".join(f"{name} {row[f'falls_{name}']}" for name in bound_names)
-              + f", on back {row['on_back_share_of_falls']}; steps on "
-              f"back {row['on_back_step_share']:.2f})"
-              f"  V/realised 1 before fall {row['value_1_before_fall']}/"
-              f"{row['realised_1_before_fall']}  one update: window "
-              f"{row['window_after'] - row['window_before']:+.3f}, return "
-              f"{row['return_after'] - row['return_before']:+.0f}", flush=True)
+        rows.append(probe_row(found, state, time.perf_counter() - started, bound_names))
+        print(progress_line(rows[-1], bound_names), flush=True)
 
-    columns = ["update", "env_steps", "eval_return", "fall_share",
-               *(f"falls_{name}" for name in bound_names), "on_back_share_of_falls",
-               "on_back_step_share",
-               "reward_per_step", "value_8_before_fall",
-               "realised_8_before_fall", "value_alive", "realised_alive", "window_before",
-               "window_after", "return_before", "return_after"]
-    table = common.format_table(rows, columns)
+    table = common.format_table(rows, table_columns(bound_names))
     print(table)
     common.write_json(out / "results.json", {
         "settings": settings.to_json(), "bounds": bound_names, "lookback": LOOKBACK,

@@ -69,7 +69,6 @@ def measure_pair(
 ) -> dict:
     """Measure one (env, backend) pair in this process; returns a JSON-able dict."""
     import jax
-    import jax.numpy as jnp
     from diffpg.envs.brax_envs import SUPPORTED_BACKENDS
 
     from diffpg import envs
@@ -84,49 +83,17 @@ def measure_pair(
         return envs.make_raw(env_name, backend=None if playground else backend, **settings)
 
     env = make()
-    obs_size, action_size = env.observation_size, env.action_size
-    result.update(observation_size=obs_size, action_size=action_size)
+    result.update(observation_size=env.observation_size, action_size=env.action_size)
 
     def objectives(params: dict, reset_keys: jax.Array) -> jax.Array:
-        """[2]: batch-means of the summed reward and of the summed squared observation.
+        return linear_policy_objectives(env, params, reset_keys, horizon)
 
-        params: W [action, obs], b [action]; reset_keys [batch]. The second objective tests
-        that the dynamics are differentiable where the reward is constant (inverted_pendulum's
-        reward is 1 per step whatever happens, so its reward gradient is exactly 0).
-        """
-        rewards, observations = linear_rollout(env, params, reset_keys, horizon)
-        obs_squares = jnp.sum(observations**2, axis=-1)  # [horizon, batch]
-        return jnp.stack([jnp.mean(jnp.sum(rewards, 0)), jnp.mean(jnp.sum(obs_squares, 0))])
-
-    def make_inputs(seed: int) -> tuple[dict, jax.Array]:
-        weight_key, reset_key = jax.random.split(jax.random.PRNGKey(seed))
-        params = {
-            "W": 0.1 * jax.random.normal(weight_key, (action_size, obs_size)) / math.sqrt(obs_size),
-            "b": jnp.zeros((action_size,)),
-        }
-        return params, jax.random.split(reset_key, batch)
-
-    params, keys = make_inputs(0)
-
-    # Forward only.
+    params, keys = linear_policy_inputs(env, batch, 0)
     try:
-        start = time.perf_counter()
-        forward = jax.jit(objectives).lower(params, keys).compile()
-        result["forward_compile_s"] = time.perf_counter() - start
-        value = forward(params, keys)
-        value.block_until_ready()
-        start = time.perf_counter()
-        for rep in range(forward_reps):
-            value = forward(params, jax.random.split(jax.random.PRNGKey(100 + rep), batch))
-        value.block_until_ready()
-        elapsed = time.perf_counter() - start
-        result["steps_per_s"] = batch * horizon * forward_reps / elapsed
-        result["return"] = float(value[0])
+        measure_forward(result, objectives, params, keys, horizon, forward_reps)
     except Exception as error:  # noqa: BLE001 - recorded, not raised
         result["error"] = f"forward: {type(error).__name__}: {str(error)[:400]}"
         return result
-
-    # Gradient.
     try:
         start = time.perf_counter()
         grad_fn = jax.jit(jax.jacrev(objectives)).lower(params, keys).compile()
@@ -134,27 +101,95 @@ def measure_pair(
     except Exception as error:  # noqa: BLE001
         result["error"] = f"grad: {type(error).__name__}: {str(error)[:400]}"
         return result
+    result.update(gradient_measurements(
+        grad_fn, lambda seed: linear_policy_inputs(env, batch, seed), seeds, horizon))
+    if backend == "mjx":
+        result.update(solver_iteration_effect(env, make, params, keys, DIVERGENCE_STEPS))
+    return result
 
+
+def linear_policy_objectives(env, params: dict, reset_keys, horizon: int):
+    """``[2]``: batch-means of the summed reward and of the summed squared observation over
+    ``horizon`` steps of the linear tanh policy from ``reset(reset_keys [batch])``.
+
+    params: W [action, obs], b [action]. The second objective tests that the dynamics are
+    differentiable where the reward is constant (inverted_pendulum's reward is 1 per step
+    whatever happens, so its reward gradient is exactly 0).
+    """
+    import jax.numpy as jnp
+
+    rewards, observations = linear_rollout(env, params, reset_keys, horizon)
+    obs_squares = jnp.sum(observations**2, axis=-1)  # [horizon, batch]
+    return jnp.stack([jnp.mean(jnp.sum(rewards, 0)), jnp.mean(jnp.sum(obs_squares, 0))])
+
+
+def linear_policy_inputs(env, batch: int, seed: int) -> tuple[dict, object]:
+    """Seed ``seed``'s small random linear policy (``W ~ 0.1 N(0, 1) / sqrt(obs size)``,
+    ``b = 0``) and ``batch`` reset keys."""
+    import jax
+    import jax.numpy as jnp
+
+    obs_size, action_size = env.observation_size, env.action_size
+    weight_key, reset_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = {
+        "W": 0.1 * jax.random.normal(weight_key, (action_size, obs_size)) / math.sqrt(obs_size),
+        "b": jnp.zeros((action_size,)),
+    }
+    return params, jax.random.split(reset_key, batch)
+
+
+def measure_forward(result: dict, objectives, params: dict, keys, horizon: int,
+                    forward_reps: int) -> None:
+    """Compiles the forward objectives (``forward_compile_s``), then times ``forward_reps``
+    calls on fresh reset keys: ``steps_per_s`` (batch x horizon steps per call) and the last
+    call's ``return``. Writes into ``result`` as it goes, so that a failure keeps what came
+    before it."""
+    import jax
+
+    batch = keys.shape[0]
+    start = time.perf_counter()
+    forward = jax.jit(objectives).lower(params, keys).compile()
+    result["forward_compile_s"] = time.perf_counter() - start
+    value = forward(params, keys)
+    value.block_until_ready()
+    start = time.perf_counter()
+    for rep in range(forward_reps):
+        value = forward(params, jax.random.split(jax.random.PRNGKey(100 + rep), batch))
+    value.block_until_ready()
+    elapsed = time.perf_counter() - start
+    result["steps_per_s"] = batch * horizon * forward_reps / elapsed
+    result["return"] = float(value[0])
+
+
+def gradient_measurements(grad_fn, inputs_of_seed, seeds: int, horizon: int) -> dict:
+    """The compiled Jacobian ``grad_fn`` (``[2, *param_shape]`` per leaf) on the inputs
+    ``inputs_of_seed(seed) -> (params, reset keys)`` of seeds ``0..seeds-1`` (one warm-up call
+    first): ``grad_steps_per_s``, the fraction of seeds whose Jacobian is finite, and per
+    objective (``grad``: reward, ``obs_grad``: squared observation) each seed's global L2 norm
+    and the median of the finite ones (None if none is)."""
+    import jax
+    import jax.numpy as jnp
+
+    params, keys = inputs_of_seed(0)
+    batch = keys.shape[0]
     norms: dict[str, list[float]] = {"grad": [], "obs_grad": []}
     finite = []
     jax.block_until_ready(grad_fn(params, keys))
     start = time.perf_counter()
     for seed in range(seeds):
-        seed_params, seed_keys = make_inputs(seed)
+        seed_params, seed_keys = inputs_of_seed(seed)
         jacobian = jax.block_until_ready(grad_fn(seed_params, seed_keys))  # [2, *param_shape]
         leaves = jax.tree_util.tree_leaves(jacobian)
         finite.append(bool(all(jnp.all(jnp.isfinite(leaf)) for leaf in leaves)))
         for row, key in enumerate(("grad", "obs_grad")):
             norms[key].append(float(jnp.sqrt(sum(jnp.sum(leaf[row] ** 2) for leaf in leaves))))
-    result["grad_steps_per_s"] = batch * horizon * seeds / (time.perf_counter() - start)
-    result["grad_finite_fraction"] = sum(finite) / seeds
+    result = {"grad_steps_per_s": batch * horizon * seeds / (time.perf_counter() - start),
+              "grad_finite_fraction": sum(finite) / seeds}
     for key, values in norms.items():
         result[f"{key}_norms"] = values
         finite_norms = sorted(n for n in values if math.isfinite(n))
         median = finite_norms[len(finite_norms) // 2] if finite_norms else None
         result[f"{key}_norm_median"] = median
-    if backend == "mjx":
-        result.update(solver_iteration_effect(env, make, params, keys, DIVERGENCE_STEPS))
     return result
 
 

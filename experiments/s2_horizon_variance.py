@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +124,23 @@ def fit_line(x, y):
     return float(b), float(a), float(r2)
 
 
-def main():
+class Setup(NamedTuple):
+    """What every horizon shares: the env, the policy at its initialisation, the start states
+    ``[B]``, the comparison's settings (objective and sizes), the horizons and the keys."""
+
+    env: object
+    policy: object
+    params: dict
+    start_states: object
+    compare: CompareSettings
+    horizons: list[int]
+    upright: bool
+    key_run: jax.Array
+    key_lyapunov: jax.Array
+
+
+def parse_arguments():
+    """The command line: the env, the longest horizon, SHAC's window and the sizes."""
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--max-horizon", type=int, default=128)
     p.add_argument("--window", type=int, default=8, help="SHAC's backprop window")
@@ -136,16 +153,18 @@ def main():
     p.add_argument("--env", choices=ENVS, default="pendulum")
     p.add_argument("--split", type=int, default=32,
                    help="horizon where the early and late exponential fits of BPTT meet")
-    args = p.parse_args()
-    out = prepare_output(args.out, args.overwrite)
-    started = time.perf_counter()
-    ENV = args.env
-    upright = ENV == "pendulum"
+    return p.parse_args()
 
+
+def make_setup(args) -> Setup:
+    """The env (the pendulum from upright starts; the double pendulum from its own resets, its
+    episode as long as the longest horizon), the MLP policy and the horizons 1, 2, 4, ... up to
+    ``--max-horizon``."""
+    upright = args.env == "pendulum"
     horizons = [2**i for i in range(20) if 2**i <= args.max_horizon]
     episode_length = None if upright else max(horizons)
-    env = envs.make(ENV, episode_length=episode_length)
-    compare = CompareSettings(env=ENV, horizon=max(horizons), discount=args.discount,
+    env = envs.make(args.env, episode_length=episode_length)
+    compare = CompareSettings(env=args.env, horizon=max(horizons), discount=args.discount,
                               episode_length=episode_length, num_envs=args.num_envs,
                               num_estimates=args.num_estimates, critic_warmup=args.warmup,
                               reference_estimates=args.reference_estimates, seed=args.seed)
@@ -153,92 +172,130 @@ def main():
                                       hidden_sizes=compare.hidden_sizes,
                                       init_log_std=args.init_log_std)
     key = jax.random.PRNGKey(args.seed)
-    key_params, key_states, key_run, key_lyap = jax.random.split(key, 4)
+    key_params, key_states, key_run, key_lyapunov = jax.random.split(key, 4)
     params = policy.init(key_params)
-    num_params = int(ravel_pytree(params)[0].shape[0])
     start_states = (upright_starts(env, key_states, args.num_envs) if upright else
                     jax.vmap(env.reset)(jax.random.split(key_states, args.num_envs)))
+    return Setup(env, policy, params, start_states, compare, horizons, upright, key_run,
+                 key_lyapunov)
 
-    log_jac = state_jacobian_growth(env, policy, params, start_states, key_lyap, max(horizons))
+
+def dynamics_growth(setup: Setup) -> tuple[np.ndarray, dict]:
+    """The median over starts of ``log ||d x_t / d x_0||`` for t = 1..max horizon ``[T_max]``,
+    and the largest Lyapunov exponents: of the unforced env (per second and per step, median
+    and range over the starts) and of the closed loop (the slope of that median against t,
+    with its fit's R^2)."""
+    env, longest = setup.env, max(setup.horizons)
+    log_jac = state_jacobian_growth(env, setup.policy, setup.params, setup.start_states,
+                                    setup.key_lyapunov, longest)
     jac_median = np.median(log_jac, axis=0)
     dt = env.unwrapped.dt
     unforced = np.asarray(jax.jit(jax.vmap(lambda x0: largest_lyapunov_exponent(
-        env_step_function(env.unwrapped), x0, jnp.zeros((max(horizons), env.action_size)),
-        dt)))(start_states.pipeline_state))
-    closed_loop_rate, _, closed_loop_r2 = fit_line(np.arange(1, max(horizons) + 1), jac_median)
+        env_step_function(env.unwrapped), x0, jnp.zeros((longest, env.action_size)),
+        dt)))(setup.start_states.pipeline_state))
+    closed_loop_rate, _, closed_loop_r2 = fit_line(np.arange(1, longest + 1), jac_median)
     lyapunov = {"unforced_per_second_median": float(np.median(unforced)),
                 "unforced_per_second_range": [float(unforced.min()), float(unforced.max())],
                 "unforced_per_step_median": float(np.median(unforced) * dt),
                 "closed_loop_per_step": closed_loop_rate, "closed_loop_fit_r2": closed_loop_r2}
+    return jac_median, lyapunov
 
-    rows, results = [], []
-    for horizon in horizons:
-        key_h = jax.random.fold_in(key_run, horizon)
-        entry = {"horizon": horizon, "log_state_jacobian_median": float(jac_median[horizon - 1])}
-        ref_est = estimators.make("reinforce", env, policy, **estimators.comparison_settings(
-            "reinforce", horizon, compare.discount))
-        ref_samples, ref_timing = sample_gradients(ref_est, params, start_states,
-                                                   jax.random.fold_in(key_h, 0),
-                                                   args.reference_estimates, 0)
-        reference, reference_se = reference_from_samples(ref_samples)
-        per = {"reinforce": gradient_statistics(ref_samples) | ref_timing}
-        per["reinforce"]["variance_trace_interval"] = bootstrap_interval(ref_samples, variance_trace)
 
-        bptt_est = estimators.make("bptt", env, policy, **estimators.comparison_settings(
-            "bptt", horizon, compare.discount))
-        bptt_samples, timing = sample_gradients(bptt_est, params, start_states,
-                                                jax.random.fold_in(key_h, 1),
-                                                args.num_estimates, 0)
-        per["bptt"] = gradient_statistics(bptt_samples, reference, reference_se) | timing
-        per["bptt"]["variance_trace_interval"] = bootstrap_interval(bptt_samples, variance_trace)
+def shac_statistics(setup: Setup, args, horizon: int, key, reference, reference_se) -> dict:
+    """SHAC's gradient statistics at ``horizon > window`` against the reference, with its
+    critic's warm-up loss: first, mean of the last 10, their root over ``|J_T|``, and a
+    thinned history."""
+    shac_est = estimators.make("shac", setup.env, setup.policy, **estimators.comparison_settings(
+        "shac", horizon, setup.compare.discount, window=min(args.window, horizon)))
+    shac_samples, timing, losses, objective = shac_samples_and_critic(
+        shac_est, setup.params, setup.start_states, key, args.num_estimates, args.warmup)
+    statistics = gradient_statistics(shac_samples, reference, reference_se) | timing
+    statistics["variance_trace_interval"] = bootstrap_interval(shac_samples, variance_trace)
+    return statistics | {"same_as_bptt": False,
+                         "critic_loss_first": float(losses[0]),
+                         "critic_loss_last": float(np.mean(losses[-10:])),
+                         "objective_mean": objective,
+                         "critic_rmse_over_abs_objective": float(
+                             np.sqrt(np.mean(losses[-10:])) / max(abs(objective), 1e-12)),
+                         "critic_loss_history": losses[:: max(1, len(losses) // 50)]}
 
-        shac_settings = estimators.comparison_settings(
-            "shac", horizon, compare.discount, window=min(args.window, horizon))
-        if horizon <= args.window:  # one window, no bootstrap: the estimator is BPTT exactly
-            per["shac"] = dict(per["bptt"]) | {"same_as_bptt": True}
-        else:
-            shac_est = estimators.make("shac", env, policy, **shac_settings)
-            shac_samples, timing, losses, objective = shac_samples_and_critic(
-                shac_est, params, start_states, jax.random.fold_in(key_h, 2),
-                args.num_estimates, args.warmup)
-            per["shac"] = gradient_statistics(shac_samples, reference, reference_se) | timing
-            per["shac"]["variance_trace_interval"] = bootstrap_interval(shac_samples,
-                                                                        variance_trace)
-            per["shac"] |= {"same_as_bptt": False,
-                            "critic_loss_first": float(losses[0]),
-                            "critic_loss_last": float(np.mean(losses[-10:])),
-                            "objective_mean": objective,
-                            "critic_rmse_over_abs_objective": float(
-                                np.sqrt(np.mean(losses[-10:])) / max(abs(objective), 1e-12)),
-                            "critic_loss_history": losses[:: max(1, len(losses) // 50)]}
-        entry |= {"reference_norm": float(np.linalg.norm(reference)),
-                  "reference_se_norm": float(np.linalg.norm(reference_se)),
-                  "shac_window": shac_settings["window"], "estimators": per}
-        results.append(entry)
-        row = {"T": horizon, "log|dx_T/dx_0|": entry["log_state_jacobian_median"]}
-        for name in ("bptt", "shac", "reinforce"):
-            row[f"{name} var"] = per[name]["variance_trace"]
-            row[f"{name} |g|"] = per[name]["mean_norm"]
-        row["bptt bias res."] = per["bptt"]["bias_resolved"]
-        row["shac bias res."] = per["shac"].get("bias_resolved")
-        row["shac critic loss"] = per["shac"].get("critic_loss_last", "=bptt")
-        row["critic rmse/|J|"] = per["shac"].get("critic_rmse_over_abs_objective", "=bptt")
-        rows.append(row)
-        print(f"T={horizon} done ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    def series(name, key="variance_trace"):
-        return np.array([r["estimators"][name][key] for r in results], float)
+def measure_horizon(setup: Setup, args, horizon: int, jac_median: np.ndarray) -> dict:
+    """Every estimator at one horizon ``T``: REINFORCE's ``--reference-estimates`` estimates
+    (their mean and standard error are the reference), then BPTT's and SHAC's
+    ``--num-estimates`` against it (SHAC at ``T <= window`` is BPTT: its samples reused).
+    Returns the horizon's entry of ``results.json``."""
+    key_h = jax.random.fold_in(setup.key_run, horizon)
+    env, policy, params, starts = setup.env, setup.policy, setup.params, setup.start_states
+    entry = {"horizon": horizon, "log_state_jacobian_median": float(jac_median[horizon - 1])}
+    ref_est = estimators.make("reinforce", env, policy, **estimators.comparison_settings(
+        "reinforce", horizon, setup.compare.discount))
+    ref_samples, ref_timing = sample_gradients(ref_est, params, starts,
+                                               jax.random.fold_in(key_h, 0),
+                                               args.reference_estimates, 0)
+    reference, reference_se = reference_from_samples(ref_samples)
+    per = {"reinforce": gradient_statistics(ref_samples) | ref_timing}
+    per["reinforce"]["variance_trace_interval"] = bootstrap_interval(ref_samples, variance_trace)
 
-    log_var_bptt = np.log(series("bptt"))
+    bptt_est = estimators.make("bptt", env, policy, **estimators.comparison_settings(
+        "bptt", horizon, setup.compare.discount))
+    bptt_samples, timing = sample_gradients(bptt_est, params, starts,
+                                            jax.random.fold_in(key_h, 1),
+                                            args.num_estimates, 0)
+    per["bptt"] = gradient_statistics(bptt_samples, reference, reference_se) | timing
+    per["bptt"]["variance_trace_interval"] = bootstrap_interval(bptt_samples, variance_trace)
+
+    if horizon <= args.window:  # one window, no bootstrap: the estimator is BPTT exactly
+        per["shac"] = dict(per["bptt"]) | {"same_as_bptt": True}
+    else:
+        per["shac"] = shac_statistics(setup, args, horizon, jax.random.fold_in(key_h, 2),
+                                      reference, reference_se)
+    return entry | {"reference_norm": float(np.linalg.norm(reference)),
+                    "reference_se_norm": float(np.linalg.norm(reference_se)),
+                    "shac_window": min(args.window, horizon), "estimators": per}
+
+
+TABLE_COLUMNS = ["T", "log|dx_T/dx_0|", "bptt var", "bptt |g|", "shac var", "shac |g|",
+                 "reinforce var", "reinforce |g|", "bptt bias res.", "shac bias res.",
+                 "shac critic loss", "critic rmse/|J|"]
+
+
+def table_row(entry: dict) -> dict:
+    """One horizon's row of the table (``TABLE_COLUMNS``)."""
+    per = entry["estimators"]
+    row = {"T": entry["horizon"], "log|dx_T/dx_0|": entry["log_state_jacobian_median"]}
+    for name in ("bptt", "shac", "reinforce"):
+        row[f"{name} var"] = per[name]["variance_trace"]
+        row[f"{name} |g|"] = per[name]["mean_norm"]
+    row["bptt bias res."] = per["bptt"]["bias_resolved"]
+    row["shac bias res."] = per["shac"].get("bias_resolved")
+    row["shac critic loss"] = per["shac"].get("critic_loss_last", "=bptt")
+    row["critic rmse/|J|"] = per["shac"].get("critic_rmse_over_abs_objective", "=bptt")
+    return row
+
+
+def series(results: list[dict], name: str, key: str = "variance_trace") -> np.ndarray:
+    """Estimator ``name``'s statistic ``key`` at every horizon ``[len(horizons)]``."""
+    return np.array([r["estimators"][name][key] for r in results], float)
+
+
+def variance_fits(results: list[dict], horizons: list[int], window: int, split: int,
+                  jac_median: np.ndarray, lyapunov: dict) -> tuple[dict, tuple[float, float]]:
+    """The summary of ``results.json``: least-squares fits of ``log variance_trace`` against
+    ``T`` (rate per step) and ``log T`` (power law) for BPTT over all horizons, up to and from
+    ``split``, and for SHAC from its window on; BPTT's local rates, the ratio of their variances
+    at the longest horizon, the state Jacobian's growth and the Lyapunov exponents. Also the
+    early BPTT fit's (rate, intercept), for the plot."""
+    log_var_bptt = np.log(series(results, "bptt"))
     rate, _, r2_exp = fit_line(horizons, log_var_bptt)
-    power, p_intercept, r2_pow = fit_line(np.log(horizons), log_var_bptt)
+    power, _, r2_pow = fit_line(np.log(horizons), log_var_bptt)
     local_rates = np.diff(log_var_bptt) / np.diff(horizons)
-    early = [i for i, h in enumerate(horizons) if h <= args.split]
+    early = [i for i, h in enumerate(horizons) if h <= split]
     rate_early, early_intercept, r2_early = fit_line(np.array(horizons)[early], log_var_bptt[early])
-    late = [i for i, h in enumerate(horizons) if h >= args.split]
+    late = [i for i, h in enumerate(horizons) if h >= split]
     rate_late, _, r2_late = fit_line(np.array(horizons)[late], log_var_bptt[late])
-    shac_idx = [i for i, h in enumerate(horizons) if h >= args.window]
-    log_var_shac = np.log(series("shac"))
+    shac_idx = [i for i, h in enumerate(horizons) if h >= window]
+    log_var_shac = np.log(series(results, "shac"))
     shac_rate, _, _ = fit_line(np.array(horizons)[shac_idx], log_var_shac[shac_idx])
     shac_power, _, _ = fit_line(np.log(np.array(horizons)[shac_idx]), log_var_shac[shac_idx])
     summary = {
@@ -251,59 +308,66 @@ def main():
         "shac_power_law_exponent_T_ge_window": shac_power,
         "shac_variance_max_over_min_T_ge_window": float(
             log_var_shac[shac_idx].max() - log_var_shac[shac_idx].min()),
-        "bptt_over_shac_variance_at_max_T": float(series("bptt")[-1] / series("shac")[-1]),
+        "bptt_over_shac_variance_at_max_T": float(series(results, "bptt")[-1]
+                                                  / series(results, "shac")[-1]),
         "state_jacobian_log_norm_median": jac_median[[h - 1 for h in horizons]],
         "lyapunov": lyapunov,
     }
-    seconds = time.perf_counter() - started
-    write_json(out / "results.json", {
-        "finding": "S2", "env": ENV, "start": ("upright: theta ~ U(-0.1, 0.1), omega = 0"
-                                                if upright else "the env's reset"),
-        "settings": vars(args) | {"out": str(args.out)}, "compare_settings": dataclasses.asdict(
-            compare), "num_parameters": num_params, "horizons": horizons, "results": results,
-        "summary": summary, "seconds": seconds})
+    return summary, (rate_early, early_intercept)
 
-    columns = ["T", "log|dx_T/dx_0|", "bptt var", "bptt |g|", "shac var", "shac |g|",
-               "reinforce var", "reinforce |g|", "bptt bias res.", "shac bias res.",
-               "shac critic loss", "critic rmse/|J|"]
-    table = format_table(rows, columns)
-    fits = (
+
+def fits_text(summary: dict, horizons: list[int], window: int, split: int) -> str:
+    """The fits of ``variance_fits`` as the three sentences printed under the table."""
+    lyapunov = summary["lyapunov"]
+    return (
         f"Largest Lyapunov exponent: unforced {lyapunov['unforced_per_second_median']:.3g}/s "
         f"({lyapunov['unforced_per_step_median']:.3g}/step; range over starts "
         f"{lyapunov['unforced_per_second_range'][0]:.3g} to "
         f"{lyapunov['unforced_per_second_range'][1]:.3g}/s, over {max(horizons)} steps); "
-        f"closed loop {closed_loop_rate:.3g}/step (R^2 {closed_loop_r2:.3f}).\n"
-        f"BPTT log-variance vs T: rate {rate:.3g}/step over all T (R^2 {r2_exp:.3f}); "
-        f"{rate_early:.3g}/step for T<={args.split} (R^2 {r2_early:.3f}); {rate_late:.3g}/step "
-        f"for T>={args.split} (R^2 {r2_late:.3f}); power law exponent {power:.3g} "
-        f"(R^2 {r2_pow:.3f}).\n"
-        f"SHAC (T >= window {args.window}): log-variance rate {shac_rate:.3g}/step, power "
-        f"{shac_power:.3g}; BPTT/SHAC variance at T={horizons[-1]}: "
-        f"{summary['bptt_over_shac_variance_at_max_T']:.3g}.")
-    print(table)
-    print(fits)
-    print(f"total {seconds:.0f} s")
+        f"closed loop {lyapunov['closed_loop_per_step']:.3g}/step "
+        f"(R^2 {lyapunov['closed_loop_fit_r2']:.3f}).\n"
+        f"BPTT log-variance vs T: rate {summary['bptt_log_variance_rate_per_step']:.3g}/step "
+        f"over all T (R^2 {summary['bptt_exponential_fit_r2']:.3f}); "
+        f"{summary['bptt_log_variance_rate_T_le_32']:.3g}/step for T<={split} "
+        f"(R^2 {summary['bptt_exponential_fit_r2_T_le_32']:.3f}); "
+        f"{summary['bptt_log_variance_rate_T_ge_32']:.3g}/step "
+        f"for T>={split} (R^2 {summary['bptt_exponential_fit_r2_T_ge_32']:.3f}); power law "
+        f"exponent {summary['bptt_power_law_exponent']:.3g} "
+        f"(R^2 {summary['bptt_power_law_fit_r2']:.3f}).\n"
+        f"SHAC (T >= window {window}): log-variance rate "
+        f"{summary['shac_log_variance_rate_per_step_T_ge_window']:.3g}/step, power "
+        f"{summary['shac_power_law_exponent_T_ge_window']:.3g}; BPTT/SHAC variance at "
+        f"T={horizons[-1]}: {summary['bptt_over_shac_variance_at_max_T']:.3g}.")
 
+
+def plot(path, results: list[dict], horizons: list[int], summary: dict,
+         early_fit: tuple[float, float], window: int, split: int) -> None:
+    """Two panels against the horizon: each estimator's variance trace (90% bootstrap interval)
+    with BPTT's early exponential fit, and each one's mean gradient norm with the reference's
+    and the median ``log ||d x_T / d x_0||`` on a second axis."""
+    rate_early, early_intercept = early_fit
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     ax = axes[0]
     styles = {"bptt": ("C3", "o"), "shac": ("C0", "s"), "reinforce": ("C2", "^")}
     for name, (color, marker) in styles.items():
-        values = series(name)
+        values = series(results, name)
         lo_hi = np.array([r["estimators"][name]["variance_trace_interval"] for r in results])
-        label = f"shac (window {args.window})" if name == "shac" else name
+        label = f"shac (window {window})" if name == "shac" else name
         ax.errorbar(horizons, values, yerr=[values - lo_hi[:, 0], lo_hi[:, 1] - values],
                     color=color, marker=marker, capsize=3, label=label)
-    early_h = np.array(horizons)[early]
+    early_h = np.array([h for h in horizons if h <= split])
     ax.plot(early_h, np.exp(early_intercept + rate_early * early_h), "k--", lw=1,
-            label=f"bptt exp fit T<={args.split}: {rate_early:.2f}/step (all T: {rate:.2f}/step)")
+            label=f"bptt exp fit T<={split}: {rate_early:.2f}/step "
+                  f"(all T: {summary['bptt_log_variance_rate_per_step']:.2f}/step)")
     ax.set(xscale="log", yscale="log", xlabel="horizon T (steps)",
            ylabel="variance trace of one estimate", title="Gradient variance vs horizon")
     ax.set_xscale("log", base=2)
-    ax.axvline(args.window, color="C0", ls=":", lw=1)
+    ax.axvline(window, color="C0", ls=":", lw=1)
     ax.legend(fontsize=8)
     ax = axes[1]
     for name, (color, marker) in styles.items():
-        ax.plot(horizons, series(name, "mean_norm"), color=color, marker=marker, label=name)
+        ax.plot(horizons, series(results, name, "mean_norm"), color=color, marker=marker,
+                label=name)
     ax.plot(horizons, [r["reference_norm"] for r in results], "k:", label="|reference| (reinforce)")
     ax.set(yscale="log", xlabel="horizon T (steps)", ylabel="mean gradient norm",
            title="Gradient norm vs horizon")
@@ -315,10 +379,13 @@ def main():
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(out / "variance_vs_horizon.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
-    (out / "report.md").write_text(
-        f"# S2: gradient variance vs horizon ({ENV}, "
+
+def report_text(args, upright: bool, table: str, fits: str, seconds: float) -> str:
+    """``report.md``: the table, the fits and what the columns mean."""
+    return (
+        f"# S2: gradient variance vs horizon ({args.env}, "
         f"{'upright start' if upright else 'released horizontal'})\n\n"
         f"{table}\n\n{fits}\n\n`var` = variance_trace, `|g|` = mean_norm (diffpg.stats); "
         f"bias resolved against the reinforce mean ({args.reference_estimates} estimates); "
@@ -327,6 +394,38 @@ def main():
         f"`shac critic loss`: mean TD(lambda) regression loss over the last 10 warm-up "
         f"estimates, `critic rmse/|J|` its square root over the mean objective |J_T|.\n\n"
         f"Plot: variance_vs_horizon.png. Run time {seconds:.0f} s.\n")
+
+
+def main():
+    args = parse_arguments()
+    out = prepare_output(args.out, args.overwrite)
+    started = time.perf_counter()
+    setup = make_setup(args)
+    horizons = setup.horizons
+    jac_median, lyapunov = dynamics_growth(setup)
+    rows, results = [], []
+    for horizon in horizons:
+        results.append(measure_horizon(setup, args, horizon, jac_median))
+        rows.append(table_row(results[-1]))
+        print(f"T={horizon} done ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    summary, early_fit = variance_fits(results, horizons, args.window, args.split, jac_median,
+                                       lyapunov)
+    seconds = time.perf_counter() - started
+    write_json(out / "results.json", {
+        "finding": "S2", "env": args.env, "start": ("upright: theta ~ U(-0.1, 0.1), omega = 0"
+                                                     if setup.upright else "the env's reset"),
+        "settings": vars(args) | {"out": str(args.out)}, "compare_settings": dataclasses.asdict(
+            setup.compare), "num_parameters": int(ravel_pytree(setup.params)[0].shape[0]),
+        "horizons": horizons, "results": results, "summary": summary, "seconds": seconds})
+    table = format_table(rows, TABLE_COLUMNS)
+    fits = fits_text(summary, horizons, args.window, args.split)
+    print(table)
+    print(fits)
+    print(f"total {seconds:.0f} s")
+    plot(out / "variance_vs_horizon.png", results, horizons, summary, early_fit, args.window,
+         args.split)
+    (out / "report.md").write_text(report_text(args, setup.upright, table, fits, seconds))
 
 
 if __name__ == "__main__":

@@ -260,7 +260,9 @@ def plot(path, env_rows: dict[str, list[dict]], sweep: list[dict]) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def parse_arguments():
+    """The command line (``--quick``: small sizes, for a smoke test); ``sweep_sizes`` as a tuple
+    of ints."""
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--envs", default="lqr,pendulum", help="comma-separated: lqr and/or pendulum")
     p.add_argument("--horizon", type=int, default=16, help="LQR horizon T (and the sweep's)")
@@ -279,6 +281,69 @@ def main() -> None:
     if args.quick:
         args.estimates = args.pendulum_estimates = args.reference_estimates = 200
         args.sweep_estimates, args.value_warmup = 200, 20
+    return args
+
+
+def result_tables(all_rows: list[dict], checks: list[dict], sweep: list[dict],
+                  metas: list[dict]) -> dict[str, str]:
+    """The markdown tables of the report: ``rows`` (every env and baseline), ``checks`` (the
+    claimed ordering), ``sweep`` (batch_mean's factor against n), ``value`` (the learned value
+    baselines' fit) and ``setups``."""
+    value_rows = [r for r in all_rows if "value_loss_after_warmup" in r]
+    return {
+        "rows": format_table(all_rows, COLUMNS),
+        "checks": format_table(checks, ["env", "claim", "ratio", "verdict"]),
+        "sweep": format_table(sweep, ["n", "baseline", "scale", "scale_se", "expected_scale",
+                                      "z_vs_expected", "z_vs_one"]),
+        "value": format_table(value_rows, ["env", "baseline", "warmup", "value_loss_after_warmup"]),
+        "setups": format_table(metas, ["env", "horizon", "num_states", "num_estimates",
+                                       "num_params", "reference", "reference_norm",
+                                       "reference_relative_se"]),
+    }
+
+
+def report_text(args, tables: dict[str, str], seconds: float) -> str:
+    """``report.md``: the claim, the setups, what the columns mean and ``result_tables``."""
+    return f"""# S3: baselines, variance and bias
+
+Claim: Var[none] > Var[batch_mean] > Var[learned value] >= Var[optimal]; all unbiased except
+batch_mean, whose expectation is exactly (1 - 1/n) grad J (n = rollouts in the batch: the batch
+mean contains the sample's own return); leave_one_out (RLOO) is the unbiased version.
+
+Setups (fixed policy and start states; only the action noise is random between estimates):
+
+{tables["setups"]}
+
+Every estimate is REINFORCE with reward-to-go over n = {args.num_states} rollouts. `value` is the
+library's learned value baseline (MLP of the observation and the steps left), fitted for
+{args.value_warmup} estimates on the fixed policy
+first and frozen while sampling. `optimal` is the library's per-coordinate, per-time-step constant
+baseline (leave-one-out estimate). Columns: `variance_trace` (trace of the covariance of one
+estimate) with a 90% bootstrap interval, `var_vs_none` (ratio to no baseline), `snr`
+(|mean| / sqrt(variance_trace)), `relative_bias` (|mean - ref| / |ref|), `bias_noise_rel` (the
+relative bias that sampling noise alone gives; a bias is resolved above twice it), `scale`
+(<mean, ref>/|ref|^2 +- scale_se; `expected_scale` is 1 - 1/n for batch_mean, else 1).
+
+{tables["rows"]}
+
+Claimed ordering, pair by pair (verdict from non-overlapping 90% bootstrap intervals):
+
+{tables["checks"]}
+
+batch_mean's factor against n (LQR, exact reference, {args.sweep_estimates} estimates each):
+
+{tables["sweep"]}
+
+Value fit after warm-up (mean squared error of the value regression on a fresh batch):
+
+{tables["value"]}
+
+Plot: `baselines.png`. Total time {seconds:.0f} s.
+"""
+
+
+def main() -> None:
+    args = parse_arguments()
     out = prepare_output(args.out, args.overwrite)
     started = time.perf_counter()
     key = jax.random.PRNGKey(args.seed)
@@ -294,56 +359,14 @@ def main() -> None:
     plot(out / "baselines.png", env_rows, sweep)
 
     all_rows = [row for rows in env_rows.values() for row in rows]
-    table = format_table(all_rows, COLUMNS)
-    check_table = format_table(checks, ["env", "claim", "ratio", "verdict"])
-    sweep_table = format_table(sweep, ["n", "baseline", "scale", "scale_se", "expected_scale",
-                                       "z_vs_expected", "z_vs_one"])
-    value_rows = [r for r in all_rows if "value_loss_after_warmup" in r]
-    value_table = format_table(value_rows, ["env", "baseline", "warmup", "value_loss_after_warmup"])
-    meta_table = format_table(metas, ["env", "horizon", "num_states", "num_estimates", "num_params",
-                                      "reference", "reference_norm", "reference_relative_se"])
+    tables = result_tables(all_rows, checks, sweep, metas)
     seconds = time.perf_counter() - started
-    print(table, "\n\n" + check_table + "\n\n" + sweep_table)
+    print(tables["rows"], "\n\n" + tables["checks"] + "\n\n" + tables["sweep"])
     write_json(out / "results.json", {
         "finding": "S3", "settings": {k: (str(v) if k == "out" else v) for k, v in vars(args).items()},
         "setups": metas, "rows": all_rows, "ordering_checks": checks, "batch_size_sweep": sweep,
         "seconds": seconds})
-    (out / "report.md").write_text(f"""# S3: baselines, variance and bias
-
-Claim: Var[none] > Var[batch_mean] > Var[learned value] >= Var[optimal]; all unbiased except
-batch_mean, whose expectation is exactly (1 - 1/n) grad J (n = rollouts in the batch: the batch
-mean contains the sample's own return); leave_one_out (RLOO) is the unbiased version.
-
-Setups (fixed policy and start states; only the action noise is random between estimates):
-
-{meta_table}
-
-Every estimate is REINFORCE with reward-to-go over n = {args.num_states} rollouts. `value` is the
-library's learned value baseline (MLP of the observation and the steps left), fitted for
-{args.value_warmup} estimates on the fixed policy
-first and frozen while sampling. `optimal` is the library's per-coordinate, per-time-step constant
-baseline (leave-one-out estimate). Columns: `variance_trace` (trace of the covariance of one
-estimate) with a 90% bootstrap interval, `var_vs_none` (ratio to no baseline), `snr`
-(|mean| / sqrt(variance_trace)), `relative_bias` (|mean - ref| / |ref|), `bias_noise_rel` (the
-relative bias that sampling noise alone gives; a bias is resolved above twice it), `scale`
-(<mean, ref>/|ref|^2 +- scale_se; `expected_scale` is 1 - 1/n for batch_mean, else 1).
-
-{table}
-
-Claimed ordering, pair by pair (verdict from non-overlapping 90% bootstrap intervals):
-
-{check_table}
-
-batch_mean's factor against n (LQR, exact reference, {args.sweep_estimates} estimates each):
-
-{sweep_table}
-
-Value fit after warm-up (mean squared error of the value regression on a fresh batch):
-
-{value_table}
-
-Plot: `baselines.png`. Total time {seconds:.0f} s.
-""")
+    (out / "report.md").write_text(report_text(args, tables, seconds))
     print(f"wrote {out} in {seconds:.0f} s")
 
 

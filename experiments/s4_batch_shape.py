@@ -90,29 +90,35 @@ def slope(x, y):
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
-def main():
+def parse_arguments():
+    """The command line: the budget and horizon of the two designs, the sizes."""
     p = parser(NAME, __doc__.splitlines()[0])
     p.add_argument("--budget", type=int, default=512, help="N = n*k steps per estimate (design b)")
     p.add_argument("--fixed-k", type=int, default=32, help="horizon of design (a)")
     p.add_argument("--max-n", type=int, default=64, help="largest n of design (a)")
     p.add_argument("--num-estimates", type=int, default=512, help="K independent estimates")
     p.add_argument("--init-log-std", type=float, default=-1.0)
-    args = p.parse_args()
-    out = prepare_output(args.out, args.overwrite)
-    started = time.perf_counter()
+    return p.parse_args()
 
-    ks_b = [2**i for i in range(20) if 2**i <= args.budget // 2]
-    ns_a = [2**i for i in range(1, 20) if 2**i <= args.max_n]
-    env = envs.make("lqr", episode_length=max(max(ks_b), args.fixed_k), init_mean=[0.0, 0.0],
-                    init_std=0.0)
+
+def make_problem(args, longest: int):
+    """The LQR started at rest at the origin (episodes of ``longest`` steps), the linear policy
+    with the fixed gain ``GAIN``, and the closed loop's spectral radius ``max |eig(A + B K)|``."""
+    env = envs.make("lqr", episode_length=longest, init_mean=[0.0, 0.0], init_std=0.0)
     policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
                                          init_log_std=args.init_log_std)
     params = policy.init(jax.random.PRNGKey(args.seed))
     params = params | {"gain": jnp.asarray(GAIN, jnp.float32)}
     closed_loop = np.asarray(env.unwrapped.A + env.unwrapped.B @ params["gain"])
     spectral_radius = float(np.max(np.abs(np.linalg.eigvals(closed_loop))))
-    key = jax.random.PRNGKey(args.seed)
+    return env, policy, params, spectral_radius
 
+
+def run_designs(args, env, policy, params, ns_a: list[int], ks_b: list[int],
+                started: float) -> tuple[dict, dict]:
+    """Every variant's ``measure`` rows: design (a) at each ``n`` of ``ns_a`` with
+    ``k = --fixed-k``, design (b) at each ``k`` of ``ks_b`` with ``n = --budget / k``."""
+    key = jax.random.PRNGKey(args.seed)
     design_a, design_b = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
     for index, variant in enumerate(VARIANTS):
         for n in ns_a:
@@ -124,7 +130,13 @@ def main():
                                              jax.random.fold_in(key, 10**6 + 1000 * index + k),
                                              args.num_estimates))
         print(f"{variant} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    return design_a, design_b
 
+
+def summarise(design_a: dict, design_b: dict) -> dict:
+    """Per variant the log-log slopes: (a) of the variance against n; (b) ``beta`` of the
+    variance against k (over all k, k <= 16 and k >= 32) and of the relative variance; and
+    whether any bias was resolved."""
     summary = {}
     for variant in VARIANTS:
         a, b = design_a[variant], design_b[variant]
@@ -139,14 +151,11 @@ def main():
                                     [r["variance_trace"] for r in b if r["k"] <= 16]),
             "any_bias_resolved": any(r["bias_resolved"] for r in a + b),
         }
-    seconds = time.perf_counter() - started
-    write_json(out / "results.json", {
-        "finding": "S4", "env": "lqr (start at rest at the origin)", "gain": GAIN,
-        "closed_loop_spectral_radius": spectral_radius,
-        "objective": "per-step average J_k = E[(1/k) sum_{t<k} r_t], discount 1",
-        "settings": vars(args) | {"out": str(args.out)}, "design_a_fixed_k": design_a,
-        "design_b_fixed_budget": design_b, "summary": summary, "seconds": seconds})
+    return summary
 
+
+def tables_text(args, design_a: dict, design_b: dict, summary: dict) -> str:
+    """The three markdown tables (design a, design b, the slopes) with their titles."""
     columns_a = ["estimator", "n", "k", "var", "var*n", "rel. var", "bias resolved"]
     rows_a = [{"estimator": v, "n": r["n"], "k": r["k"], "var": r["variance_trace"],
                "var*n": r["variance_times_n"], "rel. var": r["relative_variance"],
@@ -164,13 +173,16 @@ def main():
                "(b) beta k>=32": s["b_beta_k_ge_32"],
                "(b) beta rel. var": s["b_beta_relative_variance"],
                "any bias resolved": s["any_bias_resolved"]} for v, s in summary.items()]
-    tables = (f"Design (a): fixed k = {args.fixed_k}, vary n\n\n{format_table(rows_a, columns_a)}\n\n"
-              f"Design (b): fixed budget N = n*k = {args.budget}\n\n"
-              f"{format_table(rows_b, columns_b)}\n\nSummary (log-log slopes)\n\n"
-              f"{format_table(rows_s, columns_s)}")
-    print(tables)
-    print(f"total {seconds:.0f} s")
+    return (f"Design (a): fixed k = {args.fixed_k}, vary n\n\n{format_table(rows_a, columns_a)}\n\n"
+            f"Design (b): fixed budget N = n*k = {args.budget}\n\n"
+            f"{format_table(rows_b, columns_b)}\n\nSummary (log-log slopes)\n\n"
+            f"{format_table(rows_s, columns_s)}")
 
+
+def plot(path, args, design_a: dict, design_b: dict, summary: dict, ks_b: list[int]) -> None:
+    """Two log-log panels: (a) the variance against n with the 1/n line through the first
+    point; (b) the relative variance against k with the lines of "steps count" (flat) and
+    "trajectories count" (slope 1) through reinforce_rtg's first point."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = {"reinforce_rtg": "C0", "reinforce_total": "C1", "bptt": "C3"}
     ax = axes[0]
@@ -201,8 +213,31 @@ def main():
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "variance_vs_batch_shape.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
+
+def main():
+    args = parse_arguments()
+    out = prepare_output(args.out, args.overwrite)
+    started = time.perf_counter()
+
+    ks_b = [2**i for i in range(20) if 2**i <= args.budget // 2]
+    ns_a = [2**i for i in range(1, 20) if 2**i <= args.max_n]
+    env, policy, params, spectral_radius = make_problem(args, max(max(ks_b), args.fixed_k))
+    design_a, design_b = run_designs(args, env, policy, params, ns_a, ks_b, started)
+    summary = summarise(design_a, design_b)
+    seconds = time.perf_counter() - started
+    write_json(out / "results.json", {
+        "finding": "S4", "env": "lqr (start at rest at the origin)", "gain": GAIN,
+        "closed_loop_spectral_radius": spectral_radius,
+        "objective": "per-step average J_k = E[(1/k) sum_{t<k} r_t], discount 1",
+        "settings": vars(args) | {"out": str(args.out)}, "design_a_fixed_k": design_a,
+        "design_b_fixed_budget": design_b, "summary": summary, "seconds": seconds})
+
+    tables = tables_text(args, design_a, design_b, summary)
+    print(tables)
+    print(f"total {seconds:.0f} s")
+    plot(out / "variance_vs_batch_shape.png", args, design_a, design_b, summary, ks_b)
     (out / "report.md").write_text(
         f"# S4: batch shape at a fixed step budget (LQR from rest, per-step-average objective)\n\n"
         f"Closed-loop spectral radius {spectral_radius:.3f}. `var` = variance_trace of one "

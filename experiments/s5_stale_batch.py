@@ -11,7 +11,7 @@ Design (LQR, linear-Gaussian policy, fixed start states, exact gradient as the r
 
 * ``N`` independent batches, each ``B`` rollouts of ``T`` steps with ``theta_0``.
 * Step ``k = 0..m``: at ``theta_k`` compute (a) the unweighted and (b) the importance-weighted
-  estimate on the stale batch, and the exact ``grad J(theta_k)`` (``exact_gradient``); bias
+  estimate on the stale batch, and the exact ``grad J(theta_k)`` (``diffpg.compare.exact_gradient``); bias
   ``= |mean_batches(estimate - exact)|`` with ``noise = sqrt(sum_p Var_p / N)`` (resolved above
   2 x noise), relative to ``|mean exact|``.
 * Three ways of choosing ``theta_1..theta_m``:
