@@ -24,7 +24,12 @@ import orbax.checkpoint as ocp
 
 from diffpg.devices import barrier, is_primary
 from diffpg.envs.core import SettingError
-from diffpg.folders import file_system_errors, is_storage_error, write_atomically
+from diffpg.folders import (
+    file_system_errors,
+    is_storage_error,
+    read_regular_file,
+    write_atomically,
+)
 from diffpg.training import TrainState
 
 KEPT_CHECKPOINTS = 2
@@ -97,6 +102,17 @@ def _digest_record(folder: Path) -> str:
     for damage."""
     files = _files_of(folder)
     return "\n".join([_files_sha256(folder, files), *files]) + "\n"
+
+
+def _digest_record_of(path: Path) -> str | None:
+    """The digest record at ``path``; ``None`` when there is none; ``""`` (which matches no
+    files) when it cannot be read as one: a folder, a FIFO, not UTF-8."""
+    try:
+        return read_regular_file(path).decode()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _matches_its_digest(folder: Path, record: str) -> bool:
@@ -232,9 +248,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     failed: list[tuple[int, str]] = []
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
-            digest_file = folder / f"{update}{DIGEST_SUFFIX}"
-            if digest_file.exists() and not _matches_its_digest(folder / str(update),
-                                                                digest_file.read_text()):
+            record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")
+            if record is not None and not _matches_its_digest(folder / str(update), record):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
             if not _shapes_match(folder / str(update) / "state", abstract):
@@ -260,9 +275,14 @@ def set_aside(run_dir: Path, update: int) -> Path:
     """Rename an unreadable checkpoint out of the way (``<update>.unreadable``): resuming can save
     that update again, and nothing is deleted."""
     folder = run_dir / "checkpoints"
-    target = folder / f"{update}.unreadable"
-    if target.exists():
-        shutil.rmtree(target)
+    target, earlier = folder / f"{update}.unreadable", 0
+    while target.exists() or target.is_symlink():  # one set aside before: keep it too
+        earlier += 1
+        target = folder / f"{update}.unreadable.{earlier}"
     (folder / str(update)).rename(target)
-    (folder / f"{update}{DIGEST_SUFFIX}").unlink(missing_ok=True)
+    digest = folder / f"{update}{DIGEST_SUFFIX}"
+    if digest.is_dir() and not digest.is_symlink():  # not a record: set aside with the rest
+        digest.rename(target / digest.name)
+    else:
+        digest.unlink(missing_ok=True)
     return target

@@ -197,7 +197,8 @@ def _function_lengths(path: Path):
 def test_no_library_function_is_longer_than_the_rule():
     root = Path(__file__).resolve().parents[1]
     long = [f"{path.relative_to(root)}::{name} ({lines} lines)"
-            for package in ("diffpg", "envs", "experiments") for path in sorted((root / package).rglob("*.py"))
+            for package in ("diffpg", "envs", "experiments")
+            for path in sorted((root / package).rglob("*.py"))
             for name, lines in _function_lengths(path) if lines > MAX_FUNCTION_LINES]
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 

@@ -299,12 +299,11 @@ def test_a_narrow_terminal_s_help_and_a_closed_error_output_still_work(tmp_path)
                           timeout=300, env=os.environ | {"COLUMNS": "5"})
     assert done.returncode == 0 and "usage: diffpg eval" in done.stdout
     run = tmp_path / "run"
-    done = subprocess.run([*command, "train", "--env", "pendulum", "--horizon", "4",
-                           "--num-envs", "4", "--updates", "2", "--updates-per-call", "2",
-                           "--eval-envs", "2", "--hidden-sizes", "8", "--out", str(run)],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          timeout=600, pass_fds=(), close_fds=True,
-                          preexec_fn=lambda: os.close(2))
+    closed_error_output = ["sh", "-c", 'exec "$@" 2>&-', "sh"]
+    done = subprocess.run([*closed_error_output, *command, "train", "--env", "pendulum",
+                           "--horizon", "4", "--num-envs", "4", "--updates", "2",
+                           "--updates-per-call", "2", "--eval-envs", "2", "--hidden-sizes", "8",
+                           "--out", str(run)], stdout=subprocess.PIPE, text=True, timeout=600)
     assert done.returncode == 0, done.stdout
     assert "Traceback" not in done.stdout and "run folder" in done.stdout
     assert (run / "checkpoints").is_dir()

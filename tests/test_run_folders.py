@@ -278,6 +278,29 @@ def test_a_bit_flipped_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_digest_record_that_is_no_record_is_damage_and_a_set_aside_keeps_the_earlier(
+        tmp_path, capsys):
+    """A checkpoint whose digest record is a folder, or not UTF-8, does not restore (eval uses
+    the intact one before it, one warning); resuming sets it aside beside a checkpoint set
+    aside earlier, deleting neither."""
+    out = tmp_path / "run"
+    settings = _small(updates=6)
+    train(settings, out)
+    folder = out / "checkpoints"
+    (folder / "6.unreadable").mkdir()
+    (folder / "6.unreadable" / "NOTE").write_text("set aside before")
+    (folder / "6.sha256").write_bytes(b"\xff\xfe\x00garbage")
+    assert evaluate_run(out)["update"] == 4
+    assert "checkpoint 6" in capsys.readouterr().err
+    (folder / "6.sha256").unlink()
+    (folder / "6.sha256").mkdir()
+    assert evaluate_run(out)["update"] == 4
+    train(settings, out, resume=True)
+    assert (folder / "6.unreadable" / "NOTE").read_text() == "set aside before"
+    assert (folder / "6.unreadable.1" / "6.sha256").is_dir()
+    assert (folder / "6.sha256").is_file() and evaluate_run(out)["update"] == 6
+
+
 def test_a_stray_file_inside_a_checkpoint_does_not_retire_it(tmp_path, capsys):
     """An editor's backup, a sync tool's file or a GIF written there is not the checkpoint's:
     its digest covers the files it recorded, so eval and resume keep using it; a recorded
