@@ -38,6 +38,12 @@ DIGEST_SUFFIX = ".sha256"
 their names: orbax has no checksum of its own, and a flipped byte in an array file restores
 silently."""
 
+DEEPEST_FILE = ("checkpoints/2147483647.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/"
+                "ocdbt.process_0/d/" + "f" * 32 + ".tmp")
+"""The longest path below a run folder that a checkpoint's save writes (the update's number at
+its largest, orbax's temporary names, a data file's hash): what the folder's path leaves room
+for (``diffpg.folders.check_path_room``)."""
+
 
 def counter_value(counter: jax.Array) -> int:
     """A step counter as an int (every seed of a multi-seed run has the same count)."""

@@ -81,8 +81,8 @@ def run_compare(argv: list[str], guard) -> Path:
     from diffpg.command_line import parse_compare_command
     from diffpg.compare import run_comparison
     from diffpg.devices import barrier, is_primary
-    from diffpg.folders import check_writable, output_folder, remove_files, run_lock
-    from diffpg.report import OUTPUT_FILES, write_outputs, write_results
+    from diffpg.folders import check_path_room, check_writable, output_folder, remove_files, run_lock
+    from diffpg.report import DEEPEST_FILE, OUTPUT_FILES, write_outputs, write_results
 
     settings, out, overwrite, finished = parse_compare_command(argv)
     check_same_kind(out, "a comparison")
@@ -91,6 +91,7 @@ def run_compare(argv: list[str], guard) -> Path:
             out = stack.enter_context(output_folder(out, overwrite, f"compare-{settings.env}"))
         else:
             check_writable(out)
+        check_path_room(out, DEEPEST_FILE, "out" if finished is None else "resume")
         if is_primary():
             stack.enter_context(run_lock(out))
             if finished is None:
@@ -160,10 +161,13 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
     """Train into the checked folder ``out``, with a progress bar and a last line of results."""
     from tqdm import tqdm
 
+    from diffpg.checkpoints import DEEPEST_FILE
     from diffpg.configs import config_for
     from diffpg.devices import barrier, is_primary
+    from diffpg.folders import check_path_room
     from diffpg.runs import train
 
+    check_path_room(out, DEEPEST_FILE, "resume" if resume else "out")
     barrier("diffpg: output folder checked")
     source = ("the run's own, resumed" if resume else
               (config_for(settings.env, settings.estimator, sizes).source

@@ -270,6 +270,7 @@ def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool)
     its own folder), ``--overwrite``, or fewer ``--updates`` than its newest checkpoint has
     done (settings.json would then disagree with its checkpoints)."""
     from diffpg.checkpoints import checkpoint_updates
+    from diffpg.run_files import check_rewritable
 
     if out is not None and Path(out).resolve() != run_dir.resolve():
         raise CommandLineError(f"out={str(out)!r} cannot be given with resume={str(run_dir)!r}: "
@@ -281,6 +282,7 @@ def check_resume(run_dir: Path, updates: int, out: Path | None, overwrite: bool)
     if done and updates < done[-1]:
         raise CommandLineError(f"updates={updates} is below the {done[-1]} updates the run has "
                                f"done (its newest checkpoint); allowed: updates >= {done[-1]}")
+    check_rewritable(run_dir)
 
 
 def parse_compare_command(argv: list[str]):

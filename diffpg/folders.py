@@ -199,6 +199,17 @@ def check_writable(folder: Path) -> None:
     probe.unlink(missing_ok=True)
 
 
+def check_path_room(folder: Path, deepest: str, option: str = "out") -> None:
+    """One line, before any work, when ``folder / deepest`` (the longest path a command writes
+    below ``folder``, which exists) is longer than the file system takes for a path."""
+    limit = os.pathconf(folder, "PC_PATH_MAX")
+    length = len(os.fsencode(os.path.abspath(folder / deepest)))
+    if length >= limit:
+        raise SettingError(f"{option}={str(folder)!r} leaves no room for the files written inside "
+                           f"it ({deepest!r} below it is a path of {length:,} bytes, and the file "
+                           f"system takes {limit - 1:,}); choose a shorter --{option}")
+
+
 def _cannot_write(option: str, path: Path, verb: str, error: OSError) -> SettingError:
     """The one line for ``--option path`` that the file system refused: what happened (in
     ``STORAGE_ERRORS``' words where it is one of them) and what to do."""
@@ -272,18 +283,20 @@ def prepare_output(out: Path | None, overwrite: bool, default_name: str) -> Path
 
 @contextlib.contextmanager
 def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Iterator[Path]:
-    """``prepare_output``'s folder for the block; a folder the block created is removed again
-    when the block fails before writing anything into it (a bad setting leaves no trace)."""
-    created = out is None or not out.exists()
+    """``prepare_output``'s folder for the block; the folders the block created (``out`` and
+    any missing parents) are removed again when the block fails before writing anything into
+    them (a bad setting leaves no trace)."""
+    created = [] if out is None else [p for p in (out, *out.parents) if not p.exists()]
     path = prepare_output(out, overwrite, default_name)
+    created = created or ([path] if out is None else [])
     try:
         yield path
     except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                if not _holds_files(path) and not _locked_by_another_process(path):
-                    (path / ".lock").unlink(missing_ok=True)
-                    path.rmdir()
+        with contextlib.suppress(OSError):
+            if created and not _holds_files(path) and not _locked_by_another_process(path):
+                (path / ".lock").unlink(missing_ok=True)
+                for folder in created:  # the deepest first; each is empty once below is gone
+                    folder.rmdir()
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -42,6 +43,11 @@ OUTPUT_FILES = ("results.json", "table.csv", SAMPLES_FILE, "report.md", "bias_an
                 "variance_vs_batch.png", PARTIAL_PATTERN)
 """Every file a comparison may write, names or glob patterns (what ``--overwrite`` removes before
 a new one runs; the partial files are what a write cut short by SIGKILL leaves)."""
+
+DEEPEST_FILE = ".{}.partial-4194304{}".format(*os.path.splitext(max(
+    (name for name in OUTPUT_FILES if "*" not in name), key=len)))
+"""The longest name a comparison writes in its folder: its longest file's temporary name
+(``diffpg.folders.temporary_name``; process ids have at most 7 digits)."""
 
 
 def write_results(results: dict, out_dir: Path) -> list[Path]:

@@ -86,6 +86,24 @@ def load_settings(run_dir: Path) -> TrainSettings:
         raise SettingError(f"{str(path)!r} is not valid: {lines[0]}") from None
 
 
+REWRITTEN_ON_RESUME = {"metrics.csv": "file", "learning_curve.png": "file",
+                       "tensorboard": "folder"}
+"""What a resumed run rewrites from its checkpoints, and the kind of entry each must be."""
+
+
+def check_rewritable(run_dir: Path) -> None:
+    """Raise ``SettingError`` naming the first of ``REWRITTEN_ON_RESUME`` that exists in
+    ``run_dir`` as the other kind (a folder named metrics.csv, a file named tensorboard):
+    resuming would have to delete it, and it is not the run's."""
+    for name, kind in REWRITTEN_ON_RESUME.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != (kind == "folder"):
+            found = "a folder" if path.is_dir() else "not a folder"
+            raise SettingError(f"{str(path)!r} is {found}, where the run keeps its {name} {kind} "
+                               "(rewritten from the checkpoints on resume); move it away and "
+                               "resume again")
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
     otherwise outrank the new run's, and its metrics would mix with them."""

@@ -126,3 +126,49 @@ def test_a_file_size_limit_below_a_gif_is_one_line_before_drawing(trained, tmp_p
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f" in line and "--every" in line and "frame/s" not in done.stderr  # no drawing
     assert not gif.exists()
+
+
+@pytest.mark.parametrize("name, replacement", [("metrics.csv", "folder"),
+                                               ("learning_curve.png", "folder"),
+                                               ("tensorboard", "file")])
+def test_a_rewritten_file_of_the_other_kind_is_one_line_on_resume(name, replacement, trained,
+                                                                 tmp_path, capsys):
+    """A folder where the run keeps a file (or a file where it keeps a folder) is not the run's:
+    resuming names it, deletes nothing, and resumes once it is moved away."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    path = run / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if replacement == "folder":
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+    else:
+        path.write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--updates", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+    assert repr(str(path)) in error and "move it away" in error
+    assert (path / "notes.txt").exists() if replacement == "folder" else path.read_text() == "mine"
+    path.rename(run / "moved")
+    assert cli.main(["train", "--resume", str(run), "--updates", "4"]) == 0
+
+
+@pytest.mark.parametrize("command, room", [("train", 100), ("compare", 30)])
+def test_an_out_that_leaves_no_room_for_the_files_inside_it_is_one_line(command, room, tmp_path,
+                                                                       capsys):
+    """A 4,000-character --out whose own path fits, but not the checkpoint's files inside it:
+    orbax printed about 108 lines of thread tracebacks before the one line, after compiling.
+    Now one line before any work, and the folders made for it are gone again."""
+    import os
+
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX")
+    parts, rest = divmod(limit - len(str(tmp_path)) - room, 201)  # room bytes left below it
+    out = tmp_path.joinpath(*["d" * 200] * parts, "e" * rest)
+    arguments = {"train": ["train", *TRAIN, "--out", str(out)],
+                 "compare": [*COMPARE, "--out", str(out)]}[command]
+    capsys.readouterr()
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "choose a shorter --out" in error, error
+    assert list(tmp_path.iterdir()) == []
