@@ -117,8 +117,7 @@ class CompareSettings:
             value = getattr(self, name)
             if value is None and name == "reference_estimates":
                 continue
-            if not isinstance(value, int) or value <= 0:
-                raise SettingError(f"{name}={value!r} must be a positive integer")
+            check_positive_int(name, value)
         check_devices(self.devices, self.num_envs)
         if self.devices > 1 and self.sweep == "batch":
             raise SettingError("sweep='batch' changes num_envs per point; allowed with devices=1")

@@ -36,7 +36,7 @@ INVALID = st.one_of(
     _option(["--num-envs", "--updates", "--updates-per-call", "--eval-envs", "--seeds",
              "--max-consecutive-nonfinite", "--episode-length", "--epochs", "--minibatches",
              "--horizon"],
-            st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"))),
+            st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"), st.just(str(2**31)))),
     _option(["--learning-rate", "--grad-clip"],
             st.one_of(NON_POSITIVE_FLOAT, NOT_A_NUMBER, st.just("inf"))),
     _option(["--discount"], st.one_of(UNIT_INTERVAL_VIOLATION, st.just("nan"))),
@@ -65,6 +65,8 @@ INVALID = st.one_of(
                      ["shac", "--window", "7"], ["shac", "--discount", "2"],
                      ["ppo", "--clip-ratio", "nan"], ["ppo", "--gae-lambda", "1.5"],
                      ["critic_backprop", "--critic-betas", "1", "1"],
+                     ["critic_backprop", "--replay-batch-size", str(10**9)],
+                     ["critic_backprop", "--replay-capacity", "64", "--replay-batch-size", "65"],
                      ["ppo", "--epochs", "0"], ["bptt", "--epochs", "2"]]),
     st.sampled_from(["0", "-1", "4096", "x"]).map(_one("--devices")),
 )
@@ -159,6 +161,17 @@ def test_bad_input_to_every_command_is_one_line(arguments, capsys):
     error = capsys.readouterr().err
     assert status == 2, (arguments, error)
     assert "Traceback" not in error and len(error.strip().splitlines()) == 1, error
+
+
+@pytest.mark.parametrize("invalid", [
+    ["--episode-length", str(2**31)], ["--updates", str(2**31)], ["--num-envs", str(2**31)],
+    ["shac", "--critic-iterations", str(2**31)]])
+def test_integers_beyond_int32_are_refused_before_compiling(invalid, tmp_path):
+    """``--episode-length 2147483648`` overflowed JAX's int32 after compiling, having written the
+    run folder: every integer setting is checked in the precision the run counts in."""
+    out = tmp_path / "never"
+    _assert_refused_cleanly(["train", "--env", "pendulum", "--updates", "2",
+                             "--updates-per-call", "2", "--out", str(out), *invalid], out)
 
 
 @pytest.mark.parametrize("invalid", [

@@ -76,9 +76,14 @@ def learns_nothing(params, obs_stats, state, batch, key):
     return state, {}
 
 
+LARGEST_INT = 2**31 - 1
+"""The largest integer a setting may hold: JAX counts, indexes and sizes in int32."""
+
+
 def check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise SettingError(f"{name}={value!r} must be a positive integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= LARGEST_INT:
+        raise SettingError(f"{name}={value!r} must be a positive integer (1..{LARGEST_INT:,}: "
+                           "JAX's int32)")
 
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:

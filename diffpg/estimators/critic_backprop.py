@@ -93,6 +93,12 @@ class CriticBackpropSettings:
             raise SettingError(f"replay_capacity={self.replay_capacity!r} must be an integer >= 0 "
                                "(0: no replay buffer)")
         check_positive_int("replay_batch_size", self.replay_batch_size)
+        if self.replay_capacity and self.replay_batch_size > self.replay_capacity:
+            # A draw no larger than the buffer is also no larger in memory than the buffer,
+            # which the run's memory check counts (diffpg.training.check_state_memory).
+            raise SettingError(f"replay_batch_size={self.replay_batch_size} is more transitions "
+                               f"than the buffer keeps (replay_capacity={self.replay_capacity}); "
+                               f"allowed: 1..{self.replay_capacity}")
         if self.replay_capacity and self.finite_horizon:
             raise SettingError("finite_horizon=True needs each transition's steps left, which the "
                                "replay buffer does not keep; allowed: replay_capacity=0 with it")
