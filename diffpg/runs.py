@@ -32,6 +32,7 @@ from diffpg.checkpoints import (
 )
 from diffpg.devices import barrier, is_primary
 from diffpg.envs.core import SettingError
+from diffpg.envs.drawing import drawable_text
 from diffpg.estimators.base import check_positive_int
 from diffpg.folders import (
     atomic_path,
@@ -249,7 +250,7 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     if title:
-        figure.suptitle(title, fontsize=10)
+        figure.suptitle(drawable_text(title), fontsize=10)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=100)

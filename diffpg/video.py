@@ -71,13 +71,13 @@ def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: i
     figure, axis = plt.subplots(figsize=(4.8, 3.6))
     drawer = _drawer(env, positions)
     returns = np.concatenate([[0.0], np.cumsum(rewards)])
+    heading = f"{drawing.drawable_text(title)}\n" if title else ""
     images = []
     try:
         for index in tqdm(range(0, len(positions), every), desc="video", unit="frame",
                           file=sys.stderr, disable=not progress):
             axis.clear()
             drawer(axis, positions[index])
-            heading = f"{title}\n" if title else ""
             axis.set_title(f"{heading}step {index}  return {returns[index]:.1f}", fontsize=9)
             figure.canvas.draw()
             images.append(Image.fromarray(np.asarray(figure.canvas.buffer_rgba())).convert("RGB"))

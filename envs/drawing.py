@@ -69,3 +69,13 @@ def phase_plane(positions: np.ndarray) -> Drawer:
         axis.set(xlabel="x[0]", ylabel="x[1]")
 
     return draw
+
+
+def drawable_text(text: str) -> str:
+    """``text`` with each character matplotlib's default font has no glyph for (a run folder
+    named in a script the font lacks, an emoji) replaced by "?": matplotlib would draw an empty
+    box and print a warning for each."""
+    from matplotlib import font_manager
+
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
+    return "".join(c if c.isspace() or font.get_char_index(ord(c)) else "?" for c in text)

@@ -537,3 +537,27 @@ def test_overwrite_removes_what_writes_cut_short_left(tmp_path):
         (tmp_path / name).write_text("x")
     remove_files(tmp_path, RUN_FILES)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_a_title_in_a_script_the_font_lacks_is_drawn_without_warnings(tmp_path):
+    """A run folder named in a script matplotlib's font lacks (or with an emoji) printed a
+    missing-glyph warning per character for the learning curve and every GIF frame: such
+    characters are drawn as "?"; the font's own (accented Latin) are kept."""
+    import warnings
+
+    import numpy as np
+
+    from diffpg import video
+    from diffpg.envs.drawing import drawable_text
+    from diffpg.runs import plot_learning_curve
+
+    title = "runs/運行🐜-é"
+    assert drawable_text(title) == "runs/???-é"
+    rows = [{"env_steps": s, "training/walltime": s, "eval/episode_reward": 1.0,
+             "eval/stochastic_episode_reward": 0.5} for s in (1, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_learning_curve(rows, tmp_path / "curve.png", title=title)
+        video.save_gif(None, np.arange(4.0).reshape(2, 2), np.ones(1), tmp_path / "p.gif",
+                       title=title)
+    assert (tmp_path / "curve.png").exists() and (tmp_path / "p.gif").exists()
