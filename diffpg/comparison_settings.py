@@ -14,7 +14,7 @@ import tyro
 from diffpg import envs, estimators
 from diffpg.devices import check_devices
 from diffpg.envs.core import SettingError
-from diffpg.estimators.base import check_hidden_sizes, check_positive_int
+from diffpg.estimators.base import LARGEST_INT, check_hidden_sizes, check_positive_int
 from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
@@ -127,8 +127,9 @@ class CompareSettings:
             raise SettingError(f"reference_estimates={self.reference_estimates} must be at least "
                                "2 (the reference's standard error)")
         if self.critic_warmup is not None and (not isinstance(self.critic_warmup, int)
-                                               or self.critic_warmup < 0):
-            raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer >= 0")
+                                               or not 0 <= self.critic_warmup <= LARGEST_INT):
+            raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer in "
+                               f"0..{LARGEST_INT:,} (JAX's int32)")
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         labels = [EstimatorSpec.parse(text).label for text in self.estimators]
@@ -180,12 +181,13 @@ class CompareSettings:
     def resolved(self) -> CompareSettings:
         """These settings with the sizes that follow num_estimates filled in (a small
         comparison is small throughout): reference_estimates = 16 x num_estimates, critic_warmup
-        = 200 x num_estimates / 64 rounded up, where not given."""
+        = 200 x num_estimates / 64 rounded up, where not given (each at most ``LARGEST_INT``)."""
         return dataclasses.replace(
             self,
-            reference_estimates=self.reference_estimates or 16 * self.num_estimates,
+            reference_estimates=(self.reference_estimates
+                                 or min(16 * self.num_estimates, LARGEST_INT)),
             critic_warmup=(self.critic_warmup if self.critic_warmup is not None
-                           else -(-200 * self.num_estimates // 64)))
+                           else min(-(-200 * self.num_estimates // 64), LARGEST_INT)))
 
     @property
     def horizons(self) -> tuple[int, ...]:

@@ -162,7 +162,7 @@ CONFIGS: dict[str, EnvConfig] = {
     "pusher": EnvConfig(gpu={"num_envs": 2048},
                         source="diffpg's defaults (no published setting)"),
     "playground:CheetahRun": EnvConfig(
-        estimators={"shac": _shac(64, (128, 64, 32))},
+        estimators={"shac": _shac(64, (128, 64, 32)), "ahac": _ahac(64, (128, 64, 32))},
         gpu={"num_envs": 2048},
         source=SHAC_SOURCE.format(task="cheetah") + " (the same planar cheetah model)"),
 }

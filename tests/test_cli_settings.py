@@ -116,7 +116,7 @@ INVALID_COMPARE = st.one_of(
              "--devices", "--batch-budget"],
             st.one_of(NON_POSITIVE_INT, NOT_A_NUMBER, st.just("1.5"))),
     _option(["--discount"], st.one_of(UNIT_INTERVAL_VIOLATION, st.just("nan"))),
-    _option(["--critic-warmup"], st.sampled_from(["-1", "x", "1.5"])),
+    _option(["--critic-warmup"], st.sampled_from(["-1", "x", "1.5", str(2**31)])),
     _option(["--seed"], st.sampled_from(["x", str(2**63), str(-(2**63) - 1)])),
     _option(["--sweep"], NAME.filter(lambda n: n not in ("horizon", "none", "batch", "stiffness"))),
     NAME.filter(lambda n: n not in _known_envs()).map(_one("--env")),
@@ -131,8 +131,8 @@ INVALID_COMPARE = st.one_of(
                      ["--sweep", "stiffness"], ["--sweep", "batch", "--batch-budget", "1"],
                      ["--policy-checkpoint", "/nonexistent/run"], ["--horizon", "5000"],
                      # more than this machine's memory: the states of one estimate, the samples
-                     ["--num-envs", str(10**9)], ["--num-estimates", str(10**12)],
-                     ["--reference-estimates", str(10**12)], ["--reference-estimates", "1"]]),
+                     ["--num-envs", str(10**9)], ["--num-estimates", str(2 * 10**9)],
+                     ["--reference-estimates", str(2 * 10**9)], ["--reference-estimates", "1"]]),
 )
 
 

@@ -546,9 +546,9 @@ def test_a_title_in_a_script_the_font_lacks_is_drawn_without_warnings(tmp_path):
     import warnings
 
     import numpy as np
+    from diffpg.envs.drawing import drawable_text
 
     from diffpg import video
-    from diffpg.envs.drawing import drawable_text
     from diffpg.runs import plot_learning_curve
 
     title = "runs/運行🐜-é"

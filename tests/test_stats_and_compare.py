@@ -180,8 +180,8 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--seed", str(2**64)], "seed="),
         # sizes beyond this machine's memory, refused before compiling
         (["--num-envs", str(10**9)], "for one estimate's simulated states"),
-        (["--num-estimates", str(10**12)], "lower num_estimates"),
-        (["--env", "pendulum", "--reference-estimates", str(10**12)], "lower reference_estimates"),
+        (["--num-estimates", str(2 * 10**9)], "lower num_estimates"),
+        (["--env", "pendulum", "--reference-estimates", str(2 * 10**9)], "lower reference_estimates"),
     ],
 )
 def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):
