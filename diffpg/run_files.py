@@ -41,7 +41,7 @@ def save_settings(settings: TrainSettings, run_dir: Path) -> None:
 
 
 SETTINGS_ADDED_LATER = ("anticipate_jumps", "health_tolerance", "soft_termination",
-                        "anticipate_landings")
+                        "anticipate_landings", "state_gradient_clip")
 """Training settings added after run folders were first written: a ``settings.json`` without
 them is read with their defaults, which are the behaviour before they existed. Any other
 missing setting makes the file invalid."""

@@ -116,6 +116,11 @@ class TrainSettings:
     prod_i sigmoid(margin_i / soft_termination) over the healthy margins (m or rad;
     envs.SoftTermination): a fall's expected cost with a gradient. Envs that end on a fall;
     evaluation keeps the task's episodes."""
+    state_gradient_clip: float = 0.0
+    """Above 0: the gradient through each step of the physics is clipped to this norm per
+    environment, the cotangent reaching each state from the steps after it scaled to at most
+    it (envs.StateGradientClip; values unchanged): bounds a gradient that grows with every
+    stiff step (halfcheetah), at the price of a bias where it acts. Pathwise estimators."""
     estimator: Annotated[str, tyro.conf.Suppress] = configs.DEFAULT_ESTIMATOR
     """Estimator name (diffpg.estimators.names())."""
     estimator_settings: Annotated[Any, tyro.conf.arg(constructor_factory=estimator_choices)] = None
@@ -181,12 +186,14 @@ class TrainSettings:
         check_non_negative("health_shaping", self.health_shaping)
         check_positive("health_tolerance", self.health_tolerance)
         check_non_negative("soft_termination", self.soft_termination)
+        check_non_negative("state_gradient_clip", self.state_gradient_clip)
         family = estimators.registration(self.estimator).family
-        if self.soft_termination and family != "pathwise":
-            raise SettingError(f"soft_termination={self.soft_termination} weights a pathwise "
-                               f"estimator's return; estimator={self.estimator!r} is {family}; "
-                               f"allowed: soft_termination=0, or one of "
-                               f"{pathwise_estimators()}")
+        for name, what in (("soft_termination", "weights a pathwise estimator's return"),
+                           ("state_gradient_clip", "clips a pathwise estimator's gradient")):
+            if getattr(self, name) and family != "pathwise":
+                raise SettingError(f"{name}={getattr(self, name)} {what}; estimator="
+                                   f"{self.estimator!r} is {family}; allowed: {name}=0, or one "
+                                   f"of {pathwise_estimators()}")
         if self.grad_clip is not None:
             check_positive("grad_clip", self.grad_clip)
         check_betas("betas", self.betas)
@@ -205,7 +212,8 @@ class TrainSettings:
         check_not_owned(self.env_settings, {
             name: "--" + name.replace("_", "-") for name in (
                 "episode_length", "backend", "health_shaping", "anticipate_jumps",
-                "health_tolerance", "soft_termination", "anticipate_landings")}, "env_options")
+                "health_tolerance", "soft_termination", "anticipate_landings",
+                "state_gradient_clip")}, "env_options")
         check_devices(self.devices, self.num_envs)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "
@@ -222,7 +230,8 @@ class TrainSettings:
         self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
                    self.anticipate_jumps, self.health_tolerance, self.soft_termination,
-                   self.anticipate_landings, **self.env_settings)
+                   self.anticipate_landings, state_gradient_clip=self.state_gradient_clip,
+                   **self.env_settings)
         episode_length = self.episode_length or envs.default_episode_length(self.env)
         if self.horizon > episode_length:
             raise SettingError(f"horizon={self.horizon} is longer than the episode (episode_length="
@@ -445,15 +454,17 @@ class _Parts(NamedTuple):
 
 
 def make_envs(settings: TrainSettings) -> tuple[Any, Any]:
-    """The training env (with ``health_shaping`` and ``soft_termination``) and the evaluation env
-    (without)."""
+    """The training env (with ``health_shaping``, ``soft_termination`` and
+    ``state_gradient_clip``) and the evaluation env (without; the clip changes no value, so
+    with it alone the two are one)."""
     shaping = {"anticipate_jumps": settings.anticipate_jumps,
                "anticipate_landings": settings.anticipate_landings,
                "health_tolerance": settings.health_tolerance} if settings.health_shaping else {}
 
     def make_env(training: bool):
         devices = {"health_shaping": settings.health_shaping, **shaping,
-                   "soft_termination": settings.soft_termination} if training else {}
+                   "soft_termination": settings.soft_termination,
+                   "state_gradient_clip": settings.state_gradient_clip} if training else {}
         return envs.make(settings.env, episode_length=settings.episode_length,
                          backend=settings.backend, **devices, **settings.env_settings)
 

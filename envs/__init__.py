@@ -41,6 +41,7 @@ from diffpg.envs.wrappers import (
     HEALTH_TOLERANCE,
     HealthShaping,
     SoftTermination,
+    StateGradientClip,
     TimeLimitAutoReset,
     check_episode_length,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "HealthShaping",
     "SoftTermination",
     "State",
+    "StateGradientClip",
     "TimeLimitAutoReset",
     "check",
     "check_name",
@@ -300,7 +302,8 @@ def check_name(name: str) -> None:
 def check(name: str, episode_length: int | None = None, backend: str | None = None,
           health_shaping: float = 0.0, anticipate_jumps: bool = False,
           health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0,
-          anticipate_landings: bool = False, **settings: Any) -> None:
+          anticipate_landings: bool = False, state_gradient_clip: float = 0.0,
+          **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
     episode length, backend, health shaping and soft termination (numbers >= 0, above 0 only
     for ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
@@ -318,7 +321,15 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
                                f"allowed envs: {list(FALLING_ENV_NAMES)}")
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance,
                            anticipate_landings)
+    _check_state_gradient_clip(state_gradient_clip)
     family.check_settings(name, backend, settings)
+
+
+def _check_state_gradient_clip(max_norm: float) -> None:
+    """0 (no clip) or ``StateGradientClip``'s positive, finite norm."""
+    if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm >= 0):
+        raise SettingError(f"state_gradient_clip={max_norm!r} must be a number >= 0 "
+                           "(0: no clip)")
 
 
 def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
@@ -357,7 +368,7 @@ def make(
     name: str, episode_length: int | None = None, backend: str | None = None,
     health_shaping: float = 0.0, anticipate_jumps: bool = False,
     health_tolerance: float = HEALTH_TOLERANCE, soft_termination: float = 0.0,
-    anticipate_landings: bool = False, **settings: Any
+    anticipate_landings: bool = False, state_gradient_clip: float = 0.0, **settings: Any
 ) -> TimeLimitAutoReset:
     """Build environment ``name`` with a time limit and auto-reset.
 
@@ -378,6 +389,9 @@ def make(
         soft_termination: above 0, each step records a differentiable probability of going on,
             ``SoftTermination`` with this width (metres or radians; envs that end on a fall
             only; a training device for the pathwise estimators).
+        state_gradient_clip: above 0, the gradient through each step is clipped to this norm
+            per environment (``StateGradientClip``; a training device for the pathwise
+            estimators).
         **settings: keyword arguments of the env's constructor.
 
     Returns:
@@ -398,6 +412,9 @@ def make(
                                 anticipate_landings=anticipate_landings)
     if soft_termination:
         raw_env = SoftTermination(raw_env, soft_termination)
+    _check_state_gradient_clip(state_gradient_clip)
+    if state_gradient_clip:
+        raw_env = StateGradientClip(raw_env, state_gradient_clip)
     if episode_length is None:
         episode_length = int(raw_env.default_episode_length)
     return TimeLimitAutoReset(raw_env, episode_length)

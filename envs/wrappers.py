@@ -35,6 +35,7 @@ initial state, whose gradient w.r.t. earlier actions is exactly 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import final
 
@@ -42,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from diffpg.envs.core import Environment, SettingError, State
 
-__all__ = ["HEALTH_TOLERANCE", "HealthShaping", "SoftTermination", "TimeLimitAutoReset", "Wrapper"]
+__all__ = ["HEALTH_TOLERANCE", "HealthShaping", "SoftTermination", "StateGradientClip",
+           "TimeLimitAutoReset", "Wrapper", "clip_cotangent"]
 
 HEALTH_TOLERANCE = 0.1
 """How far inside a healthy bound ``HealthShaping``'s warning starts by default (m or rad)."""
@@ -277,3 +279,54 @@ class SoftTermination(Wrapper):
         next_state = self._env.step(state, action)
         probability = self.probability(next_state).astype(next_state.reward.dtype)
         return next_state.replace(info=next_state.info | {"survival_probability": probability})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def clip_cotangent(tree, max_norm: float):
+    """``tree`` unchanged; in reverse mode its cotangent ``g`` (over its floating-point leaves)
+    is scaled to a global norm of at most ``max_norm``: ``g * min(1, max_norm / ||g||)``."""
+    return tree
+
+
+def _clip_cotangent_forward(tree, max_norm):
+    return tree, None
+
+
+def _clip_cotangent_backward(max_norm, _, cotangent):
+    floats = [leaf for leaf in jax.tree.leaves(cotangent)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in floats))
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+    return (jax.tree.map(lambda leaf: leaf * scale.astype(leaf.dtype)
+                         if jnp.issubdtype(leaf.dtype, jnp.inexact) else leaf, cotangent),)
+
+
+clip_cotangent.defvjp(_clip_cotangent_forward, _clip_cotangent_backward)
+
+
+class StateGradientClip(Wrapper):
+    """The gradient through each step of the physics clipped per environment (values unchanged):
+    the cotangent ``g_t = dJ/ds_t`` that reaches the state ``s_t`` from every step after it is
+    scaled to a global norm of at most ``max_norm`` before it passes back through the step that
+    made ``s_t``::
+
+        g_t <- g_t * min(1, max_norm / ||g_t||)
+
+    A chain of stiff contacts multiplies ``g`` by the step's Jacobian at every step (halfcheetah
+    on MJX: about 2x a step, BENCHMARKS.md section 2g); the clip bounds what each step passes
+    back, as ``grad_clip`` bounds an update, at the price of a biased gradient where it acts.
+    The policy's own path from an observation to its action is not clipped. A training device
+    for the pathwise estimators.
+    """
+
+    def __init__(self, env: Environment, max_norm: float):
+        if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm > 0):
+            raise SettingError(f"state_gradient_clip={max_norm!r} must be a positive number")
+        super().__init__(env)
+        self.max_norm = float(max_norm)
+
+    def reset(self, key: jax.Array) -> State:
+        return self._env.reset(key)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        return self._env.step(clip_cotangent(state, self.max_norm), action)

@@ -193,6 +193,64 @@ def test_gradient_is_zero_across_an_auto_reset():
     np.testing.assert_allclose(terminal[:, 0], [1.0, 1.0])
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1.5, 2.5, 1e30])
+def test_state_gradient_clip_is_the_plain_loop_of_clipped_cotangents(max_norm):
+    """``J = sum_t x_t`` over 4 steps of ``x_t = x_(t-1) + a_t``. The cotangent reaching the
+    state ``x_t`` from the steps after it is ``g_t = min(c, 1 + g_(t+1))`` (``g_4 = 0``), and
+    ``dJ/da_t = 1 + g_t``: the recursion written as a plain loop. Values are unchanged."""
+    from diffpg.envs.wrappers import StateGradientClip
+
+    steps = 4
+    clipped = TimeLimitAutoReset(StateGradientClip(CounterEnv(threshold=100.0), max_norm),
+                                 episode_length=10)
+    plain = TimeLimitAutoReset(CounterEnv(threshold=100.0), episode_length=10)
+
+    def total_reward(env, actions):
+        state, total = env.reset(KEY), 0.0
+        for action in actions:
+            state = env.step(state, action)
+            total = total + state.reward
+        return total
+
+    actions = jnp.full((steps, 1), 0.5)
+    cotangent, expected = 0.0, []
+    for _ in range(steps):  # t = 4, 3, 2, 1
+        expected.insert(0, 1.0 + cotangent)
+        cotangent = min(max_norm, 1.0 + cotangent)
+    value, grads = jax.value_and_grad(lambda a: total_reward(clipped, a))(actions)
+    np.testing.assert_allclose(grads[:, 0], expected, rtol=1e-6)
+    assert value == total_reward(plain, actions)
+    if max_norm > steps:
+        np.testing.assert_array_equal(grads, jax.grad(lambda a: total_reward(plain, a))(actions))
+
+
+def test_state_gradient_clip_scales_every_leaf_by_one_factor():
+    """The clip is one global norm over the state's floating-point leaves (an integer leaf's
+    cotangent passes as it is): each leaf of the cotangent is scaled by the same factor."""
+    from diffpg.envs.wrappers import clip_cotangent
+
+    tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0), "n": jnp.array(2, jnp.int32)}
+
+    def f(t):
+        clipped = clip_cotangent(t, 1.0)
+        return jnp.sum(clipped["a"] * jnp.array([1.0, 0.0]) * t["a"]) + clipped["b"] * t["b"] / 2
+
+    grads = jax.grad(f, allow_int=True)(tree)
+    # the cotangent at the clip is (a: [3, 0], b: 2), norm sqrt(13), scaled by 1 / sqrt(13);
+    # the direct paths add (a: [3, 0], b: 2) unclipped
+    scale = 1.0 / np.sqrt(13.0)
+    np.testing.assert_allclose(grads["a"], [3.0 + 3.0 * scale, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(grads["b"], 2.0 + 2.0 * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, float("nan"), float("inf"), "x"])
+def test_a_bad_state_gradient_clip_is_refused(max_norm):
+    with pytest.raises(envs.SettingError, match="state_gradient_clip"):
+        envs.make("pendulum", state_gradient_clip=max_norm)
+    with pytest.raises(envs.SettingError, match="state_gradient_clip"):
+        envs.check("pendulum", state_gradient_clip=max_norm)
+
+
 def test_wrapper_properties_and_bad_episode_length():
     raw = CounterEnv()
     env = TimeLimitAutoReset(raw, 7)
