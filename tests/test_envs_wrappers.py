@@ -23,6 +23,9 @@ class CounterEnv(Environment):
 
     default_episode_length = 10
 
+    observation_size = 1
+    action_size = 1
+
     def __init__(self, threshold: float = 3.0, start: float = 0.0):
         self.threshold = threshold
         self.start = start
@@ -50,14 +53,6 @@ class CounterEnv(Environment):
             metrics={"x": position[0]},
             info={**state.info, "raw_counter": state.info["raw_counter"] + 1},
         )
-
-    @property
-    def observation_size(self) -> int:
-        return 1
-
-    @property
-    def action_size(self) -> int:
-        return 1
 
 
 ONE = jnp.ones((1,))

@@ -54,6 +54,9 @@ class CartPoleSwingUp(AnalyticEnv):
 
     default_episode_length = 240
 
+    observation_size = 5
+    action_size = 1
+
     def __init__(
         self,
         *,
@@ -87,14 +90,6 @@ class CartPoleSwingUp(AnalyticEnv):
         self.velocity_cost = non_negative("velocity_cost", velocity_cost)
         self.action_cost = non_negative("action_cost", action_cost)
         self._state_size = 4
-
-    @property
-    def observation_size(self) -> int:
-        return 5
-
-    @property
-    def action_size(self) -> int:
-        return 1
 
     def _sample_initial_state(self, key: jax.Array) -> jax.Array:
         noise = jax.random.uniform(key, (4,), minval=-1.0, maxval=1.0)

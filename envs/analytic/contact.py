@@ -60,6 +60,9 @@ class WallContact(AnalyticEnv):
 
     default_episode_length = 100
 
+    observation_size = 2
+    action_size = 1
+
     def __init__(
         self,
         *,
@@ -111,14 +114,6 @@ class WallContact(AnalyticEnv):
                 "Euler (increase substeps for a stiffer wall)",
             )
         self._state_size = 2
-
-    @property
-    def observation_size(self) -> int:
-        return 2
-
-    @property
-    def action_size(self) -> int:
-        return 1
 
     def _sample_initial_state(self, key: jax.Array) -> jax.Array:
         noise = jax.random.uniform(key, (), minval=-1.0, maxval=1.0)

@@ -39,6 +39,9 @@ class Curling(AnalyticEnv):
 
     default_episode_length = 200
 
+    observation_size = 4
+    action_size = 1
+
     def __init__(
         self,
         *,
@@ -72,14 +75,6 @@ class Curling(AnalyticEnv):
         self.velocity_cost = non_negative("velocity_cost", velocity_cost)
         self.action_cost = non_negative("action_cost", action_cost)
         self._state_size = 4
-
-    @property
-    def observation_size(self) -> int:
-        return 4
-
-    @property
-    def action_size(self) -> int:
-        return 1
 
     def _sample_initial_state(self, key: jax.Array) -> jax.Array:
         noise = jax.random.uniform(key, (2,), minval=-1.0, maxval=1.0)

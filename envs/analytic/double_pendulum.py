@@ -50,6 +50,9 @@ class DoublePendulum(AnalyticEnv):
 
     default_episode_length = 250
 
+    observation_size = 6
+    action_size = 2
+
     def __init__(
         self,
         *,
@@ -79,14 +82,6 @@ class DoublePendulum(AnalyticEnv):
         self.velocity_cost = non_negative("velocity_cost", velocity_cost)
         self.torque_cost = non_negative("torque_cost", torque_cost)
         self._state_size = 4
-
-    @property
-    def observation_size(self) -> int:
-        return 6
-
-    @property
-    def action_size(self) -> int:
-        return 2
 
     def _sample_initial_state(self, key: jax.Array) -> jax.Array:
         noise = jax.random.uniform(key, (4,), minval=-1.0, maxval=1.0)

@@ -36,6 +36,9 @@ class PendulumSwingUp(AnalyticEnv):
 
     default_episode_length = 200
 
+    observation_size = 3
+    action_size = 1
+
     def __init__(
         self,
         *,
@@ -59,14 +62,6 @@ class PendulumSwingUp(AnalyticEnv):
         self.velocity_cost = non_negative("velocity_cost", velocity_cost)
         self.torque_cost = non_negative("torque_cost", torque_cost)
         self._state_size = 2
-
-    @property
-    def observation_size(self) -> int:
-        return 3
-
-    @property
-    def action_size(self) -> int:
-        return 1
 
     def _sample_initial_state(self, key: jax.Array) -> jax.Array:
         noise = jax.random.uniform(key, (2,), minval=-1.0, maxval=1.0)
