@@ -121,10 +121,12 @@ CONFIGS: dict[str, EnvConfig] = {
                "its critics without a target network, starting at H = 32 (ahead of 8; section "
                "2e)"),
     "halfcheetah": EnvConfig(
-        estimators={"shac": _shac(64, (128, 64, 32)),
+        estimators={"shac": _shac(64, (128, 64, 32)), "ahac": _ahac(64, (128, 64, 32)),
                     "ppo": _brax_ppo(20, 8, 8, 0.95, 1e-3, num_envs=256)},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="cheetah") + "; PPO: Brax's halfcheetah settings"),
+        source=SHAC_SOURCE.format(task="cheetah") + "; AHAC: SHAC's sizes and rates, its "
+               "critics without a target network (on MJX it stays at H = 8, BENCHMARKS.md "
+               "section 2g); PPO: Brax's halfcheetah settings"),
     "walker2d": EnvConfig(
         trainer={"health_shaping": 2.0},
         estimators={"shac": _with_estimator(_shac(128, (128, 64, 32), critic_learning_rate=2e-4),
@@ -162,9 +164,12 @@ CONFIGS: dict[str, EnvConfig] = {
     "pusher": EnvConfig(gpu={"num_envs": 2048},
                         source="diffpg's defaults (no published setting)"),
     "playground:CheetahRun": EnvConfig(
+        default_estimator="ahac",
         estimators={"shac": _shac(64, (128, 64, 32)), "ahac": _ahac(64, (128, 64, 32))},
         gpu={"num_envs": 2048},
-        source=SHAC_SOURCE.format(task="cheetah") + " (the same planar cheetah model)"),
+        source=SHAC_SOURCE.format(task="cheetah") + " (the same planar cheetah model); AHAC "
+               "(the default: ahead of SHAC and of Brax's PPO, BENCHMARKS.md section 2c): "
+               "SHAC's sizes and rates, its critics without a target network"),
 }
 
 
