@@ -305,31 +305,29 @@ def check(name: str, episode_length: int | None = None, backend: str | None = No
           anticipate_landings: bool = False, state_gradient_clip: float = 0.0,
           **settings: Any) -> None:
     """Validate what ``make`` would be given, without building a Brax system (cheap): the name,
-    episode length, backend, health shaping and soft termination (numbers >= 0, above 0 only
-    for ``FALLING_ENV_NAMES``), and the names of the constructor settings (an analytic env, which
-    costs nothing to build, also checks their values). Raises ``SettingError`` naming the
-    setting."""
+    episode length, backend, health shaping, soft termination and the state gradient clip
+    (numbers >= 0; the first two above 0 only for ``FALLING_ENV_NAMES``), and the names of the
+    constructor settings (an analytic env, which costs nothing to build, also checks their
+    values). Raises ``SettingError`` naming the setting."""
     family = _family(name)
     if episode_length is not None:
         check_episode_length(episode_length)
     for setting, value in (("health_shaping", health_shaping),
                            ("soft_termination", soft_termination)):
-        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-            raise SettingError(f"{setting}={value!r} must be a number >= 0")
+        _check_number_at_least_zero(setting, value)
         if value and name not in FALLING_ENV_NAMES:
             raise SettingError(f"{setting}={value!r} needs an env that ends on a fall; "
                                f"allowed envs: {list(FALLING_ENV_NAMES)}")
     _check_shaping_options(health_shaping, anticipate_jumps, health_tolerance,
                            anticipate_landings)
-    _check_state_gradient_clip(state_gradient_clip)
+    _check_number_at_least_zero("state_gradient_clip", state_gradient_clip)
     family.check_settings(name, backend, settings)
 
 
-def _check_state_gradient_clip(max_norm: float) -> None:
-    """0 (no clip) or ``StateGradientClip``'s positive, finite norm."""
-    if not (isinstance(max_norm, int | float) and math.isfinite(max_norm) and max_norm >= 0):
-        raise SettingError(f"state_gradient_clip={max_norm!r} must be a number >= 0 "
-                           "(0: no clip)")
+def _check_number_at_least_zero(setting: str, value: Any) -> None:
+    """A training device's weight or width: a finite number >= 0 (0: off)."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+        raise SettingError(f"{setting}={value!r} must be a number >= 0 (0: off)")
 
 
 def _check_shaping_options(health_shaping: float, anticipate_jumps: bool,
@@ -412,7 +410,7 @@ def make(
                                 anticipate_landings=anticipate_landings)
     if soft_termination:
         raw_env = SoftTermination(raw_env, soft_termination)
-    _check_state_gradient_clip(state_gradient_clip)
+    _check_number_at_least_zero("state_gradient_clip", state_gradient_clip)
     if state_gradient_clip:
         raw_env = StateGradientClip(raw_env, state_gradient_clip)
     if episode_length is None:
