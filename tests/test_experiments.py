@@ -331,3 +331,33 @@ def test_s7_evaluates_both_objectives_along_a_direction(tmp_path, monkeypatch, c
     for row in results["rows"]:
         assert row["finite"] and all_finite(row["roughness"], row["grad_norm_at_0"])
     assert (out / "loss_along_direction.png").stat().st_size > 0
+
+
+def test_plot_bodies_draws_each_run_folder_s_and_results_file_s_evaluations(tmp_path, monkeypatch,
+                                                                            capsys):
+    """``plot_bodies.py`` on a made-up run folder of two seeds (rows without an evaluation are
+    skipped) and a ``bench_learning`` results.json: the drawn data is the files' data."""
+    run = tmp_path / "run"
+    run.mkdir()
+    columns = ["update", "env_steps", "training/walltime", "eval/episode_reward",
+               "eval/episode_reward_ci95", "eval/episode_reward/seed_0",
+               "eval/episode_reward/seed_1"]
+    rows = [[1, 100, 2.5, 10.0, 4.0, 8.0, 12.0], [2, 200, 4.0, "", "", "", ""],
+            [3, 300, 6.5, 30.0, 2.0, 29.0, 31.0]]
+    (run / "metrics.csv").write_text("\n".join(",".join(map(str, row))
+                                               for row in [columns, *rows]) + "\n")
+    ppo = {"env_steps": 0, "seconds": 1.0, "reward": 5.0, "ci95": 1.0, "seeds": [4.0, 6.0]}
+    (tmp_path / "results.json").write_text(json.dumps({"curves": {"brax_ppo": [ppo]}}))
+    out = tmp_path / "out"
+    run_script(monkeypatch, "plot_bodies.py", "--out", str(out), "--curve", f"ant:AHAC={run}",
+               "--curve", f"ant:brax_ppo={tmp_path / 'results.json'}",
+               "--curve", f"hopper:SHAC={run}")
+    drawn = json.loads((out / "bodies.json").read_text())["bodies"]
+    assert drawn["ant"]["AHAC"] == drawn["hopper"]["SHAC"] == [
+        {"env_steps": 100, "seconds": 2.5, "reward": 10.0, "ci95": 4.0, "seeds": [8.0, 12.0]},
+        {"env_steps": 300, "seconds": 6.5, "reward": 30.0, "ci95": 2.0, "seeds": [29.0, 31.0]}]
+    assert drawn["ant"]["brax_ppo"] == [ppo]
+    assert (out / "bodies.png").stat().st_size > 0
+    assert "| ant | AHAC | 300 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is not BODY:LABEL=PATH"):
+        run_script(monkeypatch, "plot_bodies.py", "--out", str(tmp_path / "x"), "--curve", "ant")
