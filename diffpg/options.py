@@ -37,7 +37,10 @@ def float32_problem(value: Any) -> str | None:
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal (number, bool, None, tuple, string in quotes), else the text itself."""
+    """A Python literal (number, bool, None, tuple, string in quotes), ``true``/``false`` in any
+    case (the words the errors ask for), else the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, RecursionError, MemoryError):  # not a literal: the text

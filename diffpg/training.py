@@ -48,6 +48,7 @@ from diffpg.envs.core import SettingError, State
 from diffpg.estimators.base import (
     EstimatorState,
     check_betas,
+    check_bool_fields,
     check_hidden_sizes,
     check_non_negative,
     check_positive,
@@ -227,7 +228,8 @@ class TrainSettings:
             raise SettingError(f"num_envs={self.num_envs} does not split into minibatches="
                                f"{self.minibatches} (on devices={self.devices}); allowed: "
                                f"num_envs a multiple of {self.minibatches * self.devices}")
-        self.resolved_estimator_settings  # noqa: B018 (validates the estimator's settings)
+        check_bool_fields(self)
+        check_bool_fields(self.resolved_estimator_settings)  # (built, so validated, here too)
         envs.check(self.env, self.episode_length, self.backend, self.health_shaping,
                    self.anticipate_jumps, self.health_tolerance, self.soft_termination,
                    self.anticipate_landings, state_gradient_clip=self.state_gradient_clip,

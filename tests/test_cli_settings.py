@@ -320,3 +320,40 @@ def test_a_narrow_terminal_s_help_and_a_closed_error_output_still_work(tmp_path)
     assert done.returncode == 0, done.stdout
     assert "Traceback" not in done.stdout and "run folder" in done.stdout
     assert (run / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("invalid", [
+    ["--estimators", "shac:critic=maybe"], ["--estimators", "reinforce:reward_to_go=no"],
+    ["--estimators", "critic_backprop:deterministic=0"]])
+def test_a_boolean_setting_given_a_word_is_refused_not_read_as_true(invalid, tmp_path):
+    """``shac:critic=maybe`` compared as if ``critic=True`` (any non-empty string is true):
+    every setting declared ``bool`` holds a bool; ``true``/``false`` in any case are the bools
+    the error asks for."""
+    from diffpg.options import parse_value
+
+    assert parse_value("false") is False and parse_value("TRUE") is True
+    assert parse_value("False") is False and parse_value("no") == "no"
+    out = tmp_path / "never"
+    _assert_refused_cleanly(["compare", "--env", "pendulum", "--sweep", "none", "--horizon", "4",
+                             "--out", str(out), *invalid], out)
+
+
+def test_a_settings_json_boolean_that_is_a_word_is_refused(tmp_path, capsys):
+    """A run folder whose settings.json says ``"normalize_observations": "no"`` (or an estimator
+    setting ``"critic": "no"``) evaluated as if true: now one line naming the setting."""
+    import json
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--env", "pendulum", "--num-envs", "4", "--eval-envs", "2",
+                     "--hidden-sizes", "8", "--updates", "2", "--updates-per-call", "2", "--out",
+                     str(run), "shac", "--horizon", "4"]) == 0
+    original = json.loads((run / "settings.json").read_text())
+    for edit, name in [({"normalize_observations": "no"}, "normalize_observations"),
+                       ({"estimator_settings": original["estimator_settings"] | {"critic": "no"}},
+                        "critic")]:
+        (run / "settings.json").write_text(json.dumps(original | edit))
+        capsys.readouterr()
+        assert cli.main(["eval", str(run), "--episodes", "2"]) == 2
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1 and f"{name}='no' must be true or false" \
+            in error, error

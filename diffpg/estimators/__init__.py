@@ -52,7 +52,7 @@ import importlib
 from typing import Any
 
 from diffpg.envs.core import SettingError
-from diffpg.estimators.base import Batch, Estimate, Estimator, EstimatorState
+from diffpg.estimators.base import Batch, Estimate, Estimator, EstimatorState, check_bool_fields
 from diffpg.estimators.registry import (
     FAMILIES,
     Registration,
@@ -98,7 +98,9 @@ def make_settings(name: str, **settings: Any):
         raise SettingError(
             f"estimator {name!r} has no setting(s) {unknown}; allowed settings: {sorted(fields)}"
         )
-    return settings_class(**settings)
+    settings_object = settings_class(**settings)
+    check_bool_fields(settings_object)
+    return settings_object
 
 
 def comparison_settings(name: str, horizon: int, discount: float, **overrides: Any) -> dict:

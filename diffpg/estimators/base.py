@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -113,6 +114,14 @@ def check_non_negative(name: str, value: Any) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise SettingError(f"{name}={value!r} must be true or false")
+
+
+def check_bool_fields(settings: Any) -> None:
+    """Every field of the dataclass ``settings`` annotated ``bool`` holds a bool: a string such
+    as ``"no"`` in an estimator spec or a settings.json would otherwise read as true."""
+    for field in dataclasses.fields(settings):
+        if field.type in (bool, "bool"):
+            check_bool(field.name, getattr(settings, field.name))
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
