@@ -49,7 +49,15 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     over, with a message."""
     path = run_dir / ".lock"
     with file_system_errors(run_dir, "the run folder's lock"):
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # (without blocking: a FIFO put there would wait for a writer)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        except IsADirectoryError:
+            descriptor = None
+    if descriptor is None or not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        if descriptor is not None:
+            os.close(descriptor)
+        raise SettingError(f"{str(path)!r} is not the lock file diffpg writes (a folder, FIFO or "
+                           "device is there); remove it and run the command again")
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -304,7 +312,7 @@ def _locked_by_another_process(folder: Path) -> bool:
     """Whether another process holds ``folder``'s ``run_lock`` now (two commands started
     together on one new folder: the one refused must not remove the folder the other runs in)."""
     try:
-        descriptor = os.open(folder / ".lock", os.O_RDONLY)
+        descriptor = os.open(folder / ".lock", os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:

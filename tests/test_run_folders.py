@@ -143,6 +143,20 @@ def test_of_two_runs_started_together_on_one_folder_one_is_refused(tmp_path):
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_lock_that_is_not_a_file_is_one_line(kind, tmp_path, capsys):
+    """A folder or a FIFO named ``.lock`` in a run folder: a traceback (IsADirectoryError,
+    "Illegal seek"); now one line naming it and what to do, and the run is left as it was."""
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    (out / ".lock").mkdir() if kind == "folder" else os.mkfifo(out / ".lock")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--updates", "4"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "is not the lock file diffpg writes" in error
+    assert checkpoint_updates(out) == [2]
+
+
 def test_the_lock_of_a_process_that_is_gone_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
