@@ -298,7 +298,11 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     """Run one command; returns its exit status. ``received``: signals ``run`` took while the
     program was loading, acted on as soon as the command's own handling is in place."""
     from diffpg.compilation_cache import default_cache_dir
-    from diffpg.devices import check_xla_flags, initialize_distributed_from_environment
+    from diffpg.devices import (
+        check_platforms,
+        check_xla_flags,
+        initialize_distributed_from_environment,
+    )
     from diffpg.envs.core import SettingError
     from diffpg.folders import interruptions
     from diffpg.runs import TrainingStopped
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
             raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
         check_xla_flags(default_cache_dir())
         initialize_distributed_from_environment()
+        check_platforms()
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,14 @@ def check_xla_flags(remember_in: str | None) -> None:
     if marker is not None and marker.exists():
         return
     started = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=600,
+                             env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+                             | {"TF_CPP_MIN_LOG_LEVEL": "0"})  # its errors; the flags alone
     if started.returncode != 0:
         lines = started.stderr.strip().splitlines()
-        named = [line for line in lines if "XLA_FLAGS" in line] or lines[-1:]
+        # XLA's first logged error says what it refused; then it may print its whole flag list
+        logged = [line for line in lines if re.match(r"[EF]\d{4} ", line)]
+        named = logged or [line for line in lines if "XLA_FLAGS" in line] or lines[-1:]
         reason = named[0].split("] ", 1)[-1] if named else f"exit status {started.returncode}"
         raise SettingError(f"XLA_FLAGS={flags!r} is refused by XLA ({reason}); correct it or "
                            "unset XLA_FLAGS")
@@ -64,6 +69,22 @@ def check_xla_flags(remember_in: str | None) -> None:
             marker.touch()
         except OSError:  # a read-only cache: the check runs again next time
             pass
+
+
+def check_platforms() -> None:
+    """A one-line ``SettingError`` for a ``JAX_PLATFORMS`` that names a platform this machine
+    cannot start (``gpu`` where no GPU is): JAX raises at the first computation, mid-command.
+    Starts the backend, so it comes after ``initialize_distributed_from_environment``."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if not platforms:
+        return
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SettingError(f"JAX_PLATFORMS={platforms!r} names a platform this machine cannot "
+                           f"start ({reason}); unset JAX_PLATFORMS or name one it has (cpu)"
+                           ) from None
 
 
 def check_devices(devices: Any, num_envs: int) -> None:
