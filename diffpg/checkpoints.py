@@ -220,8 +220,8 @@ def _shapes_match(state_folder: Path, abstract: Any) -> bool:
     """Whether the arrays stored in ``state_folder`` have the shapes of ``abstract`` (compared
     as multisets; ``True`` when the metadata cannot be read: the restore then reports it)."""
     try:
-        with _quiet_orbax():
-            metadata = ocp.StandardCheckpointer().metadata(state_folder)
+        with _quiet_orbax():  # (a relative path reads as a checkpoint without item metadata)
+            metadata = ocp.StandardCheckpointer().metadata(state_folder.absolute())
     except Exception:  # orbax raises many types for unreadable files
         return True
     tree = getattr(metadata, "item_metadata", metadata)
