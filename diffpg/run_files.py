@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -104,9 +105,25 @@ def check_rewritable(run_dir: Path) -> None:
                                "resume again")
 
 
+RUN_FOLDER_ENTRIES = {"checkpoints": re.compile(r"\d+(\.sha256|\.unreadable(\.\d+)?|"
+                                                r"\.orbax-checkpoint-tmp.*)?"),
+                      "tensorboard": re.compile(r"events\.out\.tfevents\..*")}
+"""The names diffpg writes inside a run's folders (checkpoints, their digests, those set aside,
+an unfinished save; TensorBoard's event files)."""
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote into ``run_dir`` (``--overwrite``): its checkpoints would
-    otherwise outrank the new run's, and its metrics would mix with them."""
+    otherwise outrank the new run's, and its metrics would mix with them. A file or folder that
+    diffpg does not write, inside the folders it removes whole, is refused first (one line):
+    ``--overwrite`` replaces a run, never a user's own files."""
+    for folder, names in RUN_FOLDER_ENTRIES.items():
+        if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():
+            for entry in sorted((run_dir / folder).iterdir()):
+                if not names.fullmatch(entry.name):
+                    raise SettingError(f"{str(entry)!r} is not a file diffpg writes; --overwrite "
+                                       f"would delete it with the run's {folder}/ folder: move it "
+                                       "away or choose another --out")
     remove_files(run_dir, RUN_FILES)
 
 

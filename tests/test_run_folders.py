@@ -77,6 +77,28 @@ def test_overwrite_onto_a_longer_run_starts_a_fresh_one(tmp_path):
     assert evaluate_run(out)["update"] == 4 and load_settings(out).seed == 5
 
 
+def test_overwrite_never_deletes_a_file_diffpg_did_not_write(tmp_path, capsys):
+    """A user's file inside ``checkpoints/`` (or ``tensorboard/``), folders ``--overwrite``
+    removes whole: it was deleted with them. Now one line naming it, and nothing removed; the
+    checkpoints diffpg set aside are its own and go."""
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    for folder in ("checkpoints", "tensorboard"):
+        (out / folder / "mine.txt").write_text("notes")
+        capsys.readouterr()
+        assert cli.main(["train", *SMALL, "--updates", "2", "--updates-per-call", "2",
+                         "--out", str(out), "--overwrite"]) == 2
+        error = capsys.readouterr().err
+        assert len(error.strip().splitlines()) == 1 and "mine.txt' is not a file diffpg writes" \
+            in error, error
+        assert (out / folder / "mine.txt").read_text() == "notes" and checkpoint_updates(out) == [2]
+        (out / folder / "mine.txt").unlink()
+    (out / "checkpoints" / "2.unreadable").mkdir()
+    assert cli.main(["train", *SMALL, "--updates", "2", "--updates-per-call", "2",
+                     "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "2.sha256"]
+
+
 @pytest.mark.parametrize(("marker", "arguments", "kind"), [
     ("results.json", ["train", *SMALL, "--updates", "2", "--updates-per-call", "2"],
      "a comparison (results.json), which a training run does not replace"),
@@ -570,6 +592,12 @@ def test_a_file_size_limit_below_a_checkpoint_is_one_line_before_any_work(tmp_pa
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]
     assert "ulimit -f: 8,192 bytes" in line and "Traceback" not in done.stderr
     assert not out.exists()
+    # A limit this run's checkpoint fits (its largest file is about 40 KB) is no refusal: a
+    # flat 1 MiB of room for metadata refused it.
+    done = _diffpg(["train", *SMALL, "--updates", "2", "--updates-per-call", "2", "--horizon", "4",
+                    "--out", str(out)], limit_file_bytes=400 * 1024)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoint_updates(out) == [2]
 
 
 def test_a_read_only_file_system_on_resume_is_one_line(tmp_path):
