@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     program was loading, acted on as soon as the command's own handling is in place."""
     from diffpg.compilation_cache import default_cache_dir
     from diffpg.devices import (
+        check_address_space,
         check_platforms,
         check_xla_flags,
         initialize_distributed_from_environment,
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         check_xla_flags(default_cache_dir())
         initialize_distributed_from_environment()
         check_platforms()
+        check_address_space()
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)

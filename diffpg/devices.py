@@ -228,12 +228,35 @@ def available_memory_bytes() -> int | None:
                          if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+    check_address_space()  # (what the process maps has grown since the command started)
     return min(available, _address_space_left())
 
 
+ADDRESS_SPACE_ROOM = 3 * 2**28
+"""Address space (0.75 GiB) a command maps beyond its arrays: the compiler's arenas and the
+stacks of XLA's, TensorStore's and orbax's threads. A two-update pendulum run under ``ulimit
+-v`` failed to start a thread (an abort, or a traceback from its checkpoint) with 0.61 GiB left
+after JAX started, and ran with 1.08 GiB."""
+
+
+def check_address_space() -> None:
+    """A one-line ``SettingError`` where the address-space limit (``ulimit -v``) leaves less
+    than ``ADDRESS_SPACE_ROOM`` beyond what the process maps once JAX has started: such a run
+    aborts when a thread cannot start, after its work."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit != resource.RLIM_INFINITY and _address_space_left() <= 0:
+        raise SettingError(f"the address-space limit (ulimit -v) of {limit / 2**30:.2f} GiB "
+                           f"leaves less than the {ADDRESS_SPACE_ROOM / 2**30:.2f} GiB a command "
+                           "needs beyond what JAX maps at its start (its compiler and threads); "
+                           "raise the limit (ulimit -v)")
+
+
 def _address_space_left() -> int:
-    """What the process's address-space limit (``ulimit -v``) leaves it beyond what it maps
-    now (unlimited: a huge number). XLA waits forever on an allocation this limit refuses."""
+    """What the process's address-space limit (``ulimit -v``) leaves its arrays beyond what it
+    maps now and ``ADDRESS_SPACE_ROOM`` (unlimited: a huge number). XLA waits forever on an
+    allocation this limit refuses."""
     import resource
 
     limit, _ = resource.getrlimit(resource.RLIMIT_AS)
@@ -245,7 +268,7 @@ def _address_space_left() -> int:
                       if line.startswith("VmSize:"))
     except (OSError, StopIteration, ValueError):
         mapped = 0
-    return max(limit - mapped, 0)
+    return max(limit - mapped - ADDRESS_SPACE_ROOM, 0)
 
 
 def state_bytes(env) -> int:

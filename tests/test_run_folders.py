@@ -571,6 +571,28 @@ def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_pat
     assert "lower hidden_sizes" in line and not out.exists()
 
 
+def test_an_address_space_limit_that_leaves_no_room_for_threads_is_one_line(tmp_path):
+    """``ulimit -v`` a little above what JAX maps at its start: the run passed every memory check
+    and aborted when a thread could not start (``terminate called ... Resource temporarily
+    unavailable``, exit 134), leaving an unfinished checkpoint. Now one line, no folder."""
+    import subprocess
+    import sys
+
+    started = subprocess.run([sys.executable, "-c", "import jax; jax.devices(); print(next("
+                              "line.split()[1] for line in open('/proc/self/status') if "
+                              "line.startswith('VmSize:')))"],
+                             capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    limit_kib = int(started.stdout) + 400 * 1024  # 0.4 GiB above JAX's start
+    out = tmp_path / "run"
+    done = subprocess.run(under_ulimit("-v", limit_kib, [
+        sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--updates", "2",
+        "--updates-per-call", "2", "--out", str(out)]),
+        capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert "address-space limit (ulimit -v)" in line and not out.exists(), line
+
+
 def test_a_folder_name_the_console_cannot_encode_does_not_fail_a_finished_run(tmp_path):
     """A non-ASCII --out under an ASCII console: the run's last line failed (exit 1, a
     traceback) after everything was saved; a script would retry, or --overwrite the good run."""
