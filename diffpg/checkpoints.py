@@ -243,7 +243,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     """
     updates = checkpoint_updates(run_dir)
     if not updates:
-        raise SettingError(f"run={str(run_dir)!r} has no checkpoint to resume from")
+        raise SettingError(f"run={str(run_dir)!r} has no checkpoint (it stopped before its "
+                           "first; start it again)")
     if update is not None:
         if update not in updates:
             raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "

@@ -212,7 +212,10 @@ def _what_is_kept(out: Path) -> str:
     if kept:
         return (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
                 f"--resume {out}")
-    return "before the first checkpoint: nothing to resume, start again"
+    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        return ("before the first checkpoint: nothing to resume; start it again with "
+                "--overwrite (its folder holds its settings)")
+    return "before the first checkpoint: nothing to resume, start it again"
 
 
 def run_eval(argv: list[str], guard) -> None:
@@ -265,7 +268,7 @@ def import_user_modules(argv: list[str]) -> list[str]:
             sys.path.insert(0, "")
         try:
             importlib.import_module(name)
-        except (ImportError, ValueError) as error:  # ValueError: a relative name such as ".x"
+        except ImportError as error:  # (an exception of the module's own code is its own)
             raise SettingError(f"--import {name}: {error}") from error
         except SyntaxError as error:
             raise SettingError(f"--import {name}: {error.msg} ({error.filename}, line "

@@ -246,6 +246,10 @@ def parse_train_command(argv: list[str]):
     resume = given.resume
     if resume is not None:
         base = load_settings(Path(resume))
+        if named_estimator not in (None, base.estimator):
+            raise CommandLineError(f"estimator cannot change when resuming (the run has "
+                                   f"estimator={base.estimator!r}); leave out "
+                                   f"{named_estimator!r}, or start a new run with it")
     else:
         env = given.settings.env
         configs.check_sizes(given.sizes)

@@ -69,8 +69,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                     break
                 time.sleep(0.05)
             raise SettingError(f"run folder {str(run_dir)!r} is in use by "
-                               f"{owner or 'another process'}; wait for it to finish or choose "
-                               "another --out") from None
+                               f"{owner or 'another process'}; wait for it to finish (a new "
+                               "run: or choose another --out)") from None
         previous = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
         if previous:
             print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
@@ -141,13 +141,31 @@ def file_system_errors(run_dir: Path, what: str) -> Iterator[None]:
         if problem is None:
             raise
         happened, advice = problem
-        if happened.startswith("no space"):
+        if happened.startswith("no space") and _no_free_inodes(run_dir):
+            happened, advice = (f"no free inodes (file entries) left on the device of "
+                                f"{str(run_dir)!r}", "remove some files")
+        elif happened.startswith("no space"):
             free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
             happened += f" of {str(run_dir)!r} ({free:,} bytes free)"
         else:
             happened += f" in {str(run_dir)!r}"
-        raise SettingError(f"{happened} while writing {what}; {advice}, then run again (a "
-                           "training run: --resume, or start again with --overwrite)") from None
+        raise SettingError(f"{happened} while writing {what}; {advice}, then run again (train "
+                           "and compare: --resume continues what was saved)") from None
+
+
+FEW_INODES = 100
+"""Free file entries below which a full disk's ENOSPC is read as a lack of entries: the failed
+write's own files, removed before the message, free a few."""
+
+
+def _no_free_inodes(folder: Path) -> bool:
+    """Whether the file system of ``folder`` has (almost) no file entries left, the cause of a
+    full disk's ENOSPC with bytes to spare."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_files > 0 and stats.f_favail < FEW_INODES  # (btrfs counts no entries: 0)
 
 
 def check_file_size_limit(largest_file_bytes: int, what: str,

@@ -243,13 +243,15 @@ def compiles():
 
 
 @contextlib.contextmanager
-def small_disk(folder, size: str, read_only: bool = False):
-    """A tmpfs of ``size`` (``"2m"``) mounted at the new folder ``folder`` (read-only if asked):
-    a disk that fills up. Skips the test where mounting is not allowed."""
+def small_disk(folder, size: str, read_only: bool = False, inodes: int | None = None):
+    """A tmpfs of ``size`` (``"2m"``) mounted at the new folder ``folder`` (read-only if asked;
+    with at most ``inodes`` files and folders if given): a disk that fills up. Skips the test
+    where mounting is not allowed."""
     import subprocess
 
     folder.mkdir()
-    options = f"size={size}" + (",ro" if read_only else "")
+    options = (f"size={size}" + (",ro" if read_only else "")
+               + (f",nr_inodes={inodes}" if inodes else ""))
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                           capture_output=True, text=True)
     if done.returncode:

@@ -235,6 +235,19 @@ def test_an_imported_module_that_does_not_parse_is_one_line(tmp_path, monkeypatc
                              f"({tmp_path / 'broken_estimator.py'}, line 1)"), error
 
 
+def test_an_imported_module_s_own_error_is_its_traceback_not_a_bad_setting(tmp_path,
+                                                                          monkeypatch, capsys):
+    """A module that raises ``ValueError`` as it is imported was reported as a bad setting
+    (``--import m: boom``, exit 2): the user's code's error is a traceback, exit 1, as every
+    exception of user code (docs/guarantees.md)."""
+    (tmp_path / "raising_module.py").write_text("raise ValueError('boom')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert cli.main(["--import", "raising_module", "train"]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" in error and "ValueError: boom" in error, error
+
+
 def test_a_closed_standard_output_is_refused_before_any_work():
     """``diffpg ... >&-``: Python's ``sys.stdout`` is None and every print would vanish."""
     import subprocess

@@ -253,6 +253,7 @@ def test_resume_refuses_what_it_cannot_do_and_leaves_the_run_as_it_was(tmp_path,
         (["--updates", "2"], "updates=2 is below the 4 updates the run has done"),
         (["--out", str(tmp_path / "other")], "cannot be given with resume"),
         (["--overwrite"], "overwrite cannot be given with resume"),
+        (["bptt"], "estimator cannot change when resuming (the run has estimator='shac')"),
     ]:
         assert cli.main(["train", "--resume", str(out), *arguments]) == 2, arguments
         error = capsys.readouterr().err
@@ -553,6 +554,17 @@ def test_a_disk_full_in_the_first_checkpoint_is_one_line_without_event_loop_repo
         assert len(errors) == 1 and "no space left on the device of" in errors[0], (
             done.stderr[-3000:])
         assert "Traceback" not in done.stderr
+
+
+def test_a_disk_without_free_inodes_is_named_so(tmp_path):
+    """A file system out of file entries with bytes to spare said "no space left ... (52,416,512
+    bytes free)... free some space": now it names the inodes."""
+    with small_disk(tmp_path / "disk", "16m", inodes=12) as disk:
+        done = _diffpg(["train", *SMALL, "--updates", "2", "--updates-per-call", "2", "--horizon",
+                        "4", "--out", str(disk / "run")])
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "error" in line]
+    assert "no free inodes" in line and "remove some files" in line, line
 
 
 def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_path):
