@@ -12,7 +12,8 @@ machine moves the numbers less than wall-clock):
 * **one step**: one batched physics step, forward and its reverse (the gradient of a scalar of
   the next state w.r.t. the state and the action), and the operations of each compiled program
   by kind (XLA's optimised HLO: fusions, copies, transposes, gathers, scatters, loops...), so
-  that what the reverse pass adds is named from the program, not guessed.
+  that what the reverse pass adds is named from the program, not guessed, with XLA's cost
+  analysis of each (millions of flops and of bytes its operations read and write).
 
 Prints two tables and writes ``results.json``::
 
@@ -60,10 +61,16 @@ def cpu_seconds(function, *args, repeats: int) -> tuple[float, float]:
     return compiling, best
 
 
-def operations(function, *args) -> collections.Counter:
-    """The compiled program's instructions by opcode (those that move data)."""
-    text = jax.jit(function).lower(*args).compile().as_text()
-    return collections.Counter(op for op in OPERATION.findall(text) if op not in FREE)
+def operations(function, *args) -> tuple[collections.Counter, dict]:
+    """The compiled program's instructions by opcode (those that move data), and XLA's cost
+    analysis of it: ``flops`` and ``bytes accessed`` (every operation's operands and results)."""
+    compiled = jax.jit(function).lower(*args).compile()
+    counts = collections.Counter(op for op in OPERATION.findall(compiled.as_text())
+                                 if op not in FREE)
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+    return counts, {"flops": cost.get("flops", float("nan")),
+                    "bytes": cost.get("bytes accessed", float("nan"))}
 
 
 def rollout_rows(env, num_envs: int, horizon: int, segments: list[int], repeats: int, key):
@@ -104,8 +111,9 @@ def step_rows(env, num_envs: int, repeats: int, key):
     for name, function in (("one step, forward", after), ("one step, reverse", reverse)):
         _, seconds = cpu_seconds(jax.jit(function), states.pipeline_state, actions,
                                  repeats=repeats)
-        counts = operations(function, states.pipeline_state, actions)
+        counts, cost = operations(function, states.pipeline_state, actions)
         rows.append({"program": name, "cpu_ms": 1e3 * seconds, "operations": sum(counts.values()),
+                     "mflop": cost["flops"] / 1e6, "mbyte": cost["bytes"] / 1e6,
                      "most": ", ".join(f"{op} {n}" for op, n in counts.most_common(8))})
     return rows
 
@@ -125,7 +133,8 @@ def main() -> None:
                            arguments.repeats, key)
     print(common.format_table(rollout, ["program", "cpu_s", "x_forward", "compile_s"]))
     steps = step_rows(env, arguments.num_envs, arguments.repeats, key)
-    print(common.format_table(steps, ["program", "cpu_ms", "operations", "most"]))
+    print(common.format_table(steps, ["program", "cpu_ms", "operations", "mflop", "mbyte",
+                                      "most"]))
     common.write_json(out / "results.json", {"settings": vars(arguments) | {"out": str(out)},
                                              "rollout": rollout, "step": steps})
     print(f"wrote {out / 'results.json'}")

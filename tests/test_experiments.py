@@ -95,6 +95,7 @@ def test_the_reverse_pass_profile_runs_and_counts_each_program_s_operations(tmp_
     assert results["rollout"][0]["x_forward"] == 1.0
     forward, reverse = results["step"]
     assert reverse["operations"] > forward["operations"] > 0
+    assert reverse["mflop"] > forward["mflop"] > 0 and reverse["mbyte"] > forward["mbyte"] > 0
 
 
 def test_bench_compare_compile_times_each_program_and_the_whole_command(tmp_path, monkeypatch,
