@@ -126,6 +126,36 @@ def test_the_stiffness_probe_measures_the_action_jacobian():
     assert abs(squares.mean() - np.sum(b**2)) < 4 * standard_error
 
 
+def test_measuring_the_stiffness_on_fewer_envs_keeps_the_gradient_and_the_measurements():
+    """``stiffness_envs=k``: the first ``k`` envs' measurements are those of measuring all (the
+    same directions), the others NaN, the update's stiffness their mean; the gradient is the
+    one of measuring all, within float32 rounding (the measurement is not differentiated)."""
+    env = envs.make("pendulum")
+    policy = make_linear_gaussian_policy(env.observation_size, env.action_size)
+    params = policy.init(jax.random.PRNGKey(0))
+    stats = init_statistics(env.observation_size)
+    starts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), 8))
+    results = {}
+    for measured in (None, 3):
+        estimator = estimators.make("ahac", env, policy, horizon=12, horizon_min=2,
+                                    initial_horizon=4, stiffness_envs=measured)
+        state = estimator.init(jax.random.PRNGKey(2), params)
+        estimate = jax.jit(estimator.estimate)(params, stats, state, starts,
+                                               jax.random.PRNGKey(3))
+        _, metrics = jax.jit(estimator.update)(params, stats, state, estimate.batch,
+                                               jax.random.PRNGKey(4))
+        results[measured] = (estimate, metrics)
+    (every, every_metrics), (three, three_metrics) = results[None], results[3]
+    for a, b in zip(jax.tree.leaves(every.grad), jax.tree.leaves(three.grad), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))
+    full, part = (np.asarray(e.batch.transitions.measurement) for e in (every, three))
+    np.testing.assert_allclose(part[:, :3], full[:, :3], rtol=1e-5)
+    assert np.isnan(part[:, 3:]).all() and np.isfinite(full).all()
+    np.testing.assert_allclose(float(three_metrics["stiffness"]), part[:, :3].mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="stiffness_envs"):
+        estimators.make_settings("ahac", stiffness_envs=0)
+
+
 def test_ahac_trains_and_adapts_its_horizon():
     """Two calls of AHAC on the pendulum: the threshold is calibrated on the first batch, the
     horizon (a whole number of steps) is logged and stays in its range, the parameters stay
