@@ -2,14 +2,15 @@
 
 Each ``--curve BODY:LABEL=PATH`` is one curve in BODY's panels. PATH is a ``diffpg train`` run
 folder (its ``metrics.csv``: the rows with an evaluation, ``training/walltime`` as wall-clock)
-or a ``bench_learning.py`` ``results.json`` (the curve of the learner named LABEL there). A
-run of several seeds is drawn as its mean over seeds with the 95% confidence interval of that
-mean (``eval/episode_reward_ci95``); one seed is a line without a band. Wall-clock is what each
+or a ``bench_learning.py`` ``results.json`` (the curve of the learner named LABEL there, or
+``results.json#LEARNER``'s). A run of several seeds is drawn as its mean over seeds with the
+95% confidence interval of that mean (``eval/episode_reward_ci95``); one seed is a line without
+a band. Wall-clock is what each
 run measured on its own machine, compilation included: curves run on shared cores, or paused and
 resumed, are slower in wall-clock than on an idle machine.
 
     python experiments/plot_bodies.py --out runs/bodies \\
-        --curve ant:AHAC=runs/ant_ahac --curve ant:brax_ppo=runs/bench_ant_ppo/results.json \\
+        --curve ant:AHAC=runs/ant_ahac --curve "ant:Brax PPO=runs/bench_ant/results.json#brax_ppo" \\
         --curve humanoid:AHAC=runs/humanoid_ahac
 
 Writes ``bodies.png`` and ``bodies.json`` (every drawn point: env steps, seconds, mean, ci95,
@@ -65,6 +66,9 @@ def results_curve(path: Path, label: str) -> list[dict]:
 
 
 def read_curve(label: str, path: Path) -> list[dict]:
+    """The curve of ``--curve BODY:LABEL=PATH`` (``PATH#LEARNER``: that learner's)."""
+    path, _, learner = str(path).partition("#")
+    path, label = Path(path), learner or label
     if path.is_dir() and (path / "metrics.csv").is_file():
         curve = run_folder_curve(path)
     elif path.is_file() and path.suffix == ".json":

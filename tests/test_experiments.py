@@ -351,13 +351,13 @@ def test_plot_bodies_draws_each_run_folder_s_and_results_file_s_evaluations(tmp_
     (tmp_path / "results.json").write_text(json.dumps({"curves": {"brax_ppo": [ppo]}}))
     out = tmp_path / "out"
     run_script(monkeypatch, "plot_bodies.py", "--out", str(out), "--curve", f"ant:AHAC={run}",
-               "--curve", f"ant:brax_ppo={tmp_path / 'results.json'}",
+               "--curve", f"ant:Brax PPO={tmp_path / 'results.json'}#brax_ppo",
                "--curve", f"hopper:SHAC={run}")
     drawn = json.loads((out / "bodies.json").read_text())["bodies"]
     assert drawn["ant"]["AHAC"] == drawn["hopper"]["SHAC"] == [
         {"env_steps": 100, "seconds": 2.5, "reward": 10.0, "ci95": 4.0, "seeds": [8.0, 12.0]},
         {"env_steps": 300, "seconds": 6.5, "reward": 30.0, "ci95": 2.0, "seeds": [29.0, 31.0]}]
-    assert drawn["ant"]["brax_ppo"] == [ppo]
+    assert drawn["ant"]["Brax PPO"] == [ppo]
     assert (out / "bodies.png").stat().st_size > 0
     assert "| ant | AHAC | 300 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="is not BODY:LABEL=PATH"):
