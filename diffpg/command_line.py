@@ -138,14 +138,17 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
     narrowest = 20  # a terminal narrower than this makes tyro's help layout loop forever
     if os.environ.get("COLUMNS", "").isdigit() and int(os.environ["COLUMNS"]) < narrowest:
         os.environ["COLUMNS"] = str(narrowest)
-    flags = [_flag(token) for token in argv if token.startswith("--")]
-    repeated = next((flag for flag in flags if flags.count(flag) > 1), None)
-    if repeated is not None:  # (tyro would keep the last, or refuse one after a subcommand)
-        raise CommandLineError(f"{repeated} is given twice; give it once")
     try:
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
     except _UnrecognizedArguments as error:
+        # An option given again (the last one given wins) where tyro reads no option: after an
+        # estimator's option, which starts the estimator's own options.
+        repeated = [token for token in error.tokens if token.startswith("--")
+                    and sum(_flag(other) == _flag(token) for other in argv) > 1]
+        if repeated:
+            raise CommandLineError(f"{_flag(repeated[0])} is given twice, the second time "
+                                   "among the estimator's options; give it once") from None
         raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class)
                                      ) from None
     except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says
