@@ -156,6 +156,9 @@ class CompareSettings:
                               if "stiffness" in envs.setting_names(name)]
             raise SettingError(f"sweep='stiffness' needs an env with a stiffness setting "
                                f"({' or '.join(with_stiffness)}), not env={self.env!r}")
+        if self.sweep == "stiffness" and not self.stiffnesses:
+            raise SettingError("stiffnesses is empty; sweep='stiffness' needs at least one "
+                               "(e.g. --stiffnesses 10 100)")
         if self.reference == "exact" and not envs.has_exact_return(self.env):
             exact = [name for name in envs.names_without_simulator()
                      if envs.has_exact_return(name)]

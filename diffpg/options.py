@@ -38,9 +38,11 @@ def float32_problem(value: Any) -> str | None:
 
 def parse_value(text: str) -> Any:
     """A Python literal (number, bool, None, tuple, string in quotes), ``true``/``false`` in any
-    case (the words the errors ask for), else the text itself."""
+    case (the words the errors ask for), ``nan``/``inf`` as floats, else the text itself."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)  # (checked as a number, and refused where it is not allowed)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, RecursionError, MemoryError):  # not a literal: the text

@@ -361,6 +361,20 @@ def test_a_boolean_setting_given_a_word_is_refused_not_read_as_true(invalid, tmp
                              "--out", str(out), *invalid], out)
 
 
+@pytest.mark.parametrize("invalid", [
+    ["--estimators", "reinforce:gae_lambda=nan"], ["--estimators", "shac:td_lambda=NaN"],
+    ["--estimators", "critic_backprop:target_critic_keep=inf"],
+    ["--estimators", "sapo:target_entropy=-inf"], ["--estimators", "sapo:target_entropy=abc"],
+    ["--reference", "reinforce:gae_lambda=nan"],
+    ["--env", "contact", "--sweep", "stiffness", "--stiffnesses"]])
+def test_a_spec_s_nan_or_inf_and_an_empty_sweep_are_one_line(invalid, tmp_path):
+    """``reinforce:gae_lambda=nan`` reached the interval check as the text "nan" (a TypeError,
+    exit 1); ``--stiffnesses`` with no value, an IndexError after building the envs."""
+    out = tmp_path / "never"
+    _assert_refused_cleanly(["compare", "--env", "pendulum", "--estimators", "bptt", "--sweep",
+                             "none", "--horizon", "4", "--out", str(out), *invalid], out)
+
+
 def test_a_settings_json_boolean_that_is_a_word_is_refused(tmp_path, capsys):
     """A run folder whose settings.json says ``"normalize_observations": "no"`` (or an estimator
     setting ``"critic": "no"``) evaluated as if true: now one line naming the setting."""

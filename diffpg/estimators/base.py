@@ -88,8 +88,9 @@ def check_positive_int(name: str, value: Any) -> None:
 
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
-    upper_ok = value <= 1.0 if closed_right else value < 1.0
-    if not isinstance(value, int | float) or not (0.0 <= value and upper_ok):
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    upper_ok = number and (value <= 1.0 if closed_right else value < 1.0)
+    if not number or not (0.0 <= value and upper_ok):
         interval = "[0, 1]" if closed_right else "[0, 1)"
         raise SettingError(f"{name}={value!r} must be a number in {interval}")
 

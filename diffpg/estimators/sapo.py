@@ -76,7 +76,9 @@ class SapoSettings(EnsembleCriticSettings):
         super().__post_init__()  # also checks window against horizon
         check_positive("initial_temperature", self.initial_temperature)
         check_bool("learn_temperature", self.learn_temperature)
-        if self.target_entropy is not None and not math.isfinite(self.target_entropy):
+        if self.target_entropy is not None and (
+                not isinstance(self.target_entropy, int | float)
+                or isinstance(self.target_entropy, bool) or not math.isfinite(self.target_entropy)):
             raise SettingError(f"target_entropy={self.target_entropy!r} must be a finite number "
                                "or None")
         check_positive("temperature_learning_rate", self.temperature_learning_rate)
