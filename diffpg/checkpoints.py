@@ -196,11 +196,14 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
                 state=ocp.args.StandardSave(_without_empty_arrays(state)),
                 history=ocp.args.JsonSave({"rows": rows})))
     except Exception as error:
+        if is_storage_error(error):
+            # Orbax's unfinished writes report the same failure again (absl's log, from their
+            # threads, while the leftovers are removed below), and TensorStore's, finishing
+            # after orbax closed its event loop, report that (asyncio's).
+            for name in ("absl", "asyncio"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         _remove_unfinished_saves(folder)  # nothing half-written stays
         if is_storage_error(error):
-            # Orbax's unfinished writes report the same failure again when they are collected,
-            # and TensorStore's, finishing after orbax closed its event loop, report that.
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             last = checkpoint_updates(folder.parent)
             with file_system_errors(folder.parent, f"the checkpoint of update {update} (the last "
                             f"complete one is of update {last[-1] if last else 'none'})"):
