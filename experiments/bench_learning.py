@@ -354,15 +354,7 @@ def plot(curves: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for learner, curve in curves.items():
-        reward = np.array([c["reward"] for c in curve])
-        band = np.array([c.get("ci95") or 0.0 for c in curve])
-        for axis, x in ((axes[0], "env_steps"), (axes[1], "seconds")):
-            xs = [c[x] for c in curve]
-            line, = axis.plot(xs, reward, marker="o", label=learner)
-            if band.any():  # the 95% confidence interval of the mean over seeds
-                axis.fill_between(xs, reward - band, reward + band, color=line.get_color(),
-                                  alpha=0.15)
+    common.draw_curves(curves, axes[0], axes[1])
     axes[0].set(xlabel="env steps", ylabel="eval episode return")
     axes[1].set(xlabel="wall-clock incl. compilation (s)")
     axes[0].legend(fontsize=8)

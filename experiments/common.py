@@ -65,6 +65,21 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(_plain(data | {"environment": environment_description()}), indent=2))
 
 
+def draw_curves(curves: dict, steps_axis, seconds_axis, marker: str = "o") -> None:
+    """Each learner's curve (points with ``env_steps``, ``seconds``, ``reward`` and ``ci95``) as
+    return against env steps on ``steps_axis`` and against wall-clock on ``seconds_axis``, with
+    the 95% confidence interval of the mean over seeds as a band where there is one."""
+    for learner, curve in curves.items():
+        reward = np.array([point["reward"] for point in curve])
+        band = np.array([point.get("ci95") or 0.0 for point in curve])
+        for axis, x in ((steps_axis, "env_steps"), (seconds_axis, "seconds")):
+            xs = np.array([point[x] for point in curve], dtype=float)
+            line, = axis.plot(xs, reward, marker=marker, label=learner)
+            if band.any():
+                axis.fill_between(xs, reward - band, reward + band, color=line.get_color(),
+                                  alpha=0.15)
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table of ``rows`` (numbers to 3 significant digits)."""
     def cell(value):

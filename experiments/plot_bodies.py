@@ -24,8 +24,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -90,16 +88,7 @@ def plot(bodies: dict[str, dict[str, list[dict]]], path: Path) -> None:
 
     figure, axes = plt.subplots(2, len(bodies), figsize=(3.4 * len(bodies), 5.6), squeeze=False)
     for column, (body, curves) in enumerate(bodies.items()):
-        for label, curve in curves.items():
-            reward = np.array([point["reward"] for point in curve])
-            band = np.array([point["ci95"] or 0.0 for point in curve])
-            for row, x in enumerate(("env_steps", "seconds")):
-                axis = axes[row][column]
-                xs = np.array([point[x] for point in curve], dtype=float)
-                line, = axis.plot(xs, reward, marker=".", label=label)
-                if band.any():  # the 95% confidence interval of the mean over seeds
-                    axis.fill_between(xs, reward - band, reward + band, alpha=0.15,
-                                      color=line.get_color())
+        common.draw_curves(curves, axes[0][column], axes[1][column], marker=".")
         axes[0][column].set_title(body)
         axes[0][column].set_xlabel("env steps")
         axes[1][column].set_xlabel("wall-clock incl. compilation (s)")
