@@ -2,7 +2,9 @@
 ``CheckpointManager`` checkpoints (the last ``KEPT_CHECKPOINTS``), each with two items: ``state``
 (the ``TrainState``) and ``history`` (every metrics row up to that update; orbax reserves the
 name ``metrics``). A checkpoint is the commit point of a call of ``run_updates``: what it holds is
-the run. ``checkpoints/<update>.sha256`` is the digest of its files, checked before restoring.
+the run. ``checkpoints/<update>.sha256`` is the digest of its files, checked before restoring;
+written after orbax's commit, it ends the save (a checkpoint without one, beside one with one, is
+not restored).
 
 Orbax writes each checkpoint to a temporary folder and renames it when complete; a full disk is
 one line naming the folder."""
@@ -244,10 +246,10 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     Raises ``SettingError`` naming the newest checkpoint when none restores, or ``update`` when
     the run has no such checkpoint.
     """
-    updates = checkpoint_updates(run_dir)
+    updates = every_update = checkpoint_updates(run_dir)
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint (it stopped before its "
-                           "first; start it again)")
+                           "first; train it again into the same folder with --overwrite)")
     if update is not None:
         if update not in updates:
             raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "
@@ -255,12 +257,20 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
         updates = [update]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
     folder = run_dir / "checkpoints"
+    # A run whose checkpoints have digests (every run since they were introduced) restores only
+    # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
+    digested = {step for step in every_update if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
     failed: list[tuple[int, str]] = []
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")
             if record is not None and not _matches_its_digest(folder / str(update), record):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
+                continue
+            if record is None and digested - {update}:
+                failed.append((update, "it has no SHA-256 digest where the run's other "
+                                       "checkpoint has one: its save stopped before the digest "
+                                       "was written, or the digest was removed"))
                 continue
             if not _shapes_match(folder / str(update) / "state", abstract):
                 # Checked first: orbax's failed restore of mismatched shapes leaves its
@@ -274,11 +284,17 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                 state = _with_empty_arrays(restored.state, template)
                 return state, list(restored.history["rows"]), failed
             except Exception as error:  # orbax raises many types for corrupt or mismatched files
-                lines = str(error).strip().splitlines() or [""]
-                failed.append((update, f"{type(error).__name__}: {lines[0][:200]}"))
+                failed.append((update, f"{type(error).__name__}: {_reason(error)}"))
     newest, reason = failed[0]
     raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
                        "it is corrupt or from other settings, and no older checkpoint restores")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a restore's error, without what TensorStore appends for programs (``See
+    full TensorStore details: <bound method ...>``), at most 200 characters."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    return line.split(" See full TensorStore details")[0].split("See full TensorStore")[0][:200]
 
 
 def set_aside(run_dir: Path, update: int) -> Path:

@@ -80,7 +80,8 @@ def test_overwrite_onto_a_longer_run_starts_a_fresh_one(tmp_path):
 def test_overwrite_never_deletes_a_file_diffpg_did_not_write(tmp_path, capsys):
     """A user's file inside ``checkpoints/`` (or ``tensorboard/``), folders ``--overwrite``
     removes whole: it was deleted with them. Now one line naming it, and nothing removed; the
-    checkpoints diffpg set aside are its own and go."""
+    checkpoints diffpg set aside are its own and go; a link to checkpoints elsewhere is
+    removed, not followed."""
     out = tmp_path / "run"
     train(_small(updates=2), out)
     for folder in ("checkpoints", "tensorboard"):
@@ -97,6 +98,16 @@ def test_overwrite_never_deletes_a_file_diffpg_did_not_write(tmp_path, capsys):
     assert cli.main(["train", *SMALL, "--updates", "2", "--updates-per-call", "2",
                      "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "2.sha256"]
+    # Checkpoints on another disk (checkpoints/ a link to them) are the run's: read through
+    # the link; --overwrite removes the link, never the files it points to.
+    elsewhere = tmp_path / "other_disk"
+    (out / "checkpoints").rename(elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere)
+    assert evaluate_run(out)["update"] == 2
+    assert cli.main(["train", *SMALL, "--updates", "2", "--updates-per-call", "2",
+                     "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["2", "2.sha256"]
+    assert not (out / "checkpoints").is_symlink() and checkpoint_updates(out) == [2]
 
 
 @pytest.mark.parametrize(("marker", "arguments", "kind"), [
@@ -354,6 +365,43 @@ def test_a_stray_file_inside_a_checkpoint_does_not_retire_it(tmp_path, capsys):
     recorded.unlink()
     assert evaluate_run(out)["update"] == 2
     assert "checkpoint 4" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_its_digest_beside_one_with_is_not_restored(tmp_path, capsys):
+    """The digest, written after orbax's commit, ends a save: a checkpoint without one (a save
+    stopped before it, or a digest removed, and then a flipped byte restores silently) is
+    not used while the run's other checkpoint has its own; a run whose checkpoints have none
+    (an earlier version's) restores its newest."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    folder = out / "checkpoints"
+    (folder / "4.sha256").unlink()
+    assert evaluate_run(out)["update"] == 2
+    assert "checkpoint 4" in (warning := capsys.readouterr().err) and "no SHA-256" in warning
+    (folder / "2.sha256").unlink()
+    assert evaluate_run(out)["update"] == 4
+
+
+def test_a_restore_s_reason_leaves_out_what_tensorstore_appends_for_programs():
+    from diffpg.checkpoints import _reason
+
+    error = ValueError("NOT_FOUND: Error opening \"ocdbt\" driver. See full TensorStore "
+                       "details: <bound method Status.to_json of <tensorstore.Status>>")
+    assert _reason(error) == 'NOT_FOUND: Error opening "ocdbt" driver.'
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it(
+        tmp_path, capsys):
+    """"start it again" alone sent the user to a command that refuses the existing folder."""
+    from diffpg.run_files import save_settings
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_settings(_small(updates=4), out)
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "has no checkpoint" in error
+    assert "--overwrite" in error
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys):
