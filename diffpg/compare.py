@@ -45,7 +45,7 @@ from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import sample_gradients
+from diffpg.sampling import learns, sample_gradients
 from diffpg.stats import (
     bootstrap_interval,
     gradient_statistics,
@@ -136,6 +136,8 @@ def run_comparison(settings: CompareSettings,
     if reference_kind == "auto":
         reference_kind = "exact" if has_exact else estimators.reference_estimator()
     check_finished_points(finished, settings, reference_kind)
+    if reference_kind != "exact":
+        check_nothing_to_learn(reference_kind, built[0][0], policy, settings)
     # Sizes against the memory before anything compiles (the parameters' shapes are traced).
     num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
         jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
@@ -312,6 +314,28 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
     at_once = available // (4 * per_estimate)
     largest = max(settings.num_estimates, settings.reference_estimates * estimated_reference)
     return None if at_once >= largest else max(1, int(at_once))
+
+
+def check_nothing_to_learn(spec_text: str, env, policy: Policy, settings: CompareSettings,
+                           ) -> None:
+    """Refuse a reference estimator with anything to learn (a critic, a replay buffer): the
+    reference averages estimates of the fixed policy with no warm-up, so a learned part would
+    bias it by whatever it holds at its initial values. Traced only (``jax.eval_shape``)."""
+    spec = EstimatorSpec.parse(spec_text)
+    estimator = estimators.make(spec.name, env, policy,
+                                **estimator_settings(spec, settings, settings.points[0].horizon))
+    def initial_state():
+        key = jax.random.PRNGKey(0)
+        return estimator.init(key, policy.init(key))
+
+    state = jax.eval_shape(initial_state)
+    if learns(state):
+        unbiased = [name for name in estimators.names()
+                    if estimators.registration(name).reference]
+        raise SettingError(f"reference={spec_text!r} learns a critic or a buffer, which the "
+                           "reference does not warm up, so its mean would be biased; allowed: "
+                           "auto, exact where the env has one, or an unbiased estimator with "
+                           f"nothing to learn (e.g. {', '.join(unbiased)})")
 
 
 def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,

@@ -144,8 +144,19 @@ class CompareSettings:
                 estimators.make_settings(spec.name,
                                          **estimator_settings(spec, self, point.horizon))
         if self.reference not in ("auto", "exact"):
-            check_not_owned(dict(EstimatorSpec.parse(self.reference).overrides), COMPARISON_OWNS,
+            if parse_spec(self.reference)[0] not in estimators.names():
+                raise SettingError(f"reference={self.reference!r} is neither auto, exact nor a "
+                                   f"known estimator; allowed: auto, exact, "
+                                   f"{', '.join(estimators.names())}")
+            spec = EstimatorSpec.parse(self.reference)
+            check_not_owned(dict(spec.overrides), COMPARISON_OWNS,
                             f"reference={self.reference!r}")
+            try:
+                for point in self.points:
+                    estimators.make_settings(spec.name,
+                                             **estimator_settings(spec, self, point.horizon))
+            except SettingError as error:
+                raise SettingError(f"reference={self.reference!r}: {error}") from None
         if self.batch_budget is not None:
             check_positive_int("batch_budget", self.batch_budget)
             if self.sweep == "batch" and not self.points:

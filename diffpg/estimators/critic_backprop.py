@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffpg import returns
 from diffpg.acting import Transitions, unroll
@@ -219,7 +220,7 @@ def make_critic_backprop(
             targets, optimizer, key_fit, settings.critic_iterations, settings.critic_minibatches,
         )
 
-    steps_left_per_step = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
+    steps_left_per_step = settings.horizon - np.arange(settings.horizon)[:, None]  # [T, 1]
 
     def estimate(params: Params, obs_stats: RunningStatistics, state: CriticBackpropState,
                  env_state: State, key: jax.Array) -> Estimate:
