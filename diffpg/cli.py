@@ -232,12 +232,11 @@ def run_eval(argv: list[str], guard) -> None:
 def run_video(argv: list[str], guard) -> None:
     del guard
     from diffpg.command_line import parse_run_command
-    from diffpg.envs.core import SettingError
+    from diffpg.estimators.base import check_positive_int
     from diffpg.video import video_of_run
 
     command = parse_run_command(argv, "diffpg video", video=True)
-    if command.every < 1:
-        raise SettingError(f"every={command.every} must be a positive integer")
+    check_positive_int("every", command.every)
     print(f"wrote {video_of_run(command.run_dir, command.out, command.every)}")
 
 
@@ -351,7 +350,9 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     except KeyboardInterrupt as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
         kept = getattr(interruption, "kept", None)
-        print(f"\n{_name(command)}: interrupted ({signal.Signals(signum).name})"
+        # A progress bar left mid-line is ended first (no blank line where none was drawn).
+        print(("\n" if getattr(sys.stderr, "mid_line", False) else "")
+              + f"{_name(command)}: interrupted ({signal.Signals(signum).name})"
               + (f"; {kept}" if kept else ""), file=sys.stderr)
         _free_interrupted_frames(interruption)
         return 128 + signum
@@ -383,6 +384,66 @@ def _print_defect(command: str, error: BaseException) -> None:
           "a defect in diffpg or in a module given with --import", file=sys.stderr)
 
 
+class GuardedOutput:
+    """A standard stream (``sys.stdout`` or ``sys.stderr``) whose failed writes do not stop the
+    command. A full disk or device under ``> FILE`` or ``2> FILE`` (``/dev/full``, a quota) would
+    otherwise stop a run at its first progress line, or fail it after everything was saved. The
+    first failure is kept in ``failure``; later output is dropped. A reader that went away
+    (``BrokenPipeError`` on standard output, ``diffpg eval RUN | head``) still stops the
+    command: nobody reads its results any more. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream, stops_on_broken_pipe: bool) -> None:
+        self._stream = stream
+        self._stops_on_broken_pipe = stops_on_broken_pipe
+        self.failure: OSError | None = None
+        self.mid_line = False
+        """Whether the last text written ended inside a line (a progress bar's)."""
+
+    def _guarded(self, operation, *args):
+        if self.failure is not None:
+            return None
+        try:
+            return operation(*args)
+        except BrokenPipeError:
+            if self._stops_on_broken_pipe:
+                raise
+            self._fail(BrokenPipeError())
+        except OSError as error:
+            self._fail(error)
+        return None
+
+    def _fail(self, error: OSError) -> None:
+        self.failure = error
+        # What is still buffered goes nowhere at exit, instead of failing the interpreter's flush.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def write(self, text: str) -> int:
+        if text:
+            self.mid_line = not text.endswith("\n")
+        self._guarded(self._stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guarded(self._stream.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def lost_output_line(command: str, stdout: object) -> str | None:
+    """The one line for a command whose standard output could not be written, else ``None``."""
+    failure = getattr(stdout, "failure", None)
+    if failure is None:
+        return None
+    from diffpg.folders import storage_problem
+
+    reason = (storage_problem(failure) or (os.strerror(failure.errno or 0) or str(failure),))[0]
+    return (f"{_name(command)}: error: standard output could not be written ({reason}), so what "
+            "the command printed is lost; any files it wrote are complete (send the output "
+            "where there is room: > FILE)")
+
+
 def run() -> None:
     """The ``diffpg`` program. SIGINT and SIGTERM are taken first, before the libraries load (a
     signal then stops the command with one line as soon as it starts); then ``diffpg.setup()``
@@ -404,10 +465,21 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
+    if sys.stdout is not None:
+        sys.stdout = GuardedOutput(sys.stdout, stops_on_broken_pipe=True)
+    if sys.stderr is not None:
+        sys.stderr = GuardedOutput(sys.stderr, stops_on_broken_pipe=False)
     import diffpg
 
     diffpg.setup()
     status = main(received=received)
+    if sys.stdout is not None:
+        sys.stdout.flush()  # what is buffered is written now, its failure reported below
+    lost = lost_output_line(next((word for word in sys.argv[1:] if word in COMMANDS), "diffpg"),
+                            sys.stdout)
+    if lost is not None and status == 0:
+        print(lost, file=sys.stderr)
+        status = 2
     if main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)

@@ -12,6 +12,7 @@ functions, and tyro reads their annotations as objects.)
 
 import dataclasses
 import os
+import shutil
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -135,9 +136,11 @@ def _raise_one_line(event: Any) -> None:
 
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
     """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
-    narrowest = 20  # a terminal narrower than this makes tyro's help layout loop forever
-    if os.environ.get("COLUMNS", "").isdigit() and int(os.environ["COLUMNS"]) < narrowest:
-        os.environ["COLUMNS"] = str(narrowest)
+    # Below 60 columns tyro lays the help out a few words a line (COLUMNS=20: 7,950 lines for
+    # diffpg train; narrower, it loops forever): such a terminal gets the 80-column layout,
+    # which it wraps.
+    if shutil.get_terminal_size().columns < 60:
+        os.environ["COLUMNS"] = "80"
     try:
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import HANG_LIMIT_S, compiles
@@ -93,9 +94,9 @@ def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
                              "--updates-per-call", "2", "--out", str(out), *invalid], out)
 
 
-def _assert_refused_cleanly(arguments: list[str], out) -> None:
+def _assert_refused_cleanly(arguments: list[str], out) -> str:
     """The command exits with status 2 and one line of error, having compiled and written
-    nothing."""
+    nothing; returns the line."""
     stderr = io.StringIO()
     with (compiles() as compiled, contextlib.redirect_stderr(stderr),
           contextlib.redirect_stdout(io.StringIO())):
@@ -109,6 +110,7 @@ def _assert_refused_cleanly(arguments: list[str], out) -> None:
     assert len(message.strip().splitlines()) == 1, message
     assert compiled == [], f"{arguments}: compiled before the error"
     assert not out.exists()
+    return message
 
 
 INVALID_COMPARE = st.one_of(
@@ -152,6 +154,7 @@ def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory)
 @pytest.mark.parametrize("arguments", [
     ["eval"], ["eval", "/nonexistent/run"], ["eval", "."], ["video", "/nonexistent/run"],
     ["eval", "/nonexistent/run", "--episodes", "0"], ["video", "/nonexistent/run", "--every", "0"],
+    ["video", "/nonexistent/run", "--every", "99999999999"],
     ["nonsense"], ["--import"], ["train", "--resume", "/nonexistent/run"],
     ["--import", "", "train"], ["--import=.relative", "train"],
     ["train", "--estimator", "ppo"],
@@ -325,15 +328,18 @@ def test_a_literal_too_deep_to_parse_is_kept_as_text():
 
 
 def test_a_narrow_terminal_s_help_and_a_closed_error_output_still_work(tmp_path):
-    """COLUMNS=5 (where tyro's help layout would loop forever) prints the help; a run started
-    with its error output closed (2>&-) trains and prints its result line."""
+    """COLUMNS=5 (where tyro's help layout would loop forever) or 0 prints the 80-column help; a
+    run started with its error output closed (2>&-) trains and prints its result line."""
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "diffpg.cli"]
-    done = subprocess.run([*command, "eval", "--help"], capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"COLUMNS": "5"})
-    assert done.returncode == 0 and "usage: diffpg eval" in done.stdout
+    wide = subprocess.run([*command, "eval", "--help"], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"COLUMNS": "80"})
+    for columns in ("5", "0"):  # (COLUMNS=0 printed train's help in 7,948 lines)
+        done = subprocess.run([*command, "eval", "--help"], capture_output=True, text=True,
+                              timeout=300, env=os.environ | {"COLUMNS": columns})
+        assert done.returncode == 0 and done.stdout == wide.stdout
     run = tmp_path / "run"
     closed_error_output = ["sh", "-c", 'exec "$@" 2>&-', "sh"]
     done = subprocess.run([*closed_error_output, *command, "train", "--env", "pendulum",
@@ -343,6 +349,34 @@ def test_a_narrow_terminal_s_help_and_a_closed_error_output_still_work(tmp_path)
     assert done.returncode == 0, done.stdout
     assert "Traceback" not in done.stdout and "run folder" in done.stdout
     assert (run / "checkpoints").is_dir()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's always-full /dev/full")
+def test_a_full_output_device_neither_stops_a_run_nor_hides_that_its_output_was_lost(tmp_path):
+    """``2> /dev/full`` (a full disk under the progress output) stopped ``train`` at its first
+    progress line, leaving settings.json only: the run trains and prints its result line.
+    ``> /dev/full`` was reported as a full disk, with no word of which file: one line names
+    standard output, exit 2."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "diffpg.cli"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*command, "--version"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("diffpg: error: standard output could not be written (no "
+                                  "space left"), done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    run = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*command, "train", "--env", "pendulum", "--horizon", "4",
+                               "--num-envs", "4", "--updates", "2", "--updates-per-call", "2",
+                               "--eval-envs", "2", "--hidden-sizes", "8", "--out", str(run)],
+                              stdout=subprocess.PIPE, stderr=full, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout
+    assert "run folder" in done.stdout
+    assert (run / "checkpoints" / "2").is_dir()
 
 
 @pytest.mark.parametrize("invalid", [
@@ -359,6 +393,22 @@ def test_a_boolean_setting_given_a_word_is_refused_not_read_as_true(invalid, tmp
     out = tmp_path / "never"
     _assert_refused_cleanly(["compare", "--env", "pendulum", "--sweep", "none", "--horizon", "4",
                              "--out", str(out), *invalid], out)
+
+
+@pytest.mark.parametrize("reference, named", [
+    ("bogus", "reference='bogus' is neither auto, exact nor a known estimator"),
+    ("reinforce:bogus=1", "reference='reinforce:bogus=1': estimator 'reinforce' has no"),
+    ("shac", "reference='shac' learns a critic or a buffer"),
+    ("critic_backprop", "reference='critic_backprop' learns a critic or a buffer")])
+def test_a_reference_that_is_no_estimator_or_learns_is_refused_naming_reference(
+        reference, named, tmp_path):
+    """``--reference bogus`` was refused as ``estimator='bogus'``, a setting compare does not
+    have; ``--reference shac`` was accepted, and its reference averaged a critic at its initial
+    values (the reference is estimated with no warm-up): a biased reference."""
+    out = tmp_path / "never"
+    assert named in _assert_refused_cleanly(["compare", "--env", "pendulum", "--sweep", "none",
+                                             "--horizon", "4", "--out", str(out),
+                                             "--reference", reference], out)
 
 
 @pytest.mark.parametrize("invalid", [
@@ -394,3 +444,41 @@ def test_a_settings_json_boolean_that_is_a_word_is_refused(tmp_path, capsys):
         error = capsys.readouterr().err
         assert len(error.strip().splitlines()) == 1 and f"{name}='no' must be true or false" \
             in error, error
+
+
+def test_a_guarded_output_keeps_its_first_failure_drops_the_rest_and_knows_its_line():
+    """``diffpg.cli.GuardedOutput``: a failed write (a full device) is kept, not raised, and
+    later output is dropped; a reader gone away (a broken pipe) still stops a command on
+    standard output; ``mid_line`` says whether a progress bar is left mid-line (the line of an
+    interruption starts on a fresh line, with no blank line where no bar was drawn)."""
+    import errno
+
+    class Failing(io.StringIO):
+        def __init__(self, error: OSError) -> None:
+            super().__init__()
+            self.error = error
+
+        def write(self, text: str) -> int:
+            if "fail" in text:
+                raise self.error
+            return super().write(text)
+
+    full = Failing(OSError(errno.ENOSPC, "No space left on device"))
+    output = cli.GuardedOutput(full, stops_on_broken_pipe=True)
+    output.write("train:  50%|#####     | 1/2")
+    assert output.mid_line and output.failure is None
+    output.write("done\n")
+    assert not output.mid_line
+    assert output.write("fail here\n") == len("fail here\n") and output.failure.errno == \
+        errno.ENOSPC
+    output.write("dropped\n")
+    assert full.getvalue() == "train:  50%|#####     | 1/2done\n"
+    line = cli.lost_output_line("train", output)
+    assert line.startswith("diffpg train: error: standard output could not be written (no "
+                           "space left")
+    assert cli.lost_output_line("train", io.StringIO()) is None
+    with pytest.raises(BrokenPipeError):
+        cli.GuardedOutput(Failing(BrokenPipeError()), stops_on_broken_pipe=True).write("fail")
+    error_output = cli.GuardedOutput(Failing(BrokenPipeError()), stops_on_broken_pipe=False)
+    error_output.write("fail")
+    assert isinstance(error_output.failure, BrokenPipeError)
