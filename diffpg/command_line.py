@@ -13,6 +13,7 @@ functions, and tyro reads their annotations as objects.)
 import dataclasses
 import os
 import shutil
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -172,52 +173,72 @@ CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite")
 new total), and how it evaluates and stops. Everything else is the run's."""
 
 
-def _unvalidated(settings_class: type, **types: Any) -> type:
-    """A dataclass with ``settings_class``'s fields (names, types, defaults) and none of its
-    checks, some types replaced by ``types``: tyro reads a command line into it with the
-    grammar of the real class, before the defaults that depend on what it names are known."""
-    hints = typing.get_type_hints(settings_class, include_extras=True)
-    fields = []
-    for field in dataclasses.fields(settings_class):
-        default = ({"default": field.default} if field.default is not dataclasses.MISSING
-                   else {"default_factory": field.default_factory})
-        fields.append((field.name, types.get(field.name, hints[field.name]),
-                       dataclasses.field(**default)))
-    return dataclasses.make_dataclass(settings_class.__name__, fields, frozen=True)
+def _values_taken(hint: Any) -> int:
+    """How many values an option of type ``hint`` takes: 0 (a bool: ``--x``/``--no-x``), 1, or 2
+    (one or more: a tuple or a list)."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return _values_taken(typing.get_args(hint)[0])
+    if origin in (typing.Union, types.UnionType):
+        return max(_values_taken(arg) for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is bool:
+        return 0
+    return 2 if origin in (tuple, list) else 1
 
 
-def _any_estimators_options(unvalidated_classes: list[type]) -> type:
-    """The first reading's estimator when the command line names none: every option of every
-    estimator (``_unvalidated`` copies; what they share has one type), unchecked, since the
-    options given then belong to the env's configured estimator, known only after this
-    reading (the second reading checks them against it)."""
-    fields = {}
-    for settings_class in unvalidated_classes:
+def _options_of(settings_classes: list[type]) -> dict[str, int]:
+    """Every ``--option`` the classes' fields give on the command line (tyro's names: the
+    field's, dashed; a bool's ``--no-`` form too), with the values it takes."""
+    options = {}
+    for settings_class in settings_classes:
+        try:
+            hints = typing.get_type_hints(settings_class, include_extras=True)
+        except Exception:  # a user's class with an annotation that does not resolve
+            hints = {}
         for field in dataclasses.fields(settings_class):
-            fields.setdefault(field.name, (field.name, field.type, field))
-    return dataclasses.make_dataclass("NoEstimatorNamed", list(fields.values()), frozen=True)
+            taken = _values_taken(hints.get(field.name, str))
+            flag = "--" + field.name.replace("_", "-")
+            options[flag] = taken
+            if taken == 0:
+                options["--no-" + field.name.replace("_", "-")] = 0
+    return options
 
 
-def _first_reading(command_class: type, argv: list[str]) -> tuple[Any, str | None]:
-    """``argv`` read by tyro into unvalidated copies of ``command_class`` and its settings
-    classes, without ``--help``: the command's options (``env``, ``sizes``, ``resume``...) as
-    given, and the estimator subcommand it names (None: none)."""
+def _leading_choices(command_class: type, argv: list[str]) -> dict[str, Any]:
+    """What the defaults of ``diffpg train`` depend on, found in ``argv`` before it is parsed:
+    ``env``, ``resume`` and ``sizes`` as given (absent when not given), and ``estimator``, the
+    estimator word (``None``: none). Each option skips the values it takes, as tyro reads them
+    (``--out shac shac``: a folder named shac, then the estimator; ``--hidden-sizes 64 64
+    shac``: the sizes end at the estimator's name); the one parse that follows reads the same
+    grammar and is checked to agree."""
     from diffpg import estimators
     from diffpg.training import TrainSettings
 
-    copies = {_unvalidated(estimators.registration(name).settings_class): name
-              for name in estimators.names()}
-    none_named = _any_estimators_options(list(copies))
-    choices = typing.Union[tuple(  # noqa: UP007 (a Union built at run time)
-        [typing.Annotated[copy, tyro.conf.subcommand(name)] for copy, name in copies.items()]
-        + [typing.Annotated[none_named, tyro.conf.subcommand("(none)")]])]
-    settings_copy = _unvalidated(TrainSettings, estimator_settings=choices)
-    command_copy = _unvalidated(command_class, settings=settings_copy)
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)
-                if f.default is not dataclasses.MISSING} | {"estimator_settings": none_named()}
-    command = parse(command_copy, [token for token in argv if token not in ("-h", "--help")],
-                    "diffpg train", default=command_copy(settings=settings_copy(**defaults)))
-    return command, copies.get(type(command.settings.estimator_settings))
+    names = set(estimators.names())
+    options = _options_of([command_class, TrainSettings] + [
+        estimators.registration(name).settings_class for name in estimators.names()])
+    given: dict[str, Any] = {"estimator": None}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if not token.startswith("--"):
+            if token in names and given["estimator"] is None:
+                given["estimator"] = token
+            continue
+        flag, has_value, value = token.partition("=")
+        taken = options.get(flag, 1)
+        if has_value or taken == 0:
+            values = [value] if has_value else []
+        else:
+            values = []
+            while index < len(argv) and not argv[index].startswith("--") and (
+                    taken == 1 and not values or taken == 2 and argv[index] not in names):
+                values.append(argv[index])
+                index += 1
+        if flag in ("--env", "--resume", "--sizes") and values:
+            given[flag[2:]] = values[-1]
+    return given
 
 
 def parse_train_command(argv: list[str]):
@@ -247,8 +268,8 @@ def parse_train_command(argv: list[str]):
         sizes: Literal["cpu", "gpu"] = "cpu"
         """Sizes of the env's configuration (diffpg/configs.py): cpu or gpu (more envs)."""
 
-    given, named_estimator = _first_reading(TrainCommand, argv)
-    resume = given.resume
+    given = _leading_choices(TrainCommand, argv)
+    named_estimator, resume = given["estimator"], given.get("resume")
     if resume is not None:
         base = load_settings(Path(resume))
         if named_estimator not in (None, base.estimator):
@@ -256,12 +277,18 @@ def parse_train_command(argv: list[str]):
                                    f"estimator={base.estimator!r}); leave out "
                                    f"{named_estimator!r}, or start a new run with it")
     else:
-        env = given.settings.env
-        configs.check_sizes(given.sizes)
+        env = given.get("env", TrainSettings.__dataclass_fields__["env"].default)
+        configs.check_sizes(given.get("sizes", "cpu"))
         base = settings_for(env, named_estimator or configs.default_estimator(env),
-                            sizes=given.sizes)
+                            sizes=given.get("sizes", "cpu"))
     command = parse(TrainCommand, argv, "diffpg train", default=TrainCommand(settings=base))
     settings = command.settings
+    if resume is None and (settings.env, settings.estimator) != (base.env, base.estimator):
+        # (a safeguard: the defaults were the configuration of what the scan found)
+        raise CommandLineError(f"the command line reads as env={settings.env!r} with "
+                               f"estimator={settings.estimator!r}, but its defaults were taken "
+                               f"for env={base.env!r} with estimator={base.estimator!r}; give "
+                               "--env ENV once, as its own word, and the estimator's name")
     if resume is not None:
         for field in dataclasses.fields(TrainSettings):
             value, kept = getattr(settings, field.name), getattr(base, field.name)

@@ -201,6 +201,37 @@ def test_an_estimator_option_before_the_estimator_s_name_is_read_as_the_help_say
     assert str(out) == "shac"
 
 
+def test_diffpg_train_reads_its_command_line_once_with_the_defaults_of_what_it_names(
+        monkeypatch):
+    """The env, the estimator word, --sizes and --resume are found before the one tyro
+    reading (which used to be preceded by a whole reading into unchecked copies of every
+    settings class): an option's values are skipped as tyro reads them, wherever the
+    estimator's name stands, and the defaults are the configuration of what the line names."""
+    import tyro
+
+    from diffpg import command_line
+    from diffpg.training import settings_for
+
+    readings = []
+    original = tyro.cli
+    monkeypatch.setattr(tyro, "cli", lambda *a, **k: readings.append(a) or original(*a, **k))
+    cases = [
+        (["--env", "hopper", "--hidden-sizes", "8", "8", "ahac", "--updates", "50"],
+         "hopper", "ahac", "cpu"),
+        (["ahac", "--env=hopper", "--out", "shac"], "hopper", "ahac", "cpu"),
+        (["--out", "ahac", "--env", "hopper", "--sizes", "gpu"], "hopper", "shac", "gpu"),
+        (["--env-options", "dt=0.02", "--env", "pendulum", "--no-overwrite"], "pendulum",
+         "shac", "cpu"),
+    ]
+    for argv, env, estimator, sizes in cases:
+        readings.clear()
+        settings, *_ = command_line.parse_train_command(argv)
+        assert len(readings) == 1, argv
+        configured = settings_for(env, estimator, sizes=sizes)
+        assert (settings.env, settings.estimator, settings.num_envs) == (
+            env, estimator, configured.num_envs), argv
+
+
 def test_the_old_estimator_option_gets_a_hint(capsys):
     assert cli.main(["train", "--env", "pendulum", "--estimator", "ppo"]) == 2
     assert "the estimator is now a word of its own" in capsys.readouterr().err
