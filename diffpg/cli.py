@@ -237,7 +237,8 @@ def run_video(argv: list[str], guard) -> None:
 
     command = parse_run_command(argv, "diffpg video", video=True)
     check_positive_int("every", command.every)
-    print(f"wrote {video_of_run(command.run_dir, command.out, command.every)}")
+    gif = video_of_run(command.run_dir, command.out, command.every, command.seed_index)
+    print(f"wrote {gif}")
 
 
 RUNNERS = {"compare": run_compare, "train": run_train, "eval": run_eval, "video": run_video}

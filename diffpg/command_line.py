@@ -383,5 +383,7 @@ def parse_run_command(argv: list[str], prog: str, video: bool = False):
         """GIF path."""
         every: int = 1
         """Draw every N-th step (long episodes)."""
+        seed_index: int = 0
+        """Which seed of a run trained with --seeds N to draw (0..N-1)."""
 
     return parse(VideoCommand if video else EvalCommand, argv, prog)

@@ -117,8 +117,9 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
         trainer.env, trainer.policy, state.params, state.obs_stats,
         jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
     settings = trainer.settings
-    title = (f"{settings.env} ({settings.estimator}), {Path(run_dir).resolve().name}, "
-             f"update {int(np.ravel(state.update)[0])}")
+    title = (f"{settings.env} ({settings.estimator}), {Path(run_dir).resolve().name}"
+             + (f" seed {seed_index}" if settings.seeds > 1 else "")
+             + f", update {int(np.ravel(state.update)[0])}")
     with atomic_path(out) as temporary:  # a stopped save leaves the earlier GIF, if any
         save_gif(trainer.env, positions, rewards, temporary, every=every, title=title,
                  progress=True)

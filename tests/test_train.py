@@ -385,6 +385,13 @@ def test_seeds_train_as_independent_vmapped_runs(tmp_path):
     assert float(row["eval/episode_reward_ci95"]) == pytest.approx(half_width, rel=1e-3)
     assert evaluate_run(tmp_path / "both")["eval/episode_reward"] == pytest.approx(
         float(row["eval/episode_reward"]), rel=1e-6)
+    # diffpg video draws the seed asked for (--seed-index), and refuses one the run lacks.
+    gifs = [tmp_path / f"seed{index}.gif" for index in (0, 1)]
+    for index, gif in enumerate(gifs):
+        assert cli.main(["video", str(tmp_path / "both"), "--out", str(gif), "--every", "50",
+                         "--seed-index", str(index)]) == 0
+    assert gifs[0].read_bytes() != gifs[1].read_bytes()
+    assert cli.main(["video", str(tmp_path / "both"), "--seed-index", "2"]) == 2
 
 
 @pytest.mark.parametrize("command", ["compare", "train", "eval", "video"])
