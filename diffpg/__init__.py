@@ -31,6 +31,9 @@ def setup(cache_dir: str | None = "default") -> None:
     # A non-finite metric is recorded as it is (and counted); tensorboardX's warning about it,
     # once per value, would bury the command's own line.
     logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+    # A config folder matplotlib cannot make (HOME a file, read-only) makes it use a temporary
+    # one, with two warnings per command: the plots are the same.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     from diffpg import envs
 
     envs.route_mujoco_warnings()

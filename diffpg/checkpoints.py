@@ -264,6 +264,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")
+            if record is None and digested - {update}:
+                record = _digest_of_a_save_ending(folder / f"{update}{DIGEST_SUFFIX}")
             if record is not None and not _matches_its_digest(folder / str(update), record):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
@@ -288,6 +290,19 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     newest, reason = failed[0]
     raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
                        "it is corrupt or from other settings, and no older checkpoint restores")
+
+
+def _digest_of_a_save_ending(path: Path, wait_s: float = 5.0) -> str | None:
+    """The digest record at ``path`` once it appears, within ``wait_s`` seconds: a run being
+    trained writes it right after orbax's commit, so a reader (``diffpg eval`` during
+    training) can find a checkpoint a moment before its digest. ``None`` if it never comes."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        record = _digest_record_of(path)
+        if record is not None:
+            return record
+    return None
 
 
 def _reason(error: BaseException) -> str:

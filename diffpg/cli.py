@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     from diffpg.devices import (
         check_address_space,
         check_platforms,
+        check_single_precision,
         check_xla_flags,
         initialize_distributed_from_environment,
     )
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         check_xla_flags(default_cache_dir())
         initialize_distributed_from_environment()
         check_platforms()
+        check_single_precision()
         check_address_space()
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line

@@ -94,6 +94,16 @@ def check_finished_points(finished, settings: CompareSettings, reference_kind: s
         raise SettingError(f"the folder holds {len(finished)} sweep points; this comparison has "
                            f"{len(points)}")
     labels = {spec.label for spec in settings.specs}
+    sizes = settings.resolved()
+    expected_rows = {f"estimates/{label}": sizes.num_estimates for label in labels} | {
+        "reference_estimates": sizes.reference_estimates}
+    for entry, samples in finished:
+        for key, rows in expected_rows.items():
+            if key in samples and len(samples[key]) != rows:
+                raise SettingError(
+                    f"the folder's point {entry['sweep_value']:g} holds {len(samples[key])} "
+                    f"samples of {key}, where this comparison's settings take {rows} (were "
+                    "its settings in results.json changed?)")
     for (entry, _), point in zip(finished, points, strict=False):
         if (entry["sweep_value"] != point.value or entry["horizon"] != point.horizon
                 or set(entry["estimators"]) != labels

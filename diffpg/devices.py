@@ -87,6 +87,16 @@ def check_platforms() -> None:
                            ) from None
 
 
+def check_single_precision() -> None:
+    """A one-line ``SettingError`` under ``JAX_ENABLE_X64``: diffpg's runs compute in float32
+    (its settings are checked in it, its checkpoints hold it); 64-bit mode changed results
+    silently, and a run resumed without it continued in mixed precision."""
+    if jax.config.jax_enable_x64:
+        raise SettingError("JAX_ENABLE_X64 is set, but diffpg's commands compute in float32 "
+                           "(their checks, checkpoints and programs assume it); unset "
+                           "JAX_ENABLE_X64")
+
+
 def check_devices(devices: Any, num_envs: int) -> None:
     """``devices`` must be a positive integer, available, and split ``num_envs`` evenly."""
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
@@ -186,9 +196,41 @@ def initialize_distributed_from_environment() -> None:
     except (KeyError, ValueError) as error:
         raise SettingError("DIFFPG_COORDINATOR_ADDRESS is set: DIFFPG_NUM_PROCESSES and "
                            "DIFFPG_PROCESS_ID must be integers too") from error
+    if not 0 <= process_id < processes:
+        raise SettingError(f"DIFFPG_PROCESS_ID={process_id} must be in 0..{processes - 1} "
+                           f"(DIFFPG_NUM_PROCESSES={processes})")
+    if process_id != 0:
+        _wait_for_coordinator(address)
     # CPU processes need a collectives library to all-reduce between them (GPUs bring NCCL).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(address, num_processes=processes, process_id=process_id)
+
+
+COORDINATOR_WAIT_S = 300
+"""How long a process other than 0 waits for process 0's coordinator to answer (JAX's own
+wait, in C++, ignores SIGINT and SIGTERM and ends in a C++ abort)."""
+
+
+def _wait_for_coordinator(address: str, wait_s: float = COORDINATOR_WAIT_S) -> None:
+    """Return once ``address`` (host:port) accepts a connection; a one-line ``SettingError``
+    after ``wait_s`` seconds. Polled from Python, so a signal stops the wait."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SettingError(f"DIFFPG_COORDINATOR_ADDRESS={address!r} must be host:port")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SettingError(f"DIFFPG_COORDINATOR_ADDRESS={address!r}: nothing answered "
+                                   f"there within {wait_s:g} s; start process 0 (it serves the "
+                                   "address) or correct the address") from None
+            time.sleep(0.5)
 
 
 def environment_description() -> dict:

@@ -49,29 +49,36 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     over, with a message."""
     path = run_dir / ".lock"
     with file_system_errors(run_dir, "the run folder's lock"):
-        try:  # (without blocking: a FIFO put there would wait for a writer)
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        # Without blocking (a FIFO put there would wait for a writer), and never through a
+        # link (the lock is written: a link would overwrite the file it points to).
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW,
+                                 0o644)
         except IsADirectoryError:
+            descriptor = None
+        except OSError as error:
+            if error.errno != errno.ELOOP or not path.is_symlink():
+                raise
             descriptor = None
     if descriptor is None or not stat.S_ISREG(os.fstat(descriptor).st_mode):
         if descriptor is not None:
             os.close(descriptor)
-        raise SettingError(f"{str(path)!r} is not the lock file diffpg writes (a folder, FIFO or "
-                           "device is there); remove it and run the command again")
+        raise SettingError(f"{str(path)!r} is not the lock file diffpg writes (a link, folder, "
+                           "FIFO or device is there); remove it and run the command again")
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = ""
             for _ in range(20):  # the owner writes its name right after it takes the lock
-                owner = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+                owner = _printable(os.pread(descriptor, 4096, 0))
                 if owner:
                     break
                 time.sleep(0.05)
             raise SettingError(f"run folder {str(run_dir)!r} is in use by "
                                f"{owner or 'another process'}; wait for it to finish (a new "
                                "run: or choose another --out)") from None
-        previous = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+        previous = _printable(os.pread(descriptor, 4096, 0))
         if previous:
             print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",
                   file=sys.stderr)
@@ -86,6 +93,13 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(descriptor)  # releases the flock
 
 
+def _printable(content: bytes, limit: int = 120) -> str:
+    """A lock file's owner as one printable line: its first line, control characters (a
+    terminal's escape codes) dropped, at most ``limit`` characters."""
+    line = (content.decode(errors="replace").strip().splitlines() or [""])[0]
+    return "".join(c for c in line if c.isprintable())[:limit]
+
+
 STORAGE_ERRORS: dict[int, tuple[str, str]] = {
     errno.ENOSPC: ("no space left on the device", "free some space"),
     errno.EDQUOT: ("the disk quota is exceeded", "free some space or raise the quota"),
@@ -94,6 +108,11 @@ STORAGE_ERRORS: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied", "make it writable or choose another folder"),
     errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter path"),
     errno.ELOOP: ("a link loop", "remove the loop or choose another path"),
+    errno.EPERM: ("the operation is not permitted (an immutable or protected file)",
+                  "make it writable (chattr -i) or choose another folder"),
+    errno.EMFILE: ("too many files are open in this process",
+                   "raise the limit of open files (ulimit -n, 1024 or more)"),
+    errno.ENFILE: ("too many files are open on the system", "close some programs"),
 }
 """The file-system errors a write can meet however correct the program (errno: what happened,
 what to do); the library calls that write (orbax's TensorStore) report them in their own

@@ -98,6 +98,10 @@ def check_rewritable(run_dir: Path) -> None:
     resuming would have to delete it, and it is not the run's."""
     for name, kind in REWRITTEN_ON_RESUME.items():
         path = run_dir / name
+        if path.is_symlink() and not path.exists():
+            raise SettingError(f"{str(path)!r} is a link that leads nowhere (a loop or a missing "
+                               f"target), where the run keeps its {name} {kind}; remove the "
+                               "link and resume again")
         if path.exists() and path.is_dir() != (kind == "folder"):
             found = "a folder" if path.is_dir() else "not a folder"
             raise SettingError(f"{str(path)!r} is {found}, where the run keeps its {name} {kind} "

@@ -169,6 +169,27 @@ def _brax_setting_names(name: str) -> tuple[str, ...]:
 def _check_brax(name: str, backend: str | None, settings: dict[str, Any]) -> None:
     check_solver_setting(check_brax_name_and_backend(name, backend), settings)
     _check_setting_names(name, settings)
+    _check_brax_values(name, settings)
+
+
+def _check_brax_values(name: str, settings: dict[str, Any]) -> None:
+    """Each Brax constructor setting holds the kind of its default: Brax checks none (a word
+    such as ``terminate_when_unhealthy=maybe`` reads as true; ``ctrl_cost_weight=abc`` fails
+    deep inside its first step)."""
+    parameters = inspect.signature(import_brax_envs()._envs[name]).parameters
+    for setting, value in settings.items():
+        default = parameters[setting].default if setting in parameters else None
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise SettingError(f"{setting}={value!r} must be true or false (env {name!r})")
+        elif isinstance(default, int | float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SettingError(f"{setting}={value!r} must be a number (env {name!r}; its "
+                                   f"default: {default!r})")
+        elif isinstance(default, tuple) and not (isinstance(value, tuple) and all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in value)):
+            raise SettingError(f"{setting}={value!r} must be a tuple of numbers like its "
+                               f"default {default!r} (env {name!r})")
 
 
 def _check_playground(name: str, backend: str | None, settings: dict[str, Any]) -> None:

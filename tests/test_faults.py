@@ -172,3 +172,137 @@ def test_an_out_that_leaves_no_room_for_the_files_inside_it_is_one_line(command,
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "choose a shorter --out" in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------- faults an outside probe found, one class each
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path, capsys):
+    """The lock is written: through a link it overwrote the file it pointed to (any file, run
+    as root). A lock file's text (another owner's) is printed as one printable line."""
+    from diffpg.envs.core import SettingError
+
+    from diffpg.folders import run_lock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(SettingError, match="not the lock file diffpg writes"), run_lock(run):
+        pass
+    assert victim.read_text() == "important"
+    (run / ".lock").unlink()
+    (run / ".lock").write_text("garbage line1\nline2\n\x1b[31mRED\x1b[0m\n")
+    with run_lock(run):
+        pass
+    taken_over = capsys.readouterr().err
+    assert taken_over == f"diffpg: taking over the lock of {run} from garbage line1, which " \
+                         "has ended\n"
+
+
+def test_an_immutable_file_or_too_few_file_descriptors_are_named_as_the_system_s_refusal():
+    """EPERM (``chattr +i``, even for root) and EMFILE (``ulimit -n``) were tracebacks on
+    resume: each is one of the refusals a command reports in one line with what to do."""
+    import errno
+
+    from diffpg.folders import storage_problem
+
+    for code, words in ((errno.EPERM, "chattr -i"), (errno.EMFILE, "ulimit -n"),
+                        (errno.ENFILE, "close some programs")):
+        happened, advice = storage_problem(OSError(code, "refused"))
+        assert words in advice, (code, advice)
+
+
+def test_a_run_file_that_is_a_link_to_nowhere_is_one_line_on_resume(tmp_path):
+    from diffpg.envs.core import SettingError
+
+    from diffpg.run_files import check_rewritable
+
+    (tmp_path / "tensorboard").symlink_to("loop")
+    (tmp_path / "loop").symlink_to("tensorboard")
+    with pytest.raises(SettingError, match="'.*tensorboard' is a link that leads nowhere"):
+        check_rewritable(tmp_path)
+
+
+def test_brax_env_options_hold_the_kind_of_their_default():
+    """Brax checks no constructor setting: ``terminate_when_unhealthy=maybe`` trained as true,
+    ``ctrl_cost_weight=abc`` failed inside the first step with a TypeError."""
+    from diffpg.envs.core import SettingError
+
+    from diffpg import envs
+
+    for bad, named in ((dict(terminate_when_unhealthy="maybe"), "must be true or false"),
+                       (dict(ctrl_cost_weight="abc"), "must be a number"),
+                       (dict(healthy_z_range=0.5), "must be a tuple of numbers")):
+        with pytest.raises(SettingError, match=named):
+            envs.check("hopper", **bad)
+    envs.check("hopper", terminate_when_unhealthy=False, ctrl_cost_weight=0.01,
+               healthy_z_range=(0.5, 2.0), reset_noise_scale=1)
+
+
+@pytest.mark.parametrize("variables, named", [
+    ({"JAX_ENABLE_X64": "1"}, "JAX_ENABLE_X64 is set"),
+    ({"DIFFPG_COORDINATOR_ADDRESS": "127.0.0.1:1", "DIFFPG_NUM_PROCESSES": "2",
+      "DIFFPG_PROCESS_ID": "5"}, "DIFFPG_PROCESS_ID=5 must be in 0..1"),
+])
+def test_an_environment_variable_a_command_cannot_honour_is_one_line(variables, named):
+    """64-bit mode changed results silently (and a run resumed without it mixed precisions);
+    a process number beyond the processes was a traceback."""
+    import os
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "diffpg.cli", "eval", "/nonexistent/run"],
+                          capture_output=True, text=True, timeout=HANG_LIMIT_S,
+                          env=os.environ | variables)
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_coordinator_that_never_answers_is_one_line_and_its_wait_can_be_stopped():
+    """Process 1's wait for process 0 was JAX's, in C++: 5 minutes deaf to SIGINT and SIGTERM,
+    then a C++ abort. It is now polled from Python (a signal stops it) and ends in one line."""
+    from diffpg.envs.core import SettingError
+
+    from diffpg.devices import _wait_for_coordinator
+
+    with pytest.raises(SettingError, match="nothing answered there within 1 s"):
+        _wait_for_coordinator("127.0.0.1:1", wait_s=1)
+    with pytest.raises(SettingError, match="must be host:port"):
+        _wait_for_coordinator("localhost", wait_s=1)
+
+
+def test_a_comparison_whose_saved_settings_no_longer_match_its_samples_is_not_resumed():
+    """``num_estimates`` changed in results.json gave a result mixing 8 and 16 estimates per
+    point, marked complete."""
+    import numpy as np
+    from diffpg.envs.core import SettingError
+
+    from diffpg.comparison_files import check_finished_points
+    from diffpg.comparison_settings import CompareSettings
+
+    settings = CompareSettings(env="pendulum", sweep="none", horizon=4, num_estimates=16,
+                               estimators=("bptt",))
+    point = settings.points[0]
+    entry = {"sweep_value": point.value, "horizon": point.horizon, "estimators": {"bptt": {}},
+             "reference": {"kind": "reinforce"}}
+    with pytest.raises(SettingError, match="holds 8 samples of estimates/bptt, where this "
+                                           "comparison's settings take 16"):
+        check_finished_points(((entry, {"estimates/bptt": np.zeros((8, 3))}),), settings)
+    check_finished_points(((entry, {"estimates/bptt": np.zeros((16, 3))}),), settings)
+
+
+def test_a_home_that_is_a_file_prints_nothing_from_matplotlib(tmp_path):
+    """matplotlib's two warnings (its config folder cannot be made; a temporary one is used)
+    reached every command's output when HOME was not a folder."""
+    import os
+    import sys
+
+    home = tmp_path / "a_file"
+    home.write_text("")
+    done = subprocess.run([sys.executable, "-c", "import diffpg; diffpg.setup(); "
+                           "import matplotlib.pyplot"], capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S, env=os.environ | {
+                              "HOME": str(home), "DIFFPG_CACHE_DIR": "off",
+                              "MPLCONFIGDIR": ""})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
