@@ -281,17 +281,21 @@ def _name(command: str) -> str:
 
 
 def _free_interrupted_frames(interruption: BaseException) -> None:
-    """Free what the interrupted code held, its finalizers' complaints silenced. A signal can
-    land inside a library's half-built object (an asyncio event loop's constructor, whose
-    finalizer then fails) or leave a coroutine never awaited; after the one-line message, their
-    tracebacks and warnings at exit would be noise."""
+    """Free what the interrupted or failed code held (the frames of ``interruption`` and of
+    the errors chained to it), its finalizers' complaints silenced. A signal, or a refusal such
+    as too many open files, can land inside a library's half-built object (an asyncio event
+    loop's constructor, whose finalizer then fails) or leave a coroutine never awaited; after
+    the one-line message, their tracebacks and warnings at exit would be noise."""
     unraisable_hook = sys.unraisablehook
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sys.unraisablehook = lambda unraisable: None
         try:
-            traceback.clear_frames(interruption.__traceback__)
-            interruption.__traceback__ = None
+            chained = interruption
+            while chained is not None:  # (a refusal's line keeps the library's error as context)
+                traceback.clear_frames(chained.__traceback__)
+                chained.__traceback__ = None
+                chained = chained.__context__ or chained.__cause__
             gc.collect()
         finally:
             sys.unraisablehook = unraisable_hook
@@ -346,6 +350,8 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)
+        if error.__context__ is not None:  # a library's failure, reported in the line above
+            _free_interrupted_frames(error)
         return 2
     except TrainingStopped as error:
         print(f"{_name(command)}: stopped: {error}", file=sys.stderr)

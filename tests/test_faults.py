@@ -306,3 +306,19 @@ def test_a_home_that_is_a_file_prints_nothing_from_matplotlib(tmp_path):
                               "HOME": str(home), "DIFFPG_CACHE_DIR": "off",
                               "MPLCONFIGDIR": ""})
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_too_few_file_descriptors_is_one_line_with_nothing_after_it(tmp_path):
+    """``ulimit -n 12``: orbax's save failed with EMFILE: a traceback, then the unawaited
+    coroutines' and the half-built event loop's reports at exit. Now the one line, and the
+    library's leftovers are freed quietly before the exit."""
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run(under_ulimit("-n", 12, [sys.executable, "-m", "diffpg.cli", "train",
+                                                  *TRAIN, "--out", str(out)]),
+                          capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("diffpg train: error: too many files are open") and "ulimit -n" in last
+    assert "Traceback" not in done.stderr and "never awaited" not in done.stderr, done.stderr
