@@ -64,7 +64,8 @@ class CompareSettings:
     """Time limit; None: the env's default (at least the largest horizon)."""
     estimators: Annotated[tuple[str, ...], tyro.conf.arg(help=(
         "Estimator specs: name or name:key=value,... (e.g. reinforce:baseline=none or "
-        "shac:window=2); none given: every registered estimator. Built in: "
+        "shac:window=2; a tuple in brackets: shac:critic_hidden_sizes=(32,32)); none given: "
+        "every registered estimator. Built in: "
         + ", ".join(estimators.names()) + "."))] = ()
     num_estimates: int = 64
     """K independent estimates per estimator (vmapped)."""

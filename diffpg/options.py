@@ -69,9 +69,22 @@ def parse_options(items: Iterable[str], setting: str) -> dict[str, Any]:
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value,key=value"`` -> ``("name", {"key": value, ...})``."""
+    """``"name:key=value,key=value"`` -> ``("name", {"key": value, ...})``; a tuple value is
+    written in brackets (``shac:critic_hidden_sizes=(32,32),window=4``), whose commas do not
+    separate settings."""
     name, _, rest = text.strip().partition(":")
-    return name, parse_options(filter(None, rest.split(",")), f"estimator spec {text!r}")
+    return name, parse_options(filter(None, _top_level_items(rest)), f"estimator spec {text!r}")
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"a=(1,2),b=3"`` -> ``["a=(1,2)", "b=3"]``."""
+    items, depth, start = [], 0, 0
+    for index, character in enumerate(text):
+        depth += (character in "([{") - (character in ")]}")
+        if character == "," and depth <= 0:
+            items.append(text[start:index])
+            start = index + 1
+    return [*items, text[start:]]
 
 
 def check_not_owned(options: dict[str, Any], owners: dict[str, str], where: str) -> None:

@@ -514,3 +514,18 @@ def test_a_guarded_output_keeps_its_first_failure_drops_the_rest_and_knows_its_l
     error_output = cli.GuardedOutput(Failing(BrokenPipeError()), stops_on_broken_pipe=False)
     error_output.write("fail")
     assert isinstance(error_output.failure, BrokenPipeError)
+
+
+def test_a_tuple_setting_can_be_written_in_an_estimator_spec():
+    """``shac:critic_hidden_sizes=8,8`` split at the comma, and ``=8`` is not a tuple: a tuple
+    setting could not be written in a spec at all. Brackets now hold a tuple's commas."""
+    from diffpg.comparison_settings import CompareSettings
+    from diffpg.options import parse_spec
+
+    assert parse_spec("shac:critic_hidden_sizes=(8,8),window=2") == (
+        "shac", {"critic_hidden_sizes": (8, 8), "window": 2})
+    assert parse_spec("shac:window=2,,critic_betas=(0.5, 0.9)") == (
+        "shac", {"window": 2, "critic_betas": (0.5, 0.9)})
+    settings = CompareSettings(env="pendulum", sweep="none", horizon=4,
+                               estimators=("shac:critic_hidden_sizes=(8,8)",))
+    assert dict(settings.specs[0].overrides) == {"critic_hidden_sizes": (8, 8)}
