@@ -246,6 +246,11 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     Raises ``SettingError`` naming the newest checkpoint when none restores, or ``update`` when
     the run has no such checkpoint.
     """
+    folder = run_dir / "checkpoints"
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise SettingError(f"{str(folder)!r} is not a folder, where the run keeps its "
+                           "checkpoints (a file, or a link to nowhere); put its checkpoints "
+                           "back there")
     updates = every_update = checkpoint_updates(run_dir)
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint (it stopped before its "
@@ -256,7 +261,6 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                                f"allowed: {updates}")
         updates = [update]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
-    folder = run_dir / "checkpoints"
     # A run whose checkpoints have digests (every run since they were introduced) restores only
     # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
     digested = {step for step in every_update if (folder / f"{step}{DIGEST_SUFFIX}").exists()}

@@ -75,9 +75,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 if owner:
                     break
                 time.sleep(0.05)
-            raise SettingError(f"run folder {str(run_dir)!r} is in use by "
-                               f"{owner or 'another process'}; wait for it to finish (a new "
-                               "run: or choose another --out)") from None
+            raise SettingError(f"folder {str(run_dir)!r} is in use by "
+                               f"{owner or 'another process'}; wait for it to finish, or give "
+                               "a new command another --out") from None
         previous = _printable(os.pread(descriptor, 4096, 0))
         if previous:
             print(f"diffpg: taking over the lock of {run_dir} from {previous}, which has ended",

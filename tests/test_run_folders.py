@@ -402,6 +402,10 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "has no checkpoint" in error
     assert "--overwrite" in error
+    (out / "checkpoints").write_text("not the checkpoints")  # a file where they belong
+    assert cli.main(["train", "--resume", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoints' is not a folder, where the run keeps its checkpoints" in error
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys):
