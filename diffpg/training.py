@@ -398,12 +398,16 @@ def check_memory(settings: TrainSettings, env) -> None:
     if available is None:
         return
     available *= settings.devices
-    needed = per_env * settings.num_envs * settings.seeds * (settings.horizon + 1)
+    per_env_run = per_env * settings.seeds * (settings.horizon + 1)
+    needed = per_env_run * settings.num_envs
     if needed > available:
+        fitting = int(available // per_env_run)
+        advice = (f"lower num_envs (at most {fitting:,} fit) or seeds" if fitting
+                  else "lower seeds or horizon (even num_envs=1 does not fit)")
         raise SettingError(
             f"num_envs={settings.num_envs} (x seeds={settings.seeds}, horizon={settings.horizon}) "
             f"needs at least {needed / 2**30:,.1f} GiB for the simulated states alone, and about "
-            f"{available / 2**30:,.1f} GiB are available; lower num_envs")
+            f"{available / 2**30:,.1f} GiB are available; {advice}")
     # An evaluation steps eval_envs episodes at once, holding a state and its successor.
     needed = per_env * settings.eval_envs * settings.seeds * 2
     if needed > available:
