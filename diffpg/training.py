@@ -210,6 +210,10 @@ class TrainSettings:
         if self.episode_length is not None:
             check_positive_int("episode_length", self.episode_length)
         check_seed("seed", self.seed, offsets=self.seeds)  # seeds seed..seed+seeds (eval: +1)
+        if not (isinstance(self.env_options, tuple)
+                and all(isinstance(item, str) for item in self.env_options)):
+            raise SettingError(f"env_options={self.env_options!r} must be a list of "
+                               "'key=value' texts (e.g. ['ctrl_cost_weight=0.01'])")
         check_not_owned(self.env_settings, {
             name: "--" + name.replace("_", "-") for name in (
                 "episode_length", "backend", "health_shaping", "anticipate_jumps",

@@ -529,3 +529,14 @@ def test_a_tuple_setting_can_be_written_in_an_estimator_spec():
     settings = CompareSettings(env="pendulum", sweep="none", horizon=4,
                                estimators=("shac:critic_hidden_sizes=(8,8)",))
     assert dict(settings.specs[0].overrides) == {"critic_hidden_sizes": (8, 8)}
+
+
+def test_env_options_that_are_one_text_instead_of_a_list_are_named_as_such():
+    """A settings.json holding ``"env_options": "velocity_cost=1"`` was read letter by letter
+    (``'v' must be written key=value``)."""
+    from diffpg.envs.core import SettingError
+
+    from diffpg.training import settings_for
+
+    with pytest.raises(SettingError, match="must be a list of 'key=value' texts"):
+        settings_for(env="pendulum", env_options="velocity_cost=1")
