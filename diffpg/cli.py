@@ -291,10 +291,12 @@ def _free_interrupted_frames(interruption: BaseException) -> None:
         warnings.simplefilter("ignore")
         sys.unraisablehook = lambda unraisable: None
         try:
-            chained = interruption
-            while chained is not None:  # (a refusal's line keeps the library's error as context)
+            chained, seen = interruption, set()
+            while chained is not None and id(chained) not in seen:  # (a refusal's line keeps
+                seen.add(id(chained))                                # the library's error)
                 traceback.clear_frames(chained.__traceback__)
-                chained.__traceback__ = None
+                with contextlib.suppress(AttributeError):  # (a frozen dataclass exception)
+                    chained.__traceback__ = None
                 chained = chained.__context__ or chained.__cause__
             gc.collect()
         finally:

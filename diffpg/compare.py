@@ -32,6 +32,7 @@ from diffpg.comparison_settings import (
     CompareSettings,
     EstimatorSpec,
     SweepPoint,
+    check_reference_learns_nothing,
     estimator_settings,
 )
 from diffpg.devices import (
@@ -45,7 +46,7 @@ from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import learns, sample_gradients
+from diffpg.sampling import sample_gradients
 from diffpg.stats import (
     bootstrap_interval,
     gradient_statistics,
@@ -137,7 +138,7 @@ def run_comparison(settings: CompareSettings,
         reference_kind = "exact" if has_exact else estimators.reference_estimator()
     check_finished_points(finished, settings, reference_kind)
     if reference_kind != "exact":
-        check_nothing_to_learn(reference_kind, built[0][0], policy, settings)
+        check_reference_learns_nothing(settings, reference_kind, built[0][0], policy)
     # Sizes against the memory before anything compiles (the parameters' shapes are traced).
     num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
         jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
@@ -147,6 +148,8 @@ def run_comparison(settings: CompareSettings,
     key_params, key_states, key_run = jax.random.split(key, 3)
     params, obs_stats = policy.init(key_params), None
     if settings.policy_checkpoint is not None:
+        from diffpg.runs import load_trained_policy
+
         params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint))
 
     entries = [entry for entry, _ in finished]
@@ -316,28 +319,6 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
     return None if at_once >= largest else max(1, int(at_once))
 
 
-def check_nothing_to_learn(spec_text: str, env, policy: Policy, settings: CompareSettings,
-                           ) -> None:
-    """Refuse a reference estimator with anything to learn (a critic, a replay buffer): the
-    reference averages estimates of the fixed policy with no warm-up, so a learned part would
-    bias it by whatever it holds at its initial values. Traced only (``jax.eval_shape``)."""
-    spec = EstimatorSpec.parse(spec_text)
-    estimator = estimators.make(spec.name, env, policy,
-                                **estimator_settings(spec, settings, settings.points[0].horizon))
-    def initial_state():
-        key = jax.random.PRNGKey(0)
-        return estimator.init(key, policy.init(key))
-
-    state = jax.eval_shape(initial_state)
-    if learns(state):
-        unbiased = [name for name in estimators.names()
-                    if estimators.registration(name).reference]
-        raise SettingError(f"reference={spec_text!r} learns a critic or a buffer, which the "
-                           "reference does not warm up, so its mean would be biased; allowed: "
-                           "auto, exact where the env has one, or an unbiased estimator with "
-                           f"nothing to learn (e.g. {', '.join(unbiased)})")
-
-
 def _reference_gradient(kind: str, env, policy: Policy, params, obs_stats, start_states,
                         key: jax.Array, horizon: int, settings: CompareSettings,
                         chunk_size: int | None = None, description: dict | None = None):
@@ -413,12 +394,3 @@ def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
 def _key_number(value) -> int:
     """A stable 31-bit number for ``value`` (its repr), to fold into a key."""
     return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
-
-
-def load_trained_policy(run_dir: Path):
-    """The latest policy parameters and observation statistics of a training run (its first
-    seed if it trained several)."""
-    from diffpg.runs import load_run
-
-    _, state = load_run(run_dir, seed_index=0)
-    return state.params, state.obs_stats

@@ -144,20 +144,7 @@ class CompareSettings:
             for point in self.points:
                 estimators.make_settings(spec.name,
                                          **estimator_settings(spec, self, point.horizon))
-        if self.reference not in ("auto", "exact"):
-            if parse_spec(self.reference)[0] not in estimators.names():
-                raise SettingError(f"reference={self.reference!r} is neither auto, exact nor a "
-                                   f"known estimator; allowed: auto, exact, "
-                                   f"{', '.join(estimators.names())}")
-            spec = EstimatorSpec.parse(self.reference)
-            check_not_owned(dict(spec.overrides), COMPARISON_OWNS,
-                            f"reference={self.reference!r}")
-            try:
-                for point in self.points:
-                    estimators.make_settings(spec.name,
-                                             **estimator_settings(spec, self, point.horizon))
-            except SettingError as error:
-                raise SettingError(f"reference={self.reference!r}: {error}") from None
+        self._check_reference_spec()
         if self.batch_budget is not None:
             check_positive_int("batch_budget", self.batch_budget)
             if self.sweep == "batch" and not self.points:
@@ -192,6 +179,26 @@ class CompareSettings:
                     f"hidden_sizes={tuple(self.hidden_sizes)} is not the network of "
                     f"policy_checkpoint={self.policy_checkpoint!r} ({tuple(run.hidden_sizes)}), "
                     "which is compared with its own network; drop --hidden-sizes")
+
+
+    def _check_reference_spec(self) -> None:
+        """``reference``: auto, exact, or a known estimator's spec with valid settings at every
+        point of the sweep (errors name ``reference``)."""
+        if self.reference in ("auto", "exact"):
+            return
+        if parse_spec(self.reference)[0] not in estimators.names():
+            raise SettingError(f"reference={self.reference!r} is neither auto, exact nor a "
+                               f"known estimator; allowed: auto, exact, "
+                               f"{', '.join(estimators.names())}")
+        spec = EstimatorSpec.parse(self.reference)
+        check_not_owned(dict(spec.overrides), COMPARISON_OWNS,
+                        f"reference={self.reference!r}")
+        try:
+            for point in self.points:
+                estimators.make_settings(spec.name,
+                                         **estimator_settings(spec, self, point.horizon))
+        except SettingError as error:
+            raise SettingError(f"reference={self.reference!r}: {error}") from None
 
     def resolved(self) -> CompareSettings:
         """These settings with the sizes that follow num_estimates filled in (a small
@@ -241,3 +248,20 @@ def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: 
     spec's own overrides."""
     return estimators.comparison_settings(spec.name, horizon, settings.discount,
                                           **dict(spec.overrides))
+
+
+def check_reference_learns_nothing(settings: CompareSettings, spec_text: str, env, policy
+                                   ) -> None:
+    """Refuse a reference estimator with anything to learn (a critic, a replay buffer): the
+    reference averages estimates of the fixed policy with no warm-up, so a learned part would
+    bias it by whatever it holds at its initial values. Traced only (nothing runs)."""
+    from diffpg.sampling import learns_anything
+
+    spec = EstimatorSpec.parse(spec_text)
+    estimator = estimators.make(spec.name, env, policy,
+                                **estimator_settings(spec, settings, settings.points[0].horizon))
+    if learns_anything(estimator, policy):
+        raise SettingError(f"reference={spec_text!r} learns a critic or a buffer, which the "
+                           "reference does not warm up, so its mean would be biased; allowed: "
+                           "auto, exact where the env has one, or an unbiased estimator with "
+                           f"nothing to learn (e.g. {estimators.reference_estimator()})")

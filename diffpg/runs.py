@@ -296,3 +296,10 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, seed: int | None = 
     key = jax.random.PRNGKey(settings.seed + 1 if seed is None else seed)
     evaluation = trainer.evaluate(state, key)
     return {"update": counter_value(state.update)} | summarize_seeds(evaluation, settings.seeds)
+
+
+def load_trained_policy(run_dir: Path):
+    """The latest policy parameters and observation statistics of a training run (its first
+    seed if it trained several)."""
+    _, state = load_run(run_dir, seed_index=0)
+    return state.params, state.obs_stats

@@ -21,6 +21,16 @@ def learns(state) -> bool:
     return bool(jax.tree.leaves(state))
 
 
+def learns_anything(estimator, policy) -> bool:
+    """Whether ``estimator``'s state for ``policy`` holds anything to learn, from the shapes of
+    its initial state (``jax.eval_shape``: nothing is computed or compiled)."""
+    def initial_state():
+        key = jax.random.PRNGKey(0)
+        return estimator.init(key, policy.init(key))
+
+    return learns(jax.eval_shape(initial_state))
+
+
 def warmup_program(estimator, params, obs_stats: RunningStatistics, rounds: int,
                    name: str = "warm_up"):
     """The jitted warm-up ``(state, start_states, key) -> state``: ``rounds`` rounds of

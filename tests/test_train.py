@@ -292,7 +292,8 @@ def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
 def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
     """A run trained with a non-default activation and without layer norm: the comparison's
     policy, with the parameters and statistics it loads, gives the trained policy's actions."""
-    from diffpg.compare import CompareSettings, load_trained_policy, make_env_and_policy
+    from diffpg.compare import CompareSettings, make_env_and_policy
+    from diffpg.runs import load_trained_policy
 
     settings = settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=4,
                              horizon=8, eval_envs=2, hidden_sizes=(8, 8), activation="relu",
