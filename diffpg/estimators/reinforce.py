@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffpg import returns
 from diffpg.acting import Transitions, repeat_states, unroll
@@ -408,7 +409,7 @@ def make_reinforce(
     if value_function is None:
         value_function = make_value_baseline(policy, settings)
     optimizer = make_critic_optimizer(settings.critic_learning_rate, settings.critic_betas)
-    steps_left = settings.horizon - jnp.arange(settings.horizon)[:, None]  # [T, 1]
+    steps_left = settings.horizon - np.arange(settings.horizon)[:, None]  # [T, 1]
 
     def init(key: jax.Array, policy_params: Params) -> CriticState | None:
         del policy_params
