@@ -288,9 +288,14 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                 restored = manager.restore(update, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
                 state = _with_empty_arrays(restored.state, template)
-                return state, list(restored.history["rows"]), failed
             except Exception as error:  # orbax raises many types for corrupt or mismatched files
                 failed.append((update, f"{type(error).__name__}: {_reason(error)}"))
+                continue
+            if counter_value(state.update) != update:  # a folder renamed by hand
+                failed.append((update, f"it holds the state of update "
+                                       f"{counter_value(state.update)}, not {update}"))
+                continue
+            return state, list(restored.history["rows"]), failed
     newest, reason = failed[0]
     raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
                        "it is corrupt or from other settings, and no older checkpoint restores")

@@ -382,6 +382,19 @@ def test_a_checkpoint_without_its_digest_beside_one_with_is_not_restored(tmp_pat
     assert evaluate_run(out)["update"] == 4
 
 
+def test_a_checkpoint_folder_renamed_to_another_update_is_not_taken_for_it(tmp_path, capsys):
+    """``checkpoints/2`` renamed ``8`` (with its digest) restored as the newest: eval printed
+    update 2 for ``--checkpoint 8``, and a resume never saved its real update 8. The state's
+    own counter must be the folder's number."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    folder = out / "checkpoints"
+    (folder / "2").rename(folder / "8")
+    (folder / "2.sha256").rename(folder / "8.sha256")
+    assert evaluate_run(out)["update"] == 4
+    assert "it holds the state of update 2, not 8" in capsys.readouterr().err
+
+
 def test_a_restore_s_reason_leaves_out_what_tensorstore_appends_for_programs():
     from diffpg.checkpoints import _reason
 
