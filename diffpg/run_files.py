@@ -147,9 +147,10 @@ def tensorboard_writer(run_dir: Path, start_again: bool = False):
     from tensorboardX import SummaryWriter
 
     folder = run_dir / "tensorboard"
-    if start_again and folder.exists():
-        shutil.rmtree(folder)
-    writer = SummaryWriter(str(folder), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+    with file_system_errors(run_dir, "TensorBoard events"):
+        if start_again and folder.exists():
+            shutil.rmtree(folder)
+        writer = SummaryWriter(str(folder), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
     try:
         yield writer
     finally:
