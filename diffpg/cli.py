@@ -142,7 +142,7 @@ def _comparison_kept(out: Path) -> str:
     except (OSError, ValueError, KeyError):
         return "no sweep point had finished: nothing is kept"
     return (f"{done} of {total} sweep points are kept in {out}: continue with diffpg compare "
-            f"--resume {out}")
+            f"--resume {_shell_word(out)}")
 
 
 def run_train(argv: list[str], guard) -> Path:
@@ -204,6 +204,14 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
     return out
 
 
+def _shell_word(path: Path) -> str:
+    """``path`` as a shell reads it back as one word, and not as an option (``./-x``)."""
+    import shlex
+
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
 def _what_is_kept(out: Path) -> str:
     """What an interrupted training run left in ``out``, for the line that reports it."""
     from diffpg.checkpoints import checkpoint_updates
@@ -211,7 +219,7 @@ def _what_is_kept(out: Path) -> str:
     kept = checkpoint_updates(out) if out.exists() else []
     if kept:
         return (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
-                f"--resume {out}")
+                f"--resume {_shell_word(out)}")
     if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
         return ("before the first checkpoint: nothing to resume; start it again with "
                 "--overwrite (its folder holds its settings)")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffpg.envs.core import SettingError
 from diffpg.networks import MLP, check_activation
 
 Params = Any
@@ -186,6 +187,10 @@ def fit_regression(
     Returns the new state and the mean loss of the last pass. SHAC: 16 iterations x 4 minibatches.
     """
     size = jax.tree.leaves(data)[0].shape[0]
+    if not 1 <= minibatches <= size:  # (at trace time: the batch's size is known only here)
+        raise SettingError(f"critic_minibatches={minibatches} is more than the {size} samples "
+                           "the critic fits per update (its minibatches would be empty and it "
+                           f"would never learn); allowed: 1..{size}")
     batch_size = size // minibatches
 
     def one_minibatch(carry, batch):

@@ -96,7 +96,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             stack.enter_context(run_lock(run_dir))
         guard = stack.enter_context(interruptions())
         check_file_size_limit(_checkpoint_bytes(trainer), "what a checkpoint of this run writes")
-        state, rows = _start(trainer, run_dir, resume, primary)
+        state, rows = _start(trainer, run_dir, resume, primary, guard)
         if on_start:
             on_start(counter_value(state.update))
         run = Run(trainer, run_dir, primary, guard, rows,
@@ -125,8 +125,11 @@ def _checkpoint_bytes(trainer: Trainer) -> int:
     return run_state_bytes(trainer) + 2**16 + 2**10 * arrays
 
 
-def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool):
-    """The initial state and metrics rows: restored, or fresh in a cleared folder."""
+def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
+    """The initial state and metrics rows: restored, or fresh in a cleared folder (a signal
+    waits until the earlier run's files are gone and the new settings are written: stopped
+    half-way, the folder held the old run's checkpoints without its settings, and the line's
+    advice to resume failed)."""
     state = trainer.init_run()
     rows: list[dict] = []
     if resume:
@@ -141,8 +144,9 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool):
             write_metrics(run_dir, rows)
             save_settings(trainer.settings, run_dir)  # a longer run records its new length
     elif primary:
-        clear_run(run_dir)
-        save_settings(trainer.settings, run_dir)
+        with guard.critical():
+            clear_run(run_dir)
+            save_settings(trainer.settings, run_dir)
     barrier("diffpg: run folder ready")
     return state, rows
 

@@ -322,3 +322,24 @@ def test_too_few_file_descriptors_is_one_line_with_nothing_after_it(tmp_path):
     last = done.stderr.rstrip("\n").split("\n")[-1]
     assert last.startswith("diffpg train: error: too many files are open") and "ulimit -n" in last
     assert "Traceback" not in done.stderr and "never awaited" not in done.stderr, done.stderr
+
+
+def test_the_advice_to_resume_is_one_shell_word_for_any_folder_name():
+    """``--resume sp ace`` and ``--resume -y``, printed as they were, failed when followed."""
+    import shlex
+    from pathlib import Path
+
+    for name in ("sp ace", "-y", "plain", "it's"):
+        advice = cli._shell_word(Path(name))
+        (word,) = shlex.split(advice)
+        assert Path(word) == Path(name) and not word.startswith("-"), advice
+
+
+def test_more_critic_minibatches_than_samples_is_one_line(tmp_path, capsys):
+    """``--critic-minibatches 1000`` on 16 samples trained with empty minibatches: a NaN
+    critic loss on every row, exit 0."""
+    out = tmp_path / "run"
+    assert cli.main(["train", *TRAIN, "--out", str(out), "shac", "--window", "2",
+                     "--critic-minibatches", "1000"]) == 2
+    error = capsys.readouterr().err
+    assert "critic_minibatches=1000 is more than the 16 samples" in error
