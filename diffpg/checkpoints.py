@@ -251,7 +251,10 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
         raise SettingError(f"{str(folder)!r} is not a folder, where the run keeps its "
                            "checkpoints (a file, or a link to nowhere); put its checkpoints "
                            "back there")
-    updates = every_update = checkpoint_updates(run_dir)
+    updates = checkpoint_updates(run_dir)
+    # A run whose checkpoints have digests (every run since they were introduced) restores only
+    # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
+    digested = {step for step in updates if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint (it stopped before its "
                            "first; train it again into the same folder with --overwrite)")
@@ -261,22 +264,19 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                                f"allowed: {updates}")
         updates = [update]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
-    # A run whose checkpoints have digests (every run since they were introduced) restores only
-    # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
-    digested = {step for step in every_update if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
     failed: list[tuple[int, str]] = []
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")
             if record is None and digested - {update}:
                 record = _digest_of_a_save_ending(folder / f"{update}{DIGEST_SUFFIX}")
+                if record is None:
+                    failed.append((update, "it has no SHA-256 digest where the run's other "
+                                           "checkpoint has one: its save stopped before the "
+                                           "digest was written, or the digest was removed"))
+                    continue
             if record is not None and not _matches_its_digest(folder / str(update), record):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
-                continue
-            if record is None and digested - {update}:
-                failed.append((update, "it has no SHA-256 digest where the run's other "
-                                       "checkpoint has one: its save stopped before the digest "
-                                       "was written, or the digest was removed"))
                 continue
             if not _shapes_match(folder / str(update) / "state", abstract):
                 # Checked first: orbax's failed restore of mismatched shapes leaves its
@@ -318,7 +318,7 @@ def _reason(error: BaseException) -> str:
     """The first line of a restore's error, without what TensorStore appends for programs (``See
     full TensorStore details: <bound method ...>``), at most 200 characters."""
     line = (str(error).strip().splitlines() or [""])[0]
-    return line.split(" See full TensorStore details")[0].split("See full TensorStore")[0][:200]
+    return line.split("See full TensorStore")[0].rstrip()[:200]
 
 
 def set_aside(run_dir: Path, update: int) -> Path:

@@ -455,10 +455,10 @@ def lost_output_line(command: str, stdout: object) -> str | None:
     failure = getattr(stdout, "failure", None)
     if failure is None:
         return None
-    from diffpg.folders import storage_problem
+    from diffpg.folders import what_happened
 
-    reason = (storage_problem(failure) or (os.strerror(failure.errno or 0) or str(failure),))[0]
-    return (f"{_name(command)}: error: standard output could not be written ({reason}), so what "
+    return (f"{_name(command)}: error: standard output could not be written "
+            f"({what_happened(failure)}), so what "
             "the command printed is lost; any files it wrote are complete (send the output "
             "where there is room: > FILE)")
 

@@ -278,9 +278,9 @@ def parse_train_command(argv: list[str]):
                                    f"{named_estimator!r}, or start a new run with it")
     else:
         env = given.get("env", TrainSettings.__dataclass_fields__["env"].default)
-        configs.check_sizes(given.get("sizes", "cpu"))
-        base = settings_for(env, named_estimator or configs.default_estimator(env),
-                            sizes=given.get("sizes", "cpu"))
+        sizes = given.get("sizes", TrainCommand.sizes)
+        configs.check_sizes(sizes)
+        base = settings_for(env, named_estimator or configs.default_estimator(env), sizes=sizes)
     command = parse(TrainCommand, argv, "diffpg train", default=TrainCommand(settings=base))
     settings = command.settings
     if resume is None and (settings.env, settings.estimator) != (base.env, base.estimator):

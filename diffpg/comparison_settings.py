@@ -141,9 +141,7 @@ class CompareSettings:
         for text in self.estimators:  # every spec's settings, at every horizon of the sweep
             spec = EstimatorSpec.parse(text)
             check_not_owned(dict(spec.overrides), COMPARISON_OWNS, f"estimator spec {text!r}")
-            for point in self.points:
-                estimators.make_settings(spec.name,
-                                         **estimator_settings(spec, self, point.horizon))
+            self._check_spec_at_every_point(spec)
         self._check_reference_spec()
         if self.batch_budget is not None:
             check_positive_int("batch_budget", self.batch_budget)
@@ -180,6 +178,10 @@ class CompareSettings:
                     f"policy_checkpoint={self.policy_checkpoint!r} ({tuple(run.hidden_sizes)}), "
                     "which is compared with its own network; drop --hidden-sizes")
 
+    def _check_spec_at_every_point(self, spec: EstimatorSpec) -> None:
+        """The settings ``spec`` gives its estimator at every horizon of the sweep."""
+        for point in self.points:
+            estimators.make_settings(spec.name, **estimator_settings(spec, self, point.horizon))
 
     def _check_reference_spec(self) -> None:
         """``reference``: auto, exact, or a known estimator's spec with valid settings at every
@@ -194,9 +196,7 @@ class CompareSettings:
         check_not_owned(dict(spec.overrides), COMPARISON_OWNS,
                         f"reference={self.reference!r}")
         try:
-            for point in self.points:
-                estimators.make_settings(spec.name,
-                                         **estimator_settings(spec, self, point.horizon))
+            self._check_spec_at_every_point(spec)
         except SettingError as error:
             raise SettingError(f"reference={self.reference!r}: {error}") from None
 

@@ -143,6 +143,13 @@ def storage_problem(error: BaseException) -> tuple[str, str] | None:
     return None
 
 
+def what_happened(error: OSError) -> str:
+    """What the system refused, in ``STORAGE_ERRORS``' words where it is one of them, else in
+    the system's own."""
+    problem = storage_problem(error)
+    return problem[0] if problem else (error.strerror or str(error))
+
+
 def is_storage_error(error: BaseException) -> bool:
     """Whether ``error`` is a write that failed for the file system's sake (``STORAGE_ERRORS``:
     full, over quota or the file-size limit, read-only...), not the program's."""
@@ -259,7 +266,7 @@ def _cannot_write(option: str, path: Path, verb: str, error: OSError) -> Setting
     """The one line for ``--option path`` that the file system refused: what happened (in
     ``STORAGE_ERRORS``' words where it is one of them) and what to do."""
     problem = storage_problem(error)
-    reason = problem[0] if problem else (error.strerror or str(error))
+    reason = what_happened(error)
     advice = problem[1] if problem else ""
     for general in ("another folder", "another path", "a shorter path"):
         advice = advice.replace(general, f"{general.rsplit(' ', 1)[0]} --{option}")

@@ -88,11 +88,16 @@ def check_positive_int(name: str, value: Any) -> None:
                            "JAX's int32)")
 
 
+def _in_unit_interval(value: Any, closed_right: bool = True) -> bool:
+    """Whether ``value`` is a number in [0, 1], or [0, 1) with the open bound taken in float32
+    (where 0.99999999999 is 1.0)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    return 0.0 <= value and (value <= 1.0 if closed_right else float(np.float32(value)) < 1.0)
+
+
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    # (the open bound in float32, where 0.99999999999 is 1.0)
-    upper_ok = number and (value <= 1.0 if closed_right else float(np.float32(value)) < 1.0)
-    if not number or not (0.0 <= value and upper_ok):
+    if not _in_unit_interval(value, closed_right):
         interval = "[0, 1]" if closed_right else "[0, 1)"
         raise SettingError(f"{name}={value!r} must be a number in {interval}")
 
@@ -140,8 +145,7 @@ def check_hidden_sizes(name: str, value: Any) -> None:
 
 def check_betas(name: str, value: Any) -> None:
     if not (isinstance(value, tuple) and len(value) == 2
-            and all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
-                    and float(np.float32(b)) < 1 for b in value)):
+            and all(_in_unit_interval(b, closed_right=False) for b in value)):
         raise SettingError(f"{name}={value!r} must be two numbers in [0, 1), below 1 in "
                            "float32 (at most 0.99999994: Adam's bias correction divides by "
                            "1 - beta^t)")
