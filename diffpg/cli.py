@@ -281,6 +281,10 @@ def import_user_modules(argv: list[str]) -> list[str]:
         except SyntaxError as error:
             raise SettingError(f"--import {name}: {error.msg} ({error.filename}, line "
                                f"{error.lineno})") from error
+        except SystemExit as error:  # a script's exit, not the command's
+            raise SettingError(f"--import {name}: the module exits when imported "
+                               f"(sys.exit({error.code!r})); import a module that only "
+                               "defines and registers") from None
     return argv
 
 
@@ -341,8 +345,8 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
             raise SettingError("standard output is closed, so the command's results would be "
                                "lost; send it to a file or a terminal (> FILE)")
         argv = import_user_modules(argv)
-        if not argv or argv[0] in ("-h", "--help"):
-            print(usage(), end="")
+        if not argv or argv[0] in ("-h", "--help"):  # asked for: output; missing: an error
+            print(usage(), end="", file=sys.stdout if argv else sys.stderr)
             return 0 if argv else 2
         if argv[0] in ("-V", "--version"):
             import diffpg

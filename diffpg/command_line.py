@@ -168,9 +168,10 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
 
 # ----------------------------------------------------------------------------- diffpg train
 
-CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite")
+CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite", "devices")
 """Settings a resumed run may change: its length (the learning rate then decays linearly to the
-new total), and how it evaluates and stops. Everything else is the run's."""
+new total), how it evaluates and stops, and over how many devices its batch is split (the same
+computation, summed in another order). Everything else is the run's."""
 
 
 def _values_taken(hint: Any) -> int:

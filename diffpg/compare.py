@@ -150,7 +150,8 @@ def run_comparison(settings: CompareSettings,
     if settings.policy_checkpoint is not None:
         from diffpg.runs import load_trained_policy
 
-        params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint))
+        params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint),
+                                                settings.policy_seed_index)
 
     entries = [entry for entry, _ in finished]
     samples_per_point = [samples for _, samples in finished]

@@ -98,6 +98,8 @@ class CompareSettings:
     policy_checkpoint: str | None = None
     """A training run folder (diffpg train --out): compare the gradients at its latest policy
     (with its observation statistics) instead of a fresh one; the env must be the run's."""
+    policy_seed_index: int = 0
+    """Which seed's policy of a --policy-checkpoint run that trained several (0..seeds-1)."""
     devices: int = 1
     """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
     per_step: bool = False
@@ -143,6 +145,29 @@ class CompareSettings:
             check_not_owned(dict(spec.overrides), COMPARISON_OWNS, f"estimator spec {text!r}")
             self._check_spec_at_every_point(spec)
         self._check_reference_spec()
+        self._check_sweep_values()
+        if self.reference == "exact" and not envs.has_exact_return(self.env):
+            exact = [name for name in envs.names_without_simulator()
+                     if envs.has_exact_return(name)]
+            raise SettingError(f"reference='exact' exists only for an env with an exact return "
+                               f"({' or '.join(exact)}), not env={self.env!r}; allowed: auto or "
+                               "an unbiased estimator's spec")
+        if not 0.0 <= self.discount <= 1.0:
+            raise SettingError(f"discount={self.discount} must be in [0, 1]")
+        self._check_policy_checkpoint()
+
+    def _check_sweep_values(self) -> None:
+        """stiffnesses and batch_budget: given only for their own sweep, each point once."""
+        for name, value, sweep in (("stiffnesses", self.stiffnesses, "stiffness"),
+                                   ("batch_budget", self.batch_budget, "batch")):
+            if self.sweep != sweep and value != type(self).__dataclass_fields__[name].default:
+                raise SettingError(f"{name}={value!r} is read only by sweep={sweep!r}, not by "
+                                   f"sweep={self.sweep!r}; give --sweep {sweep}, or leave out "
+                                   f"--{name.replace('_', '-')}")
+        repeated = sorted({s for s in self.stiffnesses if self.stiffnesses.count(s) > 1})
+        if repeated:
+            raise SettingError(f"stiffnesses: {repeated[0]} is given twice (each is a point of "
+                               "the sweep); give it once")
         if self.batch_budget is not None:
             check_positive_int("batch_budget", self.batch_budget)
             if self.sweep == "batch" and not self.points:
@@ -156,18 +181,26 @@ class CompareSettings:
         if self.sweep == "stiffness" and not self.stiffnesses:
             raise SettingError("stiffnesses is empty; sweep='stiffness' needs at least one "
                                "(e.g. --stiffnesses 10 100)")
-        if self.reference == "exact" and not envs.has_exact_return(self.env):
-            exact = [name for name in envs.names_without_simulator()
-                     if envs.has_exact_return(name)]
-            raise SettingError(f"reference='exact' exists only for an env with an exact return "
-                               f"({' or '.join(exact)}), not env={self.env!r}; allowed: auto or "
-                               "an unbiased estimator's spec")
-        if not 0.0 <= self.discount <= 1.0:
-            raise SettingError(f"discount={self.discount} must be in [0, 1]")
+
+    def _check_policy_checkpoint(self) -> None:
+        """policy_checkpoint: a training run on this env, compared with its own network (and
+        policy_seed_index one of its seeds)."""
+        if self.policy_checkpoint is None and self.policy_seed_index != 0:
+            raise SettingError(f"policy_seed_index={self.policy_seed_index!r} is read only with "
+                               "policy_checkpoint; give --policy-checkpoint RUN, or leave out "
+                               "--policy-seed-index")
         if self.policy_checkpoint is not None:
             from diffpg.run_files import load_settings
 
-            run = load_settings(Path(self.policy_checkpoint))
+            if not self.policy_checkpoint.strip():  # (Path('') would read as '.')
+                raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} names no "
+                                   "folder; allowed: a training run's folder")
+            run = load_settings(Path(self.policy_checkpoint), "policy_checkpoint")
+            if not (type(self.policy_seed_index) is int
+                    and 0 <= self.policy_seed_index < run.seeds):
+                raise SettingError(f"policy_seed_index={self.policy_seed_index!r} is not a seed of "
+                                   f"policy_checkpoint={self.policy_checkpoint!r}; allowed: "
+                                   f"0..{run.seeds - 1}")
             if run.env != self.env:
                 raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
                                    f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")

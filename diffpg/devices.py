@@ -99,17 +99,27 @@ def check_single_precision() -> None:
 
 def check_devices(devices: Any, num_envs: int) -> None:
     """``devices`` must be a positive integer, available, and split ``num_envs`` evenly."""
+    check_device_split(devices, num_envs)
+    check_devices_available(devices)
+
+
+def check_device_split(devices: Any, num_envs: int) -> None:
+    """``devices`` must be a positive integer that splits ``num_envs`` evenly (what a run's
+    settings must hold on any machine; whether this one has the devices is
+    ``check_devices_available``)."""
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
         raise SettingError(f"devices={devices!r} must be a positive integer")
-    if devices == 1:
-        return
-    available = jax.device_count()
+    if devices > 1 and num_envs % devices:
+        raise SettingError(f"num_envs={num_envs} does not split over devices={devices}; allowed: "
+                           f"a multiple of {devices}")
+
+
+def check_devices_available(devices: int) -> None:
+    """This machine (all processes together) must have ``devices`` devices."""
+    available = 1 if devices == 1 else jax.device_count()
     if devices > available:
         raise SettingError(f"devices={devices} but only {available} are available; allowed: "
                            f"1..{available}")
-    if num_envs % devices:
-        raise SettingError(f"num_envs={num_envs} does not split over devices={devices}; allowed: "
-                           f"a multiple of {devices}")
 
 
 def batch_mesh(devices: int) -> Mesh:

@@ -56,12 +56,15 @@ the critic vocabulary every estimator shares): a ``settings.json`` with the old 
 with the new one."""
 
 
-def load_settings(run_dir: Path) -> TrainSettings:
+def load_settings(run_dir: Path, setting: str = "run") -> TrainSettings:
+    """A training run's settings.json; errors name ``run_dir`` as ``setting`` (the option that
+    gave it)."""
     path = run_dir / "settings.json"
     if not run_dir.is_dir():
-        raise SettingError(f"run={str(run_dir)!r} is not a folder")
+        raise SettingError(f"{setting}={str(run_dir)!r} is not a folder")
     if not path.exists():
-        raise SettingError(f"run={str(run_dir)!r} has no settings.json: not a diffpg training run")
+        raise SettingError(f"{setting}={str(run_dir)!r} has no settings.json: not a diffpg "
+                           "training run")
     try:
         values = json.loads(read_regular_file(path))
     except OSError as error:  # a folder, a FIFO, unreadable, ...

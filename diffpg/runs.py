@@ -270,7 +270,8 @@ def load_run(run_dir: Path, seed_index: int | None = None, checkpoint: int | Non
     of that update); with ``seed_index``, the state of that seed alone (leading seed axis
     removed) when the run trained several; ``eval_envs`` replaces the run's episodes per
     evaluation."""
-    settings = load_settings(run_dir)
+    # Read on one device: a run trained over several reads and evaluates anywhere.
+    settings = dataclasses.replace(load_settings(run_dir), devices=1)
     if eval_envs is not None:
         settings = dataclasses.replace(settings, eval_envs=eval_envs)  # validated again
     trainer = make_trainer(settings)
@@ -295,15 +296,20 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, seed: int | None = 
         check_seed("seed", seed)
     if episodes is not None:
         check_positive_int("episodes", episodes)
-    trainer, state = load_run(run_dir, checkpoint=checkpoint, eval_envs=episodes)
+    try:
+        trainer, state = load_run(run_dir, checkpoint=checkpoint, eval_envs=episodes)
+    except SettingError as error:  # the run's eval_envs, given here as episodes
+        if episodes is None or not str(error).startswith(f"eval_envs={episodes} "):
+            raise
+        raise SettingError(str(error).replace("eval_envs", "episodes")) from None
     settings = trainer.settings
     key = jax.random.PRNGKey(settings.seed + 1 if seed is None else seed)
     evaluation = trainer.evaluate(state, key)
     return {"update": counter_value(state.update)} | summarize_seeds(evaluation, settings.seeds)
 
 
-def load_trained_policy(run_dir: Path):
-    """The latest policy parameters and observation statistics of a training run (its first
-    seed if it trained several)."""
-    _, state = load_run(run_dir, seed_index=0)
+def load_trained_policy(run_dir: Path, seed_index: int = 0):
+    """The latest policy parameters and observation statistics of a training run (of seed
+    ``seed_index`` if it trained several)."""
+    _, state = load_run(run_dir, seed_index=seed_index)
     return state.params, state.obs_stats

@@ -40,7 +40,8 @@ from diffpg.acting import evaluate as evaluate_policy
 from diffpg.devices import (
     available_memory_bytes,
     batch_sharding,
-    check_devices,
+    check_device_split,
+    check_devices_available,
     replicated,
     state_bytes,
 )
@@ -219,15 +220,15 @@ class TrainSettings:
                 "episode_length", "backend", "health_shaping", "anticipate_jumps",
                 "health_tolerance", "soft_termination", "anticipate_landings",
                 "state_gradient_clip")}, "env_options")
-        check_devices(self.devices, self.num_envs)
+        check_device_split(self.devices, self.num_envs)  # (available: make_trainer)
         if not 0 <= self.final_learning_rate <= self.learning_rate:  # also rejects NaN
             raise SettingError(f"final_learning_rate={self.final_learning_rate} must be in "
                                f"[0, learning_rate={self.learning_rate}]")
         if self.updates % self.updates_per_call:
             raise SettingError(f"updates={self.updates} is not a multiple of updates_per_call="
                                f"{self.updates_per_call} (each call runs that many); allowed: a "
-                               f"multiple of {self.updates_per_call}, or --updates-per-call set "
-                               f"to a divisor of {self.updates}")
+                               f"multiple of {self.updates_per_call}, or (in a new run) "
+                               f"--updates-per-call set to a divisor of {self.updates}")
         if self.minibatches > 1 and self.num_envs % (self.minibatches * self.devices):
             raise SettingError(f"num_envs={self.num_envs} does not split into minibatches="
                                f"{self.minibatches} (on devices={self.devices}); allowed: "
@@ -490,6 +491,7 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     instrumented environments), for training and evaluation. Otherwise training runs on the
     settings' env with its ``health_shaping`` and evaluation on the same env without it.
     """
+    check_devices_available(settings.devices)  # (a run's settings hold on any machine)
     env, eval_env = make_envs(settings) if env is None else (env, env)
     policy = make_policy(settings, env)
     estimator_settings = settings.resolved_estimator_settings

@@ -285,6 +285,26 @@ def test_an_imported_module_s_own_error_is_its_traceback_not_a_bad_setting(tmp_p
     assert "Traceback" in error and "ValueError: boom" in error, error
 
 
+@pytest.mark.parametrize("code", [0, 1, None])
+def test_an_imported_module_that_exits_is_one_line_not_a_silent_exit(tmp_path, monkeypatch,
+                                                                     capsys, code):
+    """A script's ``sys.exit(0)`` at import ended ``diffpg`` with status 0 and no output."""
+    (tmp_path / "exiting_module.py").write_text(f"import sys\nsys.exit({code})\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert cli.main(["--import", "exiting_module", "train"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"diffpg: error: --import exiting_module: the module exits when imported "
+                     f"(sys.exit({code!r})); import a module that only defines and registers")
+
+
+def test_no_command_is_the_usage_on_error_output(capsys):
+    assert cli.main([]) == 2
+    written = capsys.readouterr()
+    assert written.out == "" and written.err.startswith("usage: diffpg")
+    assert cli.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: diffpg")
+
+
 def test_a_closed_standard_output_is_refused_before_any_work():
     """``diffpg ... >&-``: Python's ``sys.stdout`` is None and every print would vanish."""
     import subprocess

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import random
 import signal
@@ -244,7 +245,7 @@ def test_runs_stopped_by_any_signal_at_random_moments_resume_without_gap_or_repe
                           env=_environment(), capture_output=True).returncode == 0
     expected = _rows(whole)
     rng = random.Random(0)
-    for trial in range(4):
+    for trial in range(3):
         out, log = tmp_path / f"stopped-{trial}", []
         _run_until_done([*arguments[:1], "--out", str(out), *arguments[1:]], rng, out, log)
         rows = _rows(out)
@@ -760,6 +761,27 @@ def test_resume_with_more_updates_extends_the_run_and_nothing_else_changes(tmp_p
     assert load_settings(out).updates == 8
     assert cli.main(["train", "--resume", str(out), "--num-envs", "8"]) == 2
     assert "num_envs cannot change when resuming" in capsys.readouterr().err
+
+
+def test_a_run_trained_over_more_devices_than_this_machine_has_reads_and_resumes_here(
+        tmp_path, capsys):
+    """Devices split the batch, not the computation: a run's settings.json naming 2 devices
+    (as one trained with --devices 2 has) is evaluated and drawn on one device, and resumes
+    on one with --devices 1; without it, one line naming the setting."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    values = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps(values | {"devices": 2}))
+    assert cli.main(["eval", str(out)]) == 0
+    assert "update: 4\n" in capsys.readouterr().out
+    assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "devices=2 but only 1 are available; allowed: 1..1" in error, error
+    assert len(error.splitlines()) == 1 and checkpoint_updates(out) == [2, 4]
+    assert cli.main(["train", "--resume", str(out), "--updates", "6", "--devices", "1"]) == 0
+    assert checkpoint_updates(out) == [4, 6] and load_settings(out).devices == 1
+    assert cli.main(["train", "--resume", str(out), "--updates", "9"]) == 2
+    assert "or (in a new run) --updates-per-call" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 8. quiet

@@ -176,6 +176,10 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--env", "pendulum", "--env-options", "backend=spring"], "sets backend"),
         (["--sweep", "batch", "--batch-budget", "1"], "batch_budget=1 holds no batch"),
         (["--sweep", "batch", "--batch-budget", "0"], "batch_budget"),
+        (["--stiffnesses", "10"], "read only by sweep='stiffness', not by sweep='horizon'"),
+        (["--batch-budget", "64"], "give --sweep batch, or leave out --batch-budget"),
+        (["--env", "contact", "--sweep", "stiffness", "--stiffnesses", "10", "10"],
+         "stiffnesses: 10.0 is given twice"),
         (["--env", "pendulum", "--hidden-sizes", "0"], "hidden_sizes"),
         (["--seed", str(2**64)], "seed="),
         # sizes beyond this machine's memory, refused before compiling

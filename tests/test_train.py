@@ -179,6 +179,9 @@ def test_eval_chooses_its_episodes_seed_and_checkpoint(tmp_path, capsys):
     for arguments, message in [(["--checkpoint", "3"], "checkpoint=3 is not one of the run's "
                                                       "checkpoints; allowed: [2, 4]"),
                                (["--episodes", "0"], "episodes=0"),
+                               # beyond the memory: named as this command's option
+                               (["--episodes", str(10**9)], "episodes=1000000000 (x seeds=1) "
+                                                           "needs at least"),
                                (["--seed", str(2**64)], "seed=")]:
         assert cli.main(["eval", str(out), *arguments]) == 2, arguments
         error = capsys.readouterr().err
@@ -314,6 +317,16 @@ def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
     with pytest.raises(SettingError, match=r"hidden_sizes=\(16,\) is not the network of"):
         CompareSettings(env="pendulum", policy_checkpoint=str(run), hidden_sizes=(16,))
     CompareSettings(env="pendulum", policy_checkpoint=str(run), hidden_sizes=(8, 8))  # its own
+    # Which seed's policy: one of the run's seeds, and only with a run; errors name the setting.
+    for arguments, message in [
+        ({"policy_checkpoint": str(run), "policy_seed_index": 1},
+         r"policy_seed_index=1 is not a seed of .* allowed: 0\.\.0"),
+        ({"policy_seed_index": 1}, "policy_seed_index=1 is read only with policy_checkpoint"),
+        ({"policy_checkpoint": ""}, "policy_checkpoint='' names no folder"),
+        ({"policy_checkpoint": str(tmp_path / "nope")}, "policy_checkpoint=.* is not a folder"),
+    ]:
+        with pytest.raises(SettingError, match=message):
+            CompareSettings(env="pendulum", **arguments)
 
 
 @pytest.mark.slow
