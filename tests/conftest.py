@@ -154,6 +154,13 @@ class LinearQuadraticProblem:
         vectorized = jnp.vectorize(single, signature="(n),(m),()->()")
         return QFunction(lambda key: {}, lambda params, o, a, s: vectorized(o, a, s))
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (each file's in its order): under pytest-xdist, the minutes-long
+    ones then start while the quick ones fill the other workers, and the run ends on quick
+    tests rather than on one long test running alone on a core."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def lqr() -> LinearQuadraticProblem:
     return LinearQuadraticProblem()

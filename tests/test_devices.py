@@ -1,6 +1,6 @@
 """Data parallelism: 1 and 4 (forced host) devices train to the same parameters and give every
 estimator the same gradient; ``diffpg compare --devices 2`` gives the table of one device; a
-two-seed run over 2 devices resumes bit-exactly."""
+two-seed run over 2 devices resumes bit-exactly, and on one device to the same parameters."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import HANG_LIMIT_S
 
 from diffpg import estimators
 
-SCRIPT = r"""
+TRAINING = r"""
 import json, pathlib, tempfile
 import jax
 import numpy as np
@@ -39,6 +39,37 @@ for estimator in ("shac",):
     diff = np.abs(params[4] - params[1]).max()
     results[f"{estimator}/4/max_abs_diff"] = float(diff)
     results[f"{estimator}/update_size"] = float(np.abs(params[1]).max())
+# Two seeds over two devices, stopped and resumed: bit-exact, and still split.
+from diffpg.runs import train
+
+folder = pathlib.Path(tempfile.mkdtemp())
+settings = settings_for(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
+                         eval_envs=2, hidden_sizes=(16,), seeds=2, devices=2)
+whole = train(settings, folder / "whole")
+train(settings, folder / "split", stop_at_update=2)
+resumed = train(settings, folder / "split", resume=True)
+results["resume/bit_exact"] = all(
+    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole.params),
+                                         jax.tree.leaves(resumed.params)))
+results["resume/shards"] = len(resumed.env_state.obs.sharding.device_set)
+# Stopped on two devices and resumed on one (devices may change on resume): the same run.
+import dataclasses
+
+train(settings, folder / "fewer", stop_at_update=2)
+fewer = train(dataclasses.replace(settings, devices=1), folder / "fewer", resume=True)
+results["resume_on_one/max_abs_diff"] = max(
+    float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(whole.params),
+                                               jax.tree.leaves(fewer.params)))
+results["resume_on_one/shards"] = len(fewer.env_state.obs.sharding.device_set)
+print("RESULTS" + json.dumps(results))
+"""
+
+
+GRADIENTS = r"""
+import json, pathlib, tempfile
+import jax
+import numpy as np
+results = {}
 from diffpg import envs
 from diffpg import estimators
 from diffpg.sampling import sample_gradients
@@ -80,33 +111,25 @@ for devices in (1, 2):
                      "--hidden-sizes", "16", "--devices", str(devices), "--out", str(out)]) == 0
     table = json.loads((out / "results.json").read_text())["results"][0]["estimators"]
     results[f"cli_compare/{devices}"] = {k: v["mean_norm"] for k, v in table.items()}
-# Two seeds over two devices, stopped and resumed: bit-exact, and still split.
-from diffpg.runs import train
-
-folder = pathlib.Path(tempfile.mkdtemp())
-settings = settings_for(env="pendulum", updates=4, updates_per_call=2, num_envs=4, horizon=8,
-                         eval_envs=2, hidden_sizes=(16,), seeds=2, devices=2)
-whole = train(settings, folder / "whole")
-train(settings, folder / "split", stop_at_update=2)
-resumed = train(settings, folder / "split", resume=True)
-results["resume/bit_exact"] = all(
-    np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole.params),
-                                         jax.tree.leaves(resumed.params)))
-results["resume/shards"] = len(resumed.env_state.obs.sharding.device_set)
 print("RESULTS" + json.dumps(results))
 """
 
 
-@pytest.mark.slow
-def test_one_two_and_four_devices_give_the_same_parameters():
+def _run_on_four_devices(script: str) -> dict:
     environment = os.environ | {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
                                 + " --xla_force_host_platform_device_count=4",
                                 "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=environment, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True,
                           text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.split("RESULTS")[-1])
     print(results)
+    return results
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_train_to_the_same_parameters_and_resume_bit_exactly():
+    results = _run_on_four_devices(TRAINING)
     for estimator in ("shac",):
         for devices in (1, 4):
             assert results[f"{estimator}/{devices}/shards"] == devices  # really split
@@ -115,13 +138,18 @@ def test_one_two_and_four_devices_give_the_same_parameters():
         assert abs(results[f"{estimator}/4/reward"] - results[f"{estimator}/1/reward"]) < 1e-3, \
             results
     assert results["resume/bit_exact"] and results["resume/shards"] == 2
+    assert results["resume_on_one/shards"] == 1 and results["resume_on_one/max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_one_two_and_four_devices_give_every_estimator_and_compare_the_same_gradient():
+    results = _run_on_four_devices(GRADIENTS)
     # diffpg compare's gradient samples, start states split too
     assert results["compare/4/max_abs_diff"] < 1e-5 * max(1.0, results["compare/gradient_size"]), \
         results
     # Raw gradients of every estimator, 1 vs 4 devices: float32 sums in another order
     # (score-function sums cancel: up to ~5e-4 of the largest coordinate); a per-device scale
     # error would be 50% or more.
-    print({k: v for k, v in results.items() if k.startswith("grad/")})
     for name in estimators.names():
         assert results[f"grad/{name}/relative_diff"] < 2e-3, (name, results)
     one, two = results["cli_compare/1"], results["cli_compare/2"]
