@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import HANG_LIMIT_S
 
+from diffpg.configs import default_estimator
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -128,13 +130,15 @@ def test_bench_compare_compile_times_each_program_and_the_whole_command(tmp_path
 def test_bench_compile_reports_the_stages_of_a_cold_and_a_warm_compile(tmp_path, monkeypatch,
                                                                       capsys):
     """``bench_compile.py`` on the pendulum: two fresh processes, a cold and a warm cache, each
-    with the stages of its first SHAC training call and their sum; the warm one loads the
-    executable the cold one compiled, in a fraction of its time."""
+    with the stages of its first training call (the env's configured estimator) and their sum;
+    the warm one loads the executable the cold one compiled, in a fraction of its time."""
     out = tmp_path / "bench"
     run_script(monkeypatch, "bench_compile.py", "--env", "pendulum", "--num-envs", "2",
                "--horizon", "2", "--out", str(out))
     assert "| cache | compile_s | trace_s |" in capsys.readouterr().out
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert results["estimator"] == default_estimator("pendulum")
     assert [row["cache"] for row in rows] == ["cold", "warm"]
     for row in rows:
         stages = row["trace_s"] + row["lower_s"] + row["xla_compile_or_load_s"]
