@@ -41,6 +41,12 @@ class Transitions(NamedTuple):
     none."""
 
 
+def transition_bytes(observation_size: int, action_size: int) -> int:
+    """Bytes of one step of one env in ``Transitions`` (float32 observations before and after,
+    noise and raw action, reward, three flags and a survival probability)."""
+    return 4 * (2 * observation_size + 2 * action_size + 5)
+
+
 class StepHook(NamedTuple):
     """An estimator's change to every step of ``unroll``, which knows no estimator.
 

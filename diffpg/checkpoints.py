@@ -90,6 +90,24 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
+def check_only_checkpoint_files(run_dir: Path) -> None:
+    """Refuse (one line) a file inside a checkpoint's folder that its digest record does not
+    name (a user's notes, an editor's backup): replacing the run removes each checkpoint whole.
+    (A checkpoint without a record, or with an earlier version's one-line record, is taken as
+    orbax wrote it.)"""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for update in checkpoint_updates(run_dir):
+        _, *named = [line for line in (_digest_record_of(
+            folder / f"{update}{DIGEST_SUFFIX}") or "").splitlines() if line] or [""]
+        for name in _files_of(folder / str(update)) if named else []:
+            if name not in named:
+                raise SettingError(f"{str(folder / str(update) / name)!r} is not a file diffpg "
+                                   "writes; --overwrite would delete it with the run's "
+                                   "checkpoints: move it away or choose another --out")
+
+
 def _files_of(folder: Path) -> list[str]:
     """The files under ``folder``, as sorted paths relative to it."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -264,7 +282,10 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                                f"allowed: {updates}")
         updates = [update]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
-    failed: list[tuple[int, str]] = []
+    # An update's name on what is not a folder (a file, a link to nowhere) is no checkpoint to
+    # orbax, which would delete it when saving that update again: reported, and set aside.
+    failed = [(int(entry.name), "it is not a folder (a file, or a link to nowhere)")
+              for entry in sorted(folder.iterdir()) if entry.name.isdigit() and not entry.is_dir()]
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")

@@ -46,7 +46,7 @@ from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import sample_gradients
+from diffpg.sampling import check_state_fits, sample_gradients
 from diffpg.stats import (
     bootstrap_interval,
     gradient_statistics,
@@ -81,9 +81,8 @@ def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = N
         policy = make_linear_gaussian_policy(env.observation_size, env.action_size,
                                              init_gain_scale=0.5)
         return env, policy, True
-    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
-                                      hidden_sizes=settings.hidden_sizes)
-    return env, policy, False
+    return env, make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                         hidden_sizes=settings.hidden_sizes), False
 
 
 def exact_gradient(env, params, start_states, horizon, discount):
@@ -142,6 +141,10 @@ def run_comparison(settings: CompareSettings,
     # Sizes against the memory before anything compiles (the parameters' shapes are traced).
     num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
         jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
+    reference_spec = () if reference_kind == "exact" else (EstimatorSpec.parse(reference_kind),)
+    for spec in settings.specs + reference_spec:
+        check_state_fits(estimators.make(spec.name, built[-1][0], policy, **estimator_settings(
+            spec, settings, points[-1].horizon)), policy, spec.label)
     chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
                                    estimated_reference=reference_kind != "exact")
     key = jax.random.PRNGKey(settings.seed)
@@ -286,16 +289,16 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
 
 def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameters: int,
                       estimated_reference: bool = True) -> int | None:
-    """How many estimates may run at once (``sample_gradients``' ``chunk_size``; ``None``: all),
-    from the memory available, before anything compiles; a size that cannot fit at all is a
-    one-line error naming it. One estimate keeps ``num_envs`` simulated states for each of its
-    ``horizon + 1`` steps for the reverse pass (a lower bound of what it needs; four times that is
-    allowed per estimate at once), and the samples are ``[K, P]`` float32 arrays, on the device
-    and on the host. The samples file (every point's estimates, float32) must also fit the
-    process's file-size limit."""
+    """How many estimates may run at once (``sample_gradients``' ``chunk_size``; ``None``: all), from
+    the memory available, before anything compiles; a size that cannot fit at all is a one-line
+    error naming it. One estimate keeps ``num_envs`` simulated states for each of its ``horizon + 1``
+    steps for the reverse pass (a lower bound of what it needs; four times that is allowed per
+    estimate at once), and the samples are ``[K, P]`` float32 arrays, on the device and on the
+    host. The samples file (every point's estimates, float32) must fit the file-size limit."""
     per_point = (len(settings.specs) * settings.num_estimates
                  + settings.reference_estimates * estimated_reference)
-    check_file_size_limit(len(settings.points) * per_point * num_parameters * 4 + 2**20,
+    room = 2**16 + 2**10 * len(settings.points) * (len(settings.specs) + 2)  # 1 KiB an array
+    check_file_size_limit(len(settings.points) * per_point * num_parameters * 4 + room,
                           f"the comparison's {SAMPLES_FILE}")
     available = available_memory_bytes()
     if available is None:

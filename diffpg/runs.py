@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.checkpoints import (
+    check_only_checkpoint_files,
     checkpoint_manager,
     counter_value,
     restore_checkpoint,
@@ -113,6 +114,8 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
                 on_log(row)
             if stopped:
                 raise TrainingStopped(stopped)
+        if primary and run.rows and not (run_dir / "learning_curve.png").exists():
+            _plot(run)  # a run resumed with nothing left to do, stopped before its last plot
         return state
 
 
@@ -144,6 +147,7 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
             write_metrics(run_dir, rows)
             save_settings(trainer.settings, run_dir)  # a longer run records its new length
     elif primary:
+        check_only_checkpoint_files(run_dir)  # --overwrite removes each checkpoint whole
         with guard.critical():
             clear_run(run_dir)
             save_settings(trainer.settings, run_dir)
@@ -211,10 +215,7 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
             write_tensorboard(run.events, run.folder, [row])
     if run.primary and (finished or stopping
                         or time.perf_counter() - run.last_plot > PLOT_EVERY_SECONDS):
-        plot_learning_curve(run.rows, run.folder / "learning_curve.png", title=(
-            f"{settings.env}, {settings.estimator}: {settings.num_envs} envs x "
-            f"{settings.horizon} steps, {settings.seeds} seed(s) ({run.folder.name})"))
-        run.last_plot = time.perf_counter()
+        _plot(run)
     if not stopping:
         return None
     if never_finite:
@@ -226,6 +227,14 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
             f"at update {counter_value(state.update)}. The checkpoint there holds the last "
             "finite parameters; lower learning_rate or horizon, or check the "
             "environment, then resume it or start again")
+
+
+def _plot(run: Run) -> None:
+    settings = run.trainer.settings
+    plot_learning_curve(run.rows, run.folder / "learning_curve.png", title=(
+        f"{settings.env}, {settings.estimator}: {settings.num_envs} envs x "
+        f"{settings.horizon} steps, {settings.seeds} seed(s) ({run.folder.name})"))
+    run.last_plot = time.perf_counter()
 
 
 def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:

@@ -11,7 +11,8 @@ import jax
 from jax.flatten_util import ravel_pytree
 
 from diffpg import program_cache
-from diffpg.devices import to_host
+from diffpg.devices import available_memory_bytes, to_host
+from diffpg.envs.core import SettingError
 from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
 
@@ -21,14 +22,39 @@ def learns(state) -> bool:
     return bool(jax.tree.leaves(state))
 
 
-def learns_anything(estimator, policy) -> bool:
-    """Whether ``estimator``'s state for ``policy`` holds anything to learn, from the shapes of
-    its initial state (``jax.eval_shape``: nothing is computed or compiled)."""
+def initial_state_shapes(estimator, policy):
+    """The shapes of ``estimator``'s initial state for ``policy`` (``jax.eval_shape``: nothing
+    is computed, allocated or compiled)."""
     def initial_state():
         key = jax.random.PRNGKey(0)
         return estimator.init(key, policy.init(key))
 
-    return learns(jax.eval_shape(initial_state))
+    return jax.eval_shape(initial_state)
+
+
+def learns_anything(estimator, policy) -> bool:
+    """Whether ``estimator``'s state for ``policy`` holds anything to learn (a critic...)."""
+    return learns(initial_state_shapes(estimator, policy))
+
+
+STATE_COPIES_WHILE_UPDATING = 3
+"""A lower bound of how many copies of a state an update holds at once (a run's, an
+estimator's): the state, the updated state, and gradients and optimiser moments as large as the
+parameters."""
+
+
+def check_state_fits(estimator, policy, label: str) -> None:
+    """Refuse, before anything is allocated, an estimator whose state for ``policy`` (its
+    critics, their optimiser's moments, its replay buffer; from the shapes alone) cannot fit the
+    memory available; the error names ``label`` (its spec)."""
+    available = available_memory_bytes()
+    needed = STATE_COPIES_WHILE_UPDATING * sum(
+        leaf.size * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(initial_state_shapes(estimator, policy)))
+    if available is not None and needed > available:
+        raise SettingError(f"estimator spec {label!r} needs {needed / 2**30:,.1f} GiB for its "
+                           f"critics and their optimiser, and about {available / 2**30:,.1f} GiB "
+                           "are available; lower its sizes (e.g. critic_hidden_sizes)")
 
 
 def warmup_program(estimator, params, obs_stats: RunningStatistics, rounds: int,

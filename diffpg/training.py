@@ -35,7 +35,7 @@ import optax
 import tyro
 
 from diffpg import configs, envs, estimators
-from diffpg.acting import Transitions
+from diffpg.acting import Transitions, transition_bytes
 from diffpg.acting import evaluate as evaluate_policy
 from diffpg.devices import (
     available_memory_bytes,
@@ -64,6 +64,7 @@ from diffpg.normalization import (
 )
 from diffpg.options import check_not_owned, check_seed, parse_options
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
+from diffpg.sampling import STATE_COPIES_WHILE_UPDATING
 from diffpg.stats import (
     interquartile_mean,
     interquartile_mean_interval,
@@ -413,13 +414,20 @@ def check_memory(settings: TrainSettings, env) -> None:
             f"num_envs={settings.num_envs} (x seeds={settings.seeds}, horizon={settings.horizon}) "
             f"needs at least {needed / 2**30:,.1f} GiB for the simulated states alone, and about "
             f"{available / 2**30:,.1f} GiB are available; {advice}")
-    # An evaluation steps eval_envs episodes at once, holding a state and its successor.
-    needed = per_env * settings.eval_envs * settings.seeds * 2
+    # An evaluation runs eval_envs episodes at once: a state and its successor, and each step's
+    # transition of the whole episode (observations, actions, rewards and flags).
+    per_episode = (2 * per_env + env.episode_length
+                   * transition_bytes(env.observation_size, env.action_size)) * settings.seeds
+    needed = per_episode * settings.eval_envs
     if needed > available:
+        fitting = int(available // per_episode)
+        advice = (f"lower eval_envs (at most {fitting:,} fit)" if fitting
+                  else "lower episode_length or seeds (even eval_envs=1 does not fit)")
         raise SettingError(
-            f"eval_envs={settings.eval_envs} (x seeds={settings.seeds}) needs at least "
-            f"{needed / 2**30:,.1f} GiB for the evaluation's states alone, and about "
-            f"{available / 2**30:,.1f} GiB are available; lower eval_envs")
+            f"eval_envs={settings.eval_envs} (x seeds={settings.seeds}, episode_length="
+            f"{env.episode_length}) needs at least {needed / 2**30:,.1f} GiB for the "
+            f"evaluation's states and steps alone, and about {available / 2**30:,.1f} GiB are "
+            f"available; {advice}")
 
 
 def did_not_blow_up(transitions: Transitions) -> jax.Array:
@@ -507,11 +515,6 @@ def make_trainer(settings: TrainSettings, env=None) -> Trainer:
     trainer = compile_over_seeds_and_devices(parts)
     check_state_memory(settings, trainer)
     return trainer
-
-
-STATE_COPIES_WHILE_UPDATING = 3
-"""A lower bound of how many copies of the run's state an update holds at once: the state, the
-updated state, and gradients and optimiser moments as large as the parameters."""
 
 
 def run_state_bytes(trainer: Trainer) -> int:

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -366,6 +367,39 @@ def test_a_stray_file_inside_a_checkpoint_does_not_retire_it(tmp_path, capsys):
     recorded.unlink()
     assert evaluate_run(out)["update"] == 2
     assert "checkpoint 4" in capsys.readouterr().err
+
+
+def test_overwrite_refuses_a_user_s_file_inside_a_checkpoint_and_resume_sets_aside_a_file_named_as_one(
+        tmp_path, capsys):
+    """--overwrite removed a user's notes inside ``checkpoints/4/`` silently; a file named
+    ``checkpoints/4`` (no checkpoint to orbax) was deleted by the resumed run's save of update 4
+    without a line."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    notes = out / "checkpoints" / "4" / "notes.txt"
+    notes.write_text("mine")
+    assert cli.main(["train", "--out", str(out), "--overwrite", *SMALL, "--updates", "4",
+                     "--updates-per-call", "2", "shac", "--horizon", "8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{str(notes)!r} is not a file diffpg writes; --overwrite would delete it" in error
+    assert len(error.splitlines()) == 1 and notes.read_text() == "mine"
+    notes.unlink()
+    shutil.rmtree(out / "checkpoints" / "4")
+    (out / "checkpoints" / "4").write_text("junk")
+    assert cli.main(["train", "--resume", str(out)]) == 0
+    error = capsys.readouterr().err
+    assert "checkpoint 4 of" in error and "it is not a folder" in error, error
+    assert (out / "checkpoints" / "4.unreadable").read_text() == "junk"
+    assert checkpoint_updates(out) == [2, 4]
+
+
+def test_a_run_resumed_with_nothing_left_to_do_draws_its_learning_curve(tmp_path):
+    """Stopped after its last checkpoint but before its last plot, a resumed run had no plot."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    (out / "learning_curve.png").unlink()
+    train(_small(updates=4), out, resume=True)
+    assert (out / "learning_curve.png").stat().st_size > 0
 
 
 def test_a_checkpoint_without_its_digest_beside_one_with_is_not_restored(tmp_path, capsys):

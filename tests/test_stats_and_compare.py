@@ -186,6 +186,10 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--num-envs", str(10**9)], "for one estimate's simulated states"),
         (["--num-estimates", str(2 * 10**9)], "lower num_estimates"),
         (["--env", "pendulum", "--reference-estimates", str(2 * 10**9)], "lower reference_estimates"),
+        (["--estimators", "bptt", "shac:critic_hidden_sizes=(2147483648,)"],
+         "critic_hidden_sizes=(2147483648,) must be a tuple of positive integers (each at most"),
+        (["--env", "pendulum", "--estimators", "shac:critic_hidden_sizes=(200000,200000)"],
+         "GiB for its critics and their optimiser"),
     ],
 )
 def test_compare_bad_input_is_a_one_line_error(tmp_path, capsys, arguments, message):

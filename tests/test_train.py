@@ -180,8 +180,11 @@ def test_eval_chooses_its_episodes_seed_and_checkpoint(tmp_path, capsys):
                                                       "checkpoints; allowed: [2, 4]"),
                                (["--episodes", "0"], "episodes=0"),
                                # beyond the memory: named as this command's option
-                               (["--episodes", str(10**9)], "episodes=1000000000 (x seeds=1) "
-                                                           "needs at least"),
+                               (["--episodes", str(10**9)], "episodes=1000000000 (x seeds=1, "
+                                                           "episode_length=200) needs at least"),
+                               # states 3 GB, steps 208 GB: the steps count too
+                               (["--episodes", str(2 * 10**7)], "GiB for the evaluation's states "
+                                                              "and steps alone"),
                                (["--seed", str(2**64)], "seed=")]:
         assert cli.main(["eval", str(out), *arguments]) == 2, arguments
         error = capsys.readouterr().err

@@ -139,8 +139,9 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def check_hidden_sizes(name: str, value: Any) -> None:
     if not isinstance(value, tuple) or not all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value):
-        raise SettingError(f"{name}={value!r} must be a tuple of positive integers")
+            isinstance(h, int) and not isinstance(h, bool) and 0 < h <= LARGEST_INT for h in value):
+        raise SettingError(f"{name}={value!r} must be a tuple of positive integers (each at most "
+                           f"{LARGEST_INT:,}: JAX's int32)")
 
 
 def check_betas(name: str, value: Any) -> None:
