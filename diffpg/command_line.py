@@ -90,14 +90,21 @@ def _flag(token: str) -> str:
     return token.split("=", 1)[0] if token.startswith("--") else token
 
 
-def _did_you_mean(tokens: list[str], command_class: type) -> str:
-    """`` (did you mean --window?)`` for the unrecognized ``--options`` near another known one."""
+def _did_you_mean(tokens: list[str], command_class: type, prog: str) -> str:
+    """`` (did you mean --window?)`` for the unrecognized ``--options`` near another known one;
+    for ``diffpg train``, a word near an estimator's name, and the old ``--estimator NAME``."""
     import difflib
 
+    from diffpg import estimators
+
+    if prog == "diffpg train" and any(_flag(token) == "--estimator" for token in tokens):
+        return " (the estimator is now a word of its own: diffpg train --env ENV ESTIMATOR [its options])"
     known = sorted(_option_names(command_class))
-    guesses = [next(iter(matches)) for token in tokens if token.startswith("--")
-               if (matches := [match for match in difflib.get_close_matches(_flag(token), known)
-                               if match != _flag(token)])]
+    names = estimators.names() if prog == "diffpg train" else []
+    guesses = [next(iter(matches)) for token in tokens
+               if (matches := [match for match in difflib.get_close_matches(
+                   _flag(token), known if token.startswith("--") else names)
+                   if match != _flag(token)])]
     return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
@@ -126,12 +133,7 @@ def _raise_one_line(event: Any) -> None:
     if isinstance(event, tyro_errors.SubcommandConflict):
         raise _OptionBeforeItsSubcommand(event.attempted, event.trigger_flag)
     if isinstance(event, tyro_errors.UnrecognizedArgs):
-        tokens = event.tokens
-        if any(t == "--estimator" or t.startswith("--estimator=") for t in tokens):
-            raise CommandLineError("unrecognized arguments: " + " ".join(tokens) + " (the "
-                                   "estimator is now a word of its own: diffpg train --env ENV "
-                                   "ESTIMATOR [its options])")
-        raise _UnrecognizedArguments(tokens)
+        raise _UnrecognizedArguments(event.tokens)
     raise CommandLineError(f"invalid command line ({type(event).__name__})")
 
 
@@ -153,7 +155,7 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
         if repeated:
             raise CommandLineError(f"{_flag(repeated[0])} is given twice, the second time "
                                    "among the estimator's options; give it once") from None
-        raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class)
+        raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class, prog)
                                      ) from None
     except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says
         reordered = _subcommand_first(argv, error.subcommand, error.trigger_flag)
@@ -225,7 +227,7 @@ def _leading_choices(command_class: type, argv: list[str]) -> dict[str, Any]:
         index += 1
         if not token.startswith("--"):
             if token in names and given["estimator"] is None:
-                given["estimator"] = token
+                given["estimator"], given["estimator_index"] = token, index - 1
             continue
         flag, has_value, value = token.partition("=")
         taken = options.get(flag, 1)
@@ -271,6 +273,13 @@ def parse_train_command(argv: list[str]):
 
     given = _leading_choices(TrainCommand, argv)
     named_estimator, resume = given["estimator"], given.get("resume")
+    if named_estimator is not None:  # (tyro keeps both: --horizon before is the run's, after
+        at = given["estimator_index"]  # the estimator's, which wins)
+        before = {_flag(token) for token in argv[:at] if token.startswith("--")}
+        twice = [_flag(token) for token in argv[at + 1:] if _flag(token) in before]
+        if twice:
+            raise CommandLineError(f"{twice[0]} is given twice, before and after the estimator's "
+                                   f"name {named_estimator!r}; give it once")
     if resume is not None:
         base = load_settings(Path(resume))
         if named_estimator not in (None, base.estimator):

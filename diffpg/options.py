@@ -4,6 +4,7 @@ specs ``name:key=value,...`` for ``diffpg compare``: their values are Python lit
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -42,7 +43,9 @@ def parse_value(text: str) -> Any:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-        return float(text)  # (checked as a number, and refused where it is not allowed)
+        with contextlib.suppress(ValueError):  # ('-+inf' is no float: the text, named later)
+            return float(text)  # (checked as a number, and refused where it is not allowed)
+        return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, RecursionError, MemoryError):  # not a literal: the text

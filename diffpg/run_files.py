@@ -62,7 +62,7 @@ def load_settings(run_dir: Path, setting: str = "run") -> TrainSettings:
     path = run_dir / "settings.json"
     if not run_dir.is_dir():
         raise SettingError(f"{setting}={str(run_dir)!r} is not a folder")
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):  # (a link to nowhere: named as unreadable)
         raise SettingError(f"{setting}={str(run_dir)!r} has no settings.json: not a diffpg "
                            "training run")
     try:

@@ -106,8 +106,10 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
                  episode_seed: int = 0) -> Path:
     """A GIF of the latest checkpoint of training run ``run_dir`` (deterministic policy; the
     seed ``seed_index`` of a multi-seed run)."""
+    from diffpg.run_files import load_settings
     from diffpg.runs import load_run
 
+    load_settings(run_dir)  # the run first: its errors name it, not the GIF beside it
     out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index)
     frames = -(-trainer.env.episode_length // every)

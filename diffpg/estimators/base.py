@@ -90,16 +90,18 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def _in_unit_interval(value: Any, closed_right: bool = True) -> bool:
     """Whether ``value`` is a number in [0, 1], or [0, 1) with the open bound taken in float32
-    (where 0.99999999999 is 1.0)."""
+    (where 0.99999999999 is 1.0), that float32 keeps (1e-40 becomes 0 on the device)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
-    return 0.0 <= value and (value <= 1.0 if closed_right else float(np.float32(value)) < 1.0)
+    return (0.0 <= value and float32_problem(value) is None
+            and (value <= 1.0 if closed_right else float(np.float32(value)) < 1.0))
 
 
 def check_unit_interval(name: str, value: Any, *, closed_right: bool = True) -> None:
     if not _in_unit_interval(value, closed_right):
         interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise SettingError(f"{name}={value!r} must be a number in {interval}")
+        raise SettingError(f"{name}={value!r} must be a number in {interval} (0, or at least "
+                           f"{FLOAT32_TINY:.4g}: float32's smallest normal number)")
 
 
 def check_positive(name: str, value: Any) -> None:
