@@ -205,16 +205,19 @@ def _drop_closed_event_loop_reports() -> None:
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict]) -> None:
-    """Save ``state`` and the metrics ``rows`` as the checkpoint of the state's update, and
-    record the digest of its files. Every process calls it; the primary one writes the digest."""
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict],
+                    settings: dict | None = None) -> None:
+    """Save ``state``, the metrics ``rows`` and the run's ``settings`` (``to_json``) as the
+    checkpoint of the state's update, and record the digest of its files. Every process calls
+    it; the primary one writes the digest."""
     update = counter_value(state.update)
     folder = Path(manager.directory)
     try:
         with _quiet_orbax():
             manager.save(update, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_without_empty_arrays(state)),
-                history=ocp.args.JsonSave({"rows": rows})))
+                history=ocp.args.JsonSave({"rows": rows} | (
+                    {"settings": settings} if settings is not None else {}))))
     except Exception as error:
         if is_storage_error(error):
             # Orbax's unfinished writes report the same failure again (absl's log, from their
@@ -256,10 +259,11 @@ def _shapes_match(state_folder: Path, abstract: Any) -> bool:
 
 
 def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None = None,
-                       ) -> tuple[TrainState, list[dict], list[tuple[int, str]]]:
+                       ) -> tuple[TrainState, dict, list[tuple[int, str]]]:
     """The newest checkpoint that restores into the structure of ``template`` (with ``update``:
-    that one only): its state and metrics rows, and the newer ones that could not
-    (``(update, reason)``: corrupt, or their digest does not match).
+    that one only): its state, its history (``"rows"``: the metrics rows; ``"settings"``: what
+    the run was trained with, absent in checkpoints older than that record), and the newer ones
+    that could not (``(update, reason)``: corrupt, or their digest does not match).
 
     Raises ``SettingError`` naming the newest checkpoint when none restores, or ``update`` when
     the run has no such checkpoint.
@@ -316,7 +320,7 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                 failed.append((update, f"it holds the state of update "
                                        f"{counter_value(state.update)}, not {update}"))
                 continue
-            return state, list(restored.history["rows"]), failed
+            return state, dict(restored.history), failed
     newest, reason = failed[0]
     raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
                        "it is corrupt or from other settings, and no older checkpoint restores")

@@ -170,12 +170,6 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
 
 # ----------------------------------------------------------------------------- diffpg train
 
-CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite", "devices")
-"""Settings a resumed run may change: its length (the learning rate then decays linearly to the
-new total), how it evaluates and stops, and over how many devices its batch is split (the same
-computation, summed in another order). Everything else is the run's."""
-
-
 def _values_taken(hint: Any) -> int:
     """How many values an option of type ``hint`` takes: 0 (a bool: ``--x``/``--no-x``), 1, or 2
     (one or more: a tuple or a list)."""
@@ -253,7 +247,7 @@ def parse_train_command(argv: list[str]):
     """
     from diffpg import configs
     from diffpg.run_files import load_settings
-    from diffpg.training import TrainSettings, settings_for
+    from diffpg.training import CHANGEABLE_ON_RESUME, TrainSettings, settings_for
 
     @dataclasses.dataclass(frozen=True)
     class TrainCommand:

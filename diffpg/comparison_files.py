@@ -17,15 +17,23 @@ SAMPLES_FILE = "samples.npz"
 """The raw gradients of a comparison, beside its results.json (``load_samples`` reads them)."""
 
 
-def save_samples(samples_per_point: list[dict], path: Path) -> None:
+SETTINGS_ARRAY = "settings"
+"""samples.npz's record of the settings its samples were computed with (JSON text), which
+``--resume`` compares with results.json's."""
+
+
+def save_samples(samples_per_point: list[dict], path: Path, settings: dict | None = None) -> None:
     """Write ``run_comparison``'s ``"samples"`` as one compressed ``.npz``: array
     ``point{i}/{name}`` for sweep point ``i`` (the order of results.json's ``results``) and
     ``name`` one of ``reference [P]``, ``reference_standard_error [P]`` (zeros for an exact
     reference), ``reference_estimates [R, P]`` (an estimated reference's samples) and
     ``estimates/{label} [K, P]`` (float32, one flat gradient per row, in
-    ``jax.flatten_util.ravel_pytree`` order of the policy's parameters)."""
+    ``jax.flatten_util.ravel_pytree`` order of the policy's parameters); and ``settings``, the
+    comparison's settings as JSON text."""
     arrays = {f"point{i}/{name}": value for i, point in enumerate(samples_per_point)
               for name, value in point.items()}
+    if settings is not None:
+        arrays[SETTINGS_ARRAY] = np.array(json.dumps(settings, sort_keys=True))
     np.savez_compressed(path, **arrays)
 
 
@@ -47,6 +55,8 @@ def load_samples(run_dir: Path | str) -> list[dict]:
     with np.load(samples_path) as arrays:
         for name in arrays.files:
             index, _, key = name.partition("/")
+            if not key:  # (the settings record)
+                continue
             point = points[int(index.removeprefix("point"))]
             if key.startswith("estimates/"):
                 point["estimates"][key.removeprefix("estimates/")] = arrays[name]
@@ -70,9 +80,12 @@ def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[di
         settings = CompareSettings(**values)
         samples: list[dict] = [{} for _ in results["results"]]
         with np.load(samples_path) as arrays:
+            recorded = (json.loads(str(arrays[SETTINGS_ARRAY])) if SETTINGS_ARRAY in arrays.files
+                        else None)
             for name in arrays.files:
                 index, _, key = name.partition("/")
-                samples[int(index.removeprefix("point"))][key] = arrays[name]
+                if key:
+                    samples[int(index.removeprefix("point"))][key] = arrays[name]
     except SettingError as error:  # a saved setting that this version refuses
         raise SettingError(f"resume={str(run_dir)!r}: its results.json holds a setting that is "
                            f"not valid ({error})") from None
@@ -80,6 +93,14 @@ def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[di
             zipfile.BadZipFile) as error:
         raise SettingError(f"resume={str(run_dir)!r}: its results.json or {SAMPLES_FILE} is not "
                            f"a diffpg comparison's ({type(error).__name__}: {error})") from None
+    edited = [name for name, value in (recorded or {}).items()
+              if results["settings"].get(name, value) != value]
+    if edited:
+        name = edited[0]
+        raise SettingError(f"resume={str(run_dir)!r}: its results.json has {name}="
+                           f"{results['settings'][name]!r}, but its samples were computed with "
+                           f"{recorded[name]!r} (was results.json edited?); put it back to "
+                           "resume, or start a new comparison with the new value")
     finished = tuple(zip(results["results"], samples, strict=True))
     check_finished_points(finished, settings)
     return settings, finished

@@ -62,7 +62,7 @@ def write_results(results: dict, out_dir: Path) -> list[Path]:
     if samples is not None:
         written["samples_file"] = SAMPLES_FILE
         with atomic_path(out_dir / SAMPLES_FILE) as temporary:
-            save_samples(samples, temporary)
+            save_samples(samples, temporary, results.get("settings"))
     with atomic_path(out_dir / "results.json") as temporary:
         temporary.write_text(json.dumps(written, indent=2))
     return written

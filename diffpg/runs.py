@@ -55,6 +55,7 @@ from diffpg.training import (
     Trainer,
     TrainSettings,
     TrainState,
+    check_resumable_with,
     make_trainer,
     run_state_bytes,
     select_seed,
@@ -136,7 +137,10 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
     state = trainer.init_run()
     rows: list[dict] = []
     if resume:
-        state, rows, unreadable = restore_checkpoint(run_dir, state)
+        state, history, unreadable = restore_checkpoint(run_dir, state)
+        rows = list(history["rows"])
+        check_resumable_with(trainer.settings, history.get("settings"),
+                             f"its checkpoint of update {counter_value(state.update)}")
         barrier("diffpg: checkpoint restored")
         if primary:
             for update, reason in unreadable:
@@ -209,7 +213,7 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
     never_finite = finished and in_a_row >= steps > 0  # a run too short to reach the limit
     stopping = never_finite or in_a_row >= settings.max_consecutive_nonfinite
     with run.guard.critical():
-        save_checkpoint(run.checkpoints, state, run.rows)
+        save_checkpoint(run.checkpoints, state, run.rows, settings.to_json())
         if run.primary:
             write_metrics(run.folder, run.rows)
             write_tensorboard(run.events, run.folder, [row])

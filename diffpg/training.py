@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, NamedTuple, Union
@@ -288,6 +289,33 @@ class TrainSettings:
             values["estimator_settings"] = estimators.make_settings(
                 values.get("estimator", cls.estimator), **{k: plain(v) for k, v in nested.items()})
         return cls(**values)
+
+
+CHANGEABLE_ON_RESUME = ("updates", "eval_envs", "max_consecutive_nonfinite", "devices")
+"""Settings a resumed run may change: its length (the learning rate then decays linearly to the
+new total), how it evaluates and stops, and over how many devices its batch is split (the same
+computation, summed in another order). Everything else is the run's."""
+
+
+def check_resumable_with(settings: TrainSettings, recorded: Mapping[str, Any] | None,
+                         where: str) -> None:
+    """Refuse to resume under ``settings`` where they differ from ``recorded`` (what the run's
+    checkpoint ``where`` was trained with; ``None``: a checkpoint older than the record) in
+    anything but ``CHANGEABLE_ON_RESUME``: settings.json edited by hand would continue the run
+    under other settings, and then describe all of it."""
+    current = json.loads(json.dumps(settings.to_json()))  # (tuples as the record's lists)
+    for name, value in current.items():
+        if recorded is None or name in CHANGEABLE_ON_RESUME or name not in recorded:
+            continue
+        pairs = ([(f"{name}.{key}", value[key], recorded[name][key]) for key in value
+                  if key in recorded[name]]
+                 if isinstance(value, dict) and isinstance(recorded[name], dict)
+                 else [(name, value, recorded[name])])
+        for setting, given, kept in pairs:
+            if given != kept:
+                raise SettingError(f"settings.json has {setting}={given!r}, but {where} was "
+                                   f"trained with {kept!r} (was settings.json edited?); put it "
+                                   "back to resume, or start a new run with the new value")
 
 
 def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.estimator,

@@ -232,7 +232,8 @@ def test_resume_keeps_the_comparisons_own_settings(tmp_path, capsys, extra, mess
 
 
 @pytest.mark.parametrize("damage", ["no results", "not json", "samples truncated",
-                                    "another comparison's points", "a setting not valid"])
+                                    "another comparison's points", "a setting not valid",
+                                    "a setting edited"])
 def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_path, capsys,
                                                                          damage):
     out = tmp_path / "done"
@@ -244,9 +245,10 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
         results.write_text("{")
     elif damage == "samples truncated":
         (out / "samples.npz").write_bytes((out / "samples.npz").read_bytes()[:100])
-    elif damage == "a setting not valid":
+    elif damage in ("a setting not valid", "a setting edited"):
         values = json.loads(results.read_text())
-        values["settings"]["num_estimates"] = 1
+        values["settings"]["num_estimates" if damage == "a setting not valid" else "seed"] = (
+            1 if damage == "a setting not valid" else 5)
         results.write_text(json.dumps(values))
     else:
         values = json.loads(results.read_text())
@@ -256,7 +258,9 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
     assert cli.main(["compare", "--resume", str(out)]) == 2
     _one_line(capsys, {"another comparison's points": "is not this comparison's",
                        "a setting not valid": f"resume={str(out)!r}: its results.json holds a "
-                       "setting that is not valid (num_estimates=1 must be at least 2"}.get(
+                       "setting that is not valid (num_estimates=1 must be at least 2",
+                       "a setting edited": f"resume={str(out)!r}: its results.json has seed=5, "
+                       "but its samples were computed with 0 (was results.json edited?)"}.get(
                            damage, f"resume={str(out)!r}"))
 
 

@@ -393,6 +393,28 @@ def test_overwrite_refuses_a_user_s_file_inside_a_checkpoint_and_resume_sets_asi
     assert checkpoint_updates(out) == [2, 4]
 
 
+def test_settings_json_edited_by_hand_is_refused_on_resume(tmp_path, capsys):
+    """The command line refuses a change on resume; the same change written into settings.json
+    continued the run under it silently. Each checkpoint records the settings it was trained
+    with, and resuming compares them."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    original = json.loads((out / "settings.json").read_text())
+    edits = [({"learning_rate": 0.5}, "settings.json has learning_rate=0.5, but its checkpoint "
+                                      "of update 4 was trained with"),
+             ({"seed": 7}, "settings.json has seed=7"),
+             ({"estimator_settings": original["estimator_settings"] | {"critic_learning_rate": 0.5}},
+              "settings.json has estimator_settings.critic_learning_rate=0.5")]
+    for edit, message in edits:
+        (out / "settings.json").write_text(json.dumps(original | edit))
+        assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2, edit
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+    assert checkpoint_updates(out) == [2, 4]
+    (out / "settings.json").write_text(json.dumps(original | {"eval_envs": 3}))  # changeable
+    assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 0
+
+
 def test_a_run_resumed_with_nothing_left_to_do_draws_its_learning_curve(tmp_path):
     """Stopped after its last checkpoint but before its last plot, a resumed run had no plot."""
     out = tmp_path / "run"
