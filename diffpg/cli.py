@@ -506,6 +506,14 @@ def run() -> None:
     if main_thread:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        # Stopped: everything it keeps is written (main returned: its folders are closed and
+        # unlocked). The interpreter's teardown would wait for a computation still running on
+        # the device (minutes for a large batch) before the process ends.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
     sys.exit(status)
 
 

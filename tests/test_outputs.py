@@ -386,6 +386,32 @@ def test_a_signal_inside_a_half_built_object_stops_with_one_line_and_no_finalize
     assert done.stderr.strip() == "diffpg video: interrupted (SIGTERM)", done.stderr
 
 
+def test_a_signal_during_a_long_computation_ends_the_process_at_once():
+    """The line came at once, but the process ended only when the device's computation did
+    (minutes for a large batch: the interpreter's teardown waits for it). Here the computation
+    would run for days; the process must end within the limit."""
+    import subprocess
+
+    script = (
+        "import os, signal, sys, threading\n"
+        "from diffpg import cli\n"
+        "def video(argv, guard):\n"
+        "    import jax, jax.numpy as jnp\n"
+        "    x = jnp.ones((2000, 2000)) * 1e-3\n"
+        "    forever = jax.jit(lambda x: jax.lax.fori_loop(\n"
+        "        0, 2**30, lambda i, y: jnp.tanh(y @ y), x).sum()).lower(x).compile()\n"
+        "    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        "    print(float(forever(x)))\n"
+        "cli.RUNNERS['video'] = video\n"
+        "sys.argv = ['diffpg', 'video']\n"
+        "cli.run()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": os.getcwd()}, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.strip() == "diffpg video: interrupted (SIGTERM)", done.stderr
+    assert done.stdout == ""
+
+
 # ------------------------------------------------------------- signals at random moments
 
 
