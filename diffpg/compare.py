@@ -32,6 +32,7 @@ from diffpg.comparison_settings import (
     CompareSettings,
     EstimatorSpec,
     SweepPoint,
+    check_estimators_fit,
     check_reference_learns_nothing,
     estimator_settings,
 )
@@ -46,7 +47,7 @@ from diffpg.normalization import RunningStatistics, init_statistics
 from diffpg.options import parse_options
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import check_state_fits, sample_gradients
+from diffpg.sampling import sample_gradients
 from diffpg.stats import (
     bootstrap_interval,
     gradient_statistics,
@@ -141,10 +142,7 @@ def run_comparison(settings: CompareSettings,
     # Sizes against the memory before anything compiles (the parameters' shapes are traced).
     num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
         jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
-    reference_spec = () if reference_kind == "exact" else (EstimatorSpec.parse(reference_kind),)
-    for spec in settings.specs + reference_spec:
-        check_state_fits(estimators.make(spec.name, built[-1][0], policy, **estimator_settings(
-            spec, settings, points[-1].horizon)), policy, spec.label)
+    check_estimators_fit(settings, built[-1][0], policy)  # (the reference learns nothing)
     chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
                                    estimated_reference=reference_kind != "exact")
     key = jax.random.PRNGKey(settings.seed)

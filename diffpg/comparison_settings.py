@@ -283,6 +283,17 @@ def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: 
                                           **dict(spec.overrides))
 
 
+def check_estimators_fit(settings: CompareSettings, env, policy) -> None:
+    """Each estimator's state (its critics, their optimiser's moments, its replay buffer)
+    against the memory available, from its shapes at the sweep's last point, before anything
+    is allocated (errors name the estimator's spec)."""
+    from diffpg.sampling import check_state_fits
+
+    for spec in settings.specs:
+        check_state_fits(estimators.make(spec.name, env, policy, **estimator_settings(
+            spec, settings, settings.points[-1].horizon)), policy, spec.label)
+
+
 def check_reference_learns_nothing(settings: CompareSettings, spec_text: str, env, policy
                                    ) -> None:
     """Refuse a reference estimator with anything to learn (a critic, a replay buffer): the

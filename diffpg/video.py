@@ -109,7 +109,8 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
     from diffpg.run_files import load_settings
     from diffpg.runs import load_run
 
-    load_settings(run_dir)  # the run first: its errors name it, not the GIF beside it
+    if out is None:  # the GIF goes beside the run: the run first, so that errors name it
+        load_settings(run_dir)
     out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index)
     frames = -(-trainer.env.episode_length // every)

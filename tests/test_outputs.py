@@ -278,6 +278,12 @@ def test_video_checks_its_output_before_any_work(tmp_path, capsys, name, message
     assert compiled == []
 
 
+def test_a_video_of_a_file_names_the_run_not_the_gif_beside_it(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert cli.main(["video", str(tmp_path / "notes.txt")]) == 2
+    _one_line(capsys, f"run={str(tmp_path / 'notes.txt')!r} is not a folder")
+
+
 def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, monkeypatch):
     from diffpg import video
     from diffpg.runs import train

@@ -779,7 +779,7 @@ def test_a_read_only_file_system_on_resume_is_one_line(tmp_path):
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--updates", "25", "--updates-per-call", "10"], "not a multiple of updates_per_call"),
     (["--num-envs", "100000000"], "GiB for the simulated states"),
-    (["--eval-envs", "2000000000"], "eval_envs=2000000000 (x seeds=1) needs at least"),
+    (["--eval-envs", "2000000000"], "eval_envs=2000000000 (x seeds=1, episode_length=200) needs"),
     (["--learning-rate", "inf"], "learning_rate"),
     (["--grad-clip", "nan"], "grad_clip"),
     (["--final-learning-rate", "nan"], "final_learning_rate"),
