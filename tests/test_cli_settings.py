@@ -89,7 +89,7 @@ def _known_estimators():
     return estimators.names()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(invalid=INVALID)
 def test_invalid_training_settings_are_clean_errors(invalid, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "never"
@@ -142,7 +142,7 @@ INVALID_COMPARE = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(invalid=INVALID_COMPARE)
 def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory):
     """The same property for ``diffpg compare``: exit status 2, one line, nothing compiled,

@@ -47,6 +47,9 @@ settings = settings_for(env="pendulum", updates=4, updates_per_call=2, num_envs=
                          eval_envs=2, hidden_sizes=(16,), seeds=2, devices=2)
 whole = train(settings, folder / "whole")
 train(settings, folder / "split", stop_at_update=2)
+import shutil
+
+shutil.copytree(folder / "split", folder / "fewer")  # (the same stopped run, resumed below)
 resumed = train(settings, folder / "split", resume=True)
 results["resume/bit_exact"] = all(
     np.array_equal(a, b) for a, b in zip(jax.tree.leaves(whole.params),
@@ -55,7 +58,6 @@ results["resume/shards"] = len(resumed.env_state.obs.sharding.device_set)
 # Stopped on two devices and resumed on one (devices may change on resume): the same run.
 import dataclasses
 
-train(settings, folder / "fewer", stop_at_update=2)
 fewer = train(dataclasses.replace(settings, devices=1), folder / "fewer", resume=True)
 results["resume_on_one/max_abs_diff"] = max(
     float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(whole.params),
