@@ -28,9 +28,11 @@ Definitions (every report states them): for ``K`` finite estimates ``g_k`` of di
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from diffpg.envs.core import SettingError
+
+# scipy.stats is imported inside the functions that use it: importing it adds about a second
+# of CPU to the start of every command, most of which never compute an interval.
 
 RESOLUTION_LEVEL = 0.001
 """Family-wise false-positive rate of "bias resolved" for an unbiased estimator."""
@@ -95,6 +97,8 @@ def gradient_statistics(
 def resolution_threshold(num_estimates: int, num_coordinates: int,
                          level: float = RESOLUTION_LEVEL) -> float:
     """The |t| above which one of ``num_coordinates`` coordinates shows a bias (Bonferroni)."""
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.t.ppf(1.0 - level / (2.0 * num_coordinates), num_estimates - 1))
 
 
@@ -110,6 +114,8 @@ def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def mean_confidence_half_width(values, level: float = 0.95) -> float:
     """Half-width of the Student-t confidence interval of the mean of ``values [N]`` (independent
     runs): ``t_{(1+level)/2, N-1} * std(values, ddof=1) / sqrt(N)``; 0 for a single value."""
+    from scipy import stats as scipy_stats
+
     values = np.asarray(values, np.float64)
     if values.size < 2:
         return 0.0
@@ -121,6 +127,8 @@ def bootstrap_interval(samples: np.ndarray, statistic, num_resamples: int = 200,
                        level: float = 0.9, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``statistic(samples)`` over resampled rows
     (``scipy.stats.bootstrap`` resampling the row indices)."""
+    from scipy import stats as scipy_stats
+
     samples = np.asarray(samples)
     interval = scipy_stats.bootstrap(
         (np.arange(len(samples)),), lambda rows: statistic(samples[rows]), vectorized=False,
@@ -133,12 +141,16 @@ def interquartile_mean(values) -> float:
     """The mean of the middle half of ``values [N]`` (25% trimmed from each end,
     ``scipy.stats.trim_mean``): the summary over runs that Agarwal et al. (2021) recommend,
     robust to one run that fails or excels."""
+    from scipy import stats as scipy_stats
+
     return float(scipy_stats.trim_mean(np.asarray(values, np.float64), 0.25))
 
 
 def interquartile_mean_interval(values, level: float = 0.95, num_resamples: int = 2000,
                                 seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``interquartile_mean`` over runs ``values [N]``."""
+    from scipy import stats as scipy_stats
+
     values = np.asarray(values, np.float64)
     if values.size < 2:
         return float(values.mean()), float(values.mean())
