@@ -90,9 +90,10 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def check_only_checkpoint_files(run_dir: Path) -> None:
+def check_only_checkpoint_files(run_dir: Path, removing: str) -> None:
     """Refuse (one line) a file inside a checkpoint's folder that its digest record does not
-    name (a user's notes, an editor's backup): replacing the run removes each checkpoint whole.
+    name (a user's notes, an editor's backup): ``removing`` (replacing the run, or resuming it,
+    which retires the oldest checkpoints) deletes each checkpoint whole.
     (A checkpoint without a record, or with an earlier version's one-line record, is taken as
     orbax wrote it.)"""
     folder = run_dir / "checkpoints"
@@ -104,8 +105,10 @@ def check_only_checkpoint_files(run_dir: Path) -> None:
         for name in _files_of(folder / str(update)) if named else []:
             if name not in named:
                 raise SettingError(f"{str(folder / str(update) / name)!r} is not a file diffpg "
-                                   "writes; --overwrite would delete it with the run's "
-                                   "checkpoints: move it away or choose another --out")
+                                   f"writes; {removing} would delete it with the run's "
+                                   "checkpoints: move it away" + (
+                                       " or choose another --out"
+                                       if removing == "--overwrite" else ""))
 
 
 def _files_of(folder: Path) -> list[str]:

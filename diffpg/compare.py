@@ -151,8 +151,9 @@ def run_comparison(settings: CompareSettings,
     if settings.policy_checkpoint is not None:
         from diffpg.runs import load_trained_policy
 
-        params, obs_stats = load_trained_policy(Path(settings.policy_checkpoint),
-                                                settings.policy_seed_index)
+        params, obs_stats, update = load_trained_policy(
+            Path(settings.policy_checkpoint), settings.policy_seed_index, settings.policy_update)
+        settings = dataclasses.replace(settings, policy_update=update)  # a resume reads it again
 
     entries = [entry for entry, _ in finished]
     samples_per_point = [samples for _, samples in finished]

@@ -100,6 +100,9 @@ class CompareSettings:
     (with its observation statistics) instead of a fresh one; the env must be the run's."""
     policy_seed_index: int = 0
     """Which seed's policy of a --policy-checkpoint run that trained several (0..seeds-1)."""
+    policy_update: int | None = None
+    """Which checkpoint of the --policy-checkpoint run (its update; default: the newest that
+    restores). A comparison records the one it read; --resume reads the same one."""
     devices: int = 1
     """Devices the start states of each estimate are split over (num_envs must divide evenly)."""
     per_step: bool = False
@@ -185,10 +188,11 @@ class CompareSettings:
     def _check_policy_checkpoint(self) -> None:
         """policy_checkpoint: a training run on this env, compared with its own network (and
         policy_seed_index one of its seeds)."""
-        if self.policy_checkpoint is None and self.policy_seed_index != 0:
-            raise SettingError(f"policy_seed_index={self.policy_seed_index!r} is read only with "
-                               "policy_checkpoint; give --policy-checkpoint RUN, or leave out "
-                               "--policy-seed-index")
+        for name, default in (("policy_seed_index", 0), ("policy_update", None)):
+            if self.policy_checkpoint is None and getattr(self, name) != default:
+                raise SettingError(f"{name}={getattr(self, name)!r} is read only with "
+                                   "policy_checkpoint; give --policy-checkpoint RUN, or leave out "
+                                   f"--{name.replace('_', '-')}")
         if self.policy_checkpoint is not None:
             from diffpg.run_files import load_settings
 
@@ -201,6 +205,16 @@ class CompareSettings:
                 raise SettingError(f"policy_seed_index={self.policy_seed_index!r} is not a seed of "
                                    f"policy_checkpoint={self.policy_checkpoint!r}; allowed: "
                                    f"0..{run.seeds - 1}")
+            if self.policy_update is not None:
+                from diffpg.checkpoints import checkpoint_updates
+
+                kept = checkpoint_updates(Path(self.policy_checkpoint))
+                if self.policy_update not in kept:
+                    raise SettingError(
+                        f"policy_update={self.policy_update!r} is not a checkpoint of "
+                        f"policy_checkpoint={self.policy_checkpoint!r} (allowed: {kept}); a "
+                        "comparison whose run trained further since no longer has its policy: "
+                        "start it again")
             if run.env != self.env:
                 raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
                                    f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")

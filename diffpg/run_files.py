@@ -124,14 +124,21 @@ def clear_run(run_dir: Path) -> None:
     otherwise outrank the new run's, and its metrics would mix with them. A file or folder that
     diffpg does not write, inside the folders it removes whole, is refused first (one line):
     ``--overwrite`` replaces a run, never a user's own files."""
-    for folder, names in RUN_FOLDER_ENTRIES.items():
+    check_only_own_files(run_dir, RUN_FOLDER_ENTRIES, "--overwrite")
+    remove_files(run_dir, RUN_FILES)
+
+
+def check_only_own_files(run_dir: Path, folders: dict, removing: str) -> None:
+    """Refuse (one line) an entry of ``folders`` (folder name -> the names diffpg writes there)
+    that diffpg does not write: what ``removing`` (an option) would delete with the folder."""
+    for folder, names in folders.items():
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():
             for entry in sorted((run_dir / folder).iterdir()):
                 if not names.fullmatch(entry.name):
-                    raise SettingError(f"{str(entry)!r} is not a file diffpg writes; --overwrite "
+                    raise SettingError(f"{str(entry)!r} is not a file diffpg writes; {removing} "
                                        f"would delete it with the run's {folder}/ folder: move it "
-                                       "away or choose another --out")
-    remove_files(run_dir, RUN_FILES)
+                                       "away" + (" or choose another --out"
+                                                 if removing == "--overwrite" else ""))
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
@@ -151,7 +158,11 @@ def tensorboard_writer(run_dir: Path, start_again: bool = False):
 
     folder = run_dir / "tensorboard"
     with file_system_errors(run_dir, "TensorBoard events"):
-        if start_again and folder.exists():
+        if start_again and folder.is_symlink():  # a link elsewhere: removed, not what it names
+            folder.unlink()
+        elif start_again and folder.exists():
+            check_only_own_files(run_dir, {"tensorboard": RUN_FOLDER_ENTRIES["tensorboard"]},
+                                 "resuming (the events are rewritten)")
             shutil.rmtree(folder)
         writer = SummaryWriter(str(folder), filename_suffix=f".{os.getpid()}.{time.time_ns()}")
     try:

@@ -137,6 +137,8 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
     state = trainer.init_run()
     rows: list[dict] = []
     if resume:
+        # Orbax removes the oldest checkpoints as new ones are saved, each folder whole.
+        check_only_checkpoint_files(run_dir, "resuming (older checkpoints are removed)")
         state, history, unreadable = restore_checkpoint(run_dir, state)
         rows = list(history["rows"])
         check_resumable_with(trainer.settings, history.get("settings"),
@@ -151,7 +153,7 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
             write_metrics(run_dir, rows)
             save_settings(trainer.settings, run_dir)  # a longer run records its new length
     elif primary:
-        check_only_checkpoint_files(run_dir)  # --overwrite removes each checkpoint whole
+        check_only_checkpoint_files(run_dir, "--overwrite")  # it removes each checkpoint whole
         with guard.critical():
             clear_run(run_dir)
             save_settings(trainer.settings, run_dir)
@@ -321,8 +323,9 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, seed: int | None = 
     return {"update": counter_value(state.update)} | summarize_seeds(evaluation, settings.seeds)
 
 
-def load_trained_policy(run_dir: Path, seed_index: int = 0):
-    """The latest policy parameters and observation statistics of a training run (of seed
-    ``seed_index`` if it trained several)."""
-    _, state = load_run(run_dir, seed_index=seed_index)
-    return state.params, state.obs_stats
+def load_trained_policy(run_dir: Path, seed_index: int = 0, checkpoint: int | None = None):
+    """The policy parameters and observation statistics of a training run's newest checkpoint
+    that restores (``checkpoint``: that update's), of seed ``seed_index`` if it trained several,
+    and the update they are from: ``(params, obs_stats, update)``."""
+    _, state = load_run(run_dir, seed_index=seed_index, checkpoint=checkpoint)
+    return state.params, state.obs_stats, counter_value(state.update)

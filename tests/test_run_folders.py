@@ -383,7 +383,21 @@ def test_overwrite_refuses_a_user_s_file_inside_a_checkpoint_and_resume_sets_asi
     error = capsys.readouterr().err.strip()
     assert f"{str(notes)!r} is not a file diffpg writes; --overwrite would delete it" in error
     assert len(error.splitlines()) == 1 and notes.read_text() == "mine"
+    # Resuming retires the oldest checkpoints, each folder whole: refused too, as is a user's
+    # file among the TensorBoard events, which a resume rewrites.
+    assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2
+    assert "resuming (older checkpoints are removed) would delete it" in capsys.readouterr().err
     notes.unlink()
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--resume", str(out), "--updates", "4"]) == 2
+    assert "resuming (the events are rewritten) would delete it" in capsys.readouterr().err
+    (out / "tensorboard" / "notes.txt").unlink()
+    # A tensorboard/ that is a link elsewhere: the link is replaced, what it names is kept.
+    (out / "tensorboard").rename(tmp_path / "events")
+    (out / "tensorboard").symlink_to(tmp_path / "events")
+    assert cli.main(["train", "--resume", str(out), "--updates", "4"]) == 0
+    assert (tmp_path / "events").is_dir() and not (out / "tensorboard").is_symlink()
+    capsys.readouterr()
     shutil.rmtree(out / "checkpoints" / "4")
     (out / "checkpoints" / "4").write_text("junk")
     assert cli.main(["train", "--resume", str(out)]) == 0

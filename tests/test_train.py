@@ -290,6 +290,9 @@ def test_compare_runs_on_a_trained_policy(tmp_path, capsys):
     assert status == 0
     results = json.loads((out / "results.json").read_text())
     assert results["num_parameters"] == sum(x.size for x in _params(trained))
+    # The checkpoint it read is recorded: a resume after the run trained further reads the
+    # same policy (or, once that checkpoint is gone, refuses), never a mix of two.
+    assert results["settings"]["policy_update"] == 2
     assert cli.main(["compare", "--env", "lqr", "--policy-checkpoint", str(run),
                      "--out", str(tmp_path / "never")]) == 2
     assert "trained on env='pendulum'" in capsys.readouterr().err
@@ -310,7 +313,8 @@ def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
     compare = CompareSettings(env="pendulum", policy_checkpoint=str(run), sweep="none",
                               horizon=4, hidden_sizes=(32, 32))
     _, policy, _ = make_env_and_policy(compare)
-    params, obs_stats = load_trained_policy(run)
+    params, obs_stats, update = load_trained_policy(run)
+    assert update == 2
     observations = jax.random.normal(jax.random.PRNGKey(3), (5, trainer.env.observation_size))
     for a, b in zip(policy.distribution(params, observations),
                     trainer.policy.distribution(trained.params, observations), strict=True):
@@ -326,6 +330,9 @@ def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
          r"policy_seed_index=1 is not a seed of .* allowed: 0\.\.0"),
         ({"policy_seed_index": 1}, "policy_seed_index=1 is read only with policy_checkpoint"),
         ({"policy_checkpoint": ""}, "policy_checkpoint='' names no folder"),
+        ({"policy_checkpoint": str(run), "policy_update": 4},
+         r"policy_update=4 is not a checkpoint of .* \(allowed: \[2\]\); a comparison whose run"),
+        ({"policy_update": 2}, "policy_update=2 is read only with policy_checkpoint"),
         ({"policy_checkpoint": str(tmp_path / "nope")}, "policy_checkpoint=.* is not a folder"),
     ]:
         with pytest.raises(SettingError, match=message):
