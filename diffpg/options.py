@@ -102,5 +102,6 @@ def check_seed(name: str, value: Any, offsets: int = 0) -> None:
     """An integer that JAX's key takes (int64), also after adding up to ``offsets`` to it."""
     if (not isinstance(value, int) or isinstance(value, bool)
             or not -(2**63) <= value <= 2**63 - 1 - offsets):
-        raise SettingError(f"{name}={value!r} must be an integer in [-2**63, 2**63 - 1 - "
-                           f"{offsets}] (a 64-bit seed{', plus the seeds after it' if offsets else ''})")
+        top = f"2**63 - 1 - {offsets}" if offsets else "2**63 - 1"
+        raise SettingError(f"{name}={value!r} must be an integer in [-2**63, {top}] (a 64-bit "
+                           f"seed{', plus the seeds after it' if offsets else ''})")
