@@ -33,7 +33,7 @@ def float32_problem(value: Any) -> str | None:
     if abs(value) > FLOAT32_MAX:
         return f"is beyond float32's range (|x| <= {FLOAT32_MAX:.4g}; inf on the device)"
     if value != 0 and abs(value) < FLOAT32_TINY:
-        return f"becomes 0 in float32 (allowed: 0 or |x| >= {FLOAT32_TINY:.4g})"
+        return f"becomes 0 in float32 (its smallest normal magnitude is {FLOAT32_TINY:.4g})"
     return None
 
 
