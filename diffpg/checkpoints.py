@@ -29,6 +29,7 @@ from diffpg.envs.core import SettingError
 from diffpg.folders import (
     file_system_errors,
     is_storage_error,
+    not_diffpg_s,
     read_regular_file,
     write_atomically,
 )
@@ -104,11 +105,7 @@ def check_only_checkpoint_files(run_dir: Path, removing: str) -> None:
             folder / f"{update}{DIGEST_SUFFIX}") or "").splitlines() if line] or [""]
         for name in _files_of(folder / str(update)) if named else []:
             if name not in named:
-                raise SettingError(f"{str(folder / str(update) / name)!r} is not a file diffpg "
-                                   f"writes; {removing} would delete it with the run's "
-                                   "checkpoints: move it away" + (
-                                       " or choose another --out"
-                                       if removing == "--overwrite" else ""))
+                raise not_diffpg_s(folder / str(update) / name, removing, "the run's checkpoints")
 
 
 def _files_of(folder: Path) -> list[str]:

@@ -150,6 +150,14 @@ def what_happened(error: OSError) -> str:
     return problem[0] if problem else (error.strerror or str(error))
 
 
+def not_diffpg_s(path: Path, removing: str, what: str) -> SettingError:
+    """The one line refusing to delete ``path``, a file diffpg does not write, which
+    ``removing`` (``--overwrite``, or a resume's own clearing) would delete with ``what``."""
+    elsewhere = " or choose another --out" if removing == "--overwrite" else ""
+    return SettingError(f"{str(path)!r} is not a file diffpg writes; {removing} would delete it "
+                        f"with {what}: move it away{elsewhere}")
+
+
 def is_storage_error(error: BaseException) -> bool:
     """Whether ``error`` is a write that failed for the file system's sake (``STORAGE_ERRORS``:
     full, over quota or the file-size limit, read-only...), not the program's."""

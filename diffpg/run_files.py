@@ -21,6 +21,7 @@ from diffpg.folders import (
     PARTIAL_PATTERN,
     atomic_path,
     file_system_errors,
+    not_diffpg_s,
     read_regular_file,
     remove_files,
     write_atomically,
@@ -135,10 +136,7 @@ def check_only_own_files(run_dir: Path, folders: dict, removing: str) -> None:
         if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink():
             for entry in sorted((run_dir / folder).iterdir()):
                 if not names.fullmatch(entry.name):
-                    raise SettingError(f"{str(entry)!r} is not a file diffpg writes; {removing} "
-                                       f"would delete it with the run's {folder}/ folder: move it "
-                                       "away" + (" or choose another --out"
-                                                 if removing == "--overwrite" else ""))
+                    raise not_diffpg_s(entry, removing, f"the run's {folder}/ folder")
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:

@@ -303,9 +303,11 @@ def check_resumable_with(settings: TrainSettings, recorded: Mapping[str, Any] | 
     checkpoint ``where`` was trained with; ``None``: a checkpoint older than the record) in
     anything but ``CHANGEABLE_ON_RESUME``: settings.json edited by hand would continue the run
     under other settings, and then describe all of it."""
+    if recorded is None:
+        return
     current = json.loads(json.dumps(settings.to_json()))  # (tuples as the record's lists)
     for name, value in current.items():
-        if recorded is None or name in CHANGEABLE_ON_RESUME or name not in recorded:
+        if name in CHANGEABLE_ON_RESUME or name not in recorded:
             continue
         pairs = ([(f"{name}.{key}", value[key], recorded[name][key]) for key in value
                   if key in recorded[name]]
