@@ -91,14 +91,16 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
-def check_only_checkpoint_files(run_dir: Path, removing: str) -> None:
+def check_only_checkpoint_files(run_dir: Path, removing: str, through_a_link: bool) -> None:
     """Refuse (one line) a file inside a checkpoint's folder that its digest record does not
     name (a user's notes, an editor's backup): ``removing`` (replacing the run, or resuming it,
-    which retires the oldest checkpoints) deletes each checkpoint whole.
+    which retires the oldest checkpoints) deletes each checkpoint whole. A ``checkpoints/`` that
+    is a link elsewhere is checked when ``removing`` works ``through_a_link`` (resuming: orbax
+    deletes inside it), not when it removes the link itself (``--overwrite``).
     (A checkpoint without a record, or with an earlier version's one-line record, is taken as
     orbax wrote it.)"""
     folder = run_dir / "checkpoints"
-    if not folder.is_dir() or folder.is_symlink():
+    if not folder.is_dir() or folder.is_symlink() and not through_a_link:
         return
     for update in checkpoint_updates(run_dir):
         _, *named = [line for line in (_digest_record_of(
@@ -278,8 +280,9 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
     digested = {step for step in updates if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
     if not updates:
-        raise SettingError(f"run={str(run_dir)!r} has no checkpoint (it stopped before its "
-                           "first; train it again into the same folder with --overwrite)")
+        raise SettingError(f"run={str(run_dir)!r} has no checkpoint yet (a run writes its "
+                           "first after its first --updates-per-call updates; one that stopped "
+                           "before: train it again into the same folder with --overwrite)")
     if update is not None:
         if update not in updates:
             raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "

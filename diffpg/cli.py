@@ -118,13 +118,13 @@ def run_compare(argv: list[str], guard) -> Path:
         try:
             results = run_comparison(settings, progress=progress, finished=finished or (),
                                      on_point=keep, keep_programs=True)
+            if not is_primary():
+                return out
+            with guard.critical():  # a signal waits until every file is written
+                written = write_outputs(results, out)
         except KeyboardInterrupt as interruption:
             interruption.kept = _comparison_kept(out)  # said on the one line main prints
             raise
-        if not is_primary():
-            return out
-        with guard.critical():  # a signal waits until every file is written
-            written = write_outputs(results, out)
     print(f"wrote {len(written)} files to {out}:")
     for path in written:
         print(f"  {path}")
@@ -141,6 +141,8 @@ def _comparison_kept(out: Path) -> str:
         done, total = results["finished_points"], results["total_points"]
     except (OSError, ValueError, KeyError):
         return "no sweep point had finished: nothing is kept"
+    if results.get("complete"):  # (the signal came while its last files were written)
+        return f"the comparison had finished: every file is written to {out}"
     return (f"{done} of {total} sweep points are kept in {out}: continue with diffpg compare "
             f"--resume {_shell_word(out)}")
 

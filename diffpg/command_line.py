@@ -137,8 +137,17 @@ def _raise_one_line(event: Any) -> None:
     raise CommandLineError(f"invalid command line ({type(event).__name__})")
 
 
+def _check_each_option_once(argv: list[str]) -> None:
+    """Refuse an option given twice (the parser would keep the last value silently)."""
+    flags = [_flag(token) for token in argv if token.startswith("--") and token != "--"]
+    twice = next((flag for at, flag in enumerate(flags) if flag in flags[:at]), None)
+    if twice is not None:
+        raise CommandLineError(f"{twice} is given twice; give it once")
+
+
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
     """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
+    _check_each_option_once(argv)
     # Below 60 columns tyro lays the help out a few words a line (COLUMNS=20: 7,950 lines for
     # diffpg train; narrower, it loops forever): such a terminal gets the 80-column layout,
     # which it wraps.
@@ -148,13 +157,6 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
         with tyro_errors.on_parse_error(_raise_one_line):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
     except _UnrecognizedArguments as error:
-        # An option given again (the last one given wins) where tyro reads no option: after an
-        # estimator's option, which starts the estimator's own options.
-        repeated = [token for token in error.tokens if token.startswith("--")
-                    and sum(_flag(other) == _flag(token) for other in argv) > 1]
-        if repeated:
-            raise CommandLineError(f"{_flag(repeated[0])} is given twice, the second time "
-                                   "among the estimator's options; give it once") from None
         raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class, prog)
                                      ) from None
     except _OptionBeforeItsSubcommand as error:  # options go anywhere, as the help says
@@ -274,6 +276,7 @@ def parse_train_command(argv: list[str]):
         if twice:
             raise CommandLineError(f"{twice[0]} is given twice, before and after the estimator's "
                                    f"name {named_estimator!r}; give it once")
+    _check_each_option_once(argv)  # (before the run or the env's configuration is read)
     if resume is not None:
         base = load_settings(Path(resume))
         if named_estimator not in (None, base.estimator):

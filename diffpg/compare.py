@@ -27,7 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from diffpg import envs, estimators, per_step, program_cache
-from diffpg.comparison_files import SAMPLES_FILE, check_finished_points
+from diffpg.comparison_files import SAMPLES_FILE, check_finished_points, samples_file_bytes_at_most
 from diffpg.comparison_settings import (
     CompareSettings,
     EstimatorSpec,
@@ -296,9 +296,10 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
     host. The samples file (every point's estimates, float32) must fit the file-size limit."""
     per_point = (len(settings.specs) * settings.num_estimates
                  + settings.reference_estimates * estimated_reference)
-    room = 2**16 + 2**10 * len(settings.points) * (len(settings.specs) + 2)  # 1 KiB an array
-    check_file_size_limit(len(settings.points) * per_point * num_parameters * 4 + room,
-                          f"the comparison's {SAMPLES_FILE}")
+    check_file_size_limit(samples_file_bytes_at_most(
+        len(settings.points) * per_point * num_parameters,
+        len(settings.points) * (len(settings.specs) + 3), dataclasses.asdict(settings)),
+        f"the comparison's {SAMPLES_FILE}")
     available = available_memory_bytes()
     if available is None:
         return None

@@ -22,6 +22,17 @@ SETTINGS_ARRAY = "settings"
 ``--resume`` compares with results.json's."""
 
 
+def samples_file_bytes_at_most(num_floats: int, num_arrays: int, settings: dict) -> int:
+    """An upper bound of the size of ``save_samples``' file: ``num_floats`` float32 values in
+    ``num_arrays`` arrays, each with its ``.npy`` header (128 bytes) and zip entries (local and
+    central headers with zip64 fields and its name twice: under 1 KiB), the settings' JSON as a
+    numpy unicode array (4 bytes a character) and the zip's end records (1 KiB). Deflate grows
+    incompressible data by 5 bytes in 16 KiB at most (counted as 1 in 1,000)."""
+    settings_bytes = 4 * len(json.dumps(settings, sort_keys=True, default=str)) + 2**10
+    data_bytes = 4 * num_floats + settings_bytes
+    return data_bytes + data_bytes // 1000 + 2**10 * (num_arrays + 1)
+
+
 def save_samples(samples_per_point: list[dict], path: Path, settings: dict | None = None) -> None:
     """Write ``run_comparison``'s ``"samples"`` as one compressed ``.npz``: array
     ``point{i}/{name}`` for sweep point ``i`` (the order of results.json's ``results``) and

@@ -211,7 +211,7 @@ def check_file_size_limit(largest_file_bytes: int, what: str,
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY and limit < largest_file_bytes:
         raise SettingError(f"the file-size limit (ulimit -f: {limit:,} bytes) is below {what} "
-                           f"(about {largest_file_bytes:,} bytes); raise it (ulimit -f "
+                           f"(up to about {largest_file_bytes:,} bytes); raise it (ulimit -f "
                            f"unlimited) or {smaller}")
 
 

@@ -138,7 +138,8 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
     rows: list[dict] = []
     if resume:
         # Orbax removes the oldest checkpoints as new ones are saved, each folder whole.
-        check_only_checkpoint_files(run_dir, "resuming (older checkpoints are removed)")
+        check_only_checkpoint_files(run_dir, "resuming (older checkpoints are removed)",
+                                    through_a_link=True)
         state, history, unreadable = restore_checkpoint(run_dir, state)
         rows = list(history["rows"])
         check_resumable_with(trainer.settings, history.get("settings"),
@@ -153,7 +154,8 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
             write_metrics(run_dir, rows)
             save_settings(trainer.settings, run_dir)  # a longer run records its new length
     elif primary:
-        check_only_checkpoint_files(run_dir, "--overwrite")  # it removes each checkpoint whole
+        # --overwrite removes each checkpoint whole (a link to them: the link)
+        check_only_checkpoint_files(run_dir, "--overwrite", through_a_link=False)
         with guard.critical():
             clear_run(run_dir)
             save_settings(trainer.settings, run_dir)

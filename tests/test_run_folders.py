@@ -387,6 +387,13 @@ def test_overwrite_refuses_a_user_s_file_inside_a_checkpoint_and_resume_sets_asi
     # file among the TensorBoard events, which a resume rewrites.
     assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2
     assert "resuming (older checkpoints are removed) would delete it" in capsys.readouterr().err
+    # The same through a checkpoints/ that is a link elsewhere (orbax deletes inside it).
+    (out / "checkpoints").rename(tmp_path / "kept")
+    (out / "checkpoints").symlink_to(tmp_path / "kept")
+    assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2
+    assert "resuming (older checkpoints are removed) would delete it" in capsys.readouterr().err
+    (out / "checkpoints").unlink()
+    (tmp_path / "kept").rename(out / "checkpoints")
     notes.unlink()
     (out / "tensorboard" / "notes.txt").write_text("mine")
     assert cli.main(["train", "--resume", str(out), "--updates", "4"]) == 2

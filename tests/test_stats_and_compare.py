@@ -135,6 +135,31 @@ def test_saved_samples_reproduce_the_reported_statistics(tmp_path, env):
         load_samples(out)
 
 
+def test_the_samples_file_bound_holds_and_is_close(tmp_path):
+    """The file-size limit is checked against ``samples_file_bytes_at_most`` before any work: it
+    must bound the file ``save_samples`` writes (incompressible float32 samples, long names), and
+    not refuse a limit far above it (it once added 64 KiB to every comparison)."""
+    from diffpg.comparison_files import samples_file_bytes_at_most, save_samples
+
+    rng = np.random.default_rng(0)
+
+    def incompressible(*shape):  # (random bits: deflate cannot shrink them)
+        return rng.integers(0, 2**32, shape, dtype=np.uint32).view(np.float32)
+
+    settings = {"estimators": ["shac:critic_hidden_sizes=(64, 64),window=4" * 3] * 4, "seed": 0}
+    for num_estimates, num_parameters in [(1, 1), (40, 300), (500, 700)]:
+        points = [{"reference": incompressible(num_parameters)}
+                  | {f"estimates/estimator_{i}_{'x' * 80}": incompressible(
+                      num_estimates, num_parameters) for i in range(3)}
+                  for _ in range(2)]
+        path = tmp_path / f"samples-{num_estimates}.npz"
+        save_samples(points, path, settings)
+        bound = samples_file_bytes_at_most(
+            sum(np.size(value) for point in points for value in point.values()), 2 * 4, settings)
+        size = path.stat().st_size
+        assert size <= bound <= 1.05 * size + 16 * 2**10, (num_estimates, size, bound)
+
+
 def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
     """``--per-step``: at every sweep point both kinds' contributions sum to their total, the
     LQR's closed-loop Jacobian is the constant matrix ``A + B K`` (one singular value at every
