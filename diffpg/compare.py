@@ -36,11 +36,7 @@ from diffpg.comparison_settings import (
     check_reference_learns_nothing,
     estimator_settings,
 )
-from diffpg.devices import (
-    available_memory_bytes,
-    shard_batch,
-    state_bytes,
-)
+from diffpg.devices import available_memory_bytes, shard_batch, state_bytes
 from diffpg.envs.core import SettingError
 from diffpg.folders import check_file_size_limit
 from diffpg.normalization import RunningStatistics, init_statistics
@@ -234,10 +230,12 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
     def sample(spec: EstimatorSpec):
         estimator = estimators.make(spec.name, at.env, at.policy,
                                     **estimator_settings(spec, settings, horizon))
+        key_number = _key_number((spec.label, settings.estimator_seed) if settings.estimator_seed
+                                 else spec.label)  # (seed 0: the keys before estimator_seed)
         return sample_gradients(
-            estimator, at.params, at.start_states,
-            jax.random.fold_in(at.key, _key_number(spec.label)), settings.num_estimates,
-            settings.critic_warmup, obs_stats=at.obs_stats, chunk_size=at.chunk_size,
+            estimator, at.params, at.start_states, jax.random.fold_in(at.key, key_number),
+            settings.num_estimates, settings.critic_warmup, obs_stats=at.obs_stats,
+            chunk_size=at.chunk_size,
             description=_estimator_description(at.description, spec.label, estimator))
 
     return [pool.submit(sample, spec) for spec in settings.specs]

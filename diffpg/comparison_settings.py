@@ -111,6 +111,10 @@ class CompareSettings:
     the closed-loop step Jacobians' largest singular values along the trajectory (analytic envs)."""
     seed: int = 0
     """Seed of the policy's initial parameters, the start states and every estimate's keys."""
+    estimator_seed: int = 0
+    """Another draw of the estimators' own keys (their critics' initialisation and warm-up, and
+    their estimates) on the same policy, start states and reference: how far a learned warm-up's
+    statistics move between draws (and between CPUs, whose rounding sends a warm-up elsewhere)."""
 
     def __post_init__(self):
         env_options = parse_options(self.env_options, "env_options")
@@ -119,6 +123,7 @@ class CompareSettings:
         envs.check(self.env, self.episode_length, self.backend, **env_options)
         check_hidden_sizes("hidden_sizes", self.hidden_sizes)
         check_seed("seed", self.seed)
+        check_seed("estimator_seed", self.estimator_seed)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
             value = getattr(self, name)
             if value is None and name == "reference_estimates":

@@ -59,11 +59,31 @@ def test_a_table_is_checked_against_the_ranges_other_roundings_gave(readme_numbe
     assert readme_numbers._cell([True, False]) == "yes / not resolved"
 
 
+def test_a_row_the_roundings_disagree_on_takes_its_range_over_other_draws_too(readme_numbers):
+    """A learned row (the roundings disagree) spans the roundings and the estimators' other
+    draws, each of its cells; a row the roundings agree on keeps its value, whatever the draws."""
+    def tables(values):
+        return [{"exact": dict.fromkeys(readme_numbers.TABLE_COLUMNS, 2.0),
+                 "learned": dict.fromkeys(readme_numbers.TABLE_COLUMNS, value)}
+                for value in values]
+
+    table = readme_numbers._table(tables([10.0, 11.0, 12.0]), tables([5.0, 20.0]))
+    rows = readme_numbers._cells(table)
+    assert rows["exact"] == ["2"] * len(readme_numbers.TABLE_COLUMNS)
+    low, high = map(float, rows["learned"][0].split(" to "))
+    assert low < 5.0 and high > 20.0
+    alone = readme_numbers._cells(readme_numbers._table(tables([10.0, 11.0, 12.0]), []))
+    assert float(alone["learned"][0].split(" to ")[1]) < 20.0
+
+
 def test_the_check_catches_a_changed_number(readme_numbers):
     """The comparison itself: a number off by more than the tolerance, or changed words, fail."""
     written = "| shac | 35.9 | 1.98 | 0.0745 | yes |\n"
     assert readme_numbers.differences(written, "| shac | 35.9 | 1.98 | 0.0746 | yes |\n", 0.02) == []
     assert readme_numbers.differences(written, "| shac | 35.9 | 2.2 | 0.0745 | yes |\n", 0.02)
+    # numpy pads an array's numbers to the widest: a last digit moves the spaces, not the words
+    assert readme_numbers.differences("[1.045044  4.4288797]", "[1.0450441 4.4288797]", 0.02) == []
+    assert readme_numbers.differences("[1.0 2.0]", "[1.0, 2.0]", 0.02)
     assert readme_numbers.differences(written, "| shac | 35.9 | 1.98 | 0.0745 | not resolved |\n",
                                       0.02)
 
