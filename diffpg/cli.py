@@ -320,14 +320,8 @@ def _free_interrupted_frames(interruption: BaseException) -> None:
 def main(argv: list[str] | None = None, received: list[int] | None = None) -> int:
     """Run one command; returns its exit status. ``received``: signals ``run`` took while the
     program was loading, acted on as soon as the command's own handling is in place."""
+    from diffpg import devices
     from diffpg.compilation_cache import default_cache_dir
-    from diffpg.devices import (
-        check_address_space,
-        check_platforms,
-        check_single_precision,
-        check_xla_flags,
-        initialize_distributed_from_environment,
-    )
     from diffpg.envs.core import SettingError
     from diffpg.folders import interruptions
     from diffpg.runs import TrainingStopped
@@ -336,8 +330,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     command = "diffpg"
     stack = contextlib.ExitStack()
     # What exists before the command is none of its garbage: frozen, a refusal's collection
-    # (_free_interrupted_frames) skips it (in a process that imported JAX and Brax: 0.8 s a
-    # refusal, then milliseconds).
+    # (_free_interrupted_frames) skips it (after JAX's and Brax's imports: 0.8 s, then 0.1 s).
     gc.freeze()
     stack.callback(gc.unfreeze)
     try:
@@ -363,11 +356,11 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         command, argv = argv[0], argv[1:]
         if command not in RUNNERS:
             raise SettingError(f"command {command!r} is not known; allowed: {list(COMMANDS)}")
-        check_xla_flags(default_cache_dir())
-        initialize_distributed_from_environment()
-        check_platforms()
-        check_single_precision()
-        check_address_space()
+        devices.check_xla_flags(default_cache_dir())
+        devices.initialize_distributed_from_environment()
+        devices.check_platforms()
+        devices.check_single_precision()
+        devices.check_address_space()
         RUNNERS[command](argv, guard)
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)

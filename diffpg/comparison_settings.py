@@ -55,7 +55,7 @@ COMPARISON_OWNS = {"horizon": "the comparison's --horizon (or its sweep)",
 @dataclasses.dataclass(frozen=True)
 class CompareSettings:
     env: Annotated[str, tyro.conf.arg(
-        help="Environment: " + ", ".join(envs.names()) + ".")] = envs.DEFAULT_ENV
+        help="Environment: " + ", ".join(envs.names_in_brief()) + ".")] = envs.DEFAULT_ENV
     backend: str | None = None
     """Brax physics backend; None: the env's measured default."""
     env_options: tuple[str, ...] = ()

@@ -93,8 +93,8 @@ class TrainSettings:
     """Every setting of a training run: the command line's, else the env's configuration, else the
     estimator's, else these defaults (diffpg.training.settings_for layers them)."""
 
-    env: Annotated[str, tyro.conf.arg(help="Environment: " + ", ".join(envs.names()) + ".")] = (
-        configs.DEFAULT_ENV)
+    env: Annotated[str, tyro.conf.arg(
+        help="Environment: " + ", ".join(envs.names_in_brief()) + ".")] = configs.DEFAULT_ENV
     env_options: tuple[str, ...] = ()
     """Environment constructor settings as key=value (e.g. velocity_cost=0.01 for pendulum)."""
     backend: str | None = None

@@ -85,6 +85,7 @@ __all__ = [
     "route_mujoco_warnings",
     "make_raw",
     "names",
+    "names_in_brief",
     "names_without_simulator",
     "register",
     "setting_names",
@@ -296,6 +297,14 @@ def names() -> tuple[str, ...]:
     """Every environment name ``make`` accepts: the analytic ones, Brax's, then Playground's
     (``"playground:TASK"``, when the ``playground`` extra is installed)."""
     return tuple(name for family in FAMILIES for name in family.names())
+
+
+def names_in_brief() -> tuple[str, ...]:
+    """``names()`` without importing a simulator, Playground's tasks as one
+    ``"playground:TASK"`` (an option's help, read whenever a command line is: importing
+    Playground takes seconds; ``diffpg --help`` lists its tasks)."""
+    return (*ANALYTIC_ENV_CLASSES, *BRAX_ENV_NAMES,
+            *([playground.PREFIX + "TASK"] if playground.installed() else []), *_REGISTERED)
 
 
 def _family(name: str) -> EnvFamily:

@@ -151,6 +151,24 @@ def test_importing_diffpg_and_envs_changes_nothing_in_the_process():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_reading_a_command_line_imports_no_playground():
+    """The env option's help once listed every env, which imported MuJoCo Playground (1.4 s and
+    its Warp) to read any ``train`` or ``compare`` command line; its tasks now read as
+    ``playground:TASK`` there (``diffpg --help`` lists them)."""
+    script = ("import sys\n"
+              "from diffpg.command_line import parse_compare_command, parse_train_command\n"
+              "parse_train_command(['--env', 'pendulum', '--updates', '2', '--updates-per-call', '2'])\n"
+              "parse_compare_command(['--env', 'lqr'])\n"
+              "print('mujoco_playground' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr[-2000:]
+    from diffpg import envs
+
+    assert "playground:TASK" in envs.names_in_brief()
+    assert set(envs.names_in_brief()) - {"playground:TASK"} < set(envs.names())
+
+
 def test_a_project_s_own_envs_package_is_the_project_s_and_diffpg_s_is_diffpg_envs(tmp_path):
     """``envs`` is a name research projects use: diffpg's environments install as
     ``diffpg.envs``, so in a project folder with its own ``envs`` package, ``import envs`` is
