@@ -91,6 +91,17 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
         return sorted(manager.all_steps())
 
 
+def never_checkpointed(run_dir: Path) -> bool:
+    """Whether a run stopped before its first checkpoint: no ``checkpoints/`` or nothing named
+    as an update there (resuming it starts it again from its settings). Anything else goes
+    through ``restore_checkpoint``, which reports what it cannot restore."""
+    folder = run_dir / "checkpoints"
+    if not (folder.exists() or folder.is_symlink()):
+        return True
+    return folder.is_dir() and not any(entry.name.split(".")[0].isdigit()
+                                       for entry in folder.iterdir())
+
+
 def check_only_checkpoint_files(run_dir: Path, removing: str, through_a_link: bool) -> None:
     """Refuse (one line) a file inside a checkpoint's folder that its digest record does not
     name (a user's notes, an editor's backup): ``removing`` (replacing the run, or resuming it,
@@ -230,8 +241,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: lis
         _remove_unfinished_saves(folder)  # nothing half-written stays
         if is_storage_error(error):
             last = checkpoint_updates(folder.parent)
-            with file_system_errors(folder.parent, f"the checkpoint of update {update} (the last "
-                            f"complete one is of update {last[-1] if last else 'none'})"):
+            earlier = f"the last complete one is of update {last[-1]}" if last else "the first"
+            with file_system_errors(folder.parent, f"the checkpoint of update {update} ({earlier})"):
                 raise
         raise
     barrier("diffpg: checkpoint saved")
@@ -282,7 +293,7 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint yet (a run writes its "
                            "first after its first --updates-per-call updates; one that stopped "
-                           "before: train it again into the same folder with --overwrite)")
+                           "before it starts again with diffpg train --resume RUN)")
     if update is not None:
         if update not in updates:
             raise SettingError(f"checkpoint={update} is not one of the run's checkpoints; "

@@ -222,9 +222,9 @@ def _what_is_kept(out: Path) -> str:
     if kept:
         return (f"the checkpoint of update {kept[-1]} is kept: continue with diffpg train "
                 f"--resume {_shell_word(out)}")
-    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
-        return ("before the first checkpoint: nothing to resume; start it again with "
-                "--overwrite (its folder holds its settings)")
+    if (out / "settings.json").is_file():
+        return (f"before the first checkpoint: diffpg train --resume {_shell_word(out)} starts "
+                "it again from its settings")
     return "before the first checkpoint: nothing to resume, start it again"
 
 

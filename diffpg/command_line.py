@@ -138,11 +138,19 @@ def _raise_one_line(event: Any) -> None:
 
 
 def _check_each_option_once(argv: list[str]) -> None:
-    """Refuse an option given twice (the parser would keep the last value silently)."""
-    flags = [_flag(token) for token in argv if token.startswith("--") and token != "--"]
-    twice = next((flag for at, flag in enumerate(flags) if flag in flags[:at]), None)
-    if twice is not None:
-        raise CommandLineError(f"{twice} is given twice; give it once")
+    """Refuse an option given twice (the parser would keep the last value silently), however
+    spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and ``--no-layer-norm``."""
+    def option(token: str) -> str:
+        name = _flag(token)[2:].replace("_", "-")
+        return name.removeprefix("no-")
+
+    given = [token for token in argv if token.startswith("--") and token != "--"]
+    for at, token in enumerate(given):
+        earlier = next((other for other in given[:at] if option(other) == option(token)), None)
+        if earlier is not None:
+            twice = (f"{_flag(token)} is given twice" if _flag(earlier) == _flag(token) else
+                     f"{_flag(earlier)} and {_flag(token)} are one option given twice")
+            raise CommandLineError(f"{twice}; give it once")
 
 
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:

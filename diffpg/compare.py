@@ -40,7 +40,7 @@ from diffpg.devices import available_memory_bytes, shard_batch, state_bytes
 from diffpg.envs.core import SettingError
 from diffpg.folders import check_file_size_limit
 from diffpg.normalization import RunningStatistics, init_statistics
-from diffpg.options import parse_options
+from diffpg.options import parse_options, seed_key
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
 from diffpg.sampling import sample_gradients
@@ -141,7 +141,7 @@ def run_comparison(settings: CompareSettings,
     check_estimators_fit(settings, built[-1][0], policy)  # (the reference learns nothing)
     chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
                                    estimated_reference=reference_kind != "exact")
-    key = jax.random.PRNGKey(settings.seed)
+    key = seed_key(settings.seed)
     key_params, key_states, key_run = jax.random.split(key, 3)
     params, obs_stats = policy.init(key_params), None
     if settings.policy_checkpoint is not None:

@@ -105,3 +105,14 @@ def check_seed(name: str, value: Any, offsets: int = 0) -> None:
         top = f"2**63 - 1 - {offsets}" if offsets else "2**63 - 1"
         raise SettingError(f"{name}={value!r} must be an integer in [-2**63, {top}] (a 64-bit "
                            f"seed{', plus the seeds after it' if offsets else ''})")
+
+
+def seed_key(seed: int):
+    """``jax.random.PRNGKey`` of any seed ``check_seed`` allows. JAX (32-bit integers) keeps a
+    seed's low 32 bits only, so seeds 2**32 apart (and -1 and 2**63 - 1) drew the same keys:
+    the high 32 bits are folded in (a seed in [0, 2**32) keeps the key it always had)."""
+    import jax
+
+    low, high = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    key = jax.random.PRNGKey(low)
+    return jax.random.fold_in(key, high) if high else key

@@ -27,6 +27,7 @@ from diffpg.checkpoints import (
     check_only_checkpoint_files,
     checkpoint_manager,
     counter_value,
+    never_checkpointed,
     restore_checkpoint,
     save_checkpoint,
     set_aside,
@@ -42,7 +43,7 @@ from diffpg.folders import (
     interruptions,
     run_lock,
 )
-from diffpg.options import check_seed
+from diffpg.options import check_seed, seed_key
 from diffpg.run_files import (
     clear_run,
     load_settings,
@@ -136,6 +137,7 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
     advice to resume failed)."""
     state = trainer.init_run()
     rows: list[dict] = []
+    resume = resume and not never_checkpointed(run_dir)  # (else: again from its settings)
     if resume:
         # Orbax removes the oldest checkpoints as new ones are saved, each folder whole.
         check_only_checkpoint_files(run_dir, "resuming (older checkpoints are removed)",
@@ -186,7 +188,7 @@ class Run:
 
     def __post_init__(self):
         self.walltime = float(self.rows[-1]["training/walltime"]) if self.rows else 0.0
-        self.eval_key = jax.random.PRNGKey(self.trainer.settings.seed + 1)
+        self.eval_key = seed_key(self.trainer.settings.seed + 1)
 
 
 def _train_one_call(run: Run, state: TrainState) -> tuple[TrainState, dict]:
@@ -289,6 +291,10 @@ def load_run(run_dir: Path, seed_index: int | None = None, checkpoint: int | Non
     evaluation."""
     # Read on one device: a run trained over several reads and evaluates anywhere.
     settings = dataclasses.replace(load_settings(run_dir), devices=1)
+    seeds = settings.seeds
+    if seed_index is not None and not (type(seed_index) is int and 0 <= seed_index < seeds):
+        raise SettingError(f"seed_index={seed_index!r} is not a seed of run={str(run_dir)!r}, "
+                           f"which trained {seeds}; allowed: 0..{seeds - 1}")
     if eval_envs is not None:
         settings = dataclasses.replace(settings, eval_envs=eval_envs)  # validated again
     trainer = make_trainer(settings)
@@ -296,11 +302,8 @@ def load_run(run_dir: Path, seed_index: int | None = None, checkpoint: int | Non
     for update, reason in unreadable:
         print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); using "
               f"the one of update {counter_value(state.update)}", file=sys.stderr)
-    seeds = trainer.settings.seeds
     if seed_index is None or seeds == 1:
         return trainer, state
-    if not 0 <= seed_index < seeds:
-        raise SettingError(f"seed_index={seed_index} must be in 0..{seeds - 1}")
     return trainer, select_seed(state, seed_index)
 
 
@@ -320,7 +323,7 @@ def evaluate_run(run_dir: Path, episodes: int | None = None, seed: int | None = 
             raise
         raise SettingError(str(error).replace("eval_envs", "episodes")) from None
     settings = trainer.settings
-    key = jax.random.PRNGKey(settings.seed + 1 if seed is None else seed)
+    key = seed_key(settings.seed + 1 if seed is None else seed)
     evaluation = trainer.evaluate(state, key)
     return {"update": counter_value(state.update)} | summarize_seeds(evaluation, settings.seeds)
 

@@ -63,7 +63,7 @@ from diffpg.normalization import (
     normalize,
     update_statistics,
 )
-from diffpg.options import check_not_owned, check_seed, parse_options
+from diffpg.options import check_not_owned, check_seed, parse_options, seed_key
 from diffpg.policy import Params, Policy, make_gaussian_mlp_policy
 from diffpg.sampling import STATE_COPIES_WHILE_UPDATING
 from diffpg.stats import (
@@ -703,13 +703,13 @@ def compile_over_seeds_and_devices(parts: _Parts) -> Trainer:
     run, evaluate_one = functools.partial(run_updates, parts), functools.partial(evaluate, parts)
     if settings.seeds == 1:
         def init_run() -> TrainState:
-            return init(jax.random.PRNGKey(settings.seed))
+            return init(seed_key(settings.seed))
 
         evaluate_all = evaluate_one
     else:
         def init_run() -> TrainState:
-            seeds = settings.seed + jnp.arange(settings.seeds)
-            return jax.vmap(lambda s: init(jax.random.PRNGKey(s)))(seeds)
+            keys = [seed_key(settings.seed + index) for index in range(settings.seeds)]
+            return jax.vmap(init)(jnp.stack(keys))
 
         # Every seed is evaluated on the same starts and noise (common random numbers).
         run, evaluate_all = jax.vmap(run), jax.vmap(evaluate_one, (0, None))

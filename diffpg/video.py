@@ -19,6 +19,7 @@ from diffpg.envs import drawing
 from diffpg.envs.core import SettingError
 from diffpg.folders import atomic_path, check_file_size_limit, check_file_writable
 from diffpg.normalization import RunningStatistics
+from diffpg.options import seed_key
 from diffpg.policy import Params, Policy
 
 
@@ -118,7 +119,7 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
                           "draw fewer frames (--every)")
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.obs_stats,
-        jax.random.PRNGKey(episode_seed), trainer.env.episode_length)
+        seed_key(episode_seed), trainer.env.episode_length)
     settings = trainer.settings
     title = (f"{settings.env} ({settings.estimator}), {Path(run_dir).resolve().name}"
              + (f" seed {seed_index}" if settings.seeds > 1 else "")

@@ -106,8 +106,9 @@ def test_a_file_size_limit_below_a_comparison_s_samples_is_one_line_before_any_w
     import sys
 
     out = tmp_path / "comparison"
-    done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", *COMPARE,
-                                                  "--num-estimates", "2000", "--out", str(out)]),
+    arguments = [*COMPARE, "--out", str(out)]
+    arguments[arguments.index("--num-estimates") + 1] = "5000"  # (80,000 bytes of samples)
+    done = subprocess.run(under_ulimit("-f", 64, [sys.executable, "-m", "diffpg.cli", *arguments]),
                           capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "error" in line]

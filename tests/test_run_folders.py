@@ -298,6 +298,10 @@ def test_an_interrupted_run_says_what_it_kept(tmp_path, monkeypatch, capsys):
     assert "interrupted (SIGTERM); the checkpoint of update 4 is kept" in err
     assert [r["update"] for r in _rows(out)] == ["2", "4"]  # the row of the saved update too
     assert "nothing to resume" in cli._what_is_kept(tmp_path / "empty")
+    (tmp_path / "settings_only").mkdir()
+    (tmp_path / "settings_only" / "settings.json").write_text("{}")
+    assert ("diffpg train --resume" in cli._what_is_kept(tmp_path / "settings_only")
+            and "starts it again from its settings" in cli._what_is_kept(tmp_path / "settings_only"))
 
 
 # ----------------------------------------------------------------------------- 4. checkpoints
@@ -481,18 +485,29 @@ def test_a_restore_s_reason_leaves_out_what_tensorstore_appends_for_programs():
     assert _reason(error) == 'NOT_FOUND: Error opening "ocdbt" driver.'
 
 
-def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it(
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_from_its_settings(
         tmp_path, capsys):
-    """"start it again" alone sent the user to a command that refuses the existing folder."""
+    """A run stopped before its first checkpoint holds its settings only: the stop's line and
+    eval's advised --overwrite, which without the run's options trained the defaults. --resume
+    starts it again from settings.json, as the line now says, and ends where a fresh run does."""
     from diffpg.run_files import save_settings
 
     out = tmp_path / "run"
     out.mkdir()
     save_settings(_small(updates=4), out)
-    assert cli.main(["train", "--resume", str(out)]) == 2
+    assert cli.main(["eval", str(out)]) == 2
     error = capsys.readouterr().err
-    assert len(error.strip().splitlines()) == 1 and "has no checkpoint" in error
-    assert "--overwrite" in error
+    assert len(error.strip().splitlines()) == 1 and "has no checkpoint yet" in error
+    assert "diffpg train --resume RUN" in error
+    assert cli.main(["train", "--resume", str(out)]) == 0
+    fresh = tmp_path / "fresh"
+    train(_small(updates=4), fresh)
+    def learned(run):  # (the rows without their timings)
+        return [{k: v for k, v in row.items() if k not in ("training/sps", "training/walltime")}
+                for row in _rows(run)]
+
+    assert learned(out) == learned(fresh) and len(learned(out)) == 2
+    shutil.rmtree(out / "checkpoints")
     (out / "checkpoints").write_text("not the checkpoints")  # a file where they belong
     assert cli.main(["train", "--resume", str(out)]) == 2
     error = capsys.readouterr().err
