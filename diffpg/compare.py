@@ -138,7 +138,7 @@ def run_comparison(settings: CompareSettings,
     # Sizes against the memory before anything compiles (the parameters' shapes are traced).
     num_parameters = sum(leaf.size for leaf in jax.tree.leaves(
         jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0)))))
-    check_estimators_fit(settings, built[-1][0], policy)  # (the reference learns nothing)
+    check_estimators_fit(settings, [env for env, _, _ in built], policy)
     chunk_size = estimates_at_once(settings, [env for env, _, _ in built], num_parameters,
                                    estimated_reference=reference_kind != "exact")
     key = seed_key(settings.seed)
@@ -246,8 +246,7 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
                       progress: Callable[[str], None]) -> tuple[dict, dict]:
     """One sweep point: the reference gradient, then each estimator's samples (the futures
     ``start_estimators()`` returns once the reference is done: ``_queue_estimators``' or those it
-    queued before) and statistics (and the per-step split). Returns its results.json entry and
-    its samples (``save_samples``)."""
+    queued before) and statistics (and the per-step split): its results.json entry and samples."""
     point, horizon = at.point, at.point.horizon
     where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
     progress(f"{where}: reference ({reference_kind})")
@@ -263,7 +262,10 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
     per_estimator = {}
     for spec, future in zip(settings.specs, start_estimators(), strict=True):
         progress(f"{where}: {spec.label}")
-        samples, timing = future.result()
+        try:
+            samples, timing = future.result()
+        except SettingError as error:  # (refused as its program is traced: the point's sizes)
+            raise SettingError(f"estimators: {spec.label} at {where}: {error}") from None
         per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
         point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
     entry = {

@@ -302,15 +302,24 @@ def estimator_settings(spec: EstimatorSpec, settings: CompareSettings, horizon: 
                                           **dict(spec.overrides))
 
 
-def check_estimators_fit(settings: CompareSettings, env, policy) -> None:
-    """Each estimator's state (its critics, their optimiser's moments, its replay buffer)
-    against the memory available, from its shapes at the sweep's last point, before anything
-    is allocated (errors name the estimator's spec)."""
+def check_estimators_fit(settings: CompareSettings, point_envs: list, policy) -> None:
+    """Each estimator built at every sweep point (``point_envs``: each point's env), so that a
+    setting one point refuses (e.g. more critic minibatches than a short horizon's samples) is
+    one line naming the spec and the point before anything compiles; then its state (critics,
+    their optimiser's moments, its replay buffer) against the memory available, from its shapes
+    at the sweep's last point, before anything is allocated."""
     from diffpg.sampling import check_state_fits
 
     for spec in settings.specs:
-        check_state_fits(estimators.make(spec.name, env, policy, **estimator_settings(
-            spec, settings, settings.points[-1].horizon)), policy, spec.label)
+        for point, env in zip(settings.points, point_envs, strict=True):
+            try:
+                estimator = estimators.make(spec.name, env, policy, **estimator_settings(
+                    spec, settings, point.horizon))
+            except SettingError as error:
+                where = (f"horizon={point.horizon}" if settings.sweep in ("horizon", "none")
+                         else f"{settings.sweep}={point.value:g}")
+                raise SettingError(f"estimators: {spec.label} at {where}: {error}") from None
+        check_state_fits(estimator, policy, spec.label)
 
 
 def check_reference_learns_nothing(settings: CompareSettings, spec_text: str, env, policy

@@ -460,3 +460,14 @@ def test_a_detection_limit_above_one_is_flagged_with_the_options_that_lower_it(t
     assert _uninformative_lines({"a": {"relative_bias_detection_limit": 0.5}}, "exact") == []
     assert "--reference-estimates" in _uninformative_lines(
         {"a": {"relative_bias_detection_limit": 5.0}}, "reinforce")[-1]
+
+
+def test_a_setting_refused_where_an_estimator_is_traced_names_the_spec_and_the_point(
+        tmp_path, capsys):
+    """SHAC's critic minibatches are checked against its samples per update when its program is
+    traced (the sizes are known there): the line names the spec and the sweep point."""
+    assert cli.main(["compare", "--env", "lqr", "--estimators", "bptt", "shac", "--sweep",
+                     "none", "--horizon", "1", "--num-envs", "2", "--num-estimates", "2",
+                     "--critic-warmup", "1", "--out", str(tmp_path / "run")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: estimators: shac at T=1: critic_minibatches=4 is more than the 2" in line, line
