@@ -14,7 +14,13 @@ import tyro
 from diffpg import envs, estimators
 from diffpg.devices import check_devices
 from diffpg.envs.core import SettingError
-from diffpg.estimators.base import LARGEST_INT, check_hidden_sizes, check_positive_int
+from diffpg.estimators.base import (
+    LARGEST_INT,
+    MOST_PASSES,
+    check_hidden_sizes,
+    check_passes,
+    check_positive_int,
+)
 from diffpg.options import check_not_owned, check_seed, parse_options, parse_spec
 
 SWEEPS = ("none", "horizon", "stiffness", "batch")
@@ -137,10 +143,8 @@ class CompareSettings:
         if self.reference_estimates is not None and self.reference_estimates < 2:
             raise SettingError(f"reference_estimates={self.reference_estimates} must be at least "
                                "2 (the reference's standard error)")
-        if self.critic_warmup is not None and (not isinstance(self.critic_warmup, int)
-                                               or not 0 <= self.critic_warmup <= LARGEST_INT):
-            raise SettingError(f"critic_warmup={self.critic_warmup!r} must be an integer in "
-                               f"0..{LARGEST_INT:,} (JAX's int32)")
+        if self.critic_warmup is not None:
+            check_passes("critic_warmup", self.critic_warmup, least=0)
         if self.sweep not in SWEEPS:
             raise SettingError(f"sweep={self.sweep!r} is not allowed; allowed values: {list(SWEEPS)}")
         labels = [EstimatorSpec.parse(text).label for text in self.estimators]
@@ -255,13 +259,14 @@ class CompareSettings:
     def resolved(self) -> CompareSettings:
         """These settings with the sizes that follow num_estimates filled in (a small
         comparison is small throughout): reference_estimates = 16 x num_estimates, critic_warmup
-        = 200 x num_estimates / 64 rounded up, where not given (each at most ``LARGEST_INT``)."""
+        = 200 x num_estimates / 64 rounded up, where not given (at most ``LARGEST_INT`` and
+        ``MOST_PASSES``)."""
         return dataclasses.replace(
             self,
             reference_estimates=(self.reference_estimates
                                  or min(16 * self.num_estimates, LARGEST_INT)),
             critic_warmup=(self.critic_warmup if self.critic_warmup is not None
-                           else min(-(-200 * self.num_estimates // 64), LARGEST_INT)))
+                           else min(-(-200 * self.num_estimates // 64), MOST_PASSES)))
 
     @property
     def horizons(self) -> tuple[int, ...]:

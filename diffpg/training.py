@@ -48,6 +48,7 @@ from diffpg.devices import (
 )
 from diffpg.envs.core import SettingError, State
 from diffpg.estimators.base import (
+    LARGEST_INT,
     EstimatorState,
     check_betas,
     check_bool_fields,
@@ -185,6 +186,10 @@ class TrainSettings:
         for name in ("num_envs", "updates", "updates_per_call", "epochs", "minibatches",
                      "eval_envs", "seeds", "max_consecutive_nonfinite"):
             check_positive_int(name, getattr(self, name))
+        steps = self.updates * self.epochs * self.minibatches  # (the optimiser's step count)
+        if steps > LARGEST_INT:
+            raise SettingError(f"updates x epochs x minibatches = {steps:,} optimiser steps is "
+                               f"above {LARGEST_INT:,} (JAX's int32 step count); lower one")
         check_positive("learning_rate", self.learning_rate)
         check_non_negative("final_learning_rate", self.final_learning_rate)
         check_non_negative("health_shaping", self.health_shaping)

@@ -82,10 +82,22 @@ LARGEST_INT = 2**31 - 1
 """The largest integer a setting may hold: JAX counts, indexes and sizes in int32."""
 
 
+MOST_PASSES = 2**24
+"""The most passes a setting may ask of one scan (critic fitting passes, warm-up rounds): each
+keeps its key and loss on the device, 2**31 of them 60 GB; SHAC's critic takes 16."""
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= LARGEST_INT:
         raise SettingError(f"{name}={value!r} must be a positive integer (1..{LARGEST_INT:,}: "
                            "JAX's int32)")
+
+
+def check_passes(name: str, value: Any, least: int = 1) -> None:
+    """A count of a scan's passes: an integer in ``least..MOST_PASSES``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= MOST_PASSES:
+        raise SettingError(f"{name}={value!r} must be an integer in {least}..{MOST_PASSES:,} "
+                           "(each pass keeps a key and a loss on the device)")
 
 
 def _in_unit_interval(value: Any, closed_right: bool = True) -> bool:
@@ -164,7 +176,7 @@ def check_critic_fit(settings: Any) -> None:
     check_hidden_sizes("critic_hidden_sizes", settings.critic_hidden_sizes)
     check_positive("critic_learning_rate", settings.critic_learning_rate)
     check_betas("critic_betas", settings.critic_betas)
-    check_positive_int("critic_iterations", settings.critic_iterations)
+    check_passes("critic_iterations", settings.critic_iterations)
     check_positive_int("critic_minibatches", settings.critic_minibatches)
     if hasattr(settings, "target_critic_keep"):
         check_unit_interval("target_critic_keep", settings.target_critic_keep)
