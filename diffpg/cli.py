@@ -383,21 +383,29 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
     except OSError as error:  # the file system refused a path or a write: not a defect
-        from diffpg.folders import storage_problem
-
-        problem = storage_problem(error)
-        if problem is None:
-            _print_defect(command, error)
-            return 1
-        where = f" at {error.filename!r}" if error.filename else ""
-        print(f"{_name(command)}: error: {problem[0]}{where}; {problem[1]}", file=sys.stderr)
-        return 2
+        return _storage_error(command, error)
+    except SystemExit as exit_info:  # --help printed (to a full device: run() says so)
+        return exit_info.code if isinstance(exit_info.code, int) else 2
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
         _print_defect(command, error)
         return 1
     finally:
         stack.close()
     return 0
+
+
+def _storage_error(command: str, error: OSError) -> int:
+    """The one line (status 2) of a path or write the file system refused; another ``OSError``
+    is a defect (status 1)."""
+    from diffpg.folders import storage_problem
+
+    problem = storage_problem(error)
+    if problem is None:
+        _print_defect(command, error)
+        return 1
+    where = f" at {error.filename!r}" if error.filename else ""
+    print(f"{_name(command)}: error: {problem[0]}{where}; {problem[1]}", file=sys.stderr)
+    return 2
 
 
 def _print_defect(command: str, error: BaseException) -> None:
@@ -494,7 +502,14 @@ def run() -> None:
         sys.stderr = GuardedOutput(sys.stderr, stops_on_broken_pipe=False)
     import diffpg
 
-    diffpg.setup()
+    try:
+        diffpg.setup()
+    except ValueError as error:  # JAX refused one of its environment variables at import
+        if "JAX flag" not in str(error):
+            raise
+        print(f"diffpg: error: {error} (a JAX_ environment variable); fix or unset it",
+              file=sys.stderr)
+        sys.exit(2)
     status = main(received=received)
     if sys.stdout is not None:
         sys.stdout.flush()  # what is buffered is written now, its failure reported below

@@ -75,26 +75,35 @@ def check_platforms() -> None:
     """A one-line ``SettingError`` for a ``JAX_PLATFORMS`` that names a platform this machine
     cannot start (``gpu`` where no GPU is): JAX raises at the first computation, mid-command.
     Starts the backend, so it comes after ``initialize_distributed_from_environment``."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
-    if not platforms:
-        return
-    try:
-        jax.devices()
-    except (RuntimeError, AssertionError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise SettingError(f"JAX_PLATFORMS={platforms!r} names a platform this machine cannot "
-                           f"start ({reason}); unset JAX_PLATFORMS or name one it has (cpu)"
-                           ) from None
+    for variable in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME"):  # (the second: JAX's older name)
+        platforms = os.environ.get(variable, "").strip()
+        if not platforms:
+            continue
+        try:
+            jax.devices()
+        except (RuntimeError, AssertionError, ValueError) as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise SettingError(f"{variable}={platforms!r} names a platform this machine cannot "
+                               f"start ({reason}); unset {variable} or name one it has (cpu)"
+                               ) from None
 
 
 def check_single_precision() -> None:
     """A one-line ``SettingError`` under ``JAX_ENABLE_X64``: diffpg's runs compute in float32
     (its settings are checked in it, its checkpoints hold it); 64-bit mode changed results
-    silently, and a run resumed without it continued in mixed precision."""
+    silently, and a run resumed without it continued in mixed precision. So for JAX's keys:
+    another generator (``JAX_DEFAULT_PRNG_IMPL``) or splitting (``JAX_THREEFRY_PARTITIONABLE``)
+    draws other numbers from the same seed, and a run resumed under it continued another run."""
     if jax.config.jax_enable_x64:
         raise SettingError("JAX_ENABLE_X64 is set, but diffpg's commands compute in float32 "
                            "(their checks, checkpoints and programs assume it); unset "
                            "JAX_ENABLE_X64")
+    for variable, value, expected in (
+            ("JAX_DEFAULT_PRNG_IMPL", jax.config.jax_default_prng_impl, "threefry2x32"),
+            ("JAX_THREEFRY_PARTITIONABLE", jax.config.jax_threefry_partitionable, True)):
+        if value != expected:
+            raise SettingError(f"{variable} sets {value!r}, but diffpg's seeds, checkpoints and "
+                               f"results are drawn with {expected!r}; unset {variable}")
 
 
 def check_devices(devices: Any, num_envs: int) -> None:

@@ -385,9 +385,7 @@ def test_every_command_s_help_is_plain_text_with_one_default_per_option(command,
     from diffpg.comparison_settings import SWEEPS
 
     monkeypatch.setenv("COLUMNS", "250")
-    with pytest.raises(SystemExit) as stopped:
-        cli.main([*command.split(), "--help"])
-    assert stopped.value.code == 0
+    assert cli.main([*command.split(), "--help"]) == 0
     text = capsys.readouterr().out
     assert "``" not in text
     lines = [line for line in text.splitlines() if "(default: None)" in line]
@@ -440,13 +438,14 @@ def test_a_full_output_device_neither_stops_a_run_nor_hides_that_its_output_was_
     import sys
 
     command = [sys.executable, "-m", "diffpg.cli"]
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([*command, "--version"], stdout=full, stderr=subprocess.PIPE,
-                              text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("diffpg: error: standard output could not be written (no "
-                                  "space left"), done.stderr
-    assert len(done.stderr.splitlines()) == 1, done.stderr
+    for asked, name in ((["--version"], "diffpg"), (["train", "--help"], "diffpg train")):
+        with open("/dev/full", "w") as full:  # (a command's help was lost silently, status 0)
+            done = subprocess.run([*command, *asked], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"{name}: error: standard output could not be written "
+                                      "(no space left"), done.stderr
+        assert len(done.stderr.splitlines()) == 1, done.stderr
     run = tmp_path / "run"
     with open("/dev/full", "w") as full:
         done = subprocess.run([*command, "train", "--env", "pendulum", "--horizon", "4",

@@ -244,12 +244,18 @@ def test_brax_env_options_hold_the_kind_of_their_default():
 
 @pytest.mark.parametrize("variables, named", [
     ({"JAX_ENABLE_X64": "1"}, "JAX_ENABLE_X64 is set"),
+    # another key generator or splitting: other numbers from the same seed, silently
+    ({"JAX_DEFAULT_PRNG_IMPL": "rbg"}, "JAX_DEFAULT_PRNG_IMPL sets 'rbg'"),
+    ({"JAX_THREEFRY_PARTITIONABLE": "0"}, "JAX_THREEFRY_PARTITIONABLE sets False"),
+    ({"JAX_PLATFORM_NAME": "gpu"}, "JAX_PLATFORM_NAME='gpu' names a platform"),
+    ({"JAX_DEFAULT_MATMUL_PRECISION": "bogus"}, 'Invalid value "bogus" for JAX flag'),
     ({"DIFFPG_COORDINATOR_ADDRESS": "127.0.0.1:1", "DIFFPG_NUM_PROCESSES": "2",
       "DIFFPG_PROCESS_ID": "5"}, "DIFFPG_PROCESS_ID=5 must be in 0..1"),
 ])
 def test_an_environment_variable_a_command_cannot_honour_is_one_line(variables, named):
-    """64-bit mode changed results silently (and a run resumed without it mixed precisions);
-    a process number beyond the processes was a traceback."""
+    """64-bit mode or another key generator changed results silently (and a run resumed
+    without it mixed them); a process number beyond the processes, JAX's older platform
+    variable and a JAX variable JAX itself refuses were tracebacks."""
     import os
     import sys
 
