@@ -125,9 +125,9 @@ def run_compare(argv: list[str], guard) -> Path:
         except KeyboardInterrupt as interruption:
             interruption.kept = _comparison_kept(out)  # said on the one line main prints
             raise
-    print(f"wrote {len(written)} files to {out}:")
+    print(f"wrote {len(written)} files to {_printable(out)}:")
     for path in written:
-        print(f"  {path}")
+        print(f"  {_printable(path)}")
     print((out / "report.md").read_text().split("## Reading")[0].split("## At horizon")[-1])
     return out
 
@@ -142,8 +142,8 @@ def _comparison_kept(out: Path) -> str:
     except (OSError, ValueError, KeyError):
         return "no sweep point had finished: nothing is kept"
     if results.get("complete"):  # (the signal came while its last files were written)
-        return f"the comparison had finished: every file is written to {out}"
-    return (f"{done} of {total} sweep points are kept in {out}: continue with diffpg compare "
+        return f"the comparison had finished: every file is written to {_printable(out)}"
+    return (f"{done} of {total} sweep points are kept in {_printable(out)}: continue with diffpg compare "
             f"--resume {_shell_word(out)}")
 
 
@@ -182,7 +182,7 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
         if is_primary():
             print(f"diffpg train: {settings.env} with {settings.estimator}: {settings.num_envs} "
                   f"envs x {settings.horizon} steps, {settings.updates} updates (defaults: "
-                  f"{source}); run folder {out}", file=sys.stderr)
+                  f"{source}); run folder {_printable(out)}", file=sys.stderr)
         bar = tqdm(total=settings.updates, initial=start, desc="train", unit="update",
                    file=sys.stderr, disable=not is_primary())
 
@@ -202,16 +202,27 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
             bar.close()
     if is_primary():
         print(f"{int(state.update.ravel()[0])} updates, {int(state.env_steps.ravel()[0])} env "
-              f"steps; run folder: {out}")
+              f"steps; run folder: {_printable(out)}")
     return out
 
 
+def _printable(path: Path) -> str:
+    """``path`` as printed: itself, or quoted with its escapes where it holds a control
+    character (a newline would split the line a script reads, an escape would reach the
+    terminal)."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _shell_word(path: Path) -> str:
-    """``path`` as a shell reads it back as one word, and not as an option (``./-x``)."""
+    """``path`` as a shell reads it back as one word, and not as an option (``./-x``); with a
+    control character, in bash's ``$'...'`` quoting, its escapes spelt out."""
     import shlex
 
-    text = str(path)
-    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+    text = f"./{path}" if str(path).startswith("-") else str(path)
+    if not text.isprintable():
+        return "$'" + text.encode("unicode_escape").decode().replace("'", "\\'") + "'"
+    return shlex.quote(text)
 
 
 def _what_is_kept(out: Path) -> str:
@@ -248,7 +259,7 @@ def run_video(argv: list[str], guard) -> None:
     command = parse_run_command(argv, "diffpg video", video=True)
     check_positive_int("every", command.every)
     gif = video_of_run(command.run_dir, command.out, command.every, command.seed_index)
-    print(f"wrote {gif}")
+    print(f"wrote {_printable(gif)}")
 
 
 RUNNERS = {"compare": run_compare, "train": run_train, "eval": run_eval, "video": run_video}

@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -599,3 +600,18 @@ def test_a_title_in_a_script_the_font_lacks_is_drawn_without_warnings(tmp_path):
         video.save_gif(None, np.arange(4.0).reshape(2, 2), np.ones(1), tmp_path / "p.gif",
                        title=title)
     assert (tmp_path / "curve.png").exists() and (tmp_path / "p.gif").exists()
+
+
+def test_a_path_with_control_characters_is_printed_escaped(tmp_path, capsys):
+    """A newline in --out split the "wrote N files" listing across lines (a script reading it
+    line by line misreads it) and an escape code reached the terminal: such paths print
+    quoted with their escapes, and the shell word a stop suggests reads back as the path."""
+    out = tmp_path / "new\nline\x1b[31m"
+    assert cli.main(SMALL_COMPARE + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and f"wrote 5 files to {str(out)!r}:" in printed
+    listing = printed.split(":\n", 1)[1].splitlines()[:5]
+    assert all(line.startswith("  '") and "\\nline\\x1b[31m/" in line for line in listing), listing
+    word = cli._shell_word(out)
+    done = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True)
+    assert done.stdout == str(out)
