@@ -44,12 +44,7 @@ from diffpg.options import parse_options, seed_key
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
 from diffpg.sampling import sample_gradients
-from diffpg.stats import (
-    bootstrap_interval,
-    gradient_statistics,
-    reference_from_samples,
-    variance_trace,
-)
+from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
 
 def make_env_and_policy(settings: CompareSettings, env_settings: dict | None = None
@@ -293,7 +288,7 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
     error naming it. One estimate keeps ``num_envs`` simulated states for each of its ``horizon + 1``
     steps for the reverse pass (a lower bound of what it needs; four times that is allowed per
     estimate at once), and the samples are ``[K, P]`` float32 arrays, on the device and on the
-    host. The samples file (every point's estimates, float32) must fit the file-size limit."""
+    host (at least 2: beyond that, the network's size is named). The samples file must fit."""
     per_point = (len(settings.specs) * settings.num_estimates
                  + settings.reference_estimates * estimated_reference)
     check_file_size_limit(samples_file_bytes_at_most(
@@ -312,12 +307,13 @@ def estimates_at_once(settings: CompareSettings, point_envs: list, num_parameter
             f"{per_estimate / 2**30:,.1f} GiB for one estimate's simulated states, and about "
             f"{available / 2**30:,.1f} GiB are available; lower num_envs or horizon")
     for name in ("num_estimates", "reference_estimates")[:1 + estimated_reference]:
-        needed = 2 * getattr(settings, name) * num_parameters * 4
+        needed, fits = 2 * getattr(settings, name) * num_parameters * 4, available // (8 * num_parameters)
         if needed > available:
             raise SettingError(
                 f"{name}={getattr(settings, name)} gradients of {num_parameters} parameters need "
-                f"{needed / 2**30:,.1f} GiB, and about {available / 2**30:,.1f} GiB are "
-                f"available; lower {name}")
+                f"{needed / 2**30:,.1f} GiB, and about {available / 2**30:,.1f} GiB are available; "
+                + (f"lower {name} (at most {fits:,} fit)" if fits >= 2 else "lower hidden_sizes "
+                   f"{settings.hidden_sizes} (not even 2 of its gradients fit)"))
     at_once = available // (4 * per_estimate)
     largest = max(settings.num_estimates, settings.reference_estimates * estimated_reference)
     return None if at_once >= largest else max(1, int(at_once))

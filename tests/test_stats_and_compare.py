@@ -209,7 +209,9 @@ def test_compare_per_step_splits_the_variance_and_writes_it(tmp_path):
         (["--seed", str(2**64)], "seed="),
         # sizes beyond this machine's memory, refused before compiling
         (["--num-envs", str(10**9)], "for one estimate's simulated states"),
-        (["--num-estimates", str(2 * 10**9)], "lower num_estimates"),
+        (["--num-estimates", str(2 * 10**9)], "lower num_estimates (at most"),
+        (["--env", "pendulum", "--estimators", "bptt", "--hidden-sizes", "100000", "100000",
+          "--num-estimates", "2"], "lower hidden_sizes (100000, 100000) (not even 2 of its"),
         (["--env", "pendulum", "--reference-estimates", str(2 * 10**9)], "lower reference_estimates"),
         (["--estimators", "bptt", "shac:critic_hidden_sizes=(2147483648,)"],
          "critic_hidden_sizes=(2147483648,) must be a tuple of positive integers (each at most"),
