@@ -62,9 +62,13 @@ FOLDER_KINDS = {"a training run": ("settings.json", "checkpoints"),
 
 def check_same_kind(out: Path | None, kind: str) -> None:
     """A one-line refusal to write ``kind`` (a key of ``FOLDER_KINDS``) into a folder that holds
-    another command's output: ``--overwrite`` would leave that output's files beside the new
-    ones."""
+    another command's output (``--overwrite`` would leave that output's files beside the new
+    ones), or files but none of ``kind``'s (a user's folder, whose files named as ours
+    ``--overwrite`` would replace)."""
+    import fnmatch
+
     from diffpg.envs.core import SettingError
+    from diffpg.folders import PARTIAL_PATTERN, WRITE_PROBE_PREFIX
 
     if out is None or not out.is_dir():
         return
@@ -73,6 +77,12 @@ def check_same_kind(out: Path | None, kind: str) -> None:
         if other != kind and found:
             raise SettingError(f"out={str(out)!r} holds {other} ({found[0]}), which {kind} does "
                                "not replace; choose another --out")
+    held = sorted(p.name for p in out.iterdir() if p.name != ".lock" and not (
+        fnmatch.fnmatch(p.name, PARTIAL_PATTERN) or p.name.startswith(WRITE_PROBE_PREFIX)))
+    if held and not any((out / name).exists() for name in FOLDER_KINDS[kind]):
+        raise SettingError(f"out={str(out)!r} holds {held[0]!r} but is not {kind}'s folder (it "
+                           f"has no {FOLDER_KINDS[kind][0]}), whose files alone --overwrite "
+                           "replaces; choose another --out")
 
 
 def run_compare(argv: list[str], guard) -> Path:

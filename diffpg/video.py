@@ -85,7 +85,7 @@ def save_gif(env, positions: np.ndarray, rewards: np.ndarray, path: Path, fps: i
     finally:
         plt.close(figure)
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=int(1000 / fps), loop=0)
+                   duration=int(1000 / fps), loop=0, comment=GIF_COMMENT)
     return path
 
 
@@ -97,6 +97,9 @@ def _drawer(env, positions: np.ndarray):
     return frame_drawer(positions) if frame_drawer is not None else drawing.phase_plane(positions)
 
 
+GIF_COMMENT = b"drawn by diffpg video"
+"""The comment of every GIF diffpg writes: an existing --out without it is a file diffpg did not
+write, which a video does not replace."""
 GIF_FRAME_BYTES_AT_LEAST = 2048
 """Fewer bytes than any frame of ours takes in a GIF (a 480 x 360 drawing compresses to about
 5 KB): frames x this is a lower bound of the file, checked against the file-size limit before
@@ -112,6 +115,9 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
 
     if out is None:  # the GIF goes beside the run: the run first, so that errors name it
         load_settings(run_dir)
+    elif Path(out).is_file() and not _drawn_by_diffpg(Path(out)):  # (a run's policy.gif is ours)
+        raise SettingError(f"out={str(out)!r} is a file diffpg did not write, which a video does "
+                           "not replace; choose another --out, or remove it")
     out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index)
     frames = -(-trainer.env.episode_length // every)
@@ -128,6 +134,17 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
         save_gif(trainer.env, positions, rewards, temporary, every=every, title=title,
                  progress=True)
     return out
+
+
+def _drawn_by_diffpg(path: Path) -> bool:
+    """Whether ``path`` is a GIF whose comment is ``GIF_COMMENT``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("comment") == GIF_COMMENT
+    except (OSError, ValueError, SyntaxError):  # (not an image Pillow reads)
+        return False
 
 
 def check_video_path(out: Path) -> Path:

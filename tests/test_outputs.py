@@ -287,6 +287,38 @@ def test_a_video_of_a_file_names_the_run_not_the_gif_beside_it(tmp_path, capsys)
     _one_line(capsys, f"run={str(tmp_path / 'notes.txt')!r} is not a folder")
 
 
+def _earlier_gif(path) -> bytes:
+    """An earlier GIF of diffpg's at ``path`` (one frame, its comment); returns its bytes."""
+    from PIL import Image
+
+    from diffpg.video import GIF_COMMENT
+
+    Image.new("RGB", (4, 4)).save(path, format="GIF", comment=GIF_COMMENT)
+    return path.read_bytes()
+
+
+def test_a_video_replaces_no_file_diffpg_did_not_write(tmp_path, capsys):
+    """``video --out mine.gif`` replaced the user's file silently (train and compare refuse a
+    folder that holds files); --overwrite into a folder that is not a run's replaced a user's
+    metrics.csv and learning_curve.png."""
+    mine = tmp_path / "mine.gif"
+    mine.write_bytes(b"GIF89a the user's")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "settings.json").write_text("{}")
+    assert cli.main(["video", str(run), "--out", str(mine)]) == 2
+    assert "is a file diffpg did not write" in capsys.readouterr().err
+    assert mine.read_bytes() == b"GIF89a the user's"
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("the user's")
+    for command in (["train", "--env", "pendulum"], SMALL_COMPARE):
+        assert cli.main([*command, "--out", str(folder), "--overwrite"]) == 2
+        error = capsys.readouterr().err
+        assert "holds 'metrics.csv' but is not a" in error and len(error.splitlines()) == 1, error
+    assert (folder / "metrics.csv").read_text() == "the user's"
+
+
 def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, monkeypatch):
     from diffpg import video
     from diffpg.runs import train
@@ -296,7 +328,7 @@ def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, mo
     train(settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=2, horizon=4,
                        eval_envs=2, hidden_sizes=(8,)), run)
     gif = tmp_path / "policy.gif"
-    gif.write_bytes(b"GIF89a earlier")
+    earlier = _earlier_gif(gif)
 
     def stopped_half_way(env, positions, rewards, path, **options):
         path.write_bytes(b"GIF89a half")
@@ -304,7 +336,7 @@ def test_a_video_stopped_while_saving_keeps_the_earlier_gif(tmp_path, capsys, mo
 
     monkeypatch.setattr(video, "save_gif", stopped_half_way)
     assert cli.main(["video", str(run), "--out", str(gif)]) == 128 + signal.SIGINT
-    assert gif.read_bytes() == b"GIF89a earlier"
+    assert gif.read_bytes() == earlier
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
 
 
@@ -505,7 +537,7 @@ def test_videos_stopped_by_any_signal_at_random_moments_keep_the_earlier_gif(tmp
     train(settings_for(env="pendulum", updates=2, updates_per_call=2, num_envs=2, horizon=4,
                        eval_envs=2, hidden_sizes=(8,)), run)
     gif = tmp_path / "policy.gif"
-    gif.write_bytes(b"GIF89a earlier")
+    earlier = _earlier_gif(gif)
     rng, log = random.Random(1), []
     for attempt in range(12):
         status, _ = _subprocess(["video", str(run), "--out", str(gif), "--every", "4"], rng,
@@ -513,7 +545,7 @@ def test_videos_stopped_by_any_signal_at_random_moments_keep_the_earlier_gif(tmp
         log.append(status)
         if status == 0:
             break
-        assert gif.read_bytes() == b"GIF89a earlier", log
+        assert gif.read_bytes() == earlier, log
     else:
         raise AssertionError(f"the video never finished: {log}")
     with Image.open(gif) as image:
