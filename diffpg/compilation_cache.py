@@ -81,7 +81,20 @@ def enable_compilation_cache(directory: str | None = "default", min_compile_secs
     # A read-only (shared) cache still answers; JAX warns at every entry it cannot write or
     # read, and compiles instead: an accelerator's failure is not the user's business.
     warnings.filterwarnings("ignore", message=JAX_CACHE_ENTRY_WARNINGS)
+    _remove_cut_entries(Path(directory))
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return directory
+
+
+def _remove_cut_entries(directory: Path) -> None:
+    """Remove the empty entries a full disk left (JAX writes an entry in place: cut short, it
+    stays, and JAX, which never writes over an entry, compiled that program at every run).
+    An entry cut later than its first block is read, fails and is compiled as before."""
+    try:
+        for entry in directory.glob("*-cache"):
+            if entry.is_file() and entry.stat().st_size == 0:
+                entry.unlink()
+    except OSError:  # (a read-only or vanishing cache: nothing to do)
+        pass

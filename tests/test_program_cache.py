@@ -248,3 +248,17 @@ def test_an_unusable_cache_folder_is_named_and_the_command_runs_without_it(tmp_p
     (line,) = _messages(done.stderr)
     assert line.startswith(f"diffpg: compilation cache {str(tmp_path / 'file')!r} is not a folder")
     assert (tmp_path / "out" / "samples.npz").exists()
+
+
+def test_an_empty_cache_entry_a_full_disk_left_is_removed(tmp_path):
+    """JAX writes a cache entry in place and never over an existing one: an entry a full disk
+    left empty made its program compile at every run. Such entries are removed when the cache
+    is enabled; whole ones and other files stay."""
+    from diffpg.compilation_cache import _remove_cut_entries
+
+    (tmp_path / "jit_ravel-0123-cache").write_bytes(b"")
+    (tmp_path / "jit_step-4567-cache").write_bytes(b"an entry")
+    (tmp_path / "notes").write_bytes(b"")
+    _remove_cut_entries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_step-4567-cache", "notes"]
+    _remove_cut_entries(tmp_path / "missing")  # (nothing there: nothing to do)
