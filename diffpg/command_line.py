@@ -99,11 +99,22 @@ def _did_you_mean(tokens: list[str], command_class: type, prog: str) -> str:
 
     if prog == "diffpg train" and any(_flag(token) == "--estimator" for token in tokens):
         return " (the estimator is now a word of its own: diffpg train --env ENV ESTIMATOR [its options])"
+    def own_options(estimator: str) -> set[str]:
+        return {"--" + field.name.replace("_", "-") for field in dataclasses.fields(
+            estimators.registration(estimator).settings_class)}
+
+    owners = {name: [estimator for estimator in estimators.names()
+                     if name in own_options(estimator)] for name in map(_flag, tokens)}
+    owned = next((name for name in map(_flag, tokens) if owners[name]), None)
+    if owned is not None:  # another estimator's option (an estimator's own is not unknown)
+        where = ("after one of their names" if prog == "diffpg train" else
+                 f"in --estimators as NAME:{owned[2:].replace('-', '_')}=VALUE")
+        return f" ({owned} is a setting of {', '.join(owners[owned])}: give it {where})"
     known = sorted(_option_names(command_class))
     names = estimators.names() if prog == "diffpg train" else []
     guesses = [next(iter(matches)) for token in tokens
                if (matches := [match for match in difflib.get_close_matches(
-                   _flag(token), known if token.startswith("--") else names)
+                   _flag(token), known if token.startswith("--") else names, cutoff=0.75)
                    if match != _flag(token)])]
     return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
@@ -139,12 +150,16 @@ def _raise_one_line(event: Any) -> None:
 
 def _check_each_option_once(argv: list[str]) -> None:
     """Refuse an option given twice (the parser would keep the last value silently), however
-    spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and ``--no-layer-norm``."""
+    spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and ``--no-layer-norm``; and
+    ``--``, after which options would be read as words."""
+    if "--" in argv:
+        raise CommandLineError("'--' ends the options, so what follows it would be read as "
+                               "words; leave it out")
     def option(token: str) -> str:
         name = _flag(token)[2:].replace("_", "-")
         return name.removeprefix("no-")
 
-    given = [token for token in argv if token.startswith("--") and token != "--"]
+    given = [token for token in argv if token.startswith("--")]
     for at, token in enumerate(given):
         earlier = next((other for other in given[:at] if option(other) == option(token)), None)
         if earlier is not None:

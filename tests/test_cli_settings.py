@@ -276,6 +276,10 @@ def test_the_old_estimator_option_gets_a_hint(capsys):
     (["compare", "--estimators", "shac:window=2", "reinforce", "shac:window=2"],
      "estimators: shac:window=2 is given twice"),
     (["train", "--env", "pendulum", "shack"], "unrecognized arguments: shack (did you mean shac?)"),
+    (["train", "--", "--num-envs", "8"], "'--' ends the options"),
+    (["train", "--env", "pendulum", "shac", "--baseline", "none"],
+     "(--baseline is a setting of reinforce, ppo, alpha_order, ivw: give it after one of their"),
+    (["compare", "--baseline", "none"], "give it in --estimators as NAME:baseline=VALUE)"),
     (["compare", "--estimator", "bptt"], "(did you mean --estimators?)"),
     (["train", "--env", "pendulum", "--env-options", "max_torque=-+inf"], "max_torque"),
     (["train", "--env", "lqr", "--horizon", "40"],
@@ -287,6 +291,12 @@ def test_a_misspelt_option_or_a_near_miss_gets_a_hint(arguments, hint, capsys):
     assert cli.main(arguments) == 2
     error = capsys.readouterr().err
     assert hint in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_an_option_near_no_other_gets_no_guess(capsys):
+    """``--buffer-size`` was answered "did you mean --sizes?" (a guess any option would get)."""
+    assert cli.main(["train", "--env", "pendulum", "critic_backprop", "--buffer-size", "5"]) == 2
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: --buffer-size 5")
 
 
 def test_an_imported_module_that_does_not_parse_is_one_line(tmp_path, monkeypatch, capsys):
