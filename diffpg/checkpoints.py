@@ -290,6 +290,13 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     # A run whose checkpoints have digests (every run since they were introduced) restores only
     # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
     digested = {step for step in updates if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
+    not_folders = [entry.name for entry in sorted(folder.iterdir())
+                   if entry.name.isdigit() and not entry.is_dir()] if folder.is_dir() else []
+    if not updates and not_folders:
+        raise SettingError(f"checkpoint {not_folders[-1]} of run={str(run_dir)!r} cannot be "
+                           "restored (it is not a folder: a file, or a link to nowhere), and "
+                           "the run has no other; put the checkpoint back, or remove it and "
+                           "start again with diffpg train --resume RUN")
     if not updates:
         raise SettingError(f"run={str(run_dir)!r} has no checkpoint yet (a run writes its "
                            "first after its first --updates-per-call updates; one that stopped "
@@ -302,8 +309,8 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty_arrays(template))
     # An update's name on what is not a folder (a file, a link to nowhere) is no checkpoint to
     # orbax, which would delete it when saving that update again: reported, and set aside.
-    failed = [(int(entry.name), "it is not a folder (a file, or a link to nowhere)")
-              for entry in sorted(folder.iterdir()) if entry.name.isdigit() and not entry.is_dir()]
+    failed = [(int(name), "it is not a folder (a file, or a link to nowhere)")
+              for name in not_folders]
     with _quiet_orbax(), checkpoint_manager(run_dir) as manager:
         for update in reversed(updates):
             record = _digest_record_of(folder / f"{update}{DIGEST_SUFFIX}")

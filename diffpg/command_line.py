@@ -148,6 +148,10 @@ def _raise_one_line(event: Any) -> None:
     raise CommandLineError(f"invalid command line ({type(event).__name__})")
 
 
+PATH_OPTIONS = ("--out", "--resume", "--policy-checkpoint")
+"""The options that name a file or folder."""
+
+
 def _check_each_option_once(argv: list[str]) -> None:
     """Refuse an option given twice (the parser would keep the last value silently), however
     spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and ``--no-layer-norm``; and
@@ -155,6 +159,12 @@ def _check_each_option_once(argv: list[str]) -> None:
     if "--" in argv:
         raise CommandLineError("'--' ends the options, so what follows it would be read as "
                                "words; leave it out")
+    for at, token in enumerate(argv):  # (an empty path reads as '.', the working folder)
+        option = argv[at - 1] if token == "" and at else token[:-1] if token.endswith("=") else ""
+        if option in PATH_OPTIONS or (token == "" and at == 0):
+            name = option[2:].replace("-", "_") if option in PATH_OPTIONS else "run_dir"
+            raise CommandLineError(f"{name}='' is an empty path (it would mean the working "
+                                   "folder); give a folder's name")
     def option(token: str) -> str:
         name = _flag(token)[2:].replace("_", "-")
         return name.removeprefix("no-")

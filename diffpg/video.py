@@ -153,6 +153,8 @@ def check_video_path(out: Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise SettingError(f"out={str(out)!r} is a folder; give a file name ending in .gif")
+    if out.name.lower() == ".gif":
+        raise SettingError(f"out={str(out)!r} needs a name before .gif (e.g. policy.gif)")
     if out.suffix.lower() != ".gif":
         raise SettingError(f"out={str(out)!r} must end in .gif (the only format written)")
     if not out.parent.is_dir():

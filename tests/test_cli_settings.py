@@ -277,6 +277,11 @@ def test_the_old_estimator_option_gets_a_hint(capsys):
      "estimators: shac:window=2 is given twice"),
     (["train", "--env", "pendulum", "shack"], "unrecognized arguments: shack (did you mean shac?)"),
     (["train", "--", "--num-envs", "8"], "'--' ends the options"),
+    # an empty path reads as '.': the working folder, silently
+    (["eval", ""], "run_dir='' is an empty path"),
+    (["train", "--env", "pendulum", "--out", ""], "out='' is an empty path"),
+    (["compare", "--out="], "out='' is an empty path"),
+    (["video", "RUN", "--out", ".gif"], "out='.gif' needs a name before .gif"),
     (["train", "--env", "pendulum", "shac", "--baseline", "none"],
      "(--baseline is a setting of reinforce, ppo, alpha_order, ivw: give it after one of their"),
     (["compare", "--baseline", "none"], "give it in --estimators as NAME:baseline=VALUE)"),

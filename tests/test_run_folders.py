@@ -508,6 +508,13 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_from_its_s
 
     assert learned(out) == learned(fresh) and len(learned(out)) == 2
     shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "2").write_text("junk")  # its only checkpoint, not a folder
+    for command in (["eval", str(out)], ["train", "--resume", str(out)]):
+        assert cli.main(command) == 2
+        error = capsys.readouterr().err
+        assert "checkpoint 2 of run=" in error and "(it is not a folder" in error, error
+    shutil.rmtree(out / "checkpoints")
     (out / "checkpoints").write_text("not the checkpoints")  # a file where they belong
     assert cli.main(["train", "--resume", str(out)]) == 2
     error = capsys.readouterr().err
