@@ -68,10 +68,10 @@ def check_same_kind(out: Path | None, kind: str) -> None:
     import fnmatch
 
     from diffpg.envs.core import SettingError
-    from diffpg.folders import PARTIAL_PATTERN, WRITE_PROBE_PREFIX
+    from diffpg.folders import PARTIAL_PATTERN, WRITE_PROBE_PREFIX, locked_by_another_process
 
-    if out is None or not out.is_dir():
-        return
+    if out is None or not out.is_dir() or locked_by_another_process(out):
+        return  # (a folder in use: its lock's one line says so)
     for other, markers in FOLDER_KINDS.items():
         found = [name for name in markers if (out / name).exists()]
         if other != kind and found:

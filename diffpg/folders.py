@@ -353,14 +353,14 @@ def output_folder(out: Path | None, overwrite: bool, default_name: str) -> Itera
         yield path
     except BaseException:
         with contextlib.suppress(OSError):
-            if created and not _holds_files(path) and not _locked_by_another_process(path):
+            if created and not _holds_files(path) and not locked_by_another_process(path):
                 (path / ".lock").unlink(missing_ok=True)
                 for folder in created:  # the deepest first; each is empty once below is gone
                     folder.rmdir()
         raise
 
 
-def _locked_by_another_process(folder: Path) -> bool:
+def locked_by_another_process(folder: Path) -> bool:
     """Whether another process holds ``folder``'s ``run_lock`` now (two commands started
     together on one new folder: the one refused must not remove the folder the other runs in)."""
     try:

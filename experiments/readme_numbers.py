@@ -19,8 +19,8 @@ document that holds each (or, with ``--check``, compares them with a fresh compu
 * ``training``: ``diffpg train`` on cart-pole swing-up with every trainable estimator at its
   defaults, against doing nothing and against the fresh policy (minutes on a CPU);
 * ``ant``: SHAC on Brax's Ant for 100 updates on a CPU (``diffpg train --env ant shac``);
-* ``suite-time``: the test suite's wall-clock from a clean clone with an empty compilation cache,
-  and the quick tests' with the cache warm (about 20 minutes).
+* ``suite-time``: the test suite's wall-clock and CPU time from a clean clone, with an empty
+  compilation cache and with it warm, and the quick tests' (about 40 minutes).
 
     python experiments/readme_numbers.py                          # every section (~40 min, CPU)
     python experiments/readme_numbers.py --only compare-table compare-sweep
@@ -314,31 +314,37 @@ def ant_compare_time() -> dict[str, str]:
 
 
 def suite_time() -> dict[str, str]:
-    """The README's test command timed: ``pytest`` in a clean clone of this checkout's commit
-    with an empty compilation cache (this interpreter's packages), then the quick tests
-    (``-m "not slow"``) again with the cache it left."""
+    """The README's test command timed, wall-clock and CPU: ``pytest`` in a clean clone of this
+    checkout's commit with an empty compilation cache (this interpreter's packages), again with
+    the cache it left, then the quick tests (``-m "not slow"``) with it."""
+    import resource
     import tempfile
 
-    def timed_pytest(clone: Path, cache: Path, *options: str) -> tuple[float, str]:
-        started = time.perf_counter()
+    def timed_pytest(clone: Path, cache: Path, *options: str) -> tuple[float, float, str]:
+        started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                *options], cwd=clone, capture_output=True, text=True,
                               env=os.environ | {"DIFFPG_CACHE_DIR": str(cache)})
         if done.returncode:
             raise SystemExit(f"pytest {' '.join(options)} failed in {clone}:\n"
                              f"{done.stdout[-3000:]}")
-        return time.perf_counter() - started, re.search(r"(\d+) passed", done.stdout).group(1)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+        return (time.perf_counter() - started) / 60, cpu_s / 60, re.search(
+            r"(\d+) passed", done.stdout).group(1)
 
     with tempfile.TemporaryDirectory() as folder:
         clone, cache = Path(folder) / "clone", Path(folder) / "cache"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        whole, passed = timed_pytest(clone, cache)
-        quick, quick_passed = timed_pytest(clone, cache, "-m", "not slow")
+        cold, cold_cpu, passed = timed_pytest(clone, cache)
+        warm, warm_cpu, _ = timed_pytest(clone, cache)
+        quick, quick_cpu, quick_passed = timed_pytest(clone, cache, "-m", "not slow")
     return {"suite-time": (
-        f"`pytest` runs all {passed} tests in {whole / 60:.0f} minutes on {os.cpu_count()} cores "
-        f"from a clean clone with an empty compilation cache; `pytest -m \"not slow\"` leaves out "
-        f"the learning, Brax and multi-process tests for a quick loop ({quick_passed} tests, "
-        f"{quick / 60:.0f} minutes with the cache warm).\n")}
+        f"`pytest` runs all {passed} tests on {os.cpu_count()} cores from a clean clone in "
+        f"{cold:.0f} minutes with an empty compilation cache ({cold_cpu:.0f} minutes of CPU "
+        f"time) and in {warm:.0f} minutes with the cache warm ({warm_cpu:.0f} of CPU); "
+        f"`pytest -m \"not slow\"` leaves out the learning, Brax and multi-process tests for a "
+        f"quick loop ({quick_passed} tests, {quick:.0f} minutes warm, {quick_cpu:.0f} of CPU).\n")}
 
 
 def ant() -> dict[str, str]:

@@ -395,7 +395,8 @@ def test_a_dropped_signal_stops_training_before_its_first_call(tmp_path, capsys,
     assert cli.main(["train", "--env", "pendulum", "--updates", "2", "--updates-per-call", "2",
                      "--out", str(out)]) == 128 + signal.SIGTERM
     error = capsys.readouterr().err
-    assert "interrupted (SIGTERM); before the first checkpoint: nothing to resume" in error
+    assert ("interrupted (SIGTERM); before the first checkpoint: diffpg train --resume "
+            f"{out} starts it again from its settings") in error
     assert not (out / "metrics.csv").exists()  # stopped before the first training call
 
 

@@ -740,7 +740,7 @@ def test_networks_beyond_the_address_space_limit_are_one_line_not_a_hang(tmp_pat
 
     out = tmp_path / "run"
     done = subprocess.run(under_ulimit("-v", 6_000_000_000 // 1024, [
-        sys.executable, "-m", "diffpg.cli", "train", *SMALL, "--hidden-sizes", "20000", "20000",
+        sys.executable, "-m", "diffpg.cli", "train", *SMALL[:-2], "--hidden-sizes", "20000", "20000",
         "--updates", "2", "--updates-per-call", "2", "--out", str(out)]),
         capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 2, done.stderr[-3000:]
