@@ -81,6 +81,9 @@ def load_finished_points(run_dir: Path) -> tuple[CompareSettings, tuple[tuple[di
     comparison in ``run_dir``: what ``diffpg compare --resume`` continues."""
     results_path, samples_path = run_dir / "results.json", run_dir / SAMPLES_FILE
     for path in (results_path, samples_path):
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise SettingError(f"resume={str(run_dir)!r}: its {path.name} is not a file (a "
+                               "folder, a pipe or a link to nowhere); put the comparison's back")
         if not path.is_file():
             raise SettingError(f"resume={str(run_dir)!r} has no {path.name}: not a diffpg "
                                "compare folder")

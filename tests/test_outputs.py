@@ -236,7 +236,7 @@ def test_resume_keeps_the_comparisons_own_settings(tmp_path, capsys, extra, mess
 
 @pytest.mark.parametrize("damage", ["no results", "not json", "samples truncated",
                                     "another comparison's points", "a setting not valid",
-                                    "a setting edited"])
+                                    "a setting edited", "results a pipe"])
 def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_path, capsys,
                                                                          damage):
     out = tmp_path / "done"
@@ -244,6 +244,9 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
     results = out / "results.json"
     if damage == "no results":
         results.unlink()
+    elif damage == "results a pipe":  # (it read as "has no results.json")
+        results.unlink()
+        os.mkfifo(results)
     elif damage == "not json":
         results.write_text("{")
     elif damage == "samples truncated":
@@ -263,7 +266,8 @@ def test_resume_of_a_folder_that_is_not_a_stopped_comparison_is_one_line(tmp_pat
                        "a setting not valid": f"resume={str(out)!r}: its results.json holds a "
                        "setting that is not valid (num_estimates=1 must be at least 2",
                        "a setting edited": f"resume={str(out)!r}: its results.json has seed=5, "
-                       "but its samples were computed with 0 (was results.json edited?)"}.get(
+                       "but its samples were computed with 0 (was results.json edited?)",
+                       "results a pipe": "its results.json is not a file (a folder, a pipe"}.get(
                            damage, f"resume={str(out)!r}"))
 
 
