@@ -128,7 +128,8 @@ def check_devices_available(devices: int) -> None:
     available = 1 if devices == 1 else jax.device_count()
     if devices > available:
         raise SettingError(f"devices={devices} but only {available} are available; allowed: "
-                           f"1..{available}")
+                           f"1..{available} (--devices N; a resumed run reads its own from its "
+                           "settings.json unless given)")
 
 
 def batch_mesh(devices: int) -> Mesh:
