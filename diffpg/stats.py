@@ -107,7 +107,9 @@ def reference_from_samples(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     samples = np.asarray(samples, np.float64)
     good = samples[np.all(np.isfinite(samples), axis=1)]
     if good.shape[0] < 2:
-        raise SettingError("the reference estimator gave fewer than 2 finite estimates")
+        raise SettingError(f"the reference estimator gave {good.shape[0]} finite estimates of "
+                           f"{samples.shape[0]} (fewer than 2): the simulation overflows at "
+                           "these settings; check the env's options and the horizon")
     return good.mean(axis=0), good.std(axis=0, ddof=1) / np.sqrt(good.shape[0])
 
 
