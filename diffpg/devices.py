@@ -99,8 +99,10 @@ def check_single_precision() -> None:
                            "(their checks, checkpoints and programs assume it); unset "
                            "JAX_ENABLE_X64")
     for variable, value, expected in (
-            ("JAX_DEFAULT_PRNG_IMPL", jax.config.jax_default_prng_impl, "threefry2x32"),
-            ("JAX_THREEFRY_PARTITIONABLE", jax.config.jax_threefry_partitionable, True)):
+            ("JAX_DEFAULT_PRNG_IMPL", getattr(jax.config, "jax_default_prng_impl",
+                                              "threefry2x32"), "threefry2x32"),
+            ("JAX_THREEFRY_PARTITIONABLE",  # (a JAX without the option splits as its default)
+             getattr(jax.config, "jax_threefry_partitionable", True), True)):
         if value != expected:
             raise SettingError(f"{variable} sets {value!r}, but diffpg's seeds, checkpoints and "
                                f"results are drawn with {expected!r}; unset {variable}")
