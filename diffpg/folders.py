@@ -108,8 +108,8 @@ STORAGE_ERRORS: dict[int, tuple[str, str]] = {
     errno.EACCES: ("permission denied", "make it writable or choose another folder"),
     errno.ENAMETOOLONG: ("a file name is too long", "choose a shorter path"),
     errno.ELOOP: ("a link loop", "remove the loop or choose another path"),
-    errno.EPERM: ("the operation is not permitted (an immutable or protected file)",
-                  "make it writable (chattr -i) or choose another folder"),
+    errno.EPERM: ("the operation is not permitted (an immutable file, or a system folder "
+                  "such as /sys or /proc)", "choose another folder (an immutable file: chattr -i)"),
     errno.EMFILE: ("too many files are open in this process",
                    "raise the limit of open files (ulimit -n, 1024 or more)"),
     errno.ENFILE: ("too many files are open on the system", "close some programs"),
