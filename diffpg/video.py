@@ -119,7 +119,7 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
         raise SettingError(f"out={str(out)!r} is a file diffpg did not write, which a video does "
                            "not replace; choose another --out, or remove it")
     out = check_video_path(out or run_dir / "policy.gif")
-    trainer, state = load_run(run_dir, seed_index)
+    trainer, state = load_run(run_dir, seed_index, eval_envs=1)  # (one episode is drawn)
     frames = -(-trainer.env.episode_length // every)
     check_file_size_limit(frames * GIF_FRAME_BYTES_AT_LEAST, f"a GIF of {frames} frames",
                           "draw fewer frames (--every)")
