@@ -92,14 +92,23 @@ def checkpoint_updates(run_dir: Path) -> list[int]:
 
 
 def never_checkpointed(run_dir: Path) -> bool:
-    """Whether a run stopped before its first checkpoint: no ``checkpoints/`` or nothing named
-    as an update there (resuming it starts it again from its settings). Anything else goes
-    through ``restore_checkpoint``, which reports what it cannot restore."""
+    """Whether a run stopped before its first checkpoint: no complete checkpoint and nothing
+    else named as an update (resuming it starts it again from its settings). Exactly the runs
+    of which ``restore_checkpoint`` says "no checkpoint yet"; anything else goes through it,
+    which reports what it cannot restore."""
     folder = run_dir / "checkpoints"
-    if not (folder.exists() or folder.is_symlink()):
-        return True
-    return folder.is_dir() and not any(entry.name.split(".")[0].isdigit()
-                                       for entry in folder.iterdir())
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        return False  # (restore_checkpoint names it)
+    return not checkpoint_updates(run_dir) and not _updates_not_folders(folder)
+
+
+def _updates_not_folders(folder: Path) -> list[str]:
+    """The entries of ``folder`` named as an update that are not folders (a file, a link to
+    nowhere): no checkpoint to orbax, which would delete one saving that update again."""
+    if not folder.is_dir():
+        return []
+    return [entry.name for entry in sorted(folder.iterdir())
+            if entry.name.isdigit() and not entry.is_dir()]
 
 
 def check_only_checkpoint_files(run_dir: Path, removing: str, through_a_link: bool) -> None:
@@ -290,8 +299,7 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
     # A run whose checkpoints have digests (every run since they were introduced) restores only
     # checkpoints that have theirs: the digest, written after orbax's commit, is the save's end.
     digested = {step for step in updates if (folder / f"{step}{DIGEST_SUFFIX}").exists()}
-    not_folders = [entry.name for entry in sorted(folder.iterdir())
-                   if entry.name.isdigit() and not entry.is_dir()] if folder.is_dir() else []
+    not_folders = _updates_not_folders(folder)
     if not updates and not_folders:
         raise SettingError(f"checkpoint {not_folders[-1]} of run={str(run_dir)!r} cannot be "
                            "restored (it is not a folder: a file, or a link to nowhere), and "

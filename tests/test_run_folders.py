@@ -499,6 +499,7 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_from_its_s
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1 and "has no checkpoint yet" in error
     assert "diffpg train --resume RUN" in error
+    (out / "checkpoints" / "2.orbax-checkpoint-tmp-123").mkdir(parents=True)  # a save cut short
     assert cli.main(["train", "--resume", str(out)]) == 0
     fresh = tmp_path / "fresh"
     train(_small(updates=4), fresh)
