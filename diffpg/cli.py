@@ -65,10 +65,8 @@ def check_same_kind(out: Path | None, kind: str) -> None:
     another command's output (``--overwrite`` would leave that output's files beside the new
     ones), or files but none of ``kind``'s (a user's folder, whose files named as ours
     ``--overwrite`` would replace)."""
-    import fnmatch
-
     from diffpg.envs.core import SettingError
-    from diffpg.folders import PARTIAL_PATTERN, WRITE_PROBE_PREFIX, locked_by_another_process
+    from diffpg.folders import held_entries, locked_by_another_process
 
     if out is None or not out.is_dir() or locked_by_another_process(out):
         return  # (a folder in use: its lock's one line says so)
@@ -77,8 +75,7 @@ def check_same_kind(out: Path | None, kind: str) -> None:
         if other != kind and found:
             raise SettingError(f"out={str(out)!r} holds {other} ({found[0]}), which {kind} does "
                                "not replace; choose another --out")
-    held = sorted(p.name for p in out.iterdir() if p.name != ".lock" and not (
-        fnmatch.fnmatch(p.name, PARTIAL_PATTERN) or p.name.startswith(WRITE_PROBE_PREFIX)))
+    held = held_entries(out)
     if held and not any((out / name).exists() for name in FOLDER_KINDS[kind]):
         raise SettingError(f"out={str(out)!r} holds {held[0]!r} but is not {kind}'s folder (it "
                            f"has no {FOLDER_KINDS[kind][0]}), whose files alone --overwrite "

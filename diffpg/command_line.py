@@ -78,11 +78,15 @@ def _option_names(command_class: type) -> set[str]:
                                                for name in estimators.names()]
     while classes:
         cls = classes.pop()
-        for field in dataclasses.fields(cls):
-            names.add("--" + field.name.replace("_", "-"))
-            if isinstance(field.type, type) and dataclasses.is_dataclass(field.type):
-                classes.append(field.type)
+        names |= _own_options(cls)
+        classes += [field.type for field in dataclasses.fields(cls)
+                    if isinstance(field.type, type) and dataclasses.is_dataclass(field.type)]
     return names
+
+
+def _own_options(settings_class: type) -> set[str]:
+    """The ``--options`` of a dataclass's own fields."""
+    return {"--" + field.name.replace("_", "-") for field in dataclasses.fields(settings_class)}
 
 
 def _flag(token: str) -> str:
@@ -99,12 +103,9 @@ def _did_you_mean(tokens: list[str], command_class: type, prog: str) -> str:
 
     if prog == "diffpg train" and any(_flag(token) == "--estimator" for token in tokens):
         return " (the estimator is now a word of its own: diffpg train --env ENV ESTIMATOR [its options])"
-    def own_options(estimator: str) -> set[str]:
-        return {"--" + field.name.replace("_", "-") for field in dataclasses.fields(
-            estimators.registration(estimator).settings_class)}
 
-    owners = {name: [estimator for estimator in estimators.names()
-                     if name in own_options(estimator)] for name in map(_flag, tokens)}
+    owners = {name: [estimator for estimator in estimators.names() if name in _own_options(
+        estimators.registration(estimator).settings_class)] for name in map(_flag, tokens)}
     owned = next((name for name in map(_flag, tokens) if owners[name]), None)
     if owned is not None:  # another estimator's option (an estimator's own is not unknown)
         where = ("after one of their names" if prog == "diffpg train" else
@@ -152,10 +153,11 @@ PATH_OPTIONS = ("--out", "--resume", "--policy-checkpoint")
 """The options that name a file or folder."""
 
 
-def _check_each_option_once(argv: list[str]) -> None:
-    """Refuse an option given twice (the parser would keep the last value silently), however
-    spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and ``--no-layer-norm``; and
-    ``--``, after which options would be read as words."""
+def _check_words(argv: list[str]) -> None:
+    """Refuse what the parser would read silently otherwise: ``--`` (the options after it
+    become words), an empty path (the working folder), an option given twice (the last value
+    kept), however spelt: ``--num-envs`` and ``--num_envs``, ``--layer-norm`` and
+    ``--no-layer-norm``."""
     if "--" in argv:
         raise CommandLineError("'--' ends the options, so what follows it would be read as "
                                "words; leave it out")
@@ -165,6 +167,7 @@ def _check_each_option_once(argv: list[str]) -> None:
             name = option[2:].replace("-", "_") if option in PATH_OPTIONS else "run_dir"
             raise CommandLineError(f"{name}='' is an empty path (it would mean the working "
                                    "folder); give a folder's name")
+
     def option(token: str) -> str:
         name = _flag(token)[2:].replace("_", "-")
         return name.removeprefix("no-")
@@ -180,7 +183,7 @@ def _check_each_option_once(argv: list[str]) -> None:
 
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
     """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
-    _check_each_option_once(argv)
+    _check_words(argv)
     # Below 60 columns tyro lays the help out a few words a line (COLUMNS=20: 7,950 lines for
     # diffpg train; narrower, it loops forever): such a terminal gets the 80-column layout,
     # which it wraps.
@@ -309,7 +312,7 @@ def parse_train_command(argv: list[str]):
         if twice:
             raise CommandLineError(f"{twice[0]} is given twice, before and after the estimator's "
                                    f"name {named_estimator!r}; give it once")
-    _check_each_option_once(argv)  # (before the run or the env's configuration is read)
+    _check_words(argv)  # (before the run or the env's configuration is read)
     if resume is not None:
         base = load_settings(Path(resume))
         if named_estimator not in (None, base.estimator):

@@ -243,7 +243,7 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
     ``start_estimators()`` returns once the reference is done: ``_queue_estimators``' or those it
     queued before) and statistics (and the per-step split): its results.json entry and samples."""
     point, horizon = at.point, at.point.horizon
-    where = f"{settings.sweep}={point.value:g}" if settings.sweep != "none" else f"T={horizon}"
+    where = settings.where(point)
     progress(f"{where}: reference ({reference_kind})")
     reference_started = time.perf_counter()
     reference, reference_se, ref_samples = _reference_gradient(

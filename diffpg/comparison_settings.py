@@ -268,6 +268,10 @@ class CompareSettings:
             critic_warmup=(self.critic_warmup if self.critic_warmup is not None
                            else min(-(-200 * self.num_estimates // 64), MOST_PASSES)))
 
+    def where(self, point: SweepPoint) -> str:
+        """A sweep point as its messages name it: ``sweep=value``, or ``T=horizon`` alone."""
+        return f"{self.sweep}={point.value:g}" if self.sweep != "none" else f"T={point.horizon}"
+
     @property
     def horizons(self) -> tuple[int, ...]:
         if self.sweep != "horizon":
@@ -321,9 +325,8 @@ def check_estimators_fit(settings: CompareSettings, point_envs: list, policy) ->
                 estimator = estimators.make(spec.name, env, policy, **estimator_settings(
                     spec, settings, point.horizon))
             except SettingError as error:
-                where = (f"horizon={point.horizon}" if settings.sweep in ("horizon", "none")
-                         else f"{settings.sweep}={point.value:g}")
-                raise SettingError(f"estimators: {spec.label} at {where}: {error}") from None
+                raise SettingError(f"estimators: {spec.label} at {settings.where(point)}: "
+                                   f"{error}") from None
         check_state_fits(estimator, policy, spec.label)
 
 

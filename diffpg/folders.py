@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import os
 import shutil
 import signal
@@ -296,6 +297,13 @@ def check_file_writable(path: Path, option: str = "out") -> None:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink(missing_ok=True)
+
+
+def held_entries(folder: Path) -> list[str]:
+    """The names in ``folder`` besides a lock, write probes and the partial files of writes cut
+    short (``atomic_path``'s), sorted: what a user or a command left there."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".lock" and not (
+        fnmatch.fnmatch(p.name, PARTIAL_PATTERN) or p.name.startswith(WRITE_PROBE_PREFIX)))
 
 
 def _holds_files(folder: Path) -> bool:
