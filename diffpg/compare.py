@@ -17,7 +17,7 @@ import dataclasses
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,11 +39,11 @@ from diffpg.comparison_settings import (
 from diffpg.devices import available_memory_bytes, shard_batch, state_bytes
 from diffpg.envs.core import SettingError
 from diffpg.folders import check_file_size_limit
-from diffpg.normalization import RunningStatistics, init_statistics
+from diffpg.normalization import RunningStatistics
 from diffpg.options import parse_options, seed_key
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import sample_gradients
+from diffpg.sampling import learns_anything, sample_gradients
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
 
@@ -171,6 +171,7 @@ def run_comparison(settings: CompareSettings,
     # samples do not depend on the order.
     queue_ahead = jax.process_count() == 1
     pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
+    watched: dict[Future, str] = {}  # every estimator queued: "spec at point"
     try:
         queued = []
         for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
@@ -183,15 +184,14 @@ def run_comparison(settings: CompareSettings,
             described = _point_description(settings, point, env) if keep_programs else None
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, described)
-            if queue_ahead:
-                pending = _queue_estimators(pool, settings, at_point)
-                queued.append((at_point, lambda pending=pending: pending))
-            else:
-                queued.append((at_point, lambda at=at_point: _queue_estimators(pool, settings, at)))
+            def start(at=at_point):
+                return _queue_estimators(pool, settings, at, watched)
+            pending = start() if queue_ahead else None
+            queued.append((at_point, (lambda pending=pending: pending) if queue_ahead else start))
         for at_point, start_estimators in queued:
             entry, point_samples = _compare_at_point(
                 settings, at_point, start_estimators, reference_kind,
-                progress or (lambda message: None))
+                progress or (lambda message: None), watched)
             entries.append(entry)
             samples_per_point.append(point_samples)
             if on_point:
@@ -216,15 +216,19 @@ class _PointInputs(NamedTuple):
     """What shapes this point's programs besides the estimator (``None``: none is kept)."""
 
 
-def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs
-                      ) -> list[Future]:
-    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` (in
-    ``settings.specs`` order)."""
+def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs,
+                      watched: dict[Future, str]) -> list[Future]:
+    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` and added to
+    ``watched``; returned in ``settings.specs`` order. Those that learn are queued first: they
+    take longest, and a setting of theirs that the point's sizes refuse (more critic minibatches
+    than samples) is found only as their program is traced."""
     horizon = at.point.horizon
+    made = {spec.label: estimators.make(spec.name, at.env, at.policy,
+                                        **estimator_settings(spec, settings, horizon))
+            for spec in settings.specs}
 
     def sample(spec: EstimatorSpec):
-        estimator = estimators.make(spec.name, at.env, at.policy,
-                                    **estimator_settings(spec, settings, horizon))
+        estimator = made[spec.label]
         key_number = _key_number((spec.label, settings.estimator_seed) if settings.estimator_seed
                                  else spec.label)  # (seed 0: the keys before estimator_seed)
         return sample_gradients(
@@ -233,12 +237,31 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
             chunk_size=at.chunk_size,
             description=_estimator_description(at.description, spec.label, estimator))
 
-    return [pool.submit(sample, spec) for spec in settings.specs]
+    futures = {}
+    for spec in sorted(settings.specs, key=lambda s: not learns_anything(made[s.label], at.policy)):
+        futures[spec.label] = pool.submit(sample, spec)
+        watched[futures[spec.label]] = f"{spec.label} at {settings.where(at.point)}"
+    return [futures[spec.label] for spec in settings.specs]
+
+
+def _result_or_first_refusal(future: Future, watched: dict[Future, str]):
+    """``future``'s result, unless an estimator in ``watched`` refuses a setting as its program
+    is traced: that is raised as soon as it happens, naming the spec and the point, not after
+    the estimators ahead of it have run."""
+    while True:
+        for other, name in watched.items():
+            if other.done() and not other.cancelled() and isinstance(other.exception(),
+                                                                     SettingError):
+                raise SettingError(f"estimators: {name}: {other.exception()}") from None
+        if future.done():
+            return future.result()
+        wait([other for other in watched if not other.done()], return_when=FIRST_COMPLETED)
 
 
 def _compare_at_point(settings: CompareSettings, at: _PointInputs,
                       start_estimators: Callable[[], list[Future]], reference_kind: str,
-                      progress: Callable[[str], None]) -> tuple[dict, dict]:
+                      progress: Callable[[str], None], watched: dict[Future, str]
+                      ) -> tuple[dict, dict]:
     """One sweep point: the reference gradient, then each estimator's samples (the futures
     ``start_estimators()`` returns once the reference is done: ``_queue_estimators``' or those it
     queued before) and statistics (and the per-step split): its results.json entry and samples."""
@@ -257,10 +280,7 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
     per_estimator = {}
     for spec, future in zip(settings.specs, start_estimators(), strict=True):
         progress(f"{where}: {spec.label}")
-        try:
-            samples, timing = future.result()
-        except SettingError as error:  # (refused as its program is traced: the point's sizes)
-            raise SettingError(f"estimators: {spec.label} at {where}: {error}") from None
+        samples, timing = _result_or_first_refusal(future, watched)
         per_estimator[spec.label] = _statistics(samples, reference, reference_se) | timing
         point_samples[f"estimates/{spec.label}"] = np.asarray(samples, np.float32)
     entry = {
@@ -275,9 +295,11 @@ def _compare_at_point(settings: CompareSettings, at: _PointInputs,
     }
     if settings.per_step:
         progress(f"{where}: per-step variance")
-        entry["per_step"] = _per_step(at.env, at.policy, at.params, at.obs_stats, at.start_states,
-                                      jax.random.fold_in(at.key, _key_number("per_step")),
-                                      horizon, settings)
+        key = jax.random.fold_in(at.key, _key_number("per_step"))
+        entry["per_step"] = per_step.split_at_point(
+            at.env, at.policy, at.params, at.obs_stats, at.start_states,
+            {kind: jax.random.fold_in(key, _key_number(kind)) for kind in per_step.KINDS},
+            horizon, settings.discount, settings.num_estimates)
     return entry, point_samples
 
 
@@ -370,25 +392,6 @@ def _statistics(samples, reference, reference_se) -> dict:
     stats["relative_variance"] = (stats.get("variance_trace") or float("nan")) / max(
         float(reference @ reference), 1e-300)
     return stats
-
-
-def _per_step(env, policy, params, obs_stats, start_states, key, horizon,
-              settings: CompareSettings) -> dict:
-    """``diffpg.per_step``'s split for both kinds, and the closed-loop Jacobian spectrum."""
-    stats = obs_stats if obs_stats is not None else init_statistics(env.observation_size)
-    result = {}
-    for kind in per_step.KINDS:
-        samples = per_step.sample_step_terms(kind, env, policy, params, stats, start_states,
-                                             jax.random.fold_in(key, _key_number(kind)), horizon,
-                                             settings.discount, settings.num_estimates)
-        split = per_step.variance_by_step(samples)
-        result[kind] = {"contribution": split["contribution"].tolist(),
-                        "own": split["own"].tolist(), "total": split["total"]}
-    if hasattr(env.unwrapped, "init_state"):
-        singular = per_step.closed_loop_singular_values(env.unwrapped, policy, params, stats,
-                                                        start_states.pipeline_state, horizon)
-        result["jacobian_top_singular_value_median"] = np.median(singular, axis=0).tolist()
-    return result
 
 
 def _key_number(value) -> int:

@@ -38,7 +38,7 @@ from diffpg.acting import unroll
 from diffpg.dynamics import step_jacobians
 from diffpg.envs.core import Environment, SettingError, State
 from diffpg.estimators.reinforce import ReinforceSettings, monte_carlo_advantage
-from diffpg.normalization import RunningStatistics, normalize
+from diffpg.normalization import RunningStatistics, init_statistics, normalize
 from diffpg.policy import Params, Policy
 
 KINDS = ("pathwise", "score_function")
@@ -129,3 +129,23 @@ def closed_loop_singular_values(env, policy: Policy, params: Params,
         return jnp.linalg.svd(jacobians, compute_uv=False)[:, 0]
 
     return np.asarray(jax.jit(jax.vmap(one))(start_states), np.float64)
+
+
+def split_at_point(env, policy: Policy, params: Params, obs_stats: RunningStatistics | None,
+                   start_states: State, keys: dict[str, jax.Array], horizon: int,
+                   discount: float, num_estimates: int) -> dict:
+    """A comparison point's split: ``variance_by_step`` of ``num_estimates`` samples of each of
+    ``KINDS`` (drawn with ``keys[kind]``), and, on an env with ``init_state``, the median over
+    start states of each step's ``closed_loop_singular_values``; JSON-ready."""
+    stats = obs_stats if obs_stats is not None else init_statistics(env.observation_size)
+    result = {}
+    for kind in KINDS:
+        split = variance_by_step(sample_step_terms(kind, env, policy, params, stats, start_states,
+                                                   keys[kind], horizon, discount, num_estimates))
+        result[kind] = {"contribution": split["contribution"].tolist(),
+                        "own": split["own"].tolist(), "total": split["total"]}
+    if hasattr(env.unwrapped, "init_state"):
+        singular = closed_loop_singular_values(env.unwrapped, policy, params, stats,
+                                               start_states.pipeline_state, horizon)
+        result["jacobian_top_singular_value_median"] = np.median(singular, axis=0).tolist()
+    return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -473,3 +474,52 @@ def test_a_setting_refused_where_an_estimator_is_traced_names_the_spec_and_the_p
                      "--critic-warmup", "1", "--out", str(tmp_path / "run")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: estimators: shac at T=1: critic_minibatches=4 is more than the 2" in line, line
+
+
+def test_a_refusal_where_a_program_is_traced_is_raised_without_waiting_for_the_others():
+    """The first setting an estimator's trace refuses is raised as soon as it is, not after the
+    estimators ahead of it in the table have run (here: one that never finishes)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffpg.compare import _result_or_first_refusal
+    from diffpg.envs.core import SettingError
+
+    release = threading.Event()
+
+    def refuse():
+        raise SettingError("critic_minibatches=4 is more than the 2 samples")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        slow, refused = pool.submit(release.wait, 60), pool.submit(refuse)
+        watched = {slow: "bptt at T=1", refused: "shac at T=1"}
+        with pytest.raises(SettingError, match="^estimators: shac at T=1: critic_minibatches=4"):
+            _result_or_first_refusal(slow, watched)
+        assert not slow.done()
+        release.set()
+        assert _result_or_first_refusal(slow, {slow: "bptt at T=1"}) is True
+
+
+def test_the_estimators_that_learn_are_queued_first(monkeypatch):
+    """They take longest, and their settings can be refused only when traced: each point queues
+    them before the rest; the futures come back in the table's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffpg import compare
+    from diffpg.sampling import learns_anything
+
+    submitted = []
+    monkeypatch.setattr(compare, "sample_gradients", lambda estimator, *a, **k: estimator)
+    settings = CompareSettings(env="lqr", estimators=("bptt", "reinforce", "shac", "ppo"),
+                               sweep="none", horizon=2, num_envs=2).resolved()
+    env, policy, _ = compare.make_env_and_policy(settings)
+    at = compare._PointInputs(settings.points[0], env, policy, None, None, None,
+                              jax.random.PRNGKey(0), None, None)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        real_submit = pool.submit
+        monkeypatch.setattr(pool, "submit", lambda f, spec: submitted.append(spec.label)
+                            or real_submit(f, spec))
+        futures = compare._queue_estimators(pool, settings, at, {})
+        learning = [learns_anything(future.result(), policy) for future in futures]
+    assert submitted[:2] == ["shac", "ppo"] and sorted(submitted[2:]) == ["bptt", "reinforce"]
+    assert learning == [False, False, True, True]  # the futures in the table's order
