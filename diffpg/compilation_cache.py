@@ -82,16 +82,45 @@ def enable_compilation_cache(directory: str | None = "default", min_compile_secs
     # read, and compiles instead: an accelerator's failure is not the user's business.
     warnings.filterwarnings("ignore", message=JAX_CACHE_ENTRY_WARNINGS)
     _remove_cut_entries(Path(directory))
+    _remove_entries_that_fail_to_load()
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return directory
 
 
+def _remove_entries_that_fail_to_load() -> None:
+    """Make an entry that JAX fails to load (cut short by a full disk or a kill while JAX wrote
+    it) be removed when it fails, so that the program compiled instead takes its place: JAX
+    never writes over an entry, and compiled that program at every run. JAX reads entries in
+    ``jax._src.compilation_cache.get_executable_and_time(cache_key, ...)``, which is wrapped
+    (a private function: where a JAX has none, entries stay as JAX leaves them)."""
+    from jax._src import compilation_cache as jax_cache
+
+    load = getattr(jax_cache, "get_executable_and_time", None)
+    if load is None or getattr(load, "removes_what_fails", False):
+        return
+
+    def load_or_remove(cache_key, *args, **kwargs):
+        try:
+            return load(cache_key, *args, **kwargs)
+        except Exception:
+            import jax
+
+            try:  # (a read-only cache keeps it)
+                (Path(jax.config.jax_compilation_cache_dir) / f"{cache_key}-cache").unlink()
+            except (OSError, TypeError):
+                pass
+            raise
+
+    load_or_remove.removes_what_fails = True
+    jax_cache.get_executable_and_time = load_or_remove
+
+
 def _remove_cut_entries(directory: Path) -> None:
     """Remove the empty entries a full disk left (JAX writes an entry in place: cut short, it
     stays, and JAX, which never writes over an entry, compiled that program at every run).
-    An entry cut later than its first block is read, fails and is compiled as before."""
+    An entry cut later is removed when JAX fails to load it (``_remove_entries_that_fail_to_load``)."""
     try:
         for entry in directory.glob("*-cache"):
             if entry.is_file() and entry.stat().st_size == 0:

@@ -262,3 +262,30 @@ def test_an_empty_cache_entry_a_full_disk_left_is_removed(tmp_path):
     _remove_cut_entries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_step-4567-cache", "notes"]
     _remove_cut_entries(tmp_path / "missing")  # (nothing there: nothing to do)
+
+
+def test_an_entry_cut_short_is_replaced_by_the_program_compiled_in_its_place(tmp_path):
+    """An entry cut anywhere (a kill or a full disk while JAX wrote it) fails to load; it is
+    removed then, so that the program compiled instead is kept in its place, not compiled again
+    at every run (JAX never writes over an entry)."""
+    from jax._src.compilation_cache import decompress_executable
+
+    program = ("import sys, jax, jax.numpy as jnp\n"
+               "from diffpg.compilation_cache import enable_compilation_cache\n"
+               "enable_compilation_cache(sys.argv[1])\n"
+               "print(float(jax.jit(lambda x: jnp.sum(jnp.sin(x) ** 2))(jnp.arange(64.0))))\n")
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True,
+                              text=True, timeout=HANG_LIMIT_S)
+        assert done.returncode == 0 and _messages(done.stderr) == [], done.stderr[-2000:]
+        return done.stdout
+
+    expected = run()
+    entries = {path: path.read_bytes() for path in tmp_path.glob("*-cache")}
+    assert entries
+    for path, whole in entries.items():
+        path.write_bytes(whole[: len(whole) // 2])  # cut after its first block
+    assert run() == expected
+    for path in entries:
+        decompress_executable(path.read_bytes())  # whole again
