@@ -354,8 +354,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     try:
         # SIGINT and SIGTERM stop every command from here on with one line (interruptions()).
         guard = stack.enter_context(interruptions())
-        if received:
-            guard.pending = received[0]
+        guard.received.extend(received or ())
         guard.check()
         if sys.stderr is None:  # started with its error output closed (``diffpg ... 2>&-``)
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's, until it exits)
@@ -389,11 +388,11 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         print(f"{_name(command)}: stopped: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)
+        signum = getattr(interruption, "signum", signal.SIGINT)  # (the first: it stopped it)
         kept = getattr(interruption, "kept", None)
         # A progress bar left mid-line is ended first (no blank line where none was drawn).
         print(("\n" if getattr(sys.stderr, "mid_line", False) else "")
-              + f"{_name(command)}: interrupted ({signal.Signals(signum).name})"
+              + f"{_name(command)}: interrupted ({str(interruption) or signal.Signals(signum).name})"
               + (f"; {kept}" if kept else ""), file=sys.stderr)
         _free_interrupted_frames(interruption)
         return 128 + signum

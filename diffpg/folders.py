@@ -34,12 +34,14 @@ from diffpg.envs.core import SettingError
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped a command (``signum``); raised between writes, never inside
-    one."""
+    """SIGINT or SIGTERM stopped a command; raised between writes, never inside one.
+    ``signals``: every one received, in order (a second while a save finished); ``signum``: the
+    first, which stopped it. Its text names them all (``SIGINT, then SIGTERM``)."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    def __init__(self, *signals: int):
+        super().__init__(", then ".join(signal.Signals(s).name for s in signals))
+        self.signals = signals
+        self.signum = signals[0]
 
 
 @contextlib.contextmanager
@@ -398,24 +400,25 @@ def remove_files(folder: Path, names: tuple[str, ...]) -> None:
 class _Interruptions:
     """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``.
 
-    A signal is also remembered (``pending``): Python drops an exception raised while it runs a
-    garbage-collection callback (JAX has one, busy in a command's first seconds), so ``check()``
-    and the end of every ``critical()`` raise it again."""
+    Every signal is also remembered (``received``, in order): Python drops an exception raised
+    while it runs a garbage-collection callback (JAX has one, busy in a command's first
+    seconds), so ``check()`` and the end of every ``critical()`` raise it again, naming every
+    signal that came."""
 
     def __init__(self):
         self.deferring = False
-        self.pending: int | None = None
+        self.received: list[int] = []
 
     def handle(self, signum, frame):
         del frame
-        self.pending = signum
+        self.received.append(signum)
         if not self.deferring:
-            raise Interrupted(signum)
+            raise Interrupted(*self.received)
 
     def check(self) -> None:
         """Raise ``Interrupted`` if a signal came (and its first exception was dropped)."""
-        if self.pending is not None:
-            raise Interrupted(self.pending)
+        if self.received:
+            raise Interrupted(*self.received)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:

@@ -652,3 +652,18 @@ def test_a_path_with_control_characters_is_printed_escaped(tmp_path, capsys):
     word = cli._shell_word(out)
     done = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True)
     assert done.stdout == str(out)
+
+
+def test_a_second_signal_is_named_beside_the_first_which_stopped_the_command(capsys):
+    """SIGINT, then SIGTERM while the save the first one waits for finishes: the line names both
+    in order, and the exit status is the first's (it stopped the command)."""
+    from diffpg.folders import Interrupted, interruptions
+
+    with interruptions() as guard, pytest.raises(Interrupted) as stopped:
+        with guard.critical():  # a save: both signals wait for it
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    assert stopped.value.signals == (signal.SIGINT, signal.SIGTERM)
+    assert cli.main(["compare", "--help"], received=[signal.SIGINT, signal.SIGTERM]) == 130
+    assert capsys.readouterr().err.strip() == "diffpg: interrupted (SIGINT, then SIGTERM)"

@@ -482,8 +482,9 @@ def test_a_refusal_where_a_program_is_traced_is_raised_without_waiting_for_the_o
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from diffpg.compare import _result_or_first_refusal
     from diffpg.envs.core import SettingError
+
+    from diffpg.compare import _result_or_first_refusal
 
     release = threading.Event()
 
