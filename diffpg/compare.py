@@ -172,6 +172,11 @@ def run_comparison(settings: CompareSettings,
     queue_ahead = jax.process_count() == 1
     pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
     watched: dict[Future, str] = {}  # every estimator queued: "spec at point"
+    # Those that learn first: they take longest, and a setting of theirs that a point's sizes
+    # refuse (more critic minibatches than samples) is found only as their program is traced.
+    order = tuple(sorted(settings.specs, key=lambda spec: not learns_anything(estimators.make(
+        spec.name, built[0][0], policy, **estimator_settings(spec, settings, points[0].horizon)),
+        policy)))
     try:
         queued = []
         for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
@@ -185,7 +190,7 @@ def run_comparison(settings: CompareSettings,
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, described)
             def start(at=at_point):
-                return _queue_estimators(pool, settings, at, watched)
+                return _queue_estimators(pool, settings, at, watched, order)
             pending = start() if queue_ahead else None
             queued.append((at_point, (lambda pending=pending: pending) if queue_ahead else start))
         for at_point, start_estimators in queued:
@@ -217,18 +222,15 @@ class _PointInputs(NamedTuple):
 
 
 def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs,
-                      watched: dict[Future, str]) -> list[Future]:
-    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` and added to
-    ``watched``; returned in ``settings.specs`` order. Those that learn are queued first: they
-    take longest, and a setting of theirs that the point's sizes refuse (more critic minibatches
-    than samples) is found only as their program is traced."""
+                      watched: dict[Future, str], order: tuple[EstimatorSpec, ...]
+                      ) -> list[Future]:
+    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` in ``order`` and
+    added to ``watched``; returned in ``settings.specs`` order."""
     horizon = at.point.horizon
-    made = {spec.label: estimators.make(spec.name, at.env, at.policy,
-                                        **estimator_settings(spec, settings, horizon))
-            for spec in settings.specs}
 
     def sample(spec: EstimatorSpec):
-        estimator = made[spec.label]
+        estimator = estimators.make(spec.name, at.env, at.policy,
+                                    **estimator_settings(spec, settings, horizon))
         key_number = _key_number((spec.label, settings.estimator_seed) if settings.estimator_seed
                                  else spec.label)  # (seed 0: the keys before estimator_seed)
         return sample_gradients(
@@ -237,10 +239,9 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
             chunk_size=at.chunk_size,
             description=_estimator_description(at.description, spec.label, estimator))
 
-    futures = {}
-    for spec in sorted(settings.specs, key=lambda s: not learns_anything(made[s.label], at.policy)):
-        futures[spec.label] = pool.submit(sample, spec)
-        watched[futures[spec.label]] = f"{spec.label} at {settings.where(at.point)}"
+    futures = {spec.label: pool.submit(sample, spec) for spec in order}
+    watched.update({futures[spec.label]: f"{spec.label} at {settings.where(at.point)}"
+                    for spec in order})
     return [futures[spec.label] for spec in settings.specs]
 
 

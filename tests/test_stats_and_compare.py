@@ -337,7 +337,6 @@ def test_a_bias_beyond_the_detection_limit_is_resolved_at_least_half_the_time(di
 def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypatch, lqr):
     """A device that cannot hold all K estimates at once gets them half as many at a time, the
     same keys and so the same samples."""
-    import jax
 
     from diffpg import estimators, sampling
 
@@ -504,23 +503,18 @@ def test_a_refusal_where_a_program_is_traced_is_raised_without_waiting_for_the_o
 def test_the_estimators_that_learn_are_queued_first(monkeypatch):
     """They take longest, and their settings can be refused only when traced: each point queues
     them before the rest; the futures come back in the table's order."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from diffpg import compare
-    from diffpg.sampling import learns_anything
 
-    submitted = []
-    monkeypatch.setattr(compare, "sample_gradients", lambda estimator, *a, **k: estimator)
+    queued = []
+    real_queue = compare._queue_estimators
+
+    def queue(pool, settings, at, watched, order):
+        queued.append([spec.label for spec in order])
+        return real_queue(pool, settings, at, watched, order)
+
+    monkeypatch.setattr(compare, "_queue_estimators", queue)
     settings = CompareSettings(env="lqr", estimators=("bptt", "reinforce", "shac", "ppo"),
-                               sweep="none", horizon=2, num_envs=2).resolved()
-    env, policy, _ = compare.make_env_and_policy(settings)
-    at = compare._PointInputs(settings.points[0], env, policy, None, None, None,
-                              jax.random.PRNGKey(0), None, None)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        real_submit = pool.submit
-        monkeypatch.setattr(pool, "submit", lambda f, spec: submitted.append(spec.label)
-                            or real_submit(f, spec))
-        futures = compare._queue_estimators(pool, settings, at, {})
-        learning = [learns_anything(future.result(), policy) for future in futures]
-    assert submitted[:2] == ["shac", "ppo"] and sorted(submitted[2:]) == ["bptt", "reinforce"]
-    assert learning == [False, False, True, True]  # the futures in the table's order
+                               horizon=2, num_envs=4, num_estimates=2, critic_warmup=1)
+    results = run_comparison(settings)
+    assert queued == [["shac", "ppo", "bptt", "reinforce"]] * 2
+    assert list(results["results"][0]["estimators"]) == ["bptt", "reinforce", "shac", "ppo"]
