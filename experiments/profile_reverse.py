@@ -15,15 +15,22 @@ machine moves the numbers less than wall-clock):
   that what the reverse pass adds is named from the program, not guessed, with XLA's cost
   analysis of each (millions of flops and of bytes its operations read and write).
 
-Prints two tables and writes ``results.json``::
+* **levers** (``--levers``): the BPTT gradient compiled with each of ``LEVERS`` in the same
+  process (an XLA:CPU option of that one program, or a change of how it is traced), its wall
+  and CPU seconds against today's program and its gradient against today's (the largest
+  difference, relative to the largest entry).
+
+Prints two tables (three with ``--levers``) and writes ``results.json``::
 
     python experiments/profile_reverse.py --env hopper
     python experiments/profile_reverse.py --env ant --out runs/profile_reverse_ant
+    python experiments/profile_reverse.py --env hopper --segments 0 --levers
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import re
 import sys
@@ -31,6 +38,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +54,33 @@ OPERATION = re.compile(r"= \S+ ([a-z][\w-]*)\(")
 
 FREE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
 """Opcodes that move no data (left out of the counts)."""
+
+
+LEVERS = {
+    "copy insertion with region analysis": {"xla_cpu_copy_insertion_use_region_analysis": True},
+    "XLA's loop emitters, not its fusion emitters": {"xla_cpu_use_fusion_emitters": False},
+    "no Eigen thread pool inside operations": {"xla_cpu_multi_thread_eigen": False},
+    "the concurrency-optimised scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
+    "512-bit vectors preferred": {"xla_cpu_prefer_vector_width": 512},
+    "LLVM -O3": {"xla_backend_optimization_level": 3},
+    "every scan's transpose split in two (lax.scan _split_transpose)": "split_transpose",
+}
+"""Changes of the BPTT gradient's program measured by ``--levers``: XLA:CPU options of that one
+program, or ``"split_transpose"``: every ``lax.scan`` traced with ``_split_transpose=True``
+(JAX's experimental split of a scan's reverse into a scan of the carries' cotangents and a map
+of the rest)."""
+
+
+@contextlib.contextmanager
+def scans_traced_with_split_transpose():
+    """Every ``jax.lax.scan`` traced inside the block (diffpg's and Brax's) splits its
+    transpose."""
+    plain = jax.lax.scan
+    jax.lax.scan = functools.partial(plain, _split_transpose=True)
+    try:
+        yield
+    finally:
+        jax.lax.scan = plain
 
 
 def cpu_seconds(function, *args, repeats: int) -> tuple[float, float]:
@@ -118,6 +153,47 @@ def step_rows(env, num_envs: int, repeats: int, key):
     return rows
 
 
+def lever_rows(env, num_envs: int, horizon: int, repeats: int, key) -> list[dict]:
+    """The BPTT gradient with each of ``LEVERS`` against today's program (``"today"``)."""
+    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
+                                      hidden_sizes=(128, 64, 32))
+    params = policy.init(key)
+    stats = init_statistics(env.observation_size)
+    states = jax.vmap(env.reset)(jax.random.split(key, num_envs))
+
+    def mean_return(p):
+        _, tr = unroll(env, policy, p, stats, states, key, horizon)
+        return jnp.mean(jnp.sum(tr.reward, axis=0))
+
+    rows, today = [], None
+    for name, lever in ({"today": {}} | LEVERS).items():
+        started = time.perf_counter()
+        with (scans_traced_with_split_transpose() if lever == "split_transpose"
+              else contextlib.nullcontext()):
+            lowered = jax.jit(jax.grad(mean_return)).lower(params)
+        try:
+            compiled = lowered.compile(compiler_options=lever if isinstance(lever, dict) else {})
+        except Exception as error:  # (an option this jaxlib does not know)
+            rows.append({"lever": name, "error": f"{type(error).__name__}: {error}"[:120]})
+            continue
+        gradient = jax.block_until_ready(compiled(params))
+        compiling = time.perf_counter() - started
+        wall = cpu = float("inf")
+        for _ in range(repeats):
+            wall_started, cpu_started = time.perf_counter(), time.process_time()
+            jax.block_until_ready(compiled(params))
+            cpu = min(cpu, time.process_time() - cpu_started)
+            wall = min(wall, time.perf_counter() - wall_started)
+        flat = jax.flatten_util.ravel_pytree(gradient)[0]
+        today = flat if today is None else today
+        rows.append({"lever": name, "wall_s": wall, "cpu_s": cpu, "compile_s": compiling,
+                     "x_today_wall": wall / rows[0]["wall_s"] if rows else 1.0,
+                     "x_today_cpu": cpu / rows[0]["cpu_s"] if rows else 1.0,
+                     "error": "", "gradient_difference": float(jnp.max(jnp.abs(flat - today))
+                                                  / jnp.max(jnp.abs(today)))})
+    return rows
+
+
 def main() -> None:
     parser = common.parser("profile_reverse", __doc__.split("\n\n")[0])
     parser.add_argument("--env", default="hopper")
@@ -126,6 +202,8 @@ def main() -> None:
     parser.add_argument("--segments", type=int, nargs="*", default=[0, 1, 8],
                         help="remat_segment values of the BPTT gradient (0: none)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--levers", action="store_true",
+                        help="also the BPTT gradient with each of LEVERS against today's")
     arguments = parser.parse_args()
     out = common.prepare_output(arguments.out, arguments.overwrite)
     env, key = envs.make(arguments.env), jax.random.PRNGKey(arguments.seed)
@@ -135,8 +213,15 @@ def main() -> None:
     steps = step_rows(env, arguments.num_envs, arguments.repeats, key)
     print(common.format_table(steps, ["program", "cpu_ms", "operations", "mflop", "mbyte",
                                       "most"]))
+    levers = []
+    if arguments.levers:
+        levers = lever_rows(env, arguments.num_envs, arguments.horizon, arguments.repeats, key)
+        print(common.format_table(levers, ["lever", "wall_s", "cpu_s", "x_today_wall",
+                                           "x_today_cpu", "compile_s", "gradient_difference",
+                                           "error"]))
     common.write_json(out / "results.json", {"settings": vars(arguments) | {"out": str(out)},
-                                             "rollout": rollout, "step": steps})
+                                             "rollout": rollout, "step": steps,
+                                             "levers": levers})
     print(f"wrote {out / 'results.json'}")
 
 

@@ -84,12 +84,13 @@ def test_fall_anatomy_reads_an_episode_s_last_steps_from_its_record():
 
 def test_the_reverse_pass_profile_runs_and_counts_each_program_s_operations(tmp_path):
     """``profile_reverse.py`` at tiny sizes on the pendulum: a row per program, the forward as
-    the unit, and the reverse step's program holding more operations than the forward's."""
+    the unit, the reverse step's program holding more operations than the forward's, and the
+    BPTT gradient's levers each giving today's gradient."""
     out = tmp_path / "profile"
     done = subprocess.run(
         [sys.executable, str(EXPERIMENTS / "profile_reverse.py"), "--env", "pendulum",
          "--num-envs", "4", "--horizon", "4", "--segments", "0", "1", "--repeats", "2",
-         "--out", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+         "--levers", "--out", str(out)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert [row["program"] for row in results["rollout"]] == [
@@ -98,6 +99,11 @@ def test_the_reverse_pass_profile_runs_and_counts_each_program_s_operations(tmp_
     forward, reverse = results["step"]
     assert reverse["operations"] > forward["operations"] > 0
     assert reverse["mflop"] > forward["mflop"] > 0 and reverse["mbyte"] > forward["mbyte"] > 0
+    # Each lever: the same gradient (float32 rounding) from a program timed against today's.
+    levers = results["levers"]
+    assert levers[0]["lever"] == "today" and levers[0]["x_today_cpu"] == 1.0
+    assert len(levers) > 5 and all(row["error"] == "" for row in levers), levers
+    assert all(row["gradient_difference"] < 1e-5 and row["cpu_s"] > 0 for row in levers), levers
 
 
 def test_bench_compare_compile_times_each_program_and_the_whole_command(tmp_path, monkeypatch,
