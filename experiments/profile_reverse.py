@@ -154,7 +154,8 @@ def step_rows(env, num_envs: int, repeats: int, key):
 
 
 def lever_rows(env, num_envs: int, horizon: int, repeats: int, key) -> list[dict]:
-    """The BPTT gradient with each of ``LEVERS`` against today's program (``"today"``)."""
+    """The BPTT gradient with each of ``LEVERS`` against today's program (``"today"``, timed
+    first and last)."""
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=(128, 64, 32))
     params = policy.init(key)
@@ -166,7 +167,8 @@ def lever_rows(env, num_envs: int, horizon: int, repeats: int, key) -> list[dict
         return jnp.mean(jnp.sum(tr.reward, axis=0))
 
     rows, today = [], None
-    for name, lever in ({"today": {}} | LEVERS).items():
+    # Today's program again at the end: how far the measurement drifts over the run.
+    for name, lever in ({"today": {}} | LEVERS | {"today, again": {}}).items():
         started = time.perf_counter()
         with (scans_traced_with_split_transpose() if lever == "split_transpose"
               else contextlib.nullcontext()):

@@ -102,6 +102,7 @@ def test_the_reverse_pass_profile_runs_and_counts_each_program_s_operations(tmp_
     # Each lever: the same gradient (float32 rounding) from a program timed against today's.
     levers = results["levers"]
     assert levers[0]["lever"] == "today" and levers[0]["x_today_cpu"] == 1.0
+    assert levers[-1]["lever"] == "today, again" and levers[-1]["gradient_difference"] == 0
     assert len(levers) > 5 and all(row["error"] == "" for row in levers), levers
     assert all(row["gradient_difference"] < 1e-5 and row["cpu_s"] > 0 for row in levers), levers
 
