@@ -14,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,20 +69,55 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+def check_checkpointable(run_dir: Path) -> None:
+    """Refuse a run folder whose path is not UTF-8 (bytes a file system allows, which Python
+    keeps as escapes): orbax's TensorStore can neither write nor read checkpoints there."""
+    try:
+        str(run_dir.absolute()).encode()
+    except UnicodeEncodeError:
+        raise SettingError(f"the run folder {str(run_dir)!r} has a name that is not UTF-8, where "
+                           "the checkpoint library (orbax) cannot write or read; allowed: a "
+                           "UTF-8 name (rename the folder, or give --out another)") from None
+
+
+def _check_no_special_files(folder: Path) -> None:
+    """Refuse a FIFO, socket or device (or a link to one) inside ``folder``: orbax opens each
+    checkpoint's metadata to list them, in a thread that a FIFO blocks forever (and a process
+    that cannot end) and a device feeds without end."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                mode = (Path(root) / name).stat().st_mode
+            except OSError:  # (a link to nowhere: its checkpoint does not restore, and is named)
+                continue
+            if not stat.S_ISREG(mode):
+                raise SettingError(
+                    f"{str(Path(root) / name)!r} is not a regular file (a FIFO, a socket or a "
+                    "device, or a link to one), which no checkpoint holds and which would "
+                    "block reading the checkpoints; remove it")
+
+
 def checkpoint_manager(run_dir: Path, writing: bool = False) -> ocp.CheckpointManager:
     """Orbax's manager of ``run_dir/checkpoints``. Writing (the training run itself):
     synchronous saves, the last ``KEPT_CHECKPOINTS`` kept, leftovers of interrupted saves cleaned
     up. Otherwise read-only: it changes nothing (another process may be writing)."""
+    check_checkpointable(run_dir)
+    _check_no_special_files(run_dir / "checkpoints")
+    _drop_closed_event_loop_reports()
     if writing:
-        _drop_closed_event_loop_reports()
         options = ocp.CheckpointManagerOptions(max_to_keep=KEPT_CHECKPOINTS,
                                                enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True)
     else:
         options = ocp.CheckpointManagerOptions(read_only=True)
-    with _quiet_orbax():
-        return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=options,
-                                     item_names=("state", "history"))
+    for attempt in range(3):
+        try:
+            with _quiet_orbax():
+                return ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
+                                             options=options, item_names=("state", "history"))
+        except FileNotFoundError:  # the run retired a checkpoint while orbax listed them
+            if writing or attempt == 2:
+                raise
 
 
 def checkpoint_updates(run_dir: Path) -> list[int]:
@@ -140,7 +178,7 @@ def _files_sha256(folder: Path, files: list[str]) -> str:
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode())
-        digest.update((folder / name).read_bytes())
+        digest.update(read_regular_file(folder / name))  # (a FIFO there would block)
     return digest.hexdigest()
 
 
@@ -207,13 +245,15 @@ def _is_closed_event_loop(error: BaseException | None) -> bool:
 
 def _drop_closed_event_loop_reports() -> None:
     """From now on, Python's reports of ``RuntimeError("Event loop is closed")`` outside any
-    caller (``sys.excepthook``, ``sys.unraisablehook``) are dropped: when a save fails,
-    TensorStore's other pending writes finish on their own threads and try to wake orbax's event
-    loop, which the failure closed. Every other report is left as it was (installed once, by
-    the first writing ``checkpoint_manager``)."""
+    caller (``sys.excepthook``, ``sys.unraisablehook``, ``threading.excepthook``) are dropped:
+    when a save or a restore stops (a full disk, a signal), TensorStore's other pending reads
+    and writes finish on their own threads and try to wake orbax's event loop, which the stop
+    closed. Every other report is left as it was (installed once, by the first
+    ``checkpoint_manager``)."""
     if getattr(sys.excepthook, "drops_closed_event_loop", False):
         return
     previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+    previous_thread_hook = threading.excepthook
 
     def excepthook(kind, error, trace):
         if not _is_closed_event_loop(error):
@@ -223,8 +263,13 @@ def _drop_closed_event_loop_reports() -> None:
         if not _is_closed_event_loop(report.exc_value):
             previous_unraisablehook(report)
 
+    def thread_hook(report):
+        if not _is_closed_event_loop(report.exc_value):
+            previous_thread_hook(report)
+
     excepthook.drops_closed_event_loop = True
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    threading.excepthook = thread_hook
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, rows: list[dict],

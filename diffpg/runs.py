@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from diffpg.checkpoints import (
+    check_checkpointable,
     check_only_checkpoint_files,
     checkpoint_manager,
     counter_value,
@@ -87,6 +88,7 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     or at the end of a run none of whose updates was finite, with the checkpoint saved; and
     ``Interrupted`` on SIGINT or SIGTERM, after any save in progress has finished.
     """
+    check_checkpointable(run_dir)  # (before the folder is made)
     trainer = make_trainer(settings, env)
     # With several processes (diffpg.devices) every one trains; the primary one alone writes
     # the folder's files, and all of them write the checkpoints together.
@@ -298,7 +300,10 @@ def load_run(run_dir: Path, seed_index: int | None = None, checkpoint: int | Non
     if eval_envs is not None:
         settings = dataclasses.replace(settings, eval_envs=eval_envs)  # validated again
     trainer = make_trainer(settings)
-    state, _, unreadable = restore_checkpoint(run_dir, trainer.init_run(), checkpoint)
+    state, history, unreadable = restore_checkpoint(run_dir, trainer.init_run(), checkpoint)
+    # What it evaluates or draws is what the run trained (not a settings.json edited since).
+    check_resumable_with(settings, history.get("settings"),
+                         f"its checkpoint of update {counter_value(state.update)}")
     for update, reason in unreadable:
         print(f"diffpg: checkpoint {update} of {run_dir} cannot be restored ({reason}); using "
               f"the one of update {counter_value(state.update)}", file=sys.stderr)

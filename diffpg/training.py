@@ -304,10 +304,11 @@ computation, summed in another order). Everything else is the run's."""
 
 def check_resumable_with(settings: TrainSettings, recorded: Mapping[str, Any] | None,
                          where: str) -> None:
-    """Refuse to resume under ``settings`` where they differ from ``recorded`` (what the run's
-    checkpoint ``where`` was trained with; ``None``: a checkpoint older than the record) in
-    anything but ``CHANGEABLE_ON_RESUME``: settings.json edited by hand would continue the run
-    under other settings, and then describe all of it."""
+    """Refuse to resume (or evaluate, or draw) under ``settings`` where they differ from
+    ``recorded`` (what the run's checkpoint ``where`` was trained with; ``None``: a checkpoint
+    older than the record) in anything but ``CHANGEABLE_ON_RESUME``: settings.json edited by
+    hand would continue the run under other settings, and then describe all of it (or evaluate
+    its policy on another env and key under the run's name)."""
     if recorded is None:
         return
     current = json.loads(json.dumps(settings.to_json()))  # (tuples as the record's lists)
@@ -322,7 +323,8 @@ def check_resumable_with(settings: TrainSettings, recorded: Mapping[str, Any] | 
             if given != kept:
                 raise SettingError(f"settings.json has {setting}={given!r}, but {where} was "
                                    f"trained with {kept!r} (was settings.json edited?); put it "
-                                   "back to resume, or start a new run with the new value")
+                                   "back to resume, evaluate or draw the run, or start a new "
+                                   "run with the new value")
 
 
 def settings_for(env: str = TrainSettings.env, estimator: str = TrainSettings.estimator,

@@ -420,8 +420,9 @@ def test_overwrite_refuses_a_user_s_file_inside_a_checkpoint_and_resume_sets_asi
 
 def test_settings_json_edited_by_hand_is_refused_on_resume(tmp_path, capsys):
     """The command line refuses a change on resume; the same change written into settings.json
-    continued the run under it silently. Each checkpoint records the settings it was trained
-    with, and resuming compares them."""
+    continued the run under it silently (and eval evaluated another env under the run's name).
+    Each checkpoint records the settings it was trained with; resuming and evaluating compare
+    them."""
     out = tmp_path / "run"
     train(_small(updates=4), out)
     original = json.loads((out / "settings.json").read_text())
@@ -432,11 +433,13 @@ def test_settings_json_edited_by_hand_is_refused_on_resume(tmp_path, capsys):
               "settings.json has estimator_settings.critic_learning_rate=0.5")]
     for edit, message in edits:
         (out / "settings.json").write_text(json.dumps(original | edit))
-        assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 2, edit
-        error = capsys.readouterr().err.strip()
-        assert message in error and len(error.splitlines()) == 1, error
+        for command in (["train", "--resume", str(out), "--updates", "6"], ["eval", str(out)]):
+            assert cli.main(command) == 2, (edit, command)  # (eval: another env's numbers)
+            error = capsys.readouterr().err.strip()
+            assert message in error and len(error.splitlines()) == 1, error
     assert checkpoint_updates(out) == [2, 4]
     (out / "settings.json").write_text(json.dumps(original | {"eval_envs": 3}))  # changeable
+    assert cli.main(["eval", str(out)]) == 0
     assert cli.main(["train", "--resume", str(out), "--updates", "6"]) == 0
 
 
@@ -942,3 +945,82 @@ def test_a_partner_processs_lock_and_write_probe_leave_the_folder_empty(tmp_path
     (out / "settings.json").write_text("{}")
     with pytest.raises(SettingError, match="exists and is not empty"):
         prepare_output(out, overwrite=False, default_name="unused")
+
+
+def test_a_fifo_or_a_device_inside_a_checkpoint_is_one_line_not_a_hang(tmp_path):
+    """Orbax opens each checkpoint's metadata to list them, and the digest read every file: a
+    FIFO there blocked eval, video and --resume forever (in a thread the process then waited
+    for), a link to /dev/zero filled the memory. Either is one line naming it, unread."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    for inside in ("_CHECKPOINT_METADATA", "state/_METADATA"):  # (listing; restoring)
+        for replace in (os.mkfifo, lambda path: path.symlink_to("/dev/zero")):
+            path = out / "checkpoints" / "4" / inside
+            kept = path.read_bytes()
+            path.unlink()
+            replace(path)
+            for command in (["eval", str(out)], ["train", "--resume", str(out)]):
+                done = subprocess.run([sys.executable, "-m", "diffpg.cli", *command],
+                                      capture_output=True, text=True, timeout=300)
+                assert done.returncode == 2, done.stderr[-2000:]
+                assert done.stderr.strip().endswith(f"{str(path)!r} is not a regular file (a "
+                                                    "FIFO, a socket or a device, or a link to "
+                                                    "one), which no checkpoint holds and which "
+                                                    "would block reading the checkpoints; remove "
+                                                    "it"), done.stderr
+            path.unlink()
+            path.write_bytes(kept)
+    assert evaluate_run(out)["update"] == 4
+
+
+def test_a_run_folder_whose_name_is_not_utf8_is_refused_before_anything_is_made(tmp_path,
+                                                                                capsys):
+    """Orbax's TensorStore cannot write a checkpoint under a name of non-UTF-8 bytes: train
+    failed with a traceback after compiling and left a folder --resume failed on again."""
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/run\xff\xfe"))
+    assert cli.main(["train", *SMALL, "--updates", "2", "--updates-per-call", "2",
+                     "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "has a name that is not UTF-8" in error and len(error.splitlines()) == 1, error
+    assert not out.exists()
+    out.mkdir()  # (one an earlier version made)
+    assert cli.main(["eval", str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_retired_while_another_process_lists_them_is_listed_again(tmp_path,
+                                                                               monkeypatch):
+    """``eval`` while the run trains: orbax listed a checkpoint the run retired meanwhile and
+    failed with FileNotFoundError (a traceback); the listing is made again."""
+    import diffpg.checkpoints as checkpoints
+
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    real, calls = checkpoints.ocp.CheckpointManager, []
+
+    def retired_once(*arguments, **keywords):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(out / "checkpoints/2"))
+        return real(*arguments, **keywords)
+
+    monkeypatch.setattr(checkpoints.ocp, "CheckpointManager", retired_once)
+    assert checkpoint_updates(out) == [2, 4] and len(calls) == 2
+
+
+def test_a_closed_event_loop_reported_from_a_thread_is_dropped_and_nothing_else():
+    """Ctrl-C while eval restored a checkpoint: TensorStore's threads woke orbax's closed event
+    loop, and their tracebacks followed the one line."""
+    program = ("import threading\n"
+               "from diffpg.checkpoints import _drop_closed_event_loop_reports\n"
+               "_drop_closed_event_loop_reports()\n"
+               "for text in ('Event loop is closed', 'another failure'):\n"
+               "    def fail(text=text):\n"
+               "        raise RuntimeError(text)\n"
+               "    thread = threading.Thread(target=fail)\n"
+               "    thread.start()\n"
+               "    thread.join()\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S)
+    assert "another failure" in done.stderr and "Event loop is closed" not in done.stderr, \
+        done.stderr
