@@ -422,23 +422,30 @@ class _Interruptions:
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
-        """A save: a signal waits until it is complete."""
-        self.deferring = True
+        """A save: a signal waits until it is complete (the outermost one, when nested)."""
+        outer, self.deferring = self.deferring, True
         try:
             yield
         finally:
-            self.deferring = False
-        self.check()
+            self.deferring = outer
+        if not outer:
+            self.check()
 
 
 @contextlib.contextmanager
 def interruptions() -> Iterator[_Interruptions]:
     """Route SIGINT and SIGTERM to ``Interrupted`` while the block runs (main thread only;
-    elsewhere nothing is installed and ``critical`` does nothing)."""
-    guard = _Interruptions()
+    elsewhere nothing is installed and ``critical`` does nothing). Inside another such block
+    (a command's, around a library call's), the outer guard is the guard: a signal it kept
+    (its exception dropped) is not forgotten, and the next one names both."""
     if threading.current_thread() is not threading.main_thread():
-        yield guard
+        yield _Interruptions()
         return
+    outer = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+    if isinstance(outer, _Interruptions):
+        yield outer
+        return
+    guard = _Interruptions()
     previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     previous_hook = sys.unraisablehook
 

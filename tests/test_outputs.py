@@ -313,6 +313,12 @@ def test_a_video_replaces_no_file_diffpg_did_not_write(tmp_path, capsys):
     assert cli.main(["video", str(run), "--out", str(mine)]) == 2
     assert "is a file diffpg did not write" in capsys.readouterr().err
     assert mine.read_bytes() == b"GIF89a the user's"
+    os.mkfifo(tmp_path / "fifo.gif")  # (its reader would block) and a link to a device
+    (tmp_path / "null.gif").symlink_to("/dev/null")
+    for other in ("fifo.gif", "null.gif"):
+        assert cli.main(["video", str(run), "--out", str(tmp_path / other)]) == 2
+        assert "is a FIFO, a device or a link" in capsys.readouterr().err
+    assert (tmp_path / "null.gif").is_symlink() and not (tmp_path / "fifo.gif").is_file()
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "metrics.csv").write_text("the user's")
@@ -667,3 +673,20 @@ def test_a_second_signal_is_named_beside_the_first_which_stopped_the_command(cap
     assert stopped.value.signals == (signal.SIGINT, signal.SIGTERM)
     assert cli.main(["compare", "--help"], received=[signal.SIGINT, signal.SIGTERM]) == 130
     assert capsys.readouterr().err.strip() == "diffpg: interrupted (SIGINT, then SIGTERM)"
+
+
+def test_a_signal_kept_by_the_command_s_guard_is_not_forgotten_by_an_inner_one():
+    """A SIGINT whose exception Python dropped was kept by the command's guard; the training
+    loop's own guard, inside it, started empty, and a SIGTERM then stopped the run as if it
+    were the only signal (exit 143, SIGINT not named)."""
+    from diffpg.folders import Interrupted, interruptions
+
+    with interruptions() as command_guard:
+        command_guard.received.append(signal.SIGINT)  # (its exception dropped)
+        with interruptions() as inner, pytest.raises(Interrupted) as stopped:
+            assert inner is command_guard
+            with inner.critical(), inner.critical():  # nested saves: the outer one ends it
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+            pytest.fail("the signals were not raised at the end of the outer save")
+        assert stopped.value.signals == (signal.SIGINT, signal.SIGTERM)
