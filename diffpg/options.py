@@ -99,12 +99,14 @@ def check_not_owned(options: dict[str, Any], owners: dict[str, str], where: str)
 
 
 def check_seed(name: str, value: Any, offsets: int = 0) -> None:
-    """An integer that JAX's key takes (int64), also after adding up to ``offsets`` to it."""
+    """An integer that JAX's key takes (int64), also after adding up to ``offsets`` to it (a
+    run's ``seeds`` seeds and its evaluation's draw ``seed + 1`` onwards)."""
     if (not isinstance(value, int) or isinstance(value, bool)
             or not -(2**63) <= value <= 2**63 - 1 - offsets):
-        top = f"2**63 - 1 - {offsets}" if offsets else "2**63 - 1"
+        top = f"2**63 - {1 + offsets}" if offsets else "2**63 - 1"
         raise SettingError(f"{name}={value!r} must be an integer in [-2**63, {top}] (a 64-bit "
-                           f"seed{', plus the seeds after it' if offsets else ''})")
+                           + (f"seed; the run also draws from the {offsets} after it: its seeds "
+                              "and its evaluation's)" if offsets else "seed)"))
 
 
 def seed_key(seed: int):

@@ -518,3 +518,15 @@ def test_the_estimators_that_learn_are_queued_first(monkeypatch):
     results = run_comparison(settings)
     assert queued == [["shac", "ppo", "bptt", "reinforce"]] * 2
     assert list(results["results"][0]["estimators"]) == ["bptt", "reinforce", "shac", "ppo"]
+
+
+def test_a_batch_mean_baseline_of_one_rollout_is_refused():
+    """With one rollout the batch mean is the rollout's own return: every estimate was 0, and
+    the comparison called its 100% bias resolved. Like leave-one-out's, refused."""
+    from diffpg.envs.core import SettingError
+
+    from diffpg.estimators.reinforce import ScoreFunctionSettings, _pool_size
+
+    with pytest.raises(SettingError, match="baseline='batch_mean' of 1 rollout"):
+        _pool_size(ScoreFunctionSettings(baseline="batch_mean"), 1)
+    assert _pool_size(ScoreFunctionSettings(baseline="batch_mean"), 2) == 2

@@ -259,6 +259,9 @@ def _pool_size(settings: ScoreFunctionSettings, num_rollouts: int) -> int:
             f"baseline={settings.baseline!r} needs at least 2 rollouts per pool, got {pool}: "
             "use a batch of 2 or more states or rollouts_per_state >= 2"
         )
+    if settings.baseline == "batch_mean" and num_rollouts < 2:
+        raise SettingError("baseline='batch_mean' of 1 rollout is its own return, so every "
+                           "estimate is 0; use a batch of 2 or more states or another baseline")
     return pool
 
 
