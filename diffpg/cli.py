@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -440,12 +441,24 @@ class GuardedOutput:
     (``BrokenPipeError`` on standard output, ``diffpg eval RUN | head``) still stops the
     command: nobody reads its results any more. Everything else is the wrapped stream's."""
 
+    PROGRESS_LINE_EVERY_S = 60.0
+    """Not a terminal (a log file, a pipe): a progress bar's frames (``\r`` + the bar, redrawn
+    in place on a terminal) become a line at most this often, and the bar's last frame a line
+    when it closes."""
+
     def __init__(self, stream, stops_on_broken_pipe: bool) -> None:
         self._stream = stream
         self._stops_on_broken_pipe = stops_on_broken_pipe
         self.failure: OSError | None = None
         self.mid_line = False
         """Whether the last text written ended inside a line (a progress bar's)."""
+        try:
+            self._frames_as_lines = not stream.isatty()
+        except (AttributeError, ValueError, OSError):
+            self._frames_as_lines = True
+        self._held_frame: str | None = None  # the newest frame not written yet
+        self._frame_line_at = -float("inf")
+        self._last_was_frame = False
 
     def _guarded(self, operation, *args):
         if self.failure is not None:
@@ -467,10 +480,29 @@ class GuardedOutput:
             os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
 
     def write(self, text: str) -> int:
-        if text:
-            self.mid_line = not text.endswith("\n")
-        self._guarded(self._stream.write, text)
+        written = self._as_lines(text) if self._frames_as_lines else text
+        if written:
+            self.mid_line = not written.endswith("\n")
+            self._guarded(self._stream.write, written)
         return len(text)
+
+    def _as_lines(self, text: str) -> str:
+        """What goes to a stream that is not a terminal for ``text``: a frame is held, or
+        written as a line when ``PROGRESS_LINE_EVERY_S`` have passed since the last; the newline
+        that closes a bar writes the frame held (and no blank line)."""
+        if text.startswith("\r"):
+            self._held_frame = text[1:].rstrip()
+            if time.monotonic() - self._frame_line_at < self.PROGRESS_LINE_EVERY_S:
+                return ""
+            self._frame_line_at = time.monotonic()
+        elif text == "\n" and (self._held_frame is not None or self._last_was_frame):
+            pass  # a bar closes
+        else:
+            self._last_was_frame = False
+            return text
+        frame, self._held_frame = self._held_frame, None
+        self._last_was_frame = True
+        return f"{frame}\n" if frame else ""
 
     def flush(self) -> None:
         self._guarded(self._stream.flush)

@@ -539,6 +539,34 @@ def test_a_settings_json_boolean_that_is_a_word_is_refused(tmp_path, capsys):
             in error, error
 
 
+def test_progress_frames_to_a_file_become_a_line_a_minute_and_the_last_one(monkeypatch):
+    """Into a file (``2> log``) a progress bar wrote every redrawn frame (``\\r`` + the bar, the
+    last one three times): now the first, one a minute, and the last frame as lines, and the
+    bar's closing newline adds no blank line; a terminal gets the frames as they are."""
+    now = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    output = cli.GuardedOutput(log, stops_on_broken_pipe=False)
+    for seconds, text in [(0, "\rtrain:   0%|    | 0/4"), (1, "\rtrain:  25%|#   | 1/4"),
+                          (70, "\rtrain:  50%|##  | 2/4"), (71, "\rtrain: 100%|####| 4/4  "),
+                          (71, "\rtrain: 100%|####| 4/4"), (71, "\n"),
+                          (72, "4 updates\n"), (72, "\n")]:
+        now[0] = seconds
+        output.write(text)
+    assert log.getvalue() == ("train:   0%|    | 0/4\ntrain:  50%|##  | 2/4\n"
+                              "train: 100%|####| 4/4\n4 updates\n\n")
+    assert not output.mid_line
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    output = cli.GuardedOutput(terminal, stops_on_broken_pipe=False)
+    output.write("\rtrain:  25%|#   | 1/4")
+    assert terminal.getvalue() == "\rtrain:  25%|#   | 1/4" and output.mid_line
+
+
 def test_a_guarded_output_keeps_its_first_failure_drops_the_rest_and_knows_its_line():
     """``diffpg.cli.GuardedOutput``: a failed write (a full device) is kept, not raised, and
     later output is dropped; a reader gone away (a broken pipe) still stops a command on
