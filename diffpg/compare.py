@@ -14,6 +14,7 @@ its standard error. Statistics are defined in ``diffpg.stats``; the settings in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import zlib
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from diffpg.comparison_settings import (
     check_estimators_fit,
     check_reference_learns_nothing,
     estimator_settings,
+    learners_first,
 )
 from diffpg.devices import available_memory_bytes, shard_batch, state_bytes
 from diffpg.envs.core import SettingError
@@ -43,7 +45,7 @@ from diffpg.normalization import RunningStatistics
 from diffpg.options import parse_options, seed_key
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import learns_anything, sample_gradients
+from diffpg.sampling import sample_gradients
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
 
@@ -172,11 +174,7 @@ def run_comparison(settings: CompareSettings,
     queue_ahead = jax.process_count() == 1
     pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
     watched: dict[Future, str] = {}  # every estimator queued: "spec at point"
-    # Those that learn first: they take longest, and a setting of theirs that a point's sizes
-    # refuse (more critic minibatches than samples) is found only as their program is traced.
-    order = tuple(sorted(settings.specs, key=lambda spec: not learns_anything(estimators.make(
-        spec.name, built[0][0], policy, **estimator_settings(spec, settings, points[0].horizon)),
-        policy)))
+    order = learners_first(settings, built[0][0], policy)  # each point queues them so
     try:
         queued = []
         for point, (env, _, _) in list(zip(points, built, strict=True))[len(finished):]:
@@ -189,9 +187,8 @@ def run_comparison(settings: CompareSettings,
             described = _point_description(settings, point, env) if keep_programs else None
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, described)
-            def start(at=at_point):
-                return _queue_estimators(pool, settings, at, watched, order)
-            pending = start() if queue_ahead else None
+            start = functools.partial(_queue_estimators, pool, settings, at_point, watched, order)
+            pending = start() if queue_ahead else None  # (else: once the reference is done)
             queued.append((at_point, (lambda pending=pending: pending) if queue_ahead else start))
         for at_point, start_estimators in queued:
             entry, point_samples = _compare_at_point(

@@ -330,6 +330,20 @@ def check_estimators_fit(settings: CompareSettings, point_envs: list, policy) ->
         check_state_fits(estimator, policy, spec.label)
 
 
+def learners_first(settings: CompareSettings, env, policy) -> tuple[EstimatorSpec, ...]:
+    """``settings.specs``, those that learn (a critic, a buffer; as built at the first sweep
+    point, on its ``env``) first: they take longest, and a setting of theirs that a point's
+    sizes refuse (more critic minibatches than samples) is found only as their program is
+    traced."""
+    from diffpg.sampling import learns_anything
+
+    def learns(spec: EstimatorSpec) -> bool:
+        return learns_anything(estimators.make(spec.name, env, policy, **estimator_settings(
+            spec, settings, settings.points[0].horizon)), policy)
+
+    return tuple(sorted(settings.specs, key=lambda spec: not learns(spec)))
+
+
 def check_reference_learns_nothing(settings: CompareSettings, spec_text: str, env, policy
                                    ) -> None:
     """Refuse a reference estimator with anything to learn (a critic, a replay buffer): the

@@ -959,7 +959,8 @@ def test_a_fifo_or_a_device_inside_a_checkpoint_is_one_line_not_a_hang(tmp_path)
             kept = path.read_bytes()
             path.unlink()
             replace(path)
-            for command in (["eval", str(out)], ["train", "--resume", str(out)]):
+            resume = [["train", "--resume", str(out)]] if inside == "state/_METADATA" else []
+            for command in [["eval", str(out)], *resume]:
                 done = subprocess.run([sys.executable, "-m", "diffpg.cli", *command],
                                       capture_output=True, text=True, timeout=300)
                 assert done.returncode == 2, done.stderr[-2000:]
