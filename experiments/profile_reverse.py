@@ -83,17 +83,23 @@ def scans_traced_with_split_transpose():
         jax.lax.scan = plain
 
 
+def best_seconds(function, *args, repeats: int) -> tuple[float, float]:
+    """(best CPU seconds, best wall-clock seconds) of ``repeats`` calls."""
+    cpu = wall = float("inf")
+    for _ in range(repeats):
+        wall_started, cpu_started = time.perf_counter(), time.process_time()
+        jax.block_until_ready(function(*args))
+        cpu = min(cpu, time.process_time() - cpu_started)
+        wall = min(wall, time.perf_counter() - wall_started)
+    return cpu, wall
+
+
 def cpu_seconds(function, *args, repeats: int) -> tuple[float, float]:
     """(wall-clock of the compiling call, best CPU seconds of ``repeats`` later calls)."""
     started = time.perf_counter()
     jax.block_until_ready(function(*args))
     compiling = time.perf_counter() - started
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        jax.block_until_ready(function(*args))
-        best = min(best, time.process_time() - started)
-    return compiling, best
+    return compiling, best_seconds(function, *args, repeats=repeats)[0]
 
 
 def operations(function, *args) -> tuple[collections.Counter, dict]:
@@ -108,17 +114,23 @@ def operations(function, *args) -> tuple[collections.Counter, dict]:
                     "bytes": cost.get("bytes accessed", float("nan"))}
 
 
-def rollout_rows(env, num_envs: int, horizon: int, segments: list[int], repeats: int, key):
+def mean_return_of(env, num_envs: int, horizon: int, key):
+    """A policy's parameters and ``mean_return(params, remat_segment=0)``: the mean return of
+    ``num_envs`` rollouts of ``horizon`` steps (SHAC's 128-64-32 network)."""
     policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
                                       hidden_sizes=(128, 64, 32))
-    params = policy.init(key)
     stats = init_statistics(env.observation_size)
     states = jax.vmap(env.reset)(jax.random.split(key, num_envs))
 
-    def mean_return(p, remat_segment):
+    def mean_return(p, remat_segment=0):
         _, tr = unroll(env, policy, p, stats, states, key, horizon, remat_segment=remat_segment)
         return jnp.mean(jnp.sum(tr.reward, axis=0))
 
+    return policy.init(key), mean_return
+
+
+def rollout_rows(env, num_envs: int, horizon: int, segments: list[int], repeats: int, key):
+    params, mean_return = mean_return_of(env, num_envs, horizon, key)
     programs = {"forward rollout": jax.jit(functools.partial(mean_return, remat_segment=0))}
     for segment in segments:
         name = "BPTT gradient" + (f", remat every {segment}" if segment else "")
@@ -156,16 +168,7 @@ def step_rows(env, num_envs: int, repeats: int, key):
 def lever_rows(env, num_envs: int, horizon: int, repeats: int, key) -> list[dict]:
     """The BPTT gradient with each of ``LEVERS`` against today's program (``"today"``, timed
     first and last)."""
-    policy = make_gaussian_mlp_policy(env.observation_size, env.action_size,
-                                      hidden_sizes=(128, 64, 32))
-    params = policy.init(key)
-    stats = init_statistics(env.observation_size)
-    states = jax.vmap(env.reset)(jax.random.split(key, num_envs))
-
-    def mean_return(p):
-        _, tr = unroll(env, policy, p, stats, states, key, horizon)
-        return jnp.mean(jnp.sum(tr.reward, axis=0))
-
+    params, mean_return = mean_return_of(env, num_envs, horizon, key)
     rows, today = [], None
     # Today's program again at the end: how far the measurement drifts over the run.
     for name, lever in ({"today": {}} | LEVERS | {"today, again": {}}).items():
@@ -180,12 +183,7 @@ def lever_rows(env, num_envs: int, horizon: int, repeats: int, key) -> list[dict
             continue
         gradient = jax.block_until_ready(compiled(params))
         compiling = time.perf_counter() - started
-        wall = cpu = float("inf")
-        for _ in range(repeats):
-            wall_started, cpu_started = time.perf_counter(), time.process_time()
-            jax.block_until_ready(compiled(params))
-            cpu = min(cpu, time.process_time() - cpu_started)
-            wall = min(wall, time.perf_counter() - wall_started)
+        cpu, wall = best_seconds(compiled, params, repeats=repeats)
         flat = jax.flatten_util.ravel_pytree(gradient)[0]
         today = flat if today is None else today
         rows.append({"lever": name, "wall_s": wall, "cpu_s": cpu, "compile_s": compiling,
