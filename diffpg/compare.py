@@ -45,7 +45,7 @@ from diffpg.normalization import RunningStatistics
 from diffpg.options import parse_options, seed_key
 from diffpg.policy import Policy, make_gaussian_mlp_policy, make_linear_gaussian_policy
 from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
-from diffpg.sampling import sample_gradients
+from diffpg.sampling import prepare_sampling, sample_gradients
 from diffpg.stats import bootstrap_interval, gradient_statistics, reference_from_samples, variance_trace
 
 
@@ -166,11 +166,10 @@ def run_comparison(settings: CompareSettings,
         }
 
     # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
-    # other traces or runs. In one process every point's estimators are queued at once, so that
-    # the next point's start while the last of this one's finish; processes of one run
-    # (jax.distributed) run each point's reference before its estimators, in the same order in
-    # every process, as their collectives need. Each estimator's keys are its own, so the
-    # samples do not depend on the order.
+    # other traces or runs. One process queues every point's estimators at once, all traced
+    # first (a setting refused there is one line before anything compiles); processes of one
+    # run (jax.distributed) run each point's reference before its estimators, in one order, as
+    # their collectives need. Each estimator's keys are its own: the order changes no sample.
     queue_ahead = jax.process_count() == 1
     pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
     watched: dict[Future, str] = {}  # every estimator queued: "spec at point"
@@ -188,8 +187,9 @@ def run_comparison(settings: CompareSettings,
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, described)
             start = functools.partial(_queue_estimators, pool, settings, at_point, watched, order)
-            pending = start() if queue_ahead else None  # (else: once the reference is done)
-            queued.append((at_point, (lambda pending=pending: pending) if queue_ahead else start))
+            queued.append((at_point, start() if queue_ahead else (lambda start=start: start()())))
+        if queue_ahead:  # every program traced before any compiles, then each point's run
+            queued = [(at, functools.partial(list, queue_runs())) for at, queue_runs in queued]
         for at_point, start_estimators in queued:
             entry, point_samples = _compare_at_point(
                 settings, at_point, start_estimators, reference_kind,
@@ -220,26 +220,38 @@ class _PointInputs(NamedTuple):
 
 def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs,
                       watched: dict[Future, str], order: tuple[EstimatorSpec, ...]
-                      ) -> list[Future]:
-    """Each estimator's ``sample_gradients`` at the point, queued on ``pool`` in ``order`` and
-    added to ``watched``; returned in ``settings.specs`` order."""
+                      ) -> Callable[[], list[Future]]:
+    """Each estimator's programs at the point traced and lowered (``prepare_sampling``: a setting
+    refused there is found before anything compiles), queued on ``pool`` in ``order`` and added
+    to ``watched``. Returns ``queue_runs() -> futures``, which queues their compiling and running
+    behind whatever was queued before it, in ``settings.specs`` order."""
     horizon = at.point.horizon
 
-    def sample(spec: EstimatorSpec):
+    def prepare(spec: EstimatorSpec):
         estimator = estimators.make(spec.name, at.env, at.policy,
                                     **estimator_settings(spec, settings, horizon))
         key_number = _key_number((spec.label, settings.estimator_seed) if settings.estimator_seed
                                  else spec.label)  # (seed 0: the keys before estimator_seed)
-        return sample_gradients(
+        return prepare_sampling(
             estimator, at.params, at.start_states, jax.random.fold_in(at.key, key_number),
             settings.num_estimates, settings.critic_warmup, obs_stats=at.obs_stats,
             chunk_size=at.chunk_size,
             description=_estimator_description(at.description, spec.label, estimator))
 
-    futures = {spec.label: pool.submit(sample, spec) for spec in order}
-    watched.update({futures[spec.label]: f"{spec.label} at {settings.where(at.point)}"
-                    for spec in order})
-    return [futures[spec.label] for spec in settings.specs]
+    def watch(futures: dict[str, Future]) -> None:
+        watched.update({futures[spec.label]: f"{spec.label} at {settings.where(at.point)}"
+                        for spec in order})
+
+    prepared = {spec.label: pool.submit(prepare, spec) for spec in order}
+    watch(prepared)
+
+    def queue_runs() -> list[Future]:
+        runs = {spec.label: pool.submit(lambda label=spec.label: prepared[label].result()())
+                for spec in order}
+        watch(runs)
+        return [runs[spec.label] for spec in settings.specs]
+
+    return queue_runs
 
 
 def _result_or_first_refusal(future: Future, watched: dict[Future, str]):

@@ -332,9 +332,7 @@ def check_estimators_fit(settings: CompareSettings, point_envs: list, policy) ->
 
 def learners_first(settings: CompareSettings, env, policy) -> tuple[EstimatorSpec, ...]:
     """``settings.specs``, those that learn (a critic, a buffer; as built at the first sweep
-    point, on its ``env``) first: they take longest, and a setting of theirs that a point's
-    sizes refuse (more critic minibatches than samples) is found only as their program is
-    traced."""
+    point, on its ``env``) first: they take longest, so two at a time finish sooner."""
     from diffpg.sampling import learns_anything
 
     def learns(spec: EstimatorSpec) -> bool:

@@ -172,19 +172,31 @@ def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
     or writing the cache (a damaged file, a program XLA cannot serialize, a full disk) falls back
     to compiling; it never changes what the program computes.
     """
+    return _load_or_prepare(key, lambda: compile_program)()
+
+
+def _load_or_prepare(key: str | None, prepare: Callable[[], Callable[[], Any]]
+                     ) -> Callable[[], Any]:
+    """``finish() -> compiled``: the program stored under ``key`` (loaded now), or ``prepare()``'s
+    ``finish`` (called now: what can be done before compiling), whose result is stored."""
     directory = programs_dir() if key is not None else None
     if directory is None:
-        return compile_program()
+        return prepare()
     path = directory / f"{key}.bin"
     loaded = _load(path)
     if loaded is not None:
-        return loaded
-    _listen_for_cache_hits()
-    hits_before = getattr(_jax_cache_hits, "count", 0)
-    compiled = compile_program()
-    if getattr(_jax_cache_hits, "count", 0) == hits_before:
-        _store(path, compiled)
-    return compiled
+        return lambda: loaded
+    compile_prepared = prepare()
+
+    def finish() -> Any:
+        _listen_for_cache_hits()
+        hits_before = getattr(_jax_cache_hits, "count", 0)
+        compiled = compile_prepared()
+        if getattr(_jax_cache_hits, "count", 0) == hits_before:
+            _store(path, compiled)
+        return compiled
+
+    return finish
 
 
 _jax_cache_hits = threading.local()
@@ -280,16 +292,29 @@ def compile_program(jitted, *args, description: dict | None = None,
     ``description``: everything besides ``args``' shapes that shapes the program (JSON-able);
     given, the compiled program is kept across processes under it (``program_key``).
     """
+    return prepare_program(jitted, *args, description=description, cpu_options=cpu_options)()
+
+
+def prepare_program(jitted, *args, description: dict | None = None,
+                    cpu_options: dict = CPU_COMPILER_OPTIONS) -> Callable[[], Any]:
+    """``compile_program`` in two steps: what comes before compiling, now (the program loaded
+    from the cache, or traced and lowered for ``args``, arrays or ``jax.ShapeDtypeStruct``s: a
+    setting refused where the program is traced is raised here), and ``finish() -> compiled``,
+    which compiles what was lowered (and keeps it, as ``compile_program`` does)."""
     options = cpu_options if jax.default_backend() == "cpu" else {}
     key = None
     if description is not None:
         key = program_key(description | {
             "args": avals_fingerprint(args), "compiler_options": options})
-    return load_or_compile(key, lambda: _lower_and_compile(jitted, args, options))
+
+    def lower() -> Callable[[], Any]:
+        lowered = jitted.lower(*args)
+        return lambda: _compile_lowered(lowered, options)
+
+    return _load_or_prepare(key, lower)
 
 
-def _lower_and_compile(jitted, args, options: dict):
-    lowered = jitted.lower(*args)
+def _compile_lowered(lowered, options: dict):
     if options:
         try:
             return lowered.compile(compiler_options=options)

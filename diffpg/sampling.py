@@ -5,6 +5,7 @@ in one compiled program, kept across processes when described (``diffpg.program_
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -14,7 +15,7 @@ from diffpg import program_cache
 from diffpg.devices import available_memory_bytes, to_host
 from diffpg.envs.core import SettingError
 from diffpg.normalization import RunningStatistics, init_statistics
-from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, compile_program
+from diffpg.program_cache import CPU_RUN_ONCE_OPTIONS, prepare_program
 
 
 def learns(state) -> bool:
@@ -99,7 +100,8 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
                      chunk_size: int | None = None, obs_stats: RunningStatistics | None = None,
                      description: dict | None = None):
     """Warm up what the estimator learns on the fixed policy (``warmup`` rounds of ``estimate``
-    then ``update``, if its state holds anything), then ``num_estimates`` independent estimates.
+    then ``update``, if its state holds anything), then ``num_estimates`` independent estimates:
+    ``prepare_sampling(...)()``.
 
     Estimates run vmapped, ``chunk_size`` at a time (all at once by default; a chunk bounds the
     memory, which for per-sample estimators such as the optimal baseline grows with K; when the
@@ -108,9 +110,21 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
     raw observations); ``description``: everything that shapes the estimator's programs
     besides the arrays passed (its settings, the env's, the policy's: see
     ``compile_program``), to keep them across processes (``None``: not kept). Returns flat
-    samples ``[K, P]`` and timings: compile seconds, seconds per estimate (wall time / K) and
-    the warm-up's seconds (compiling included).
+    samples ``[K, P]`` and timings: compile seconds (tracing included), seconds per estimate
+    (wall time / K) and the warm-up's seconds (tracing and compiling included).
     """
+    return prepare_sampling(estimator, params, start_states, key, num_estimates, warmup,
+                            chunk_size, obs_stats, description)()
+
+
+def prepare_sampling(estimator, params, start_states, key, num_estimates, warmup,
+                     chunk_size: int | None = None, obs_stats: RunningStatistics | None = None,
+                     description: dict | None = None):
+    """``sample_gradients`` in two steps: its programs traced and lowered now (or loaded from the
+    program cache), so that a setting refused where they are traced (a baseline's pool of one
+    rollout, more critic minibatches than samples) is raised before anything compiles; returns
+    ``run() -> (samples, timings)``, which compiles and runs them. Arguments as
+    ``sample_gradients``'."""
     if obs_stats is None:
         obs_stats = init_statistics(jax.tree.leaves(start_states.obs)[0].shape[-1])
     if description is not None:  # the programs close over the parameters and statistics
@@ -118,41 +132,64 @@ def sample_gradients(estimator, params, start_states, key, num_estimates, warmup
             "closed_over": program_cache.array_fingerprint((params, obs_stats))}
     key_init, key_warm, key_samples = jax.random.split(key, 3)
     state = estimator.init(key_init, params)
-    warmup_started = time.perf_counter()
+    keys = jax.random.split(key_samples, num_estimates)
+    started = time.perf_counter()
+    finish_warm_up = None
     if warmup and learns(state):
         described = description and description | {"program": "warm-up", "rounds": warmup}
-        warm_up = compile_program(
+        finish_warm_up = prepare_program(
             warmup_program(estimator, params, obs_stats, warmup,
                            program_cache.module_name("warm_up", described)),
             state, start_states, key_warm, description=described)
-        state = jax.block_until_ready(warm_up(state, start_states, key_warm))
-    warmup_seconds = time.perf_counter() - warmup_started
+    warmup_tracing = time.perf_counter() - started
     flat_estimates = estimates_program(estimator, params, obs_stats, program_cache.module_name(
         "flat_estimates", description and description | {"program": "estimates"}))
-    keys = jax.random.split(key_samples, num_estimates)
+
+    def prepare_estimates(state, batch_size: int):
+        return prepare_program(
+            flat_estimates, state, start_states, keys, batch_size, description=description
+            and description | {"program": "estimates", "at_once": batch_size},
+            cpu_options=CPU_RUN_ONCE_OPTIONS)
+
+    started = time.perf_counter()
     batch_size = chunk_size or num_estimates
-    while True:  # out of memory: the same estimates, half as many at a time
+    finish_estimates = prepare_estimates(state, batch_size)
+    estimates_tracing = time.perf_counter() - started
+
+    def run():
+        warmup_started, warmed, finish = time.perf_counter(), state, finish_estimates
+        if finish_warm_up is not None:
+            warmed = jax.block_until_ready(finish_warm_up()(state, start_states, key_warm))
+            if program_cache.avals_fingerprint(warmed) != program_cache.avals_fingerprint(state):
+                finish = prepare_estimates(warmed, batch_size)  # (other shardings)
+        warmup_seconds = warmup_tracing + time.perf_counter() - warmup_started
+        samples, compile_seconds, run_seconds = _compile_and_run(
+            finish, functools.partial(prepare_estimates, warmed), warmed, start_states, keys,
+            batch_size)
+        return samples, {"compile_seconds": estimates_tracing + compile_seconds,
+                         "seconds_per_estimate": run_seconds / num_estimates,
+                         "warmup_seconds": warmup_seconds}
+
+    return run
+
+
+def _compile_and_run(finish, prepare, state, start_states, keys, batch_size: int):
+    """Compile (``finish()``) and run the estimates program prepared for ``batch_size`` keys at a
+    time: ``(samples [K, P], compile seconds, run seconds)``. A device out of memory gets the
+    same estimates half as many at a time (``prepare(batch_size)``, then compiled and run)."""
+    compile_seconds = 0.0
+    while True:
         try:
-            samples, compile_seconds, run_seconds = _compile_and_run(
-                flat_estimates, state, start_states, keys, batch_size, description=description
-                and description | {"program": "estimates", "at_once": batch_size})
-            break
+            started = time.perf_counter()
+            compiled = finish()
+            compile_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
+            return samples, compile_seconds, time.perf_counter() - started
         except jax.errors.JaxRuntimeError as error:
             if "RESOURCE_EXHAUSTED" not in str(error) or batch_size == 1:
                 raise
             batch_size = max(1, batch_size // 2)
-    return samples, {"compile_seconds": compile_seconds,
-                     "seconds_per_estimate": run_seconds / num_estimates,
-                     "warmup_seconds": warmup_seconds}
-
-
-def _compile_and_run(flat_estimates, state, start_states, keys, batch_size, description=None):
-    """Compile and run ``flat_estimates`` ``batch_size`` keys at a time: ``(samples [K, P],
-    compile seconds, run seconds)``."""
-    started = time.perf_counter()
-    compiled = compile_program(flat_estimates, state, start_states, keys, batch_size,
-                               description=description, cpu_options=CPU_RUN_ONCE_OPTIONS)
-    compile_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    samples = to_host(jax.block_until_ready(compiled(state, start_states, keys)))
-    return samples, compile_seconds, time.perf_counter() - started
+            started = time.perf_counter()
+            finish = prepare(batch_size)
+            compile_seconds += time.perf_counter() - started

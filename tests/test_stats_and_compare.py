@@ -343,16 +343,19 @@ def test_out_of_memory_halves_the_chunk_and_returns_the_same_estimates(monkeypat
     estimator = estimators.make("bptt", lqr.env, lqr.policy, horizon=lqr.horizon)
     key = jax.random.PRNGKey(0)
     expected, _ = sampling.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
-    real = sampling._compile_and_run
+    real = sampling.prepare_program
     tried = []
 
-    def small_device(flat_estimates, state, start_states, keys, batch_size, **options):
-        tried.append(batch_size)
-        if batch_size > 8:
-            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
-        return real(flat_estimates, state, start_states, keys, batch_size, **options)
+    def small_device(program, *args, **options):  # args: state, starts, keys, batch size
+        finish = real(program, *args, **options)
+        tried.append(args[-1])
 
-    monkeypatch.setattr(sampling, "_compile_and_run", small_device)
+        def out_of_memory():
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating")
+
+        return out_of_memory if args[-1] > 8 else finish
+
+    monkeypatch.setattr(sampling, "prepare_program", small_device)
     samples, _ = sampling.sample_gradients(estimator, lqr.params, lqr.start_states, key, 32, 0)
     assert tried == [32, 16, 8]
     np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-6)
@@ -370,13 +373,13 @@ def test_a_comparison_larger_than_memory_runs_its_estimates_a_few_at_a_time(monk
     env, _, _ = compare.make_env_and_policy(settings)
     per_estimate = state_bytes(env) * settings.num_envs * (settings.horizon + 1)
     monkeypatch.setattr(compare, "available_memory_bytes", lambda: 4 * per_estimate * 2 + 1)
-    sample_gradients, chunks = sampling.sample_gradients, []
+    prepare_sampling, chunks = sampling.prepare_sampling, []
 
     def recorded(*args, chunk_size=None, **kwargs):
         chunks.append(chunk_size)
-        return sample_gradients(*args, chunk_size=chunk_size, **kwargs)
+        return prepare_sampling(*args, chunk_size=chunk_size, **kwargs)
 
-    monkeypatch.setattr(compare, "sample_gradients", recorded)
+    monkeypatch.setattr(compare, "prepare_sampling", recorded)
     samples = run_comparison(settings)["samples"][0]
     assert chunks == [2, 2]
     for name in ("estimates/bptt", "estimates/reinforce"):
@@ -500,9 +503,45 @@ def test_a_refusal_where_a_program_is_traced_is_raised_without_waiting_for_the_o
         assert _result_or_first_refusal(slow, {slow: "bptt at T=1"}) is True
 
 
+def test_a_setting_refused_where_a_program_is_traced_comes_before_any_estimator_runs(
+        monkeypatch):
+    """Every estimator's programs are traced before any compiles: a leave-one-out baseline of
+    one rollout (refused as REINFORCE's program is traced) is raised while the estimators that
+    learn, queued ahead of it and each holding a worker, have not started compiling."""
+    import threading
+
+    from diffpg.envs.core import SettingError
+
+    from diffpg import compare
+
+    release, real, held_in_vain = threading.Event(), compare.prepare_sampling, []
+
+    def held(*args, **kwargs):
+        run = real(*args, **kwargs)
+
+        def run_once_released():
+            if not release.wait(60):
+                held_in_vain.append("no refusal while the estimators ahead held both workers")
+            return run()
+
+        return run_once_released
+
+    monkeypatch.setattr(compare, "prepare_sampling", held)
+    settings = CompareSettings(env="lqr", estimators=("shac", "critic_backprop", "reinforce"),
+                               sweep="none", horizon=8, num_envs=1, num_estimates=2,
+                               critic_warmup=1)
+    try:
+        with pytest.raises(SettingError, match="^estimators: reinforce at T=8: baseline="
+                                               "'leave_one_out' needs at least 2 rollouts"):
+            run_comparison(settings)
+        assert not release.is_set() and not held_in_vain
+    finally:
+        release.set()
+
+
 def test_the_estimators_that_learn_are_queued_first(monkeypatch):
-    """They take longest, and their settings can be refused only when traced: each point queues
-    them before the rest; the futures come back in the table's order."""
+    """They take longest: each point queues them before the rest; the futures come back in the
+    table's order."""
     from diffpg import compare
 
     queued = []
