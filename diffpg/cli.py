@@ -39,16 +39,20 @@ def usage() -> str:
     import textwrap
 
     from diffpg import envs, estimators
+    from diffpg.command_line import help_width
+
+    width = help_width()
 
     def wrapped(text: str, indent: str, hanging: str | None = None) -> str:
-        return textwrap.fill(text, 100, initial_indent=indent,
+        return textwrap.fill(text, width, initial_indent=indent,
                              subsequent_indent=indent if hanging is None else hanging) + "\n"
 
     return ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n"
             "       diffpg --version\n\n"
             + wrapped("Policy-gradient estimators compared on the same policy and states, and "
                       "trained in one loop.", "") + "\ncommands:\n"
-            + "".join(f"  {name:8s} {text}\n" for name, text in COMMANDS.items())
+            + "".join(wrapped(f"{name:8s} {text}", "  ", " " * 11)
+                      for name, text in COMMANDS.items())
             + "\nestimators (diffpg train ESTIMATOR ..., diffpg compare --estimators NAME ...):\n"
             + "".join(wrapped(f"{name:16s}{estimators.registration(name).description}", "  ",
                               " " * 18)

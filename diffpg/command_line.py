@@ -10,9 +10,15 @@ the exact version pin in pyproject.toml, and a test of the messages) that turns 
 functions, and tyro reads their annotations as objects.)
 """
 
+import codecs
+import contextlib
 import dataclasses
+import io
 import os
+import re
 import shutil
+import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -181,16 +187,75 @@ def _check_words(argv: list[str]) -> None:
             raise CommandLineError(f"{twice}; give it once")
 
 
+HELP_WIDTH_AT_MOST = 100
+"""The help's widest line in a wide terminal (lines of text are read more easily short)."""
+
+
+def help_width() -> int:
+    """The columns the help is laid out in: the terminal's, at most ``HELP_WIDTH_AT_MOST``; below
+    60 (where tyro lays its boxes out a few words a line: COLUMNS=20 gave 7,950 lines for diffpg
+    train, narrower looped forever) the 80-column layout, which such a terminal wraps."""
+    columns = shutil.get_terminal_size().columns
+    return 80 if columns < 60 else min(columns, HELP_WIDTH_AT_MOST)
+
+
+def wrap_help(text: str, width: int) -> str:
+    """tyro's help ``text`` with the lines above its first box (the usage line, the
+    description) filled to ``width``: the usage continued under ``usage: diffpg train``'s end (a
+    word too long for that, under ``usage:``), each paragraph of the description as one. The
+    boxes are laid out in ``width`` already."""
+    lines = text.splitlines()
+    plain = [_ANSI_CODE.sub("", line) for line in lines]
+    first_box = next((at for at, line in enumerate(plain) if line.lstrip().startswith("╭")
+                      or plain[at + 1:at + 2] and set(plain[at + 1].strip()) == {"-"}),
+                     len(lines))
+    head, paragraph = [], []
+    for line in plain[:first_box] + [""]:
+        if line.strip():
+            paragraph.append(line)
+            continue
+        if paragraph:
+            words = " ".join(paragraph).split()
+            hanging = len(" ".join(words[:3])) + 1 if words[0] == "usage:" else 0
+            if hanging + max(map(len, words)) > width:
+                hanging = 4
+            head.append(textwrap.fill(" ".join(words), width, subsequent_indent=" " * hanging,
+                                      break_long_words=False, break_on_hyphens=False))
+            paragraph = []
+        head.append(line)
+    return "\n".join(line.rstrip() for line in head[:-1] + lines[first_box:]) + (
+        "\n" if text.endswith("\n") else "")
+
+
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _HelpCapture(io.TextIOWrapper):
+    """What tyro prints, kept to be wrapped: it lays the help out as for ``stream`` (box
+    characters in its encoding, colours in a terminal)."""
+
+    def __init__(self, stream):
+        super().__init__(io.BytesIO(), encoding=codecs.lookup(  # ("UTF-8" is "utf-8" to tyro)
+            getattr(stream, "encoding", None) or "utf-8").name, errors="replace",
+                         write_through=True)
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def text(self) -> str:
+        return self.buffer.getvalue().decode(self.encoding, errors="replace")
+
+
 def parse(command_class: type[T], argv: list[str], prog: str, default: T | None = None) -> T:
-    """``command_class`` from ``argv``; ``--help`` prints its options and exits (status 0)."""
+    """``command_class`` from ``argv``; ``--help`` prints its options (``help_width()`` columns
+    wide) and exits (status 0)."""
     _check_words(argv)
-    # Below 60 columns tyro lays the help out a few words a line (COLUMNS=20: 7,950 lines for
-    # diffpg train; narrower, it loops forever): such a terminal gets the 80-column layout,
-    # which it wraps.
-    if shutil.get_terminal_size().columns < 60:
-        os.environ["COLUMNS"] = "80"
+    width, columns = help_width(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # tyro lays its boxes out in it
+    printed = _HelpCapture(sys.stdout)
     try:
-        with tyro_errors.on_parse_error(_raise_one_line):
+        with tyro_errors.on_parse_error(_raise_one_line), contextlib.redirect_stdout(printed):
             return tyro.cli(command_class, args=argv, prog=prog, default=default, config=CONFIG)
     except _UnrecognizedArguments as error:
         raise _UnrecognizedArguments(error.tokens, _did_you_mean(error.tokens, command_class, prog)
@@ -204,6 +269,12 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
         if isinstance(error, CommandLineError):
             raise
         raise CommandLineError(str(error).strip().splitlines()[0]) from error
+    finally:  # the help tyro printed (nothing else prints here)
+        sys.stdout.write(wrap_help(printed.text(), width))
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
 
 
 # ----------------------------------------------------------------------------- diffpg train

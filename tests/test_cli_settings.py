@@ -410,6 +410,26 @@ def test_every_command_s_help_is_plain_text_with_one_default_per_option(command,
         assert all(f"{name}:" in sweep or name == "none" for name in SWEEPS), sweep
 
 
+@pytest.mark.parametrize("command", ["", "train", "train shac", "compare", "eval", "video"])
+def test_every_line_of_the_help_fits_the_terminal(command, capsys, monkeypatch):
+    """The usage line, the description and the boxes fit 80 columns in a terminal of 80 or
+    narrower (COLUMNS=20 gave tyro's 167-column usage line and 128-column description), and 100
+    in a wide one; the description's words are all there, in order."""
+    from diffpg import cli as command_line_interface
+
+    widths = {}
+    for columns, width in (("20", 80), ("80", 80), ("250", 100)):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert command_line_interface.main([*command.split(), "--help"]) == 0
+        text = capsys.readouterr().out
+        widths[columns] = max(len(line) for line in text.splitlines())
+        assert widths[columns] <= width, (columns, text)
+    assert widths["250"] > 80  # (wide terminals get the room)
+    if command == "train":
+        assert ("into --out. The estimator is a subcommand with its own settings, e.g. `diffpg "
+                "train --env hopper shac --window 16`;") in " ".join(text.split())
+
+
 def test_a_literal_too_deep_to_parse_is_kept_as_text():
     """An option value Python's parser cannot hold (thousands of nested operators) is text, so
     its setting's own check names it (not a RecursionError)."""
