@@ -166,12 +166,13 @@ def run_comparison(settings: CompareSettings,
         }
 
     # On a CPU, two estimators at a time: one compiles (XLA, without Python's lock) while the
-    # other traces or runs. One process queues every point's estimators at once, all traced
-    # first (a setting refused there is one line before anything compiles); processes of one
-    # run (jax.distributed) run each point's reference before its estimators, in one order, as
-    # their collectives need. Each estimator's keys are its own: the order changes no sample.
+    # other runs; one thread traces every program of every point ahead of them (a setting
+    # refused there is one line within seconds). One process queues every point at once; those
+    # of one run (jax.distributed) run each point's reference before its estimators, in one
+    # order, as their collectives need. Keys are each estimator's own: order changes no sample.
     queue_ahead = jax.process_count() == 1
-    pool = ThreadPoolExecutor(max_workers=2 if jax.default_backend() == "cpu" else 1)
+    executors = (ThreadPoolExecutor(1),  # the tracer, then the workers
+                 ThreadPoolExecutor(2 if jax.default_backend() == "cpu" else 1))
     watched: dict[Future, str] = {}  # every estimator queued: "spec at point"
     order = learners_first(settings, built[0][0], policy)  # each point queues them so
     try:
@@ -186,10 +187,8 @@ def run_comparison(settings: CompareSettings,
             described = _point_description(settings, point, env) if keep_programs else None
             at_point = _PointInputs(point, env, policy, params, obs_stats, start_states, key_point,
                                     chunk_size, described)
-            start = functools.partial(_queue_estimators, pool, settings, at_point, watched, order)
-            queued.append((at_point, start() if queue_ahead else (lambda start=start: start()())))
-        if queue_ahead:  # every program traced before any compiles, then each point's run
-            queued = [(at, functools.partial(list, queue_runs())) for at, queue_runs in queued]
+            start = functools.partial(_queue_estimators, executors, settings, at_point, watched, order)
+            queued.append((at_point, functools.partial(list, start()) if queue_ahead else start))
         for at_point, start_estimators in queued:
             entry, point_samples = _compare_at_point(
                 settings, at_point, start_estimators, reference_kind,
@@ -199,7 +198,8 @@ def run_comparison(settings: CompareSettings,
             if on_point:
                 on_point(results())
     finally:  # stopped or failed: nothing more starts
-        pool.shutdown(wait=False, cancel_futures=True)
+        for executor in executors:
+            executor.shutdown(wait=False, cancel_futures=True)
     return results()
 
 
@@ -218,14 +218,15 @@ class _PointInputs(NamedTuple):
     """What shapes this point's programs besides the estimator (``None``: none is kept)."""
 
 
-def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _PointInputs,
-                      watched: dict[Future, str], order: tuple[EstimatorSpec, ...]
-                      ) -> Callable[[], list[Future]]:
-    """Each estimator's programs at the point traced and lowered (``prepare_sampling``: a setting
-    refused there is found before anything compiles), queued on ``pool`` in ``order`` and added
-    to ``watched``. Returns ``queue_runs() -> futures``, which queues their compiling and running
-    behind whatever was queued before it, in ``settings.specs`` order."""
+def _queue_estimators(executors: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
+                      settings: CompareSettings, at: _PointInputs, watched: dict[Future, str],
+                      order: tuple[EstimatorSpec, ...]) -> list[Future]:
+    """Each estimator's programs at the point traced and lowered on the first of ``executors``
+    (``prepare_sampling``: a setting refused there is found before the estimators queued ahead
+    compile), then compiled and run on the second, queued in ``order`` and added to ``watched``;
+    the runs' futures, in ``settings.specs`` order."""
     horizon = at.point.horizon
+    tracer, pool = executors
 
     def prepare(spec: EstimatorSpec):
         estimator = estimators.make(spec.name, at.env, at.policy,
@@ -238,20 +239,13 @@ def _queue_estimators(pool: ThreadPoolExecutor, settings: CompareSettings, at: _
             chunk_size=at.chunk_size,
             description=_estimator_description(at.description, spec.label, estimator))
 
-    def watch(futures: dict[str, Future]) -> None:
+    prepared = {spec.label: tracer.submit(prepare, spec) for spec in order}
+    runs = {spec.label: pool.submit(lambda label=spec.label: prepared[label].result()())
+            for spec in order}
+    for futures in (prepared, runs):
         watched.update({futures[spec.label]: f"{spec.label} at {settings.where(at.point)}"
                         for spec in order})
-
-    prepared = {spec.label: pool.submit(prepare, spec) for spec in order}
-    watch(prepared)
-
-    def queue_runs() -> list[Future]:
-        runs = {spec.label: pool.submit(lambda label=spec.label: prepared[label].result()())
-                for spec in order}
-        watch(runs)
-        return [runs[spec.label] for spec in settings.specs]
-
-    return queue_runs
+    return [runs[spec.label] for spec in settings.specs]
 
 
 def _result_or_first_refusal(future: Future, watched: dict[Future, str]):
