@@ -405,15 +405,36 @@ class _Interruptions:
     seconds), so ``check()`` and the end of every ``critical()`` raise it again, naming every
     signal that came."""
 
-    def __init__(self):
+    def __init__(self, arrivals: int | None = None):
         self.deferring = False
         self.received: list[int] = []
+        self._arrivals = arrivals  # the read end of the wakeup pipe (None: no order kept)
+        self._recorded_ahead: list[int] = []  # read from the pipe before their handler ran
 
     def handle(self, signum, frame):
         del frame
-        self.received.append(signum)
+        arrived = self._arrived()
+        self.received += arrived
+        self._recorded_ahead += arrived
+        if signum in self._recorded_ahead:
+            self._recorded_ahead.remove(signum)
+        else:  # (no wakeup pipe, or another took its place)
+            self.received.append(signum)
         if not self.deferring:
             raise Interrupted(*self.received)
+
+    def _arrived(self) -> list[int]:
+        """SIGINT and SIGTERM in the order they arrived since the last call. Python runs the
+        handlers of signals that came during one native call (an XLA compile: seconds) in the
+        order of their numbers, SIGINT's before SIGTERM's whichever came first; the C-level
+        handler writes each number to the wakeup pipe as the signal arrives."""
+        if self._arrivals is None:
+            return []
+        try:
+            numbers = os.read(self._arrivals, 512)
+        except BlockingIOError:
+            return []
+        return [number for number in numbers if number in (signal.SIGINT, signal.SIGTERM)]
 
     def check(self) -> None:
         """Raise ``Interrupted`` if a signal came (and its first exception was dropped)."""
@@ -445,7 +466,11 @@ def interruptions() -> Iterator[_Interruptions]:
     if isinstance(outer, _Interruptions):
         yield outer
         return
-    guard = _Interruptions()
+    read_end, write_end = os.pipe()
+    for end in (read_end, write_end):
+        os.set_blocking(end, False)
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    guard = _Interruptions(read_end)
     previous = {s: signal.signal(s, guard.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     previous_hook = sys.unraisablehook
 
@@ -460,3 +485,6 @@ def interruptions() -> Iterator[_Interruptions]:
         sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_wakeup, warn_on_full_buffer=False)
+        for end in (read_end, write_end):
+            os.close(end)

@@ -675,6 +675,35 @@ def test_a_second_signal_is_named_beside_the_first_which_stopped_the_command(cap
     assert capsys.readouterr().err.strip() == "diffpg: interrupted (SIGINT, then SIGTERM)"
 
 
+def test_two_signals_during_one_native_call_are_named_in_the_order_they_came():
+    """SIGTERM, then SIGINT while the main thread is inside one native call (an XLA compile in
+    a run's first seconds): Python runs their handlers after it in the order of their numbers,
+    and the line said "SIGINT, then SIGTERM", exit 130. The order is the one they came in."""
+    import hashlib
+    import threading
+
+    from diffpg.folders import Interrupted, interruptions
+
+    def send():  # (from a thread: the main one is in C, its handlers wait for it to return)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    sender = threading.Thread(target=send)
+    ignored = {signum: signal.signal(signum, signal.SIG_IGN)  # (what comes after the guard)
+               for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Interrupted) as stopped, interruptions():
+            sender.start()
+            hashlib.pbkdf2_hmac("sha256", b"key", b"salt", 6_000_000)  # about 1.4 s, in C
+        sender.join()
+    finally:
+        for signum, handler in ignored.items():
+            signal.signal(signum, handler)
+    assert stopped.value.signals == (signal.SIGTERM, signal.SIGINT)
+
+
 def test_a_signal_kept_by_the_command_s_guard_is_not_forgotten_by_an_inner_one():
     """A SIGINT whose exception Python dropped was kept by the command's guard; the training
     loop's own guard, inside it, started empty, and a SIGTERM then stopped the run as if it
