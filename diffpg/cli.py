@@ -11,6 +11,7 @@ status 2, without a traceback; any other exception is a defect and keeps its tra
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import importlib
 import os
@@ -47,13 +48,15 @@ def usage() -> str:
         return textwrap.fill(text, width, initial_indent=indent,
                              subsequent_indent=indent if hanging is None else hanging) + "\n"
 
-    return ("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...\n"
-            "       diffpg --version\n\n"
+    return (wrapped("usage: diffpg [--import MODULE] {" + ",".join(COMMANDS) + "} [--help] ...",
+                    "", " " * 14)
+            + "       diffpg --version\n\n"
             + wrapped("Policy-gradient estimators compared on the same policy and states, and "
                       "trained in one loop.", "") + "\ncommands:\n"
             + "".join(wrapped(f"{name:8s} {text}", "  ", " " * 11)
                       for name, text in COMMANDS.items())
-            + "\nestimators (diffpg train ESTIMATOR ..., diffpg compare --estimators NAME ...):\n"
+            + "\n" + wrapped("estimators (diffpg train ESTIMATOR ..., diffpg compare --estimators "
+                            "NAME ...):", "", "  ")
             + "".join(wrapped(f"{name:16s}{estimators.registration(name).description}", "  ",
                               " " * 18)
                       for name in estimators.names())
@@ -219,10 +222,11 @@ def _train_into(settings, out: Path, resume: bool, sizes: str, guard) -> Path:
 
 
 def _printable(path: Path) -> str:
-    """``path`` as printed: itself, or quoted with its escapes where it holds a control
+    """``path`` as printed: itself (``./-x`` for a name that starts with a dash, so that it reads
+    back as a path, not an option), or quoted with its escapes where it holds a control
     character (a newline would split the line a script reads, an escape would reach the
     terminal)."""
-    text = str(path)
+    text = f"./{path}" if str(path).startswith("-") else str(path)
     return text if text.isprintable() else repr(text)
 
 
@@ -528,6 +532,36 @@ def lost_output_line(command: str, stdout: object) -> str | None:
             "where there is room: > FILE)")
 
 
+STARTING_ADDRESS_SPACE = 2**31
+"""Address space (2 GiB) the program maps to start: its libraries (JAX, Brax, MuJoCo, orbax)
+map 0.5 GiB, 1.4 GiB once JAX has started its CPU backend (measured). A lower limit is refused
+before any library loads, which under it fail each their own way (a shared object that cannot
+be mapped, an interpreter out of memory, numpy's BLAS aborting with its own message); above it,
+``devices.check_address_space`` checks the room left once JAX has started."""
+
+STARTING_OPEN_FILES = 32
+"""Open files the program needs to load its libraries (MuJoCo's, through GLFW, opens a pipe):
+a lower limit (``ulimit -n``) is refused before any library loads."""
+
+
+def limit_too_low_to_start() -> str | None:
+    """The refusal (one line) of a process limit below what loading the libraries takes, or
+    ``None``."""
+    import resource
+
+    address_space, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if address_space != resource.RLIM_INFINITY and address_space < STARTING_ADDRESS_SPACE:
+        return (f"the address-space limit (ulimit -v) of {address_space / 2**30:.2f} GiB is "
+                f"below the {STARTING_ADDRESS_SPACE / 2**30:.0f} GiB the program maps to load "
+                "its libraries; raise the limit (ulimit -v)")
+    open_files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if open_files != resource.RLIM_INFINITY and open_files < STARTING_OPEN_FILES:
+        return (f"the limit of open files (ulimit -n) of {open_files} is below the "
+                f"{STARTING_OPEN_FILES} the program needs to load its libraries; raise it "
+                "(ulimit -n, 1024 or more)")
+    return None
+
+
 def run() -> None:
     """The ``diffpg`` program. SIGINT and SIGTERM are taken first, before the libraries load (a
     signal then stops the command with one line as soon as it starts); then ``diffpg.setup()``
@@ -555,12 +589,24 @@ def run() -> None:
         sys.stderr = GuardedOutput(sys.stderr, stops_on_broken_pipe=False)
     import diffpg
 
+    refusal = limit_too_low_to_start()
+    if refusal is not None:  # (numpy's BLAS, imported next, aborts with a message of its own)
+        print(f"diffpg: error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     try:
         diffpg.setup()
     except ValueError as error:  # JAX refused one of its environment variables at import
         if "JAX flag" not in str(error):
             raise
         print(f"diffpg: error: {error} (a JAX_ environment variable); fix or unset it",
+              file=sys.stderr)
+        sys.exit(2)
+    except (OSError, MemoryError) as error:  # a limit met while the libraries load
+        if isinstance(error, OSError) and error.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        what = error.strerror if isinstance(error, OSError) else "out of memory"
+        print(f"diffpg: error: the libraries could not load ({what}); raise the process's "
+              "limits (ulimit -n for open files, ulimit -v for memory) or free memory",
               file=sys.stderr)
         sys.exit(2)
     status = main(received=received)

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import sys
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -166,7 +165,8 @@ def _check_words(argv: list[str]) -> None:
     ``--no-layer-norm``."""
     if "--" in argv:
         raise CommandLineError("'--' ends the options, so what follows it would be read as "
-                               "words; leave it out")
+                               "words; leave it out (a path that starts with '-' is written "
+                               "./-NAME)")
     for at, token in enumerate(argv):  # (an empty path reads as '.', the working folder)
         option = argv[at - 1] if token == "" and at else token[:-1] if token.endswith("=") else ""
         if option in PATH_OPTIONS or (token == "" and at == 0):
@@ -199,6 +199,25 @@ def help_width() -> int:
     return 80 if columns < 60 else min(columns, HELP_WIDTH_AT_MOST)
 
 
+def fill_words(words: list[str], width: int, hanging: int = 0) -> str:
+    """``words`` in lines of at most ``width`` columns, the lines after the first indented by
+    ``hanging``; a word too long for a line (``{reinforce,ppo,...}``) is broken after its
+    commas."""
+    pieces = []  # (text, whether a space comes before it)
+    for word in words:
+        parts = word.split(",") if hanging + len(word) > width else [word]
+        pieces += [(part + ("," if at < len(parts) - 1 else ""), at == 0)
+                   for at, part in enumerate(parts)]
+    lines, line = [], ""
+    for text, spaced in pieces:
+        joined = line + (" " if spaced and line.strip() else "") + text
+        if line.strip() and len(joined) > width:
+            lines.append(line)
+            joined = " " * hanging + text
+        line = joined
+    return "\n".join([*lines, line])
+
+
 def wrap_help(text: str, width: int) -> str:
     """tyro's help ``text`` with the lines above its first box (the usage line, the
     description) filled to ``width``: the usage continued under ``usage: diffpg train``'s end (a
@@ -219,8 +238,7 @@ def wrap_help(text: str, width: int) -> str:
             hanging = len(" ".join(words[:3])) + 1 if words[0] == "usage:" else 0
             if hanging + max(map(len, words)) > width:
                 hanging = 4
-            head.append(textwrap.fill(" ".join(words), width, subsequent_indent=" " * hanging,
-                                      break_long_words=False, break_on_hyphens=False))
+            head.append(fill_words(words, width, hanging))
             paragraph = []
         head.append(line)
     return "\n".join(line.rstrip() for line in head[:-1] + lines[first_box:]) + (
@@ -267,7 +285,12 @@ def parse(command_class: type[T], argv: list[str], prog: str, default: T | None 
         return parse(command_class, reordered, prog, default)
     except ValueError as error:  # a dataclass's own validation, raised while building it
         if isinstance(error, CommandLineError):
-            raise
+            dashed = next((token for token in argv if token.startswith("-") and token != "-"
+                           and Path(token).exists()), None)
+            if dashed is None:
+                raise
+            raise CommandLineError(f"{error} ({dashed!r} reads as an option; a path that starts "
+                                   f"with '-' is written ./{dashed})") from None
         raise CommandLineError(str(error).strip().splitlines()[0]) from error
     finally:  # the help tyro printed (nothing else prints here)
         sys.stdout.write(wrap_help(printed.text(), width))

@@ -128,6 +128,11 @@ class CompareSettings:
                                       "backend": "--backend"}, "env_options")
         envs.check(self.env, self.episode_length, self.backend, **env_options)
         check_hidden_sizes("hidden_sizes", self.hidden_sizes)
+        if (envs.has_exact_return(self.env) and self.policy_checkpoint is None
+                and tuple(self.hidden_sizes) != type(self).__dataclass_fields__["hidden_sizes"].default):
+            raise SettingError(f"hidden_sizes={tuple(self.hidden_sizes)}: on env={self.env!r} the "
+                               "policy is linear (its exact gradient needs one), with no hidden "
+                               "layers; drop --hidden-sizes")
         check_seed("seed", self.seed)
         check_seed("estimator_seed", self.estimator_seed)
         for name in ("num_estimates", "num_envs", "horizon", "reference_estimates"):
@@ -221,9 +226,9 @@ class CompareSettings:
                 if self.policy_update not in kept:
                     raise SettingError(
                         f"policy_update={self.policy_update!r} is not a checkpoint of "
-                        f"policy_checkpoint={self.policy_checkpoint!r} (allowed: {kept}); a "
-                        "comparison whose run trained further since no longer has its policy: "
-                        "start it again")
+                        f"policy_checkpoint={self.policy_checkpoint!r} (allowed: {kept}; a "
+                        "comparison resumed after its run trained further no longer has its "
+                        "policy: start it again)")
             if run.env != self.env:
                 raise SettingError(f"policy_checkpoint={self.policy_checkpoint!r} was trained on "
                                    f"env={run.env!r}, not env={self.env!r}; pass --env {run.env}")

@@ -117,9 +117,10 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
         load_settings(run_dir)
     elif (Path(out).exists() or Path(out).is_symlink()) and not Path(out).is_dir() and not (
             Path(out).is_file() and _drawn_by_diffpg(Path(out))):  # (a run's policy.gif is ours)
-        what = "a file" if Path(out).is_file() else "a FIFO, a device or a link (not a GIF)"
-        raise SettingError(f"out={str(out)!r} is {what} diffpg did not write, which a video does "
-                           "not replace; choose another --out, or remove it")
+        what = ("a file that is not a GIF diffpg drew" if Path(out).is_file()
+                else "a FIFO, a device or a link (not a GIF)")
+        raise SettingError(f"out={str(out)!r} is {what}, which a video does not replace; "
+                           "choose another --out, or remove it")
     out = check_video_path(out or run_dir / "policy.gif")
     trainer, state = load_run(run_dir, seed_index, eval_envs=1)  # (one episode is drawn)
     frames = -(-trainer.env.episode_length // every)

@@ -155,6 +155,15 @@ def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory)
                              "none", "--horizon", "4", "--out", str(out), *invalid], out)
 
 
+def test_hidden_sizes_on_an_env_whose_policy_is_linear_are_refused(tmp_path, capsys):
+    """The LQR's comparison policy is linear (its exact gradient needs one): --hidden-sizes was
+    recorded in results.json and ignored; it is refused in one line naming it."""
+    out = tmp_path / "never"
+    line = _assert_refused_cleanly(["compare", "--env", "lqr", "--hidden-sizes", "7", "7",
+                                    "--out", str(out)], out)
+    assert "hidden_sizes=(7, 7): on env='lqr' the policy is linear" in line, line
+
+
 @pytest.mark.parametrize("arguments", [
     ["eval"], ["eval", "/nonexistent/run"], ["eval", "."], ["video", "/nonexistent/run"],
     ["eval", "/nonexistent/run", "--episodes", "0"], ["video", "/nonexistent/run", "--every", "0"],
@@ -412,13 +421,14 @@ def test_every_command_s_help_is_plain_text_with_one_default_per_option(command,
 
 @pytest.mark.parametrize("command", ["", "train", "train shac", "compare", "eval", "video"])
 def test_every_line_of_the_help_fits_the_terminal(command, capsys, monkeypatch):
-    """The usage line, the description and the boxes fit 80 columns in a terminal of 80 or
-    narrower (COLUMNS=20 gave tyro's 167-column usage line and 128-column description), and 100
-    in a wide one; the description's words are all there, in order."""
+    """The usage line, the description and the boxes fit the terminal from 60 to 100 columns,
+    80 in a narrower one (COLUMNS=20 gave tyro's 167-column usage line and 128-column
+    description; 70 the 78-column list of estimators), 100 in a wider one; the description's
+    words are all there, in order."""
     from diffpg import cli as command_line_interface
 
     widths = {}
-    for columns, width in (("20", 80), ("80", 80), ("250", 100)):
+    for columns, width in (("20", 80), ("60", 60), ("70", 70), ("80", 80), ("250", 100)):
         monkeypatch.setenv("COLUMNS", columns)
         assert command_line_interface.main([*command.split(), "--help"]) == 0
         text = capsys.readouterr().out
@@ -428,6 +438,23 @@ def test_every_line_of_the_help_fits_the_terminal(command, capsys, monkeypatch):
     if command == "train":
         assert ("into --out. The estimator is a subcommand with its own settings, e.g. `diffpg "
                 "train --env hopper shac --window 16`;") in " ".join(text.split())
+
+
+def test_a_run_folder_whose_name_starts_with_a_dash_is_printed_and_named_as_a_path(
+        tmp_path, monkeypatch, capsys):
+    """``--out ./-run`` was printed as ``-run``, which eval then read as an option ("run_dir
+    needs 1 value(s)"), and ``eval -- -run`` was refused with advice that gave the first error
+    again: the folder is printed ``./-run``, and the errors say how to write it."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--env", "pendulum", "--horizon", "4", "--num-envs", "4",
+                     "--updates", "2", "--updates-per-call", "2", "--eval-envs", "2",
+                     "--hidden-sizes", "8", "--out", "./-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("run folder: ./-run")
+    for command in (["eval", "-run"], ["eval", "--", "-run"], ["video", "-run"]):
+        assert cli.main(command) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "./-" in error, error
+    assert cli.main(["eval", "./-run"]) == 0
 
 
 def test_a_literal_too_deep_to_parse_is_kept_as_text():
