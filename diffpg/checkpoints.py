@@ -77,7 +77,7 @@ def check_checkpointable(run_dir: Path) -> None:
     except UnicodeEncodeError:
         raise SettingError(f"the run folder {str(run_dir)!r} has a name that is not UTF-8, where "
                            "the checkpoint library (orbax) cannot write or read; allowed: a "
-                           "UTF-8 name (rename the folder, or give --out another)") from None
+                           "UTF-8 name (rename the folder; for a new run, give --out another)") from None
 
 
 def _check_no_special_files(folder: Path) -> None:
@@ -95,6 +95,18 @@ def _check_no_special_files(folder: Path) -> None:
                     f"{str(Path(root) / name)!r} is not a regular file (a FIFO, a socket or a "
                     "device, or a link to one), which no checkpoint holds and which would "
                     "block reading the checkpoints; remove it")
+
+
+def check_no_linked_checkpoints(folder: Path) -> None:
+    """Refuse a checkpoint that is a link to a folder elsewhere: the run retires its oldest
+    checkpoints by deleting them, which orbax cannot do through a link (a traceback at the
+    retirement, every time the run resumed)."""
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if entry.is_symlink():
+            raise SettingError(
+                f"{str(entry)!r} is a link, and the run deletes its oldest checkpoints as it "
+                "saves new ones, which it cannot do through a link; replace the link by a copy "
+                f"of the folder it points to (cp -rL), or move it out of {str(folder)!r}")
 
 
 def checkpoint_manager(run_dir: Path, writing: bool = False) -> ocp.CheckpointManager:
@@ -199,6 +211,13 @@ def _digest_record_of(path: Path) -> str | None:
         return None
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def _is_digest_record(record: str) -> bool:
+    """Whether ``record`` reads as what ``_digest_record`` writes: a SHA-256 (64 hexadecimal
+    digits) on its first line."""
+    first = next((line for line in record.splitlines() if line), "")
+    return len(first) == 64 and all(character in "0123456789abcdef" for character in first)
 
 
 def _matches_its_digest(folder: Path, record: str) -> bool:
@@ -374,6 +393,12 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                                            "checkpoint has one: its save stopped before the "
                                            "digest was written, or the digest was removed"))
                     continue
+            digest = folder / f"{update}{DIGEST_SUFFIX}"
+            if record is not None and not _is_digest_record(record):
+                failed.append((update, f"its digest record {str(digest)!r} is not one (a folder, "
+                                       "empty, or other bytes than a SHA-256 and file names), so "
+                                       "its files cannot be checked"))
+                continue
             if record is not None and not _matches_its_digest(folder / str(update), record):
                 failed.append((update, "its files do not match their recorded SHA-256 digest"))
                 continue
@@ -396,8 +421,10 @@ def restore_checkpoint(run_dir: Path, template: TrainState, update: int | None =
                 continue
             return state, dict(restored.history), failed
     newest, reason = failed[0]
+    verdict = ("the checkpoint itself may be intact" if reason.startswith("its digest record")
+               else "it is corrupt or from other settings")
     raise SettingError(f"checkpoint {str(folder / str(newest))!r} cannot be restored ({reason}); "
-                       "it is corrupt or from other settings, and no older checkpoint restores")
+                       f"{verdict}, and no older checkpoint restores")
 
 
 def _digest_of_a_save_ending(path: Path, wait_s: float = 5.0) -> str | None:

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from diffpg.checkpoints import (
     check_checkpointable,
+    check_no_linked_checkpoints,
     check_only_checkpoint_files,
     checkpoint_manager,
     counter_value,
@@ -85,10 +86,13 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
     ``stop_at_update`` stops early (as an interruption would), leaving a resumable run. ``env``
     replaces the settings' environment (``make_trainer``).
     Raises ``TrainingStopped`` after ``max_consecutive_nonfinite`` non-finite updates in a row,
-    or at the end of a run none of whose updates was finite, with the checkpoint saved; and
+    or at the end of a run none of whose updates was finite or whose last evaluation blew up
+    in every episode, with the checkpoint saved; and
     ``Interrupted`` on SIGINT or SIGTERM, after any save in progress has finished.
     """
     check_checkpointable(run_dir)  # (before the folder is made)
+    if resume:
+        check_no_linked_checkpoints(run_dir / "checkpoints")
     trainer = make_trainer(settings, env)
     # With several processes (diffpg.devices) every one trains; the primary one alone writes
     # the folder's files, and all of them write the checkpoints together.
@@ -213,13 +217,15 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
     """Commit a call: the checkpoint (with every row), then metrics.csv and the events, as one
     step a signal cannot cut; the learning curve at most every ``PLOT_EVERY_SECONDS``. Returns
     why the run must stop after ``max_consecutive_nonfinite`` non-finite updates in a row, or at
-    its end when no update was ever finite (the checkpoint saved), or ``None``."""
+    its end when no update was ever finite or every evaluation episode blew up (the checkpoint
+    saved), or ``None``."""
     settings = run.trainer.settings
     run.rows.append(row)
     in_a_row = int(np.max(np.asarray(state.opt_state.notfinite_count)))
     steps = counter_value(state.update) * settings.epochs * settings.minibatches
     never_finite = finished and in_a_row >= steps > 0  # a run too short to reach the limit
-    stopping = never_finite or in_a_row >= settings.max_consecutive_nonfinite
+    blown_up = finished and float(row.get("eval/blown_up_share", 0.0)) >= 1.0
+    stopping = never_finite or blown_up or in_a_row >= settings.max_consecutive_nonfinite
     with run.guard.critical():
         save_checkpoint(run.checkpoints, state, run.rows, settings.to_json())
         if run.primary:
@@ -234,6 +240,11 @@ def _record(run: Run, state: TrainState, row: dict, finished: bool) -> str | Non
         return (f"every one of the run's {steps} optimiser steps had a non-finite gradient: "
                 "nothing was learned (the checkpoint holds the initial parameters); check the "
                 "environment's settings (env_options), learning_rate and horizon")
+    if blown_up:
+        return ("every evaluation episode of the final policy became non-finite "
+                "(eval/blown_up_share=1: its actions overflow the simulation), so its returns "
+                "say nothing; lower learning_rate, or check the environment's settings "
+                "(env_options)")
     return (f"the last {in_a_row} optimiser steps had non-finite gradients "
             f"(max_consecutive_nonfinite={settings.max_consecutive_nonfinite}); stopped "
             f"at update {counter_value(state.update)}. The checkpoint there holds the last "

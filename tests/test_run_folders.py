@@ -355,6 +355,48 @@ def test_a_digest_record_that_is_no_record_is_damage_and_a_set_aside_keeps_the_e
     assert (folder / "6.sha256").is_file() and evaluate_run(out)["update"] == 6
 
 
+def test_a_damaged_digest_record_is_named_and_the_checkpoint_not_blamed(tmp_path, capsys):
+    """The only checkpoint's digest record emptied, made a folder or overwritten with other
+    bytes: eval and --resume name the record, and do not call the checkpoint's files corrupt
+    (a user would delete a good checkpoint)."""
+    out = tmp_path / "run"
+    train(_small(updates=2), out)
+    digest = out / "checkpoints" / "2.sha256"
+    kept = digest.read_bytes()
+    for damage in (lambda: digest.write_bytes(b""), lambda: digest.write_bytes(b"\x8f" * 700),
+                   lambda: (digest.unlink(), digest.mkdir())):
+        damage()
+        for command in (["eval", str(out)], ["train", "--resume", str(out), "--updates", "4"]):
+            assert cli.main(command) == 2
+            error = capsys.readouterr().err.strip()
+            assert len(error.splitlines()) == 1, error
+            assert f"its digest record {str(digest)!r} is not one" in error, error
+            assert "the checkpoint itself may be intact" in error and "corrupt" not in error
+        digest.rmdir() if digest.is_dir() else digest.unlink()
+        digest.write_bytes(kept)
+    assert evaluate_run(out)["update"] == 2
+
+
+def test_a_checkpoint_linked_from_elsewhere_is_refused_on_resume_and_read_by_eval(tmp_path,
+                                                                                  capsys):
+    """Resuming retires the oldest checkpoints by deleting them, which orbax cannot do through a
+    link (a traceback at the retirement, on every resume after): refused in one line before
+    training, the link and its folder left as they were; eval reads through it."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    train(_small(updates=4), out)
+    (out / "checkpoints" / "2").rename(elsewhere)
+    (out / "checkpoints" / "2").symlink_to(elsewhere)
+    assert cli.main(["train", "--resume", str(out), "--updates", "8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.endswith(
+        f"{str(out / 'checkpoints' / '2')!r} is a link, and the run deletes its oldest "
+        "checkpoints as it saves new ones, which it cannot do through a link; replace the link "
+        f"by a copy of the folder it points to (cp -rL), or move it out of "
+        f"{str(out / 'checkpoints')!r}"), error
+    assert (out / "checkpoints" / "2").is_symlink() and (elsewhere / "state").is_dir()
+    assert checkpoint_updates(out) == [2, 4] and evaluate_run(out)["update"] == 4
+
+
 def test_a_stray_file_inside_a_checkpoint_does_not_retire_it(tmp_path, capsys):
     """An editor's backup, a sync tool's file or a GIF written there is not the checkpoint's:
     its digest covers the files it recorded, so eval and resume keep using it; a recorded
@@ -772,6 +814,25 @@ def test_an_address_space_limit_that_leaves_no_room_for_threads_is_one_line(tmp_
     assert done.returncode == 2, done.stderr[-3000:]
     (line,) = done.stderr.strip().splitlines()
     assert "address-space limit (ulimit -v)" in line and not out.exists(), line
+
+
+@pytest.mark.parametrize("option, value, named", [("-v", 500_000, "ulimit -v"),
+                                                   ("-v", 300_000, "ulimit -v"),
+                                                   ("-n", 8, "ulimit -n")])
+def test_a_limit_too_low_to_load_the_libraries_is_one_line(option, value, named):
+    """Address space (KiB) or open files too few to load JAX, Brax and MuJoCo: each failed its
+    own way (a shared object that could not be mapped, MemoryError, numpy's BLAS aborting,
+    GLFW's pipe: 18 to 38 lines), for every command, --help too. Now one line."""
+    import subprocess
+    import sys
+
+    for command in (["--help"], ["eval", "run"]):
+        done = subprocess.run(under_ulimit(option, value, [sys.executable, "-m", "diffpg.cli",
+                                                           *command]),
+                              capture_output=True, text=True, timeout=HANG_LIMIT_S)
+        assert done.returncode == 2, done.stderr[-3000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith("diffpg: error: the ") and named in line, line
 
 
 def test_a_folder_name_the_console_cannot_encode_does_not_fail_a_finished_run(tmp_path):

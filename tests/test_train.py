@@ -543,6 +543,19 @@ def test_a_run_too_short_to_reach_the_limit_still_stops_when_no_update_was_finit
     train(settings, tmp_path / "some", env=_InjectNaN(threshold=0.9999))
 
 
+def test_a_run_whose_final_policy_blows_up_every_evaluation_stops_and_says_so(tmp_path):
+    """A learning rate of 1e20: every update finite, the parameters near float32's largest, the
+    simulation non-finite in every evaluation episode, whose reward then counts 0 (the LQR's
+    best): the run finished with exit 0 and looked perfect. It stops, naming what to lower."""
+    settings = settings_for(env="lqr", updates=2, updates_per_call=2, num_envs=8, horizon=4,
+                            eval_envs=2, learning_rate=1e20)
+    with pytest.raises(TrainingStopped, match=r"eval/blown_up_share=1.*lower learning_rate"):
+        train(settings, tmp_path / "run")
+    with (tmp_path / "run" / "metrics.csv").open() as handle:
+        assert float(list(csv.DictReader(handle))[-1]["eval/blown_up_share"]) == 1.0
+    train(dataclasses.replace(settings, learning_rate=1e-3), tmp_path / "sane")
+
+
 def test_a_save_cut_short_leaves_the_previous_checkpoint_in_use(tmp_path, capsys):
     """A crash mid-save leaves orbax's temporary folder, which is not a checkpoint; a step
     folder whose files are truncated does not restore: resuming sets it aside (nothing is
