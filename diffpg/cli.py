@@ -539,9 +539,11 @@ before any library loads, which under it fail each their own way (a shared objec
 be mapped, an interpreter out of memory, numpy's BLAS aborting with its own message); above it,
 ``devices.check_address_space`` checks the room left once JAX has started."""
 
-STARTING_OPEN_FILES = 32
-"""Open files the program needs to load its libraries (MuJoCo's, through GLFW, opens a pipe):
-a lower limit (``ulimit -n``) is refused before any library loads."""
+STARTING_OPEN_FILES = 10
+"""Open files the program needs to load its libraries (9 measured; MuJoCo's GLFW opens a pipe):
+a lower limit (``ulimit -n``) is refused before any library loads, and a file the libraries
+cannot open as they load is the same one line; above it, a command that runs out of files is
+refused where it does (``folders.STORAGE_ERRORS``)."""
 
 
 def limit_too_low_to_start() -> str | None:

@@ -311,7 +311,7 @@ def test_a_video_replaces_no_file_diffpg_did_not_write(tmp_path, capsys):
     (run / "checkpoints").mkdir(parents=True)
     (run / "settings.json").write_text("{}")
     assert cli.main(["video", str(run), "--out", str(mine)]) == 2
-    assert "is a file diffpg did not write" in capsys.readouterr().err
+    assert "is a file that is not a GIF diffpg drew" in capsys.readouterr().err
     assert mine.read_bytes() == b"GIF89a the user's"
     os.mkfifo(tmp_path / "fifo.gif")  # (its reader would block) and a link to a device
     (tmp_path / "null.gif").symlink_to("/dev/null")

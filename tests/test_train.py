@@ -331,7 +331,7 @@ def test_compare_rebuilds_the_trained_policy_with_its_own_network(tmp_path):
         ({"policy_seed_index": 1}, "policy_seed_index=1 is read only with policy_checkpoint"),
         ({"policy_checkpoint": ""}, "policy_checkpoint='' names no folder"),
         ({"policy_checkpoint": str(run), "policy_update": 4},
-         r"policy_update=4 is not a checkpoint of .* \(allowed: \[2\]\); a comparison whose run"),
+         r"policy_update=4 is not a checkpoint of .* \(allowed: \[2\]; a comparison resumed"),
         ({"policy_update": 2}, "policy_update=2 is read only with policy_checkpoint"),
         ({"policy_checkpoint": str(tmp_path / "nope")}, "policy_checkpoint=.* is not a folder"),
     ]:
