@@ -344,6 +344,25 @@ def _free_interrupted_frames(interruption: BaseException) -> None:
             sys.unraisablehook = unraisable_hook
 
 
+def _report_interruption(command: str, guard, stopped: BaseException) -> int:
+    """The one line of a command that signals stopped (``stopped``: the exception that ended
+    it, an ``Interrupted`` or what a library made of one): every signal ``received``, in order
+    (those after the first came while it stopped), and what it kept; returns 128 + the first.
+    ``guard``: the command's ``folders.interruptions()`` (``None`` before it was in place)."""
+    received = guard.received if guard is not None else []
+    signals = list(received) or [getattr(stopped, "signum", signal.SIGINT)]
+    if guard is not None:
+        guard.stopping = True  # a signal now is named by the line below, not raised into it
+    kept = getattr(stopped, "kept", None)
+    # A progress bar left mid-line is ended first (no blank line where none was drawn).
+    print(("\n" if getattr(sys.stderr, "mid_line", False) else "")
+          + f"{_name(command)}: interrupted ("
+          + ", then ".join(signal.Signals(s).name for s in signals) + ")"
+          + (f"; {kept}" if kept else ""), file=sys.stderr)
+    _free_interrupted_frames(stopped)
+    return 128 + signals[0]
+
+
 def main(argv: list[str] | None = None, received: list[int] | None = None) -> int:
     """Run one command; returns its exit status. ``received``: signals ``run`` took while the
     program was loading, acted on as soon as the command's own handling is in place."""
@@ -360,6 +379,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     # (_free_interrupted_frames) skips it (after JAX's and Brax's imports: 0.8 s, then 0.1 s).
     gc.freeze()
     stack.callback(gc.unfreeze)
+    guard = None
     try:
         # SIGINT and SIGTERM stop every command from here on with one line (interruptions()).
         guard = stack.enter_context(interruptions())
@@ -388,6 +408,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         devices.check_single_precision()
         devices.check_address_space()
         RUNNERS[command](argv, guard)
+        guard.check()  # a signal a library swallowed: the command does not end as if none came
     except SettingError as error:  # a bad setting (CommandLineError too): one line
         print(f"{_name(command)}: error: {error}", file=sys.stderr)
         if error.__context__ is not None:  # a library's failure, reported in the line above
@@ -397,14 +418,7 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
         print(f"{_name(command)}: stopped: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)  # (the first: it stopped it)
-        kept = getattr(interruption, "kept", None)
-        # A progress bar left mid-line is ended first (no blank line where none was drawn).
-        print(("\n" if getattr(sys.stderr, "mid_line", False) else "")
-              + f"{_name(command)}: interrupted ({str(interruption) or signal.Signals(signum).name})"
-              + (f"; {kept}" if kept else ""), file=sys.stderr)
-        _free_interrupted_frames(interruption)
-        return 128 + signum
+        return _report_interruption(command, guard, interruption)
     except BrokenPipeError:  # the reader of the output went away (``diffpg eval RUN | head``)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 128 + signal.SIGPIPE
@@ -413,6 +427,8 @@ def main(argv: list[str] | None = None, received: list[int] | None = None) -> in
     except SystemExit as exit_info:  # --help printed (to a full device: run() says so)
         return exit_info.code if isinstance(exit_info.code, int) else 2
     except Exception as error:  # a bug (diffpg's or an imported module's): keep its traceback
+        if guard and guard.received:  # a signal a library turned into its own error (a C++
+            return _report_interruption(command, guard, error)  # callback's)
         _print_defect(command, error)
         return 1
     finally:

@@ -397,6 +397,11 @@ def remove_files(folder: Path, names: tuple[str, ...]) -> None:
                 path.unlink(missing_ok=True)
 
 
+UNWINDING_S = 2.0
+"""Seconds after a signal raised ``Interrupted`` during which another is named beside it rather
+than raised into its unwinding."""
+
+
 class _Interruptions:
     """SIGINT and SIGTERM as ``Interrupted`` exceptions, held back inside ``critical()``.
 
@@ -407,6 +412,8 @@ class _Interruptions:
 
     def __init__(self, arrivals: int | None = None):
         self.deferring = False
+        self.stopping = False  # the command is reporting: later signals are named, not raised
+        self._raised_at = -float("inf")
         self.received: list[int] = []
         self._arrivals = arrivals  # the read end of the wakeup pipe (None: no order kept)
         self._recorded_ahead: list[int] = []  # read from the pipe before their handler ran
@@ -420,7 +427,12 @@ class _Interruptions:
             self._recorded_ahead.remove(signum)
         else:  # (no wakeup pipe, or another took its place)
             self.received.append(signum)
-        if not self.deferring:
+        # A signal soon after one that raised is named, not raised: inside the first's
+        # unwinding it broke a lock's release or a library's cleanup (a traceback). One later
+        # raises again (a library may have swallowed the first).
+        unwinding = time.monotonic() - self._raised_at < UNWINDING_S
+        if not (self.deferring or self.stopping or unwinding):
+            self._raised_at = time.monotonic()
             raise Interrupted(*self.received)
 
     def _arrived(self) -> list[int]:
@@ -439,6 +451,7 @@ class _Interruptions:
     def check(self) -> None:
         """Raise ``Interrupted`` if a signal came (and its first exception was dropped)."""
         if self.received:
+            self._raised_at = time.monotonic()
             raise Interrupted(*self.received)
 
     @contextlib.contextmanager

@@ -4,6 +4,7 @@ never leaves half a result (``diffpg.folders``)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -702,6 +703,40 @@ def test_two_signals_during_one_native_call_are_named_in_the_order_they_came():
         for signum, handler in ignored.items():
             signal.signal(signum, handler)
     assert stopped.value.signals == (signal.SIGTERM, signal.SIGINT)
+
+
+def test_a_second_signal_while_the_first_unwinds_is_named_not_raised(monkeypatch, capsys):
+    """SIGTERM then SIGINT in quick succession: the second was raised into the first's
+    unwinding (a lock's release in compare: "release unlocked lock"; the line's own printing in
+    video), a traceback and exit 1. It is named on the one line. A signal a library turned into
+    its own error (matplotlib's C++ callback: a TypeError), or swallowed, still ends the command
+    as interrupted, not as a defect or a success."""
+    from diffpg.folders import Interrupted, interruptions
+
+    with interruptions() as guard:
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGINT)  # (while the first unwinds: named, not raised)
+        time.sleep(0.1)
+        assert guard.received == [signal.SIGTERM, signal.SIGINT]
+
+    def turned_into_a_type_error(argv, guard):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except Interrupted:
+            raise TypeError("affine_transform(): incompatible function arguments") from None
+
+    def swallowed(argv, guard):
+        with contextlib.suppress(Interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+
+    for runner in (turned_into_a_type_error, swallowed):
+        monkeypatch.setitem(cli.RUNNERS, "video", runner)
+        assert cli.main(["video", "run"]) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip() == "diffpg video: interrupted (SIGTERM)"
 
 
 def test_a_signal_kept_by_the_command_s_guard_is_not_forgotten_by_an_inner_one():
