@@ -27,6 +27,8 @@ Definitions (every report states them): for ``K`` finite estimates ``g_k`` of di
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from diffpg.envs.core import SettingError
@@ -132,10 +134,12 @@ def bootstrap_interval(samples: np.ndarray, statistic, num_resamples: int = 200,
     from scipy import stats as scipy_stats
 
     samples = np.asarray(samples)
-    interval = scipy_stats.bootstrap(
-        (np.arange(len(samples)),), lambda rows: statistic(samples[rows]), vectorized=False,
-        n_resamples=num_resamples, confidence_level=level, method="percentile",
-        rng=np.random.default_rng(seed)).confidence_interval
+    with warnings.catch_warnings():  # degenerate samples (every one non-finite): NaN, said so
+        warnings.simplefilter("ignore", scipy_stats.DegenerateDataWarning)  # in the report
+        interval = scipy_stats.bootstrap(
+            (np.arange(len(samples)),), lambda rows: statistic(samples[rows]), vectorized=False,
+            n_resamples=num_resamples, confidence_level=level, method="percentile",
+            rng=np.random.default_rng(seed)).confidence_interval
     return float(interval.low), float(interval.high)
 
 

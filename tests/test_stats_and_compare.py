@@ -539,6 +539,27 @@ def test_a_setting_refused_where_a_program_is_traced_comes_before_any_estimator_
         release.set()
 
 
+def test_ivw_of_one_start_state_names_the_two_halves_it_needs(tmp_path, capsys):
+    """IVW with one start state blamed a leave-one-out baseline the user never set, whose
+    advice (rollouts_per_state >= 2) then met the real requirement: two start states."""
+    for spec in ("ivw", "ivw:rollouts_per_state=2"):
+        assert cli.main(["compare", "--env", "lqr", "--horizon", "2", "--num-envs", "1",
+                         "--num-estimates", "2", "--sweep", "none", "--estimators", spec,
+                         "--out", str(tmp_path / "never")]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "cross-fitted between two halves of the start states: a batch of 1 start " in error
+        assert "(num_envs >= 2)" in error and "leave_one_out" not in error, error
+
+
+def test_a_diverged_critic_s_statistics_print_no_library_warning(tmp_path, capsys):
+    """Every estimate non-finite (a critic learning rate of 1e30): the report says so, and
+    scipy's bootstrap warned on the console that its interval could not be computed."""
+    assert cli.main(["compare", "--env", "lqr", "--horizon", "2", "--num-envs", "4",
+                     "--num-estimates", "4", "--sweep", "none", "--estimators",
+                     "shac:critic_learning_rate=1e30", "--out", str(tmp_path / "run")]) == 0
+    assert "Warning" not in capsys.readouterr().err
+
+
 def test_the_estimators_that_learn_are_queued_first(monkeypatch):
     """They take longest: each point queues them before the rest; the futures come back in the
     table's order."""

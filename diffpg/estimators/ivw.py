@@ -155,9 +155,7 @@ def step_means(policy: Policy, params: Params, obs_stats: RunningStatistics, rol
     tr = rollouts.transitions
     num = tr.reward.shape[1]
     num_states = num // pool
-    if num_states < 2:
-        raise SettingError(f"the per-step weights are cross-fitted between two halves of the start "
-                           f"states: a batch of {num_states} start state(s) needs at least 2")
+    check_two_halves(num_states)
     half = (jnp.arange(num) // pool >= num_states // 2)[None, :]  # [1, n]
     groups = jnp.concatenate([~half, half]).astype(tr.reward.dtype)  # [2, n]
     mask = jnp.ones((num,)) if mask is None else mask
@@ -213,6 +211,15 @@ def inverse_variance_mix(means: StepMeans, cross_fit: bool = True) -> tuple[jax.
     return jnp.sum(mixed + means.zeroth_order_unmasked, axis=(0, 1)), alpha
 
 
+def check_two_halves(num_states: int) -> None:
+    """Refuse a batch of fewer than 2 start states, which cannot be split in two halves for the
+    cross-fitted weights (whatever ``rollouts_per_state``)."""
+    if num_states < 2:
+        raise SettingError(f"the per-step weights are cross-fitted between two halves of the start "
+                           f"states: a batch of {num_states} start state(s) needs at least 2 "
+                           "(num_envs >= 2)")
+
+
 def mixed_estimate(env: Environment, policy: Policy, settings, params: Params,
                    obs_stats: RunningStatistics, env_state: State, key: jax.Array,
                    baseline: str, select=None) -> Estimate:
@@ -222,6 +229,7 @@ def mixed_estimate(env: Environment, policy: Policy, settings, params: Params,
     metrics)``, if given, chooses the rollouts whose first-order terms may enter
     (``step_means``) and adds its own metrics (DDCG's test)."""
     pool = settings.rollouts_per_state
+    check_two_halves(jax.tree.leaves(env_state.obs)[0].shape[0])  # (before the pool's own check)
     start = repeat_states(env_state, pool)
     rollouts = simulate(env, policy, params, obs_stats, start, key, settings.horizon,
                         settings.discount, baseline, pool)
