@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -137,6 +138,17 @@ def check_only_own_files(run_dir: Path, folders: dict, removing: str) -> None:
             for entry in sorted((run_dir / folder).iterdir()):
                 if not names.fullmatch(entry.name):
                     raise not_diffpg_s(entry, removing, f"the run's {folder}/ folder")
+
+
+def logged_updates(run_dir: Path) -> int:
+    """The last update ``metrics.csv`` records (0: none, or not a regular file read as one: a
+    FIFO there is not waited on)."""
+    try:
+        text = read_regular_file(run_dir / "metrics.csv").decode()
+        return max((int(float(row["update"])) for row in csv.DictReader(io.StringIO(text))),
+                   default=0)
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):
+        return 0
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:

@@ -49,6 +49,7 @@ from diffpg.options import check_seed, seed_key
 from diffpg.run_files import (
     clear_run,
     load_settings,
+    logged_updates,
     save_settings,
     tensorboard_writer,
     write_metrics,
@@ -143,7 +144,12 @@ def _start(trainer: Trainer, run_dir: Path, resume: bool, primary: bool, guard):
     advice to resume failed)."""
     state = trainer.init_run()
     rows: list[dict] = []
-    resume = resume and not never_checkpointed(run_dir)  # (else: again from its settings)
+    if resume and never_checkpointed(run_dir):  # again from its settings
+        resume = False
+        logged = logged_updates(run_dir) if primary else 0
+        if logged:  # (checkpoints removed by hand: say so, it looked like a resume)
+            print(f"diffpg: no checkpoint of {run_dir} is left, though its metrics.csv records "
+                  f"{logged} updates: the run starts again from its settings", file=sys.stderr)
     if resume:
         # Orbax removes the oldest checkpoints as new ones are saved, each folder whole.
         check_only_checkpoint_files(run_dir, "resuming (older checkpoints are removed)",

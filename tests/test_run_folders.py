@@ -567,6 +567,19 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_from_its_s
     assert "checkpoints' is not a folder, where the run keeps its checkpoints" in error
 
 
+def test_a_run_whose_checkpoints_were_removed_says_it_starts_again(tmp_path, capsys):
+    """Every checkpoint removed by hand: --resume started the run again from its settings
+    without a word, rewriting the metrics of the updates it had trained. It says so."""
+    out = tmp_path / "run"
+    train(_small(updates=4), out)
+    for checkpoint in (out / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
+    assert cli.main(["train", "--resume", str(out)]) == 0
+    assert (f"diffpg: no checkpoint of {out} is left, though its metrics.csv records 4 "
+            "updates: the run starts again from its settings") in capsys.readouterr().err
+    assert checkpoint_updates(out) == [2, 4]
+
+
 def test_no_intact_checkpoint_is_one_line_naming_the_folder(tmp_path, capsys):
     out = tmp_path / "run"
     train(_small(updates=4), out)
