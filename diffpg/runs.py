@@ -106,6 +106,10 @@ def train(settings: TrainSettings, run_dir: Path, resume: bool = False,
             stack.enter_context(run_lock(run_dir))
         guard = stack.enter_context(interruptions())
         check_file_size_limit(_checkpoint_bytes(trainer), "what a checkpoint of this run writes")
+        # A setting refused where the update is traced (more critic minibatches than a batch's
+        # samples, a baseline's pool of one rollout) is one line before anything is written or
+        # said; the first call reuses this trace.
+        trainer.run_updates.trace(jax.eval_shape(trainer.init_run))
         state, rows = _start(trainer, run_dir, resume, primary, guard)
         if on_start:
             on_start(counter_value(state.update))

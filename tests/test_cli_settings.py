@@ -155,6 +155,20 @@ def test_invalid_comparison_settings_are_clean_errors(invalid, tmp_path_factory)
                              "none", "--horizon", "4", "--out", str(out), *invalid], out)
 
 
+@pytest.mark.parametrize("estimator", [["shac", "--critic-minibatches", "64"],
+                                       ["reinforce", "--baseline", "leave_one_out"], ["ivw"]])
+def test_a_training_setting_refused_where_the_update_is_traced_is_one_line_and_no_folder(
+        estimator, tmp_path):
+    """Refused as the update program is traced (after the folder, settings.json, the events,
+    the header and the progress bar): 4 lines and a folder that the corrected command then
+    refused to write into. Now traced before anything is written or said."""
+    out = tmp_path / "never"
+    num_envs = "8" if estimator[0] == "shac" else "1"
+    _assert_refused_cleanly(["train", "--env", "pendulum", "--horizon", "4", "--updates", "2",
+                             "--updates-per-call", "2", "--eval-envs", "2", "--num-envs",
+                             num_envs, "--out", str(out), *estimator], out)
+
+
 def test_hidden_sizes_on_an_env_whose_policy_is_linear_are_refused(tmp_path, capsys):
     """The LQR's comparison policy is linear (its exact gradient needs one): --hidden-sizes was
     recorded in results.json and ignored; it is refused in one line naming it."""
