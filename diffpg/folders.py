@@ -206,15 +206,16 @@ def _no_free_inodes(folder: Path) -> bool:
 
 
 def check_file_size_limit(largest_file_bytes: int, what: str,
-                          smaller: str = "make the run smaller") -> None:
+                          smaller: str = "make the run smaller", bound: str = "about") -> None:
     """One line, before any work, when the process's file-size limit (``ulimit -f``) is below
-    ``largest_file_bytes``, the largest file the command will write (``what``)."""
+    ``largest_file_bytes``, about the largest file the command will write (``what``; ``bound``:
+    how the size is known, "about" or, for a GIF, "at least")."""
     import resource
 
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY and limit < largest_file_bytes:
         raise SettingError(f"the file-size limit (ulimit -f: {limit:,} bytes) is below {what} "
-                           f"(up to about {largest_file_bytes:,} bytes); raise it (ulimit -f "
+                           f"({bound} {largest_file_bytes:,} bytes); raise it (ulimit -f "
                            f"unlimited) or {smaller}")
 
 

@@ -125,7 +125,7 @@ def video_of_run(run_dir: Path, out: Path | None = None, every: int = 1, seed_in
     trainer, state = load_run(run_dir, seed_index, eval_envs=1)  # (one episode is drawn)
     frames = -(-trainer.env.episode_length // every)
     check_file_size_limit(frames * GIF_FRAME_BYTES_AT_LEAST, f"a GIF of {frames} frames",
-                          "draw fewer frames (--every)")
+                          "draw fewer frames (--every)", bound="at least")
     positions, rewards = episode_states(
         trainer.env, trainer.policy, state.params, state.obs_stats,
         seed_key(episode_seed), trainer.env.episode_length)
