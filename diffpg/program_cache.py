@@ -165,20 +165,16 @@ def module_name(base: str, description: dict | None) -> str:
     return base if key is None else f"{base}_{key[:16]}"
 
 
-def load_or_compile(key: str | None, compile_program: Callable[[], Any]) -> Any:
-    """The compiled program stored under ``key``, or ``compile_program()`` (then stored).
-
-    ``key=None`` or no cache folder: just ``compile_program()``. Anything that goes wrong reading
-    or writing the cache (a damaged file, a program XLA cannot serialize, a full disk) falls back
-    to compiling; it never changes what the program computes.
-    """
-    return _load_or_prepare(key, lambda: compile_program)()
-
-
 def _load_or_prepare(key: str | None, prepare: Callable[[], Callable[[], Any]]
                      ) -> Callable[[], Any]:
-    """``finish() -> compiled``: the program stored under ``key`` (loaded now), or ``prepare()``'s
-    ``finish`` (called now: what can be done before compiling), whose result is stored."""
+    """``finish() -> compiled``: the program stored under ``key`` (loaded now), or the
+    ``finish`` that ``prepare()`` returns (called now: what comes before compiling), whose
+    compiled program is then stored.
+
+    ``key=None`` or no cache folder: ``prepare()``'s ``finish`` alone. Anything that goes wrong
+    reading or writing the cache (a damaged file, a program XLA cannot serialize, a full disk)
+    falls back to compiling; it never changes what the program computes.
+    """
     directory = programs_dir() if key is not None else None
     if directory is None:
         return prepare()
